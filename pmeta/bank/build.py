@@ -1,0 +1,249 @@
+"""Bank build: dataset → held-out split → item tower → anchors → three meta-training stages → a new
+immutable bank version (see :mod:`pmeta.storage`)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from ..adapt.strategies import get_strategy
+from ..config import BankConfig
+from ..data.types import Dataset
+from ..eval.protocol import split_users
+from ..fusion.index import AnchorIndex
+from ..models.encoder import FunctionalEncoder
+from ..models.personal import init_adapter
+from ..progress import Progress
+from ..tasks import ranking
+from .episodes import EpisodeSampler, fixed_episode
+from .meta_train import anchor_stage, global_stage, meta_train, pretrain_towers, stack_stage
+from .model import PmetaModel, Tensors, UserInput
+
+
+@dataclass
+class BuildResult:
+    version: str
+    seconds: float
+    validation: dict[str, dict[str, float]]
+    train_users: int
+    test_users: int
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PMETA_CACHE_DIR", Path.home() / ".cache" / "pmeta"))
+
+
+def catalog_embeddings(encoder: FunctionalEncoder, texts: list[str], progress: Progress) -> torch.Tensor:
+    """Frozen sentence embeddings of the catalogue texts, cached on disk (safetensors) by content.
+
+    The cache key is the sha256 of the encoder's word-embedding table and every text, so a changed
+    model or catalogue never reuses stale vectors.
+    """
+    from safetensors.torch import load_file, save_file
+
+    digest = hashlib.sha256()
+    digest.update(encoder.weights["embeddings.word_embeddings.weight"].numpy().tobytes()[:1 << 20])
+    digest.update(str(encoder.shape).encode())
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    path = cache_dir() / "item-embeddings" / f"{digest.hexdigest()}.safetensors"
+    if path.exists():
+        try:
+            cached = load_file(str(path))["embeddings"]
+            if cached.shape == (len(texts), encoder.shape.hidden):
+                return cached
+        except Exception:  # a corrupt cache entry is recomputed, never trusted
+            pass
+    with progress.task("embedding catalogue", len(texts)) as bar:
+        embeddings = encoder.sentence_embeddings(texts, batch_size=128, progress=bar.advance)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"embeddings": embeddings.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # caching is an optimisation only
+    return embeddings
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def choose_anchors(keys: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Spherical k-means (FAISS) over unit user keys: (centroids (count, d), assignment (n,))."""
+    count = max(1, min(count, len(keys)))
+    kmeans = faiss.Kmeans(keys.shape[1], count, niter=25, seed=seed, spherical=True, min_points_per_centroid=1, verbose=False)
+    kmeans.train(np.ascontiguousarray(keys, dtype=np.float32))
+    centroids = _unit(kmeans.centroids.copy())
+    _, assignment = AnchorIndex.build(centroids).search(keys, 1)
+    return centroids, assignment[:, 0]
+
+
+def prompt_from_text(encoder: FunctionalEncoder, texts: list[str], length: int, layer: int, max_tokens: int) -> torch.Tensor:
+    """Initial soft prompt: the hidden states, at the prompt layer, of the first ``length`` tokens of ``texts``."""
+    ids, mask = encoder.tokenize([" | ".join(texts)], max_tokens)
+    hidden = encoder.lower(ids, mask, layer)[0]
+    rows = hidden[1 : 1 + length]  # skip [CLS]
+    if rows.shape[0] < length:
+        rows = torch.cat([rows, hidden[: length - rows.shape[0]]])
+    return rows.clone()
+
+
+@torch.no_grad()
+def validate(model: PmetaModel, inputs: list[UserInput], queries: list[np.ndarray], rated: dict[int, np.ndarray], users: list[int], batch: int = 32) -> dict[str, float]:
+    """Full-ranking HR@10 and MRR on validation users (support = first 5 positives, query = 6..15)."""
+    if not inputs:
+        return {"users": 0}
+    hits, rr = [], []
+    for start in range(0, len(inputs), batch):
+        chunk = inputs[start : start + batch]
+        personal, user_batch, _ = model.personalize(chunk)
+        scores = model.final_scores(user_batch, personal)
+        for row, user in enumerate(users[start : start + batch]):
+            never_rated = torch.ones(scores.shape[1], dtype=torch.bool)
+            never_rated[torch.from_numpy(rated[user])] = False
+            negatives = scores[row][never_rated]
+            user_hits, user_rr = [], []
+            for item in queries[start + row]:
+                rank = 1 + int((negatives >= scores[row, item]).sum())
+                user_hits.append(rank <= 10)
+                user_rr.append(1.0 / rank)
+            hits.append(np.mean(user_hits))
+            rr.append(np.mean(user_rr))
+    return {"users": len(hits), "hr@10": float(np.mean(hits)), "mrr": float(np.mean(rr))}
+
+
+def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None = None) -> tuple[PmetaModel, dict]:
+    """Meta-train a model on the dataset's train users. Returns (model, build record)."""
+    progress = progress or Progress(False)
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    catalog = dataset.catalog
+    train_all, test_users = split_users(dataset, seed=config.seed, test_fraction=config.test_fraction)
+    rng = np.random.default_rng(config.seed + 1)
+    shuffled = rng.permutation(train_all)
+    n_val = int(round(config.validation_fraction * len(shuffled)))
+    val_users, train_users = np.sort(shuffled[:n_val]), np.sort(shuffled[n_val:])
+    positives = dataset.positives_by_user()
+    rated = dataset.rated_by_user()
+
+    encoder = FunctionalEncoder(config.encoder, device=config.device)
+    texts = catalog.texts()
+    item_text = catalog_embeddings(encoder, texts, progress)
+
+    train_with_pos = np.array([u for u in train_users if len(positives.get(int(u), ())) >= config.min_positives], dtype=np.int64)
+    if len(train_with_pos) == 0:
+        from ..errors import InvalidData
+
+        raise InvalidData("the dataset has no train user with enough positive ratings (>= 4 stars) to build a bank")
+    counts = torch.zeros(len(catalog))
+    for u in train_with_pos:
+        counts[torch.from_numpy(positives[int(u)])] += 1
+    user_keys = _unit(np.stack([item_text[torch.from_numpy(positives[int(u)])].mean(0).numpy() for u in train_with_pos]))
+    centroids, assignment = choose_anchors(user_keys, config.anchors, config.seed)
+    n_anchors = len(centroids)
+    sizes = np.bincount(assignment, minlength=n_anchors)
+
+    cf_factors, cf_scale = (None, 1.0)
+    if config.cf_rank > 0:
+        cf_factors, cf_scale = ranking.pure_svd([positives[int(u)] for u in train_with_pos], len(catalog), config.cf_rank)
+    generator = torch.Generator().manual_seed(config.seed)
+    targets = encoder.lora_targets(config.prompt_layer, tuple(config.lora_targets))
+    popular = [texts[i] for i in torch.argsort(counts, descending=True)[:8].tolist()]
+    prompt_init = prompt_from_text(encoder, popular, config.prompt_length, config.prompt_layer, config.max_tokens)
+    global_adapter = init_adapter(targets, config.anchor_rank, config.prompt_length, encoder.shape.hidden, generator, prompt_init=prompt_init)
+    stack_init = init_adapter(targets, config.stack_rank, config.prompt_length, encoder.shape.hidden, generator, prompt_init=torch.zeros(config.prompt_length, encoder.shape.hidden))
+    log_lr = math.log(config.inner_lr)
+    tensors = Tensors(
+        item_text=item_text,
+        head=ranking.init_head(item_text, counts, cf_factors, cf_scale),
+        global_adapter=global_adapter,
+        global_step_sizes={k: torch.tensor(log_lr) for k in global_adapter},
+        anchors={k: v.unsqueeze(0).repeat(n_anchors, *([1] * v.dim())) for k, v in global_adapter.items()},
+        anchor_keys=torch.from_numpy(centroids).float(),
+        anchor_sizes=torch.from_numpy(sizes).float(),
+        stack_init=stack_init,
+        stack_step_sizes={k: torch.tensor(log_lr) for k in stack_init},
+        log_temperature=torch.tensor(math.log(config.temperature)),
+    )
+    model = PmetaModel(config, encoder, texts, tensors)
+    strategy = get_strategy(config.meta)
+    sampler = EpisodeSampler(positives, rated, train_with_pos, texts, config, seed=config.seed + 2)
+    val_inputs, val_queries, val_kept = fixed_episode(positives, val_users, texts)
+    validation: dict[str, dict[str, float]] = {"start": validate(model, val_inputs, val_queries, rated, val_kept)}
+    losses: dict[str, list[float]] = {}
+
+    def run(stage, steps: int) -> None:
+        with progress.task(f"meta-train {stage.name}", steps) as bar:
+            losses[stage.name] = meta_train(model, sampler, stage, strategy, steps, config.meta_batch_users, on_step=lambda loss: bar.advance(1, loss=loss))
+
+    with progress.task("fit item/user towers", config.tower_steps) as bar:
+        losses["towers"] = pretrain_towers(model, sampler, config, config.tower_steps, config.tower_batch_users, on_step=lambda loss: bar.advance(1, loss=loss))
+    validation["towers"] = validate(model, val_inputs, val_queries, rated, val_kept)
+    run(global_stage(model, config), config.global_steps)
+    validation["global"] = validate(model, val_inputs, val_queries, rated, val_kept)
+    # Anchors start from the meta-learned global prior.
+    for key, value in tensors.global_adapter.items():
+        tensors.anchors[key] = value.detach().unsqueeze(0).repeat(n_anchors, *([1] * value.dim())).contiguous()
+    assignment_by_user = {int(u): int(a) for u, a in zip(train_with_pos, assignment)}
+    run(anchor_stage(model, config, assignment_by_user), config.anchor_steps)
+    validation["anchors"] = validate(model, val_inputs, val_queries, rated, val_kept)
+    run(stack_stage(model, config), config.stack_steps)
+    validation["final"] = validate(model, val_inputs, val_queries, rated, val_kept)
+
+    medoids = []
+    for a in range(n_anchors):
+        members = np.flatnonzero(assignment == a)
+        best = members[np.argmax(user_keys[members] @ centroids[a])] if len(members) else None
+        medoids.append(dataset.ratings.user_ids[int(train_with_pos[best])] if best is not None else "")
+    record = {
+        "seconds": time.perf_counter() - started,
+        "validation": validation,
+        "losses": {k: [float(np.mean(v[i : i + 10])) for i in range(0, len(v), 10)] for k, v in losses.items()},
+        "train_users": [dataset.ratings.user_ids[int(u)] for u in train_users],
+        "validation_users": [dataset.ratings.user_ids[int(u)] for u in val_users],
+        "test_users": [dataset.ratings.user_ids[int(u)] for u in test_users],
+        "anchors": [{"position": a, "n_users": int(sizes[a]), "label": medoids[a]} for a in range(n_anchors)],
+    }
+    return model, record
+
+
+def build_bank(dataset: Dataset, out: str | Path, config: BankConfig, db_url: str | None = None, progress: Progress | None = None) -> BuildResult:
+    """Build and publish a new bank version into ``out``; returns its id and the build record.
+
+    The version becomes active only once every file is written, checksummed and recorded (see
+    :mod:`pmeta.storage`); a failed or killed build leaves the previous version active.
+    Raises BankBusy if another build is publishing into the same bank.
+    """
+    from ..storage import BankStore
+    from .bank import BUILD_FILE, CATALOG_FILE, INDEX_FILE, TENSORS_FILE
+
+    progress = progress or Progress(False)
+    store = BankStore(out, db_url)
+    with store.new_version() as writer:  # takes the build lock before any training starts
+        model, record = build_model(dataset, config, progress)
+        catalog = dataset.catalog
+        writer.write_tensors(TENSORS_FILE, model.t.to_flat())
+        writer.write_bytes(INDEX_FILE, model.index.to_bytes())
+        writer.write_json(CATALOG_FILE, {"item_ids": catalog.item_ids, "titles": catalog.titles, "genres": catalog.genres})
+        writer.write_json(BUILD_FILE, {k: v for k, v in record.items() if k != "test_users"})
+        version = writer.publish(
+            config=config.model_dump(),
+            dataset_name=dataset.name,
+            dataset_fingerprint=dataset.fingerprint,
+            anchors=record["anchors"],
+            held_out_users=record["test_users"],
+            notes=f"{dataset.format} {dataset.name}; meta={config.meta}",
+        )
+    store.close()
+    return BuildResult(version, record["seconds"], record["validation"], len(record["train_users"]), len(record["test_users"]))

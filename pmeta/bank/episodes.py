@@ -1,0 +1,89 @@
+"""Episodes for meta-training: a user's positives split into a support set and a query set.
+
+Each episode draws K ~ U{support_min..support_max} and a start position s, then
+support = positives[s : s+K] and query = positives[s+K : s+K+query_size] (time order, as in the
+cold-start protocol where the support precedes the query). The query loss ignores every other item
+the user rated (they are not candidates in the protocol either).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import BankConfig
+from .model import UserInput
+
+
+@dataclass
+class Episode:
+    users: list[int]
+    support: list[UserInput]
+    query_targets: torch.Tensor  # (U, Q)
+    query_mask: torch.Tensor  # (U, Q)
+    query_exclude: torch.Tensor  # (U, N) bool: rated items other than the query targets
+    support_and_query: tuple[torch.Tensor, torch.Tensor]  # Reptile's inner targets and mask
+
+
+def user_input(items: np.ndarray, item_texts: list[str]) -> UserInput:
+    liked = [int(i) for i in items]
+    return UserInput(liked_items=liked, texts=[item_texts[i] for i in liked], seen_items=liked)
+
+
+class EpisodeSampler:
+    def __init__(self, positives: dict[int, np.ndarray], rated: dict[int, np.ndarray], users: np.ndarray, item_texts: list[str], config: BankConfig, seed: int) -> None:
+        self.positives = positives
+        self.rated = rated
+        self.users = np.array([u for u in users if len(positives.get(int(u), ())) >= config.min_positives], dtype=np.int64)
+        if len(self.users) == 0:
+            raise ValueError("no train user has enough positive interactions to meta-train on")
+        self.item_texts = item_texts
+        self.config = config
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, count: int, pool: np.ndarray | None = None) -> Episode:
+        pool = self.users if pool is None else pool
+        chosen = self.rng.choice(pool, size=count, replace=len(pool) < count)
+        return self.episode([int(u) for u in chosen])
+
+    def episode(self, users: list[int]) -> Episode:
+        c = self.config
+        n_items = len(self.item_texts)
+        support, queries = [], []
+        for user in users:
+            items = self.positives[user]
+            k = int(self.rng.integers(c.support_min, min(c.support_max, len(items) - 1) + 1))
+            start = int(self.rng.integers(0, len(items) - k))  # leaves at least one query item
+            support.append(user_input(items[start : start + k], self.item_texts))
+            queries.append(items[start + k : start + k + c.query_size])
+        width = max(len(q) for q in queries)
+        targets = torch.zeros(len(users), width, dtype=torch.long)
+        mask = torch.zeros(len(users), width)
+        exclude = torch.zeros(len(users), n_items, dtype=torch.bool)
+        both_width = width + c.support_max
+        both = torch.zeros(len(users), both_width, dtype=torch.long)
+        both_mask = torch.zeros(len(users), both_width)
+        for row, (user, query, sup) in enumerate(zip(users, queries, support)):
+            targets[row, : len(query)] = torch.from_numpy(query)
+            mask[row, : len(query)] = 1
+            exclude[row, torch.from_numpy(self.rated[user])] = True
+            exclude[row, torch.from_numpy(query)] = False
+            joined = torch.tensor(sup.liked_items + [int(q) for q in query], dtype=torch.long)
+            both[row, : len(joined)] = joined
+            both_mask[row, : len(joined)] = 1
+        return Episode(users, support, targets, mask, exclude, (both, both_mask))
+
+
+def fixed_episode(positives: dict[int, np.ndarray], users: np.ndarray, item_texts: list[str], k: int = 5, query: int = 10) -> tuple[list[UserInput], list[np.ndarray], list[int]]:
+    """Deterministic validation split as in the protocol: support = first k positives, query = 6..15."""
+    inputs, queries, kept = [], [], []
+    for user in users:
+        items = positives.get(int(user))
+        if items is None or len(items) < 6:
+            continue
+        inputs.append(user_input(items[:k], item_texts))
+        queries.append(items[5 : 5 + query])
+        kept.append(int(user))
+    return inputs, queries, kept

@@ -1,0 +1,170 @@
+"""One meta-training loop for every stage of the bank build and every strategy.
+
+An outer step: sample U users → split support/query → build each user's (init, fixed) adapter for
+the stage → ``adapt`` (the same function serving runs) on the support → the strategy's outer loss on
+the query → Adam step on the stage's trainable tensors.
+
+Stages differ only in where the init comes from and what is trained:
+
+* ``global``: init = the global adapter; trains it, its step sizes and the ranking head;
+* ``anchors``: init = the anchor of the user's cluster; trains the anchors;
+* ``stack``: fixed = top-k anchors retrieved by the user's support key and fused with weights
+  softmax(sim/τ); init = the stacked adapter; trains the stacked init, its step sizes and τ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..adapt.inner import adapt
+from ..adapt.strategies import Strategy
+from ..fusion.fuse import fuse, fusion_weights
+from ..models.personal import Adapter, expand_users
+from ..tasks import ranking
+from .episodes import Episode, EpisodeSampler
+from .model import PmetaModel
+
+
+@dataclass
+class Stage:
+    name: str
+    build: Callable[[PmetaModel, Episode], tuple[Adapter, Adapter | None, dict[str, torch.Tensor]]]
+    param_groups: list[dict]
+    pool: np.ndarray | None = None  # users to sample from (None: every train user)
+
+
+def head_groups(model: PmetaModel, config) -> list[dict]:
+    """Adam groups of the ranking head. Adam moves every entry by ~lr per step, so the dense (d, d)
+    projections need a far smaller rate than the per-item rows, or the first steps destroy their
+    identity initialisation."""
+    head = model.t.head
+    embeddings = [head[k] for k in ("item_embedding", "history_embedding") if k in head]
+    return [
+        {"params": [head["user_proj"], head["item_proj"]], "lr": config.projection_lr},
+        {"params": [head[k] for k in ("item_bias", "log_scale", "cf_log_scale") if k in head], "lr": config.scalar_lr},
+        {"params": embeddings, "lr": config.head_lr, "weight_decay": config.embedding_decay},
+    ]
+
+
+def global_stage(model: PmetaModel, config) -> Stage:
+    t = model.t
+
+    def build(m: PmetaModel, episode: Episode):
+        return expand_users(t.global_adapter, len(episode.users)), None, t.global_step_sizes
+
+    groups = [{"params": list(t.global_adapter.values()), "lr": config.outer_lr}, *head_groups(model, config)]
+    if _learns_step_sizes(config):
+        groups.append({"params": list(t.global_step_sizes.values()), "lr": config.outer_lr})
+    return Stage("global", build, groups)
+
+
+def pretrain_towers(model: PmetaModel, sampler: EpisodeSampler, config, outer_steps: int, batch_users: int, on_step: Callable[[float], None] | None = None) -> list[float]:
+    """Stage 0: fit the ranking head (item and user towers) with the adapter frozen at the global
+    init and no inner steps. The encoder runs forward only, so this stage is ~20x cheaper per user
+    than meta-training and can afford many more users; the meta-learning stages then start from
+    towers that already rank well."""
+    groups = head_groups(model, config)
+    params = [p for g in groups for p in g["params"]]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW([{**g, "weight_decay": g.get("weight_decay", 0.0)} for g in groups], betas=(0.9, 0.99))
+    adapter = model.t.global_adapter
+    losses = []
+    for _ in range(outer_steps):
+        episode = sampler.sample(batch_users)
+        batch = model.user_batch(episode.support)
+        with torch.no_grad():
+            pooled = model.encoder.upper(batch.hidden, batch.mask, expand_users(adapter, len(episode.users)), model.config.prompt_layer)
+        users = ranking.user_vectors(model.t.head, pooled, batch)
+        scores = ranking.logits(model.t.head, model.t.item_text, users)
+        loss = ranking.softmax_loss(scores, episode.query_targets, episode.query_mask, episode.query_exclude) / len(episode.users)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(losses[-1])
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+    return losses
+
+
+def anchor_stage(model: PmetaModel, config, assignment: dict[int, int]) -> Stage:
+    t = model.t
+
+    def build(m: PmetaModel, episode: Episode):
+        idx = torch.tensor([assignment[u] for u in episode.users], dtype=torch.long)
+        return {k: v[idx] for k, v in t.anchors.items()}, None, t.global_step_sizes
+
+    pool = np.array(sorted(assignment), dtype=np.int64)
+    return Stage("anchors", build, [{"params": list(t.anchors.values()), "lr": config.outer_lr}], pool)
+
+
+def stack_stage(model: PmetaModel, config) -> Stage:
+    t = model.t
+
+    def build(m: PmetaModel, episode: Episode):
+        keys = m.user_keys(episode.support)
+        sims, idx = m.retrieve(keys)
+        weights = fusion_weights(sims, m.temperature())
+        fixed = fuse(t.anchors, idx, weights, config.fusion, config.anchor_rank)
+        return expand_users(t.stack_init, len(episode.users)), fixed, t.stack_step_sizes
+
+    groups = [{"params": list(t.stack_init.values()), "lr": config.outer_lr}, {"params": [t.log_temperature], "lr": config.outer_lr}]
+    if _learns_step_sizes(config):
+        groups.append({"params": list(t.stack_step_sizes.values()), "lr": config.outer_lr})
+    return Stage("stack", build, groups)
+
+
+def _learns_step_sizes(config) -> bool:
+    return config.meta == "maml" and config.inner_steps > 0
+
+
+def outer_step(model: PmetaModel, stage: Stage, strategy: Strategy, episode: Episode, steps: int) -> torch.Tensor:
+    """The outer loss of one episode (mean over its users), ready for ``backward``."""
+    batch = model.user_batch(episode.support)
+    init, fixed, step_sizes = stage.build(model, episode)
+    if strategy.inner_on_query:
+        targets, mask = episode.support_and_query
+    else:
+        targets, mask = model.targets_of(episode.support, model.config.max_history_items)
+    adapted = adapt(init, model.loss_fn(batch, targets, mask), steps, step_sizes, fixed=fixed, create_graph=strategy.second_order)
+
+    def query_loss(params: Adapter) -> torch.Tensor:
+        from ..models.personal import stack
+
+        full = stack(fixed, params) if fixed is not None else params
+        scores = model.scores(batch, full)
+        return ranking.softmax_loss(scores, episode.query_targets, episode.query_mask, episode.query_exclude)
+
+    return strategy.outer_loss(init, adapted, query_loss) / len(episode.users)
+
+
+def meta_train(model: PmetaModel, sampler: EpisodeSampler, stage: Stage, strategy: Strategy, outer_steps: int, batch_users: int, on_step: Callable[[float], None] | None = None) -> list[float]:
+    """Run ``outer_steps`` Adam steps of ``stage``; returns the outer loss of every step."""
+    params = [p for group in stage.param_groups for p in group["params"]]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        [{**g, "weight_decay": g.get("weight_decay", 0.0)} for g in stage.param_groups], betas=(0.9, 0.99)
+    )
+    losses = []
+    for _ in range(outer_steps):
+        episode = sampler.sample(batch_users, stage.pool)
+        optimizer.zero_grad(set_to_none=True)
+        loss = outer_step(model, stage, strategy, episode, model.config.inner_steps)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(float(loss))
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+    return losses

@@ -1,0 +1,244 @@
+"""The personalization model: encoder + ranking head + anchors + stacked adapter.
+
+This is the one place where a batch of users goes from histories to scores. The bank build
+meta-trains its tensors; serving (:class:`pmeta.bank.bank.Bank`) runs the very same methods:
+
+    histories ─► user keys ─► retrieve top-k anchors ─► fuse (exact) ─► adapt stacked adapter
+              ─► user tower ─► scores over the catalogue
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..adapt.inner import adapt
+from ..config import BankConfig
+from ..fusion.fuse import fuse, fusion_weights
+from ..fusion.index import AnchorIndex
+from ..models.encoder import FunctionalEncoder
+from ..models.personal import Adapter, expand_users, stack
+from ..tasks import ranking
+
+
+@dataclass
+class UserInput:
+    """What the model reads of one user: liked catalogue items and texts, in time order."""
+
+    liked_items: list[int] = field(default_factory=list)  # catalogue indexes: inner-loop targets, history embeddings
+    texts: list[str] = field(default_factory=list)  # the texts the encoder reads (catalogue texts and free texts)
+    free_texts: list[str] = field(default_factory=list)  # texts of items outside the catalogue (for the user key)
+    seen_items: list[int] = field(default_factory=list)  # every catalogue item in the history: never recommended
+
+
+@dataclass
+class Tensors:
+    """Every learned or cached tensor of a bank version (what the safetensors file holds)."""
+
+    item_text: torch.Tensor  # (N, d) frozen sentence embeddings of the catalogue
+    head: ranking.HeadParams
+    global_adapter: Adapter  # meta-learned prior (no user axis)
+    global_step_sizes: dict[str, torch.Tensor]  # log step sizes of the global stage
+    anchors: Adapter  # every anchor's adapter on a leading anchor axis (A_n, ...)
+    anchor_keys: torch.Tensor  # (A_n, d) unit keys
+    anchor_sizes: torch.Tensor  # (A_n,) train users per anchor
+    stack_init: Adapter  # init of the per-user stacked adapter
+    stack_step_sizes: dict[str, torch.Tensor]
+    log_temperature: torch.Tensor  # fusion temperature τ = exp(.)
+
+    def to_flat(self) -> dict[str, torch.Tensor]:
+        flat = {"item_text": self.item_text, "anchor_keys": self.anchor_keys, "anchor_sizes": self.anchor_sizes, "log_temperature": self.log_temperature}
+        for prefix, group in [
+            ("head", self.head),
+            ("global", self.global_adapter),
+            ("global_lr", self.global_step_sizes),
+            ("anchors", self.anchors),
+            ("stack", self.stack_init),
+            ("stack_lr", self.stack_step_sizes),
+        ]:
+            for key, value in group.items():
+                flat[f"{prefix}/{key}"] = value
+        return {k: v.detach().contiguous().cpu() for k, v in flat.items()}
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, torch.Tensor]) -> "Tensors":
+        def group(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) + 1 :]: v for k, v in flat.items() if k.startswith(prefix + "/")}
+
+        return cls(
+            item_text=flat["item_text"],
+            head=group("head"),
+            global_adapter=group("global"),
+            global_step_sizes=group("global_lr"),
+            anchors=group("anchors"),
+            anchor_keys=flat["anchor_keys"],
+            anchor_sizes=flat["anchor_sizes"],
+            stack_init=group("stack"),
+            stack_step_sizes=group("stack_lr"),
+            log_temperature=flat["log_temperature"],
+        )
+
+
+class PmetaModel:
+    def __init__(self, config: BankConfig, encoder: FunctionalEncoder, item_texts: list[str], tensors: Tensors, index: AnchorIndex | None = None) -> None:
+        self.config = config
+        self.encoder = encoder
+        self.item_texts = item_texts
+        self.t = tensors
+        self.index = index if index is not None else AnchorIndex.build(tensors.anchor_keys.numpy())
+
+    # ------------------------------------------------------------------ inputs
+    def user_batch(self, users: list[UserInput]) -> ranking.UserBatch:
+        """Tokenise each user's history text and run the frozen layers below the prompt layer once."""
+        limit = self.config.max_history_items
+        texts = [" | ".join(u.texts[-limit:]) for u in users]
+        ids, mask = self.encoder.tokenize(texts, self.config.max_tokens)
+        empty = torch.tensor([len(u.texts) == 0 for u in users])
+        mask = mask.masked_fill(empty[:, None], 0)  # an empty history reads no tokens at all
+        hidden = self.encoder.lower(ids, mask, self.config.prompt_layer)
+        width = max([len(u.liked_items[-limit:]) for u in users] + [1])
+        history = torch.zeros(len(users), width, dtype=torch.long)
+        history_mask = torch.zeros(len(users), width)
+        exclude = torch.zeros(len(users), len(self.item_texts), dtype=torch.bool)
+        for row, user in enumerate(users):
+            liked = user.liked_items[-limit:]
+            history[row, : len(liked)] = torch.tensor(liked, dtype=torch.long)
+            history_mask[row, : len(liked)] = 1
+            if user.seen_items:
+                exclude[row, torch.tensor(user.seen_items, dtype=torch.long)] = True
+        return ranking.UserBatch(hidden=hidden, mask=mask, history_items=history, history_mask=history_mask, exclude=exclude)
+
+    def user_keys(self, users: list[UserInput]) -> np.ndarray:
+        """Unit retrieval keys (U, d): mean of the sentence embeddings of the user's liked items.
+
+        Catalogue items use the cached item embeddings; free texts are encoded on the fly.
+        A user with no liked items gets a zero key (and the zero-history prior).
+        """
+        keys = np.zeros((len(users), self.t.item_text.shape[1]), dtype=np.float32)
+        for row, user in enumerate(users):
+            parts = []
+            if user.liked_items:
+                parts.append(self.t.item_text[torch.tensor(user.liked_items)])
+            if user.free_texts:
+                parts.append(self.encoder.sentence_embeddings(user.free_texts))
+            if parts:
+                mean = torch.cat(parts).mean(0)
+                keys[row] = (mean / mean.norm().clamp_min(1e-12)).numpy()
+        return keys
+
+    # ------------------------------------------------------------------ personal parameters
+    def temperature(self) -> torch.Tensor:
+        return self.t.log_temperature.exp()
+
+    def retrieve(self, keys: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        sims, idx = self.index.search(keys, self.config.top_k)
+        return torch.from_numpy(sims), torch.from_numpy(idx).long()
+
+    def fused_adapter(self, sims: torch.Tensor, idx: torch.Tensor) -> Adapter:
+        weights = fusion_weights(sims, self.temperature())
+        return fuse(self.t.anchors, idx, weights, self.config.fusion, self.config.anchor_rank)
+
+    def prior_adapter(self, users: int) -> Adapter:
+        """The zero-history prior: every anchor fused with weights proportional to its train users."""
+        count = self.t.anchor_sizes.shape[0]
+        weights = (self.t.anchor_sizes / self.t.anchor_sizes.sum()).float()
+        idx = torch.arange(count).expand(users, count)
+        return fuse(self.t.anchors, idx, weights.expand(users, count), "cat")
+
+    # ------------------------------------------------------------------ scores and losses
+    def scores(self, batch: ranking.UserBatch, personal: Adapter, head: ranking.HeadParams | None = None) -> torch.Tensor:
+        head = self.t.head if head is None else head
+        pooled = self.encoder.upper(batch.hidden, batch.mask, personal, self.config.prompt_layer)
+        users = ranking.user_vectors(head, pooled, batch)
+        return ranking.logits(head, self.t.item_text, users)
+
+    def loss_fn(self, batch: ranking.UserBatch, targets: torch.Tensor, target_mask: torch.Tensor, exclude: torch.Tensor | None = None, head=None):
+        exclude = batch.exclude if exclude is None else exclude
+
+        def loss(personal: Adapter) -> torch.Tensor:
+            return ranking.softmax_loss(self.scores(batch, personal, head), targets, target_mask, exclude)
+
+        return loss
+
+    @staticmethod
+    def targets_of(users: list[UserInput], limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max([len(u.liked_items[-limit:]) for u in users] + [1])
+        targets = torch.zeros(len(users), width, dtype=torch.long)
+        mask = torch.zeros(len(users), width)
+        for row, user in enumerate(users):
+            liked = user.liked_items[-limit:]
+            targets[row, : len(liked)] = torch.tensor(liked, dtype=torch.long)
+            mask[row, : len(liked)] = 1
+        return targets, mask
+
+    # ------------------------------------------------------------------ serving path
+    def personalize(self, users: list[UserInput], steps: int | None = None, timings: dict | None = None) -> tuple[Adapter, ranking.UserBatch, dict]:
+        """Personal adapters for a batch of users: retrieve, fuse, inner steps on the stacked adapter.
+
+        Users without liked catalogue items get no inner steps (nothing to fit); users with an empty
+        history get the zero-history prior. Returns (full adapter with user axis, batch, details).
+        """
+        import time
+
+        steps = self.config.inner_steps if steps is None else steps
+        clock = time.perf_counter()
+        keys = self.user_keys(users)
+        batch = self.user_batch(users)
+        t_embed = time.perf_counter()
+        sims, idx = self.retrieve(keys)
+        has_key = torch.from_numpy(np.linalg.norm(keys, axis=1) > 0)
+        with torch.no_grad():
+            fused = self.fused_adapter(sims, idx)
+            if not bool(has_key.all()):
+                prior = self.prior_adapter(len(users))
+                fused = _select_rows(has_key, fused, prior)
+        t_fuse = time.perf_counter()
+        init = {k: v.detach().clone().requires_grad_(True) for k, v in expand_users(self.t.stack_init, len(users)).items()}
+        targets, target_mask = self.targets_of(users, self.config.max_history_items)
+        if steps > 0 and bool(target_mask.sum() > 0):
+            with torch.enable_grad():
+                adapted = adapt(init, self.loss_fn(batch, targets, target_mask), steps, self.t.stack_step_sizes, fixed=fused)
+            # users with nothing to fit keep the init: their loss term is zero, so their gradient is too
+        else:
+            adapted = init
+        personal = {k: v.detach() for k, v in stack(fused, adapted).items()}
+        t_adapt = time.perf_counter()
+        details = {
+            "anchors": idx.tolist(),
+            "weights": fusion_weights(sims, self.temperature()).tolist(),
+            "has_key": has_key.tolist(),
+        }
+        if timings is not None:
+            timings.update(embed_ms=(t_embed - clock) * 1e3, retrieve_fuse_ms=(t_fuse - t_embed) * 1e3, adapt_ms=(t_adapt - t_fuse) * 1e3)
+        return personal, batch, details
+
+    @torch.no_grad()
+    def final_scores(self, batch: ranking.UserBatch, personal: Adapter) -> torch.Tensor:
+        """Scores (U, N) with history items set to -inf (never recommended)."""
+        scores = self.scores(batch, personal)
+        return scores.masked_fill(batch.exclude, float("-inf"))
+
+
+def _select_rows(keep: torch.Tensor, a: Adapter, b: Adapter) -> Adapter:
+    """Row-wise choice between two batched adapters whose LoRA ranks may differ (pads with zeros: exact)."""
+    out: Adapter = {"prompt": torch.where(keep[:, None, None], a["prompt"], b["prompt"])}
+    for key in a:
+        if key == "prompt":
+            continue
+        x, y = a[key], b[key]
+        axis = -2 if key.endswith(".A") else -1
+        width = max(x.shape[axis], y.shape[axis])
+        x, y = _pad_rank(x, width, axis), _pad_rank(y, width, axis)
+        out[key] = torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x, y)
+    return out
+
+
+def _pad_rank(x: torch.Tensor, width: int, axis: int) -> torch.Tensor:
+    missing = width - x.shape[axis]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[axis] = missing
+    return torch.cat([x, x.new_zeros(shape)], dim=axis)

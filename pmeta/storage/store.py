@@ -1,0 +1,625 @@
+"""A bank directory: immutable, checksummed version folders plus a metadata database.
+
+Layout::
+
+    BANK/bank.db                      metadata (SQLite by default; any SQLAlchemy URL by ``db_url=``)
+    BANK/versions/<version_id>/       one immutable folder per published version + manifest.json
+    BANK/versions/.tmp-<version_id>/  a version being built (removed on failure or by the next build)
+    BANK/.lock                        builders hold an exclusive ``flock`` on it while they write
+
+Publishing is crash-safe: files are written into a private temporary folder, fsynced, listed in a
+checksummed manifest, renamed into place, and only then recorded and made active in one database
+transaction. Until that commit the previous active version stays active; a killed builder leaves
+at most a ``.tmp-*`` folder (removed by the next build) or, if killed between the rename and the
+commit, an unrecorded folder that :meth:`BankStore.info` reports under ``orphans`` and nothing
+ever opens. Readers take no lock: a published folder never changes, and every open verifies it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, inspect, make_url, select
+from sqlalchemy.orm import Session
+
+from pmeta.errors import BankBusy, BankIntegrityError, BankNotFound, InvalidConfig
+from pmeta.storage.db import (
+    ACTIVE,
+    TABLE_NAMES,
+    ActiveVersion,
+    Anchor,
+    BankVersion,
+    HeldOutUser,
+    create_schema,
+    make_engine,
+)
+from pmeta.storage.manifest import MANIFEST_NAME, check_dir, list_files, verify_dir, write_manifest
+
+if TYPE_CHECKING:
+    import torch
+
+DB_NAME = "bank.db"
+LOCK_NAME = ".lock"
+VERSIONS_NAME = "versions"
+TMP_PREFIX = ".tmp-"
+
+
+class BankStore:
+    """A bank directory and its metadata database.
+
+    ``path`` is the bank directory; ``db_url`` defaults to ``sqlite:///<abs path>/bank.db``.
+    Creating a ``BankStore`` touches nothing on disk: only :meth:`new_version` creates a bank.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], db_url: str | None = None) -> None:
+        self.path = Path(path).absolute()
+        self.db_url = db_url or f"sqlite:///{self.path / DB_NAME}"
+        self._engine: Engine | None = None
+        self._schema_seen = False
+
+    def __repr__(self) -> str:
+        return f"BankStore({str(self.path)!r})"
+
+    def __enter__(self) -> BankStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Dispose of the database engine (it is re-created on the next use)."""
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+            self._schema_seen = False
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.path / VERSIONS_NAME
+
+    # ----------------------------------------------------------------------------------- writing
+
+    def new_version(self) -> VersionWriter:
+        """Start building a new version; use the result as a context manager.
+
+        Creates the bank (directory, ``versions/``, database schema) on first use, takes an
+        exclusive non-blocking lock on ``BANK/.lock``, removes stale ``versions/.tmp-*`` folders
+        and creates ``versions/.tmp-<id>``.
+
+        Raises :class:`BankBusy` if another build holds the lock, and :class:`BankNotFound` if
+        ``path`` is a file, or a non-empty directory that does not look like a bank (so that a
+        typo never scatters bank files into an unrelated folder).
+        """
+        self._check_buildable()
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = _acquire_lock(self.path / LOCK_NAME, self.path)
+        try:
+            self.versions_dir.mkdir(exist_ok=True)
+            for stale in self.versions_dir.glob(TMP_PREFIX + "*"):
+                _remove(stale)
+            create_schema(self._get_engine())
+            self._schema_seen = True
+            version_id = _new_version_id(self.versions_dir)
+            tmp_dir = self.versions_dir / (TMP_PREFIX + version_id)
+            tmp_dir.mkdir()
+        except BaseException:
+            _release_lock(lock)
+            raise
+        return VersionWriter(self, version_id, tmp_dir, lock)
+
+    def _check_buildable(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise BankNotFound(f"not a pmeta bank: {self.path} (not a directory)")
+        if self.path.is_dir():
+            entries = {entry.name for entry in self.path.iterdir()}
+            if entries and not entries & {VERSIONS_NAME, DB_NAME, LOCK_NAME}:
+                raise BankNotFound(
+                    f"not a pmeta bank: {self.path} (a non-empty directory without {VERSIONS_NAME}/; "
+                    "refusing to build a bank into it)"
+                )
+
+    # ----------------------------------------------------------------------------------- reading
+
+    def open(self, version: str | None = None) -> VersionReader:
+        """Open ``version`` (the active version by default) after verifying its folder.
+
+        Raises :class:`BankNotFound` if the path is not a bank, has no active version, or has no
+        such version; :class:`BankIntegrityError` if the version's folder is missing or any file
+        (manifest included) does not match its checksum, or an unlisted file is present.
+        Never creates a file or database.
+        """
+        engine = self._engine_for_reading()
+        with Session(engine) as session:
+            if version is None:
+                version = _active_id(session)
+                if version is None:
+                    raise BankNotFound(f"not a pmeta bank: {self.path} (no active version)")
+            record = _load_record(session, version)
+            if record is None:
+                raise BankNotFound(f"bank {self.path} has no version {version!r}")
+        folder = self.versions_dir / version
+        if not folder.is_dir():
+            raise BankIntegrityError(
+                f"bank version {version} is recorded but {VERSIONS_NAME}/{version} is missing"
+            )
+        files = verify_dir(folder, record["manifest_sha256"])
+        return VersionReader(version, folder, record, files)
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Summaries of every published version, oldest first: id, created_at, dataset_name,
+        dataset_fingerprint, n_anchors, notes, manifest_sha256, active (bool), bytes.
+        Raises :class:`BankNotFound` if the path is not a bank."""
+        engine = self._engine_for_reading()
+        with Session(engine) as session:
+            active = _active_id(session)
+            rows = session.scalars(select(BankVersion).order_by(BankVersion.created_at, BankVersion.id))
+            return [
+                {
+                    "id": row.id,
+                    "created_at": _utc(row.created_at).isoformat(),
+                    "dataset_name": row.dataset_name,
+                    "dataset_fingerprint": row.dataset_fingerprint,
+                    "n_anchors": row.n_anchors,
+                    "notes": row.notes,
+                    "manifest_sha256": row.manifest_sha256,
+                    "active": row.id == active,
+                    "bytes": _tree_bytes(self.versions_dir / row.id),
+                }
+                for row in rows
+            ]
+
+    def info(self) -> dict[str, Any]:
+        """Overview of the bank: path, db_url (password hidden), active version id (or None),
+        versions (as :meth:`versions`), total bytes on disk, ``orphans`` (version folders that no
+        database row records, left by a build killed between rename and commit) and ``tmp_dirs``
+        (builds in progress or killed). Raises :class:`BankNotFound` if the path is not a bank."""
+        versions = self.versions()
+        recorded = {entry["id"] for entry in versions}
+        folders = sorted(p.name for p in self.versions_dir.iterdir()) if self.versions_dir.is_dir() else []
+        return {
+            "path": str(self.path),
+            "db_url": make_url(self.db_url).render_as_string(hide_password=True),
+            "active": next((entry["id"] for entry in versions if entry["active"]), None),
+            "versions": versions,
+            "bytes": self.bank_bytes(),
+            "orphans": [name for name in folders if not name.startswith(TMP_PREFIX) and name not in recorded],
+            "tmp_dirs": [name for name in folders if name.startswith(TMP_PREFIX)],
+        }
+
+    def verify(self, all_versions: bool = False) -> dict[str, Any]:
+        """Check the active version (or every version) file by file, without raising for bad files.
+
+        Returns ``{"path", "ok", "versions": [{"id", "active", "ok", "files": {name: "ok" or the
+        problem}, "errors": [problem, ...]}, ...]}``. Raises :class:`BankNotFound` if the path is
+        not a bank, or if it has no active version and ``all_versions`` is false.
+        """
+        engine = self._engine_for_reading()
+        with Session(engine) as session:
+            active = _active_id(session)
+            rows = session.execute(
+                select(BankVersion.id, BankVersion.manifest_sha256).order_by(BankVersion.created_at, BankVersion.id)
+            ).all()
+        if not all_versions:
+            if active is None:
+                raise BankNotFound(f"not a pmeta bank: {self.path} (no active version)")
+            rows = [row for row in rows if row.id == active]
+        checked = []
+        for version_id, manifest_sha256 in rows:
+            folder = self.versions_dir / version_id
+            if folder.is_dir():
+                problems = check_dir(folder, manifest_sha256)
+                errors = [problem for problem in problems.values() if problem is not None]
+            else:
+                problems = {}
+                errors = [f"bank version {version_id} is recorded but {VERSIONS_NAME}/{version_id} is missing"]
+            checked.append(
+                {
+                    "id": version_id,
+                    "active": version_id == active,
+                    "ok": not errors,
+                    "files": {name: problem or "ok" for name, problem in problems.items()},
+                    "errors": errors,
+                }
+            )
+        return {"path": str(self.path), "ok": all(entry["ok"] for entry in checked), "versions": checked}
+
+    def bank_bytes(self) -> int:
+        """Total size in bytes of the files under the bank directory (database included when it
+        lives there). Raises :class:`BankNotFound` if the path is not a directory."""
+        if not self.path.is_dir():
+            raise BankNotFound(f"not a pmeta bank: {self.path} (not a directory)")
+        return _tree_bytes(self.path)
+
+    # ---------------------------------------------------------------------------------- database
+
+    def _get_engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = make_engine(self.db_url)
+        return self._engine
+
+    def _engine_for_reading(self) -> Engine:
+        """The engine, after checking that the bank exists; never creates a database file."""
+        if not self.path.is_dir():
+            raise BankNotFound(f"not a pmeta bank: {self.path} (not a directory)")
+        sqlite_file = _sqlite_file(self.db_url)
+        if sqlite_file is not None and not sqlite_file.is_file():
+            shown = DB_NAME if sqlite_file == self.path / DB_NAME else str(sqlite_file)
+            raise BankNotFound(f"not a pmeta bank: {self.path} (no {shown})")
+        engine = self._get_engine()
+        if not self._schema_seen:
+            existing = set(inspect(engine).get_table_names())
+            if not set(TABLE_NAMES) <= existing:
+                raise BankNotFound(f"not a pmeta bank: {self.path} (its database has no bank tables)")
+            self._schema_seen = True
+        return engine
+
+
+class VersionWriter:
+    """A version being built in ``versions/.tmp-<id>``; holds the bank's build lock.
+
+    Write files with :meth:`write_tensors`, :meth:`write_json`, :meth:`write_bytes`, or write to
+    :meth:`path` directly, then :meth:`publish`. Leaving the ``with`` block (or calling
+    :meth:`close`) without publishing discards the folder; either way the lock is released.
+    File names are relative POSIX paths (``"tensors.safetensors"``, ``"extra/catalog.json"``).
+    """
+
+    def __init__(self, store: BankStore, version_id: str, tmp_dir: Path, lock: IO[bytes]) -> None:
+        self.id = version_id
+        self.dir = tmp_dir
+        self._store = store
+        self._lock: IO[bytes] | None = lock
+        self._state = "open"  # open -> published | discarded | failed
+
+    def __repr__(self) -> str:
+        return f"VersionWriter({self.id!r}, {self._state})"
+
+    def __enter__(self) -> VersionWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Discard the folder unless published, and release the lock. Safe to call twice."""
+        try:
+            if self._state == "open":
+                _remove(self.dir)
+                self._state = "discarded"
+        finally:
+            if self._lock is not None:
+                _release_lock(self._lock)
+                self._lock = None
+
+    def path(self, name: str) -> Path:
+        """Absolute path for file ``name`` in the folder being built (parent folders created).
+        Raises ``ValueError`` for names that are absolute, contain ``..``, or are ``manifest.json``,
+        and ``RuntimeError`` once the writer is published or closed."""
+        self._check_open()
+        _check_name(name)
+        target = self.dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def write_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> Path:
+        """Save ``tensors`` with safetensors (detached, moved to CPU, made contiguous; tensors
+        that share memory are copied so that each is stored on its own)."""
+        from safetensors.torch import save_file
+
+        prepared: dict[str, torch.Tensor] = {}
+        storages: set[int] = set()
+        for key, tensor in tensors.items():
+            tensor = tensor.detach().cpu().contiguous()
+            storage = tensor.untyped_storage().data_ptr()
+            if storage in storages and tensor.numel() > 0:
+                tensor = tensor.clone()
+            storages.add(tensor.untyped_storage().data_ptr())
+            prepared[key] = tensor
+        target = self.path(name)
+        save_file(prepared, str(target))
+        return target
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        """Write ``obj`` as UTF-8 JSON (numpy/torch scalars and arrays as lists, paths as strings).
+        Raises ``TypeError`` for values JSON cannot hold."""
+        target = self.path(name)
+        target.write_text(_to_json(obj, indent=2), encoding="utf-8")
+        return target
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        """Write raw bytes (e.g. a serialised FAISS index)."""
+        target = self.path(name)
+        target.write_bytes(bytes(data))
+        return target
+
+    def publish(
+        self,
+        *,
+        config: Mapping[str, Any],
+        dataset_name: str,
+        dataset_fingerprint: str,
+        anchors: list[Mapping[str, Any]],
+        held_out_users: Iterable[str],
+        notes: str = "",
+    ) -> str:
+        """Make the version durable, record it and make it active; return its id.
+
+        Steps: fsync every file, write the manifest, make files read-only, fsync the folder,
+        rename ``.tmp-<id>`` to ``versions/<id>``, fsync ``versions/``, then one database
+        transaction inserts the version row, its anchors (``position`` defaults to the list index;
+        ``n_users`` and ``label`` have columns; further keys are kept as JSON) and its held-out
+        users, and points ``active`` at it.
+
+        If anything fails before the commit, the folder is removed, the previous active version
+        stays active, and the error propagates (:class:`InvalidConfig` for a config JSON cannot
+        hold, ``ValueError``/``TypeError`` for malformed anchors, database errors as raised).
+        """
+        self._check_open()
+        final = self._store.versions_dir / self.id
+        created: Path = self.dir
+        try:
+            try:
+                config_json = _to_json(dict(config), sort_keys=True)
+            except (TypeError, ValueError) as error:
+                raise InvalidConfig(f"bank config cannot be stored as JSON: {error}") from error
+            anchor_rows = _anchor_rows(self.id, anchors)
+            users = list(dict.fromkeys(str(user) for user in held_out_users))
+            if not list_files(self.dir):
+                raise ValueError(f"version {self.id} has no files to publish")
+
+            _fsync_files(self.dir)
+            manifest_sha256 = write_manifest(self.dir, self.id)
+            _make_read_only(self.dir)
+            _fsync_dirs(self.dir)
+            os.rename(self.dir, final)
+            created = final
+            _fsync_dirs(self._store.versions_dir, recursive=False)
+
+            version = BankVersion(
+                id=self.id,
+                created_at=datetime.now(timezone.utc),
+                config_json=config_json,
+                dataset_name=str(dataset_name),
+                dataset_fingerprint=str(dataset_fingerprint),
+                manifest_sha256=manifest_sha256,
+                n_anchors=len(anchor_rows),
+                notes=str(notes),
+            )
+            held_out = [HeldOutUser(version_id=self.id, user_id=user) for user in users]
+            with Session(self._store._get_engine()) as session, session.begin():
+                _record_version(session, version, anchor_rows, held_out)
+        except BaseException:
+            _remove(created)
+            self._state = "failed"
+            raise
+        self.dir = final
+        self._state = "published"
+        return self.id
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"version writer {self.id} is {self._state}; start a new version")
+
+
+class VersionReader:
+    """A verified, published version: ``id``, ``dir``, ``record`` and its files.
+
+    ``record`` holds the version row (``config`` parsed from JSON), ``anchors`` (dicts ordered by
+    position) and ``held_out_users`` (sorted). Reading takes no lock.
+    """
+
+    def __init__(self, version_id: str, directory: Path, record: dict[str, Any], files: list[str]) -> None:
+        self.id = version_id
+        self.dir = directory
+        self.record = record
+        self.files = tuple(files)
+
+    def __repr__(self) -> str:
+        return f"VersionReader({self.id!r})"
+
+    def path(self, name: str) -> Path:
+        """Path of file ``name``. Raises ``FileNotFoundError`` if the version has no such file."""
+        if name not in self.files:
+            raise FileNotFoundError(f"bank version {self.id} has no file {name!r}")
+        return self.dir / name
+
+    def read_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Load a safetensors file as CPU tensors."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path(name)))
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.path(name).read_text(encoding="utf-8"))
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.path(name).read_bytes()
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _record_version(
+    session: Session, version: BankVersion, anchors: list[Anchor], held_out: list[HeldOutUser]
+) -> None:
+    """Insert a version with its anchors and held-out users and make it the active one."""
+    session.add(version)
+    session.flush()
+    session.add_all(anchors)
+    session.add_all(held_out)
+    active = session.get(ActiveVersion, ACTIVE)
+    if active is None:
+        session.add(ActiveVersion(name=ACTIVE, version_id=version.id, updated_at=version.created_at))
+    else:
+        active.version_id = version.id
+        active.updated_at = version.created_at
+
+
+def _active_id(session: Session) -> str | None:
+    active = session.get(ActiveVersion, ACTIVE)
+    return None if active is None else active.version_id
+
+
+def _load_record(session: Session, version_id: str) -> dict[str, Any] | None:
+    row = session.get(BankVersion, version_id)
+    if row is None:
+        return None
+    try:
+        config = json.loads(row.config_json)
+        anchors = [
+            {"position": a.position, "n_users": a.n_users, "label": a.label, **json.loads(a.attrs_json or "{}")}
+            for a in session.scalars(select(Anchor).where(Anchor.version_id == version_id).order_by(Anchor.position))
+        ]
+    except ValueError as error:
+        raise BankIntegrityError(f"bank version {version_id} has unreadable JSON in its database: {error}") from error
+    held_out = list(
+        session.scalars(
+            select(HeldOutUser.user_id).where(HeldOutUser.version_id == version_id).order_by(HeldOutUser.user_id)
+        )
+    )
+    return {
+        "id": row.id,
+        "created_at": _utc(row.created_at).isoformat(),
+        "config": config,
+        "dataset_name": row.dataset_name,
+        "dataset_fingerprint": row.dataset_fingerprint,
+        "manifest_sha256": row.manifest_sha256,
+        "n_anchors": row.n_anchors,
+        "notes": row.notes,
+        "anchors": anchors,
+        "held_out_users": held_out,
+    }
+
+
+def _anchor_rows(version_id: str, anchors: Iterable[Mapping[str, Any]]) -> list[Anchor]:
+    rows: list[Anchor] = []
+    positions: set[int] = set()
+    for index, anchor in enumerate(anchors):
+        if not isinstance(anchor, Mapping):
+            raise TypeError(f"anchor {index} must be a dict, not {type(anchor).__name__}")
+        attrs = dict(anchor)
+        position = int(attrs.pop("position", index))
+        if position in positions:
+            raise ValueError(f"two anchors have position {position}")
+        positions.add(position)
+        rows.append(
+            Anchor(
+                version_id=version_id,
+                position=position,
+                n_users=int(attrs.pop("n_users", 0)),
+                label=str(attrs.pop("label", "")),
+                attrs_json=_to_json(attrs, sort_keys=True),
+            )
+        )
+    return rows
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _to_json(obj: Any, **options: Any) -> str:
+    return json.dumps(obj, default=_json_default, ensure_ascii=False, **options)
+
+
+def _check_name(name: str) -> None:
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or any(part in ("", ".", "..") for part in parts) or "\x00" in name:
+        raise ValueError(f"invalid bank file name {name!r}: use a relative path such as 'tensors.safetensors'")
+    if name == MANIFEST_NAME:
+        raise ValueError(f"{MANIFEST_NAME} is written by publish(), not by hand")
+
+
+def _sqlite_file(db_url: str) -> Path | None:
+    """The database file of a file-backed SQLite URL, else None."""
+    url = make_url(db_url)
+    if url.get_backend_name() != "sqlite":
+        return None
+    database = url.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return None
+    return Path(database).absolute()
+
+
+def _acquire_lock(lock_path: Path, bank: Path) -> IO[bytes]:
+    handle = open(lock_path, "ab")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise BankBusy(f"another build is publishing into {bank}") from None
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def _release_lock(handle: IO[bytes]) -> None:
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    finally:
+        handle.close()
+
+
+def _new_version_id(versions_dir: Path) -> str:
+    while True:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        version_id = f"{stamp}-{secrets.token_hex(3)}"
+        if not (versions_dir / version_id).exists() and not (versions_dir / (TMP_PREFIX + version_id)).exists():
+            return version_id
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def _fsync_files(root: Path) -> None:
+    for full in list_files(root).values():
+        if full.is_file() and not full.is_symlink():
+            with open(full, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _fsync_dirs(root: Path, recursive: bool = True) -> None:
+    folders = [Path(current) for current, _, _ in os.walk(root)] if recursive else [root]
+    for folder in folders:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _make_read_only(root: Path) -> None:
+    for full in list_files(root).values():
+        if full.is_file() and not full.is_symlink():
+            full.chmod(0o444)
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for current, _, filenames in os.walk(root):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(current, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment

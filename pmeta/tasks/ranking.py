@@ -1,0 +1,112 @@
+"""Ranking: two towers, each with a text part and a collaborative part, scored by one matrix product.
+
+* **Text part.** User: ``a = norm(enc(history text; personal)) W_user`` — the frozen encoder run with
+  the user's personal parameters (prompt + LoRA) over their history text. Item: ``t_i W_item``
+  where ``t_i`` is the frozen sentence embedding of the item's text (title + genres).
+* **Collaborative part.** User: ``c = mean_{j∈history} h_j``; item: ``e_i``. ``h`` and ``e`` (N, r)
+  are learned from the bank's train users, initialised in closed form by PureSVD of their
+  positive-interaction matrix (X ≈ U Σ Vᵀ, h = e = V_r), which is the folding-in recommender
+  ``x V Vᵀ``. Items the bank never saw have zero rows, so a new catalogue still ranks by text.
+* **Score**: ``s(u, i) = exp(σ_text)·a·(t_i W_item) + exp(σ_cf)·c·e_i + b_i``.
+
+Keeping the two parts in separate subspaces avoids cross terms between text and collaborative
+vectors. Loss: softmax cross-entropy of each target against the whole catalogue, with ``exclude``
+items removed from the normaliser (a target that is itself excluded still competes with the rest,
+which is how the inner loop fits a user's own history).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+HeadParams = dict[str, torch.Tensor]
+
+
+def init_head(item_text: torch.Tensor, item_counts: torch.Tensor, cf_factors: torch.Tensor | None, cf_scale: float = 1.0) -> HeadParams:
+    """Fresh head for N items: text embeddings (N, d), train counts (N,), PureSVD factors (N, r) or None."""
+    n, d = item_text.shape
+    bias = torch.log1p(item_counts.float())
+    bias = (bias - bias.mean()) / bias.std().clamp_min(1e-6)
+    params = {
+        "user_proj": torch.eye(d),
+        "item_proj": torch.eye(d),
+        "item_bias": bias,
+        "log_scale": torch.tensor(2.0),
+    }
+    if cf_factors is not None:
+        params["history_embedding"] = cf_factors.clone().float()
+        params["item_embedding"] = cf_factors.clone().float()
+        params["cf_log_scale"] = torch.tensor(float(torch.log(torch.tensor(cf_scale))))
+    return params
+
+
+@dataclass
+class UserBatch:
+    """Everything the user tower and the losses need for U users (padded)."""
+
+    hidden: torch.Tensor  # (U, T, d) encoder states entering the prompt layer
+    mask: torch.Tensor  # (U, T) token mask
+    history_items: torch.Tensor  # (U, H) catalogue indexes of history items, padded with 0
+    history_mask: torch.Tensor  # (U, H) 1 for real history items
+    exclude: torch.Tensor  # (U, N) bool: items never recommended / removed from the normaliser
+
+    @property
+    def users(self) -> int:
+        return self.hidden.shape[0]
+
+
+def user_vectors(head: HeadParams, pooled: torch.Tensor, batch: UserBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(text part (U, d), collaborative part (U, r) or None) from pooled encoder output (U, d)."""
+    text = F.normalize(pooled, dim=-1) @ head["user_proj"]
+    if "history_embedding" not in head:
+        return text, None
+    weights = batch.history_mask.to(text.dtype)
+    rows = head["history_embedding"][batch.history_items]  # (U, H, r)
+    cf = (rows * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
+    return text, cf
+
+
+def logits(head: HeadParams, item_text: torch.Tensor, users: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """Scores (U, N) of every catalogue item; ``item_text`` is (N, d).
+
+    The text part is computed as ``(a W_itemᵀ) Tᵀ`` so the (N, d) item matrix is never formed.
+    """
+    text, cf = users
+    scores = head["log_scale"].exp() * ((text @ head["item_proj"].T) @ item_text.T) + head["item_bias"]
+    if cf is not None:
+        scores = scores + head["cf_log_scale"].exp() * (cf @ head["item_embedding"].T)
+    return scores
+
+
+def softmax_loss(scores: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of targets (U, Q) against all non-excluded items; the sum over users of per-user means.
+
+    Returning a *sum over users* keeps each user's inner-loop gradient independent of the batch size.
+    """
+    rest = torch.logsumexp(scores.masked_fill(exclude, float("-inf")), dim=-1, keepdim=True)  # (U, 1)
+    target_scores = scores.gather(1, targets)  # (U, Q)
+    target_excluded = exclude.gather(1, targets)
+    normaliser = torch.where(target_excluded, torch.logaddexp(target_scores, rest.expand_as(target_scores)), rest.expand_as(target_scores))
+    per_target = (normaliser - target_scores) * target_mask
+    return (per_target.sum(1) / target_mask.sum(1).clamp_min(1.0)).sum()
+
+
+def pure_svd(positives: list, n_items: int, rank: int) -> tuple[torch.Tensor, float]:
+    """Item factors V_r (n_items, rank) of the binary user × item matrix, and a scale that gives the
+    folding-in scores ``mean_j V_j · V_i`` a standard deviation of 1 over items."""
+    import numpy as np
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import svds
+
+    rows = np.concatenate([np.full(len(items), u) for u, items in enumerate(positives)])
+    cols = np.concatenate(positives)
+    matrix = sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(positives), n_items))
+    matrix.data[:] = 1.0  # duplicates count once
+    rank = max(1, min(rank, min(matrix.shape) - 1))
+    _, _, vt = svds(matrix, k=rank, random_state=0)
+    factors = torch.from_numpy(np.ascontiguousarray(vt.T[:, ::-1])).float()  # (n_items, rank), largest first
+    folded = torch.stack([factors[torch.from_numpy(items)].mean(0) for items in positives]) @ factors.T
+    return factors, float(1.0 / folded.std().clamp_min(1e-9))

@@ -1,0 +1,403 @@
+"""Bank storage: atomic versions, checksums, locking, crash safety, round trips."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pmeta.storage.store as store_module
+from pmeta.errors import BankBusy, BankIntegrityError, BankNotFound, InvalidConfig
+from pmeta.storage import BankStore, sha256_file
+from pmeta.storage.manifest import verify_dir, write_manifest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FILES = ("tensors.safetensors", "anchors.faiss", "catalog.json")
+
+
+def make_tensors(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "prompt": torch.randn(4, 8, generator=generator),
+        "lora.A": torch.randn(2, 8, generator=generator).to(torch.bfloat16),
+        "lora.B": torch.randn(8, 2, generator=generator).t(),  # non-contiguous on purpose
+        "positions": torch.arange(5, dtype=torch.int64) * seed,
+    }
+
+
+def build(store: BankStore, seed: int = 0) -> str:
+    with store.new_version() as writer:
+        writer.write_tensors("tensors.safetensors", make_tensors(seed))
+        writer.write_bytes("anchors.faiss", bytes([seed % 256]) * 100 + bytes(range(256)))
+        writer.write_json("catalog.json", {"items": ["a", "b", "ç"], "seed": seed})
+        return writer.publish(
+            config={"seed": seed, "inner": {"steps": 3, "lr": 0.1}},
+            dataset_name="toy",
+            dataset_fingerprint=f"fp-{seed}",
+            anchors=[{"n_users": 3, "label": "first"}, {"n_users": 5, "label": "second", "medoid_user": "u7"}],
+            held_out_users=["u2", "u1", "u2"],
+            notes=f"build {seed}",
+        )
+
+
+def tmp_dirs(store: BankStore) -> list[str]:
+    return [p.name for p in store.versions_dir.glob(".tmp-*")]
+
+
+def flip_byte(path: Path) -> None:
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> BankStore:
+    with BankStore(tmp_path / "bank") as bank:
+        yield bank
+
+
+# --------------------------------------------------------------------------- versions and reads
+
+
+def test_publishing_two_versions_switches_the_active_one(store: BankStore) -> None:
+    first = build(store, seed=1)
+    assert store.open().id == first
+    second = build(store, seed=2)
+    assert second != first
+    assert store.open().id == second
+    assert store.open(first).record["config"]["seed"] == 1  # the old version stays readable
+
+    summaries = store.versions()
+    assert [v["id"] for v in summaries] == [first, second]
+    assert [v["active"] for v in summaries] == [False, True]
+    info = store.info()
+    assert info["active"] == second
+    assert info["orphans"] == [] and info["tmp_dirs"] == []
+    assert info["bytes"] == store.bank_bytes() > sum(v["bytes"] for v in summaries) > 0
+    assert sorted(p.name for p in store.versions_dir.iterdir()) == sorted([first, second])
+
+
+def test_round_trip_is_exact(store: BankStore) -> None:
+    version_id = build(store, seed=3)
+    reader = store.open()
+    assert reader.id == version_id and reader.dir == store.versions_dir / version_id
+    assert set(reader.files) == set(FILES)
+
+    loaded = reader.read_tensors("tensors.safetensors")
+    expected = make_tensors(3)
+    assert loaded.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == tensor.dtype
+        assert torch.equal(loaded[name], tensor)
+    assert reader.read_json("catalog.json") == {"items": ["a", "b", "ç"], "seed": 3}
+    assert reader.read_bytes("anchors.faiss") == bytes([3]) * 100 + bytes(range(256))
+
+    record = reader.record
+    assert record["config"] == {"seed": 3, "inner": {"steps": 3, "lr": 0.1}}
+    assert record["dataset_name"] == "toy" and record["dataset_fingerprint"] == "fp-3"
+    assert record["notes"] == "build 3" and record["n_anchors"] == 2
+    assert record["anchors"] == [
+        {"position": 0, "n_users": 3, "label": "first"},
+        {"position": 1, "n_users": 5, "label": "second", "medoid_user": "u7"},
+    ]
+    assert record["held_out_users"] == ["u1", "u2"]
+    assert record["manifest_sha256"] == sha256_file(reader.dir / "manifest.json")
+    manifest = json.loads((reader.dir / "manifest.json").read_text())
+    assert manifest["format"] == "pmeta-bank/1" and manifest["version"] == version_id
+    assert manifest["files"]["catalog.json"]["bytes"] == (reader.dir / "catalog.json").stat().st_size
+    with pytest.raises(FileNotFoundError):
+        reader.read_bytes("nothing.bin")
+
+
+def test_a_second_store_on_the_same_database_url_sees_the_same_bank(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    version_id = build(BankStore(tmp_path / "bank", db_url=url))
+    assert not (tmp_path / "bank" / "bank.db").exists()
+    assert BankStore(tmp_path / "bank", db_url=url).open().id == version_id
+    with pytest.raises(BankNotFound, match="missing.db"):
+        BankStore(tmp_path / "bank", db_url=f"sqlite:///{tmp_path / 'missing.db'}").open()
+    assert not (tmp_path / "missing.db").exists()
+
+
+# ----------------------------------------------------------------------------------- integrity
+
+
+@pytest.mark.parametrize("name", [*FILES, "manifest.json"])
+def test_a_flipped_byte_in_any_file_is_named(store: BankStore, name: str) -> None:
+    version_id = build(store)
+    target = store.versions_dir / version_id / name
+    flip_byte(target)
+    with pytest.raises(BankIntegrityError, match=re.escape(f"versions/{version_id}/{name} does not match its checksum")):
+        store.open()
+    report = store.verify()
+    assert not report["ok"]
+    assert report["versions"][0]["files"][name] != "ok"
+    assert all(name in error for error in report["versions"][0]["errors"])
+
+    flip_byte(target)  # flipping the same bit back restores the file
+    assert store.open().id == version_id
+    assert store.verify()["ok"]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda folder: (folder / "extra.txt").write_text("hello"), "extra.txt is not listed in the manifest"),
+        (lambda folder: (folder / "catalog.json").unlink(), "catalog.json is missing"),
+        (lambda folder: os.truncate(folder / "anchors.faiss", 10), "anchors.faiss does not match its recorded size"),
+        (lambda folder: (folder / "manifest.json").unlink(), "manifest.json is missing"),
+    ],
+    ids=["extra-file", "missing-file", "truncated-file", "missing-manifest"],
+)
+def test_added_missing_or_truncated_files_fail_verification(store: BankStore, damage, message: str) -> None:
+    version_id = build(store)
+    damage(store.versions_dir / version_id)
+    with pytest.raises(BankIntegrityError, match=re.escape(f"versions/{version_id}/{message}")):
+        store.open()
+    assert not store.verify()["ok"]
+
+
+def test_verify_reports_every_version_without_raising(store: BankStore) -> None:
+    first, second = build(store, seed=1), build(store, seed=2)
+    flip_byte(store.versions_dir / first / "catalog.json")
+    assert store.verify()["ok"]  # only the active version by default
+    report = store.verify(all_versions=True)
+    assert not report["ok"]
+    by_id = {entry["id"]: entry for entry in report["versions"]}
+    assert by_id[second]["ok"] and not by_id[first]["ok"]
+    assert by_id[first]["files"]["tensors.safetensors"] == "ok"
+    assert "checksum" in by_id[first]["files"]["catalog.json"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    contents=st.dictionaries(st.sampled_from(["a.bin", "b.json", "sub/c.txt"]), st.binary(min_size=1, max_size=64), min_size=1),
+    which=st.integers(min_value=0),
+    offset=st.integers(min_value=0),
+    mask=st.integers(min_value=1, max_value=255),
+)
+def test_verify_dir_detects_any_single_byte_change(contents: dict[str, bytes], which: int, offset: int, mask: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "v1"
+        for name, data in contents.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data)
+        manifest_sha256 = write_manifest(folder, "v1")
+        assert sorted(verify_dir(folder, manifest_sha256)) == sorted(contents)
+
+        name = sorted([*contents, "manifest.json"])[which % (len(contents) + 1)]
+        data = bytearray((folder / name).read_bytes())
+        data[offset % len(data)] ^= mask
+        (folder / name).write_bytes(bytes(data))
+        with pytest.raises(BankIntegrityError, match=re.escape(f"versions/v1/{name} ")):
+            verify_dir(folder, manifest_sha256)
+
+
+# ------------------------------------------------------------------------------ not a bank
+
+
+def test_opening_a_missing_path_raises_and_creates_nothing(tmp_path: Path) -> None:
+    missing = BankStore(tmp_path / "nope")
+    for call in (missing.open, missing.versions, missing.info, missing.verify, missing.bank_bytes):
+        with pytest.raises(BankNotFound, match="not a pmeta bank"):
+            call()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_opening_an_empty_directory_or_a_file_raises_and_creates_nothing(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BankNotFound, match=re.escape("(no bank.db)")):
+        BankStore(tmp_path / "empty").open()
+    with pytest.raises(BankNotFound):
+        BankStore(tmp_path / "empty").info()
+    assert list((tmp_path / "empty").iterdir()) == []
+
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(BankNotFound, match="not a directory"):
+        BankStore(tmp_path / "file.txt").open()
+    with pytest.raises(BankNotFound, match="not a directory"):
+        BankStore(tmp_path / "file.txt").new_version()
+
+
+def test_a_database_that_is_not_a_bank_is_not_found(tmp_path: Path) -> None:
+    import sqlite3
+
+    (tmp_path / "other").mkdir()
+    connection = sqlite3.connect(tmp_path / "other" / "bank.db")
+    connection.execute("create table t (x int)")
+    connection.commit()
+    connection.close()
+    with pytest.raises(BankNotFound, match="no bank tables"):
+        BankStore(tmp_path / "other").open()
+
+
+def test_a_bank_without_an_active_version_is_not_found(store: BankStore) -> None:
+    with store.new_version():
+        pass  # creates the schema, publishes nothing
+    with pytest.raises(BankNotFound, match="no active version"):
+        store.open()
+    assert store.info()["active"] is None and store.versions() == []
+
+
+def test_building_into_an_unrelated_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(BankNotFound, match="refusing"):
+        BankStore(tmp_path).new_version()
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_an_unknown_version_is_not_found(store: BankStore) -> None:
+    build(store)
+    with pytest.raises(BankNotFound, match="no version"):
+        store.open("20000101T000000-000000")
+
+
+# ------------------------------------------------------------------------- locking and failure
+
+
+def test_a_second_writer_gets_bank_busy(store: BankStore) -> None:
+    with store.new_version() as writer:
+        with pytest.raises(BankBusy, match="another build is publishing into"):
+            store.new_version()
+        with pytest.raises(BankBusy):
+            BankStore(store.path).new_version()  # another store object, another file descriptor
+        writer.write_json("catalog.json", {})
+        writer.publish(config={}, dataset_name="toy", dataset_fingerprint="x", anchors=[], held_out_users=[])
+    with store.new_version():  # released at exit
+        pass
+
+
+def test_readers_work_while_a_version_is_being_built(store: BankStore) -> None:
+    first = build(store)
+    with store.new_version() as writer:
+        writer.write_json("catalog.json", {"partial": True})
+        assert store.open().id == first
+        assert store.verify()["ok"]
+
+
+def test_an_exception_inside_the_writer_keeps_the_old_version(store: BankStore) -> None:
+    first = build(store)
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.new_version() as writer:
+            writer.write_tensors("tensors.safetensors", make_tensors(9))
+            raise RuntimeError("boom")
+    assert store.open().id == first
+    assert tmp_dirs(store) == []
+    second = build(store, seed=2)
+    assert store.open().id == second and tmp_dirs(store) == []
+
+
+def test_leaving_without_publishing_discards_the_folder(store: BankStore) -> None:
+    first = build(store)
+    with store.new_version() as writer:
+        writer.write_json("catalog.json", {})
+        assert writer.dir.is_dir()
+    assert not writer.dir.exists() and tmp_dirs(store) == []
+    assert store.open().id == first
+
+
+def test_a_failure_in_the_database_transaction_rolls_everything_back(store: BankStore, monkeypatch) -> None:
+    first = build(store)
+    real_record = store_module._record_version
+
+    def record_then_fail(session, *args):
+        real_record(session, *args)
+        session.flush()
+        raise OSError("database went away")
+
+    monkeypatch.setattr(store_module, "_record_version", record_then_fail)
+    with pytest.raises(OSError, match="went away"):
+        build(store, seed=2)
+    monkeypatch.undo()
+    assert store.open().id == first
+    assert [v["id"] for v in store.versions()] == [first]
+    assert [p.name for p in store.versions_dir.iterdir()] == [first]
+
+
+def test_a_bad_config_is_refused_and_nothing_is_published(store: BankStore) -> None:
+    first = build(store)
+    with store.new_version() as writer:
+        writer.write_json("catalog.json", {})
+        with pytest.raises(InvalidConfig):
+            writer.publish(config={"x": object()}, dataset_name="t", dataset_fingerprint="f", anchors=[], held_out_users=[])
+        with pytest.raises(RuntimeError, match="failed"):
+            writer.write_json("again.json", {})
+    assert store.open().id == first and tmp_dirs(store) == []
+
+
+@pytest.mark.parametrize("name", ["", "../escape", "/absolute", "a//b", "./x", "manifest.json"])
+def test_writer_rejects_bad_file_names(store: BankStore, name: str) -> None:
+    with store.new_version() as writer:
+        with pytest.raises(ValueError):
+            writer.write_bytes(name, b"x")
+
+
+KILLED_BUILDER = textwrap.dedent(
+    """
+    import sys, time
+    import pmeta.storage.store as store_module
+    from pmeta.storage import BankStore
+
+    writer = BankStore(sys.argv[1]).new_version()
+    writer.write_bytes("anchors.faiss", bytes(range(256)) * 64)
+    writer.write_json("catalog.json", {"items": list(range(100))})
+
+    def announce_and_stall(*args):
+        print(writer.id, flush=True)
+        time.sleep(60)
+
+    if sys.argv[2] == "before-publish":
+        announce_and_stall()
+    else:  # stall inside publish(), after the rename and before the database commit
+        store_module._record_version = announce_and_stall
+    writer.publish(config={}, dataset_name="toy", dataset_fingerprint="x", anchors=[], held_out_users=[])
+    """
+)
+
+
+@pytest.mark.parametrize("moment", ["before-publish", "before-commit"])
+def test_kill_9_of_a_builder_leaves_the_bank_usable(store: BankStore, moment: str) -> None:
+    first = build(store)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_BUILDER, str(store.path), moment],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        killed_id = process.stdout.readline().strip()
+        assert killed_id, process.stderr.read()
+        with pytest.raises(BankBusy):
+            store.new_version()  # the builder holds the lock while it lives
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        process.stdout.close()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+
+    if moment == "before-publish":
+        assert tmp_dirs(store) == [f".tmp-{killed_id}"]
+    else:
+        assert store.info()["orphans"] == [killed_id]  # renamed, never recorded, never opened
+    assert store.open().id == first
+    assert store.verify()["ok"]
+
+    second = build(store, seed=2)  # the kernel released the dead builder's lock
+    assert store.open().id == second
+    assert tmp_dirs(store) == []
+    assert [v["id"] for v in store.versions()] == [first, second]
