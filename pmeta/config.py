@@ -60,6 +60,7 @@ class BankConfig(BaseModel):
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the remaining users kept for validation.")
     min_positives: int = Field(2, ge=2, description="Train users need at least this many positives.")
     device: str = Field("cpu", description="torch device for the build.")
+    validate_stages: bool = Field(True, description="Report validation metrics after every stage (the final one is always reported).")
 
     @model_validator(mode="after")
     def _check(self) -> "BankConfig":
@@ -70,9 +71,9 @@ class BankConfig(BaseModel):
 
 PRESETS: dict[str, dict] = {
     # seconds: for tests and smoke runs
-    "tiny": dict(anchors=4, meta_batch_users=8, global_steps=25, anchor_steps=10, stack_steps=10, prompt_length=8),
+    "tiny": dict(validate_stages=False, anchors=4, prompt_length=8, tower_steps=40, tower_batch_users=32, meta_batch_users=8, global_steps=8, anchor_steps=4, stack_steps=4),
     # a few minutes on 2 CPU cores: the README quick start
-    "small": dict(anchors=8, global_steps=120, anchor_steps=60, stack_steps=60),
+    "small": dict(anchors=8, tower_steps=300, meta_batch_users=8, global_steps=40, anchor_steps=20, stack_steps=20),
     # the reference build (<= 15 min on 2 CPU cores)
     "default": {},
 }

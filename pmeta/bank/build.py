@@ -180,7 +180,9 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     strategy = get_strategy(config.meta)
     sampler = EpisodeSampler(positives, rated, train_with_pos, texts, config, seed=config.seed + 2)
     val_inputs, val_queries, val_kept = fixed_episode(positives, val_users, texts)
-    validation: dict[str, dict[str, float]] = {"start": validate(model, val_inputs, val_queries, rated, val_kept)}
+    validation: dict[str, dict[str, float]] = {}
+    if config.validate_stages:
+        validation["start"] = validate(model, val_inputs, val_queries, rated, val_kept)
     losses: dict[str, list[float]] = {}
 
     def run(stage, steps: int) -> None:
@@ -189,15 +191,18 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
 
     with progress.task("fit item/user towers", config.tower_steps) as bar:
         losses["towers"] = pretrain_towers(model, sampler, config, config.tower_steps, config.tower_batch_users, on_step=lambda loss: bar.advance(1, loss=loss))
-    validation["towers"] = validate(model, val_inputs, val_queries, rated, val_kept)
+    if config.validate_stages:
+        validation["towers"] = validate(model, val_inputs, val_queries, rated, val_kept)
     run(global_stage(model, config), config.global_steps)
-    validation["global"] = validate(model, val_inputs, val_queries, rated, val_kept)
+    if config.validate_stages:
+        validation["global"] = validate(model, val_inputs, val_queries, rated, val_kept)
     # Anchors start from the meta-learned global prior.
     for key, value in tensors.global_adapter.items():
         tensors.anchors[key] = value.detach().unsqueeze(0).repeat(n_anchors, *([1] * value.dim())).contiguous()
     assignment_by_user = {int(u): int(a) for u, a in zip(train_with_pos, assignment)}
     run(anchor_stage(model, config, assignment_by_user), config.anchor_steps)
-    validation["anchors"] = validate(model, val_inputs, val_queries, rated, val_kept)
+    if config.validate_stages:
+        validation["anchors"] = validate(model, val_inputs, val_queries, rated, val_kept)
     run(stack_stage(model, config), config.stack_steps)
     validation["final"] = validate(model, val_inputs, val_queries, rated, val_kept)
 

@@ -163,7 +163,7 @@ def meta_train(model: PmetaModel, sampler: EpisodeSampler, stage: Stage, strateg
         optimizer.step()
         losses.append(loss.item())
         if on_step is not None:
-            on_step(float(loss))
+            on_step(losses[-1])
     for p in params:
         p.requires_grad_(False)
         p.grad = None

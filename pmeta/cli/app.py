@@ -122,19 +122,13 @@ def bank_verify(bank: Path = typer.Argument(..., help="Bank directory."), db: Op
     from ..storage import BankStore
 
     report = BankStore(bank, db).verify(all_versions=all_versions)
-    problems = []
-    for version in report.get("versions", []):
-        for name, error in version.get("files", {}).items():
-            if error:
-                problems.append(f"{version['id']}: {name}: {error}")
-        if version.get("error"):
-            problems.append(f"{version['id']}: {version['error']}")
-    if problems or not report.get("ok", False):
+    problems = [f"{version['id']}: {error}" for version in report["versions"] for error in version["errors"]]
+    if problems or not report["ok"]:
         for line in problems:
             typer.echo(line, err=True)
         fail(f"bank {bank} failed verification ({len(problems)} problem(s))")
-    checked = sum(len(v.get("files", {})) for v in report.get("versions", []))
-    typer.echo(f"bank {bank} ok: {len(report.get('versions', []))} version(s), {checked} file(s) match their checksums")
+    checked = sum(len(v["files"]) for v in report["versions"])
+    typer.echo(f"bank {bank} ok: {len(report['versions'])} version(s), {checked} file(s) match their checksums")
 
 
 @app.command("adapt")

@@ -66,6 +66,10 @@ class FunctionalEncoder:
 
     def __init__(self, name: str = DEFAULT_ENCODER, device: str | torch.device = "cpu") -> None:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # no hub chatter or loading bars on pmeta's stderr
+        hf_logging.disable_progress_bar()
 
         path = resolve_model_path(name)
         local = Path(path).exists()

@@ -1,0 +1,154 @@
+"""End to end on the bundled encoder and the shipped sample, with a bank built by ``--preset tiny``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pmeta
+from pmeta.bank.bank import TENSORS_FILE
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "history.json"
+
+
+def tree_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def history(user_id: str, items: list[str]) -> dict:
+    return {"user_id": user_id, "items": [{"item_id": i, "rating": 5, "timestamp": 1_000 + n} for n, i in enumerate(items)]}
+
+
+def test_bank_records_held_out_users_and_verifies(tiny_bank, opened_bank):
+    from pmeta.data import load_sample
+    from pmeta.eval import split_users
+
+    dataset = load_sample()
+    _, test = split_users(dataset, seed=0)
+    expected = sorted(dataset.ratings.user_ids[int(u)] for u in test)
+    assert sorted(opened_bank.record["held_out_users"]) == expected
+    build = json.loads(next((tiny_bank / "versions").glob("*/build.json")).read_text())
+    assert not set(build["train_users"]) & set(expected)
+    assert pmeta.storage.BankStore(tiny_bank).verify()["ok"]
+
+
+def test_personalize_and_rank_from_example_file(opened_bank):
+    p = opened_bank.personalize(EXAMPLE)
+    recs = p.rank(top=10)
+    assert len(recs) == 10
+    assert {"2571", "1196", "260", "1"}.isdisjoint(r.item_id for r in recs)  # history items are never recommended
+    scores = [r.score for r in recs]
+    assert scores == sorted(scores, reverse=True)
+    assert 1 <= len(p.anchors) <= opened_bank.config.top_k
+    assert abs(sum(a["weight"] for a in p.anchors) - 1) < 1e-4
+    out = p.to_dict(5)
+    assert set(out) == {"user_id", "recommendations", "anchors", "timing_ms"}
+    assert set(out["recommendations"][0]) == {"item_id", "title", "score"}
+    json.dumps(out)
+
+
+def test_inner_steps_change_the_personalization(opened_bank):
+    h = history("u1", ["2571", "1196", "260", "1210", "1198"])
+    zero = opened_bank.personalize(h, steps=0)
+    three = opened_bank.personalize(h, steps=3)
+    assert not np.allclose(zero.scores[np.isfinite(zero.scores)], three.scores[np.isfinite(three.scores)])
+
+
+def test_candidates_restrict_the_ranking(opened_bank):
+    p = opened_bank.personalize(history("u2", ["1", "2"]))
+    recs = p.rank(top=3, candidates=["318", "296", "1", "356"])
+    assert [r.item_id for r in recs] and set(r.item_id for r in recs) <= {"318", "296", "356"}
+    with pytest.raises(pmeta.InvalidRequest):
+        p.rank(candidates=["not-an-item"])
+    with pytest.raises(pmeta.InvalidRequest):
+        p.rank(top=0)
+
+
+def test_empty_history_gets_the_zero_history_prior(opened_bank):
+    p = opened_bank.personalize({"user_id": "new", "items": []})
+    assert p.anchors == []
+    assert len(p.rank(5)) == 5
+
+
+def test_free_text_only_history(opened_bank):
+    p = opened_bank.personalize({"user_id": "t", "items": [{"text": "a space opera with rebels and an evil empire", "rating": 5}]})
+    assert len(p.anchors) >= 1 and len(p.rank(3)) == 3
+
+
+def test_unknown_ids_are_an_error_unless_ignored(opened_bank):
+    bad = {"user_id": "x", "items": [{"item_id": "999999999", "rating": 5}, {"item_id": "1", "rating": 5}]}
+    with pytest.raises(pmeta.InvalidHistory, match="999999999"):
+        opened_bank.personalize(bad)
+    assert len(opened_bank.personalize(bad, ignore_unknown=True).rank(3)) == 3
+
+
+def test_personalize_many_equals_one_by_one(opened_bank):
+    users = [history(f"u{n}", items) for n, items in enumerate([["1", "2", "3"], ["2571"], [], ["296", "318", "593", "50", "47"]])]
+    batched = opened_bank.personalize_many(users)
+    for h, b in zip(users, batched):
+        single = opened_bank.personalize(h)
+        finite = np.isfinite(single.scores)
+        np.testing.assert_allclose(b.scores[finite], single.scores[finite], rtol=1e-4, atol=1e-4)
+        assert np.array_equal(finite, np.isfinite(b.scores))
+
+
+def test_threads_give_the_serial_results(opened_bank):
+    ids = opened_bank.catalog.item_ids
+    users = [history(f"u{n}", [ids[n], ids[40 + n], ids[200 + n]]) for n in range(6)]
+    serial = [opened_bank.personalize(h).rank(10) for h in users]
+    results: dict[int, list] = {}
+    errors: list[BaseException] = []
+
+    def worker(thread: int) -> None:
+        try:
+            for rep in range(3):
+                n = (thread + rep) % len(users)
+                results[(thread, rep)] = (n, opened_bank.personalize(users[n]).rank(10))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for n, recs in results.values():
+        assert [r.item_id for r in recs] == [r.item_id for r in serial[n]]
+
+
+def test_personalizing_writes_nothing(tiny_bank):
+    before = tree_digest(tiny_bank)
+    bank = pmeta.Bank.open(tiny_bank)
+    for n in range(10):
+        bank.personalize(history(f"w{n}", [bank.catalog.item_ids[n], "2571"])).rank(5)
+    assert tree_digest(tiny_bank) == before
+
+
+def test_a_changed_byte_is_detected(tiny_bank, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bank"
+    shutil.copytree(tiny_bank, copy)
+    tensors = next((copy / "versions").glob(f"*/{TENSORS_FILE}"))
+    tensors.chmod(0o644)
+    data = bytearray(tensors.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(pmeta.BankIntegrityError, match=TENSORS_FILE):
+        pmeta.Bank.open(copy)
+
+
+def test_not_a_bank(tmp_path):
+    with pytest.raises(pmeta.BankNotFound):
+        pmeta.Bank.open(tmp_path)
+    assert list(tmp_path.iterdir()) == []

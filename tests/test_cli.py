@@ -1,0 +1,78 @@
+"""The command line through a real subprocess: output formats, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "history.json"
+
+
+def pmeta(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pmeta", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def test_adapt_json(tiny_bank):
+    result = pmeta("adapt", "--bank", str(tiny_bank), "--user", "u123", "--history", str(EXAMPLE), "--top", "5", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["user_id"] == "u123"
+    assert len(out["recommendations"]) == 5
+    assert {"item_id", "title", "score"} == set(out["recommendations"][0])
+    assert {"total_ms", "adapt_ms"} <= set(out["timing_ms"])
+    assert out["anchors"]
+
+
+def test_adapt_text(tiny_bank):
+    result = pmeta("adapt", "--bank", str(tiny_bank), "--history", str(EXAMPLE), "--top", "3")
+    assert result.returncode == 0, result.stderr
+    assert len([line for line in result.stdout.splitlines() if line.strip().startswith(("1.", "2.", "3."))]) == 3
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("{not json", "JSON"),
+        ("[]", "history"),
+        ('{"user_id": "u", "items": [{"item_id": "1", "rating": "five"}]}', "rating"),
+        ('{"user_id": "u", "items": [{"item_id": "99999999", "rating": 5}]}', "99999999"),
+    ],
+)
+def test_bad_history_is_one_line(tiny_bank, tmp_path, content, fragment):
+    path = tmp_path / "h.json"
+    path.write_text(content)
+    assert_one_line_error(pmeta("adapt", "--bank", str(tiny_bank), "--history", str(path)), fragment)
+
+
+def test_missing_history_file(tiny_bank, tmp_path):
+    assert_one_line_error(pmeta("adapt", "--bank", str(tiny_bank), "--history", str(tmp_path / "nope.json")), "nope.json")
+
+
+def test_not_a_bank_is_one_line(tmp_path):
+    assert_one_line_error(pmeta("adapt", "--bank", str(tmp_path), "--history", str(EXAMPLE)), "bank")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bank_info_and_verify(tiny_bank):
+    info = pmeta("bank", "info", str(tiny_bank), "--json")
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["active"]
+    verify = pmeta("bank", "verify", str(tiny_bank))
+    assert verify.returncode == 0, verify.stderr
+    assert "ok" in verify.stdout
+
+
+def test_bad_preset_is_one_line(tmp_path):
+    assert_one_line_error(pmeta("bank", "build", "--out", str(tmp_path / "b"), "--preset", "huge"), "preset")
