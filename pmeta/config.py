@@ -42,13 +42,14 @@ class BankConfig(BaseModel):
     support_min: int = Field(1, ge=1)
     support_max: int = Field(5, ge=1)
     query_size: int = Field(10, ge=1)
-    meta_batch_users: int = Field(16, ge=1, description="Users per outer step.")
-    global_steps: int = Field(300, ge=0, description="Outer steps meta-training the global prior and the item tower.")
-    anchor_steps: int = Field(150, ge=0, description="Outer steps meta-training the anchors.")
-    stack_steps: int = Field(150, ge=0, description="Outer steps meta-training the stacked init, step sizes and τ.")
+    meta_batch_users: int = Field(12, ge=1, description="Users per outer step.")
+    global_steps: int = Field(80, ge=0, description="Outer steps meta-training the global prior and the item tower.")
+    anchor_steps: int = Field(40, ge=0, description="Outer steps meta-training the anchors.")
+    stack_steps: int = Field(40, ge=0, description="Outer steps meta-training the stacked init, step sizes and τ.")
     outer_lr: float = Field(3e-3, gt=0, description="Adam learning rate of the adapters.")
-    tower_steps: int = Field(1500, ge=0, description="Stage 0: outer steps fitting the ranking head with the encoder forward-only.")
+    tower_steps: int = Field(1000, ge=0, description="Stage 0: outer steps fitting the ranking head with the encoder forward-only.")
     tower_batch_users: int = Field(64, ge=1, description="Users per step in stage 0.")
+    tower_rounds: int = Field(4, ge=1, description="Stage 0 encodes this many episodes per train user once and fits the head on them.")
     head_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the learned item and history embeddings.")
     scalar_lr: float = Field(1e-2, gt=0, description="Adam learning rate of the item biases and the score scale.")
     projection_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the (d, d) user and item projections.")
@@ -71,9 +72,9 @@ class BankConfig(BaseModel):
 
 PRESETS: dict[str, dict] = {
     # seconds: for tests and smoke runs
-    "tiny": dict(validate_stages=False, anchors=4, prompt_length=8, tower_steps=40, tower_batch_users=32, meta_batch_users=8, global_steps=8, anchor_steps=4, stack_steps=4),
+    "tiny": dict(validate_stages=False, anchors=4, prompt_length=8, tower_steps=100, tower_rounds=1, tower_batch_users=32, meta_batch_users=8, global_steps=8, anchor_steps=4, stack_steps=4),
     # a few minutes on 2 CPU cores: the README quick start
-    "small": dict(anchors=8, tower_steps=300, meta_batch_users=8, global_steps=40, anchor_steps=20, stack_steps=20),
+    "small": dict(anchors=8, tower_steps=600, tower_rounds=2, meta_batch_users=8, global_steps=40, anchor_steps=20, stack_steps=20),
     # the reference build (<= 15 min on 2 CPU cores)
     "default": {},
 }

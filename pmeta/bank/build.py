@@ -190,7 +190,7 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
             losses[stage.name] = meta_train(model, sampler, stage, strategy, steps, config.meta_batch_users, on_step=lambda loss: bar.advance(1, loss=loss))
 
     with progress.task("fit item/user towers", config.tower_steps) as bar:
-        losses["towers"] = pretrain_towers(model, sampler, config, config.tower_steps, config.tower_batch_users, on_step=lambda loss: bar.advance(1, loss=loss))
+        losses["towers"] = pretrain_towers(model, sampler, config, config.tower_steps, config.tower_batch_users, on_step=lambda loss: bar.advance(1, loss=loss), rounds=config.tower_rounds)
     if config.validate_stages:
         validation["towers"] = validate(model, val_inputs, val_queries, rated, val_kept)
     run(global_stage(model, config), config.global_steps)

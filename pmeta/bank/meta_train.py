@@ -62,36 +62,33 @@ def global_stage(model: PmetaModel, config) -> Stage:
     return Stage("global", build, groups)
 
 
-def pretrain_towers(model: PmetaModel, sampler: EpisodeSampler, config, outer_steps: int, batch_users: int, on_step: Callable[[float], None] | None = None) -> list[float]:
+def pretrain_towers(model: PmetaModel, sampler: EpisodeSampler, config, outer_steps: int, batch_users: int, on_step: Callable[[float], None] | None = None, rounds: int = 4) -> list[float]:
     """Stage 0: fit the ranking head (item and user towers) with the adapter frozen at the global
-    init and no inner steps. The encoder runs forward only, so this stage is ~20x cheaper per user
-    than meta-training and can afford many more users; the meta-learning stages then start from
-    towers that already rank well."""
-    groups = head_groups(model, config)
-    params = [p for g in groups for p in g["params"]]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW([{**g, "weight_decay": g.get("weight_decay", 0.0)} for g in groups], betas=(0.9, 0.99))
+    init and no inner steps.
+
+    With the adapter frozen, a user's pooled encoder output depends only on the support set, so
+    the encoder runs once over a fixed pool of ``rounds`` episodes per train user and every head
+    step reuses those vectors (the head is a few matrix products): many more steps for the same
+    time than running the encoder per step. The meta-learning stages then start from towers that
+    already rank well."""
     adapter = model.t.global_adapter
-    losses = []
-    for _ in range(outer_steps):
-        episode = sampler.sample(batch_users)
-        batch = model.user_batch(episode.support)
-        with torch.no_grad():
-            pooled = model.encoder.upper(batch.hidden, batch.mask, expand_users(adapter, len(episode.users)), model.config.prompt_layer)
-        users = ranking.user_vectors(model.t.head, pooled, batch)
-        scores = ranking.logits(model.t.head, model.t.item_text, users)
-        loss = ranking.softmax_loss(scores, episode.query_targets, episode.query_mask, episode.query_exclude) / len(episode.users)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(losses[-1])
-    for p in params:
-        p.requires_grad_(False)
-        p.grad = None
-    return losses
+    cached: list[tuple[Episode, ranking.UserBatch, torch.Tensor]] = []
+    for _ in range(rounds):
+        users = sampler.rng.permutation(sampler.users)
+        for start in range(0, len(users), batch_users):
+            episode = sampler.episode([int(u) for u in users[start : start + batch_users]])
+            batch = model.user_batch(episode.support)
+            with torch.no_grad():
+                pooled = model.encoder.upper(batch.hidden, batch.mask, expand_users(adapter, len(episode.users)), model.config.prompt_layer)
+            batch.hidden = batch.hidden[:, :0]  # the encoder states are no longer needed
+            cached.append((episode, batch, pooled))
+
+    def episode_loss() -> torch.Tensor:
+        episode, batch, pooled = cached[int(sampler.rng.integers(len(cached)))]
+        scores = ranking.logits(model.t.head, model.t.item_text, ranking.user_vectors(model.t.head, pooled, batch))
+        return ranking.softmax_loss(scores, episode.query_targets, episode.query_mask, episode.query_exclude) / len(episode.users)
+
+    return _optimize(head_groups(model, config), episode_loss, outer_steps, on_step)
 
 
 def anchor_stage(model: PmetaModel, config, assignment: dict[int, int]) -> Stage:
@@ -147,24 +144,34 @@ def outer_step(model: PmetaModel, stage: Stage, strategy: Strategy, episode: Epi
 
 def meta_train(model: PmetaModel, sampler: EpisodeSampler, stage: Stage, strategy: Strategy, outer_steps: int, batch_users: int, on_step: Callable[[float], None] | None = None) -> list[float]:
     """Run ``outer_steps`` Adam steps of ``stage``; returns the outer loss of every step."""
-    params = [p for group in stage.param_groups for p in group["params"]]
+
+    def episode_loss() -> torch.Tensor:
+        return outer_step(model, stage, strategy, sampler.sample(batch_users, stage.pool), model.config.inner_steps)
+
+    return _optimize(stage.param_groups, episode_loss, outer_steps, on_step)
+
+
+def _optimize(groups: list[dict], loss_fn: Callable[[], torch.Tensor], steps: int, on_step: Callable[[float], None] | None, clip: float = 5.0) -> list[float]:
+    """AdamW over ``groups`` for ``steps`` calls of ``loss_fn``; the tensors are trainable only meanwhile."""
+    params = [p for group in groups for p in group["params"]]
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(
-        [{**g, "weight_decay": g.get("weight_decay", 0.0)} for g in stage.param_groups], betas=(0.9, 0.99)
-    )
-    losses = []
-    for _ in range(outer_steps):
-        episode = sampler.sample(batch_users, stage.pool)
-        optimizer.zero_grad(set_to_none=True)
-        loss = outer_step(model, stage, strategy, episode, model.config.inner_steps)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 5.0)
-        optimizer.step()
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(losses[-1])
-    for p in params:
-        p.requires_grad_(False)
-        p.grad = None
+    optimizer = torch.optim.AdamW([{**g, "weight_decay": g.get("weight_decay", 0.0)} for g in groups], betas=(0.9, 0.99))
+    losses: list[float] = []
+    try:
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+            losses.append(loss.item())
+            if not np.isfinite(losses[-1]):
+                raise FloatingPointError(f"meta-training diverged (loss {losses[-1]}); lower the learning rates or inner_lr")
+            if on_step is not None:
+                on_step(losses[-1])
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
     return losses

@@ -160,3 +160,63 @@ def adapt(
     typer.echo(f"user {personalization.user_id}: anchors {anchors}; personalized in {personalization.timing_ms['total_ms']:.0f} ms")
     for rank, rec in enumerate(personalization.rank(top), 1):
         typer.echo(f"{rank:>3}. {rec.item_id:>8}  {rec.score:7.3f}  {rec.title}")
+
+
+eval_app = typer.Typer(no_args_is_help=True, help="Quality evaluations (coldstart-v1 on MovieLens).")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("movielens")
+@friendly
+def eval_movielens(
+    out: Path = typer.Option(..., "--out", help="Directory for report.json and report.md."),
+    data: Optional[Path] = typer.Option(None, "--data", help="MovieLens directory (default: the shipped sample)."),
+    format: str = typer.Option("auto", "--format"),
+    bank: Optional[Path] = typer.Option(None, "--bank", help="A bank built on this dataset's train users; without it one is built with --preset."),
+    preset: str = typer.Option("tiny", "--preset", help="Preset of the bank built when --bank is not given."),
+    k: str = typer.Option("1,3,5", "--k", help="Support sizes K."),
+    mode: str = typer.Option("uni99,pop99,full", "--mode", help="Candidate modes."),
+    methods: str = typer.Option("random,popularity,itemknn,ease,pmeta-no-steps,pmeta", "--methods"),
+    seed: int = typer.Option(0, "--seed"),
+    users: Optional[int] = typer.Option(None, "--users", min=1, help="Evaluate only the first N test users (quick runs)."),
+    db: Optional[str] = typer.Option(None, "--db"),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Run the cold-start protocol for pmeta and the baselines on held-out users."""
+    from ..bank.bank import Bank
+    from ..bank.build import build_bank
+    from ..config import load_config
+    from ..errors import InvalidConfig
+    from ..eval.runner import run_movielens, write_report
+
+    try:
+        ks = tuple(int(x) for x in k.split(","))
+    except ValueError:
+        raise InvalidConfig(f"--k must be comma-separated integers, got {k!r}") from None
+    modes = tuple(m.strip() for m in mode.split(",") if m.strip())
+    dataset = _load_dataset(data, format)
+    if bank is None:
+        bank = out / "bank"
+        build_bank(dataset, bank, load_config(preset, overrides={"seed": seed}), db_url=db, progress=_progress(quiet))
+    opened = Bank.open(bank, db)
+    progress = _progress(quiet)
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    with progress.task("evaluating", None) as bar:
+        report = run_movielens(dataset, opened, method_list, ks, modes, seed=seed, max_users=users, progress=lambda done, total: bar.advance(1))
+    write_report(report, out)
+    typer.echo((out / "report.md").read_text())
+
+
+@app.command("bench")
+@friendly
+def bench(
+    bank: Path = typer.Option(..., "--bank", help="Bank directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer repetitions."),
+    db: Optional[str] = typer.Option(None, "--db"),
+) -> None:
+    """Latency, throughput, memory and storage of a bank on this machine."""
+    from .. import bench as benchmark
+
+    report = benchmark.run(bank, quick=quick, db_url=db)
+    typer.echo(json.dumps(report, indent=2) if as_json else benchmark.format_table(report))
