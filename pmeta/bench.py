@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -99,17 +98,34 @@ def bench_throughput(bank: Bank, batch: int, k: int = 5, repeats: int = 2) -> di
     return {"batch": batch, "batched_users_per_s": batched, "loop_users_per_s": loop}
 
 
+_PEAK_RSS_WRAPPER = """
+import sys
+from pmeta.cli import app
+try:
+    app(args=sys.argv[1:], prog_name="pmeta")
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print("PEAK_RSS_KB", peak.split()[1], file=sys.stderr)
+sys.exit(code)
+"""
+
+
 def adapt_process_rss(bank_path: Path, history: dict) -> float:
-    """Peak RSS (MB) of a fresh ``pmeta adapt`` process, measured by the OS for the child."""
+    """Peak RSS (MB) of a fresh ``pmeta adapt`` process: the kernel's high-water mark (VmHWM) read
+    by the process itself at exit. (``RUSAGE_CHILDREN`` would also count the forked copy of this
+    benchmark process before ``exec``.)"""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "history.json"
         path.write_text(json.dumps(history))
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        result = subprocess.run([sys.executable, "-m", "pmeta", "--threads", str(torch.get_num_threads()), "adapt", "--bank", str(bank_path), "--history", str(path), "--json"], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"pmeta adapt failed: {result.stderr.strip()}")
-        after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(after, before) / 1024.0  # ru_maxrss is in KiB on Linux
+        args = ["--threads", str(torch.get_num_threads()), "adapt", "--bank", str(bank_path), "--history", str(path), "--json"]
+        result = subprocess.run([sys.executable, "-c", _PEAK_RSS_WRAPPER, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"pmeta adapt failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+    kib = next(line.split()[1] for line in result.stderr.splitlines() if line.startswith("PEAK_RSS_KB"))
+    return int(kib) / 1024.0
 
 
 def bank_bytes(path: Path) -> int:

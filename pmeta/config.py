@@ -61,6 +61,7 @@ class BankConfig(BaseModel):
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the remaining users kept for validation.")
     min_positives: int = Field(2, ge=2, description="Train users need at least this many positives.")
     device: str = Field("cpu", description="torch device for the build.")
+    early_stopping: bool = Field(True, description="Keep each stage's tensors at their best validation loss (validation users are never trained on).")
     validate_stages: bool = Field(True, description="Report validation metrics after every stage (the final one is always reported).")
 
     @model_validator(mode="after")
@@ -72,9 +73,9 @@ class BankConfig(BaseModel):
 
 PRESETS: dict[str, dict] = {
     # seconds: for tests and smoke runs
-    "tiny": dict(validate_stages=False, anchors=4, prompt_length=8, tower_steps=100, tower_rounds=1, tower_batch_users=32, meta_batch_users=8, global_steps=8, anchor_steps=4, stack_steps=4),
+    "tiny": dict(validate_stages=False, early_stopping=False, anchors=4, prompt_length=8, tower_steps=100, tower_rounds=1, tower_batch_users=32, meta_batch_users=8, global_steps=8, anchor_steps=4, stack_steps=4),
     # a few minutes on 2 CPU cores: the README quick start
-    "small": dict(anchors=8, tower_steps=600, tower_rounds=2, meta_batch_users=8, global_steps=40, anchor_steps=20, stack_steps=20),
+    "small": dict(anchors=8, tower_steps=400, tower_rounds=2, meta_batch_users=8, global_steps=40, anchor_steps=20, stack_steps=20),
     # the reference build (<= 15 min on 2 CPU cores)
     "default": {},
 }

@@ -99,6 +99,28 @@ def prompt_from_text(encoder: FunctionalEncoder, texts: list[str], length: int, 
     return rows.clone()
 
 
+def validation_loss(model: PmetaModel, inputs: list[UserInput], queries: list[np.ndarray], rated: dict[int, np.ndarray], users: list[int]):
+    """A checkpoint for early stopping: the mean query cross-entropy of validation users after the
+    serving path (retrieve, fuse, inner steps), with support = first 5 positives, query = 6..15."""
+    if not inputs:
+        return None
+    targets = torch.zeros(len(inputs), max(len(q) for q in queries), dtype=torch.long)
+    mask = torch.zeros(targets.shape)
+    exclude = torch.zeros(len(inputs), len(model.item_texts), dtype=torch.bool)
+    for row, (query, user) in enumerate(zip(queries, users)):
+        targets[row, : len(query)] = torch.from_numpy(query)
+        mask[row, : len(query)] = 1
+        exclude[row, torch.from_numpy(rated[user])] = True
+        exclude[row, torch.from_numpy(query)] = False
+
+    def loss() -> float:
+        personal, batch, _ = model.personalize(inputs)
+        with torch.no_grad():
+            return float(ranking.softmax_loss(model.scores(batch, personal), targets, mask, exclude)) / len(inputs)
+
+    return loss
+
+
 @torch.no_grad()
 def validate(model: PmetaModel, inputs: list[UserInput], queries: list[np.ndarray], rated: dict[int, np.ndarray], users: list[int], batch: int = 32) -> dict[str, float]:
     """Full-ranking HR@10 and MRR on validation users (support = first 5 positives, query = 6..15)."""
@@ -180,6 +202,7 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     strategy = get_strategy(config.meta)
     sampler = EpisodeSampler(positives, rated, train_with_pos, texts, config, seed=config.seed + 2)
     val_inputs, val_queries, val_kept = fixed_episode(positives, val_users, texts)
+    checkpoint = validation_loss(model, val_inputs, val_queries, rated, val_kept) if config.early_stopping else None
     validation: dict[str, dict[str, float]] = {}
     if config.validate_stages:
         validation["start"] = validate(model, val_inputs, val_queries, rated, val_kept)
@@ -187,10 +210,10 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
 
     def run(stage, steps: int) -> None:
         with progress.task(f"meta-train {stage.name}", steps) as bar:
-            losses[stage.name] = meta_train(model, sampler, stage, strategy, steps, config.meta_batch_users, on_step=lambda loss: bar.advance(1, loss=loss))
+            losses[stage.name] = meta_train(model, sampler, stage, strategy, steps, config.meta_batch_users, on_step=lambda loss: bar.advance(1, loss=loss), checkpoint=checkpoint)
 
     with progress.task("fit item/user towers", config.tower_steps) as bar:
-        losses["towers"] = pretrain_towers(model, sampler, config, config.tower_steps, config.tower_batch_users, on_step=lambda loss: bar.advance(1, loss=loss), rounds=config.tower_rounds)
+        losses["towers"] = pretrain_towers(model, sampler, config, config.tower_steps, config.tower_batch_users, on_step=lambda loss: bar.advance(1, loss=loss), rounds=config.tower_rounds, checkpoint=checkpoint)
     if config.validate_stages:
         validation["towers"] = validate(model, val_inputs, val_queries, rated, val_kept)
     run(global_stage(model, config), config.global_steps)

@@ -62,7 +62,7 @@ def global_stage(model: PmetaModel, config) -> Stage:
     return Stage("global", build, groups)
 
 
-def pretrain_towers(model: PmetaModel, sampler: EpisodeSampler, config, outer_steps: int, batch_users: int, on_step: Callable[[float], None] | None = None, rounds: int = 4) -> list[float]:
+def pretrain_towers(model: PmetaModel, sampler: EpisodeSampler, config, outer_steps: int, batch_users: int, on_step: Callable[[float], None] | None = None, rounds: int = 4, checkpoint: Checkpoint | None = None) -> list[float]:
     """Stage 0: fit the ranking head (item and user towers) with the adapter frozen at the global
     init and no inner steps.
 
@@ -88,7 +88,7 @@ def pretrain_towers(model: PmetaModel, sampler: EpisodeSampler, config, outer_st
         scores = ranking.logits(model.t.head, model.t.item_text, ranking.user_vectors(model.t.head, pooled, batch))
         return ranking.softmax_loss(scores, episode.query_targets, episode.query_mask, episode.query_exclude) / len(episode.users)
 
-    return _optimize(head_groups(model, config), episode_loss, outer_steps, on_step)
+    return _optimize(head_groups(model, config), episode_loss, outer_steps, on_step, checkpoint=checkpoint, every=100)
 
 
 def anchor_stage(model: PmetaModel, config, assignment: dict[int, int]) -> Stage:
@@ -142,24 +142,34 @@ def outer_step(model: PmetaModel, stage: Stage, strategy: Strategy, episode: Epi
     return strategy.outer_loss(init, adapted, query_loss) / len(episode.users)
 
 
-def meta_train(model: PmetaModel, sampler: EpisodeSampler, stage: Stage, strategy: Strategy, outer_steps: int, batch_users: int, on_step: Callable[[float], None] | None = None) -> list[float]:
+def meta_train(model: PmetaModel, sampler: EpisodeSampler, stage: Stage, strategy: Strategy, outer_steps: int, batch_users: int, on_step: Callable[[float], None] | None = None, checkpoint: Checkpoint | None = None, every: int = 20) -> list[float]:
     """Run ``outer_steps`` Adam steps of ``stage``; returns the outer loss of every step."""
 
     def episode_loss() -> torch.Tensor:
         return outer_step(model, stage, strategy, sampler.sample(batch_users, stage.pool), model.config.inner_steps)
 
-    return _optimize(stage.param_groups, episode_loss, outer_steps, on_step)
+    return _optimize(stage.param_groups, episode_loss, outer_steps, on_step, checkpoint=checkpoint, every=every)
 
 
-def _optimize(groups: list[dict], loss_fn: Callable[[], torch.Tensor], steps: int, on_step: Callable[[float], None] | None, clip: float = 5.0) -> list[float]:
-    """AdamW over ``groups`` for ``steps`` calls of ``loss_fn``; the tensors are trainable only meanwhile."""
+Checkpoint = Callable[[], float]
+
+
+def _optimize(groups: list[dict], loss_fn: Callable[[], torch.Tensor], steps: int, on_step: Callable[[float], None] | None, clip: float = 5.0, checkpoint: Checkpoint | None = None, every: int = 25) -> list[float]:
+    """AdamW over ``groups`` for ``steps`` calls of ``loss_fn``; the tensors are trainable only meanwhile.
+
+    With ``checkpoint`` (a validation loss, lower is better, measured on validation users that are
+    never trained on), the loss is measured before training and every ``every`` steps, and the
+    tensors end at their best measured values: early stopping, so a stage never leaves the model
+    worse on validation users than it found it.
+    """
     params = [p for group in groups for p in group["params"]]
+    best = (checkpoint(), [p.detach().clone() for p in params]) if checkpoint is not None else None
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW([{**g, "weight_decay": g.get("weight_decay", 0.0)} for g in groups], betas=(0.9, 0.99))
     losses: list[float] = []
     try:
-        for _ in range(steps):
+        for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn()
             loss.backward()
@@ -170,8 +180,20 @@ def _optimize(groups: list[dict], loss_fn: Callable[[], torch.Tensor], steps: in
                 raise FloatingPointError(f"meta-training diverged (loss {losses[-1]}); lower the learning rates or inner_lr")
             if on_step is not None:
                 on_step(losses[-1])
+            if best is not None and ((step + 1) % every == 0 or step + 1 == steps):
+                for p in params:
+                    p.requires_grad_(False)
+                current = checkpoint()
+                if current < best[0]:
+                    best = (current, [p.detach().clone() for p in params])
+                for p in params:
+                    p.requires_grad_(True)
     finally:
         for p in params:
             p.requires_grad_(False)
             p.grad = None
+    if best is not None:
+        with torch.no_grad():
+            for p, value in zip(params, best[1]):
+                p.copy_(value)
     return losses
