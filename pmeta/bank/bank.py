@@ -19,11 +19,12 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from ..config import BankConfig
 from ..data.history import UserHistory, load_history, parse_history, resolve_history
 from ..data.types import POSITIVE_RATING, Catalog
-from ..errors import InvalidRequest
+from ..errors import BankIntegrityError, InvalidRequest
 from ..fusion.index import AnchorIndex
 from ..models.encoder import FunctionalEncoder
 from ..storage import BankStore
@@ -113,7 +114,10 @@ class Bank:
         """
         store = BankStore(path, db_url)
         reader = store.open(version)
-        config = BankConfig(**reader.record["config"])
+        try:
+            config = BankConfig(**reader.record["config"])
+        except ValidationError as exc:
+            raise BankIntegrityError(f"bank {path} version {reader.id} has a config this pmeta cannot read: {exc.errors()[0]['msg']}") from None
         catalog_data = reader.read_json(CATALOG_FILE)
         catalog = Catalog(catalog_data["item_ids"], catalog_data["titles"], catalog_data["genres"])
         tensors = Tensors.from_flat(reader.read_tensors(TENSORS_FILE))

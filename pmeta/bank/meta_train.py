@@ -23,7 +23,7 @@ import torch
 from ..adapt.inner import adapt
 from ..adapt.strategies import Strategy
 from ..fusion.fuse import fuse, fusion_weights
-from ..models.personal import Adapter, expand_users
+from ..models.personal import Adapter, expand_users, stack
 from ..tasks import ranking
 from .episodes import Episode, EpisodeSampler
 from .model import PmetaModel
@@ -133,8 +133,6 @@ def outer_step(model: PmetaModel, stage: Stage, strategy: Strategy, episode: Epi
     adapted = adapt(init, model.loss_fn(batch, targets, mask), steps, step_sizes, fixed=fixed, create_graph=strategy.second_order)
 
     def query_loss(params: Adapter) -> torch.Tensor:
-        from ..models.personal import stack
-
         full = stack(fixed, params) if fixed is not None else params
         scores = model.scores(batch, full)
         return ranking.softmax_loss(scores, episode.query_targets, episode.query_mask, episode.query_exclude)

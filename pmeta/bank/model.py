@@ -9,6 +9,7 @@ meta-trains its tensors; serving (:class:`pmeta.bank.bank.Bank`) runs the very s
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -180,8 +181,6 @@ class PmetaModel:
         Users without liked catalogue items get no inner steps (nothing to fit); users with an empty
         history get the zero-history prior. Returns (full adapter with user axis, batch, details).
         """
-        import time
-
         steps = self.config.inner_steps if steps is None else steps
         clock = time.perf_counter()
         keys = self.user_keys(users)
