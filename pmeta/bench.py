@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .bank.bank import BUILD_FILE, Bank
+from .errors import PmetaError
 
 
 def machine() -> dict:
@@ -61,7 +62,7 @@ def sample_histories(bank: Bank, k: int, count: int, seed: int = 0) -> list[dict
                     histories.append({"user_id": uid, "items": [{"item_id": dataset.catalog.item_ids[i], "rating": 5, "timestamp": n} for n, i in enumerate(items[:k])]})
                 if len(histories) >= count:
                     return histories
-    except Exception:  # noqa: BLE001 - the sample is optional here; fall back to random items
+    except PmetaError:  # the shipped sample is unreadable: fall back to random catalogue items
         histories = []
     while len(histories) < count:
         items = rng.choice(len(bank.catalog), size=k, replace=False)

@@ -17,13 +17,14 @@ import torch
 from ..adapt.strategies import get_strategy
 from ..config import BankConfig
 from ..data.types import Dataset
-from ..eval.protocol import split_users
+from ..errors import InvalidData
+from ..eval.protocol import metrics_from_ranks, rank_positives, split_users
 from ..fusion.index import AnchorIndex
 from ..models.encoder import FunctionalEncoder
 from ..models.personal import init_adapter
 from ..progress import Progress
 from ..tasks import ranking
-from .episodes import EpisodeSampler, fixed_episode
+from .episodes import EpisodeSampler, fixed_episode, query_tensors
 from .meta_train import anchor_stage, global_stage, meta_train, pretrain_towers, stack_stage
 from .model import PmetaModel, Tensors, UserInput
 
@@ -104,14 +105,7 @@ def validation_loss(model: PmetaModel, inputs: list[UserInput], queries: list[np
     serving path (retrieve, fuse, inner steps), with support = first 5 positives, query = 6..15."""
     if not inputs:
         return None
-    targets = torch.zeros(len(inputs), max(len(q) for q in queries), dtype=torch.long)
-    mask = torch.zeros(targets.shape)
-    exclude = torch.zeros(len(inputs), len(model.item_texts), dtype=torch.bool)
-    for row, (query, user) in enumerate(zip(queries, users)):
-        targets[row, : len(query)] = torch.from_numpy(query)
-        mask[row, : len(query)] = 1
-        exclude[row, torch.from_numpy(rated[user])] = True
-        exclude[row, torch.from_numpy(query)] = False
+    targets, mask, exclude = query_tensors(queries, [rated[u] for u in users], len(model.item_texts))
 
     def loss() -> float:
         personal, batch, _ = model.personalize(inputs)
@@ -123,26 +117,21 @@ def validation_loss(model: PmetaModel, inputs: list[UserInput], queries: list[np
 
 @torch.no_grad()
 def validate(model: PmetaModel, inputs: list[UserInput], queries: list[np.ndarray], rated: dict[int, np.ndarray], users: list[int], batch: int = 32) -> dict[str, float]:
-    """Full-ranking HR@10 and MRR on validation users (support = first 5 positives, query = 6..15)."""
+    """Full-ranking HR@10 and MRR on validation users (support = first 5 positives, query = 6..15),
+    with the protocol's own rank and metric definitions."""
     if not inputs:
         return {"users": 0}
-    hits, rr = [], []
+    per_user = []
     for start in range(0, len(inputs), batch):
         chunk = inputs[start : start + batch]
         personal, user_batch, _ = model.personalize(chunk)
-        scores = model.final_scores(user_batch, personal)
+        scores = model.final_scores(user_batch, personal).numpy()
         for row, user in enumerate(users[start : start + batch]):
-            never_rated = torch.ones(scores.shape[1], dtype=torch.bool)
-            never_rated[torch.from_numpy(rated[user])] = False
-            negatives = scores[row][never_rated]
-            user_hits, user_rr = [], []
-            for item in queries[start + row]:
-                rank = 1 + int((negatives >= scores[row, item]).sum())
-                user_hits.append(rank <= 10)
-                user_rr.append(1.0 / rank)
-            hits.append(np.mean(user_hits))
-            rr.append(np.mean(user_rr))
-    return {"users": len(hits), "hr@10": float(np.mean(hits)), "mrr": float(np.mean(rr))}
+            never_rated = np.setdiff1d(np.arange(scores.shape[1]), rated[user])
+            query = queries[start + row]
+            ranks = rank_positives(scores[row], query, np.broadcast_to(never_rated, (len(query), len(never_rated))))
+            per_user.append(metrics_from_ranks(ranks))
+    return {"users": len(per_user), **{name: float(np.mean([m[name] for m in per_user])) for name in ("hr@10", "mrr")}}
 
 
 def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None = None) -> tuple[PmetaModel, dict]:
@@ -165,8 +154,6 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
 
     train_with_pos = np.array([u for u in train_users if len(positives.get(int(u), ())) >= config.min_positives], dtype=np.int64)
     if len(train_with_pos) == 0:
-        from ..errors import InvalidData
-
         raise InvalidData("the dataset has no train user with enough positive ratings (>= 4 stars) to build a bank")
     counts = torch.zeros(len(catalog))
     for u in train_with_pos:

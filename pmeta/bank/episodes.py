@@ -27,6 +27,20 @@ class Episode:
     support_and_query: tuple[torch.Tensor, torch.Tensor]  # Reptile's inner targets and mask
 
 
+def query_tensors(queries: list[np.ndarray], rated: list[np.ndarray], n_items: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded query targets (U, Q), their mask, and the (U, N) exclusion of every rated item that
+    is not a query target (those are no candidates in the protocol either)."""
+    targets = torch.zeros(len(queries), max([len(q) for q in queries] + [1]), dtype=torch.long)
+    mask = torch.zeros(targets.shape)
+    exclude = torch.zeros(len(queries), n_items, dtype=torch.bool)
+    for row, (query, seen) in enumerate(zip(queries, rated)):
+        targets[row, : len(query)] = torch.from_numpy(query)
+        mask[row, : len(query)] = 1
+        exclude[row, torch.from_numpy(seen)] = True
+        exclude[row, torch.from_numpy(query)] = False
+    return targets, mask, exclude
+
+
 def user_input(items: np.ndarray, item_texts: list[str]) -> UserInput:
     liked = [int(i) for i in items]
     return UserInput(liked_items=liked, texts=[item_texts[i] for i in liked], seen_items=liked)
@@ -58,18 +72,11 @@ class EpisodeSampler:
             start = int(self.rng.integers(0, len(items) - k))  # leaves at least one query item
             support.append(user_input(items[start : start + k], self.item_texts))
             queries.append(items[start + k : start + k + c.query_size])
-        width = max(len(q) for q in queries)
-        targets = torch.zeros(len(users), width, dtype=torch.long)
-        mask = torch.zeros(len(users), width)
-        exclude = torch.zeros(len(users), n_items, dtype=torch.bool)
-        both_width = width + c.support_max
+        targets, mask, exclude = query_tensors(queries, [self.rated[u] for u in users], n_items)
+        both_width = targets.shape[1] + c.support_max
         both = torch.zeros(len(users), both_width, dtype=torch.long)
         both_mask = torch.zeros(len(users), both_width)
-        for row, (user, query, sup) in enumerate(zip(users, queries, support)):
-            targets[row, : len(query)] = torch.from_numpy(query)
-            mask[row, : len(query)] = 1
-            exclude[row, torch.from_numpy(self.rated[user])] = True
-            exclude[row, torch.from_numpy(query)] = False
+        for row, (query, sup) in enumerate(zip(queries, support)):
             joined = torch.tensor(sup.liked_items + [int(q) for q in query], dtype=torch.long)
             both[row, : len(joined)] = joined
             both_mask[row, : len(joined)] = 1

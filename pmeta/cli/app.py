@@ -145,12 +145,11 @@ def adapt(
 ) -> None:
     """Personalize one user from their history and print the top items not in it."""
     from ..bank.bank import Bank
-    from ..data.history import load_history
+    from ..data.history import load_history, parse_history
 
     parsed = load_history(history)
-    if user is not None:
-        parsed = parsed.model_copy(update={"user_id": user})
-        parsed = type(parsed).model_validate(parsed.model_dump())  # re-validate the overriding id
+    if user is not None:  # validated like the file's own user_id
+        parsed = parse_history({**parsed.model_dump(), "user_id": user})
     opened = Bank.open(bank, db)
     personalization = opened.personalize(parsed, steps=steps, ignore_unknown=ignore_unknown)
     if as_json:

@@ -25,12 +25,17 @@ TIE_BREAK_WEIGHT = 1e-6
 
 
 def register(name: str) -> Callable[[type], type]:
-    """Class decorator: add the class to :data:`BASELINES` under ``name`` and set its ``name``."""
+    """Class decorator: add the class to :data:`BASELINES` under ``name`` and set its ``name``.
+
+    ``bytes_per_user`` defaults to 0: these baselines score a support set with a model fitted on
+    the train users and keep nothing per user; one that stores per-user state declares its size.
+    """
 
     def add(cls: type) -> type:
         if name in BASELINES:
             raise ValueError(f"baseline {name!r} is registered twice")
         cls.name = name
+        cls.bytes_per_user = getattr(cls, "bytes_per_user", 0)
         BASELINES[name] = cls
         return cls
 

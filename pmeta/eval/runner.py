@@ -24,6 +24,8 @@ from .protocol import PROTOCOL_NAME, evaluate, split_users
 class PmetaScorer:
     """Scores the catalogue for a support set through ``Bank.personalize`` (the serving path)."""
 
+    bytes_per_user = 0  # a Personalization lives in memory only; the bank is never written
+
     def __init__(self, bank: Bank, dataset: Dataset, name: str = "pmeta", steps: int | None = None) -> None:
         if bank.catalog.item_ids != dataset.catalog.item_ids:
             raise InvalidConfig("the bank's catalogue differs from the dataset's; build the bank on this dataset")
@@ -66,9 +68,8 @@ def run_movielens(
         else:
             raise InvalidConfig(f"unknown method {method!r}; choose from pmeta, pmeta-no-steps, {', '.join(sorted(BASELINES))}")
         rows = evaluate(scorer, dataset, test_users, ks=ks, modes=modes, seed=seed, progress=progress)
-        bytes_per_user = 0
         for row in rows:
-            row["bytes_per_user"] = bytes_per_user
+            row["bytes_per_user"] = scorer.bytes_per_user
         results.extend(rows)
     return {
         "protocol": PROTOCOL_NAME,
