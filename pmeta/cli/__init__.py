@@ -1,3 +1,8 @@
+"""The ``pmeta`` command line. ``app.py`` holds the core commands; each topic module below registers
+its own commands on the same typer apps when imported."""
+
 from .app import app
+
+# topic modules register their commands on import (one line each)
 
 __all__ = ["app"]
