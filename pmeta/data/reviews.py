@@ -1,0 +1,358 @@
+"""Amazon 2014 review JSON lines turned into LaMP-format tasks, so the LaMP path runs on real data here.
+
+Input: one JSON object per line with ``reviewerID, asin, reviewText, overall, summary, unixReviewTime``
+(McAuley et al.'s 2014 dumps), as a ``.json`` file, a ``.json.gz`` or a ``.zip`` holding one such file.
+
+Two tasks:
+
+* ``rating`` (LaMP-3 style): input = LaMP-3's prompt around the review text, output = the stars
+  ``"1"``..``"5"``; profile items ``{"id", "text", "score", "date", "asin"}``. Read it as ``LaMP-3``.
+* ``title`` (LaMP-4/5 style): input = a prompt asking for the review's summary line given its text,
+  output = the user's own summary; profile items ``{"id", "text", "title", "date", "asin"}``. Read it as ``LaMP-4``.
+
+Users are split by user: the usable users' ids are sorted, permuted with ``numpy.random.default_rng(seed)``,
+and the test users, then the dev users, are the first ``round(fraction · n_users)`` of that order among
+users with at least ``k_max + 1`` reviews (so every cold-start user has exactly ``k_max`` profile items);
+everyone else trains. For each user the **last** review by time (ties: file order) is the example and the
+earlier ones are the profile, oldest first. Test and dev users keep only their ``k_max`` most recent
+profile items (evaluation truncates further to K = 1, 3, 5); train users keep up to ``max_profile``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from ..errors import InvalidConfig, InvalidData
+from .lamp import atomic_write_json, current_umask
+
+RATING_PROMPT = (
+    "What is the score of the following review on a scale of 1 to 5? "
+    "just answer with 1, 2, 3, 4, or 5 without further explanation. review: {text}"
+)  # LaMP-3's own wording, so LaMP's "review:" query extraction applies
+TITLE_PROMPT = "Generate a title for the following product review: {text}"
+TASK_NAMES = {"rating": "LaMP-3", "title": "LaMP-4"}
+REQUIRED_FIELDS = ("reviewerID", "asin", "reviewText", "overall", "summary", "unixReviewTime")
+GENERATOR = "pmeta data reviews-to-lamp"
+LICENCE_NOTE = (
+    "Derived from the Amazon product review data of McAuley et al. (2014/2015), research use; no redistribution "
+    "licence is stated, so these files must not be committed or redistributed."
+)
+
+
+@dataclass(frozen=True)
+class Review:
+    user: str
+    asin: str
+    text: str
+    stars: int
+    summary: str
+    time: int  # unixReviewTime, seconds
+    line: int  # line number in the source, the tie-break for equal times
+
+
+# ---------------------------------------------------------------------------------------- reading
+def _open_lines(path: Path) -> tuple[IO[bytes], str]:
+    """A binary stream over the JSON lines of ``path`` and a name for messages (``zip!member``)."""
+    try:
+        handle = open(path, "rb")
+    except OSError as error:
+        raise InvalidData(f"Cannot read {path}: {error.strerror or error}.") from None
+    magic = handle.read(4)
+    handle.seek(0)
+    if magic.startswith(b"PK"):
+        try:
+            archive = zipfile.ZipFile(handle)
+        except zipfile.BadZipFile:
+            handle.close()
+            raise InvalidData(f"{path} starts like a zip archive but is not a readable zip file.") from None
+        members = [info for info in archive.infolist() if not info.is_dir() and info.filename.lower().endswith((".json", ".jsonl"))]
+        if len(members) != 1:
+            names = ", ".join(info.filename for info in archive.infolist()[:5]) or "nothing"
+            handle.close()
+            raise InvalidData(f"{path} should hold exactly one .json review file, but holds {names}.")
+        return archive.open(members[0]), f"{path}!{members[0].filename}"
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=handle), str(path)
+    return handle, str(path)
+
+
+def _field(record: dict, name: str, where: str) -> Any:
+    if name not in record:
+        raise InvalidData(f"{where}: missing field '{name}' (reviews need {', '.join(REQUIRED_FIELDS)}).")
+    return record[name]
+
+
+def _review(record: Any, where: str, number: int) -> Review:
+    if not isinstance(record, dict):
+        raise InvalidData(f"{where}: expected a JSON object per line, found {type(record).__name__}.")
+    user, asin = _field(record, "reviewerID", where), _field(record, "asin", where)
+    for name, value in (("reviewerID", user), ("asin", asin)):
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidData(f"{where}: '{name}' must be a non-empty string.")
+    text, summary = _field(record, "reviewText", where), _field(record, "summary", where)
+    for name, value in (("reviewText", text), ("summary", summary)):
+        if not isinstance(value, str):
+            raise InvalidData(f"{where}: '{name}' must be a string, found {type(value).__name__}.")
+    stars = _field(record, "overall", where)
+    if isinstance(stars, bool) or not isinstance(stars, (int, float)) or not math.isfinite(stars) or stars != int(stars) or not 1 <= stars <= 5:
+        raise InvalidData(f"{where}: 'overall' must be a star rating 1-5, found {str(stars)[:20]!r}.")
+    moment = _field(record, "unixReviewTime", where)
+    if isinstance(moment, bool) or not isinstance(moment, int) or not 0 <= moment < 2**40:
+        raise InvalidData(f"{where}: 'unixReviewTime' must be a non-negative integer (seconds), found {str(moment)[:20]!r}.")
+    return Review(user.strip(), asin.strip(), text.strip(), int(stars), summary.strip(), moment, number)
+
+
+def read_reviews(path: str | Path) -> list[Review]:
+    """Every review of an Amazon 2014 JSON-lines file (``.json``, ``.json.gz`` or a ``.zip`` holding one).
+
+    Raises InvalidData for a missing or unreadable file, a broken archive, a line that is not a JSON
+    object, a missing field or a field of the wrong type (file and line named), and a file without reviews.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidData(f"Review file not found: {path}.")
+    stream, name = _open_lines(path)
+    reviews: list[Review] = []
+    try:
+        with stream:
+            for number, raw in enumerate(_lines(stream, name), start=1):
+                if not raw.strip():
+                    continue
+                where = f"{name} line {number}"
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError as error:
+                    raise InvalidData(f"{where}: not a JSON object ({error.msg}); expected Amazon review JSON lines.") from None
+                except RecursionError:
+                    raise InvalidData(f"{where}: JSON nested too deeply.") from None
+                reviews.append(_review(record, where, number))
+    except (OSError, EOFError, zipfile.BadZipFile, gzip.BadGzipFile) as error:
+        raise InvalidData(f"{name}: cannot read the compressed data ({error}).") from None
+    if not reviews:
+        raise InvalidData(f"{name} holds no reviews.")
+    return reviews
+
+
+def _lines(stream: IO[bytes], name: str) -> Iterator[str]:
+    for number, raw in enumerate(stream, start=1):
+        if b"\0" in raw:
+            raise InvalidData(f"{name} line {number}: binary data, not JSON lines.")
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidData(f"{name} line {number}: not UTF-8 text, so not Amazon review JSON lines.") from None
+
+
+# ---------------------------------------------------------------------------------------- converting
+def _clip(text: str, max_chars: int) -> str:
+    """Collapse whitespace and cut at a word boundary to at most ``max_chars`` characters."""
+    text = " ".join(text.split())
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    space = cut.rfind(" ")
+    return cut[:space] if space > max_chars // 2 else cut
+
+
+def _date(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%d")
+
+
+def _profile_item(task: str, user: str, position: int, review: Review, max_text_chars: int) -> dict:
+    item = {"id": f"{user}-{position}", "text": _clip(review.text, max_text_chars)}
+    if task == "rating":
+        item["score"] = str(review.stars)
+    else:
+        item["title"] = " ".join(review.summary.split())
+    item["date"] = _date(review.time)
+    item["asin"] = review.asin
+    return item
+
+
+def _question(task: str, user: str, reviews: list[Review], profile_cap: int, max_text_chars: int) -> tuple[dict, dict]:
+    *history, last = reviews
+    profile = [_profile_item(task, user, i, review, max_text_chars) for i, review in enumerate(history)][-profile_cap:]
+    text = _clip(last.text, max_text_chars)
+    prompt = RATING_PROMPT if task == "rating" else TITLE_PROMPT
+    output = str(last.stars) if task == "rating" else " ".join(last.summary.split())
+    return {"id": user, "input": prompt.format(text=text), "profile": profile}, {"id": user, "output": output}
+
+
+def _usable(task: str, review: Review) -> bool:
+    return bool(review.text) and (task == "rating" or bool(review.summary.strip()))
+
+
+def reviews_to_lamp(
+    input_path: str | Path,
+    task: str,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    dev_fraction: float = 0.1,
+    k_max: int = 5,
+    min_reviews: int = 2,
+    max_users: int | None = None,
+    max_text_chars: int = 2000,
+    max_profile: int = 100,
+) -> dict:
+    """Convert Amazon review JSON lines into a LaMP task directory; returns the counts (also in ``meta.json``).
+
+    Writes ``{train,dev,test}_questions.json`` and ``{train,dev,test}_outputs.json`` in LaMP's published
+    form, ``meta.json`` (counts, source, settings, licence) and a short ``README.md``. The directory is built
+    beside ``out_dir`` and renamed into place, so an error leaves nothing half-written; an existing
+    ``out_dir`` is replaced only when it is empty or an earlier output of this converter.
+
+    ``min_reviews``: users with fewer usable reviews (non-empty text, and for ``title`` a non-empty
+    summary) are left out. ``max_users``: keep the first N users of the seeded order (small runs).
+    ``max_text_chars``: review texts are clipped at a word boundary. ``max_profile``: cap on a train
+    user's profile (most recent items).
+
+    Raises InvalidConfig for bad settings, InvalidData for malformed input or an unusable ``out_dir``.
+    """
+    started = time.perf_counter()
+    if task not in TASK_NAMES:
+        raise InvalidConfig(f"Unknown review task {str(task)[:40]!r}; choose rating or title.")
+    if not (0 <= test_fraction < 1 and 0 <= dev_fraction < 1 and test_fraction + dev_fraction < 1):
+        raise InvalidConfig("test_fraction and dev_fraction must be in [0, 1) and sum to less than 1.")
+    if k_max < 1 or min_reviews < 2 or max_text_chars < 20 or max_profile < 1 or (max_users is not None and max_users < 1):
+        raise InvalidConfig("k_max and max_profile must be >= 1, min_reviews >= 2, max_text_chars >= 20 and max_users >= 1.")
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+    input_path = Path(input_path)
+
+    reviews = read_reviews(input_path)
+    by_user: dict[str, list[Review]] = {}
+    dropped = 0
+    for review in reviews:
+        if _usable(task, review):
+            by_user.setdefault(review.user, []).append(review)
+        else:
+            dropped += 1
+    for history in by_user.values():
+        history.sort(key=lambda r: (r.time, r.line))
+    eligible = sorted(user for user, history in by_user.items() if len(history) >= min_reviews)
+    if not eligible:
+        raise InvalidData(f"{input_path}: no user has {min_reviews} or more usable reviews.")
+    order = [eligible[i] for i in np.random.default_rng(seed).permutation(len(eligible))]
+    if max_users is not None:
+        order = order[:max_users]
+    n_test, n_dev = round(test_fraction * len(order)), round(dev_fraction * len(order))
+    cold_candidates = [user for user in order if len(by_user[user]) >= k_max + 1]
+    test_users = cold_candidates[:n_test]
+    dev_users = cold_candidates[n_test : n_test + n_dev]
+    held = set(test_users) | set(dev_users)
+    splits = {"train": [user for user in order if user not in held], "dev": dev_users, "test": test_users}
+
+    files: dict[str, Any] = {}
+    counts: dict[str, Any] = {"task": task, "lamp_task": TASK_NAMES[task], "reviews_read": len(reviews), "reviews_unusable": dropped, "splits": {}}
+    official = TASK_NAMES[task].replace("-", "_")
+    for split, users in splits.items():
+        cap = max_profile if split == "train" else k_max
+        questions, golds = [], []
+        for user in sorted(users):
+            question, gold = _question(task, user, by_user[user], cap, max_text_chars)
+            questions.append(question)
+            golds.append(gold)
+        files[f"{split}_questions.json"] = questions
+        files[f"{split}_outputs.json"] = {"task": official, "golds": golds}
+        sizes = [len(q["profile"]) for q in questions]
+        counts["splits"][split] = {
+            "users": len(users),
+            "profile_items": int(sum(sizes)),
+            "avg_profile": round(float(np.mean(sizes)), 3) if sizes else 0.0,
+            "min_profile": int(min(sizes)) if sizes else 0,
+            "max_profile": int(max(sizes)) if sizes else 0,
+        }
+    counts["users"] = sum(len(users) for users in splits.values())
+    meta = {
+        "generator": GENERATOR,
+        "source": {"file": input_path.name, "sha256": _sha256(input_path)},
+        "settings": {"task": task, "seed": seed, "test_fraction": test_fraction, "dev_fraction": dev_fraction, "k_max": k_max,
+                     "min_reviews": min_reviews, "max_users": max_users, "max_text_chars": max_text_chars, "max_profile": max_profile},  # fmt: skip
+        "counts": counts,
+        "licence": LICENCE_NOTE,
+    }
+    _publish(out_dir, files, meta)
+    counts["seconds"] = round(time.perf_counter() - started, 3)
+    return counts
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_previous_output(out_dir: Path) -> bool:
+    try:
+        return json.loads((out_dir / "meta.json").read_text("utf-8")).get("generator") == GENERATOR
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise InvalidData(f"{out_dir} exists and is not a directory.")
+        if any(out_dir.iterdir()) and not _is_previous_output(out_dir):
+            raise InvalidData(f"{out_dir} is not empty and is not an earlier reviews-to-lamp output; choose another --out.")
+
+
+def _readme(meta: dict) -> str:
+    counts, settings = meta["counts"], meta["settings"]
+    rows = "\n".join(f"| {split} | {c['users']} | {c['avg_profile']} |" for split, c in counts["splits"].items())
+    return (
+        f"# {settings['task']} task in LaMP format ({counts['lamp_task']} style)\n\n"
+        f"Made by `{GENERATOR}` from `{meta['source']['file']}` (sha256 {meta['source']['sha256']}).\n"
+        f"Read it with `pmeta.data.lamp.load_split(DIR, \"{counts['lamp_task']}\", split)`.\n\n"
+        f"| split | users | avg profile items |\n|---|---|---|\n{rows}\n\n"
+        f"Test and dev users keep their {settings['k_max']} most recent profile items (cold start).\n\n"
+        f"Licence: {meta['licence']}\n"
+    )
+
+
+def _publish(out_dir: Path, files: dict[str, Any], meta: dict) -> None:
+    """Write every file into a private folder beside ``out_dir``, then rename it into place."""
+    parent = out_dir.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+    except OSError as error:
+        raise InvalidData(f"Cannot write {out_dir}: {error.strerror or error}.") from None
+    os.chmod(staging, 0o777 & ~current_umask())
+    old: Path | None = None
+    try:
+        for name, data in files.items():
+            atomic_write_json(staging / name, data)
+        atomic_write_json(staging / "meta.json", meta)
+        (staging / "README.md").write_text(_readme(meta), encoding="utf-8")
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=parent))
+            os.rmdir(old)
+            os.replace(out_dir, old)
+        os.replace(staging, out_dir)
+    except BaseException:
+        if old is not None and old.exists() and not out_dir.exists():
+            os.replace(old, out_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
