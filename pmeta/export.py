@@ -1,0 +1,165 @@
+"""Export one user's personal parameters as a standard PEFT LoRA adapter directory.
+
+``export_peft(lm, adapter, out_dir, base)`` writes
+
+* ``adapter_config.json``: a PEFT ``LoraConfig`` (``peft_type`` LORA, ``r`` = the adapter's total
+  rank, ``lora_alpha = r`` so PEFT's scaling α/r is 1, exactly pmeta's ``W₀ + B A``);
+* ``adapter_model.safetensors``: ``lora_A`` / ``lora_B`` weights under PEFT's key names
+  (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``, ...), so
+  ``PeftModel.from_pretrained(base, out_dir)`` (and vLLM / LoRAX) load it as is;
+* ``soft_prompt.safetensors`` (``prompt``: (l, d)): PEFT cannot stack a prompt with LoRA, so the
+  prompt is written beside it; :func:`splice_soft_prompt` (or the directory's README.md) shows how
+  to feed it through ``inputs_embeds``;
+* ``pmeta_export.json`` and ``README.md``.
+
+The directory appears atomically (written to a temporary sibling, then renamed); an existing
+export at ``out_dir`` is replaced, any other non-empty directory is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from .errors import InvalidRequest
+from .models.causal_lm import CausalLM
+
+MARKER = "pmeta_export.json"
+
+README = """# pmeta personalization, exported as a PEFT LoRA adapter
+
+Base model: `{base}`. LoRA rank {rank} on {targets} (scaling 1: `lora_alpha = r`).
+The adapter was fitted to exactly these base weights: for pmeta's bundled SmolLM2 that is the
+de-quantized Q4_1 GGUF in pmeta's model cache, not the original Hugging Face checkpoint.
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = AutoModelForCausalLM.from_pretrained("{base}")
+model = PeftModel.from_pretrained(base, "{dirname}")       # the LoRA part
+tokenizer = AutoTokenizer.from_pretrained("{base}")
+```
+"""
+
+README_PROMPT = """
+## Soft prompt ({length} vectors of size {hidden}), `soft_prompt.safetensors`
+
+PEFT cannot stack a soft prompt with LoRA, so it is stored beside the adapter. pmeta inserts it into
+the input embeddings **{where}**, and lets position ids run over it like over real tokens:
+
+```python
+import torch
+from safetensors.torch import load_file
+
+prompt = load_file("{dirname}/soft_prompt.safetensors")["prompt"]           # ({length}, {hidden})
+# text: the chat-formatted prompt; pmeta adds the tokenizer's special tokens unless text starts with the BOS
+ids = tokenizer(text, return_tensors="pt", add_special_tokens=not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))).input_ids
+embeds = model.get_input_embeddings()(ids)
+at = {at_rule}
+embeds = torch.cat([embeds[:, :at], prompt[None].to(embeds.dtype), embeds[:, at:]], dim=1)
+out = model(inputs_embeds=embeds)                       # or model.generate(inputs_embeds=embeds, ...)
+```
+
+(`pmeta.export.splice_soft_prompt` does the same for a batch.) Without the soft prompt the LoRA alone
+still applies the user's adaptation, but outputs then differ from pmeta's.
+"""
+
+
+def splice_soft_prompt(
+    embeds: torch.Tensor, input_ids: torch.Tensor, prompt: torch.Tensor, bos_token_id: int | None, after_bos: bool = True
+) -> torch.Tensor:
+    """Insert ``prompt`` (l, d) into unpadded ``embeds`` (n, T, d) as pmeta does: after a leading BOS, else first."""
+    rows = []
+    for i in range(embeds.shape[0]):
+        at = 1 if after_bos and bos_token_id is not None and int(input_ids[i, 0]) == bos_token_id else 0
+        rows.append(torch.cat([embeds[i, :at], prompt.to(embeds.dtype), embeds[i, at:]]))
+    return torch.stack(rows)
+
+
+def export_peft(lm: CausalLM, adapter: dict[str, torch.Tensor], out_dir, base_model_name_or_path: str) -> Path:
+    """Write one user's adapter (no user axis) as a PEFT LoRA directory plus its soft prompt; returns the path."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    keys = [k[:-2] for k in adapter if k.endswith(".A")]
+    if not keys:
+        raise InvalidRequest("the adapter has no LoRA factors to export")
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for key in keys:
+        a, b = adapter.get(key + ".A"), adapter.get(key + ".B")
+        if b is None or a.dim() != 2 or b.dim() != 2:
+            raise InvalidRequest(f"LoRA target {key!r} needs A (r, d_in) and B (d_out, r) without a user axis")
+        try:
+            module = lm.module_name(key)
+        except KeyError:
+            raise InvalidRequest(f"{key!r} is not a LoRA target of {lm.name!r}") from None
+        if a.shape[0] != b.shape[1]:
+            raise InvalidRequest(f"LoRA factors of {key!r} disagree on the rank: A {tuple(a.shape)}, B {tuple(b.shape)}")
+        ranks[module] = int(a.shape[0])
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.detach().float().cpu().contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.detach().float().cpu().contiguous()
+    rank = max(ranks.values())
+    all_keys = [s[0] for s in lm.lora_shapes()]
+    names = sorted({k.rsplit(".", 1)[1] for k in keys})
+    # the short form (projection names) when every layer is covered, else the exact module names
+    covers_all = sorted(keys) == sorted(k for k in all_keys if k.rsplit(".", 1)[1] in names)
+    target_modules = names if covers_all else sorted(ranks)
+    odd = {m: r for m, r in ranks.items() if r != rank}  # ranks may differ per target: scaling stays 1 through alpha
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=target_modules, lora_dropout=0.0, bias="none",
+        task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
+        rank_pattern={re.escape(m): r for m, r in odd.items()}, alpha_pattern={re.escape(m): r for m, r in odd.items()},
+        inference_mode=True,
+    )
+    prompt = adapter.get("prompt")
+    if prompt is not None and prompt.dim() != 2:
+        raise InvalidRequest(f"the soft prompt must be (l, d) without a user axis, got {tuple(prompt.shape)}")
+    length = 0 if prompt is None else int(prompt.shape[0])
+
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise InvalidRequest(f"{out} exists and is not a pmeta export; choose an empty or new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        if length:
+            save_file({"prompt": prompt.detach().float().cpu().contiguous()}, str(tmp / "soft_prompt.safetensors"),
+                      metadata={"insert": "after_bos" if lm.prompt_after_bos else "start", "bos_token_id": str(lm.bos_id)})
+        after_bos = lm.prompt_after_bos and lm.bos_id is not None
+        (tmp / MARKER).write_text(json.dumps({
+            "base_model_name_or_path": base_model_name_or_path, "rank": rank, "targets": target_modules,
+            "soft_prompt_length": length, "soft_prompt_insert": "after_bos" if after_bos else "start",
+            "bos_token_id": lm.bos_id,
+        }, indent=2))
+        readme = README.format(base=base_model_name_or_path, rank=rank, targets=", ".join(target_modules), dirname=out.name)
+        if length:
+            readme += README_PROMPT.format(
+                dirname=out.name, length=length, hidden=lm.hidden_size,
+                where=f"right after the first token when it is the BOS token (id {lm.bos_id}), else before everything" if after_bos else "before every token",
+                at_rule=f"1 if ids[0, 0] == {lm.bos_id} else 0" if after_bos else "0",
+            )
+        (tmp / "README.md").write_text(readme)
+        for file in tmp.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
