@@ -10,7 +10,9 @@ from .bank.bank import Bank, Personalization, Recommendation
 from .bank.build import build_bank
 from .config import BankConfig, load_config
 from .data.history import UserHistory, load_history, parse_history
-from .errors import BankBusy, BankIntegrityError, BankNotFound, InvalidConfig, InvalidData, InvalidHistory, InvalidRequest, PmetaError
+from .errors import BankBusy, BankIntegrityError, BankNotFound, BankUnavailable, InvalidConfig, InvalidData, InvalidHistory, InvalidRequest, PmetaError
+
+from .text.bank import TextBank
 
 __version__ = "0.1.0"
 
@@ -20,6 +22,7 @@ __all__ = [
     "BankConfig",
     "BankIntegrityError",
     "BankNotFound",
+    "BankUnavailable",
     "InvalidConfig",
     "InvalidData",
     "InvalidHistory",
@@ -27,6 +30,7 @@ __all__ = [
     "Personalization",
     "PmetaError",
     "Recommendation",
+    "TextBank",
     "UserHistory",
     "build_bank",
     "load_config",

@@ -16,7 +16,7 @@ from .models.encoder import DEFAULT_ENCODER
 
 
 class BankConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # backbone and personal parameters
     encoder: str = Field(DEFAULT_ENCODER, description="Encoder: 'bundled:all-MiniLM-L6-v2', a local path or a cached HF id (BERT family).")
@@ -34,6 +34,8 @@ class BankConfig(BaseModel):
     top_k: int = Field(3, ge=1, description="Anchors fused per user.")
     fusion: Literal["cat", "svd"] = Field("cat", description="cat = exact concatenation; svd = exact sum truncated to anchor_rank.")
     temperature: float = Field(0.05, gt=0, description="Initial fusion temperature τ (learned): weights = softmax(similarity / τ).")
+    index: Literal["auto", "flat", "hnsw", "ivf"] = Field("auto", description="Anchor index: exact flat, HNSW or IVF (FAISS); auto = flat below index_flat_below anchors, HNSW below 200k, IVF above.")
+    index_flat_below: int = Field(10_000, ge=1, description="auto index: exact flat search below this many anchors.")
 
     # meta-learning
     meta: Literal["maml", "fomaml", "reptile"] = Field("maml", description="Meta-learning strategy of the outer loop.")
@@ -97,7 +99,10 @@ def load_config(preset: str = "default", file: str | Path | None = None, overrid
             raise InvalidConfig(f"config file not found: {path}") from None
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise InvalidConfig(f"cannot read config file {path}: {exc}") from None
-        values.update(data.get("bank", data))
+        table = data.get("bank", data)
+        if not isinstance(table, dict):
+            raise InvalidConfig(f"config file {path}: 'bank' must be a table ([bank]), not {type(table).__name__}")
+        values.update(table)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return BankConfig(**values)

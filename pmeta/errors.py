@@ -1,7 +1,8 @@
 """Typed exceptions. Every error pmeta raises on bad input derives from :class:`PmetaError`.
 
 A serving layer maps them to HTTP status codes: input errors (``InvalidHistory``, ``InvalidData``,
-``InvalidConfig``) to 400/422, ``BankNotFound`` to 404, ``BankIntegrityError`` and ``BankBusy`` to 5xx.
+``InvalidConfig``) to 400/422, ``BankNotFound`` to 404, ``BankIntegrityError``, ``BankBusy`` and
+``BankUnavailable`` to 5xx.
 The CLI prints ``str(error)`` on one line and exits with code 2.
 """
 
@@ -38,3 +39,7 @@ class BankIntegrityError(PmetaError):
 
 class BankBusy(PmetaError):
     """Another process is publishing a version into the same bank right now."""
+
+
+class BankUnavailable(PmetaError):
+    """The bank's metadata database cannot be reached or used now (server down, no permission)."""

@@ -1,4 +1,5 @@
-"""A reduced coldstart-v1 evaluation through the CLI: report schema, metric ranges, determinism."""
+"""A reduced coldstart-v1 evaluation with every method: report schema, metric ranges, plots,
+determinism, the CLI, and the per-method contracts (per-user LoRA bytes, prompt-only MAML)."""
 
 from __future__ import annotations
 
@@ -6,25 +7,121 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+import torch
 
-def run_eval(bank, out):
-    cmd = [sys.executable, "-m", "pmeta", "eval", "movielens", "--bank", str(bank), "--k", "1,5", "--mode", "pop99,full", "--methods", "popularity,pmeta-no-steps,pmeta", "--users", "8", "--out", str(out), "--quiet"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    return json.loads((out / "report.json").read_text())
+from pmeta.eval.runner import DEFAULT_METHODS, run_movielens, write_report
+
+ROW_KEYS = {"method", "k", "mode", "hr@10", "ndcg@10", "mrr", "users", "adapt_ms_p50", "adapt_ms_p95", "bytes_per_user"}
+# Few steps: this checks the plumbing; the README's numbers come from the full command.
+FAST = {"prompt-maml": {"outer_steps": 2}, "per-user-lora": {"steps": 3}, "ease": {"lam": 200.0}}
+USERS = 4
 
 
-def test_reduced_eval_report(tiny_bank, tmp_path):
-    report = run_eval(tiny_bank, tmp_path / "a")
+@pytest.fixture(scope="module")
+def sample():
+    from pmeta.data import load_sample
+
+    return load_sample()
+
+
+@pytest.fixture(scope="module")
+def reduced(opened_bank, sample, tmp_path_factory):
+    # The tiny MAML bank doubles as the "Reptile" bank here: building a second bank is the same
+    # build code with meta=reptile (covered by the strategy tests) and would cost CI a minute.
+    report = run_movielens(sample, opened_bank, list(DEFAULT_METHODS), (1, 3), ("pop99", "full"), max_users=USERS, reptile_bank=opened_bank, options=FAST)
+    out = tmp_path_factory.mktemp("eval")
+    write_report(report, out)
+    return report, out
+
+
+def test_report_schema_and_ranges(reduced):
+    report, out = reduced
+    assert list(report) == ["protocol", "dataset", "seed", "config", "results"]
     assert report["protocol"] == "coldstart-v1" and report["seed"] == 0
     assert report["dataset"]["name"] == "ml-latest-small"
     rows = report["results"]
-    assert {(r["method"], r["k"], r["mode"]) for r in rows} == {(m, k, mode) for m in ("popularity", "pmeta-fused-anchors-no-steps", "pmeta-maml") for k in (1, 5) for mode in ("pop99", "full")}
+    assert {(r["method"], r["k"], r["mode"]) for r in rows} == {(m, k, mode) for m in DEFAULT_METHODS for k in (1, 3) for mode in ("pop99", "full")}
     for r in rows:
-        assert set(r) >= {"method", "k", "mode", "hr@10", "ndcg@10", "mrr", "users", "adapt_ms_p50", "adapt_ms_p95", "bytes_per_user"}
-        assert 0 <= r["ndcg@10"] <= r["hr@10"] <= 1 and 0 < r["mrr"] <= 1
-        assert r["users"] == 8 and r["bytes_per_user"] == 0
-    assert (tmp_path / "a" / "report.md").read_text().startswith("# coldstart-v1")
-    again = run_eval(tiny_bank, tmp_path / "b")
-    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("adapt_ms")} for r in rs]  # noqa: E731
-    assert strip(again["results"]) == strip(rows)  # same seed and bank -> identical metrics
+        assert set(r) == ROW_KEYS
+        assert 0 <= r["ndcg@10"] <= r["hr@10"] <= 1 and 0 < r["mrr"] <= 1, r
+        assert r["users"] == USERS and 0 <= r["adapt_ms_p50"] <= r["adapt_ms_p95"]
+        assert r["bytes_per_user"] == (0 if r["method"] != "per-user-lora" else r["bytes_per_user"])
+    lora = [r for r in rows if r["method"] == "per-user-lora"]
+    assert all(r["bytes_per_user"] > 0 for r in lora)
+    assert report["config"]["bank"]["config"]["meta"] == "maml" and report["config"]["transfer"] is None
+    md = (out / "report.md").read_text()
+    assert md.startswith("# coldstart-v1") and "## pop99" in md and "## full" in md and "| per-user-lora |" in md
+    for name in ("quality_pop99.png", "quality_full.png", "latency.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Random scores the positive among 99 negatives at chance level; popularity ignores the support set.
+    table = {(r["method"], r["k"], r["mode"]): r for r in rows}
+    assert table[("popularity", 1, "pop99")]["hr@10"] == table[("popularity", 3, "pop99")]["hr@10"]
+
+
+def test_same_seed_and_config_give_identical_metrics(reduced, opened_bank, sample):
+    methods = ["random", "prompt-maml", "per-user-lora", "pmeta"]
+    again = run_movielens(sample, opened_bank, methods, (1, 3), ("pop99", "full"), max_users=USERS, reptile_bank=opened_bank, options=FAST)
+    metrics = lambda rows: [{k: v for k, v in r.items() if not k.startswith("adapt_ms")} for r in rows if r["method"] in methods]  # noqa: E731
+    assert metrics(again["results"]) == metrics(reduced[0]["results"])
+
+
+def test_per_user_lora_is_a_stored_rank8_adapter(opened_bank):
+    from safetensors.torch import load as load_safetensors
+
+    from pmeta.eval.oppu import PerUserLoRA
+
+    method = PerUserLoRA(opened_bank.model, steps=3)
+    support = np.array([0, 1, 2])
+    adapter = method.fit(support)
+    layers = opened_bank.model.encoder.shape.layers - opened_bank.config.prompt_layer
+    assert len(adapter) == 2 * 2 * layers  # A and B for query and value of every personalized layer
+    assert all(v.shape[0] == 8 for k, v in adapter.items() if k.endswith(".A"))
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if k.endswith(".B"))  # trained: B left zero
+    stored = method.adapter_bytes(adapter)
+    assert method.bytes_per_user == len(stored) > 8 * 384 * 2 * 2 * layers * 4
+    assert all(torch.equal(load_safetensors(stored)[k], v) for k, v in adapter.items())
+
+
+def test_prompt_maml_learns_one_prompt_and_adapts_only_it(opened_bank, sample):
+    from pmeta.eval.prompt_maml import PromptMAML
+    from pmeta.eval.protocol import split_users
+
+    train, _ = split_users(sample)
+    method = PromptMAML(opened_bank.model, outer_steps=2).fit(sample, train[:40])
+    assert method.prompt.shape == (opened_bank.config.prompt_length, opened_bank.model.encoder.shape.hidden)
+    assert len(method.losses) == 2 and all(np.isfinite(method.losses))
+    assert opened_bank.model.config.inner_steps == opened_bank.config.inner_steps  # restored
+    scores = method.score(np.array([5, 6]), 2)
+    assert scores.shape == (len(sample.catalog),) and scores[5] < scores.max()
+
+
+def test_cli_eval_writes_report_and_plots(tiny_bank, tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "pmeta", "--threads", "1", "eval", "movielens", "--bank", str(tiny_bank), "--reptile-bank", str(tiny_bank), "--k", "1", "--mode", "pop99",
+           "--methods", "popularity,pmeta-no-steps,pmeta-reptile", "--method-option", "per-user-lora.steps=2", "--users", "3", "--out", str(out), "--quiet"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [r["method"] for r in report["results"]] == ["popularity", "pmeta-no-steps", "pmeta-reptile"]
+    assert report["config"]["method_options"] == {"per-user-lora": {"steps": 2}}
+    assert (out / "quality_pop99.png").is_file() and (out / "latency.png").is_file()
+
+
+def test_method_options_parse_and_reject_malformed_pairs():
+    from pmeta.cli.app import _method_options
+    from pmeta.errors import InvalidConfig
+
+    assert _method_options(["per-user-lora.steps=10", "per-user-lora.lr=0.01", "prompt-maml.outer_steps=5"]) == {"per-user-lora": {"steps": 10, "lr": 0.01}, "prompt-maml": {"outer_steps": 5}}
+    for bad in ("nonsense", "steps=3", "per-user-lora.=3"):
+        with pytest.raises(InvalidConfig, match="METHOD.KEY=VALUE"):
+            _method_options([bad])
+
+
+def test_every_method_is_a_registered_class_with_one_interface():
+    from pmeta.eval.baselines import BASELINES
+
+    assert set(BASELINES) == set(DEFAULT_METHODS)
+    for name, cls in BASELINES.items():
+        assert cls.name == name and callable(cls.create) and callable(cls.score) and isinstance(cls.bytes_per_user, int)

@@ -1,4 +1,8 @@
-"""Bank storage: atomic versions, checksums, locking, crash safety, round trips."""
+"""Bank storage: atomic versions, checksums, locking, crash safety, round trips.
+
+Every test that uses the ``store`` fixture runs twice: on SQLite (the default) and on a real
+PostgreSQL server started on loopback (``tests/pgserver.py``; skipped with the reason where the
+PostgreSQL binaries are missing)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import pmeta.storage.store as store_module
 from pmeta.errors import BankBusy, BankIntegrityError, BankNotFound, InvalidConfig
 from pmeta.storage import BankStore, sha256_file
 from pmeta.storage.manifest import verify_dir, write_manifest
+from pgserver import postgres_server  # noqa: F401 - a fixture
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FILES = ("tensors.safetensors", "anchors.faiss", "catalog.json")
@@ -62,9 +67,17 @@ def flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request) -> str | None:
+    """None (SQLite inside the bank) or the URL of a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres_server").create_database()
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> BankStore:
-    with BankStore(tmp_path / "bank") as bank:
+def store(tmp_path: Path, db_url: str | None) -> BankStore:
+    with BankStore(tmp_path / "bank", db_url) as bank:
         yield bank
 
 
@@ -85,7 +98,7 @@ def test_publishing_two_versions_switches_the_active_one(store: BankStore) -> No
     info = store.info()
     assert info["active"] == second
     assert info["orphans"] == [] and info["tmp_dirs"] == []
-    assert info["bytes"] == store.bank_bytes() > sum(v["bytes"] for v in summaries) > 0
+    assert info["bytes"] == store.bank_bytes() >= sum(v["bytes"] for v in summaries) > 0  # + bank.db on SQLite
     assert sorted(p.name for p in store.versions_dir.iterdir()) == sorted([first, second])
 
 
@@ -272,7 +285,7 @@ def test_a_second_writer_gets_bank_busy(store: BankStore) -> None:
         with pytest.raises(BankBusy, match="another build is publishing into"):
             store.new_version()
         with pytest.raises(BankBusy):
-            BankStore(store.path).new_version()  # another store object, another file descriptor
+            BankStore(store.path, store.db_url).new_version()  # another store object, another file descriptor
         writer.write_json("catalog.json", {})
         writer.publish(config={}, dataset_name="toy", dataset_fingerprint="x", anchors=[], held_out_users=[])
     with store.new_version():  # released at exit
@@ -350,7 +363,7 @@ KILLED_BUILDER = textwrap.dedent(
     import pmeta.storage.store as store_module
     from pmeta.storage import BankStore
 
-    writer = BankStore(sys.argv[1]).new_version()
+    writer = BankStore(sys.argv[1], sys.argv[3] if sys.argv[3] != "-" else None).new_version()
     writer.write_bytes("anchors.faiss", bytes(range(256)) * 64)
     writer.write_json("catalog.json", {"items": list(range(100))})
 
@@ -372,7 +385,7 @@ def test_kill_9_of_a_builder_leaves_the_bank_usable(store: BankStore, moment: st
     first = build(store)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
-        [sys.executable, "-c", KILLED_BUILDER, str(store.path), moment],
+        [sys.executable, "-c", KILLED_BUILDER, str(store.path), moment, store.db_url if store.db_url.startswith("postgresql") else "-"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -24,6 +24,7 @@ from ..models.encoder import FunctionalEncoder
 from ..models.personal import init_adapter
 from ..progress import Progress
 from ..tasks import ranking
+from . import distributed
 from .episodes import EpisodeSampler, fixed_episode, query_tensors
 from .meta_train import anchor_stage, global_stage, meta_train, pretrain_towers, stack_stage
 from .model import PmetaModel, Tensors, UserInput
@@ -86,7 +87,7 @@ def choose_anchors(keys: np.ndarray, count: int, seed: int) -> tuple[np.ndarray,
     kmeans = faiss.Kmeans(keys.shape[1], count, niter=25, seed=seed, spherical=True, min_points_per_centroid=1, verbose=False)
     kmeans.train(np.ascontiguousarray(keys, dtype=np.float32))
     centroids = _unit(kmeans.centroids.copy())
-    _, assignment = AnchorIndex.build(centroids).search(keys, 1)
+    _, assignment = AnchorIndex.build(centroids, kind="flat").search(keys, 1)
     return centroids, assignment[:, 0]
 
 
@@ -148,7 +149,7 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     positives = dataset.positives_by_user()
     rated = dataset.rated_by_user()
 
-    encoder = FunctionalEncoder(config.encoder, device=config.device)
+    encoder = FunctionalEncoder(config.encoder, device=distributed.device_of(config.device))
     texts = catalog.texts()
     item_text = catalog_embeddings(encoder, texts, progress)
 
@@ -187,7 +188,8 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     )
     model = PmetaModel(config, encoder, texts, tensors)
     strategy = get_strategy(config.meta)
-    sampler = EpisodeSampler(positives, rated, train_with_pos, texts, config, seed=config.seed + 2)
+    # under torchrun each rank meta-trains on its own shard of users with its own episode stream
+    sampler = EpisodeSampler(positives, rated, distributed.shard(train_with_pos), texts, config, seed=distributed.rank_seed(config.seed + 2))
     val_inputs, val_queries, val_kept = fixed_episode(positives, val_users, texts)
     checkpoint = validation_loss(model, val_inputs, val_queries, rated, val_kept) if config.early_stopping else None
     validation: dict[str, dict[str, float]] = {}
@@ -197,10 +199,10 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
 
     def run(stage, steps: int) -> None:
         with progress.task(f"meta-train {stage.name}", steps) as bar:
-            losses[stage.name] = meta_train(model, sampler, stage, strategy, steps, config.meta_batch_users, on_step=lambda loss: bar.advance(1, loss=loss), checkpoint=checkpoint)
+            losses[stage.name] = meta_train(model, sampler, stage, strategy, steps, distributed.local_batch(config.meta_batch_users), on_step=lambda loss: bar.advance(1, loss=loss), checkpoint=checkpoint)
 
     with progress.task("fit item/user towers", config.tower_steps) as bar:
-        losses["towers"] = pretrain_towers(model, sampler, config, config.tower_steps, config.tower_batch_users, on_step=lambda loss: bar.advance(1, loss=loss), rounds=config.tower_rounds, checkpoint=checkpoint)
+        losses["towers"] = pretrain_towers(model, sampler, config, config.tower_steps, distributed.local_batch(config.tower_batch_users), on_step=lambda loss: bar.advance(1, loss=loss), rounds=config.tower_rounds, checkpoint=checkpoint)
     if config.validate_stages:
         validation["towers"] = validate(model, val_inputs, val_queries, rated, val_kept)
     run(global_stage(model, config), config.global_steps)
@@ -244,6 +246,12 @@ def build_bank(dataset: Dataset, out: str | Path, config: BankConfig, db_url: st
     from .bank import BUILD_FILE, CATALOG_FILE, INDEX_FILE, TENSORS_FILE
 
     progress = progress or Progress(False)
+    if distributed.init_from_env(config.device) and not distributed.is_main():
+        # torchrun: ranks > 0 contribute meta-gradients only; rank 0 takes the lock and writes
+        model, record = build_model(dataset, config, Progress(False))
+        version = distributed.share_from_main(None)
+        distributed.shutdown()
+        return BuildResult(version, record["seconds"], record["validation"], len(record["train_users"]), len(record["test_users"]))
     store = BankStore(out, db_url)
     with store.new_version() as writer:  # takes the build lock before any training starts
         model, record = build_model(dataset, config, progress)
@@ -261,4 +269,6 @@ def build_bank(dataset: Dataset, out: str | Path, config: BankConfig, db_url: st
             notes=f"{dataset.format} {dataset.name}; meta={config.meta}",
         )
     store.close()
+    distributed.share_from_main(version)
+    distributed.shutdown()
     return BuildResult(version, record["seconds"], record["validation"], len(record["train_users"]), len(record["test_users"]))

@@ -25,6 +25,7 @@ from ..adapt.strategies import Strategy
 from ..fusion.fuse import fuse, fusion_weights
 from ..models.personal import Adapter, expand_users, stack
 from ..tasks import ranking
+from . import distributed
 from .episodes import Episode, EpisodeSampler
 from .model import PmetaModel
 
@@ -161,6 +162,7 @@ def _optimize(groups: list[dict], loss_fn: Callable[[], torch.Tensor], steps: in
     worse on validation users than it found it.
     """
     params = [p for group in groups for p in group["params"]]
+    distributed.broadcast_(params)  # every rank starts from rank 0's values (no-op in one process)
     best = (checkpoint(), [p.detach().clone() for p in params]) if checkpoint is not None else None
     for p in params:
         p.requires_grad_(True)
@@ -171,9 +173,10 @@ def _optimize(groups: list[dict], loss_fn: Callable[[], torch.Tensor], steps: in
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn()
             loss.backward()
+            loss_value = distributed.average_gradients(params, loss)  # all-reduce across ranks; loss.item() alone
             torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(loss_value)
             if not np.isfinite(losses[-1]):
                 raise FloatingPointError(f"meta-training diverged (loss {losses[-1]}); lower the learning rates or inner_lr")
             if on_step is not None:
@@ -194,4 +197,5 @@ def _optimize(groups: list[dict], loss_fn: Callable[[], torch.Tensor], steps: in
         with torch.no_grad():
             for p, value in zip(params, best[1]):
                 p.copy_(value)
+    distributed.broadcast_(params)  # ranks end identical even if their checkpoints disagreed
     return losses

@@ -50,18 +50,18 @@ class Tensors:
     log_temperature: torch.Tensor  # fusion temperature τ = exp(.)
 
     def to_flat(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous().cpu() for k, v in self.to_flat_views().items()}
+
+    def to(self, device: str | torch.device) -> "Tensors":
+        """Every tensor on ``device`` (a no-op for tensors already there)."""
+        return Tensors.from_flat({k: v.to(device) for k, v in self.to_flat_views().items()})
+
+    def to_flat_views(self) -> dict[str, torch.Tensor]:
         flat = {"item_text": self.item_text, "anchor_keys": self.anchor_keys, "anchor_sizes": self.anchor_sizes, "log_temperature": self.log_temperature}
-        for prefix, group in [
-            ("head", self.head),
-            ("global", self.global_adapter),
-            ("global_lr", self.global_step_sizes),
-            ("anchors", self.anchors),
-            ("stack", self.stack_init),
-            ("stack_lr", self.stack_step_sizes),
-        ]:
+        for prefix, group in [("head", self.head), ("global", self.global_adapter), ("global_lr", self.global_step_sizes), ("anchors", self.anchors), ("stack", self.stack_init), ("stack_lr", self.stack_step_sizes)]:
             for key, value in group.items():
                 flat[f"{prefix}/{key}"] = value
-        return {k: v.detach().contiguous().cpu() for k, v in flat.items()}
+        return flat
 
     @classmethod
     def from_flat(cls, flat: dict[str, torch.Tensor]) -> "Tensors":
@@ -88,7 +88,7 @@ class PmetaModel:
         self.encoder = encoder
         self.item_texts = item_texts
         self.t = tensors
-        self.index = index if index is not None else AnchorIndex.build(tensors.anchor_keys.numpy())
+        self.index = index if index is not None else AnchorIndex.build(tensors.anchor_keys.detach().cpu().numpy(), kind=config.index, flat_below=config.index_flat_below, seed=config.seed)
 
     # ------------------------------------------------------------------ inputs
     def user_batch(self, users: list[UserInput]) -> ranking.UserBatch:
@@ -96,7 +96,7 @@ class PmetaModel:
         limit = self.config.max_history_items
         texts = [" | ".join(u.texts[-limit:]) for u in users]
         ids, mask = self.encoder.tokenize(texts, self.config.max_tokens)
-        empty = torch.tensor([len(u.texts) == 0 for u in users])
+        empty = torch.tensor([len(u.texts) == 0 for u in users], device=mask.device)
         mask = mask.masked_fill(empty[:, None], 0)  # an empty history reads no tokens at all
         hidden = self.encoder.lower(ids, mask, self.config.prompt_layer)
         width = max([len(u.liked_items[-limit:]) for u in users] + [1])
@@ -109,7 +109,8 @@ class PmetaModel:
             history_mask[row, : len(liked)] = 1
             if user.seen_items:
                 exclude[row, torch.tensor(user.seen_items, dtype=torch.long)] = True
-        return ranking.UserBatch(hidden=hidden, mask=mask, history_items=history, history_mask=history_mask, exclude=exclude)
+        device = hidden.device
+        return ranking.UserBatch(hidden=hidden, mask=mask, history_items=history.to(device), history_mask=history_mask.to(device), exclude=exclude.to(device))
 
     def user_keys(self, users: list[UserInput]) -> np.ndarray:
         """Unit retrieval keys (U, d): mean of the sentence embeddings of the user's liked items.
@@ -126,7 +127,7 @@ class PmetaModel:
                 parts.append(self.encoder.sentence_embeddings(user.free_texts))
             if parts:
                 mean = torch.cat(parts).mean(0)
-                keys[row] = (mean / mean.norm().clamp_min(1e-12)).numpy()
+                keys[row] = (mean / mean.norm().clamp_min(1e-12)).cpu().numpy()
         return keys
 
     # ------------------------------------------------------------------ personal parameters
@@ -135,7 +136,8 @@ class PmetaModel:
 
     def retrieve(self, keys: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         sims, idx = self.index.search(keys, self.config.top_k)
-        return torch.from_numpy(sims), torch.from_numpy(idx).long()
+        device = self.t.item_text.device
+        return torch.from_numpy(sims).to(device), torch.from_numpy(idx).long().to(device)
 
     def fused_adapter(self, sims: torch.Tensor, idx: torch.Tensor) -> Adapter:
         weights = fusion_weights(sims, self.temperature())
@@ -145,7 +147,7 @@ class PmetaModel:
         """The zero-history prior: every anchor fused with weights proportional to its train users."""
         count = self.t.anchor_sizes.shape[0]
         weights = (self.t.anchor_sizes / self.t.anchor_sizes.sum()).float()
-        idx = torch.arange(count).expand(users, count)
+        idx = torch.arange(count, device=weights.device).expand(users, count)
         return fuse(self.t.anchors, idx, weights.expand(users, count), "cat")
 
     # ------------------------------------------------------------------ scores and losses
@@ -175,11 +177,13 @@ class PmetaModel:
         return targets, mask
 
     # ------------------------------------------------------------------ serving path
-    def personalize(self, users: list[UserInput], steps: int | None = None, timings: dict | None = None) -> tuple[Adapter, ranking.UserBatch, dict]:
+    def personalize(self, users: list[UserInput], steps: int | None = None, timings: dict | None = None, adapt_fn=None) -> tuple[Adapter, ranking.UserBatch, dict]:
         """Personal adapters for a batch of users: retrieve, fuse, inner steps on the stacked adapter.
 
         Users without liked catalogue items get no inner steps (nothing to fit); users with an empty
         history get the zero-history prior. Returns (full adapter with user axis, batch, details).
+        ``adapt_fn(model, batch, targets, target_mask, init, fused, steps)`` replaces the batched
+        inner loop (serving uses it for the ``torch.func.vmap`` variant, see ``bank.adapt_vmap``).
         """
         steps = self.config.inner_steps if steps is None else steps
         clock = time.perf_counter()
@@ -187,7 +191,8 @@ class PmetaModel:
         batch = self.user_batch(users)
         t_embed = time.perf_counter()
         sims, idx = self.retrieve(keys)
-        has_key = torch.from_numpy(np.linalg.norm(keys, axis=1) > 0)
+        t_retrieve = time.perf_counter()
+        has_key = torch.from_numpy(np.linalg.norm(keys, axis=1) > 0).to(self.t.item_text.device)
         with torch.no_grad():
             fused = self.fused_adapter(sims, idx)
             if not bool(has_key.all()):
@@ -195,10 +200,13 @@ class PmetaModel:
                 fused = _select_rows(has_key, fused, prior)
         t_fuse = time.perf_counter()
         init = {k: v.detach().clone().requires_grad_(True) for k, v in expand_users(self.t.stack_init, len(users)).items()}
-        targets, target_mask = self.targets_of(users, self.config.max_history_items)
+        targets, target_mask = (t.to(self.t.item_text.device) for t in self.targets_of(users, self.config.max_history_items))
         if steps > 0 and bool(target_mask.sum() > 0):
             with torch.enable_grad():
-                adapted = adapt(init, self.loss_fn(batch, targets, target_mask), steps, self.t.stack_step_sizes, fixed=fused)
+                if adapt_fn is None:
+                    adapted = adapt(init, self.loss_fn(batch, targets, target_mask), steps, self.t.stack_step_sizes, fixed=fused)
+                else:
+                    adapted = adapt_fn(self, batch, targets, target_mask, init, fused, steps)
             # users with nothing to fit keep the init: their loss term is zero, so their gradient is too
         else:
             adapted = init
@@ -210,7 +218,7 @@ class PmetaModel:
             "has_key": has_key.tolist(),
         }
         if timings is not None:
-            timings.update(embed_ms=(t_embed - clock) * 1e3, retrieve_fuse_ms=(t_fuse - t_embed) * 1e3, adapt_ms=(t_adapt - t_fuse) * 1e3)
+            timings.update(embed_ms=(t_embed - clock) * 1e3, retrieve_fuse_ms=(t_fuse - t_embed) * 1e3, retrieve_ms=(t_retrieve - t_embed) * 1e3, fuse_ms=(t_fuse - t_retrieve) * 1e3, adapt_ms=(t_adapt - t_fuse) * 1e3)
         return personal, batch, details
 
     @torch.no_grad()

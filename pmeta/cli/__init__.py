@@ -5,5 +5,6 @@ from .app import app
 
 # topic modules register their commands on import (one line each)
 from . import data  # noqa: E402,F401
+from . import text  # noqa: E402,F401
 
 __all__ = ["app"]

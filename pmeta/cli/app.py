@@ -76,7 +76,7 @@ def _load_dataset(data: Optional[Path], format: str):
 def bank_build(
     out: Path = typer.Option(..., "--out", help="Bank directory (created if missing; a new version is added if it is a bank)."),
     data: Optional[Path] = typer.Option(None, "--data", help="MovieLens directory (ml-100k, ml-1m or ml-latest layout). Default: the shipped ml-latest-small."),
-    format: str = typer.Option("auto", "--format", help="auto, ml-100k, ml-1m or ml-latest."),
+    format: str = typer.Option("auto", "--format", help="auto, ml-100k, ml-1m, ml-latest, or lamp (a text bank on LaMP-format files; needs --task)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with bank settings (top level or a [bank] table)."),
     preset: str = typer.Option("default", "--preset", help="tiny (seconds, for tests), small (a few minutes) or default."),
     anchors: Optional[int] = typer.Option(None, "--anchors", help="Number of anchors."),
@@ -84,14 +84,30 @@ def bank_build(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (also selects the held-out test users)."),
     db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL of the metadata DB (default: SQLite inside the bank)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    device: Optional[str] = typer.Option(None, "--device", help="torch device: cpu, cuda or cuda:N (default: the config's, cpu)."),
+    task: Optional[str] = typer.Option(None, "--task", help="LaMP task of a text bank (with --format lamp), e.g. LaMP-3."),
+    lm: Optional[str] = typer.Option(None, "--lm", help="Causal LM of a text bank (with --format lamp); default bundled:SmolLM2-135M-Instruct."),
 ) -> None:
-    """Meta-train a bank on a dataset's train users and publish it as a new version."""
+    """Meta-train a bank on a dataset's train users and publish it as a new version.
+
+    Under ``torchrun --nproc_per_node N -m pmeta bank build ...`` the meta-training is split across
+    the N processes (gradients all-reduced); rank 0 writes the bank."""
+    if format == "lamp":  # text bank on LaMP-format files (pmeta/cli/text.py)
+        from .text import build_lamp_bank
+
+        return build_lamp_bank(out, data, task, config, preset, anchors, meta, seed, db, quiet, device, lm)
+    from ..bank import distributed
     from ..bank.build import build_bank
     from ..config import load_config
 
-    cfg = load_config(preset, config, {"anchors": anchors, "meta": meta, "seed": seed})
+    if not out.parent.is_dir():  # a typo in the parent path must not create a tree of folders
+        fail(f"cannot create bank {out}: the directory {out.parent} does not exist")
+    cfg = load_config(preset, config, {"anchors": anchors, "meta": meta, "seed": seed, "device": device})
     dataset = _load_dataset(data, format)
-    result = build_bank(dataset, out, cfg, db_url=db, progress=_progress(quiet))
+    other_rank = distributed.requested() and os.environ.get("RANK", "0") != "0"  # torchrun rank > 0
+    result = build_bank(dataset, out, cfg, db_url=db, progress=_progress(quiet or other_rank))
+    if other_rank:
+        return
     final = result.validation.get("final", {})
     typer.echo(
         f"built bank version {result.version} in {result.seconds:.0f}s: {result.train_users} train users, "
@@ -122,11 +138,12 @@ def bank_verify(bank: Path = typer.Argument(..., help="Bank directory."), db: Op
     from ..storage import BankStore
 
     report = BankStore(bank, db).verify(all_versions=all_versions)
-    problems = [f"{version['id']}: {error}" for version in report["versions"] for error in version["errors"]]
+    problems = list(report.get("database", {}).get("errors", []))
+    problems += [f"{version['id']}: {error}" for version in report["versions"] for error in version["errors"]]
     if problems or not report["ok"]:
-        for line in problems:
-            typer.echo(line, err=True)
-        fail(f"bank {bank} failed verification ({len(problems)} problem(s))")
+        for line in problems:  # the report goes to stdout; stderr gets one line
+            typer.echo(line)
+        fail(f"bank {bank} failed verification: {problems[0] if problems else 'see above'}" + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""))
     checked = sum(len(v["files"]) for v in report["versions"])
     typer.echo(f"bank {bank} ok: {len(report['versions'])} version(s), {checked} file(s) match their checksums")
 
@@ -142,10 +159,16 @@ def adapt(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ignore_unknown: bool = typer.Option(False, "--ignore-unknown", help="Skip catalogue ids the bank does not know (instead of failing)."),
     db: Optional[str] = typer.Option(None, "--db"),
+    input: Optional[str] = typer.Option(None, "--input", help="Text bank: the input to predict for."),
+    retrieve: Optional[int] = typer.Option(None, "--retrieve", min=0, help="Text bank: BM25 profile items put in the prompt (default: the bank's)."),
 ) -> None:
-    """Personalize one user from their history and print the top items not in it."""
+    """Personalize one user from their history and print the top items not in it (a text bank: the prediction for --input)."""
     from ..bank.bank import Bank
     from ..data.history import load_history, parse_history
+    from .text import adapt_text, is_text_bank
+
+    if is_text_bank(bank, db):
+        return adapt_text(bank, history, input, retrieve, steps, as_json, user, db)
 
     parsed = load_history(history)
     if user is not None:  # validated like the file's own user_id
@@ -168,54 +191,92 @@ app.add_typer(eval_app, name="eval")
 @eval_app.command("movielens")
 @friendly
 def eval_movielens(
-    out: Path = typer.Option(..., "--out", help="Directory for report.json and report.md."),
+    out: Path = typer.Option(..., "--out", help="Directory for report.json, report.md and the PNG plots."),
     data: Optional[Path] = typer.Option(None, "--data", help="MovieLens directory (default: the shipped sample)."),
     format: str = typer.Option("auto", "--format"),
-    bank: Optional[Path] = typer.Option(None, "--bank", help="A bank built on this dataset's train users; without it one is built with --preset."),
-    preset: str = typer.Option("tiny", "--preset", help="Preset of the bank built when --bank is not given."),
+    bank: Optional[Path] = typer.Option(None, "--bank", help="A bank built on this dataset's train users, or on another MovieLens release (transfer: items matched by title); without it one is built with --preset."),
+    reptile_bank: Optional[Path] = typer.Option(None, "--reptile-bank", help="Bank meta-trained with Reptile for pmeta-reptile; without it one is built with the --bank's config (or --preset) and meta=reptile into OUT/bank-reptile."),
+    preset: str = typer.Option("tiny", "--preset", help="Preset of the banks built when --bank / --reptile-bank are not given."),
     k: str = typer.Option("1,3,5", "--k", help="Support sizes K."),
     mode: str = typer.Option("uni99,pop99,full", "--mode", help="Candidate modes."),
-    methods: str = typer.Option("random,popularity,itemknn,ease,pmeta-no-steps,pmeta", "--methods"),
+    methods: str = typer.Option("random,popularity,itemknn,ease,backbone,prompt-maml,per-user-lora,pmeta-no-steps,pmeta,pmeta-reptile", "--methods"),
+    method_option: list[str] = typer.Option([], "--method-option", help="METHOD.KEY=VALUE passed to a method's class, e.g. per-user-lora.steps=10 (repeatable)."),
     seed: int = typer.Option(0, "--seed"),
     users: Optional[int] = typer.Option(None, "--users", min=1, help="Evaluate only the first N test users (quick runs)."),
+    no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
     db: Optional[str] = typer.Option(None, "--db"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
-    """Run the cold-start protocol for pmeta and the baselines on held-out users."""
+    """Run the cold-start protocol for pmeta and every baseline on held-out users."""
     from ..bank.bank import Bank
     from ..bank.build import build_bank
-    from ..config import load_config
+    from ..config import BankConfig, load_config
+    from ..data import load_sample
     from ..errors import InvalidConfig
-    from ..eval.runner import run_movielens, write_report
+    from ..eval.runner import REPTILE_METHODS, run_movielens, write_report
 
     try:
         ks = tuple(int(x) for x in k.split(","))
     except ValueError:
         raise InvalidConfig(f"--k must be comma-separated integers, got {k!r}") from None
     modes = tuple(m.strip() for m in mode.split(",") if m.strip())
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    options = _method_options(method_option)
     dataset = _load_dataset(data, format)
+    progress = _progress(quiet)
     if bank is None:
         bank = out / "bank"
-        build_bank(dataset, bank, load_config(preset, overrides={"seed": seed}), db_url=db, progress=_progress(quiet))
+        build_bank(dataset, bank, load_config(preset, overrides={"seed": seed}), db_url=db, progress=progress)
     opened = Bank.open(bank, db)
-    progress = _progress(quiet)
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    with progress.task("evaluating", None) as bar:
-        report = run_movielens(dataset, opened, method_list, ks, modes, seed=seed, max_users=users, progress=lambda done, total: bar.advance(1))
-    write_report(report, out)
+    opened_reptile = None
+    if REPTILE_METHODS & set(method_list):
+        if reptile_bank is None:
+            # Same config as the MAML bank, only meta=reptile, on the dataset the MAML bank was built on.
+            source = dataset
+            if opened.record.get("dataset_fingerprint") != dataset.fingerprint:
+                source = load_sample()
+                if opened.record.get("dataset_fingerprint") != source.fingerprint:
+                    raise InvalidConfig("pmeta-reptile needs --reptile-bank: the --bank was built on neither --data nor the shipped sample")
+            reptile_bank = out / "bank-reptile"
+            config = BankConfig(**{**opened.config.model_dump(), "meta": "reptile"})
+            build_bank(source, reptile_bank, config, db_url=db, progress=progress)
+        opened_reptile = Bank.open(reptile_bank, db)
+    report = run_movielens(dataset, opened, method_list, ks, modes, seed=seed, max_users=users, progress=progress, reptile_bank=opened_reptile, options=options)
+    write_report(report, out, plots=not no_plots)
     typer.echo((out / "report.md").read_text())
+
+
+def _method_options(pairs: list[str]) -> dict[str, dict]:
+    """``["per-user-lora.steps=10"]`` -> ``{"per-user-lora": {"steps": 10}}`` (values parsed as JSON when they are JSON)."""
+    from ..errors import InvalidConfig
+
+    options: dict[str, dict] = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        method, _, key = name.partition(".")
+        if not method or not key or not _:
+            raise InvalidConfig(f"--method-option must look like METHOD.KEY=VALUE, got {pair!r}")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        options.setdefault(method, {})[key] = parsed
+    return options
 
 
 @app.command("bench")
 @friendly
 def bench(
-    bank: Path = typer.Option(..., "--bank", help="Bank directory."),
+    bank: Optional[list[Path]] = typer.Option(None, "--bank", help="Bank directory; give it twice (e.g. a MAML- and a Reptile-trained bank) to compare."),
+    reptile_bank: Optional[Path] = typer.Option(None, "--reptile-bank", help="A second (Reptile-trained) bank, same as a second --bank."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    quick: bool = typer.Option(False, "--quick", help="Fewer repetitions."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer repetitions and smaller sizes (no 1M-key retrieval); without --bank, builds two tiny banks."),
     db: Optional[str] = typer.Option(None, "--db"),
+    device: str = typer.Option("cpu", "--device", help="torch device for serving: cpu, cuda or cuda:N."),
 ) -> None:
-    """Latency, throughput, memory and storage of a bank on this machine."""
+    """Latency, throughput, memory, retrieval at scale and the per-user-LoRA comparison on this machine."""
     from .. import bench as benchmark
 
-    report = benchmark.run(bank, quick=quick, db_url=db)
+    banks = list(bank or []) + ([reptile_bank] if reptile_bank is not None else [])
+    report = benchmark.run(banks, quick=quick, db_url=db, device=device)
     typer.echo(json.dumps(report, indent=2) if as_json else benchmark.format_table(report))

@@ -10,6 +10,8 @@ catalogue from a cold-start user's support items. Usage::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -24,11 +26,29 @@ BASELINES: dict[str, type] = {}
 TIE_BREAK_WEIGHT = 1e-6
 
 
+@dataclass
+class EvalContext:
+    """What a method may use to get ready: the dataset, its train users (never the test users), the
+    pmeta models (a :class:`~pmeta.bank.model.PmetaModel` for this dataset's catalogue, ``None`` when
+    absent), the seed, per-method options and a :class:`~pmeta.progress.Progress`."""
+
+    dataset: Dataset
+    train_users: np.ndarray
+    seed: int = 0
+    model: Any = None  # PmetaModel of the MAML bank (transferred to this catalogue when needed)
+    reptile_model: Any = None  # PmetaModel of the Reptile bank
+    options: dict[str, dict] = field(default_factory=dict)  # method name -> constructor keyword arguments
+    progress: Any = None
+
+
 def register(name: str) -> Callable[[type], type]:
     """Class decorator: add the class to :data:`BASELINES` under ``name`` and set its ``name``.
 
-    ``bytes_per_user`` defaults to 0: these baselines score a support set with a model fitted on
-    the train users and keep nothing per user; one that stores per-user state declares its size.
+    Every method shares one interface: ``create(context) -> scorer`` (a classmethod; the default
+    constructs the class with ``context.options[name]`` and calls ``fit(dataset, train_users)``),
+    ``score(support_items, k) -> scores over the catalogue``, ``name`` and ``bytes_per_user``.
+    ``bytes_per_user`` defaults to 0: these methods score a support set with a model fitted on the
+    train users and keep nothing per user; one that stores per-user state declares its size.
     """
 
     def add(cls: type) -> type:
@@ -36,10 +56,16 @@ def register(name: str) -> Callable[[type], type]:
             raise ValueError(f"baseline {name!r} is registered twice")
         cls.name = name
         cls.bytes_per_user = getattr(cls, "bytes_per_user", 0)
+        if not hasattr(cls, "create"):
+            cls.create = classmethod(_default_create)
         BASELINES[name] = cls
         return cls
 
     return add
+
+
+def _default_create(cls, context: EvalContext):
+    return cls(**context.options.get(cls.name, {})).fit(context.dataset, context.train_users)
 
 
 def positive_matrix(dataset: Dataset, users: Sequence[int] | np.ndarray, dtype=np.float32) -> np.ndarray:

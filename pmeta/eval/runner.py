@@ -1,97 +1,183 @@
-"""``pmeta eval movielens``: the coldstart-v1 protocol for pmeta and the baselines, in one run.
+"""``pmeta eval movielens``: the coldstart-v1 protocol for pmeta and every baseline, in one run.
 
-pmeta is wrapped as a protocol scorer: the support items become a history.json-equivalent
-(liked catalogue items in time order), the bank personalizes the user, and the scores over the
-catalogue are handed to the protocol, which builds identical candidates for every method.
+Every method is a registered class (:data:`pmeta.eval.baselines.BASELINES`) created from one
+:class:`EvalContext`; the protocol builds identical candidates for all of them. The bank-based
+methods score through a PmetaModel for the evaluated catalogue: the bank's own in-domain, or the
+bank transferred by item text (:mod:`pmeta.eval.transfer`) when the dataset is another catalogue.
+
+Outputs (:func:`write_report`): ``report.json`` (``protocol``, ``dataset``, ``seed``, ``config``,
+``results``), ``report.md`` (one table per mode, method x K) and PNG plots (:mod:`pmeta.eval.plots`).
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import resource
+import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..bank.bank import Bank
-from ..data.history import HistoryItem, UserHistory
 from ..data.types import Dataset
 from ..errors import InvalidConfig
-from .baselines import BASELINES
-from .protocol import PROTOCOL_NAME, evaluate, split_users
+from ..progress import Progress
+from . import neural, oppu, prompt_maml  # noqa: F401  (register the bank-based methods)
+from .baselines import BASELINES, EvalContext
+from .protocol import MIN_POSITIVES, PROTOCOL_NAME, evaluate, split_users
+from .transfer import transfer_model
+
+#: Every method of a full report, in table order.
+DEFAULT_METHODS = ("random", "popularity", "itemknn", "ease", "backbone", "prompt-maml", "per-user-lora", "pmeta-no-steps", "pmeta", "pmeta-reptile")
+#: Methods that need the MAML bank, or the Reptile bank.
+BANK_METHODS = {"backbone", "prompt-maml", "per-user-lora", "pmeta-no-steps", "pmeta"}
+REPTILE_METHODS = {"pmeta-reptile"}
 
 
-class PmetaScorer:
-    """Scores the catalogue for a support set through ``Bank.personalize`` (the serving path)."""
+def model_for(bank: Bank, dataset: Dataset, seed: int, progress: Progress) -> tuple[object, dict | None]:
+    """The bank's model for ``dataset``'s catalogue and, for another catalogue, the transfer summary.
 
-    bytes_per_user = 0  # a Personalization lives in memory only; the bank is never written
+    In-domain (same catalogue), the bank's held-out users must be this dataset's test users for this
+    seed, so that no method is evaluated on users the bank trained on.
+    """
+    if bank.catalog.item_ids == dataset.catalog.item_ids:
+        _, test_users = split_users(dataset, seed=seed, test_fraction=bank.config.test_fraction)
+        held_out = set(bank.record.get("held_out_users", []))
+        ids = dataset.ratings.user_ids
+        if held_out and {ids[int(u)] for u in test_users} != held_out:
+            raise InvalidConfig("the bank's held-out users differ from this dataset/seed's test users; evaluate with the bank's seed and dataset")
+        return bank.model, None
+    model, summary = transfer_model(bank.model, bank.catalog, dataset.catalog, progress)
+    return model, {"bank_dataset": bank.record.get("dataset_name"), **summary}
 
-    def __init__(self, bank: Bank, dataset: Dataset, name: str = "pmeta", steps: int | None = None) -> None:
-        if bank.catalog.item_ids != dataset.catalog.item_ids:
-            raise InvalidConfig("the bank's catalogue differs from the dataset's; build the bank on this dataset")
-        self.bank, self.dataset, self.name, self.steps = bank, dataset, name, steps
 
-    def score(self, support_items: np.ndarray, k: int) -> np.ndarray:
-        ids = self.dataset.catalog.item_ids
-        history = UserHistory(user_id="eval", items=[HistoryItem(item_id=ids[int(i)], rating=5.0, timestamp=n) for n, i in enumerate(support_items)])
-        scores = self.bank.personalize(history, steps=self.steps).scores.astype(np.float64)
-        # Support items are -inf in serving (never recommended); the protocol never ranks them.
-        return np.where(np.isfinite(scores), scores, -1e30)
+def _bank_summary(bank: Bank | None) -> dict | None:
+    if bank is None:
+        return None
+    return {"version": bank.version, "dataset": bank.record.get("dataset_name"), "config": bank.config.model_dump()}
 
 
 def run_movielens(
     dataset: Dataset,
-    bank: Bank,
+    bank: Bank | None,
     methods: list[str],
     ks: tuple[int, ...],
     modes: tuple[str, ...],
     seed: int = 0,
     max_users: int | None = None,
-    progress=None,
+    progress: Progress | None = None,
+    reptile_bank: Bank | None = None,
+    options: dict[str, dict] | None = None,
 ) -> dict:
-    """Evaluate every method on the bank's held-out users; returns the report dict."""
-    train_users, test_users = split_users(dataset, seed=seed, test_fraction=bank.config.test_fraction)
-    held_out = set(bank.record.get("held_out_users", []))
-    ids = dataset.ratings.user_ids
-    if held_out and {ids[int(u)] for u in test_users} != held_out:
-        raise InvalidConfig("the bank's held-out users differ from this dataset/seed's test users; evaluate with the bank's seed and dataset")
+    """Evaluate every method on the test users of ``dataset`` (seed ``seed``); returns the report dict.
+
+    ``options`` maps a method name to keyword arguments of its class (e.g.
+    ``{"per-user-lora": {"steps": 10}}``). ``max_users`` keeps the first N test users (quick runs).
+    """
+    progress = progress or Progress(False)
+    unknown = [m for m in methods if m not in BASELINES]
+    if unknown:
+        raise InvalidConfig(f"unknown method {unknown[0]!r}; choose from {', '.join(DEFAULT_METHODS)}")
+    if bank is None and BANK_METHODS & set(methods):
+        raise InvalidConfig(f"methods {', '.join(sorted(BANK_METHODS & set(methods)))} need a bank (--bank)")
+    if reptile_bank is None and REPTILE_METHODS & set(methods):
+        raise InvalidConfig("method pmeta-reptile needs a Reptile bank (--reptile-bank)")
+    test_fraction = bank.config.test_fraction if bank is not None else 0.2
+    train_users, test_users = split_users(dataset, seed=seed, test_fraction=test_fraction)
     if max_users is not None:
         test_users = np.asarray(test_users)[:max_users]
+    model, transfer = model_for(bank, dataset, seed, progress) if bank is not None else (None, None)
+    reptile_model, _ = model_for(reptile_bank, dataset, seed, progress) if reptile_bank is not None else (None, None)
+    options = options or {}
+    context = EvalContext(dataset, train_users, seed=seed, model=model, reptile_model=reptile_model, options=options, progress=progress)
+    positives = dataset.positives_by_user()
+    cases = sum(1 for u in test_users if len(positives.get(int(u), ())) >= MIN_POSITIVES)
     results = []
     for method in methods:
-        if method == "pmeta":
-            scorer = PmetaScorer(bank, dataset, f"pmeta-{bank.config.meta}")
-        elif method == "pmeta-no-steps":
-            scorer = PmetaScorer(bank, dataset, "pmeta-fused-anchors-no-steps", steps=0)
-        elif method in BASELINES:
-            scorer = BASELINES[method]().fit(dataset, train_users)
-        else:
-            raise InvalidConfig(f"unknown method {method!r}; choose from pmeta, pmeta-no-steps, {', '.join(sorted(BASELINES))}")
-        rows = evaluate(scorer, dataset, test_users, ks=ks, modes=modes, seed=seed, progress=progress)
+        torch.manual_seed(seed)
+        scorer = BASELINES[method].create(context)
+        with progress.task(f"evaluating {method}", cases * len(ks)) as bar:
+            rows = evaluate(scorer, dataset, test_users, ks=ks, modes=modes, seed=seed, progress=lambda done, total: bar.advance(1))
         for row in rows:
-            row["bytes_per_user"] = scorer.bytes_per_user
+            row["method"] = method
+            row["bytes_per_user"] = int(scorer.bytes_per_user)
         results.extend(rows)
     return {
         "protocol": PROTOCOL_NAME,
-        "dataset": {"name": dataset.name, "format": dataset.format, "fingerprint": dataset.fingerprint},
+        "dataset": {"name": dataset.name, "format": dataset.format, "fingerprint": dataset.fingerprint, "items": len(dataset.catalog), "users": dataset.ratings.n_users},
         "seed": seed,
-        "bank_version": bank.version,
-        "config": bank.config.model_dump(),
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "config": {
+            "ks": list(ks),
+            "modes": list(modes),
+            "methods": list(methods),
+            "max_users": max_users,
+            "method_options": options,
+            "bank": _bank_summary(bank),
+            "reptile_bank": _bank_summary(reptile_bank),
+            "transfer": transfer,
+            "environment": {
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 * 1024), 1),
+            },
+        },
         "results": results,
     }
 
 
-def write_report(report: dict, out: Path) -> None:
+def _cell(row: dict | None) -> str:
+    return "—" if row is None else f"{row['hr@10']:.3f} / {row['ndcg@10']:.3f} / {row['mrr']:.3f}"
+
+
+def markdown(report: dict) -> str:
+    """One table per mode (method x K: HR@10 / nDCG@10 / MRR), then latency and storage per method."""
+    rows = report["results"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    ks = sorted({r["k"] for r in rows})
+    table = {(r["method"], r["k"], r["mode"]): r for r in rows}
+    users = sorted({r["users"] for r in rows})
+    lines = [f"# {report['protocol']} on {report['dataset']['name']} (seed {report['seed']})", ""]
+    transfer = report["config"].get("transfer")
+    if transfer:
+        lines += [
+            f"Transfer: bank built on {transfer['bank_dataset']}; {transfer['matched_items']} of {transfer['target_items']} items matched by title, {transfer['unseen_items']} unseen (text only).",
+            "",
+        ]
+    for mode in modes:
+        lines += [f"## {mode} (HR@10 / nDCG@10 / MRR, {', '.join(map(str, users))} users)", ""]
+        lines.append("| method | " + " | ".join(f"K = {k}" for k in ks) + " |")
+        lines.append("|---|" + "---|" * len(ks))
+        for method in methods:
+            lines.append(f"| {method} | " + " | ".join(_cell(table.get((method, k, mode))) for k in ks) + " |")
+        lines.append("")
+    lines += ["## Adaptation latency (ms per user, p50 / p95) and bytes stored per user", ""]
+    lines.append("| method | " + " | ".join(f"K = {k}" for k in ks) + " | bytes/user |")
+    lines.append("|---|" + "---|" * (len(ks) + 1))
+    for method in methods:
+        cells = []
+        for k in ks:
+            row = next((r for r in rows if r["method"] == method and r["k"] == k), None)
+            cells.append("—" if row is None else f"{row['adapt_ms_p50']:.1f} / {row['adapt_ms_p95']:.1f}")
+        size = next(r["bytes_per_user"] for r in rows if r["method"] == method)
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {size} |")
+    env = report["config"].get("environment", {})
+    lines += ["", f"Peak RSS of the run: {env.get('peak_rss_mb', '?')} MB; torch threads: {env.get('threads', '?')}.", ""]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out: Path, plots: bool = True) -> list[Path]:
+    """Write report.json, report.md and (with ``plots``) the PNG plots into ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    lines = [f"# {report['protocol']} on {report['dataset']['name']} (seed {report['seed']})", ""]
-    lines.append("| method | K | mode | HR@10 | nDCG@10 | MRR | users | adapt ms p50 | p95 | bytes/user |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
-    for r in sorted(report["results"], key=lambda r: (r["mode"], r["k"], r["method"])):
-        lines.append(
-            f"| {r['method']} | {r['k']} | {r['mode']} | {r['hr@10']:.3f} | {r['ndcg@10']:.3f} | {r['mrr']:.3f} | {r['users']} | {r['adapt_ms_p50']:.1f} | {r['adapt_ms_p95']:.1f} | {r['bytes_per_user']} |"
-        )
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    written = [out / "report.json", out / "report.md"]
+    if plots:
+        from .plots import write_plots
 
-
+        written += write_plots(report, out)
+    return written

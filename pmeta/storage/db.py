@@ -8,15 +8,21 @@ Tables:
 - ``active_version``: a single row (``name = "active"``) pointing at the version readers open.
 
 The models are plain, backend-neutral SQLAlchemy: SQLite by default, any SQLAlchemy URL
-(PostgreSQL, ...) by choice. Alembic migrations, when they come, start from these definitions.
+(PostgreSQL, ...) by choice. The schema is created and upgraded by the Alembic migrations in
+``pmeta/storage/migrations`` (see :mod:`pmeta.storage.migrate`); a test checks that the migrated
+schema equals these models.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Optional
 
 from sqlalchemy import DateTime, Engine, ForeignKey, Integer, String, Text, create_engine, event, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from pmeta.errors import InvalidConfig
 
 ACTIVE = "active"
 
@@ -36,6 +42,9 @@ class BankVersion(Base):
     manifest_sha256: Mapped[str] = mapped_column(String(64))
     n_anchors: Mapped[int] = mapped_column(Integer)
     notes: Mapped[str] = mapped_column(Text, default="")
+    # sha256 over the version's whole record (this row, its anchors and held-out users), checked
+    # on every open; NULL for versions published before schema revision 0002.
+    record_sha256: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
 
 
 class Anchor(Base):
@@ -69,10 +78,22 @@ TABLE_NAMES = tuple(Base.metadata.tables)
 
 def make_engine(url: str) -> Engine:
     """Create an engine for ``url``. On SQLite, foreign keys are enforced and writers wait for
-    locks up to 30 s; other backends get SQLAlchemy's defaults. Connecting is lazy: nothing is
-    created until the engine is first used."""
-    is_sqlite = make_url(url).get_backend_name() == "sqlite"
-    engine = create_engine(url, connect_args={"timeout": 30} if is_sqlite else {})
+    locks up to 30 s; other backends get SQLAlchemy's defaults plus a 10 s connect timeout and a
+    liveness check of pooled connections. Connecting is lazy: nothing is created until the engine
+    is first used. Raises :class:`~pmeta.errors.InvalidConfig` for a malformed URL or a backend
+    whose driver is not installed."""
+    try:
+        backend = make_url(url).get_backend_name()
+        is_sqlite = backend == "sqlite"
+        if is_sqlite:
+            engine = create_engine(url, connect_args={"timeout": 30})
+        elif backend == "postgresql":
+            engine = create_engine(url, connect_args={"connect_timeout": 10}, pool_pre_ping=True)
+        else:
+            engine = create_engine(url, pool_pre_ping=True)
+    except (ArgumentError, ImportError) as error:  # NoSuchModuleError is an ArgumentError
+        shown = _hide_password(url)
+        raise InvalidConfig(f"cannot use database URL {shown}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
     if is_sqlite:
 
         @event.listens_for(engine, "connect")
@@ -84,6 +105,8 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def create_schema(engine: Engine) -> None:
-    """Create any missing bank table (``metadata.create_all``; existing tables are left alone)."""
-    Base.metadata.create_all(engine)
+def _hide_password(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown without its credentials part
+        return url.split("@")[-1] if "@" in url else url

@@ -145,3 +145,16 @@ def verify_dir(
         if problem is not None:
             raise BankIntegrityError(problem)
     return [name for name in report if name != MANIFEST_NAME]
+
+
+def verified_entries(directory: str | os.PathLike[str], manifest_sha256: str, *, label: str | None = None) -> dict[str, str]:
+    """Verify a version folder (as :func:`verify_dir`) and return ``{file name: sha256}`` from its
+    manifest, read again and checked against ``manifest_sha256`` so that the sums returned are the
+    recorded ones. Raises :class:`~pmeta.errors.BankIntegrityError` naming the offending file."""
+    verify_dir(directory, manifest_sha256, label=label)
+    root = Path(directory)
+    label = label if label is not None else f"versions/{root.name}"
+    data = (root / MANIFEST_NAME).read_bytes()
+    if hashlib.sha256(data).hexdigest() != manifest_sha256:
+        raise BankIntegrityError(f"bank file {label}/{MANIFEST_NAME} does not match its checksum")
+    return {name: str(entry["sha256"]) for name, entry in json.loads(data)["files"].items()}

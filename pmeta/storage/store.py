@@ -13,35 +13,38 @@ transaction. Until that commit the previous active version stays active; a kille
 at most a ``.tmp-*`` folder (removed by the next build) or, if killed between the rename and the
 commit, an unrecorded folder that :meth:`BankStore.info` reports under ``orphans`` and nothing
 ever opens. Readers take no lock: a published folder never changes, and every open verifies it.
+
+The metadata database's schema is managed by Alembic (:mod:`pmeta.storage.migrate`): a build
+brings it to the newest revision under the build lock, and opening an out-of-date bank upgrades
+it. On PostgreSQL a build also holds a session advisory lock, so builds from different bank
+directories into one database exclude each other too. Each version's database record (its row,
+anchors and held-out users) carries a sha256 that every open checks; database errors surface as
+typed errors: :class:`BankIntegrityError` for a corrupt database, :class:`BankUnavailable` for
+one that cannot be reached, :class:`BankBusy` for one locked too long.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, inspect, make_url, select
+from sqlalchemy import Connection, Engine, make_url, select, text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from pmeta.errors import BankBusy, BankIntegrityError, BankNotFound, InvalidConfig
-from pmeta.storage.db import (
-    ACTIVE,
-    TABLE_NAMES,
-    ActiveVersion,
-    Anchor,
-    BankVersion,
-    HeldOutUser,
-    create_schema,
-    make_engine,
-)
-from pmeta.storage.manifest import MANIFEST_NAME, check_dir, list_files, verify_dir, write_manifest
+from pmeta.errors import BankBusy, BankIntegrityError, BankNotFound, BankUnavailable, InvalidConfig, PmetaError
+from pmeta.storage import migrate
+from pmeta.storage.db import ACTIVE, ActiveVersion, Anchor, BankVersion, HeldOutUser, make_engine
+from pmeta.storage.manifest import MANIFEST_NAME, check_dir, list_files, verified_entries, write_manifest
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +53,8 @@ DB_NAME = "bank.db"
 LOCK_NAME = ".lock"
 VERSIONS_NAME = "versions"
 TMP_PREFIX = ".tmp-"
+#: PostgreSQL session advisory lock key held by a build ("pmeta-bl").
+BUILD_LOCK_KEY = 0x706D6574612D626C
 
 
 class BankStore:
@@ -62,6 +67,10 @@ class BankStore:
     def __init__(self, path: str | os.PathLike[str], db_url: str | None = None) -> None:
         self.path = Path(path).absolute()
         self.db_url = db_url or f"sqlite:///{self.path / DB_NAME}"
+        try:
+            make_url(self.db_url)
+        except Exception:  # noqa: BLE001 - sqlalchemy raises ArgumentError (and ValueError on odd ports)
+            raise InvalidConfig(f"not a database URL: {_hide_url_password(self.db_url)} (expected e.g. postgresql+psycopg://user@host/db)") from None
         self._engine: Engine | None = None
         self._schema_seen = False
 
@@ -99,21 +108,32 @@ class BankStore:
         typo never scatters bank files into an unrelated folder).
         """
         self._check_buildable()
-        self.path.mkdir(parents=True, exist_ok=True)
-        lock = _acquire_lock(self.path / LOCK_NAME, self.path)
+        db_lock: Connection | None = None
+        with self._db_errors():  # a bad URL or an unreachable server fails before anything is created
+            db_lock = _acquire_db_lock(self._get_engine(), self)
         try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            lock = _acquire_lock(self.path / LOCK_NAME, self.path)
+        except BaseException:
+            _release_db_lock(db_lock)
+            raise
+        try:
+            with self._db_errors():
+                state = _upgrade(self._get_engine(), self)
+                if state.startswith("unknown:"):
+                    raise BankIntegrityError(_unknown_revision(self, state))
+            self._schema_seen = True
             self.versions_dir.mkdir(exist_ok=True)
             for stale in self.versions_dir.glob(TMP_PREFIX + "*"):
                 _remove(stale)
-            create_schema(self._get_engine())
-            self._schema_seen = True
             version_id = _new_version_id(self.versions_dir)
             tmp_dir = self.versions_dir / (TMP_PREFIX + version_id)
             tmp_dir.mkdir()
         except BaseException:
+            _release_db_lock(db_lock)
             _release_lock(lock)
             raise
-        return VersionWriter(self, version_id, tmp_dir, lock)
+        return VersionWriter(self, version_id, tmp_dir, lock, db_lock)
 
     def _check_buildable(self) -> None:
         if self.path.exists() and not self.path.is_dir():
@@ -137,28 +157,31 @@ class BankStore:
         Never creates a file or database.
         """
         engine = self._engine_for_reading()
-        with Session(engine) as session:
+        with self._db_errors(), Session(engine) as session:
+            wanted_active = version is None
             if version is None:
                 version = _active_id(session)
                 if version is None:
                     raise BankNotFound(f"not a pmeta bank: {self.path} (no active version)")
-            record = _load_record(session, version)
+            record = _load_record(session, version, self._db_label())
             if record is None:
+                if wanted_active:
+                    raise BankIntegrityError(f"bank database {self._db_label()} is corrupt: the active version {version!r} has no record")
                 raise BankNotFound(f"bank {self.path} has no version {version!r}")
         folder = self.versions_dir / version
         if not folder.is_dir():
             raise BankIntegrityError(
                 f"bank version {version} is recorded but {VERSIONS_NAME}/{version} is missing"
             )
-        files = verify_dir(folder, record["manifest_sha256"])
-        return VersionReader(version, folder, record, files)
+        entries = verified_entries(folder, record["manifest_sha256"])
+        return VersionReader(version, folder, record, entries)
 
     def versions(self) -> list[dict[str, Any]]:
         """Summaries of every published version, oldest first: id, created_at, dataset_name,
         dataset_fingerprint, n_anchors, notes, manifest_sha256, active (bool), bytes.
         Raises :class:`BankNotFound` if the path is not a bank."""
         engine = self._engine_for_reading()
-        with Session(engine) as session:
+        with self._db_errors(), Session(engine) as session:
             active = _active_id(session)
             rows = session.scalars(select(BankVersion).order_by(BankVersion.created_at, BankVersion.id))
             return [
@@ -202,11 +225,22 @@ class BankStore:
         not a bank, or if it has no active version and ``all_versions`` is false.
         """
         engine = self._engine_for_reading()
-        with Session(engine) as session:
+        database_errors: list[str] = []
+        with self._db_errors(), Session(engine) as session:
+            database_errors = _database_problems(session, self._db_label())
             active = _active_id(session)
             rows = session.execute(
                 select(BankVersion.id, BankVersion.manifest_sha256).order_by(BankVersion.created_at, BankVersion.id)
             ).all()
+            record_errors: dict[str, str] = {}
+            for row in rows:
+                try:
+                    if _load_record(session, row.id, self._db_label()) is None:
+                        record_errors[row.id] = f"bank database {self._db_label()} has no record of version {row.id}"
+                except BankIntegrityError as error:
+                    record_errors[row.id] = str(error)
+            if active is not None and active not in {row.id for row in rows}:
+                database_errors.append(f"bank database {self._db_label()} is corrupt: the active version {active!r} has no record")
         if not all_versions:
             if active is None:
                 raise BankNotFound(f"not a pmeta bank: {self.path} (no active version)")
@@ -220,6 +254,8 @@ class BankStore:
             else:
                 problems = {}
                 errors = [f"bank version {version_id} is recorded but {VERSIONS_NAME}/{version_id} is missing"]
+            if version_id in record_errors:
+                errors.insert(0, record_errors[version_id])
             checked.append(
                 {
                     "id": version_id,
@@ -229,7 +265,12 @@ class BankStore:
                     "errors": errors,
                 }
             )
-        return {"path": str(self.path), "ok": all(entry["ok"] for entry in checked), "versions": checked}
+        return {
+            "path": str(self.path),
+            "ok": not database_errors and all(entry["ok"] for entry in checked),
+            "database": {"url": self._db_label(), "ok": not database_errors, "errors": database_errors},
+            "versions": checked,
+        }
 
     def bank_bytes(self) -> int:
         """Total size in bytes of the files under the bank directory (database included when it
@@ -255,11 +296,38 @@ class BankStore:
             raise BankNotFound(f"not a pmeta bank: {self.path} (no {shown})")
         engine = self._get_engine()
         if not self._schema_seen:
-            existing = set(inspect(engine).get_table_names())
-            if not set(TABLE_NAMES) <= existing:
-                raise BankNotFound(f"not a pmeta bank: {self.path} (its database has no bank tables)")
+            with self._db_errors():
+                with engine.connect() as connection:
+                    state = migrate.schema_state(connection)
+                if state in ("empty", "partial"):
+                    raise BankNotFound(f"not a pmeta bank: {self.path} (its database has no bank tables)")
+                if state.startswith("unknown:"):
+                    raise BankIntegrityError(_unknown_revision(self, state))
+                if state == "outdated":
+                    _upgrade(engine, self)
             self._schema_seen = True
         return engine
+
+    def _db_label(self) -> str:
+        """The database as shown in messages: ``bank.db`` for the default, else the URL without password."""
+        sqlite_file = _sqlite_file(self.db_url)
+        if sqlite_file is not None and sqlite_file == self.path / DB_NAME:
+            return DB_NAME
+        return _hide_url_password(self.db_url)
+
+    @contextmanager
+    def _db_errors(self) -> Iterator[None]:
+        """Turn database driver errors into pmeta's typed errors, with one line naming the database."""
+        try:
+            yield
+        except PmetaError:
+            raise
+        except DBAPIError as error:
+            raise _typed_db_error(error, self) from None
+        except SQLAlchemyError as error:
+            raise BankIntegrityError(f"bank database {self._db_label()} cannot be read: {_first_line(error)}") from None
+        except (ValueError, TypeError, OverflowError) as error:  # a stored value that no longer parses
+            raise BankIntegrityError(f"bank database {self._db_label()} holds an unreadable value: {_first_line(error)}") from None
 
 
 class VersionWriter:
@@ -271,11 +339,12 @@ class VersionWriter:
     File names are relative POSIX paths (``"tensors.safetensors"``, ``"extra/catalog.json"``).
     """
 
-    def __init__(self, store: BankStore, version_id: str, tmp_dir: Path, lock: IO[bytes]) -> None:
+    def __init__(self, store: BankStore, version_id: str, tmp_dir: Path, lock: IO[bytes], db_lock: Connection | None = None) -> None:
         self.id = version_id
         self.dir = tmp_dir
         self._store = store
         self._lock: IO[bytes] | None = lock
+        self._db_lock = db_lock
         self._state = "open"  # open -> published | discarded | failed
 
     def __repr__(self) -> str:
@@ -294,6 +363,8 @@ class VersionWriter:
                 _remove(self.dir)
                 self._state = "discarded"
         finally:
+            _release_db_lock(self._db_lock)
+            self._db_lock = None
             if self._lock is not None:
                 _release_lock(self._lock)
                 self._lock = None
@@ -393,7 +464,8 @@ class VersionWriter:
                 notes=str(notes),
             )
             held_out = [HeldOutUser(version_id=self.id, user_id=user) for user in users]
-            with Session(self._store._get_engine()) as session, session.begin():
+            version.record_sha256 = _record_sha256(version, anchor_rows, users)
+            with self._store._db_errors(), Session(self._store._get_engine()) as session, session.begin():
                 _record_version(session, version, anchor_rows, held_out)
         except BaseException:
             _remove(created)
@@ -412,14 +484,17 @@ class VersionReader:
     """A verified, published version: ``id``, ``dir``, ``record`` and its files.
 
     ``record`` holds the version row (``config`` parsed from JSON), ``anchors`` (dicts ordered by
-    position) and ``held_out_users`` (sorted). Reading takes no lock.
+    position) and ``held_out_users`` (sorted). Reading takes no lock. Every ``read_*`` reads the
+    file's bytes once and checks them against the manifest's sha256 before parsing them, so a file
+    changed after :meth:`BankStore.open` verified it is refused, never parsed.
     """
 
-    def __init__(self, version_id: str, directory: Path, record: dict[str, Any], files: list[str]) -> None:
+    def __init__(self, version_id: str, directory: Path, record: dict[str, Any], entries: Mapping[str, str]) -> None:
         self.id = version_id
         self.dir = directory
         self.record = record
-        self.files = tuple(files)
+        self.files = tuple(entries)
+        self._sha256 = dict(entries)
 
     def __repr__(self) -> str:
         return f"VersionReader({self.id!r})"
@@ -431,16 +506,33 @@ class VersionReader:
         return self.dir / name
 
     def read_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """Load a safetensors file as CPU tensors."""
-        from safetensors.torch import load_file
+        """Load a safetensors file as CPU tensors (after checking its bytes)."""
+        from safetensors.torch import load
 
-        return load_file(str(self.path(name)))
+        data = self.read_bytes(name)
+        try:
+            return load(data)
+        except Exception as error:  # noqa: BLE001 - checksummed yet unparsable: written by something else
+            raise BankIntegrityError(f"bank file versions/{self.id}/{name} is not a safetensors file: {_first_line(error)}") from None
 
     def read_json(self, name: str) -> Any:
-        return json.loads(self.path(name).read_text(encoding="utf-8"))
+        """Parse a UTF-8 JSON file (after checking its bytes)."""
+        try:
+            return json.loads(self.read_bytes(name).decode("utf-8"))
+        except ValueError as error:
+            raise BankIntegrityError(f"bank file versions/{self.id}/{name} is not UTF-8 JSON: {_first_line(error)}") from None
 
     def read_bytes(self, name: str) -> bytes:
-        return self.path(name).read_bytes()
+        """The file's bytes, checked against the manifest's sha256. Raises ``FileNotFoundError``
+        for a name the version does not have, :class:`BankIntegrityError` for changed bytes."""
+        path = self.path(name)
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise BankIntegrityError(f"bank file versions/{self.id}/{name} cannot be read: {error.strerror or error}") from None
+        if hashlib.sha256(data).hexdigest() != self._sha256[name]:
+            raise BankIntegrityError(f"bank file versions/{self.id}/{name} does not match its checksum")
+        return data
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -467,23 +559,27 @@ def _active_id(session: Session) -> str | None:
     return None if active is None else active.version_id
 
 
-def _load_record(session: Session, version_id: str) -> dict[str, Any] | None:
+def _load_record(session: Session, version_id: str, db_label: str = DB_NAME) -> dict[str, Any] | None:
+    """The version's record, after checking it against its ``record_sha256`` (when it has one)."""
     row = session.get(BankVersion, version_id)
     if row is None:
         return None
-    try:
-        config = json.loads(row.config_json)
-        anchors = [
-            {"position": a.position, "n_users": a.n_users, "label": a.label, **json.loads(a.attrs_json or "{}")}
-            for a in session.scalars(select(Anchor).where(Anchor.version_id == version_id).order_by(Anchor.position))
-        ]
-    except ValueError as error:
-        raise BankIntegrityError(f"bank version {version_id} has unreadable JSON in its database: {error}") from error
+    anchor_rows = list(session.scalars(select(Anchor).where(Anchor.version_id == version_id).order_by(Anchor.position)))
     held_out = list(
         session.scalars(
             select(HeldOutUser.user_id).where(HeldOutUser.version_id == version_id).order_by(HeldOutUser.user_id)
         )
     )
+    if row.record_sha256 is not None and row.record_sha256 != _record_sha256(row, anchor_rows, held_out):
+        raise BankIntegrityError(f"bank database {db_label}: the record of version {version_id} does not match its checksum")
+    try:
+        config = json.loads(row.config_json)
+        anchors = [
+            {"position": a.position, "n_users": a.n_users, "label": a.label, **json.loads(a.attrs_json or "{}")}
+            for a in anchor_rows
+        ]
+    except (ValueError, TypeError) as error:
+        raise BankIntegrityError(f"bank version {version_id} has unreadable JSON in its database: {error}") from None
     return {
         "id": row.id,
         "created_at": _utc(row.created_at).isoformat(),
@@ -496,6 +592,111 @@ def _load_record(session: Session, version_id: str) -> dict[str, Any] | None:
         "anchors": anchors,
         "held_out_users": held_out,
     }
+
+
+def _record_sha256(version: BankVersion, anchors: Iterable[Anchor], held_out_users: Iterable[str]) -> str:
+    """sha256 of a canonical JSON form of a version's record: the row (its own checksum aside),
+    its anchors by position and its held-out users sorted."""
+    record = {
+        "id": version.id,
+        "created_at": _utc(version.created_at).astimezone(timezone.utc).isoformat(),
+        "config_json": version.config_json,
+        "dataset_name": version.dataset_name,
+        "dataset_fingerprint": version.dataset_fingerprint,
+        "manifest_sha256": version.manifest_sha256,
+        "n_anchors": version.n_anchors,
+        "notes": version.notes,
+        "anchors": sorted([a.position, a.n_users, a.label, a.attrs_json] for a in anchors),
+        "held_out_users": sorted(held_out_users),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+def _database_problems(session: Session, db_label: str) -> list[str]:
+    """SQLite's own structural check (``PRAGMA integrity_check``); other backends check themselves."""
+    if session.get_bind().dialect.name != "sqlite":
+        return []
+    rows = [str(row[0]) for row in session.execute(text("PRAGMA integrity_check")).all()]
+    if rows == ["ok"]:
+        return []
+    return [f"bank database {db_label} is corrupt: {rows[0]}" + (f" (and {len(rows) - 1} more problems)" if len(rows) > 1 else "")]
+
+
+def _upgrade(engine: Engine, store: BankStore) -> str:
+    """Run the migrations; a concurrent upgrade that won the race is fine."""
+    try:
+        return migrate.upgrade(engine)
+    except RuntimeError as error:
+        state = str(error)
+        if state.startswith("unknown:"):
+            raise BankIntegrityError(_unknown_revision(store, state)) from None
+        raise BankNotFound(f"not a pmeta bank: {store.path} (its database has only some of the bank tables)") from None
+    except DBAPIError:
+        with engine.connect() as connection:
+            if migrate.schema_state(connection) == "current":
+                return "current"
+        raise
+
+
+def _unknown_revision(store: BankStore, state: str) -> str:
+    return (
+        f"bank database {store._db_label()} is at schema revision {state.split(':', 1)[1]!r}, which this pmeta "
+        f"does not know (newest: {migrate.head()}); use the pmeta that wrote it, or a newer one"
+    )
+
+
+def _typed_db_error(error: DBAPIError, store: BankStore) -> PmetaError:
+    label = store._db_label()
+    reason = _first_line(error.orig) if error.orig is not None else _first_line(error)
+    dialect = make_url(store.db_url).get_backend_name()
+    if dialect == "sqlite":
+        if "locked" in reason or "busy" in reason:
+            return BankBusy(f"bank database {label} is locked by another process: {reason}")
+        if "readonly" in reason or "unable to open" in reason or "permission" in reason.lower():
+            return BankUnavailable(f"cannot use bank database {label}: {reason}")
+        return BankIntegrityError(f"bank database {label} is corrupt or unreadable: {reason}")
+    if error.connection_invalidated or isinstance(error, (OperationalError, InterfaceError)):
+        return BankUnavailable(f"cannot reach bank database {label}: {reason}")
+    return BankIntegrityError(f"bank database {label} cannot be read: {reason}")
+
+
+def _first_line(error: BaseException | object) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _hide_url_password(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return url.rsplit("@", 1)[-1]
+
+
+def _acquire_db_lock(engine: Engine, store: BankStore) -> Connection | None:
+    """On PostgreSQL, a connection holding the bank's build advisory lock (None elsewhere)."""
+    if engine.dialect.name != "postgresql":
+        return None
+    connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        taken = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": BUILD_LOCK_KEY}).scalar()
+    except BaseException:
+        connection.close()
+        raise
+    if not taken:
+        connection.close()
+        raise BankBusy(f"another build is publishing into the bank database {store._db_label()}")
+    return connection
+
+
+def _release_db_lock(connection: Connection | None) -> None:
+    if connection is None:
+        return
+    try:
+        connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": BUILD_LOCK_KEY})
+    except SQLAlchemyError:
+        pass  # closing the session releases it too
+    finally:
+        connection.close()
 
 
 def _anchor_rows(version_id: str, anchors: Iterable[Mapping[str, Any]]) -> list[Anchor]:

@@ -1,0 +1,50 @@
+"""Merge coldstart-v1 reports of the same dataset and seed (e.g. methods run in separate processes)
+into one report.json + report.md + plots.
+
+    python benchmarks/merge_reports.py --out eval-report part-a/report.json part-b/report.json
+
+Results are in the order of the full report's methods (then input order); the config is the first report's, with the union of the
+methods and each part's environment kept under ``config.parts``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pmeta.eval.runner import DEFAULT_METHODS, write_report
+
+
+def merge(reports: list[dict]) -> dict:
+    first = reports[0]
+    for other in reports[1:]:
+        for key in ("protocol", "seed"):
+            if other[key] != first[key]:
+                raise SystemExit(f"cannot merge: {key} differs ({other[key]!r} vs {first[key]!r})")
+        if other["dataset"]["fingerprint"] != first["dataset"]["fingerprint"]:
+            raise SystemExit("cannot merge: the reports are on different datasets")
+    config = dict(first["config"])
+    config["methods"] = [m for r in reports for m in r["config"]["methods"]]
+    config["parts"] = [{"methods": r["config"]["methods"], "environment": r["config"].get("environment")} for r in reports]
+    for r in reports[1:]:
+        config["reptile_bank"] = config.get("reptile_bank") or r["config"].get("reptile_bank")
+        config["method_options"] = {**r["config"].get("method_options", {}), **config.get("method_options", {})}
+    order = {m: i for i, m in enumerate(DEFAULT_METHODS)}
+    results = sorted((row for r in reports for row in r["results"]), key=lambda row: order.get(row["method"], len(order)))  # stable
+    config["methods"] = sorted(config["methods"], key=lambda m: order.get(m, len(order)))
+    return {"protocol": first["protocol"], "dataset": first["dataset"], "seed": first["seed"], "config": config, "results": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("reports", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    merged = merge([json.loads(p.read_text()) for p in args.reports])
+    for path in write_report(merged, args.out):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

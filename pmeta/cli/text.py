@@ -1,0 +1,140 @@
+"""Text-bank commands (LaMP-format tasks on a causal LM): ``pmeta eval lamp``, ``pmeta export``, and
+the text branches of ``pmeta bank build --format lamp`` and ``pmeta adapt`` (called from app.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import _progress, app, eval_app, fail, friendly
+
+
+def is_text_bank(bank: Path, db: Optional[str]) -> bool:
+    """True when ``bank``'s active version is a text bank (False for anything else: the caller's own
+    open then reports a missing or broken bank as usual)."""
+    from ..errors import PmetaError
+    from ..text.bank import bank_kind
+
+    try:
+        return bank_kind(bank, db) == "text"
+    except (PmetaError, OSError):
+        return False
+
+
+def build_lamp_bank(out: Path, data: Optional[Path], task: Optional[str], config: Optional[Path], preset: str, anchors, meta, seed, db, quiet: bool, device, lm) -> None:
+    from ..data.lamp import task_spec
+    from ..text.build import build_text_bank
+    from ..text.config import load_text_config
+
+    if data is None:
+        fail("--format lamp needs --data DIR (a folder with train/dev/test *_questions.json and *_outputs.json)")
+    if task is None:
+        fail("--format lamp needs --task (LaMP-1, 2, 3, 4, 5 or 7)")
+    spec = task_spec(task)
+    cfg = load_text_config(preset, config, {"task": spec.name, "anchors": anchors, "meta": meta, "seed": seed, "device": device, "lm": lm})
+    result = build_text_bank(data, out, cfg, db_url=db, progress=_progress(quiet))
+    val = result.validation
+    typer.echo(
+        f"built text bank version {result.version} ({spec.name}) in {result.seconds:.0f}s: {result.train_users} train users, "
+        f"{result.validation_users} validation users; validation query loss {val.get('start', float('nan')):.3f} -> {val.get('final', float('nan')):.3f}"
+    )
+
+
+def adapt_text(bank: Path, history: Path, input: Optional[str], retrieve: Optional[int], steps: Optional[int], as_json: bool, user: Optional[str], db: Optional[str]) -> None:
+    from ..storage import BankStore
+    from ..text.bank import TextBank
+    from ..text.history import load_text_history, parse_text_history
+
+    if input is None or not input.strip():
+        fail("a text bank needs --input TEXT (the input to predict for)")
+    task = BankStore(bank, db).open().record["config"].get("task", "")
+    parsed, _ = load_text_history(history, task)  # validated before the model loads
+    if user is not None:
+        parsed, _ = parse_text_history({**parsed.model_dump(), "user_id": user}, task, "--user")
+    opened = TextBank.open(bank, db)
+    personalization = opened.personalize(parsed, steps=steps)
+    k = opened.config.retrieve if retrieve is None else retrieve
+    prediction = personalization.predict(input, retrieve=k)
+    if as_json:
+        typer.echo(json.dumps({**personalization.to_dict(), "task": opened.task, "retrieve": k, "prediction": prediction}))
+        return
+    anchors = ", ".join(f"#{a['anchor']} ({a['weight']:.2f})" for a in personalization.anchors) or "none (zero-history prior)"
+    typer.echo(f"user {personalization.user_id}: anchors {anchors}; personalized in {personalization.timing_ms['total_ms']:.0f} ms")
+    typer.echo(prediction)
+
+
+@app.command("export")
+@friendly
+def export(
+    bank: Path = typer.Option(..., "--bank", help="Text bank directory."),
+    history: Path = typer.Option(..., "--history", help="profile JSON of the user: {\"user_id\", \"profile\": [...]}"),
+    out: Path = typer.Option(..., "--out", help="Folder for the PEFT adapter (adapter_config.json + adapter_model.safetensors)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=0, help="Inner steps (default: the bank's)."),
+    db: Optional[str] = typer.Option(None, "--db"),
+) -> None:
+    """Write one user's fused + stacked LoRA as a standard PEFT adapter folder (soft prompt beside it)."""
+    from ..storage import BankStore
+    from ..text.bank import TextBank
+    from ..text.history import load_text_history
+
+    if not is_text_bank(bank, db):
+        BankStore(bank, db).open()  # a missing or broken bank reports itself
+        fail(f"bank {bank} is not a text bank; only text banks export PEFT adapters")
+    task = BankStore(bank, db).open().record["config"].get("task", "")
+    load_text_history(history, task)
+    opened = TextBank.open(bank, db)
+    path = opened.personalize(history, steps=steps).export_peft(out)
+    typer.echo(f"wrote PEFT adapter to {path}")
+
+
+@eval_app.command("lamp")
+@friendly
+def eval_lamp(
+    data: Path = typer.Option(..., "--data", help="LaMP-format folder (train/dev/test *_questions.json, *_outputs.json)."),
+    task: str = typer.Option(..., "--task", help="LaMP-1, 2, 3, 4, 5 or 7."),
+    out: Path = typer.Option(..., "--out", help="Folder for report.json, report.md, plots and predictions."),
+    k_profile: str = typer.Option("1,3,5", "--k-profile", help="Profile sizes K (the K most recent items)."),
+    bank: Optional[Path] = typer.Option(None, "--bank", help="A text bank built on this data's train split; without it one is built with --preset."),
+    preset: str = typer.Option("tiny", "--preset", help="Preset of the bank built when --bank is not given: tiny, small or default."),
+    lm: Optional[str] = typer.Option(None, "--lm", help="Causal LM of the bank built when --bank is not given."),
+    users: Optional[int] = typer.Option(None, "--users", min=1, help="Evaluate N test users (a seeded choice)."),
+    methods: str = typer.Option("backbone,retrieval-k1,retrieval-k2,retrieval-k3,retrieval-k4,per-user-lora,pmeta,pmeta+retrieval", "--methods"),
+    split: str = typer.Option("test", "--split"),
+    seed: int = typer.Option(0, "--seed"),
+    db: Optional[str] = typer.Option(None, "--db"),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Evaluate the backbone, retrieval, per-user LoRA and pmeta on a LaMP-format split."""
+    from ..data.lamp import load_split, task_spec
+    from ..errors import InvalidConfig
+    from ..text.bank import TextBank
+    from ..text.build import build_text_bank
+    from ..text.config import load_text_config
+    from ..text.evaluate import choose_users, parse_methods, run_lamp, write_lamp_report
+
+    spec = task_spec(task)
+    try:
+        ks = sorted({int(x) for x in k_profile.split(",") if x.strip()})
+    except ValueError:
+        raise InvalidConfig(f"--k-profile must be comma-separated integers, got {k_profile!r}") from None
+    if not ks or min(ks) < 0:
+        raise InvalidConfig(f"--k-profile must be non-negative integers, got {k_profile!r}")
+    method_list = parse_methods(methods)
+    examples = choose_users(load_split(data, spec.name, split), users, seed)
+    if not examples:
+        raise InvalidConfig(f"{data}: the {split} split has no question with a gold output to evaluate")
+    if bank is None:
+        bank = out / "bank"
+        build_text_bank(data, bank, load_text_config(preset, overrides={"task": spec.name, "seed": seed, "lm": lm}), db_url=db, progress=_progress(quiet))
+    opened = TextBank.open(bank, db)
+    if opened.task != spec.name:
+        raise InvalidConfig(f"bank {bank} serves {opened.task}, not {spec.name}")
+    progress = _progress(quiet)
+    with progress.task("evaluating", len(examples)) as bar:
+        report = run_lamp(opened.model, examples, method_list, ks, seed=seed, on_user=lambda: bar.advance(1), out=out)
+    report["bank"] = {"path": str(bank), "version": opened.version}
+    write_lamp_report(report, out)
+    typer.echo((out / "report.md").read_text())

@@ -1,0 +1,91 @@
+"""The methods that use a bank: pmeta (MAML and Reptile banks), fused anchors without inner steps,
+and the frozen backbone zero-shot.
+
+They all score through a :class:`~pmeta.bank.model.PmetaModel` for the evaluated catalogue: the
+bank's own model in-domain, or the bank transferred to a new catalogue by item text
+(:mod:`pmeta.eval.transfer`). The support items become the same :class:`UserInput` that
+``Bank.user_input`` makes of a history.json (liked catalogue items in time order), so the scores are
+those of the serving path (``personalize`` then ``final_scores``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..bank.model import UserInput
+from ..errors import InvalidConfig
+from .baselines import EvalContext, register
+
+#: Score given to the support items (``-inf`` in serving: never recommended; never ranked by the protocol).
+EXCLUDED_SCORE = -1e30
+
+
+def support_input(model, support_items: np.ndarray) -> UserInput:
+    liked = [int(i) for i in support_items]
+    return UserInput(liked_items=liked, texts=[model.item_texts[i] for i in liked], seen_items=liked)
+
+
+def _needs(model, name: str, what: str = "a bank"):
+    if model is None:
+        raise InvalidConfig(f"method {name!r} needs {what}; pass --bank (or drop it from --methods)")
+    return model
+
+
+class _BankScorer:
+    """Serving-path scores of one PmetaModel with a fixed number of inner steps (None: the bank's)."""
+
+    steps: int | None = None
+    uses_reptile = False
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    @classmethod
+    def create(cls, context: EvalContext):
+        model = context.reptile_model if cls.uses_reptile else context.model
+        return cls(_needs(model, cls.name, "a Reptile bank (--reptile-bank)" if cls.uses_reptile else "a bank"))
+
+    def score(self, support_items: np.ndarray, k: int) -> np.ndarray:
+        personal, batch, _ = self.model.personalize([support_input(self.model, support_items)], steps=self.steps)
+        scores = self.model.final_scores(batch, personal)[0].numpy().astype(np.float64)
+        return np.where(np.isfinite(scores), scores, EXCLUDED_SCORE)
+
+
+@register("pmeta")
+class PmetaMAML(_BankScorer):
+    """pmeta with the bank's meta-learning (MAML by default): retrieve, fuse, inner steps, rank."""
+
+
+@register("pmeta-no-steps")
+class PmetaNoSteps(_BankScorer):
+    """The fused anchors alone: retrieval and fusion, no inner steps."""
+
+    steps = 0
+
+
+@register("pmeta-reptile")
+class PmetaReptile(_BankScorer):
+    """pmeta with a second bank meta-trained with Reptile (same preset otherwise)."""
+
+    uses_reptile = True
+
+
+@register("backbone")
+class BackboneZeroShot:
+    """The frozen encoder, no personalization and nothing learned: the cosine between the mean
+    sentence embedding of the support items' texts and every item's text embedding."""
+
+    def __init__(self, item_text: torch.Tensor) -> None:
+        self.item_text = item_text.numpy().astype(np.float64)
+
+    @classmethod
+    def create(cls, context: EvalContext):
+        return cls(_needs(context.model, cls.name).t.item_text)
+
+    def score(self, support_items: np.ndarray, k: int) -> np.ndarray:
+        query = self.item_text[np.asarray(support_items, dtype=np.int64)].mean(0)
+        query /= max(np.linalg.norm(query), 1e-12)
+        scores = self.item_text @ query
+        scores[np.asarray(support_items, dtype=np.int64)] = EXCLUDED_SCORE
+        return scores

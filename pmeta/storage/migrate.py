@@ -1,0 +1,85 @@
+"""Schema migrations of the bank metadata database, run by pmeta itself through Alembic.
+
+:func:`upgrade` brings a database to the newest revision (``HEAD``): an empty database gets every
+table, a bank made before pmeta used Alembic (the tables of revision 0001 and no
+``alembic_version``) is stamped at 0001 and upgraded, and a current one is left alone. Builders
+call it under the bank's build lock; readers call :func:`schema_state` and only upgrade an
+out-of-date bank. On PostgreSQL the upgrade holds a transaction-scoped advisory lock, so that
+processes sharing one server never migrate at the same time; on SQLite the DDL runs in one
+transaction (SQLite's DDL is transactional).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, inspect, text
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+#: The revision whose tables banks made before Alembic already have.
+BASELINE = "0001"
+#: Tables of the baseline revision.
+BASELINE_TABLES = frozenset({"bank_versions", "anchors", "held_out_users", "active_version"})
+#: PostgreSQL advisory lock key of schema upgrades ("pmeta-mg").
+MIGRATION_LOCK_KEY = 0x706D6574612D6D67
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An Alembic config for the bundled migrations (no ini file); ``connection`` is used as is."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+@lru_cache(maxsize=1)
+def head() -> str:
+    """The newest revision id."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+@lru_cache(maxsize=1)
+def known_revisions() -> frozenset[str]:
+    return frozenset(script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions())
+
+
+def schema_state(connection: Connection) -> str:
+    """``"current"``, ``"outdated"`` (a known older revision, or a pre-Alembic bank), ``"empty"``
+    (no bank table; other applications' tables may exist), ``"partial"`` (some bank tables but
+    not all, and no revision) or ``"unknown:<rev>"`` (a revision this pmeta does not know, e.g.
+    written by a newer pmeta)."""
+    revision = MigrationContext.configure(connection).get_current_revision()
+    if revision == head():
+        return "current"
+    if revision is not None:
+        return "outdated" if revision in known_revisions() else f"unknown:{revision}"
+    tables = set(inspect(connection).get_table_names())
+    if BASELINE_TABLES <= tables:
+        return "outdated"
+    return "partial" if tables & BASELINE_TABLES else "empty"
+
+
+def upgrade(engine: Engine) -> str:
+    """Bring the database to :func:`head` in one transaction; return the state found before.
+
+    Raises ``RuntimeError`` for a database with only some of the bank tables or an unknown revision (the
+    storage layer turns these into typed errors)."""
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        state = schema_state(connection)
+        if state == "current":
+            return state
+        if state == "partial" or state.startswith("unknown:"):
+            raise RuntimeError(state)
+        config = alembic_config(connection)
+        if state == "outdated" and MigrationContext.configure(connection).get_current_revision() is None:
+            command.stamp(config, BASELINE)
+        command.upgrade(config, "head")
+        return state

@@ -1,0 +1,157 @@
+"""Serving a text bank: open a verified version once, personalize any number of users in memory.
+
+    bank = TextBank.open("text-bank/")
+    p = bank.personalize({"user_id": "u1", "profile": [{"id": "1", "text": "...", "score": "5"}]})
+    p.predict("What is the score of the following review ... review: ...", retrieve=2)
+    p.export_peft("adapter-dir")
+
+Opening checks every file against its sha256 before anything is parsed (the same
+:class:`~pmeta.storage.BankStore` as MovieLens banks); nothing is written per user.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from ..errors import BankIntegrityError, InvalidRequest
+from ..fusion.index import AnchorIndex
+from ..storage import BankStore
+from .build import BUILD_FILE, INDEX_FILE, TENSORS_FILE, load_lm
+from .config import TextConfig
+from .history import TextHistory, load_text_history, parse_text_history
+from .model import TextModel, TextTensors
+
+_LMS: dict[tuple[str, str, tuple], Any] = {}
+_LMS_LOCK = threading.Lock()
+
+
+def shared_lm(config: TextConfig):
+    """One causal LM per (name, device, targets) per process."""
+    key = (config.lm, config.device, tuple(config.lora_targets))
+    with _LMS_LOCK:
+        if key not in _LMS:
+            _LMS[key] = load_lm(config)
+        return _LMS[key]
+
+
+def bank_kind(path: str | Path, db_url: str | None = None, version: str | None = None) -> str:
+    """"text" or "movielens": the kind of the bank's active (or given) version, from its verified record."""
+    reader = BankStore(path, db_url).open(version)
+    return "text" if reader.record["config"].get("kind") == "text" else "movielens"
+
+
+@dataclass
+class TextPersonalization:
+    """One user's personal parameters (no user axis), in memory only."""
+
+    user_id: str
+    profile: list[dict] = field(repr=False)
+    adapter: dict[str, torch.Tensor] = field(repr=False)
+    anchors: list[dict[str, Any]]
+    timing_ms: dict[str, float]
+    bank: "TextBank" = field(repr=False)
+
+    def _batched(self) -> dict[str, torch.Tensor]:
+        return {k: v.unsqueeze(0) for k, v in self.adapter.items()}
+
+    def prompt(self, input_text: str, retrieve: int | None = None) -> str:
+        retrieve = self.bank.config.retrieve if retrieve is None else retrieve
+        if not isinstance(retrieve, int) or isinstance(retrieve, bool) or retrieve < 0:
+            raise InvalidRequest(f"retrieve must be a non-negative integer, got {retrieve!r}")
+        if not isinstance(input_text, str) or not input_text.strip():
+            raise InvalidRequest("the input must be a non-empty string")
+        return self.bank.model.query_prompt(input_text, self.profile, retrieve)
+
+    def predict(self, input_text: str, retrieve: int | None = 0) -> str:
+        """The prediction for ``input_text`` (a label, a rating, or generated text); ``retrieve`` BM25
+        profile items go in the prompt (0: none; None: the bank's default)."""
+        prompt = self.prompt(input_text, retrieve)
+        return self.bank.model.predict([prompt], self._batched())[0]
+
+    def export_peft(self, out_dir: str | Path) -> Path:
+        """Write the fused + stacked LoRA as a PEFT adapter folder; the soft prompt goes beside it."""
+        from ..export import export_peft
+
+        lm = self.bank.model.lm
+        return export_peft(lm, self.adapter, out_dir, str(lm.path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"user_id": self.user_id, "anchors": self.anchors, "timing_ms": {k: round(v, 3) for k, v in self.timing_ms.items()}}
+
+
+class TextBank:
+    """An opened, verified text bank version."""
+
+    def __init__(self, store: BankStore, version: str, config: TextConfig, model: TextModel, record: dict) -> None:
+        self.store = store
+        self.version = version
+        self.config = config
+        self.model = model
+        self.record = record
+        self.task = config.task
+
+    @classmethod
+    def open(cls, path: str | Path, db_url: str | None = None, version: str | None = None, device: str = "cpu", lm=None) -> "TextBank":
+        """Open the active (or a given) version; every file is checked against its sha256 first.
+
+        Raises BankNotFound when ``path`` is not a bank, BankIntegrityError when a file was altered
+        or the version is not a text bank.
+        """
+        from ..bank.bank import shared_encoder
+
+        store = BankStore(path, db_url)
+        reader = store.open(version)
+        raw = reader.record["config"]
+        if raw.get("kind") != "text":
+            raise BankIntegrityError(f"bank {path} version {reader.id} is not a text bank (use pmeta.Bank.open for MovieLens banks)")
+        try:
+            config = TextConfig(**{**raw, "device": device})
+        except ValidationError as exc:
+            raise BankIntegrityError(f"bank {path} version {reader.id} has a config this pmeta cannot read: {exc.errors()[0]['msg']}") from None
+        tensors = TextTensors.from_flat(reader.read_tensors(TENSORS_FILE))
+        index = AnchorIndex.from_bytes(reader.read_bytes(INDEX_FILE))  # checksum verified by store.open
+        record = reader.read_json(BUILD_FILE)
+        lm = lm or shared_lm(config)
+        model = TextModel(config, lm, shared_encoder(config.encoder, device), tensors, index)
+        return cls(store, reader.id, config, model, {**reader.record, "build": record})
+
+    def history(self, history: TextHistory | dict | list | str | Path) -> tuple[TextHistory, list[dict]]:
+        if isinstance(history, (str, Path)):
+            return load_text_history(history, self.task)
+        if isinstance(history, TextHistory):
+            return parse_text_history(history.model_dump(), self.task)
+        return parse_text_history(history, self.task)
+
+    def personalize(self, history, steps: int | None = None, max_items: int | None = None) -> TextPersonalization:
+        """Retrieve, fuse and adapt for one user; ``history`` is a dict/list/TextHistory or a path.
+        ``max_items`` keeps only the most recent profile items. Raises InvalidHistory on bad input."""
+        return self.personalize_many([history], steps=steps, max_items=max_items)[0]
+
+    def personalize_many(self, histories: list, steps: int | None = None, max_items: int | None = None) -> list[TextPersonalization]:
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
+            raise InvalidRequest(f"steps must be a non-negative integer, got {steps!r}")
+        parsed = [self.history(h) for h in histories]
+        profiles = [p if max_items is None else p[-max_items:] if max_items > 0 else [] for _, p in parsed]
+        clock = time.perf_counter()
+        timings: dict[str, float] = {}
+        personal, details = self.model.personalize(profiles, steps, timings)
+        timings["total_ms"] = (time.perf_counter() - clock) * 1e3
+        out = []
+        for row, (history, _) in enumerate(parsed):
+            anchors = []
+            if details["has_key"][row]:
+                anchors = [{"anchor": int(a), "weight": round(float(w), 6)} for a, w in zip(details["anchors"][row], details["weights"][row])]
+            share = 1 if len(parsed) == 1 else len(parsed)
+            out.append(TextPersonalization(history.user_id, profiles[row], {k: v[row].clone() for k, v in personal.items()}, anchors,
+                                           {k: v / share for k, v in timings.items()}, self))  # fmt: skip
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return {"version": self.version, "kind": "text", "task": self.task, "lm": self.config.lm, "anchors": int(self.model.t.anchor_keys.shape[0]), "config": self.config.model_dump()}

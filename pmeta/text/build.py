@@ -1,0 +1,368 @@
+"""Text bank build on a LaMP-format dataset: train users → anchors → three meta-training stages →
+a new immutable bank version, published like the MovieLens banks (:mod:`pmeta.storage`).
+
+1. Train users = the train split (each question with its profile and gold); the first
+   ``validation_users`` of the dev split are validation users (never trained on).
+2. User key = mean MiniLM embedding of the user's profile texts; anchors = spherical k-means (FAISS).
+3. Meta-training, one loop (the MovieLens build's ``_optimize`` and strategies) with three stages:
+   the global prior (prompt + LoRA over all train users), each anchor (initialised from the prior,
+   over its cluster's users), and the stacked adapter's init (+ fusion temperature, + step sizes with
+   MAML) through the very ``TextModel.personalize`` path that serving runs. An episode: support = a
+   window of K ≤ ``train_support_max`` profile items turned into (input, output) pairs; query = the
+   user's own question (+ ``query_items`` other profile items). Early stopping on validation users.
+4. On validation users: the inner step size (×¼, ×1, ×4 of the configured one, then ×16, ×64, ... while
+   the largest is still the best, up to ``max_inner_lr_factor``) and, for rating tasks,
+   the decoder (argmax label or expected value) with the lower MAE are chosen and recorded.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..adapt.inner import adapt
+from ..adapt.strategies import get_strategy
+from ..bank.build import _unit, choose_anchors
+from ..bank.meta_train import _optimize
+from ..data.lamp import LampExample, load_split, task_spec
+from ..errors import InvalidData
+from ..fusion.fuse import fuse, fusion_weights
+from ..models.personal import Adapter, expand_users, stack
+from ..progress import Progress
+from .config import TextConfig
+from .model import TextModel, TextTensors, lora_targets
+from .prompts import Pair, input_prefix, query_pair, support_pair
+
+TENSORS_FILE = "tensors.safetensors"
+INDEX_FILE = "anchors.faiss"
+BUILD_FILE = "build.json"
+
+
+@dataclass
+class TextBuildResult:
+    version: str
+    seconds: float
+    validation: dict
+    train_users: int
+    validation_users: int
+
+
+@dataclass
+class Episode:
+    users: list[int]
+    support: list[list[Pair]]
+    query: list[list[Pair]]
+    keys: np.ndarray  # (U, d) unit keys of the support items
+
+
+def load_lm(config: TextConfig):
+    from ..models.causal_lm import CausalLM
+
+    return CausalLM(config.lm, device=config.device, targets=tuple(config.lora_targets))
+
+
+def _split_prompt(adapter: Adapter) -> tuple[Adapter, Adapter]:
+    """(fixed, init): the prompt stays fixed in the inner loop (rank-0 LoRA beside it), the LoRA adapts."""
+    fixed: Adapter = {"prompt": adapter["prompt"]}
+    init: Adapter = {"prompt": torch.zeros_like(adapter["prompt"]).detach()}
+    for key, value in adapter.items():
+        if key.endswith(".A"):
+            fixed[key] = value[..., :0, :]
+            init[key] = value
+        elif key.endswith(".B"):
+            fixed[key] = value[..., :0]
+            init[key] = value
+    return fixed, init
+
+
+class Episodes:
+    """Meta-training episodes over train users, with cached profile-item embeddings for their keys."""
+
+    def __init__(self, model: TextModel, examples: list[LampExample], embeddings: list[torch.Tensor], config: TextConfig, seed: int) -> None:
+        self.model = model
+        self.examples = examples
+        self.embeddings = embeddings
+        self.config = config
+        self.spec = task_spec(config.task)
+        self.rng = np.random.default_rng(seed)
+        self.users = np.arange(len(examples))
+
+    def sample(self, count: int, pool: np.ndarray | None = None) -> Episode:
+        pool = self.users if pool is None else pool
+        chosen = self.rng.choice(pool, size=count, replace=len(pool) < count)
+        return self.episode([int(u) for u in chosen])
+
+    def episode(self, users: list[int]) -> Episode:
+        c = self.config
+        support, query, keys = [], [], []
+        for user in users:
+            example = self.examples[user]
+            profile = example.profile
+            k = int(self.rng.integers(c.support_min, max(c.support_min, min(c.train_support_max, len(profile) - 1)) + 1))
+            k = min(k, len(profile))
+            start = int(self.rng.integers(0, len(profile) - k + 1))
+            window = list(range(start, start + k))
+            support.append([support_pair(self.spec, profile[i], c.input_prefix, c.support_chars, c.target_chars) for i in window])
+            rest = [i for i in range(len(profile)) if i not in window]
+            extra = self.rng.choice(rest, size=min(c.query_items, len(rest)), replace=False).tolist() if rest else []
+            query.append([query_pair(self.spec, example, c.support_chars, c.target_chars)]
+                         + [support_pair(self.spec, profile[i], c.input_prefix, c.support_chars, c.target_chars) for i in extra])  # fmt: skip
+            mean = self.embeddings[user][window].mean(0)
+            keys.append((mean / mean.norm().clamp_min(1e-12)).numpy())
+        return Episode(users, support, query, np.stack(keys).astype(np.float32))
+
+
+def _stage_global(model: TextModel):
+    def build(episode: Episode):
+        fixed, init = _split_prompt(expand_users(model.t.global_adapter, len(episode.users)))
+        return init, fixed, model.t.global_step_sizes
+
+    return build
+
+
+def _stage_anchors(model: TextModel, assignment: np.ndarray):
+    def build(episode: Episode):
+        idx = torch.tensor([int(assignment[u]) for u in episode.users], dtype=torch.long)
+        fixed, init = _split_prompt({k: v[idx] for k, v in model.t.anchors.items()})
+        return init, fixed, model.t.global_step_sizes
+
+    return build
+
+
+def _stage_stack(model: TextModel):
+    def build(episode: Episode):
+        sims, idx = model.retrieve(episode.keys)
+        fixed = fuse(model.t.anchors, idx, fusion_weights(sims, model.temperature()), "cat")
+        init = {k: v for k, v in expand_users(model.t.stack_init, len(episode.users)).items()}
+        return init, fixed, model.t.stack_step_sizes
+
+    return build
+
+
+def outer_loss(model: TextModel, build, strategy, episode: Episode, steps: int) -> torch.Tensor:
+    init, fixed, step_sizes = build(episode)
+    inner_pairs = [s + q for s, q in zip(episode.support, episode.query)] if strategy.inner_on_query else episode.support
+    adapted = adapt(init, lambda full: model.pairs_loss(inner_pairs, full), steps, step_sizes, fixed=fixed, create_graph=strategy.second_order)
+    return strategy.outer_loss(init, adapted, lambda params: model.pairs_loss(episode.query, stack(fixed, params))) / len(episode.users)
+
+
+def _validation(examples: list[LampExample], config: TextConfig) -> tuple[list[list[dict]], list[list[Pair]]]:
+    spec = task_spec(config.task)
+    profiles = [e.profile for e in examples]
+    queries = [[query_pair(spec, e, config.support_chars, config.target_chars)] for e in examples]
+    return profiles, queries
+
+
+def validation_loss(model: TextModel, profiles, queries, steps: int | None = None) -> float:
+    """Mean query loss of validation users after the serving path (retrieve, fuse, inner steps)."""
+    personal, _ = model.personalize(profiles, steps)
+    with torch.no_grad():
+        return float(model.pairs_loss(queries, personal)) / max(1, len(profiles))
+
+
+def build_text_model(data: str | Path, config: TextConfig, progress: Progress | None = None, lm=None) -> tuple[TextModel, dict]:
+    from ..bank.bank import shared_encoder
+
+    progress = progress or Progress(False)
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    spec = task_spec(config.task)
+    config = config.model_copy(update={"task": spec.name})
+    train = [e for e in load_split(data, spec.name, "train") if e.output is not None and len(e.profile) >= 2]
+    if not train:
+        raise InvalidData(f"{data}: the train split has no question with a gold output and at least 2 profile items")
+    try:
+        dev = [e for e in load_split(data, spec.name, "dev") if e.output is not None]
+    except InvalidData:
+        dev = []
+    rng = np.random.default_rng(config.seed)
+    if not dev:  # carve validation users out of train
+        order = rng.permutation(len(train))
+        n_val = min(config.validation_users, len(train) // 5)
+        dev = [train[i] for i in order[:n_val]]
+        train = [train[i] for i in sorted(order[n_val:])]
+    dev = dev[: config.validation_users]
+    if len(train) > config.max_train_users:
+        train = [train[i] for i in sorted(rng.choice(len(train), config.max_train_users, replace=False))]
+    config = config.model_copy(update={"input_prefix": input_prefix(spec.name, [e.input for e in train])})
+
+    lm = lm or load_lm(config)
+    encoder = shared_encoder(config.encoder, config.device)
+    model = TextModel(config, lm, encoder)
+    model.key_cache = {}
+    texts = [model.profile_texts(e.profile) for e in train]
+    flat = [t for group in texts for t in group]
+    with progress.task("embedding profiles", len(flat)) as bar:
+        embedded = encoder.sentence_embeddings(flat, batch_size=64, progress=bar.advance)
+    embeddings, start = [], 0
+    for group in texts:
+        embeddings.append(embedded[start : start + len(group)])
+        start += len(group)
+    keys = _unit(np.stack([e.mean(0).numpy() for e in embeddings]))
+    centroids, assignment = choose_anchors(keys, config.anchors, config.seed)
+    n_anchors = len(centroids)
+    sizes = np.bincount(assignment, minlength=n_anchors)
+
+    generator = torch.Generator().manual_seed(config.seed)
+    wanted = {key for key, _, _ in lora_targets(lm, config.lora_layers)}
+
+    def fresh(rank: int) -> Adapter:
+        adapter = lm.init_adapter(rank, config.prompt_length, generator)
+        return {k: v for k, v in adapter.items() if k == "prompt" or k[:-2] in wanted}
+
+    global_adapter = fresh(config.anchor_rank)
+    stack_init = fresh(config.stack_rank)
+    stack_init["prompt"] = torch.zeros_like(stack_init["prompt"])
+    log_lr = math.log(config.inner_lr)
+    lora_keys = [k for k in global_adapter if k != "prompt"]
+    model.t = TextTensors(
+        global_adapter=global_adapter,
+        global_step_sizes={k: torch.tensor(log_lr) for k in lora_keys},
+        anchors={k: v.unsqueeze(0).repeat(n_anchors, *([1] * v.dim())) for k, v in global_adapter.items()},
+        anchor_keys=torch.from_numpy(centroids).float(),
+        anchor_sizes=torch.from_numpy(sizes).float(),
+        stack_init=stack_init,
+        stack_step_sizes={k: torch.tensor(log_lr) for k in lora_keys},
+        log_temperature=torch.tensor(math.log(config.temperature)),
+    )
+    from ..fusion.index import AnchorIndex
+
+    model.index = AnchorIndex.build(centroids)
+    t = model.t
+    strategy = get_strategy(config.meta)
+    episodes = Episodes(model, train, embeddings, config, seed=config.seed + 2)
+    val_profiles, val_queries = _validation(dev, config)
+    # early stopping: the stack stage keeps its best checkpoint; the prior and anchor stages are reverted together if they hurt
+    checkpoint = (lambda: validation_loss(model, val_profiles, val_queries)) if config.early_stopping and dev else None
+    learn_lr = config.meta == "maml" and config.inner_steps > 0
+    losses: dict[str, list[float]] = {}
+    validation: dict[str, float] = {}
+
+    def run(name: str, build, groups: list[dict], steps: int, pool: np.ndarray | None = None, checkpoint=None) -> None:
+        if steps <= 0:
+            return
+        with progress.task(f"meta-train {name}", steps) as bar:
+            losses[name] = _optimize(
+                groups,
+                lambda: outer_loss(model, build, strategy, episodes.sample(config.meta_batch_users, pool), config.inner_steps),
+                steps, lambda loss: bar.advance(1, loss=loss), checkpoint=checkpoint, every=max(config.validate_every, 1),
+            )  # fmt: skip
+
+    if dev:
+        validation["start"] = validation_loss(model, val_profiles, val_queries)
+    initial = ({k: v.clone() for k, v in t.global_adapter.items()}, {k: v.clone() for k, v in t.anchors.items()})
+    groups = [{"params": list(t.global_adapter.values()), "lr": config.outer_lr}]
+    if learn_lr:
+        groups.append({"params": list(t.global_step_sizes.values()), "lr": config.outer_lr})
+    run("global", _stage_global(model), groups, config.global_steps)
+    for key, value in t.global_adapter.items():
+        t.anchors[key] = value.detach().unsqueeze(0).repeat(n_anchors, *([1] * value.dim())).contiguous()
+    run("anchors", _stage_anchors(model, assignment), [{"params": list(t.anchors.values()), "lr": config.outer_lr}], config.anchor_steps)
+    if dev and (config.global_steps or config.anchor_steps):
+        # early stopping of the prior and anchor stages together, on the serving path of validation users
+        validation["anchors"] = validation_loss(model, val_profiles, val_queries)
+        if config.early_stopping and validation["anchors"] > validation["start"]:
+            with torch.no_grad():
+                for group, saved in zip((t.global_adapter, t.anchors), initial):
+                    for k in group:
+                        group[k].copy_(saved[k])
+            validation["anchors_reverted"] = True
+    groups = [{"params": [v for k, v in t.stack_init.items() if k != "prompt"], "lr": config.outer_lr}, {"params": [t.log_temperature], "lr": config.outer_lr}]
+    if learn_lr:
+        groups.append({"params": list(t.stack_step_sizes.values()), "lr": config.outer_lr})
+    run("stack", _stage_stack(model), groups, config.stack_steps, checkpoint=checkpoint)
+
+    chosen: dict[str, object] = {}
+    if dev and config.inner_steps > 0 and not learn_lr:
+        base = {k: v.clone() for k, v in t.stack_step_sizes.items()}
+        trials = {}
+        factors = [1.0, 0.25, 4.0]
+        while factors:
+            factor = factors.pop(0)
+            for k in t.stack_step_sizes:
+                t.stack_step_sizes[k] = base[k] + math.log(factor)
+            trials[factor] = validation_loss(model, val_profiles, val_queries)
+            if not factors and min(trials, key=trials.get) == max(trials) and factor < config.max_inner_lr_factor:
+                factors.append(factor * 4)  # the largest step is still the best: keep growing it
+        best = min(trials, key=trials.get)
+        for k in t.stack_step_sizes:
+            t.stack_step_sizes[k] = base[k] + math.log(best)
+        chosen["inner_lr_factor"] = best
+        chosen["inner_lr_trials"] = {str(k): v for k, v in trials.items()}
+        validation["final"] = trials[best]
+    elif dev:
+        validation["final"] = validation_loss(model, val_profiles, val_queries)
+    if dev and spec.kind == "rating":
+        from ..eval.lamp_metrics import score
+
+        personal, _ = model.personalize(val_profiles)
+        prompts = [model.query_prompt(e.input) for e in dev]
+        with torch.no_grad():
+            scores = lm.option_logprobs(prompts, model.labels, personal)
+        golds = {e.id: e.output for e in dev}
+        by_decoder = {d: score(spec.name, dict(zip(golds, model.decode(scores, d))), golds) for d in ("argmax", "expected")}
+        decoder = min(by_decoder, key=lambda d: by_decoder[d]["mae"])
+        model.config = config = config.model_copy(update={"rating_decode": decoder})
+        chosen["rating_decode"] = decoder
+        chosen["rating_decode_validation"] = by_decoder
+    model.config = config
+    model.key_cache = None
+    record = {
+        "kind": "text",
+        "task": spec.name,
+        "lm": config.lm,
+        "seconds": time.perf_counter() - started,
+        "validation": validation,
+        "chosen": chosen,
+        "losses": {k: [float(np.mean(v[i : i + 5])) for i in range(0, len(v), 5)] for k, v in losses.items()},
+        "train_users": [e.id for e in train],
+        "validation_users": [e.id for e in dev],
+        "anchors": [{"position": a, "n_users": int(sizes[a]), "label": train[int(np.flatnonzero(assignment == a)[np.argmax(keys[assignment == a] @ centroids[a])])].id if sizes[a] else ""} for a in range(n_anchors)],
+    }
+    return model, record
+
+
+def build_text_bank(data: str | Path, out: str | Path, config: TextConfig, db_url: str | None = None, progress: Progress | None = None, lm=None) -> TextBuildResult:
+    """Build and publish a text bank version into ``out`` (atomic, checksummed; BankBusy if another build runs)."""
+    from ..data.lamp import load_split as _load
+    from ..storage import BankStore
+
+    progress = progress or Progress(False)
+    spec = task_spec(config.task)
+    try:
+        test_ids = [e.id for e in _load(data, spec.name, "test")]
+    except InvalidData:
+        test_ids = []
+    store = BankStore(out, db_url)
+    with store.new_version() as writer:
+        model, record = build_text_model(data, config, progress, lm=lm)
+        writer.write_tensors(TENSORS_FILE, model.t.to_flat())
+        writer.write_bytes(INDEX_FILE, model.index.to_bytes())
+        writer.write_json(BUILD_FILE, {**record, "config": model.config.model_dump()})
+        version = writer.publish(
+            config=model.config.model_dump(),
+            dataset_name=f"{Path(data).name} ({spec.name})",
+            dataset_fingerprint=_fingerprint(data),
+            anchors=record["anchors"],
+            held_out_users=test_ids,
+            notes=f"text {spec.name}; lm={model.config.lm}; meta={model.config.meta}",
+        )
+    store.close()
+    return TextBuildResult(version, record["seconds"], record["validation"], len(record["train_users"]), len(record["validation_users"]))
+
+
+def _fingerprint(data: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("train_questions.json", "train_outputs.json", "dev_questions.json", "dev_outputs.json"):
+        path = Path(data) / name
+        if path.is_file():
+            digest.update(name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()

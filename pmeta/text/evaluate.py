@@ -1,0 +1,178 @@
+"""``pmeta eval lamp``: every method on the same test users of a LaMP-format split, for each K.
+
+Methods (the same examples for each; profiles cut to the K most recent items):
+
+* ``backbone``: the frozen LM, no profile;
+* ``retrieval-k1`` .. ``retrieval-k4``: the k best BM25 profile items in the prompt, no adaptation;
+* ``per-user-lora``: a LoRA trained from scratch on the user's K profile items (OPPU recipe: Adam,
+  a few steps, the same support pairs and LoRA targets as pmeta); it is what a per-user adapter
+  would store, so its bytes per user are reported;
+* ``pmeta``: retrieve anchors, fuse, inner steps (nothing stored per user);
+* ``pmeta+retrieval``: the same adapter with the bank's ``retrieve`` BM25 items in the prompt.
+
+``adapt_ms`` is the per-user preparation time before the prediction (BM25 for retrieval, training for
+per-user LoRA, retrieve + fuse + inner steps for pmeta), measured per user.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..data.lamp import LampExample, task_spec, truncate_profile, write_predictions
+from ..errors import InvalidConfig
+from ..eval.lamp_metrics import score
+from ..models.personal import num_bytes
+from .model import TextModel, lora_targets
+
+METHODS = ("backbone", "retrieval-k1", "retrieval-k2", "retrieval-k3", "retrieval-k4", "per-user-lora", "pmeta", "pmeta+retrieval")
+DEFAULT_METHODS = ",".join(METHODS)
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise InvalidConfig(f"unknown method {unknown[0] if unknown else text!r}; choose from {', '.join(METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+def choose_users(examples: list[LampExample], count: int | None, seed: int) -> list[LampExample]:
+    """The first ``count`` examples of a seeded permutation (all when count is None), in id order."""
+    usable = [e for e in examples if e.output is not None]
+    if count is None or count >= len(usable):
+        return sorted(usable, key=lambda e: e.id)
+    order = np.random.default_rng(seed).permutation(len(usable))[:count]
+    return sorted((usable[i] for i in order), key=lambda e: e.id)
+
+
+def per_user_lora(model: TextModel, profile: list[dict], seed: int):
+    """OPPU-style per-user LoRA from scratch: (personal params with user axis 1, bytes per user)."""
+    c = model.config
+    pairs = model.support_pairs(profile)
+    generator = torch.Generator().manual_seed(seed)
+    wanted = {key for key, _, _ in lora_targets(model.lm, c.lora_layers)}
+    fresh = model.lm.init_adapter(c.lora_baseline_rank, 0, generator)
+    lora = {k: v for k, v in fresh.items() if k != "prompt" and k[:-2] in wanted}
+    params = {k: v.clone().requires_grad_(True) for k, v in lora.items()}
+    if pairs:
+        optimizer = torch.optim.Adam(list(params.values()), lr=c.lora_baseline_lr)
+        for _ in range(c.lora_baseline_steps):
+            optimizer.zero_grad(set_to_none=True)
+            personal = {"prompt": torch.zeros(1, 0, model.lm.hidden_size), **{k: v.unsqueeze(0) for k, v in params.items()}}
+            model.pairs_loss([pairs], personal).backward()
+            optimizer.step()
+    personal = {"prompt": torch.zeros(1, 0, model.lm.hidden_size), **{k: v.detach().unsqueeze(0) for k, v in params.items()}}
+    return personal, num_bytes({k: v.detach() for k, v in params.items()})
+
+
+def run_lamp(model: TextModel, examples: list[LampExample], methods: list[str], ks: list[int], seed: int = 0,
+             on_user: Callable[[], None] | None = None, out: Path | None = None) -> dict:  # fmt: skip
+    """Predict with every method for every K; returns the report dict (see the module docstring)."""
+    spec = task_spec(model.config.task)
+    torch.manual_seed(seed)
+    golds = {e.id: e.output for e in examples}
+    preds: dict[tuple[str, int], dict[str, str]] = {}
+    times: dict[tuple[str, int], list[float]] = {}
+    sizes: dict[tuple[str, int], list[int]] = {}
+
+    def record(method: str, k: int, example: LampExample, prediction: str, ms: float, nbytes: int = 0) -> None:
+        preds.setdefault((method, k), {})[example.id] = prediction
+        times.setdefault((method, k), []).append(ms)
+        sizes.setdefault((method, k), []).append(nbytes)
+
+    backbone: dict[str, str] = {}
+    if "backbone" in methods:
+        prompts = [model.query_prompt(e.input) for e in examples]
+        for start in range(0, len(prompts), 8):
+            for e, p in zip(examples[start : start + 8], model.predict(prompts[start : start + 8], None)):
+                backbone[e.id] = p
+    for index, example in enumerate(examples):
+        for k in ks:
+            profile = truncate_profile(example.profile, k)
+            if "backbone" in methods:
+                record("backbone", k, example, backbone[example.id], 0.0)
+            for method in methods:
+                if method.startswith("retrieval-k"):
+                    clock = time.perf_counter()
+                    prompt = model.query_prompt(example.input, profile, int(method.rsplit("k", 1)[1]))
+                    ms = (time.perf_counter() - clock) * 1e3
+                    record(method, k, example, model.predict([prompt], None)[0], ms)
+            if "per-user-lora" in methods:
+                clock = time.perf_counter()
+                personal, nbytes = per_user_lora(model, profile, seed * 100_003 + index)
+                ms = (time.perf_counter() - clock) * 1e3
+                record("per-user-lora", k, example, model.predict([model.query_prompt(example.input)], personal)[0], ms, nbytes)
+            if "pmeta" in methods or "pmeta+retrieval" in methods:
+                timings: dict[str, float] = {}
+                personal, _ = model.personalize([profile], timings=timings)
+                if "pmeta" in methods:
+                    record("pmeta", k, example, model.predict([model.query_prompt(example.input)], personal)[0], timings["total_ms"])
+                if "pmeta+retrieval" in methods:
+                    clock = time.perf_counter()
+                    prompt = model.query_prompt(example.input, profile, model.config.retrieve)
+                    ms = timings["total_ms"] + (time.perf_counter() - clock) * 1e3
+                    record("pmeta+retrieval", k, example, model.predict([prompt], personal)[0], ms)
+        if on_user is not None:
+            on_user()
+    results = []
+    for method in methods:
+        for k in ks:
+            if (method, k) not in preds:
+                continue
+            metrics = score(spec.name, preds[(method, k)], golds)
+            t = np.asarray(times[(method, k)])
+            results.append({"method": method, "k_profile": k, **{m: round(v, 4) for m, v in metrics.items()}, "users": len(examples),
+                            "adapt_ms_p50": round(float(np.percentile(t, 50)), 1), "adapt_ms_p95": round(float(np.percentile(t, 95)), 1),
+                            "bytes_per_user": int(np.mean(sizes[(method, k)]))})  # fmt: skip
+            if out is not None:
+                write_predictions(out / "predictions" / f"{method}-k{k}.json", spec.name, preds[(method, k)])
+    return {"task": spec.name, "metrics": list(spec.metrics), "users": len(examples), "k_profile": ks, "methods": methods, "seed": seed,
+            "lm": model.config.lm, "rating_decode": model.config.rating_decode if spec.kind == "rating" else None,
+            "inner_steps": model.config.inner_steps, "torch_threads": torch.get_num_threads(), "results": results}  # fmt: skip
+
+
+def write_lamp_report(report: dict, out: Path) -> list[Path]:
+    """report.json, report.md (one table per metric: methods × K) and one PNG per metric."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    ks = report["k_profile"]
+    cell = {(r["method"], r["k_profile"]): r for r in report["results"]}
+    lines = [f"# {report['task']}: {report['users']} test users, LM {report['lm']}", ""]
+    for metric in report["metrics"]:
+        better = "lower is better" if metric in ("mae", "rmse") else "higher is better"
+        lines += [f"## {metric} ({better})", "", "| method | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for method in report["methods"]:
+            lines.append(f"| {method} | " + " | ".join(f"{cell[(method, k)][metric]:.4f}" if (method, k) in cell else "" for k in ks) + " |")
+        lines.append("")
+    lines += ["## per-user cost", "", "| method | K | adapt ms p50 | adapt ms p95 | bytes per user |", "|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['method']} | {r['k_profile']} | {r['adapt_ms_p50']:.0f} | {r['adapt_ms_p95']:.0f} | {r['bytes_per_user']} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    written = [out / "report.json", out / "report.md"]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for metric in report["metrics"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in report["methods"]:
+            xs = [k for k in ks if (method, k) in cell]
+            ax.plot(xs, [cell[(method, k)][metric] for k in xs], marker="o", label=method)
+        ax.set_xlabel("profile items K")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{report['task']}: {metric} ({report['users']} users)")
+        ax.set_xticks(ks)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"{metric}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written

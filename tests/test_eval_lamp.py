@@ -1,0 +1,95 @@
+"""``pmeta eval lamp`` on tiny hand-written LaMP files and a tiny random Llama: report schema, metric
+ranges, plots, predictions files, determinism, and one-line CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from lamp_tiny import tiny_llama, write_lamp
+from typer.testing import CliRunner
+
+from pmeta.cli import app
+
+runner = CliRunner()
+METHODS = ["backbone", "retrieval-k1", "retrieval-k2", "retrieval-k3", "retrieval-k4", "per-user-lora", "pmeta", "pmeta+retrieval"]
+
+
+@pytest.fixture(scope="module")
+def lamp(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-lamp")
+    return {"root": root, "lm": tiny_llama(root / "llama"), "rating": write_lamp(root / "lamp3"),
+            "title": write_lamp(root / "lamp4", task="LaMP-4", users={"train": 6, "dev": 2, "test": 2})}  # fmt: skip
+
+
+def test_rating_report(lamp):
+    out = lamp["root"] / "report3"
+    args = ["eval", "lamp", "--data", str(lamp["rating"]), "--task", "LaMP-3", "--k-profile", "1,3", "--preset", "tiny",
+            "--lm", str(lamp["lm"]), "--users", "2", "--out", str(out), "--quiet"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "LaMP-3" and report["users"] == 2 and report["k_profile"] == [1, 3]
+    rows = {(r["method"], r["k_profile"]): r for r in report["results"]}
+    assert set(rows) == {(m, k) for m in METHODS for k in (1, 3)}
+    for row in report["results"]:
+        assert set(row) >= {"method", "k_profile", "mae", "rmse", "users", "adapt_ms_p50", "adapt_ms_p95", "bytes_per_user"}
+        assert 0 <= row["mae"] <= 4 and row["mae"] <= row["rmse"] + 1e-9 and row["rmse"] <= 4
+        assert row["adapt_ms_p95"] >= row["adapt_ms_p50"] >= 0
+    assert rows[("per-user-lora", 3)]["bytes_per_user"] > 0  # a per-user LoRA is stored per user
+    assert rows[("pmeta", 3)]["bytes_per_user"] == 0 and rows[("pmeta", 3)]["adapt_ms_p50"] > 0
+    assert rows[("backbone", 1)]["mae"] == rows[("backbone", 3)]["mae"]  # the backbone never reads the profile
+    # retrieval of k > K items is retrieval of all K items
+    assert rows[("retrieval-k4", 1)]["mae"] == rows[("retrieval-k1", 1)]["mae"]
+    md = (out / "report.md").read_text()
+    assert "## mae (lower is better)" in md and "| pmeta+retrieval |" in md
+    assert (out / "mae.png").stat().st_size > 1000 and (out / "rmse.png").is_file()
+    from pmeta.data.lamp import read_outputs
+
+    task, predictions = read_outputs(out / "predictions" / "pmeta-k3.json")
+    assert task == "LaMP_3" and len(predictions) == 2
+    # same bank, same seed: identical results
+    again = lamp["root"] / "again"
+    result = runner.invoke(app, ["eval", "lamp", "--data", str(lamp["rating"]), "--task", "LaMP-3", "--k-profile", "1,3", "--bank", str(out / "bank"),
+                                 "--users", "2", "--methods", "per-user-lora,pmeta", "--out", str(again), "--quiet"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for row in json.loads((again / "report.json").read_text())["results"]:
+        assert row["mae"] == rows[(row["method"], row["k_profile"])]["mae"]
+
+
+def test_title_report(lamp):
+    out = lamp["root"] / "report4"
+    args = ["eval", "lamp", "--data", str(lamp["title"]), "--task", "LaMP-4", "--k-profile", "2", "--preset", "tiny", "--lm", str(lamp["lm"]),
+            "--methods", "backbone,retrieval-k1,pmeta+retrieval", "--out", str(out), "--quiet"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["users"] == 2 and [r["method"] for r in report["results"]] == ["backbone", "retrieval-k1", "pmeta+retrieval"]
+    for row in report["results"]:
+        assert 0 <= row["rouge-L"] <= 1 and 0 <= row["rouge-1"] <= 1
+    assert (out / "rouge-L.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--methods", "backbone,oracle"], "unknown method 'oracle'"),
+        (["--k-profile", "1,x"], "--k-profile must be comma-separated integers"),
+        (["--task", "LaMP-6"], "LaMP-6 is not public"),
+        (["--split", "../x"], "plain name"),
+    ],
+)
+def test_cli_errors(lamp, extra, message):
+    args = ["eval", "lamp", "--data", str(lamp["rating"]), "--task", "LaMP-3", "--out", str(lamp["root"] / "err"), "--quiet", *extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.output
+
+
+def test_bank_of_another_task(lamp):
+    bank = lamp["root"] / "report3" / "bank"
+    if not bank.exists():
+        pytest.skip("needs the bank of test_rating_report")
+    result = runner.invoke(app, ["eval", "lamp", "--data", str(lamp["title"]), "--task", "LaMP-4", "--bank", str(bank), "--out", str(lamp["root"] / "x"), "--quiet"])
+    assert result.exit_code == 2 and "serves LaMP-3, not LaMP-4" in result.output

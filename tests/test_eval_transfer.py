@@ -1,0 +1,75 @@
+"""Transfer: a bank built on ml-latest-small evaluated on an ml-100k-layout catalogue it never saw.
+
+ml-100k is not on these machines; the target is a synthetic ml-100k-layout directory cut from the
+shipped sample (users and items renumbered, titles kept, every 7th title altered so that some items
+are unseen by the bank), whose test users are users the bank held out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pmeta.data import load_sample, read_movielens
+from pmeta.eval.protocol import split_users
+from pmeta.eval.runner import run_movielens
+from pmeta.eval.synthetic import write_ml100k_like
+from pmeta.eval.transfer import match_items, normalise_title, transfer_model
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ml100k-like")
+    summary = write_ml100k_like(load_sample(), directory, users=60, rename_every=7)
+    return directory, summary
+
+
+def test_synthetic_target_is_a_readable_ml100k_layout(target):
+    directory, summary = target
+    raw = (directory / "u.item").read_bytes()
+    raw.decode("latin-1")
+    assert raw.split(b"\n")[0].count(b"|") == 4 + 19
+    dataset = read_movielens(directory)
+    assert dataset.format == "ml-100k" and dataset.ratings.n_users == 60 and len(dataset.catalog) == summary["items"]
+    assert set(np.unique(dataset.ratings.rating)) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+
+
+def test_target_test_users_were_held_out_by_the_bank(target, opened_bank):
+    directory, summary = target
+    dataset = read_movielens(directory)
+    _, test_users = split_users(dataset, seed=0)
+    sources = {summary["user_map"][dataset.ratings.user_ids[int(u)]] for u in test_users}
+    assert len(sources) == 12 and sources <= set(opened_bank.record["held_out_users"])
+
+
+def test_items_match_by_title_and_unseen_items_are_text_only(target, opened_bank):
+    directory, summary = target
+    dataset = read_movielens(directory)
+    matched = match_items(opened_bank.catalog, dataset.catalog)
+    assert normalise_title("  Heat  (1995) ") == normalise_title("heat (1995)")
+    unseen = np.flatnonzero(matched < 0)
+    assert len(unseen) >= summary["renamed_titles"] > 0
+    for i in np.flatnonzero(matched >= 0)[:50]:
+        assert normalise_title(opened_bank.catalog.titles[matched[i]]) == normalise_title(dataset.catalog.titles[i])
+    model, info = transfer_model(opened_bank.model, opened_bank.catalog, dataset.catalog)
+    assert info["matched_items"] + info["unseen_items"] == len(dataset.catalog) and info["unseen_items"] == len(unseen)
+    head = model.t.head
+    assert torch.all(head["item_embedding"][torch.from_numpy(unseen)] == 0)
+    known = int(np.flatnonzero(matched >= 0)[0])
+    assert torch.equal(head["item_embedding"][known], opened_bank.model.t.head["item_embedding"][matched[known]])
+    # the target's text embeddings come from the same frozen encoder
+    expected = opened_bank.model.encoder.sentence_embeddings([dataset.catalog.text(known)])[0]
+    assert torch.allclose(model.t.item_text[known], expected, atol=1e-5)
+
+
+def test_transfer_eval_runs_every_bank_method(target, opened_bank):
+    directory, _ = target
+    dataset = read_movielens(directory)
+    methods = ["popularity", "itemknn", "backbone", "pmeta-no-steps", "pmeta"]
+    report = run_movielens(dataset, opened_bank, methods, (3,), ("pop99", "full"), max_users=3)
+    assert report["dataset"]["format"] == "ml-100k"
+    transfer = report["config"]["transfer"]
+    assert transfer["bank_dataset"] == "ml-latest-small" and transfer["target_items"] == len(dataset.catalog)
+    for r in report["results"]:
+        assert r["users"] == 3 and 0 <= r["ndcg@10"] <= r["hr@10"] <= 1

@@ -1,0 +1,64 @@
+"""The history parser's fuzz target (pmeta.fuzz), in-process and as the script users run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pmeta.data import Catalog, parse_history, resolve_history
+from pmeta.errors import InvalidHistory
+from pmeta.fuzz import TARGETS, fuzz_history, history_inputs, main, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_history_target_accepts_or_rejects_everything_it_is_fed():
+    report = run("history", examples=600, seed=1)
+    assert report["examples"] >= 300  # hypothesis may stop early on a small search space
+    assert set(report["outcomes"]) <= {"valid", "rejected"}
+    assert report["outcomes"].get("valid", 0) > 0 and report["outcomes"].get("rejected", 0) > 0
+
+
+@given(history_inputs())
+@settings(max_examples=300, deadline=None)
+def test_history_inputs_give_a_history_or_invalid_history(value):
+    assert fuzz_history(value) in ("valid", "rejected")
+
+
+CATALOG = Catalog([str(i) for i in range(1, 6)], ["A (1995)", "B (1995)", "B (1995)", "C", "D"], [[]] * 5)
+
+
+@given(st.lists(st.fixed_dictionaries({}, optional={"item_id": st.sampled_from(["1", "2", "3", "9", 4, "x"]), "text": st.sampled_from(["a (1995)", "b (1995)", "new", " C "]), "rating": st.sampled_from([0, 3.5, 4, 5])}), max_size=8), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_valid_histories_resolve_or_name_their_unknown_ids(items, ignore_unknown):
+    try:
+        history = parse_history({"user_id": "u", "items": items})
+    except InvalidHistory:
+        return
+    try:
+        resolved = resolve_history(history, CATALOG, ignore_unknown=ignore_unknown)
+    except InvalidHistory as error:
+        assert not ignore_unknown and "not in the catalogue" in str(error) and "\n" not in str(error)
+        return
+    assert len(resolved.item_indexes) == len(set(resolved.item_indexes))
+    assert all(0 <= index < len(CATALOG.item_ids) for index in resolved.item_indexes)
+    assert len(resolved.ratings) == len(resolved.item_indexes) + len(resolved.texts)
+
+
+def test_the_fuzz_script_runs():
+    result = subprocess.run([sys.executable, "-m", "pmeta.fuzz", "history", "--examples", "100", "--seed", "3"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["target"] == "history" and report["examples"] > 0
+
+
+def test_the_fuzz_command_line(capsys):
+    assert main(["--list"]) == 0
+    assert "history" in capsys.readouterr().out and set(TARGETS) >= {"history"}
+    assert main(["nope"]) == 2
+    assert "unknown target" in capsys.readouterr().err

@@ -1,0 +1,227 @@
+"""Text banks (LaMP-format tasks on a causal LM), on tiny hand-written LaMP files and a tiny random
+Llama: build -> open -> personalize -> predict -> export, integrity, history validation, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from lamp_tiny import RATING_PREFIX, tiny_llama, write_lamp
+from typer.testing import CliRunner
+
+from pmeta.cli import app
+from pmeta.errors import BankIntegrityError, BankNotFound, InvalidHistory, InvalidRequest
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text-bank")
+    lm_dir = tiny_llama(root / "llama")
+    data = write_lamp(root / "lamp3")
+    bank = root / "bank"
+    result = runner.invoke(app, ["bank", "build", "--format", "lamp", "--task", "LaMP-3", "--data", str(data), "--preset", "tiny", "--lm", str(lm_dir), "--out", str(bank), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "built text bank version" in result.output
+    return {"root": root, "lm": lm_dir, "data": data, "bank": bank}
+
+
+@pytest.fixture(scope="module")
+def opened(setup):
+    from pmeta.text.bank import TextBank
+
+    return TextBank.open(setup["bank"])
+
+
+def _profile(data: Path, split: str = "test", row: int = 0) -> tuple[dict, dict]:
+    question = json.loads((data / f"{split}_questions.json").read_text())[row]
+    return question, {"user_id": "u-1", "profile": question["profile"]}
+
+
+def test_build_record_and_storage(setup, opened):
+    from pmeta.storage import BankStore
+    from pmeta.text.bank import bank_kind
+
+    assert bank_kind(setup["bank"]) == "text"
+    reader = BankStore(setup["bank"]).open()
+    config = reader.record["config"]
+    assert config["kind"] == "text" and config["task"] == "LaMP-3" and config["lm"] == str(setup["lm"])
+    assert config["input_prefix"] == RATING_PREFIX  # learned from the train inputs
+    assert config["rating_decode"] in ("argmax", "expected")
+    assert len(reader.record["held_out_users"]) == 4  # the test split, recorded, never trained on
+    build = reader.read_json("build.json")
+    assert not set(build["train_users"]) & set(build["validation_users"])
+    trials = {float(k): v for k, v in build["chosen"]["inner_lr_trials"].items()}
+    assert {0.25, 1.0, 4.0} <= set(trials) and build["chosen"]["inner_lr_factor"] == min(trials, key=trials.get)
+    assert BankStore(setup["bank"]).verify()["ok"]
+    info = opened.info()
+    assert info["kind"] == "text" and info["anchors"] == 2
+    # every LoRA tensor carries an anchor axis; keys are the LM's targets
+    shapes = {k for k, _, _ in opened.model.lm.lora_shapes()}
+    assert {k[:-2] for k in opened.model.t.anchors if k != "prompt"} == shapes
+
+
+def test_personalize_predict(setup, opened):
+    question, history = _profile(setup["data"])
+    p = opened.personalize(history)
+    assert p.user_id == "u-1"
+    assert len(p.anchors) == 2 and abs(sum(a["weight"] for a in p.anchors) - 1) < 1e-4
+    config = opened.config
+    rank = config.top_k * config.anchor_rank + config.stack_rank
+    a_key = next(k for k in p.adapter if k.endswith(".A"))
+    assert p.adapter[a_key].shape[0] == rank  # fused anchors + stacked adapter, exact concatenation
+    for retrieve in (0, 2):
+        prediction = p.predict(question["input"], retrieve=retrieve)
+        assert 1.0 <= float(prediction) <= 5.0
+    with pytest.raises(InvalidRequest):
+        p.predict("", retrieve=0)
+    with pytest.raises(InvalidRequest):
+        p.predict(question["input"], retrieve=-1)
+    # deterministic, and a batch equals one user at a time
+    again = opened.personalize(history)
+    _, other = _profile(setup["data"], row=1)
+    many = opened.personalize_many([history, other])
+    single = opened.personalize(other)
+    for key in p.adapter:
+        assert torch.equal(p.adapter[key], again.adapter[key])
+        assert torch.allclose(many[0].adapter[key], p.adapter[key], atol=1e-5)
+        assert torch.allclose(many[1].adapter[key], single.adapter[key], atol=1e-5)
+
+
+def test_inner_steps_fit_the_support(setup, opened):
+    """The inner steps lower the support loss from the fused start (with the bank's step sizes)."""
+    _, history = _profile(setup["data"])
+    model = opened.model
+    pairs = [model.support_pairs(history["profile"])]
+    before = opened.personalize(history, steps=0)
+    after = opened.personalize(history, steps=2)
+    with torch.no_grad():
+        loss_before = float(model.pairs_loss(pairs, before._batched()))
+        loss_after = float(model.pairs_loss(pairs, after._batched()))
+    assert loss_after < loss_before
+
+
+def test_empty_profile_gets_the_prior(opened):
+    p = opened.personalize({"user_id": "new", "profile": []})
+    assert p.anchors == []
+    assert 1.0 <= float(p.predict(f"{RATING_PREFIX} works fine", retrieve=2)) <= 5.0
+
+
+@pytest.mark.parametrize(
+    "history, message",
+    [
+        ({"user_id": "u", "profile": [{"id": "1", "text": "ok", "score": "9"}]}, "profile[0].score"),
+        ({"user_id": "u", "profile": [{"id": "1", "score": "4"}]}, "missing field 'text'"),
+        ({"user_id": "../x", "profile": []}, "user_id"),
+        ({"user_id": "u", "items": []}, "items"),
+        (42, "expected a JSON object"),
+    ],
+)
+def test_history_errors(opened, history, message):
+    with pytest.raises(InvalidHistory, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        opened.personalize(history)
+
+
+def test_integrity_and_kinds(setup, tmp_path):
+    from pmeta import Bank
+    from pmeta.text.bank import TextBank
+
+    with pytest.raises(BankNotFound):
+        TextBank.open(tmp_path / "nothing")
+    with pytest.raises(BankIntegrityError):
+        Bank.open(setup["bank"])  # a text bank is not a MovieLens bank
+    copy = tmp_path / "bank"
+    shutil.copytree(setup["bank"], copy)
+    tensors = next(copy.glob("versions/*/tensors.safetensors"))
+    tensors.chmod(0o644)
+    data = bytearray(tensors.read_bytes())
+    data[-3] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(BankIntegrityError):
+        TextBank.open(copy)
+    result = runner.invoke(app, ["bank", "verify", str(copy)])
+    assert result.exit_code == 2 and "failed verification" in result.output
+
+
+def test_export_peft_roundtrip(setup, opened, tmp_path):
+    """PeftModel.from_pretrained(base, DIR) gives pmeta's in-memory logits (LoRA only) to 1e-4."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    question, history = _profile(setup["data"])
+    p = opened.personalize(history)
+    out = p.export_peft(tmp_path / "adapter")
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    lm = opened.model.lm
+    ids, mask = lm._pad(lm._encode_prompts([lm.format_prompt(question["input"])]), "right")
+    lora_only = {k: v.unsqueeze(0) for k, v in p.adapter.items() if k != "prompt"}
+    ours = lm.logits(ids, mask, lora_only)
+    base = AutoModelForCausalLM.from_pretrained(setup["lm"], attn_implementation="eager").eval()
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(base, out).eval()(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    assert not torch.allclose(ours, lm.logits(ids, mask, None), atol=1e-4)  # the adapter does change the model
+
+
+def test_cli_adapt_and_export(setup, tmp_path):
+    question, history = _profile(setup["data"])
+    path = tmp_path / "h.json"
+    path.write_text(json.dumps(history))
+    bank = str(setup["bank"])
+    result = runner.invoke(app, ["adapt", "--bank", bank, "--history", str(path), "--input", question["input"], "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["task"] == "LaMP-3" and 1.0 <= float(out["prediction"]) <= 5.0 and len(out["anchors"]) == 2
+    result = runner.invoke(app, ["adapt", "--bank", bank, "--history", str(path), "--input", question["input"], "--retrieve", "1"])
+    assert result.exit_code == 0 and "personalized in" in result.output
+    result = runner.invoke(app, ["export", "--bank", bank, "--history", str(path), "--out", str(tmp_path / "peft")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    for info in (["bank", "info", bank], ["bank", "verify", bank]):
+        assert runner.invoke(app, info).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["adapt", "--bank", "{bank}", "--history", "{history}"], "needs --input"),
+        (["adapt", "--bank", "{bank}", "--history", "{bad}", "--input", "x"], "profile[0].score"),
+        (["adapt", "--bank", "{bank}", "--history", "{missing}", "--input", "x"], "no such history file"),
+        (["bank", "build", "--format", "lamp", "--data", "{data}", "--out", "{tmp}/b"], "needs --task"),
+        (["bank", "build", "--format", "lamp", "--task", "LaMP-9", "--data", "{data}", "--out", "{tmp}/b"], "Unknown LaMP task"),
+        (["bank", "build", "--format", "lamp", "--task", "LaMP-3", "--data", "{tmp}", "--out", "{tmp}/b"], "train_questions.json"),
+        (["export", "--bank", "{tmp}/none", "--history", "{history}", "--out", "{tmp}/x"], "not a pmeta bank"),
+    ],
+)
+def test_cli_errors(setup, tmp_path, args, message):
+    history = tmp_path / "h.json"
+    history.write_text(json.dumps(_profile(setup["data"])[1]))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"user_id": "u", "profile": [{"id": "1", "text": "t", "score": "7"}]}))
+    values = {"bank": setup["bank"], "history": history, "bad": bad, "missing": tmp_path / "missing.json", "data": setup["data"], "tmp": tmp_path}
+    result = runner.invoke(app, [a.format(**values) for a in args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pmeta: error:") and message in lines[0], result.output
+
+
+def test_prompt_budget_and_template():
+    from pmeta.text.prompts import RETRIEVED_HEADER, PromptBuilder, input_prefix, support_pair
+    from pmeta.data.lamp import task_spec
+
+    assert input_prefix("LaMP-3", [f"{RATING_PREFIX} fine strings", f"{RATING_PREFIX} bad"]) == RATING_PREFIX
+    assert input_prefix("LaMP-4", ["Generate a title for the following product review: nice"]) == "Generate a title for the following product review:"
+    pair = support_pair(task_spec("LaMP-3"), {"id": "1", "text": "x " * 200, "score": "4"}, RATING_PREFIX, 40, 20)
+    assert pair.input.startswith(RATING_PREFIX) and len(pair.input) <= len(RATING_PREFIX) + 41 and pair.output == "4" and pair.kind == "options"
+    items = [{"id": str(i), "text": f"review number {i} " * 30, "score": "5"} for i in range(3)]
+    roomy = PromptBuilder("LaMP-3", max_tokens=400, item_chars=60)
+    text = roomy.text(f"{RATING_PREFIX} short one", items)
+    assert text.startswith(RETRIEVED_HEADER) and text.count("\n- ") == 3 and text.endswith("short one")
+    assert all(len(line) <= 2 + 60 for line in text.splitlines()[1:4])  # each item cut to item_chars
+    tight = PromptBuilder("LaMP-3", max_tokens=60, item_chars=60)
+    text = tight.text(f"{RATING_PREFIX} " + "a very long review " * 100, items)
+    assert text.startswith(RATING_PREFIX) and tight.count(text) <= 60  # items dropped, review cut, instruction kept
