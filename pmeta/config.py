@@ -88,9 +88,15 @@ def load_config(preset: str = "default", file: str | Path | None = None, overrid
 
     Raises InvalidConfig with one line naming the offending key.
     """
-    if preset not in PRESETS:
-        raise InvalidConfig(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    values = dict(PRESETS[preset])
+    return resolve_config(BankConfig, PRESETS, preset, file, overrides)
+
+
+def resolve_config(model: type[BaseModel], presets: dict[str, dict], preset: str, file: str | Path | None, overrides: dict | None):
+    """Validate ``model`` from a preset, then a TOML file's keys (top level or a [bank] table), then
+    explicit overrides (None = unset). Shared by MovieLens and text banks; one-line InvalidConfig errors."""
+    if preset not in presets:
+        raise InvalidConfig(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+    values = dict(presets[preset])
     if file is not None:
         path = Path(file)
         try:
@@ -105,7 +111,7 @@ def load_config(preset: str = "default", file: str | Path | None = None, overrid
         values.update(table)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
-        return BankConfig(**values)
+        return model(**values)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "config"

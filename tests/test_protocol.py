@@ -301,7 +301,8 @@ def test_baselines_score_the_whole_catalogue():
     dataset = random_dataset(n_users=40, n_items=150, seed=2)
     train, test = split_users(dataset)
     case = make_cases(dataset, test, k=3)[0]
-    for name, cls in BASELINES.items():
+    for name in ("random", "popularity", "itemknn", "ease"):  # the classical ones (the neural ones need a bank)
+        cls = BASELINES[name]
         model = cls(lam=100.0) if name == "ease" else cls()
         scores = model.fit(dataset, train).score(case.support, 3)
         assert scores.shape == (150,) and np.isfinite(scores).all(), name

@@ -578,8 +578,9 @@ def campaign(micro, micro_bank, tmp_path_factory):
         assert line, reader.stderr.read()
         reader.first_line = line
     before_final = active
+    tmp_before, _ = _versions_dir_state(bank)  # leftovers of killed builds do not count: wait for this build's own folder
     final = _cli_build(bank, micro)
-    assert _wait_for(lambda: bool(_versions_dir_state(bank)[0]), final, poll=0.02)
+    assert _wait_for(lambda: bool(_versions_dir_state(bank)[0] - tmp_before), final, poll=0.02)
     rival = subprocess.run([sys.executable, "-m", "pmeta", "bank", "build", "--data", str(micro["data"]), "--config", str(micro["config"]), "--out", str(bank), "--quiet"],
                            capture_output=True, text=True, env=ENV, timeout=300)
     final_out, final_err = final.communicate(timeout=600)

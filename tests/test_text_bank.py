@@ -132,8 +132,8 @@ def test_integrity_and_kinds(setup, tmp_path):
 
     with pytest.raises(BankNotFound):
         TextBank.open(tmp_path / "nothing")
-    with pytest.raises(BankIntegrityError):
-        Bank.open(setup["bank"])  # a text bank is not a MovieLens bank
+    with pytest.raises(InvalidRequest, match="text bank"):
+        Bank.open(setup["bank"])  # a text bank is not a MovieLens bank: the error says which to use
     copy = tmp_path / "bank"
     shutil.copytree(setup["bank"], copy)
     tensors = next(copy.glob("versions/*/tensors.safetensors"))

@@ -6,13 +6,12 @@ be rebuilt exactly and a reader knows which backbone and task it serves.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..errors import InvalidConfig
+from ..config import resolve_config
 from ..models.encoder import DEFAULT_ENCODER
 
 DEFAULT_LM = "bundled:SmolLM2-135M-Instruct"
@@ -88,22 +87,4 @@ TEXT_PRESETS: dict[str, dict] = {
 
 def load_text_config(preset: str = "default", file: str | Path | None = None, overrides: dict | None = None) -> TextConfig:
     """Preset, then a TOML file's keys (top level or a [bank] table), then explicit overrides (None = unset)."""
-    if preset not in TEXT_PRESETS:
-        raise InvalidConfig(f"unknown preset {preset!r}; choose one of {', '.join(TEXT_PRESETS)}")
-    values = dict(TEXT_PRESETS[preset])
-    if file is not None:
-        path = Path(file)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InvalidConfig(f"config file not found: {path}") from None
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise InvalidConfig(f"cannot read config file {path}: {exc}") from None
-        values.update(data.get("bank", data))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    try:
-        return TextConfig(**values)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
-        raise InvalidConfig(f"invalid config value for {where}: {first['msg']}") from None
+    return resolve_config(TextConfig, TEXT_PRESETS, preset, file, overrides)
