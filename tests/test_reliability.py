@@ -90,8 +90,15 @@ def micro(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def micro_bank(micro) -> Path:
+    """Built in this process with the thread count the CLI builds use (``--threads 2``): bitwise
+    determinism holds for a given thread count, and other test modules change torch's."""
     path = micro["root"] / "bank"
-    build_bank(read_movielens(micro["data"]), path, load_config("default", micro["config"]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        build_bank(read_movielens(micro["data"]), path, load_config("default", micro["config"]))
+    finally:
+        torch.set_num_threads(threads)
     return path
 
 
