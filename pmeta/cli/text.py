@@ -50,7 +50,7 @@ def adapt_text(bank: Path, history: Path, input: Optional[str], retrieve: Option
 
     if input is None or not input.strip():
         fail("a text bank needs --input TEXT (the input to predict for)")
-    task = BankStore(bank, db).open().record["config"].get("task", "")
+    task = BankStore(bank, db).record()["config"].get("task", "")
     parsed, _ = load_text_history(history, task)  # validated before the model loads
     if user is not None:
         parsed, _ = parse_text_history({**parsed.model_dump(), "user_id": user}, task, "--user")
@@ -83,7 +83,7 @@ def export(
     if not is_text_bank(bank, db):
         BankStore(bank, db).open()  # a missing or broken bank reports itself
         fail(f"bank {bank} is not a text bank; only text banks export PEFT adapters")
-    task = BankStore(bank, db).open().record["config"].get("task", "")
+    task = BankStore(bank, db).record()["config"].get("task", "")
     load_text_history(history, task)
     opened = TextBank.open(bank, db)
     path = opened.personalize(history, steps=steps).export_peft(out)

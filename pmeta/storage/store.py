@@ -156,6 +156,20 @@ class BankStore:
         (manifest included) does not match its checksum, or an unlisted file is present.
         Never creates a file or database.
         """
+        record = self.record(version)
+        version = record["id"]
+        folder = self.versions_dir / version
+        if not folder.is_dir():
+            raise BankIntegrityError(
+                f"bank version {version} is recorded but {VERSIONS_NAME}/{version} is missing"
+            )
+        entries = verified_entries(folder, record["manifest_sha256"])
+        return VersionReader(version, folder, record, entries)
+
+    def record(self, version: str | None = None) -> dict[str, Any]:
+        """The checksummed database record of ``version`` (the active one by default), without
+        reading its folder: cheap enough to dispatch on (e.g. the bank's kind); :meth:`open`
+        verifies the files. Raises like :meth:`open` for a missing bank, version or record."""
         engine = self._engine_for_reading()
         with self._db_errors(), Session(engine) as session:
             wanted_active = version is None
@@ -168,13 +182,7 @@ class BankStore:
                 if wanted_active:
                     raise BankIntegrityError(f"bank database {self._db_label()} is corrupt: the active version {version!r} has no record")
                 raise BankNotFound(f"bank {self.path} has no version {version!r}")
-        folder = self.versions_dir / version
-        if not folder.is_dir():
-            raise BankIntegrityError(
-                f"bank version {version} is recorded but {VERSIONS_NAME}/{version} is missing"
-            )
-        entries = verified_entries(folder, record["manifest_sha256"])
-        return VersionReader(version, folder, record, entries)
+        return record
 
     def versions(self) -> list[dict[str, Any]]:
         """Summaries of every published version, oldest first: id, created_at, dataset_name,

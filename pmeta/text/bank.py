@@ -42,9 +42,10 @@ def shared_lm(config: TextConfig):
 
 
 def bank_kind(path: str | Path, db_url: str | None = None, version: str | None = None) -> str:
-    """"text" or "movielens": the kind of the bank's active (or given) version, from its verified record."""
-    reader = BankStore(path, db_url).open(version)
-    return "text" if reader.record["config"].get("kind") == "text" else "movielens"
+    """"text" or "movielens": the kind of the bank's active (or given) version, from its checksummed
+    database record (the files are verified by the open that follows)."""
+    record = BankStore(path, db_url).record(version)
+    return "text" if record["config"].get("kind") == "text" else "movielens"
 
 
 @dataclass
