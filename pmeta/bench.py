@@ -13,7 +13,8 @@ Every number comes from this run; ratios are only compared inside one run. Secti
 * ``retrieval``: exact flat against HNSW / IVF over 1k, 100k, 1M clustered synthetic unit keys
   (d = 384), latency per query (one query per call) and recall@10 against exact;
 * ``vs_per_user_lora``: the OPPU recipe (:class:`pmeta.eval.oppu.PerUserLoRA`) on the same users:
-  training time per user, bytes per user, and loading a stored adapter from disk + scoring;
+  training time per user, bytes per user, and loading a stored adapter from disk + scoring; LoRA on
+  every layer as published, and restricted to pmeta's personalized layers;
 * ``peak_rss_mb``: the kernel high-water mark of a fresh ``pmeta adapt`` process.
 """
 
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +42,14 @@ def machine() -> dict:
     import faiss
 
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+            if cpu and flags:
                 break
     except OSError:
         pass
@@ -61,6 +67,7 @@ def machine() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "load_average_1min": load,
+        "cpu_bf16": sorted(flags & {"avx512_bf16", "amx_bf16"}),  # bf16 matrix instructions (precision=bfloat16 pays off)
     }
 
 
@@ -129,6 +136,16 @@ def bench_personalize(bank: Bank, k: int, count: int, steps: int | None = None) 
     return {"k": k, "steps": bank.config.inner_steps if steps is None else steps, "total_ms": _percentiles(totals), **{key: _percentiles(v) for key, v in parts.items()}}
 
 
+@contextmanager
+def precision(bank: Bank, value: str):
+    """The bank's model runs at ``value`` precision inside the block (as ``Bank.open(precision=)``)."""
+    saved, bank.model.precision = bank.model.precision, value
+    try:
+        yield
+    finally:
+        bank.model.precision = saved
+
+
 def personalize_flops(bank: Bank, k: int = 5) -> float:
     """GFLOP of one personalize + rank (torch's FLOP counter: matrix products and attention),
     a machine-independent measure of the work that the latency is made of."""
@@ -151,6 +168,11 @@ def bench_throughput(bank: Bank, batch: int, k: int = 5, users: int | None = Non
         start = time.perf_counter()
         bank.personalize_many(histories, batch_size=batch, method=method)
         out[f"{method}_users_per_s"] = users / (time.perf_counter() - start)
+    with precision(bank, "bfloat16"):
+        bank.personalize_many(histories[:2])  # warm-up
+        start = time.perf_counter()
+        bank.personalize_many(histories, batch_size=batch)
+        out["batched_bf16_users_per_s"] = users / (time.perf_counter() - start)
     start = time.perf_counter()
     for h in histories:
         bank.personalize(h)
@@ -252,46 +274,56 @@ def bench_retrieval(sizes: tuple[int, ...], queries: int = 100, k: int = 10, hns
 # ---------------------------------------------------------------------- OPPU comparison
 def bench_per_user_lora(bank: Bank, users: int, k: int = 5) -> dict:
     """The OPPU recipe on the same users as pmeta: train a rank-8 LoRA from scratch per user
-    (:class:`pmeta.eval.oppu.PerUserLoRA`), store it as safetensors, load it back and score."""
+    (:class:`pmeta.eval.oppu.PerUserLoRA`) on every encoder layer as published, store it as
+    safetensors, load it back and score; and the same LoRA restricted to the layers pmeta
+    personalizes (whose frozen lower layers then run once), the cheapest variant of the recipe."""
     from safetensors.torch import load_file
 
     from .eval.oppu import PerUserLoRA
 
-    oppu = PerUserLoRA(bank.model)
     histories = sample_histories(bank, k, users, seed=2)
     supports = [np.array(bank.user_input(bank.as_history(h)).liked_items, dtype=np.int64) for h in histories]
-    train_ms, load_ms, pmeta_ms, sizes = [], [], [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        oppu.fit(supports[0])  # warm-up
-        for n, (h, support) in enumerate(zip(histories, supports)):
-            start = time.perf_counter()
-            lora = oppu.fit(support)
-            train_ms.append((time.perf_counter() - start) * 1e3)
-            path = Path(tmp) / f"user{n}.safetensors"
-            path.write_bytes(oppu.adapter_bytes(lora))
-            sizes.append(path.stat().st_size)
-            user = bank.user_input(bank.as_history(h))
-            start = time.perf_counter()
-            loaded = load_file(str(path))
-            batch = bank.model.user_batch([user])
-            scores = bank.model.final_scores(batch, oppu._personal(loaded))[0].numpy()
-            top_indexes(scores, 10)
-            load_ms.append((time.perf_counter() - start) * 1e3)
-            start = time.perf_counter()
-            bank.personalize(h).rank(10)
-            pmeta_ms.append((time.perf_counter() - start) * 1e3)
-    train, load, ours = (float(np.median(v)) for v in (train_ms, load_ms, pmeta_ms))
+    pmeta_ms = []
+    for h in histories[:1] + histories:  # first call: warm-up
+        start = time.perf_counter()
+        bank.personalize(h).rank(10)
+        pmeta_ms.append((time.perf_counter() - start) * 1e3)
+    ours = float(np.median(pmeta_ms[1:]))
+    last = bank.model.encoder.shape.layers - 1
+    recipes = {}
+    for layers in ("all", "bank"):
+        oppu = PerUserLoRA(bank.model, layers=layers)
+        train_ms, load_ms, sizes = [], [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            oppu.fit(supports[0])  # warm-up
+            for n, (h, support) in enumerate(zip(histories, supports)):
+                start = time.perf_counter()
+                lora = oppu.fit(support)
+                train_ms.append((time.perf_counter() - start) * 1e3)
+                path = Path(tmp) / f"user{n}.safetensors"
+                path.write_bytes(oppu.adapter_bytes(lora))
+                sizes.append(path.stat().st_size)
+                user = bank.user_input(bank.as_history(h))
+                start = time.perf_counter()
+                top_indexes(oppu.final_scores(user, load_file(str(path))).cpu().numpy(), 10)
+                load_ms.append((time.perf_counter() - start) * 1e3)
+        train, load = float(np.median(train_ms)), float(np.median(load_ms))
+        recipes[layers] = {
+            "recipe": f"rank-{oppu.rank} LoRA on query/value of layers {oppu.first_layer}-{last}, Adam lr {oppu.lr}, {oppu.steps} steps on the support items",
+            "oppu_train_ms_per_user": _percentiles(train_ms),
+            "oppu_bytes_per_user": int(np.median(sizes)),
+            "oppu_load_and_score_ms": _percentiles(load_ms),
+            "speedup_vs_training": train / ours,
+            "ratio_vs_loading_stored_adapter": ours / load,
+        }
     return {
         "users": users,
         "k": k,
-        "recipe": f"rank-{oppu.rank} LoRA on query/value of layers {bank.config.prompt_layer}-{bank.model.encoder.shape.layers - 1}, Adam lr {oppu.lr}, {oppu.steps} steps on the support items",
-        "oppu_train_ms_per_user": _percentiles(train_ms),
-        "oppu_bytes_per_user": int(np.median(sizes)),
-        "oppu_load_and_score_ms": _percentiles(load_ms),
-        "pmeta_personalize_and_rank_ms": _percentiles(pmeta_ms),
+        **recipes["all"],
+        "pmeta_personalize_and_rank_ms": _percentiles(pmeta_ms[1:]),
         "pmeta_bytes_per_user": 0,
-        "speedup_vs_training": train / ours,
-        "ratio_vs_loading_stored_adapter": ours / load,
+        "pmeta_layers": bank.config.prompt_layer,
+        "restricted_to_pmeta_layers": recipes["bank"],
     }
 
 
@@ -384,17 +416,19 @@ def _run(paths: list[Path], quick: bool, db_url: str | None, retrieval_sizes, bu
         bank_info.append({"name": name, "path": str(path), "version": bank.version, "meta": bank.config.meta, "inner_steps": bank.config.inner_steps, "anchors": int(bank.model.t.anchor_keys.shape[0]), "items": len(bank.catalog), "build_seconds": build.get("seconds"), "bytes": bank_bytes(path), "tiny_for_quick": built_tiny})
     main = opened[0]
     headline = by_bank[bank_info[0]["name"]]["k5"]["total_ms"]
+    with precision(main, "bfloat16"):
+        bf16 = bench_personalize(main, 5, count)
     batches = (1, 4) if smoke else (1, 8, 16) if quick else (1, 8, 64)
     throughput = [bench_throughput(main, b, users=4 if smoke else None) for b in batches]
     rank = bench_rank(main, (1_000,) if smoke else (1_000, 10_000) if quick else (1_000, 10_000, 100_000), repeats=3 if smoke else 5 if quick else 20)
     retrieval = bench_retrieval(retrieval_sizes or ((1_000, 10_000) if quick else (1_000, 100_000, 1_000_000)), queries=30 if quick else 100)
     versus = bench_per_user_lora(main, 1 if smoke else 3 if quick else 10)
-    users_personalized = sum(3 * (count + 2) for _ in paths) + sum(t["users"] * 3 + 2 for t in throughput) + versus["users"]
+    users_personalized = sum(3 * (count + 2) for _ in paths) + sum(t["users"] * 3 + 2 for t in throughput) + versus["users"] + 1
     after = [tree_state(p) for p in paths]
     return {
         "machine": machine(),
         "banks": bank_info,
-        "personalize_ms": {"k": 5, "steps": main.config.inner_steps, "bank": bank_info[0]["name"], "p50": headline["p50"], "p95": headline["p95"], "gflop": personalize_flops(main), "by_bank": by_bank},
+        "personalize_ms": {"k": 5, "steps": main.config.inner_steps, "bank": bank_info[0]["name"], "p50": headline["p50"], "p95": headline["p95"], "gflop": personalize_flops(main), "by_bank": by_bank, "bfloat16_k5": bf16},
         "throughput_users_per_s": {f"batch{t['batch']}": t for t in throughput},
         "rank_ms": rank,
         "peak_rss_mb": adapt_process_rss(paths[0], sample_histories(main, 5, 1)[0]),
@@ -408,7 +442,7 @@ def _run(paths: list[Path], quick: bool, db_url: str | None, retrieval_sizes, bu
 def format_table(report: dict) -> str:
     m = report["machine"]
     lines = [
-        f"machine: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), torch {m['torch']} with {m['torch_threads']} threads, faiss {m['faiss_threads']} threads, GPU: {m['gpu'] or 'none'}, load {m['load_average_1min']}",
+        f"machine: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), torch {m['torch']} with {m['torch_threads']} threads, faiss {m['faiss_threads']} threads, GPU: {m['gpu'] or 'none'}, bf16 instructions: {', '.join(m.get('cpu_bf16') or []) or 'none'}, load {m['load_average_1min']}",
     ]
     for b in report["banks"]:
         lines.append(f"bank {b['name']}: {b['path']} {b['version']} ({b['anchors']} anchors, {b['items']} items, {b['inner_steps']} inner steps), {b['bytes'] / 1e6:.1f} MB" + (" [tiny, built for --quick]" if b["tiny_for_quick"] else ""))
@@ -418,10 +452,12 @@ def format_table(report: dict) -> str:
             lines.append(
                 f"  {name:<8} K={r['k']}             {r['total_ms']['p50']:7.1f}    {r['total_ms']['p95']:7.1f} | {r['embed_ms']['p50']:5.1f}  {r['retrieve_ms']['p50']:8.2f}  {r['fuse_ms']['p50']:4.2f}  {r['adapt_ms']['p50']:11.1f}  {r['rank_ms']['p50']:5.1f}"
             )
+    r = report["personalize_ms"]["bfloat16_k5"]
+    lines.append(f"  {'bf16':<8} K=5             {r['total_ms']['p50']:7.1f}    {r['total_ms']['p95']:7.1f} | {r['embed_ms']['p50']:5.1f}  {r['retrieve_ms']['p50']:8.2f}  {r['fuse_ms']['p50']:4.2f}  {r['adapt_ms']['p50']:11.1f}  {r['rank_ms']['p50']:5.1f}   (first bank, precision=bfloat16)")
     lines.append(f"  work of one personalize + rank at K=5: {report['personalize_ms']['gflop']:.2f} GFLOP")
-    lines += ["", "personalize_many (users/s)   batched     vmap     loop"]
+    lines += ["", "personalize_many (users/s)   batched     vmap     loop   batched bf16"]
     for t in report["throughput_users_per_s"].values():
-        lines.append(f"  batch {t['batch']:<3} ({t['users']} users)   {t['batched_users_per_s']:8.1f} {t['vmap_users_per_s']:8.1f} {t['loop_users_per_s']:8.1f}")
+        lines.append(f"  batch {t['batch']:<3} ({t['users']} users)   {t['batched_users_per_s']:8.1f} {t['vmap_users_per_s']:8.1f} {t['loop_users_per_s']:8.1f}   {t['batched_bf16_users_per_s']:8.1f}")
     lines += ["", "rank (score + top 10) vs catalogue size:"]
     for r in report["rank_ms"]:
         lines.append(f"  {r['items']:>9,} items   p50 {r['ms']['p50']:7.2f} ms   p95 {r['ms']['p95']:7.2f} ms")
@@ -433,12 +469,14 @@ def format_table(report: dict) -> str:
         auto = " (auto)" if r["auto_choice"] else ""
         lines.append(f"  {r['keys']:>9,} keys  {r['index']:<5}{auto:<7} p50 {r['ms_per_query']['p50']:8.3f} ms  p95 {r['ms_per_query']['p95']:8.3f} ms  recall@10 {r['recall@10']:.3f}  build {r['build_s']:.1f} s")
     v = report["vs_per_user_lora"]
+    lines += ["", f"vs per-user LoRA (OPPU recipe; {v['users']} users, K={v['k']}; pmeta personalize+rank p50 {v['pmeta_personalize_and_rank_ms']['p50']:.0f} ms, 0 bytes per user):"]
+    for label, r in (("as published", v), ("restricted to pmeta's layers", v["restricted_to_pmeta_layers"])):
+        lines += [
+            f"  {label}: {r['recipe']}",
+            f"    train per user p50 {r['oppu_train_ms_per_user']['p50']:.0f} ms -> pmeta {r['speedup_vs_training']:.1f}x faster; {r['oppu_bytes_per_user']:,} bytes per user (safetensors)",
+            f"    load stored adapter + score p50 {r['oppu_load_and_score_ms']['p50']:.1f} ms -> pmeta/that = {r['ratio_vs_loading_stored_adapter']:.2f}",
+        ]
     lines += [
-        "",
-        f"vs per-user LoRA (OPPU recipe: {v['recipe']}; {v['users']} users, K={v['k']}):",
-        f"  train per user p50 {v['oppu_train_ms_per_user']['p50']:.0f} ms  vs pmeta personalize+rank p50 {v['pmeta_personalize_and_rank_ms']['p50']:.0f} ms  -> pmeta {v['speedup_vs_training']:.1f}x faster",
-        f"  bytes per user: OPPU {v['oppu_bytes_per_user']:,} (safetensors)  vs pmeta {v['pmeta_bytes_per_user']}",
-        f"  OPPU load stored adapter + score p50 {v['oppu_load_and_score_ms']['p50']:.1f} ms  -> pmeta/that = {v['ratio_vs_loading_stored_adapter']:.2f}",
         "",
         f"peak RSS of `pmeta adapt`: {report['peak_rss_mb']:.0f} MB",
         f"bytes stored per user: {report['bytes_stored_per_user']} (banks unchanged after {report['users_personalized']} users)",

@@ -43,3 +43,7 @@ class BankBusy(PmetaError):
 
 class BankUnavailable(PmetaError):
     """The bank's metadata database cannot be reached or used now (server down, no permission)."""
+
+
+class TrainingDiverged(PmetaError, FloatingPointError):
+    """Meta-training produced a non-finite loss or gradient (no bank version is published)."""

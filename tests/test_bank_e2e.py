@@ -152,3 +152,37 @@ def test_not_a_bank(tmp_path):
     with pytest.raises(pmeta.BankNotFound):
         pmeta.Bank.open(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_early_stopping_never_leaves_the_validation_ranking_worse():
+    """Every stage keeps its tensors at their best validation nDCG@10 (averaged over K = 1, 3, 5,
+    measured before training and at checkpoints), so the built model ranks validation users at least
+    as well as the untrained initialisation did; the score is recorded in the build record."""
+    from pmeta import load_config
+    from pmeta.bank.build import build_model
+    from pmeta.data.sample import load_sample
+
+    config = load_config("tiny", overrides={"early_stopping": True, "validation_fraction": 0.05, "tower_steps": 60})
+    _, record = build_model(load_sample(), config)
+    stopping = record["validation"]["early_stopping"]
+    assert stopping["metric"] == "ndcg" and -1.0 <= stopping["start"] < 0  # minus a positive nDCG
+    assert stopping["final"] <= stopping["start"] + 1e-9
+
+
+def test_bfloat16_precision_ranks_like_float32(tiny_bank, opened_bank):
+    """precision="bfloat16" runs the encoder passes under bf16 autocast; scores stay float32 and
+    the top-10 lists match float32's (the same inner steps, the same anchors)."""
+    fast = pmeta.Bank.open(tiny_bank, precision="bfloat16")
+    users = [history(f"u{n}", items) for n, items in enumerate([["2571", "1196", "260"], ["1", "2355", "3114", "78499", "4886"], ["296"]])]
+    for h in users:
+        exact, approx = opened_bank.personalize(h), fast.personalize(h)
+        assert approx.scores.dtype == exact.scores.dtype == np.float32
+        assert [a["anchor"] for a in approx.anchors] == [a["anchor"] for a in exact.anchors]
+        finite = np.isfinite(exact.scores)
+        assert np.array_equal(finite, np.isfinite(approx.scores))
+        assert np.abs(approx.scores[finite] - exact.scores[finite]).max() < 0.1 * exact.scores[finite].std()
+        top_exact, top_approx = ({r.item_id for r in p.rank(10)} for p in (exact, approx))
+        assert len(top_exact & top_approx) >= 8
+    assert opened_bank.model.precision == "float32"  # opening another handle changes nothing here
+    with pytest.raises(pmeta.errors.InvalidConfig, match="precision"):
+        pmeta.Bank.open(tiny_bank, precision="fp8")

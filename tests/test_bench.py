@@ -72,6 +72,9 @@ def test_bench_smoke_report(tiny_bank):
     v = report["vs_per_user_lora"]
     assert v["oppu_bytes_per_user"] > 10_000 and v["pmeta_bytes_per_user"] == 0
     assert v["speedup_vs_training"] > 0
+    restricted = v["restricted_to_pmeta_layers"]
+    assert restricted["oppu_bytes_per_user"] < v["oppu_bytes_per_user"]  # fewer layers carry the LoRA
+    assert "layers 0-" in v["recipe"] and "layers 0-" not in restricted["recipe"]
     assert 50 < report["peak_rss_mb"] < 4000
     assert report["bytes_stored_per_user"] == 0
     assert "personalize + rank" in bench.format_table(report)

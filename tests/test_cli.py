@@ -76,3 +76,10 @@ def test_bank_info_and_verify(tiny_bank):
 
 def test_bad_preset_is_one_line(tmp_path):
     assert_one_line_error(pmeta("bank", "build", "--out", str(tmp_path / "b"), "--preset", "huge"), "preset")
+
+
+def test_adapt_precision_option(tiny_bank):
+    ok = pmeta("adapt", "--bank", str(tiny_bank), "--history", str(EXAMPLE), "--precision", "bfloat16", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert len(json.loads(ok.stdout)["recommendations"]) == 10
+    assert_one_line_error(pmeta("adapt", "--bank", str(tiny_bank), "--history", str(EXAMPLE), "--precision", "fp8"), "precision")

@@ -75,8 +75,9 @@ def test_per_user_lora_is_a_stored_rank8_adapter(opened_bank):
     method = PerUserLoRA(opened_bank.model, steps=3)
     support = np.array([0, 1, 2])
     adapter = method.fit(support)
-    layers = opened_bank.model.encoder.shape.layers - opened_bank.config.prompt_layer
-    assert len(adapter) == 2 * 2 * layers  # A and B for query and value of every personalized layer
+    layers = opened_bank.model.encoder.shape.layers  # as published: every layer
+    assert len(adapter) == 2 * 2 * layers  # A and B for query and value of every layer
+    assert opened_bank.config.prompt_layer > 0 and "layer0.query.A" in adapter
     assert all(v.shape[0] == 8 for k, v in adapter.items() if k.endswith(".A"))
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if k.endswith(".B"))  # trained: B left zero
     stored = method.adapter_bytes(adapter)
@@ -125,3 +126,24 @@ def test_every_method_is_a_registered_class_with_one_interface():
     assert set(BASELINES) == set(DEFAULT_METHODS)
     for name, cls in BASELINES.items():
         assert cls.name == name and callable(cls.create) and callable(cls.score) and isinstance(cls.bytes_per_user, int)
+
+
+def test_per_user_lora_below_the_prompt_layer_changes_scores_exactly_as_a_full_pass(opened_bank):
+    """The LoRA on layers below the prompt layer is applied (scores move), and the split pass
+    (token embeddings -> LoRA layers -> pmeta's upper pass) equals one pass with the LoRA on every layer."""
+    from pmeta.eval.neural import support_input
+    from pmeta.eval.oppu import PerUserLoRA
+
+    model = opened_bank.model
+    every = PerUserLoRA(model, steps=2, layers="all")
+    upper = PerUserLoRA(model, steps=2, layers="bank")
+    assert upper.first_layer == model.config.prompt_layer and every.first_layer == 0
+    user = support_input(model, np.array([3, 4, 5]))
+    lora = every.fit(np.array([3, 4, 5]))
+    top_only = {k: v for k, v in lora.items() if int(k.split(".")[0][5:]) >= model.config.prompt_layer}
+    with torch.no_grad():
+        full = every.final_scores(user, lora)
+        restricted = upper.final_scores(user, top_only)
+        zero_below = every.final_scores(user, {k: (torch.zeros_like(v) if k.endswith(".B") and k not in top_only else v) for k, v in lora.items()})
+    assert not torch.allclose(full, restricted)  # the lower-layer LoRA does something
+    torch.testing.assert_close(zero_below, restricted, atol=1e-4, rtol=1e-4)  # and nothing else differs

@@ -24,9 +24,9 @@ from pydantic import ValidationError
 from ..config import BankConfig
 from ..data.history import UserHistory, load_history, parse_history, resolve_history
 from ..data.types import POSITIVE_RATING, Catalog
-from ..errors import BankIntegrityError, InvalidRequest
+from ..errors import BankIntegrityError, InvalidConfig, InvalidRequest
 from ..fusion.index import AnchorIndex
-from ..models.encoder import FunctionalEncoder
+from ..models.encoder import PRECISIONS, FunctionalEncoder
 from ..storage import BankStore
 from .model import PmetaModel, Tensors, UserInput
 
@@ -151,11 +151,17 @@ class Bank:
         self.record = record
 
     @classmethod
-    def open(cls, path: str | Path, db_url: str | None = None, version: str | None = None, device: str = "cpu") -> "Bank":
+    def open(cls, path: str | Path, db_url: str | None = None, version: str | None = None, device: str = "cpu", precision: str = "float32") -> "Bank":
         """Open the active (or a given) version; every file is checked against its sha256 first.
 
-        Raises BankNotFound when ``path`` is not a bank, BankIntegrityError when a file was altered.
+        ``precision="bfloat16"`` runs the encoder passes of personalization (inner steps included)
+        under bf16 autocast: ~2× the throughput on CPUs with AVX512-BF16/AMX and on GPUs; scores and
+        the ranking head stay float32 (top-10 lists matched float32's in the tests).
+        Raises BankNotFound when ``path`` is not a bank, BankIntegrityError when a file was altered,
+        InvalidConfig for an unknown precision.
         """
+        if precision not in PRECISIONS:
+            raise InvalidConfig(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         store = BankStore(path, db_url)
         reader = store.open(version)
         if reader.record["config"].get("kind") == "text":
@@ -172,6 +178,7 @@ class Bank:
         index = AnchorIndex.from_bytes(reader.read_bytes(INDEX_FILE))  # checksum verified by store.open
         encoder = shared_encoder(config.encoder, device)
         model = PmetaModel(config, encoder, catalog.texts(), tensors, index=index)
+        model.precision = precision
         return cls(store, reader.id, config, model, catalog, reader.record)
 
     # ------------------------------------------------------------------ histories

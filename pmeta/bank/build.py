@@ -101,6 +101,14 @@ def prompt_from_text(encoder: FunctionalEncoder, texts: list[str], length: int, 
     return rows.clone()
 
 
+ValidationSet = tuple[list[UserInput], list[np.ndarray], list[int]]  # (inputs, queries, users) of one support size
+
+
+def validation_sets(positives: dict[int, np.ndarray], users: np.ndarray, texts: list[str], ks: tuple[int, ...] = (1, 3, 5)) -> dict[int, ValidationSet]:
+    """The validation users' fixed episodes for each support size K (the same query items, 6..15)."""
+    return {k: fixed_episode(positives, users, texts, k=k) for k in ks}
+
+
 def validation_loss(model: PmetaModel, inputs: list[UserInput], queries: list[np.ndarray], rated: dict[int, np.ndarray], users: list[int]):
     """A checkpoint for early stopping: the mean query cross-entropy of validation users after the
     serving path (retrieve, fuse, inner steps), with support = first 5 positives, query = 6..15."""
@@ -116,10 +124,22 @@ def validation_loss(model: PmetaModel, inputs: list[UserInput], queries: list[np
     return loss
 
 
+def validation_ranking(model: PmetaModel, sets: dict[int, ValidationSet], rated: dict[int, np.ndarray]):
+    """A checkpoint for early stopping on the metric the evaluation reports: minus the full-ranking
+    nDCG@10 of validation users after the serving path, averaged over the support sizes K of ``sets``."""
+    if not any(inputs for inputs, _, _ in sets.values()):
+        return None
+
+    def loss() -> float:
+        return -float(np.mean([validate(model, *sets[k][:2], rated, sets[k][2])["ndcg@10"] for k in sets]))
+
+    return loss
+
+
 @torch.no_grad()
 def validate(model: PmetaModel, inputs: list[UserInput], queries: list[np.ndarray], rated: dict[int, np.ndarray], users: list[int], batch: int = 32) -> dict[str, float]:
-    """Full-ranking HR@10 and MRR on validation users (support = first 5 positives, query = 6..15),
-    with the protocol's own rank and metric definitions."""
+    """Full-ranking HR@10, nDCG@10 and MRR on validation users (support = first K positives,
+    query = 6..15), with the protocol's own rank and metric definitions."""
     if not inputs:
         return {"users": 0}
     per_user = []
@@ -132,7 +152,7 @@ def validate(model: PmetaModel, inputs: list[UserInput], queries: list[np.ndarra
             query = queries[start + row]
             ranks = rank_positives(scores[row], query, np.broadcast_to(never_rated, (len(query), len(never_rated))))
             per_user.append(metrics_from_ranks(ranks))
-    return {"users": len(per_user), **{name: float(np.mean([m[name] for m in per_user])) for name in ("hr@10", "mrr")}}
+    return {"users": len(per_user), **{name: float(np.mean([m[name] for m in per_user])) for name in ("hr@10", "ndcg@10", "mrr")}}
 
 
 def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None = None) -> tuple[PmetaModel, dict]:
@@ -190,9 +210,14 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     strategy = get_strategy(config.meta)
     # under torchrun each rank meta-trains on its own shard of users with its own episode stream
     sampler = EpisodeSampler(positives, rated, distributed.shard(train_with_pos), texts, config, seed=distributed.rank_seed(config.seed + 2))
-    val_inputs, val_queries, val_kept = fixed_episode(positives, val_users, texts)
-    checkpoint = validation_loss(model, val_inputs, val_queries, rated, val_kept) if config.early_stopping else None
+    val_sets = validation_sets(positives, val_users, texts)
+    val_inputs, val_queries, val_kept = val_sets[5]
+    checkpoint = None
+    if config.early_stopping:
+        checkpoint = validation_ranking(model, val_sets, rated) if config.early_stopping_metric == "ndcg" else validation_loss(model, val_inputs, val_queries, rated, val_kept)
     validation: dict[str, dict[str, float]] = {}
+    if checkpoint is not None:
+        validation["early_stopping"] = {"metric": config.early_stopping_metric, "start": checkpoint()}
     if config.validate_stages:
         validation["start"] = validate(model, val_inputs, val_queries, rated, val_kept)
     losses: dict[str, list[float]] = {}
@@ -208,15 +233,21 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     run(global_stage(model, config), config.global_steps)
     if config.validate_stages:
         validation["global"] = validate(model, val_inputs, val_queries, rated, val_kept)
-    # Anchors start from the meta-learned global prior.
+    # Anchors start from the meta-learned global prior (unless that ranks validation users worse than
+    # the anchors' current values: early stopping then keeps those, so no step makes the model worse).
+    before = (checkpoint(), dict(tensors.anchors)) if checkpoint is not None else None
     for key, value in tensors.global_adapter.items():
         tensors.anchors[key] = value.detach().unsqueeze(0).repeat(n_anchors, *([1] * value.dim())).contiguous()
+    if before is not None and checkpoint() > before[0]:
+        tensors.anchors.update(before[1])
     assignment_by_user = {int(u): int(a) for u, a in zip(train_with_pos, assignment)}
     run(anchor_stage(model, config, assignment_by_user), config.anchor_steps)
     if config.validate_stages:
         validation["anchors"] = validate(model, val_inputs, val_queries, rated, val_kept)
     run(stack_stage(model, config), config.stack_steps)
     validation["final"] = validate(model, val_inputs, val_queries, rated, val_kept)
+    if checkpoint is not None:
+        validation["early_stopping"]["final"] = checkpoint()  # never above "start": every stage keeps its best
 
     medoids = []
     for a in range(n_anchors):

@@ -22,6 +22,7 @@ import torch
 
 from ..adapt.inner import adapt
 from ..adapt.strategies import Strategy
+from ..errors import TrainingDiverged
 from ..fusion.fuse import fuse, fusion_weights
 from ..models.personal import Adapter, expand_users, stack
 from ..tasks import ranking
@@ -174,11 +175,13 @@ def _optimize(groups: list[dict], loss_fn: Callable[[], torch.Tensor], steps: in
             loss = loss_fn()
             loss.backward()
             loss_value = distributed.average_gradients(params, loss)  # all-reduce across ranks; loss.item() alone
-            torch.nn.utils.clip_grad_norm_(params, clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            if not (np.isfinite(loss_value) and bool(torch.isfinite(norm))):
+                if best is not None:  # early stopping: end the stage at its best checkpoint (restored below)
+                    break
+                raise TrainingDiverged(f"meta-training diverged (loss {loss_value}); lower the learning rates or inner_lr, or enable early_stopping")
             optimizer.step()
             losses.append(loss_value)
-            if not np.isfinite(losses[-1]):
-                raise FloatingPointError(f"meta-training diverged (loss {losses[-1]}); lower the learning rates or inner_lr")
             if on_step is not None:
                 on_step(losses[-1])
             if best is not None and ((step + 1) % every == 0 or step + 1 == steps):

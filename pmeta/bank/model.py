@@ -88,17 +88,22 @@ class PmetaModel:
         self.encoder = encoder
         self.item_texts = item_texts
         self.t = tensors
+        self.precision = "float32"  # or "bfloat16": the encoder passes under bf16 autocast (see FunctionalEncoder.autocast)
         self.index = index if index is not None else AnchorIndex.build(tensors.anchor_keys.detach().cpu().numpy(), kind=config.index, flat_below=config.index_flat_below, seed=config.seed)
 
     # ------------------------------------------------------------------ inputs
-    def user_batch(self, users: list[UserInput]) -> ranking.UserBatch:
-        """Tokenise each user's history text and run the frozen layers below the prompt layer once."""
+    def user_batch(self, users: list[UserInput], layer: int | None = None) -> ranking.UserBatch:
+        """Tokenise each user's history text and run the frozen layers below the prompt layer once.
+
+        ``layer`` stops below another layer instead (0 = token embeddings only: the per-user LoRA
+        baseline, which adapts every layer, runs the rest itself)."""
         limit = self.config.max_history_items
         texts = [" | ".join(u.texts[-limit:]) for u in users]
         ids, mask = self.encoder.tokenize(texts, self.config.max_tokens)
         empty = torch.tensor([len(u.texts) == 0 for u in users], device=mask.device)
         mask = mask.masked_fill(empty[:, None], 0)  # an empty history reads no tokens at all
-        hidden = self.encoder.lower(ids, mask, self.config.prompt_layer)
+        with self.encoder.autocast(self.precision):
+            hidden = self.encoder.lower(ids, mask, self.config.prompt_layer if layer is None else layer)
         width = max([len(u.liked_items[-limit:]) for u in users] + [1])
         history = torch.zeros(len(users), width, dtype=torch.long)
         history_mask = torch.zeros(len(users), width)
@@ -153,7 +158,8 @@ class PmetaModel:
     # ------------------------------------------------------------------ scores and losses
     def scores(self, batch: ranking.UserBatch, personal: Adapter, head: ranking.HeadParams | None = None) -> torch.Tensor:
         head = self.t.head if head is None else head
-        pooled = self.encoder.upper(batch.hidden, batch.mask, personal, self.config.prompt_layer)
+        with self.encoder.autocast(self.precision):
+            pooled = self.encoder.upper(batch.hidden, batch.mask, personal, self.config.prompt_layer)
         users = ranking.user_vectors(head, pooled, batch)
         return ranking.logits(head, self.t.item_text, users)
 

@@ -161,19 +161,23 @@ def adapt(
     db: Optional[str] = typer.Option(None, "--db"),
     input: Optional[str] = typer.Option(None, "--input", help="Text bank: the input to predict for."),
     retrieve: Optional[int] = typer.Option(None, "--retrieve", min=0, help="Text bank: BM25 profile items put in the prompt (default: the bank's)."),
+    precision: str = typer.Option("float32", "--precision", help="float32, or bfloat16 (encoder passes under bf16 autocast: ~2x faster on CPUs with AVX512-BF16/AMX and on GPUs)."),
 ) -> None:
     """Personalize one user from their history and print the top items not in it (a text bank: the prediction for --input)."""
     from ..bank.bank import Bank
     from ..data.history import load_history, parse_history
+    from ..errors import InvalidRequest
     from .text import adapt_text, is_text_bank
 
     if is_text_bank(bank, db):
+        if precision != "float32":
+            raise InvalidRequest("--precision applies to ranking banks; a text bank runs its causal LM in float32")
         return adapt_text(bank, history, input, retrieve, steps, as_json, user, db)
 
     parsed = load_history(history)
     if user is not None:  # validated like the file's own user_id
         parsed = parse_history({**parsed.model_dump(), "user_id": user})
-    opened = Bank.open(bank, db)
+    opened = Bank.open(bank, db, precision=precision)
     personalization = opened.personalize(parsed, steps=steps, ignore_unknown=ignore_unknown)
     if as_json:
         typer.echo(json.dumps(personalization.to_dict(top)))

@@ -37,6 +37,7 @@ class _BankScorer:
 
     steps: int | None = None
     uses_reptile = False
+    precision = "float32"
 
     def __init__(self, model) -> None:
         self.model = model
@@ -47,14 +48,25 @@ class _BankScorer:
         return cls(_needs(model, cls.name, "a Reptile bank (--reptile-bank)" if cls.uses_reptile else "a bank"))
 
     def score(self, support_items: np.ndarray, k: int) -> np.ndarray:
-        personal, batch, _ = self.model.personalize([support_input(self.model, support_items)], steps=self.steps)
-        scores = self.model.final_scores(batch, personal)[0].numpy().astype(np.float64)
+        saved, self.model.precision = self.model.precision, self.precision  # the model is shared by methods
+        try:
+            personal, batch, _ = self.model.personalize([support_input(self.model, support_items)], steps=self.steps)
+            scores = self.model.final_scores(batch, personal)[0].numpy().astype(np.float64)
+        finally:
+            self.model.precision = saved
         return np.where(np.isfinite(scores), scores, EXCLUDED_SCORE)
 
 
 @register("pmeta")
 class PmetaMAML(_BankScorer):
     """pmeta with the bank's meta-learning (MAML by default): retrieve, fuse, inner steps, rank."""
+
+
+@register("pmeta-bf16")
+class PmetaBF16(_BankScorer):
+    """pmeta with the encoder passes under bf16 autocast (``Bank.open(precision="bfloat16")``)."""
+
+    precision = "bfloat16"
 
 
 @register("pmeta-no-steps")

@@ -32,7 +32,7 @@ from .transfer import transfer_model
 #: Every method of a full report, in table order.
 DEFAULT_METHODS = ("random", "popularity", "itemknn", "ease", "backbone", "prompt-maml", "per-user-lora", "pmeta-no-steps", "pmeta", "pmeta-reptile")
 #: Methods that need the MAML bank, or the Reptile bank.
-BANK_METHODS = {"backbone", "prompt-maml", "per-user-lora", "pmeta-no-steps", "pmeta"}
+BANK_METHODS = {"backbone", "prompt-maml", "per-user-lora", "pmeta-no-steps", "pmeta", "pmeta-bf16"}
 REPTILE_METHODS = {"pmeta-reptile"}
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..errors import InvalidConfig
 
 DEFAULT_ENCODER = "bundled:all-MiniLM-L6-v2"
+PRECISIONS = ("float32", "bfloat16")
 
 
 def bundled_encoder_path() -> Path:
@@ -149,6 +150,16 @@ class FunctionalEncoder:
         self.weights = {key: value.detach().to(self.device).contiguous() for key, value in state.items()}
         for value in self.weights.values():
             value.requires_grad_(False)
+        self._bf16_weights: dict[str, torch.Tensor] | None = None  # made on first use under bf16 autocast
+
+    def autocast(self, precision: str):
+        """A context for ``lower``/``upper`` calls: ``float32`` (default, exact) or ``bfloat16`` (matrix
+        products under bf16 autocast; both passes still return float32, so ranking heads and scores
+        stay float32). bf16 is about 2× faster on CPUs with AVX512-BF16 or AMX and on GPUs, and
+        slower on CPUs without it. Per call, not per encoder: banks share one encoder."""
+        if precision not in PRECISIONS:
+            raise InvalidConfig(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
     # ------------------------------------------------------------------ tokens
     def tokenize(self, texts: list[str], max_tokens: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,8 +187,18 @@ class FunctionalEncoder:
         )
         return F.layer_norm(x, (self.shape.hidden,), w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], self.shape.eps)
 
+    def _layer_weights(self) -> dict[str, torch.Tensor]:
+        """The frozen weights for the current autocast state: under bf16 autocast, bf16 copies of the
+        linear layers (made once; LayerNorm stays float32), so no matrix is re-cast on every call."""
+        if not torch.is_autocast_enabled(self.device.type):
+            return self.weights
+        if self._bf16_weights is None:
+            linear = (".query.", ".key.", ".value.", ".dense.")
+            self._bf16_weights = {k: (v.to(torch.bfloat16) if k.startswith("encoder.layer.") and any(p in k for p in linear) else v) for k, v in self.weights.items()}
+        return self._bf16_weights
+
     def _projection(self, x: torch.Tensor, layer: int, name: str, personal: dict | None, frozen: dict | None = None) -> torch.Tensor:
-        w = self.weights
+        w = self._layer_weights()
         prefix = f"encoder.layer.{layer}.attention.self.{name}"
         if frozen is None:
             y = F.linear(x, w[prefix + ".weight"], w[prefix + ".bias"])
@@ -200,20 +221,20 @@ class FunctionalEncoder:
         if hidden.requires_grad or type(hidden) is not torch.Tensor or torch._C._functorch.is_functorch_wrapped_tensor(hidden):
             return None
         names = ("query", "key", "value")
-        weights = [self.weights[f"encoder.layer.{layer}.attention.self.{n}.{p}"] for n in names for p in ("weight", "bias")]
+        weights = [self._layer_weights()[f"encoder.layer.{layer}.attention.self.{n}.{p}"] for n in names for p in ("weight", "bias")]
         cache = getattr(hidden, "_pmeta_frozen", None)
-        if cache is not None and cache[0] == layer and len(cache[1]) == len(weights) and all(a is b for a, b in zip(cache[1], weights)):
+        if cache is not None and cache[0] == (layer, torch.is_autocast_enabled(self.device.type)) and len(cache[1]) == len(weights) and all(a is b for a, b in zip(cache[1], weights)):
             return cache[2]
         with torch.no_grad():
             values = {n: F.linear(hidden, weights[2 * i], weights[2 * i + 1]) for i, n in enumerate(names)}
         try:
-            hidden._pmeta_frozen = (layer, weights, values)  # freed with the tensor; weights compared by identity
+            hidden._pmeta_frozen = ((layer, torch.is_autocast_enabled(self.device.type)), weights, values)  # freed with the tensor; weights compared by identity
         except (AttributeError, RuntimeError):
             pass
         return values
 
     def _layer(self, x: torch.Tensor, mask_bias: torch.Tensor, layer: int, personal: dict | None, frozen: dict | None = None) -> torch.Tensor:
-        w = self.weights
+        w = self._layer_weights()
         users, tokens, hidden = x.shape
         heads = self.shape.heads
         head_dim = hidden // heads
@@ -242,10 +263,15 @@ class FunctionalEncoder:
     @torch.no_grad()
     def lower(self, ids: torch.Tensor, mask: torch.Tensor, prompt_layer: int) -> torch.Tensor:
         """Hidden states entering layer ``prompt_layer`` (no personal parameters below it): (U, T, d)."""
-        x = self._embed(ids)
+        return self.layers(self._embed(ids), mask, 0, prompt_layer, None).float()  # float32 under autocast too
+
+    def layers(self, x: torch.Tensor, mask: torch.Tensor, start: int, stop: int, personal: dict | None) -> torch.Tensor:
+        """Hidden states (U, T, d) after layers ``start`` … ``stop − 1`` (no prompt; LoRA from
+        ``personal`` where it names a layer in that range). ``lower`` is ``layers(embed, 0, p, None)``;
+        a per-user LoRA below the prompt layer (the OPPU baseline on every layer) runs these first."""
         bias = self._mask_bias(mask, x.dtype)
-        for layer in range(prompt_layer):
-            x = self._layer(x, bias, layer, None)
+        for layer in range(start, stop):
+            x = self._layer(x, bias, layer, personal)
         return x
 
     def upper(self, hidden: torch.Tensor, mask: torch.Tensor, personal: dict, prompt_layer: int) -> torch.Tensor:
@@ -265,6 +291,7 @@ class FunctionalEncoder:
         frozen = self._frozen_projections(hidden, prompt_layer) if prompt_layer < self.shape.layers else None
         for layer in range(prompt_layer, self.shape.layers):
             x = self._layer(x, bias, layer, personal, frozen if layer == prompt_layer else None)
+        x = x.float()  # float32 under autocast too
         weights = full_mask.to(x.dtype)[..., None]
         return (x * weights).sum(1) / weights.sum(1)
 

@@ -50,14 +50,16 @@ def stack(*adapters: Adapter) -> Adapter:
     """Stack adapters exactly: prompts are summed, LoRA factors concatenated along the rank.
 
     Works with or without a leading user dimension (all arguments must agree). The rank axis is
-    the second-to-last axis of ``A`` and the last axis of ``B``.
+    the second-to-last axis of ``A`` and the last axis of ``B``. A target that only some adapters
+    carry stacks the ones that do (the others contribute a rank-0, i.e. zero, update).
     """
     out: Adapter = {"prompt": sum(a["prompt"] for a in adapters)}
-    for key in adapters[0]:
+    keys = list(dict.fromkeys(k for a in adapters for k in a if k != "prompt"))
+    for key in keys:
         if key.endswith(".A"):
-            out[key] = torch.cat([a[key] for a in adapters], dim=-2)
+            out[key] = torch.cat([a[key] for a in adapters if key in a], dim=-2)
         elif key.endswith(".B"):
-            out[key] = torch.cat([a[key] for a in adapters], dim=-1)
+            out[key] = torch.cat([a[key] for a in adapters if key in a], dim=-1)
     return out
 
 
