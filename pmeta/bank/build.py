@@ -114,7 +114,8 @@ def validation_loss(model: PmetaModel, inputs: list[UserInput], queries: list[np
     serving path (retrieve, fuse, inner steps), with support = first 5 positives, query = 6..15."""
     if not inputs:
         return None
-    targets, mask, exclude = query_tensors(queries, [rated[u] for u in users], len(model.item_texts))
+    device = model.t.item_text.device
+    targets, mask, exclude = (t.to(device) for t in query_tensors(queries, [rated[u] for u in users], len(model.item_texts)))
 
     def loss() -> float:
         personal, batch, _ = model.personalize(inputs)
@@ -146,7 +147,7 @@ def validate(model: PmetaModel, inputs: list[UserInput], queries: list[np.ndarra
     for start in range(0, len(inputs), batch):
         chunk = inputs[start : start + batch]
         personal, user_batch, _ = model.personalize(chunk)
-        scores = model.final_scores(user_batch, personal).numpy()
+        scores = model.final_scores(user_batch, personal).cpu().numpy()
         for row, user in enumerate(users[start : start + batch]):
             never_rated = np.setdiff1d(np.arange(scores.shape[1]), rated[user])
             query = queries[start + row]
@@ -205,7 +206,7 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
         stack_init=stack_init,
         stack_step_sizes={k: torch.tensor(log_lr) for k in stack_init},
         log_temperature=torch.tensor(math.log(config.temperature)),
-    )
+    ).to(encoder.device)  # every tensor on the build's device (CPU tensors above: counts, PureSVD, inits)
     model = PmetaModel(config, encoder, texts, tensors)
     strategy = get_strategy(config.meta)
     # under torchrun each rank meta-trains on its own shard of users with its own episode stream

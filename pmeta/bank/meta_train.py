@@ -85,10 +85,13 @@ def pretrain_towers(model: PmetaModel, sampler: EpisodeSampler, config, outer_st
             batch.hidden = batch.hidden[:, :0]  # the encoder states are no longer needed
             cached.append((episode, batch, pooled))
 
+    device = model.t.item_text.device
+
     def episode_loss() -> torch.Tensor:
         episode, batch, pooled = cached[int(sampler.rng.integers(len(cached)))]
         scores = ranking.logits(model.t.head, model.t.item_text, ranking.user_vectors(model.t.head, pooled, batch))
-        return ranking.softmax_loss(scores, episode.query_targets, episode.query_mask, episode.query_exclude) / len(episode.users)
+        query = [t.to(device) for t in (episode.query_targets, episode.query_mask, episode.query_exclude)]
+        return ranking.softmax_loss(scores, *query) / len(episode.users)
 
     return _optimize(head_groups(model, config), episode_loss, outer_steps, on_step, checkpoint=checkpoint, every=100)
 
@@ -97,7 +100,7 @@ def anchor_stage(model: PmetaModel, config, assignment: dict[int, int]) -> Stage
     t = model.t
 
     def build(m: PmetaModel, episode: Episode):
-        idx = torch.tensor([assignment[u] for u in episode.users], dtype=torch.long)
+        idx = torch.tensor([assignment[u] for u in episode.users], dtype=torch.long, device=t.item_text.device)
         return {k: v[idx] for k, v in t.anchors.items()}, None, t.global_step_sizes
 
     pool = np.array(sorted(assignment), dtype=np.int64)
@@ -126,18 +129,21 @@ def _learns_step_sizes(config) -> bool:
 
 def outer_step(model: PmetaModel, stage: Stage, strategy: Strategy, episode: Episode, steps: int) -> torch.Tensor:
     """The outer loss of one episode (mean over its users), ready for ``backward``."""
+    device = model.t.item_text.device
     batch = model.user_batch(episode.support)
     init, fixed, step_sizes = stage.build(model, episode)
     if strategy.inner_on_query:
         targets, mask = episode.support_and_query
     else:
         targets, mask = model.targets_of(episode.support, model.config.max_history_items)
+    targets, mask = targets.to(device), mask.to(device)
     adapted = adapt(init, model.loss_fn(batch, targets, mask), steps, step_sizes, fixed=fixed, create_graph=strategy.second_order)
+    query = [t.to(device) for t in (episode.query_targets, episode.query_mask, episode.query_exclude)]
 
     def query_loss(params: Adapter) -> torch.Tensor:
         full = stack(fixed, params) if fixed is not None else params
         scores = model.scores(batch, full)
-        return ranking.softmax_loss(scores, episode.query_targets, episode.query_mask, episode.query_exclude)
+        return ranking.softmax_loss(scores, *query)
 
     return strategy.outer_loss(init, adapted, query_loss) / len(episode.users)
 

@@ -79,7 +79,7 @@ def run_movielens(
     progress = progress or Progress(False)
     unknown = [m for m in methods if m not in BASELINES]
     if unknown:
-        raise InvalidConfig(f"unknown method {unknown[0]!r}; choose from {', '.join(DEFAULT_METHODS)}")
+        raise InvalidConfig(f"unknown method {unknown[0]!r}; choose from {', '.join(sorted(BASELINES))}")
     if bank is None and BANK_METHODS & set(methods):
         raise InvalidConfig(f"methods {', '.join(sorted(BANK_METHODS & set(methods)))} need a bank (--bank)")
     if reptile_bank is None and REPTILE_METHODS & set(methods):
