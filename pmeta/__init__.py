@@ -10,7 +10,7 @@ from .bank.bank import Bank, Personalization, Recommendation
 from .bank.build import build_bank
 from .config import BankConfig, load_config
 from .data.history import UserHistory, load_history, parse_history
-from .errors import BankBusy, BankIntegrityError, BankNotFound, BankUnavailable, InvalidConfig, InvalidData, InvalidHistory, InvalidRequest, PmetaError
+from .errors import BankBusy, BankIntegrityError, BankNotFound, BankUnavailable, InvalidConfig, InvalidData, InvalidHistory, InvalidRequest, PmetaError, TrainingDiverged
 
 from .text.bank import TextBank
 
@@ -31,6 +31,7 @@ __all__ = [
     "PmetaError",
     "Recommendation",
     "TextBank",
+    "TrainingDiverged",
     "UserHistory",
     "build_bank",
     "load_config",
