@@ -26,6 +26,8 @@ class BankConfig(BaseModel):
     anchor_rank: int = Field(2, ge=1, le=16, description="LoRA rank of each anchor.")
     stack_rank: int = Field(1, ge=1, le=16, description="LoRA rank of the per-user stacked adapter tuned by the inner steps.")
     cf_rank: int = Field(32, ge=0, le=512, description="Rank of the collaborative part of the towers (PureSVD-initialised item embeddings); 0 = text only.")
+    cf_init: Literal["puresvd", "ease"] = Field("ease", description="Closed-form init of the collaborative part: a rank-cf_rank factorisation of EASE's item-item matrix (chosen on validation users: nDCG@10 0.099 vs 0.094), or PureSVD of the train users' positives.")
+    ease_lambda: float | None = Field(None, gt=0, description="EASE's L2 weight λ for cf_init = 'ease'; None = tuned over 50–1000 on a split of the train users.")
     max_history_items: int = Field(10, ge=1, le=200, description="Most recent liked items the user tower reads.")
     max_tokens: int = Field(192, ge=16, le=512, description="Token budget of the history text.")
 
@@ -76,7 +78,7 @@ class BankConfig(BaseModel):
 
 PRESETS: dict[str, dict] = {
     # seconds: for tests and smoke runs
-    "tiny": dict(validate_stages=False, early_stopping=False, anchors=4, prompt_length=8, tower_steps=100, tower_rounds=1, tower_batch_users=32, meta_batch_users=8, global_steps=8, anchor_steps=4, stack_steps=4),
+    "tiny": dict(validate_stages=False, early_stopping=False, cf_init="puresvd", anchors=4, prompt_length=8, tower_steps=100, tower_rounds=1, tower_batch_users=32, meta_batch_users=8, global_steps=8, anchor_steps=4, stack_steps=4),
     # a few minutes on 2 CPU cores: the README quick start
     "small": dict(anchors=8, tower_steps=400, tower_rounds=2, meta_batch_users=8, global_steps=40, anchor_steps=20, stack_steps=20),
     # the reference build (<= 15 min on 2 CPU cores)

@@ -23,6 +23,7 @@ prompt_length = 4
 max_tokens = 64
 max_history_items = 5
 cf_rank = 16
+cf_init = "puresvd"
 tower_steps = 40
 tower_rounds = 1
 tower_batch_users = 32

@@ -228,3 +228,30 @@ def test_lora_in_encoder_equals_merged_weight(tiny_encoder):
     finally:
         encoder.weights[key] = original
     torch.testing.assert_close(with_lora, merged, atol=1e-5, rtol=1e-5)
+
+
+def test_ease_factors_reproduce_the_ease_matrix_at_full_rank():
+    """The EASE init of the collaborative towers: P Qᵀ equals EASE's B on the kept items at full rank,
+    items without train positives get zero rows, and history/item rows differ (an asymmetric B)."""
+    import numpy as np
+
+    from pmeta.eval.baselines import EASEBaseline
+    from pmeta.tasks import ranking
+
+    rng = np.random.default_rng(0)
+    n_items = 24
+    positives = [np.unique(rng.integers(0, 20, size=6)) for _ in range(40)]  # items 20..23 never positive
+    x = np.zeros((40, n_items), dtype=np.float32)
+    for row, items in enumerate(positives):
+        x[row, items] = 1
+    kept = np.flatnonzero(x.sum(0) > 0)
+    weights = EASEBaseline.closed_form(x[:, kept].T @ x[:, kept], 10.0)
+    (history, item), scale = ranking.ease_factors(positives, n_items, len(kept) + 5, weights, kept)  # rank capped
+    assert history.shape == item.shape == (n_items, len(kept)) and scale > 0
+    assert torch.all(history[20:] == 0) and torch.all(item[20:] == 0)
+    np.testing.assert_allclose((history[kept] @ item[kept].T).numpy(), weights, atol=1e-4)
+    assert not torch.allclose(history, item)
+    (low, _), _ = ranking.ease_factors(positives, n_items, 4, weights, kept)
+    assert low.shape == (n_items, 4)
+    head = ranking.init_head(torch.randn(n_items, 8), torch.ones(n_items), (history, item), scale)
+    assert torch.equal(head["history_embedding"], history) and torch.equal(head["item_embedding"], item)

@@ -18,6 +18,7 @@ from ..adapt.strategies import get_strategy
 from ..config import BankConfig
 from ..data.types import Dataset
 from ..errors import InvalidData
+from ..eval.baselines import EASEBaseline
 from ..eval.protocol import metrics_from_ranks, rank_positives, split_users
 from ..fusion.index import AnchorIndex
 from ..models.encoder import FunctionalEncoder
@@ -186,7 +187,12 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     sizes = np.bincount(assignment, minlength=n_anchors)
 
     cf_factors, cf_scale = (None, 1.0)
-    if config.cf_rank > 0:
+    if config.cf_rank > 0 and config.cf_init == "ease":
+        # EASE's λ is tuned on a split of the train users (the baseline's own validation), then refit on all of them
+        ease = EASEBaseline(lam=config.ease_lambda).fit(dataset, train_with_pos)
+        cf_factors, cf_scale = ranking.ease_factors([positives[int(u)] for u in train_with_pos], len(catalog), config.cf_rank, ease.weights, ease.kept_items)
+        del ease
+    elif config.cf_rank > 0:
         cf_factors, cf_scale = ranking.pure_svd([positives[int(u)] for u in train_with_pos], len(catalog), config.cf_rank)
     generator = torch.Generator().manual_seed(config.seed)
     targets = encoder.lora_targets(config.prompt_layer, tuple(config.lora_targets))

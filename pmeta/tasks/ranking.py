@@ -25,8 +25,9 @@ import torch.nn.functional as F
 HeadParams = dict[str, torch.Tensor]
 
 
-def init_head(item_text: torch.Tensor, item_counts: torch.Tensor, cf_factors: torch.Tensor | None, cf_scale: float = 1.0) -> HeadParams:
-    """Fresh head for N items: text embeddings (N, d), train counts (N,), PureSVD factors (N, r) or None."""
+def init_head(item_text: torch.Tensor, item_counts: torch.Tensor, cf_factors: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None, cf_scale: float = 1.0) -> HeadParams:
+    """Fresh head for N items: text embeddings (N, d), train counts (N,), and the collaborative init:
+    PureSVD factors (N, r) shared by both towers, a (history, item) pair of (N, r) factors, or None."""
     n, d = item_text.shape
     bias = torch.log1p(item_counts.float())
     bias = (bias - bias.mean()) / bias.std().clamp_min(1e-6)
@@ -37,8 +38,9 @@ def init_head(item_text: torch.Tensor, item_counts: torch.Tensor, cf_factors: to
         "log_scale": torch.tensor(2.0),
     }
     if cf_factors is not None:
-        params["history_embedding"] = cf_factors.clone().float()
-        params["item_embedding"] = cf_factors.clone().float()
+        history, item = cf_factors if isinstance(cf_factors, tuple) else (cf_factors, cf_factors)
+        params["history_embedding"] = history.clone().float()
+        params["item_embedding"] = item.clone().float()
         params["cf_log_scale"] = torch.tensor(float(torch.log(torch.tensor(cf_scale))))
     return params
 
@@ -110,3 +112,23 @@ def pure_svd(positives: list, n_items: int, rank: int) -> tuple[torch.Tensor, fl
     factors = torch.from_numpy(np.ascontiguousarray(vt.T[:, ::-1])).float()  # (n_items, rank), largest first
     folded = torch.stack([factors[torch.from_numpy(items)].mean(0) for items in positives]) @ factors.T
     return factors, float(1.0 / folded.std().clamp_min(1e-9))
+
+
+def ease_factors(positives: list, n_items: int, rank: int, weights, kept_items) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+    """Rank-``rank`` factors of an EASE item-item matrix ``B`` (kept × kept, for ``kept_items``):
+    ``B ≈ P Qᵀ`` by randomized SVD, ``P = U Σ`` as history rows and ``Q = V`` as item rows, so the
+    folding-in score ``mean_j P_j · Q_i`` approximates EASE's ``x B`` up to the per-user scale.
+    Items outside ``kept_items`` get zero rows. Returns ((P, Q) as (n_items, rank)), and the scale
+    that gives the folding-in scores a standard deviation of 1 over items."""
+    import numpy as np
+    from sklearn.utils.extmath import randomized_svd
+
+    rank = max(1, min(rank, len(kept_items)))
+    u, sigma, vt = randomized_svd(np.asarray(weights, dtype=np.float32), n_components=rank, random_state=0)
+    history = torch.zeros(n_items, rank)
+    item = torch.zeros(n_items, rank)
+    kept = torch.from_numpy(np.asarray(kept_items, dtype=np.int64))
+    history[kept] = torch.from_numpy(np.ascontiguousarray(u * sigma)).float()
+    item[kept] = torch.from_numpy(np.ascontiguousarray(vt.T)).float()
+    folded = torch.stack([history[torch.from_numpy(items)].mean(0) for items in positives]) @ item.T
+    return (history, item), float(1.0 / folded.std().clamp_min(1e-9))
