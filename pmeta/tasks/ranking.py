@@ -4,9 +4,11 @@
   the user's personal parameters (prompt + LoRA) over their history text. Item: ``t_i W_item``
   where ``t_i`` is the frozen sentence embedding of the item's text (title + genres).
 * **Collaborative part.** User: ``c = mean_{j∈history} h_j``; item: ``e_i``. ``h`` and ``e`` (N, r)
-  are learned from the bank's train users, initialised in closed form by PureSVD of their
-  positive-interaction matrix (X ≈ U Σ Vᵀ, h = e = V_r), which is the folding-in recommender
-  ``x V Vᵀ``. Items the bank never saw have zero rows, so a new catalogue still ranks by text.
+  are learned from the bank's train users, initialised in closed form: by default from EASE's
+  item-item matrix of their positives, ``B ≈ (U Σ) Vᵀ`` (h = U_r Σ_r, e = V_r: the folding-in
+  score ``mean_j B_ji`` at rank r), or by PureSVD of the positive-interaction matrix
+  (X ≈ U Σ Vᵀ, h = e = V_r: the folding-in recommender ``x V Vᵀ``). Items the bank never saw have
+  zero rows, so a new catalogue still ranks by text.
 * **Score**: ``s(u, i) = exp(σ_text)·a·(t_i W_item) + exp(σ_cf)·c·e_i + b_i``.
 
 Keeping the two parts in separate subspaces avoids cross terms between text and collaborative
