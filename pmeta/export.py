@@ -83,8 +83,11 @@ def splice_soft_prompt(
     return torch.stack(rows)
 
 
-def export_peft(lm: CausalLM, adapter: dict[str, torch.Tensor], out_dir, base_model_name_or_path: str) -> Path:
-    """Write one user's adapter (no user axis) as a PEFT LoRA directory plus its soft prompt; returns the path."""
+def export_peft(lm: CausalLM, adapter: dict[str, torch.Tensor], out_dir, base_model_name_or_path: str, label_prior: dict[str, float] | None = None) -> Path:
+    """Write one user's adapter (no user axis) as a PEFT LoRA directory plus its soft prompt; returns the path.
+
+    ``label_prior`` (label → offset), for banks of classification / rating tasks, is recorded in
+    ``pmeta_export.json``: pmeta adds it to log p(label | prompt) before choosing a label."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -141,6 +144,7 @@ def export_peft(lm: CausalLM, adapter: dict[str, torch.Tensor], out_dir, base_mo
             "base_model_name_or_path": base_model_name_or_path, "rank": rank, "targets": target_modules,
             "soft_prompt_length": length, "soft_prompt_insert": "after_bos" if after_bos else "start",
             "bos_token_id": lm.bos_id,
+            **({"label_prior": label_prior} if label_prior else {}),
         }, indent=2))
         readme = README.format(base=base_model_name_or_path, rank=rank, targets=", ".join(target_modules), dirname=out.name)
         if length:
@@ -149,6 +153,9 @@ def export_peft(lm: CausalLM, adapter: dict[str, torch.Tensor], out_dir, base_mo
                 where=f"right after the first token when it is the BOS token (id {lm.bos_id}), else before everything" if after_bos else "before every token",
                 at_rule=f"1 if ids[0, 0] == {lm.bos_id} else 0" if after_bos else "0",
             )
+        if label_prior:
+            readme += ("\n## Label prior\n\npmeta scores each label as `log p(label | prompt) + label_prior[label]` "
+                       "(the offsets are in `pmeta_export.json`) and predicts from those scores.\n")
         (tmp / "README.md").write_text(readme)
         for file in tmp.iterdir():
             with open(file, "rb") as handle:

@@ -225,3 +225,62 @@ def test_prompt_budget_and_template():
     tight = PromptBuilder("LaMP-3", max_tokens=60, item_chars=60)
     text = tight.text(f"{RATING_PREFIX} " + "a very long review " * 100, items)
     assert text.startswith(RATING_PREFIX) and tight.count(text) <= 60  # items dropped, review cut, instruction kept
+
+
+def test_training_questions_carry_retrieval(setup, opened):
+    """Meta-training and validation questions carry the BM25 items pmeta+retrieval serves with."""
+    from pmeta.data.lamp import load_split, truncate_profile
+    from pmeta.text.build import query_with_retrieval
+    from pmeta.text.prompts import RETRIEVED_HEADER
+
+    model = opened.model
+    example = load_split(setup["data"], "LaMP-3", "train")[0]
+    pair = query_with_retrieval(model, example)
+    recent = truncate_profile(example.profile, model.config.support_max)
+    assert len(pair.retrieved) == min(model.config.retrieve, len(recent)) > 0
+    assert all(item in recent for item in pair.retrieved)
+    assert list(pair.retrieved) == model.retrieved(pair.input, recent, model.config.retrieve)  # the serving ranking
+    budget = model.prompts.max_tokens
+    try:
+        model.prompts.max_tokens = 4096  # the tiny preset's 96-token budget leaves no room for items
+        model._formatted.clear()
+        assert RETRIEVED_HEADER in model.pair_prompt(pair) and RETRIEVED_HEADER not in model.pair_prompt(pair.input)
+    finally:
+        model.prompts.max_tokens = budget
+        model._formatted.clear()
+    plain = model.config
+    try:
+        model.config = plain.model_copy(update={"train_with_retrieval": False})
+        assert query_with_retrieval(model, example).retrieved == ()
+    finally:
+        model.config = plain
+
+
+def test_label_prior(setup, opened, tmp_path):
+    """The closed-form label prior moves the average prediction to the train label frequencies; the
+    baselines score without it; exports record it."""
+    from pmeta.data.lamp import LampExample, load_split
+    from pmeta.text.build import label_prior, query_with_retrieval
+
+    model = opened.model
+    bias = model.t.label_bias
+    assert bias is not None and bias.shape == (len(model.labels),) and torch.isfinite(bias).all()
+    train = load_split(setup["data"], "LaMP-3", "train")
+    skewed = [LampExample(e.id, e.input, e.profile, "2") for e in train]  # every train user rates "2"
+    saved = model.t.label_bias
+    try:
+        model.t.label_bias = label_prior(model, skewed)
+        prompts = [model.pair_prompt(query_with_retrieval(model, e)) for e in skewed]
+        personal = {k: v.unsqueeze(0).expand(len(prompts), *v.shape) for k, v in model.t.global_adapter.items()}
+        with torch.no_grad():
+            mean = torch.softmax(model.option_scores(prompts, personal), -1).mean(0)
+            raw = torch.softmax(model.option_scores(prompts, personal, prior=False), -1).mean(0)
+        assert model.labels[int(mean.argmax())] == "2" and mean.max() > 0.5 > raw[model.labels.index("2")]
+        bare = [model.labels[int(i)] for i in model.lm.option_logprobs(prompts, model.labels, None).argmax(-1)]
+        assert model.predict(prompts, None, decode="argmax", prior=False) == bare
+    finally:
+        model.t.label_bias = saved
+    _, history = _profile(setup["data"])
+    out = opened.personalize(history).export_peft(tmp_path / "adapter")
+    recorded = json.loads((out / "pmeta_export.json").read_text())["label_prior"]
+    assert list(recorded) == model.labels and recorded["5"] == pytest.approx(float(bias[model.labels.index("5")]), abs=1e-5)

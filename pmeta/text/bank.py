@@ -80,8 +80,10 @@ class TextPersonalization:
         """Write the fused + stacked LoRA as a PEFT adapter folder; the soft prompt goes beside it."""
         from ..export import export_peft
 
-        lm = self.bank.model.lm
-        return export_peft(lm, self.adapter, out_dir, str(lm.path))
+        model = self.bank.model
+        bias = model.t.label_bias
+        prior = {label: round(float(b), 6) for label, b in zip(model.labels, bias.tolist())} if bias is not None and model.labels else None
+        return export_peft(model.lm, self.adapter, out_dir, str(model.lm.path), label_prior=prior)
 
     def to_dict(self) -> dict[str, Any]:
         return {"user_id": self.user_id, "anchors": self.anchors, "timing_ms": {k: round(v, 3) for k, v in self.timing_ms.items()}}

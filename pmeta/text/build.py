@@ -29,7 +29,7 @@ from ..adapt.inner import adapt
 from ..adapt.strategies import get_strategy
 from ..bank.build import _unit, choose_anchors
 from ..bank.meta_train import _optimize
-from ..data.lamp import LampExample, load_split, task_spec
+from ..data.lamp import LampExample, load_split, task_spec, truncate_profile
 from ..errors import InvalidData
 from ..fusion.fuse import fuse, fusion_weights
 from ..models.personal import Adapter, expand_users, stack
@@ -91,6 +91,7 @@ class Episodes:
         self.spec = task_spec(config.task)
         self.rng = np.random.default_rng(seed)
         self.users = np.arange(len(examples))
+        self._queries: dict[str, Pair] = {}
 
     def sample(self, count: int, pool: np.ndarray | None = None) -> Episode:
         pool = self.users if pool is None else pool
@@ -110,11 +111,30 @@ class Episodes:
             support.append([support_pair(self.spec, profile[i], c.input_prefix, c.support_chars, c.target_chars) for i in window])
             rest = [i for i in range(len(profile)) if i not in window]
             extra = self.rng.choice(rest, size=min(c.query_items, len(rest)), replace=False).tolist() if rest else []
-            query.append([query_pair(self.spec, example, c.support_chars, c.target_chars)]
+            query.append([self.model_query(example)]
                          + [support_pair(self.spec, profile[i], c.input_prefix, c.support_chars, c.target_chars) for i in extra])  # fmt: skip
             mean = self.embeddings[user][window].mean(0)
             keys.append((mean / mean.norm().clamp_min(1e-12)).numpy())
         return Episode(users, support, query, np.stack(keys).astype(np.float32))
+
+    def model_query(self, example: LampExample) -> Pair:
+        """The user's own question as a query pair, with retrieval when the bank trains with it (memoised)."""
+        cached = self._queries.get(example.id)
+        if cached is None:
+            cached = self._queries[example.id] = query_with_retrieval(self.model, example)
+        return cached
+
+
+def query_with_retrieval(model: TextModel, example: LampExample) -> Pair:
+    """A question as a query pair; with ``train_with_retrieval`` its prompt carries the ``retrieve`` best
+    BM25 items among the user's ``support_max`` most recent profile items, exactly what
+    ``pmeta+retrieval`` puts in the prompt at serving time."""
+    c = model.config
+    pair = query_pair(task_spec(c.task), example, c.support_chars, c.target_chars)
+    if not (c.train_with_retrieval and c.retrieve > 0):
+        return pair
+    recent = truncate_profile(example.profile, c.support_max)
+    return Pair(pair.input, pair.output, pair.kind, tuple(model.retrieved(pair.input, recent, c.retrieve)))
 
 
 def _stage_global(model: TextModel):
@@ -151,11 +171,36 @@ def outer_loss(model: TextModel, build, strategy, episode: Episode, steps: int) 
     return strategy.outer_loss(init, adapted, lambda params: model.pairs_loss(episode.query, stack(fixed, params))) / len(episode.users)
 
 
-def _validation(examples: list[LampExample], config: TextConfig) -> tuple[list[list[dict]], list[list[Pair]]]:
-    spec = task_spec(config.task)
+def _validation(model: TextModel, examples: list[LampExample]) -> tuple[list[list[dict]], list[list[Pair]]]:
     profiles = [e.profile for e in examples]
-    queries = [[query_pair(spec, e, config.support_chars, config.target_chars)] for e in examples]
+    queries = [[query_with_retrieval(model, e)] for e in examples]
     return profiles, queries
+
+
+def label_prior(model: TextModel, examples: list[LampExample], count: int = 64, batch: int = 8) -> torch.Tensor:
+    """Closed-form init of the learned label prior: ``log p̂(label) − mean log p_LM(label | prompt)``.
+
+    ``p̂`` is the train users' label frequency (add-one smoothed); the mean runs over up to ``count``
+    train questions in the prompt meta-training uses, under the initial global adapter. Adding it
+    to the LM's label log-probabilities makes the average prediction match the label frequencies
+    (contextual calibration, Zhao et al. 2021, with the empirical prior); meta-training refines it.
+    """
+    labels = model.labels
+    counts = np.ones(len(labels))
+    for e in examples:
+        out = (e.output or "").strip()
+        if out in labels:
+            counts[labels.index(out)] += 1
+    log_prior = torch.tensor(np.log(counts / counts.sum()), dtype=torch.float32)
+    chosen = examples[:: max(1, len(examples) // count)][:count]
+    rows = []
+    with torch.no_grad():
+        for start in range(0, len(chosen), batch):
+            part = chosen[start : start + batch]
+            prompts = [model.pair_prompt(query_with_retrieval(model, e)) for e in part]
+            personal = expand_users(model.t.global_adapter, len(part))
+            rows.append(torch.log_softmax(model.lm.option_logprobs(prompts, labels, personal).float(), dim=-1))
+    return (log_prior - torch.cat(rows).mean(0)).detach()
 
 
 def validation_loss(model: TextModel, profiles, queries, steps: int | None = None) -> float:
@@ -234,9 +279,13 @@ def build_text_model(data: str | Path, config: TextConfig, progress: Progress | 
 
     model.index = AnchorIndex.build(centroids)
     t = model.t
+    if model.labels and config.label_prior:
+        with progress.task("label prior", 1) as bar:
+            t.label_bias = label_prior(model, train)
+            bar.advance(1)
     strategy = get_strategy(config.meta)
     episodes = Episodes(model, train, embeddings, config, seed=config.seed + 2)
-    val_profiles, val_queries = _validation(dev, config)
+    val_profiles, val_queries = _validation(model, dev)
     # early stopping: the stack stage keeps its best checkpoint; the prior and anchor stages are reverted together if they hurt
     checkpoint = (lambda: validation_loss(model, val_profiles, val_queries)) if config.early_stopping and dev else None
     learn_lr = config.meta == "maml" and config.inner_steps > 0
@@ -255,8 +304,11 @@ def build_text_model(data: str | Path, config: TextConfig, progress: Progress | 
 
     if dev:
         validation["start"] = validation_loss(model, val_profiles, val_queries)
-    initial = ({k: v.clone() for k, v in t.global_adapter.items()}, {k: v.clone() for k, v in t.anchors.items()})
+    prior_group = {"label_bias": t.label_bias} if t.label_bias is not None else {}
+    initial = ({k: v.clone() for k, v in t.global_adapter.items()}, {k: v.clone() for k, v in t.anchors.items()}, {k: v.clone() for k, v in prior_group.items()})
     groups = [{"params": list(t.global_adapter.values()), "lr": config.outer_lr}]
+    if prior_group:
+        groups.append({"params": [t.label_bias], "lr": config.label_prior_lr})
     if learn_lr:
         groups.append({"params": list(t.global_step_sizes.values()), "lr": config.outer_lr})
     run("global", _stage_global(model), groups, config.global_steps)
@@ -268,11 +320,13 @@ def build_text_model(data: str | Path, config: TextConfig, progress: Progress | 
         validation["anchors"] = validation_loss(model, val_profiles, val_queries)
         if config.early_stopping and validation["anchors"] > validation["start"]:
             with torch.no_grad():
-                for group, saved in zip((t.global_adapter, t.anchors), initial):
+                for group, saved in zip((t.global_adapter, t.anchors, prior_group), initial):
                     for k in group:
                         group[k].copy_(saved[k])
             validation["anchors_reverted"] = True
     groups = [{"params": [v for k, v in t.stack_init.items() if k != "prompt"], "lr": config.outer_lr}, {"params": [t.log_temperature], "lr": config.outer_lr}]
+    if prior_group:
+        groups.append({"params": [t.label_bias], "lr": config.label_prior_lr})
     if learn_lr:
         groups.append({"params": list(t.stack_step_sizes.values()), "lr": config.outer_lr})
     run("stack", _stage_stack(model), groups, config.stack_steps, checkpoint=checkpoint)
@@ -301,9 +355,9 @@ def build_text_model(data: str | Path, config: TextConfig, progress: Progress | 
         from ..eval.lamp_metrics import score
 
         personal, _ = model.personalize(val_profiles)
-        prompts = [model.query_prompt(e.input) for e in dev]
+        prompts = [model.pair_prompt(q[0]) for q in val_queries]
         with torch.no_grad():
-            scores = lm.option_logprobs(prompts, model.labels, personal)
+            scores = model.option_scores(prompts, personal)
         golds = {e.id: e.output for e in dev}
         by_decoder = {d: score(spec.name, dict(zip(golds, model.decode(scores, d))), golds) for d in ("argmax", "expected")}
         decoder = min(by_decoder, key=lambda d: by_decoder[d]["mae"])

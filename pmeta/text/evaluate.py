@@ -2,6 +2,9 @@
 
 Methods (the same examples for each; profiles cut to the K most recent items):
 
+Baselines score labels under the LM alone; pmeta's variants add the bank's learned label prior
+(classification and rating tasks), which is part of what the bank meta-learns from its train users.
+
 * ``backbone``: the frozen LM, no profile;
 * ``retrieval-k1`` .. ``retrieval-k4``: the k best BM25 profile items in the prompt, no adaptation;
 * ``per-user-lora``: a LoRA trained from scratch on the user's K profile items (OPPU recipe: Adam,
@@ -65,7 +68,7 @@ def per_user_lora(model: TextModel, profile: list[dict], seed: int):
         for _ in range(c.lora_baseline_steps):
             optimizer.zero_grad(set_to_none=True)
             personal = {"prompt": torch.zeros(1, 0, model.lm.hidden_size), **{k: v.unsqueeze(0) for k, v in params.items()}}
-            model.pairs_loss([pairs], personal).backward()
+            model.pairs_loss([pairs], personal, prior=False).backward()
             optimizer.step()
     personal = {"prompt": torch.zeros(1, 0, model.lm.hidden_size), **{k: v.detach().unsqueeze(0) for k, v in params.items()}}
     return personal, num_bytes({k: v.detach() for k, v in params.items()})
@@ -90,7 +93,7 @@ def run_lamp(model: TextModel, examples: list[LampExample], methods: list[str], 
     if "backbone" in methods:
         prompts = [model.query_prompt(e.input) for e in examples]
         for start in range(0, len(prompts), 8):
-            for e, p in zip(examples[start : start + 8], model.predict(prompts[start : start + 8], None)):
+            for e, p in zip(examples[start : start + 8], model.predict(prompts[start : start + 8], None, prior=False)):
                 backbone[e.id] = p
     for index, example in enumerate(examples):
         for k in ks:
@@ -102,12 +105,12 @@ def run_lamp(model: TextModel, examples: list[LampExample], methods: list[str], 
                     clock = time.perf_counter()
                     prompt = model.query_prompt(example.input, profile, int(method.rsplit("k", 1)[1]))
                     ms = (time.perf_counter() - clock) * 1e3
-                    record(method, k, example, model.predict([prompt], None)[0], ms)
+                    record(method, k, example, model.predict([prompt], None, prior=False)[0], ms)
             if "per-user-lora" in methods:
                 clock = time.perf_counter()
                 personal, nbytes = per_user_lora(model, profile, seed * 100_003 + index)
                 ms = (time.perf_counter() - clock) * 1e3
-                record("per-user-lora", k, example, model.predict([model.query_prompt(example.input)], personal)[0], ms, nbytes)
+                record("per-user-lora", k, example, model.predict([model.query_prompt(example.input)], personal, prior=False)[0], ms, nbytes)
             if "pmeta" in methods or "pmeta+retrieval" in methods:
                 timings: dict[str, float] = {}
                 personal, _ = model.personalize([profile], timings=timings)

@@ -37,9 +37,12 @@ class TextTensors:
     stack_init: Adapter
     stack_step_sizes: dict[str, torch.Tensor]
     log_temperature: torch.Tensor
+    label_bias: torch.Tensor | None = None  # (n_labels,) learned label prior of classification / rating tasks
 
     def to_flat(self) -> dict[str, torch.Tensor]:
         flat = {"anchor_keys": self.anchor_keys, "anchor_sizes": self.anchor_sizes, "log_temperature": self.log_temperature}
+        if self.label_bias is not None:
+            flat["label_bias"] = self.label_bias
         for prefix, group in [("global", self.global_adapter), ("global_lr", self.global_step_sizes), ("anchors", self.anchors),
                               ("stack", self.stack_init), ("stack_lr", self.stack_step_sizes)]:  # fmt: skip
             for key, value in group.items():
@@ -52,7 +55,7 @@ class TextTensors:
             return {k[len(prefix) + 1 :]: v for k, v in flat.items() if k.startswith(prefix + "/")}
 
         return cls(group("global"), group("global_lr"), group("anchors"), flat["anchor_keys"], flat["anchor_sizes"],
-                   group("stack"), group("stack_lr"), flat["log_temperature"])  # fmt: skip
+                   group("stack"), group("stack_lr"), flat["log_temperature"], flat.get("label_bias"))  # fmt: skip
 
 
 def gather_rows(personal: Adapter, rows: torch.Tensor) -> Adapter:
@@ -103,37 +106,51 @@ class TextModel:
         items = profile[-c.support_max :] if c.support_max else []
         return [support_pair(self.spec, item, c.input_prefix, c.support_chars, c.target_chars) for item in items]
 
-    def pair_prompt(self, input_text: str) -> str:
-        """The formatted prompt of a support or query pair's input (memoised: the inner steps reuse it)."""
-        prompt = self._formatted.get(input_text)
+    def pair_prompt(self, pair: Pair | str) -> str:
+        """The formatted prompt of a support or query pair (memoised: the inner steps reuse it)."""
+        input_text, retrieved = (pair, ()) if isinstance(pair, str) else (pair.input, pair.retrieved)
+        key = input_text if not retrieved else (input_text, tuple(self.profile_texts(list(retrieved))))
+        prompt = self._formatted.get(key)
         if prompt is None:
-            prompt = self.lm.format_prompt(self.prompts.text(input_text))
+            prompt = self.lm.format_prompt(self.prompts.text(input_text, list(retrieved)))
             if len(self._formatted) > 50_000:
                 self._formatted.clear()
-            self._formatted[input_text] = prompt
+            self._formatted[key] = prompt
         return prompt
+
+    def retrieved(self, input_text: str, profile: list[dict] | None, retrieve: int) -> list[dict]:
+        """The ``retrieve`` best BM25 items of ``profile`` for ``input_text``, best first."""
+        if retrieve <= 0 or not profile:
+            return []
+        from ..data.lamp import query_text, retrieval_text
+
+        ranked = bm25_top_k(query_text(self.spec.name, input_text), [retrieval_text(self.spec.name, item) for item in profile], retrieve)
+        return [profile[i] for i in ranked]
 
     def query_prompt(self, input_text: str, profile: list[dict] | None = None, retrieve: int = 0) -> str:
         """The formatted prompt of an input, with the ``retrieve`` best BM25 profile items when asked."""
-        retrieved: list[dict] = []
-        if retrieve > 0 and profile:
-            from ..data.lamp import query_text, retrieval_text
-
-            ranked = bm25_top_k(query_text(self.spec.name, input_text), [retrieval_text(self.spec.name, item) for item in profile], retrieve)
-            retrieved = [profile[i] for i in ranked]
-        return self.lm.format_prompt(self.prompts.text(input_text, retrieved))
+        return self.lm.format_prompt(self.prompts.text(input_text, self.retrieved(input_text, profile, retrieve)))
 
     # ------------------------------------------------------------------ losses
-    def pairs_loss(self, pairs: list[list[Pair]], personal: Adapter | None) -> torch.Tensor:
+    def option_scores(self, prompts: list[str], personal: Adapter | None, prior: bool = True) -> torch.Tensor:
+        """Label scores (U, n_labels): log p(label | prompt) under the LM, plus the bank's learned label
+        prior when ``prior`` (a per-label offset meta-trained on the train users; contextual calibration
+        in the sense of Zhao et al. 2021, initialised in closed form at build, see text/build.py)."""
+        scores = self.lm.option_logprobs(prompts, self.labels, personal)
+        bias = self.t.label_bias if (prior and self.t is not None) else None
+        return scores if bias is None else scores + bias.to(scores.dtype)
+
+    def pairs_loss(self, pairs: list[list[Pair]], personal: Adapter | None, prior: bool = True) -> torch.Tensor:
         """Sum over users of the mean loss of their pairs: cross-entropy over the task's labels for
-        "options" pairs, mean token NLL of the output for "text" pairs. ``personal`` has the user axis."""
+        "options" pairs (with the learned label prior when ``prior``), mean token NLL of the output for
+        "text" pairs. ``personal`` has the user axis."""
         total = torch.zeros(())
         option_rows, option_prompts, option_targets, option_weights = [], [], [], []
         text_rows, text_prompts, text_targets, text_weights = [], [], [], []
         for user, user_pairs in enumerate(pairs):
             for pair in user_pairs:
                 weight = 1.0 / len(user_pairs)
-                prompt = self.pair_prompt(pair.input)
+                prompt = self.pair_prompt(pair)
                 if pair.kind == "options" and pair.output in self.labels:
                     option_rows.append(user)
                     option_prompts.append(prompt)
@@ -146,7 +163,7 @@ class TextModel:
                     text_weights.append(weight)
         if option_rows:
             rows = gather_rows(personal, torch.tensor(option_rows)) if personal is not None else None
-            logprobs = torch.log_softmax(self.lm.option_logprobs(option_prompts, self.labels, rows), dim=-1)
+            logprobs = torch.log_softmax(self.option_scores(option_prompts, rows, prior), dim=-1)
             picked = logprobs[torch.arange(len(option_rows)), torch.tensor(option_targets)]
             total = total - (picked * torch.tensor(option_weights)).sum()
         if text_rows:
@@ -232,11 +249,12 @@ class TextModel:
 
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()
-    def predict(self, prompts: list[str], personal: Adapter | None, decode: str | None = None) -> list[str]:
-        """Predictions for formatted prompts (row i uses user row i of ``personal``, or the bare LM)."""
+    def predict(self, prompts: list[str], personal: Adapter | None, decode: str | None = None, prior: bool = True) -> list[str]:
+        """Predictions for formatted prompts (row i uses user row i of ``personal``, or the bare LM).
+        ``prior=False`` scores labels under the LM alone (the baselines: no learned label prior)."""
         if self.spec.kind == "generation":
             return [text.strip() for text in self.lm.generate(prompts, personal, self.config.max_new_tokens)]
-        scores = self.lm.option_logprobs(prompts, self.labels, personal)
+        scores = self.option_scores(prompts, personal, prior)
         return self.decode(scores, decode)
 
     def decode(self, scores: torch.Tensor, decode: str | None = None) -> list[str]:

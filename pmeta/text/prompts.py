@@ -31,11 +31,16 @@ RETRIEVED_HEADER = "Earlier items of this user:"
 
 @dataclass(frozen=True)
 class Pair:
-    """One example: ``input`` → ``output``; ``kind`` "options" (scored over the task's labels) or "text"."""
+    """One example: ``input`` → ``output``; ``kind`` "options" (scored over the task's labels) or "text".
+
+    ``retrieved``: profile items (best first) put in the prompt before the input, as ``pmeta+retrieval``
+    serves; meta-training gives them to query pairs so the bank learns to use retrieval.
+    """
 
     input: str
     output: str
     kind: str
+    retrieved: tuple = ()
 
 
 def clip(text: str, max_chars: int) -> str:
