@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -244,7 +245,7 @@ def test_training_questions_carry_retrieval(setup, opened):
     try:
         model.prompts.max_tokens = 4096  # the tiny preset's 96-token budget leaves no room for items
         model._formatted.clear()
-        assert RETRIEVED_HEADER in model.pair_prompt(pair) and RETRIEVED_HEADER not in model.pair_prompt(pair.input)
+        assert RETRIEVED_HEADER in model.pair_prompt(pair) and RETRIEVED_HEADER not in model.pair_prompt(replace(pair, retrieved=()))
     finally:
         model.prompts.max_tokens = budget
         model._formatted.clear()

@@ -199,7 +199,7 @@ def label_prior(model: TextModel, examples: list[LampExample], count: int = 64, 
             part = chosen[start : start + batch]
             prompts = [model.pair_prompt(query_with_retrieval(model, e)) for e in part]
             personal = expand_users(model.t.global_adapter, len(part))
-            rows.append(torch.log_softmax(model.lm.option_logprobs(prompts, labels, personal).float(), dim=-1))
+            rows.append(torch.log_softmax(model.option_scores(prompts, personal, prior=False).float(), dim=-1))
     return (log_prior - torch.cat(rows).mean(0)).detach()
 
 

@@ -106,13 +106,12 @@ class TextModel:
         items = profile[-c.support_max :] if c.support_max else []
         return [support_pair(self.spec, item, c.input_prefix, c.support_chars, c.target_chars) for item in items]
 
-    def pair_prompt(self, pair: Pair | str) -> str:
+    def pair_prompt(self, pair: Pair) -> str:
         """The formatted prompt of a support or query pair (memoised: the inner steps reuse it)."""
-        input_text, retrieved = (pair, ()) if isinstance(pair, str) else (pair.input, pair.retrieved)
-        key = input_text if not retrieved else (input_text, tuple(self.profile_texts(list(retrieved))))
+        key = pair.input if not pair.retrieved else (pair.input, tuple(self.profile_texts(list(pair.retrieved))))
         prompt = self._formatted.get(key)
         if prompt is None:
-            prompt = self.lm.format_prompt(self.prompts.text(input_text, list(retrieved)))
+            prompt = self.lm.format_prompt(self.prompts.text(pair.input, list(pair.retrieved)))
             if len(self._formatted) > 50_000:
                 self._formatted.clear()
             self._formatted[key] = prompt
