@@ -18,14 +18,14 @@ from ..adapt.strategies import get_strategy
 from ..config import BankConfig
 from ..data.types import Dataset
 from ..errors import InvalidData
-from ..eval.baselines import EASEBaseline
+from ..eval.baselines import EASEBaseline, positive_matrix
 from ..eval.protocol import metrics_from_ranks, rank_positives, split_users
 from ..fusion.index import AnchorIndex
 from ..models.encoder import FunctionalEncoder
 from ..models.personal import init_adapter
 from ..progress import Progress
 from ..tasks import ranking
-from . import distributed
+from . import distributed, onboarding
 from .episodes import EpisodeSampler, fixed_episode, query_tensors
 from .meta_train import anchor_stage, global_stage, meta_train, pretrain_towers, stack_stage
 from .model import PmetaModel, Tensors, UserInput
@@ -186,14 +186,7 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     n_anchors = len(centroids)
     sizes = np.bincount(assignment, minlength=n_anchors)
 
-    cf_factors, cf_scale = (None, 1.0)
-    if config.cf_rank > 0 and config.cf_init == "ease":
-        # EASE's λ is tuned on a split of the train users (the baseline's own validation), then refit on all of them
-        ease = EASEBaseline(lam=config.ease_lambda).fit(dataset, train_with_pos)
-        cf_factors, cf_scale = ranking.ease_factors([positives[int(u)] for u in train_with_pos], len(catalog), config.cf_rank, ease.weights, ease.kept_items)
-        del ease
-    elif config.cf_rank > 0:
-        cf_factors, cf_scale = ranking.pure_svd([positives[int(u)] for u in train_with_pos], len(catalog), config.cf_rank)
+    cf_factors, cf_scale, item_bias, cf_record = collaborative_init(dataset, config, train_with_pos, positives, rated, progress)
     generator = torch.Generator().manual_seed(config.seed)
     targets = encoder.lora_targets(config.prompt_layer, tuple(config.lora_targets))
     popular = [texts[i] for i in torch.argsort(counts, descending=True)[:8].tolist()]
@@ -203,7 +196,7 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     log_lr = math.log(config.inner_lr)
     tensors = Tensors(
         item_text=item_text,
-        head=ranking.init_head(item_text, counts, cf_factors, cf_scale),
+        head=ranking.init_head(item_text, counts, cf_factors, cf_scale, item_bias=item_bias, text_log_scale=config.text_log_scale, cf_pool_exponent=cf_record.get("pool_exponent", 1.0)),
         global_adapter=global_adapter,
         global_step_sizes={k: torch.tensor(log_lr) for k in global_adapter},
         anchors={k: v.unsqueeze(0).repeat(n_anchors, *([1] * v.dim())) for k, v in global_adapter.items()},
@@ -264,6 +257,7 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     record = {
         "seconds": time.perf_counter() - started,
         "validation": validation,
+        "collaborative_init": cf_record,
         "losses": {k: [float(np.mean(v[i : i + 10])) for i in range(0, len(v), 10)] for k, v in losses.items()},
         "train_users": [dataset.ratings.user_ids[int(u)] for u in train_users],
         "validation_users": [dataset.ratings.user_ids[int(u)] for u in val_users],
@@ -271,6 +265,52 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
         "anchors": [{"position": a, "n_users": int(sizes[a]), "label": medoids[a]} for a in range(n_anchors)],
     }
     return model, record
+
+
+def collaborative_init(dataset: Dataset, config: BankConfig, train_users: np.ndarray, positives: dict[int, np.ndarray], rated: dict[int, np.ndarray], progress: Progress):
+    """The closed-form init of the towers' collaborative part (``config.cf_init``), from the train users only.
+
+    Returns ((history, item) factors or None, their score scale, an item bias (N,) or None, and a
+    record for the build file). ``onboarding`` (:mod:`pmeta.bank.onboarding`) chooses its λ and
+    weight on EASE's own split of the train users and refits on all of them."""
+    n_items = len(dataset.catalog)
+    train_positives = [positives[int(u)] for u in train_users]
+    if config.cf_rank == 0:
+        return None, 1.0, None, {"kind": "none"}
+    if config.cf_init == "puresvd":
+        factors, scale = ranking.pure_svd(train_positives, n_items, config.cf_rank)
+        return factors, scale, None, {"kind": "puresvd"}
+    with progress.task(f"collaborative init ({config.cf_init})", 1) as bar:
+        # EASE's λ is tuned on a split of the train users (the baseline's own validation), then refit on all of them
+        ease = EASEBaseline(lam=config.ease_lambda).fit(dataset, train_users)
+        record = {"kind": config.cf_init, "ease_lambda": ease.chosen_lam}
+        if config.cf_init == "ease":
+            factors, scale = ranking.ease_factors(train_positives, n_items, config.cf_rank, ease.weights, ease.kept_items)
+            bar.advance(1)
+            return factors, scale, None, record
+        fit_users, validation_users = ease.validation_split(train_users)
+        kept = ease.kept_items
+        fit_matrix = positive_matrix(dataset, fit_users)[:, kept]
+        fit_ease = EASEBaseline.closed_form(fit_matrix.T @ fit_matrix, ease.chosen_lam)
+        del fit_matrix
+        chosen = onboarding.fit(
+            [positives[int(u)] for u in fit_users],
+            fit_ease,
+            [positives[int(u)] for u in validation_users],
+            [rated[int(u)] for u in validation_users],
+            train_positives,
+            ease.weights,
+            kept,
+            n_items,
+            lambdas=(config.onboarding_lambda,) if config.onboarding_lambda is not None else onboarding.LAMBDAS,
+            weights=(config.onboarding_weight,) if config.onboarding_weight is not None else onboarding.WEIGHTS,
+            exponents=(config.cf_pool_exponent,) if config.cf_pool_exponent is not None else onboarding.EXPONENTS,
+        )
+        del fit_ease, ease
+        factors, scale, bias = ranking.matrix_factors(train_positives, n_items, config.cf_rank, chosen.matrix, kept, chosen.bias, chosen.exponent)
+        bar.advance(1)
+    record.update(onboarding_lambda=chosen.lam, onboarding_weight=chosen.weight, pool_exponent=chosen.exponent, onboarding_validation_ndcg=chosen.validation)
+    return factors, scale, bias, record
 
 
 def build_bank(dataset: Dataset, out: str | Path, config: BankConfig, db_url: str | None = None, progress: Progress | None = None) -> BuildResult:

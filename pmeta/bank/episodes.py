@@ -1,9 +1,12 @@
 """Episodes for meta-training: a user's positives split into a support set and a query set.
 
-Each episode draws K ~ U{support_min..support_max} and a start position s, then
-support = positives[s : s+K] and query = positives[s+K : s+K+query_size] (time order, as in the
-cold-start protocol where the support precedes the query). The query loss ignores every other item
-the user rated (they are not candidates in the protocol either).
+Each episode draws K ~ U{support_min..support_max}. With ``episode_start = "any"`` it also draws a
+start position s, then support = positives[s : s+K] and query = positives[s+K : s+K+query_size]
+(time order, as in the cold-start protocol where the support precedes the query). With
+``episode_start = "first"`` an episode is shaped exactly like the protocol's cold-start case:
+support = the first K positives, query = positives 6..15 (users with at least 6 positives; the
+others still draw "any" episodes). The query loss ignores every other item the user rated (they are
+not candidates in the protocol either).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import numpy as np
 import torch
 
 from ..config import BankConfig
+from ..eval.protocol import QUERY_START
 from .model import UserInput
 
 
@@ -68,6 +72,11 @@ class EpisodeSampler:
         support, queries = [], []
         for user in users:
             items = self.positives[user]
+            if c.episode_start == "first" and len(items) > QUERY_START:
+                k = int(self.rng.integers(c.support_min, min(c.support_max, QUERY_START) + 1))
+                support.append(user_input(items[:k], self.item_texts))
+                queries.append(items[QUERY_START : QUERY_START + c.query_size])
+                continue
             k = int(self.rng.integers(c.support_min, min(c.support_max, len(items) - 1) + 1))
             start = int(self.rng.integers(0, len(items) - k))  # leaves at least one query item
             support.append(user_input(items[start : start + k], self.item_texts))

@@ -3,12 +3,15 @@
 * **Text part.** User: ``a = norm(enc(history text; personal)) W_user`` — the frozen encoder run with
   the user's personal parameters (prompt + LoRA) over their history text. Item: ``t_i W_item``
   where ``t_i`` is the frozen sentence embedding of the item's text (title + genres).
-* **Collaborative part.** User: ``c = mean_{j∈history} h_j``; item: ``e_i``. ``h`` and ``e`` (N, r)
-  are learned from the bank's train users, initialised in closed form: by default from EASE's
-  item-item matrix of their positives, ``B ≈ (U Σ) Vᵀ`` (h = U_r Σ_r, e = V_r: the folding-in
-  score ``mean_j B_ji`` at rank r), or by PureSVD of the positive-interaction matrix
-  (X ≈ U Σ Vᵀ, h = e = V_r: the folding-in recommender ``x V Vᵀ``). Items the bank never saw have
-  zero rows, so a new catalogue still ranks by text.
+* **Collaborative part.** User: ``c = Σ_{j∈history} h_j / n^γ`` over the n history items (γ = 1: the
+  mean; γ = 0.5, FISM's normalisation, lets a longer history weigh more against the item bias; a
+  head without ``cf_pool_exponent`` uses the mean); item: ``e_i``. ``h`` and ``e`` (N, r)
+  are learned from the bank's train users, initialised in closed form from an item-item matrix
+  ``M ≈ (U Σ) Vᵀ`` (h = U_r Σ_r, e = V_r: the folding-in score ``Σ_j M_ji / n^γ`` at rank r,
+  :func:`matrix_factors`): by default EASE's matrix plus the onboarding regression of
+  :mod:`pmeta.bank.onboarding`, with its item bias; or EASE's ``B`` alone; or PureSVD of the
+  positive-interaction matrix (X ≈ U Σ Vᵀ, h = e = V_r: the folding-in recommender ``x V Vᵀ``).
+  Items the bank never saw have zero rows, so a new catalogue still ranks by text.
 * **Score**: ``s(u, i) = exp(σ_text)·a·(t_i W_item) + exp(σ_cf)·c·e_i + b_i``.
 
 Keeping the two parts in separate subspaces avoids cross terms between text and collaborative
@@ -27,23 +30,29 @@ import torch.nn.functional as F
 HeadParams = dict[str, torch.Tensor]
 
 
-def init_head(item_text: torch.Tensor, item_counts: torch.Tensor, cf_factors: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None, cf_scale: float = 1.0) -> HeadParams:
+def init_head(item_text: torch.Tensor, item_counts: torch.Tensor, cf_factors: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None, cf_scale: float = 1.0, item_bias: torch.Tensor | None = None, text_log_scale: float = 2.0, cf_pool_exponent: float = 1.0) -> HeadParams:
     """Fresh head for N items: text embeddings (N, d), train counts (N,), and the collaborative init:
-    PureSVD factors (N, r) shared by both towers, a (history, item) pair of (N, r) factors, or None."""
+    PureSVD factors (N, r) shared by both towers, a (history, item) pair of (N, r) factors, or None.
+    ``item_bias`` (N,) replaces the default bias, the standardised log train count;
+    ``cf_pool_exponent`` is γ of the collaborative user vector (fixed, not trained)."""
     n, d = item_text.shape
-    bias = torch.log1p(item_counts.float())
-    bias = (bias - bias.mean()) / bias.std().clamp_min(1e-6)
+    if item_bias is not None:
+        bias = item_bias.clone().float()
+    else:
+        bias = torch.log1p(item_counts.float())
+        bias = (bias - bias.mean()) / bias.std().clamp_min(1e-6)
     params = {
         "user_proj": torch.eye(d),
         "item_proj": torch.eye(d),
         "item_bias": bias,
-        "log_scale": torch.tensor(2.0),
+        "log_scale": torch.tensor(float(text_log_scale)),
     }
     if cf_factors is not None:
         history, item = cf_factors if isinstance(cf_factors, tuple) else (cf_factors, cf_factors)
         params["history_embedding"] = history.clone().float()
         params["item_embedding"] = item.clone().float()
         params["cf_log_scale"] = torch.tensor(float(torch.log(torch.tensor(cf_scale))))
+        params["cf_pool_exponent"] = torch.tensor(float(cf_pool_exponent))
     return params
 
 
@@ -69,8 +78,15 @@ def user_vectors(head: HeadParams, pooled: torch.Tensor, batch: UserBatch) -> tu
         return text, None
     weights = batch.history_mask.to(text.dtype)
     rows = head["history_embedding"][batch.history_items]  # (U, H, r)
-    cf = (rows * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
+    count = weights.sum(1, keepdim=True).clamp_min(1.0)
+    exponent = head.get("cf_pool_exponent")
+    cf = (rows * weights[..., None]).sum(1) / (count if exponent is None else count.pow(exponent))
     return text, cf
+
+
+def pool(rows: torch.Tensor, exponent: float = 1.0) -> torch.Tensor:
+    """The collaborative user vector of one history: ``Σ rows / n^γ`` (rows: (n, r))."""
+    return rows.sum(0) / max(rows.shape[0], 1) ** exponent
 
 
 def logits(head: HeadParams, item_text: torch.Tensor, users: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
@@ -122,15 +138,36 @@ def ease_factors(positives: list, n_items: int, rank: int, weights, kept_items) 
     folding-in score ``mean_j P_j · Q_i`` approximates EASE's ``x B`` up to the per-user scale.
     Items outside ``kept_items`` get zero rows. Returns ((P, Q) as (n_items, rank)), and the scale
     that gives the folding-in scores a standard deviation of 1 over items."""
+    factors, scale, _ = matrix_factors(positives, n_items, rank, weights, kept_items)
+    return factors, scale
+
+
+def matrix_factors(positives: list, n_items: int, rank: int, matrix, kept_items, bias=None, pool_exponent: float = 1.0) -> tuple[tuple[torch.Tensor, torch.Tensor], float, torch.Tensor | None]:
+    """Rank-``rank`` factors ``M ≈ P Qᵀ`` (randomized SVD, ``P = U Σ`` history rows, ``Q = V`` item
+    rows) of any item-item matrix over ``kept_items`` (an EASE ``B``, or the onboarding matrix of
+    :mod:`pmeta.bank.onboarding`), so the folding-in score ``bias_i + Σ_j P_j · Q_i / n^γ``
+    approximates ``bias + x M`` (x = 1/n^γ on the history's n items, γ = ``pool_exponent``). Items outside ``kept_items`` get zero rows and the lowest bias.
+
+    Returns ((P, Q) as (n_items, rank)), the scale that gives the folding-in scores of the train
+    ``positives`` (bias included) a standard deviation of 1 over items, and the bias over the whole
+    catalogue already multiplied by that scale (None without ``bias``)."""
     import numpy as np
     from sklearn.utils.extmath import randomized_svd
 
     rank = max(1, min(rank, len(kept_items)))
-    u, sigma, vt = randomized_svd(np.asarray(weights, dtype=np.float32), n_components=rank, random_state=0)
+    u, sigma, vt = randomized_svd(np.asarray(matrix, dtype=np.float32), n_components=rank, random_state=0)
     history = torch.zeros(n_items, rank)
     item = torch.zeros(n_items, rank)
     kept = torch.from_numpy(np.asarray(kept_items, dtype=np.int64))
     history[kept] = torch.from_numpy(np.ascontiguousarray(u * sigma)).float()
     item[kept] = torch.from_numpy(np.ascontiguousarray(vt.T)).float()
-    folded = torch.stack([history[torch.from_numpy(items)].mean(0) for items in positives]) @ item.T
-    return (history, item), float(1.0 / folded.std().clamp_min(1e-9))
+    full_bias = None
+    if bias is not None:
+        values = torch.from_numpy(np.asarray(bias, dtype=np.float32))
+        full_bias = torch.full((n_items,), float(values.min()) if len(values) else 0.0)
+        full_bias[kept] = values
+    folded = torch.stack([pool(history[torch.from_numpy(items)], pool_exponent) for items in positives]) @ item.T
+    if full_bias is not None:
+        folded = folded + full_bias
+    scale = float(1.0 / folded.std().clamp_min(1e-9))
+    return (history, item), scale, None if full_bias is None else full_bias * scale
