@@ -271,8 +271,8 @@ def collaborative_init(dataset: Dataset, config: BankConfig, train_users: np.nda
     """The closed-form init of the towers' collaborative part (``config.cf_init``), from the train users only.
 
     Returns ((history, item) factors or None, their score scale, an item bias (N,) or None, and a
-    record for the build file). ``onboarding`` (:mod:`pmeta.bank.onboarding`) chooses its λ and
-    weight on EASE's own split of the train users and refits on all of them."""
+    record for the build file). ``onboarding`` (:mod:`pmeta.bank.onboarding`) chooses its λ, weight
+    and pooling exponent γ on EASE's own split of the train users and refits on all of them."""
     n_items = len(dataset.catalog)
     train_positives = [positives[int(u)] for u in train_users]
     if config.cf_rank == 0:
