@@ -175,23 +175,24 @@ def test_early_stopping_never_leaves_the_validation_ranking_worse():
 
 
 def test_onboarding_init_ranks_validation_users_better_than_ease():
-    """The onboarding init (EASE + the first-K → positives-6..15 regression, pmeta.bank.onboarding)
-    against EASE alone, both untrained (no tower or meta steps) on the bank's own validation users:
-    the full-ranking nDCG@10 over K = 1, 3, 5 that early stopping records at the start. Measured
-    on the shipped sample: about 0.13 against 0.10."""
+    """The onboarding init (EASE + the first-K → positives-6..15 regression, pmeta.bank.onboarding),
+    untrained (no tower or meta steps), on the bank's own validation users: the full-ranking nDCG@10
+    over K = 1, 3, 5 that early stopping records at the start. On the shipped sample the EASE init
+    measures 0.0987 there (README) and this init 0.139; 0.12 lies between them."""
     from pmeta import load_config
     from pmeta.bank.build import build_model
     from pmeta.data.sample import load_sample
 
-    start = {}
-    for init in ("ease", "onboarding"):
-        config = load_config("tiny", overrides={"early_stopping": True, "cf_init": init, "ease_lambda": 500.0, "tower_steps": 0, "global_steps": 0, "anchor_steps": 0, "stack_steps": 0, "inner_steps": 0})
-        model, record = build_model(load_sample(), config)
-        start[init] = -record["validation"]["early_stopping"]["start"]
+    # λ, a and γ fixed at the values the default grid chooses on the sample (the choice itself is
+    # tested on synthetic data in test_onboarding.py), so the build makes two EASE fits only
+    fixed = {"ease_lambda": 500.0, "onboarding_lambda": 30.0, "onboarding_weight": 1.0, "cf_pool_exponent": 0.5}
+    config = load_config("tiny", overrides={"early_stopping": True, "cf_init": "onboarding", **fixed, "tower_steps": 0, "global_steps": 0, "anchor_steps": 0, "stack_steps": 0, "inner_steps": 0})
+    model, record = build_model(load_sample(), config)
     chosen = record["collaborative_init"]
-    assert chosen["kind"] == "onboarding" and chosen["onboarding_weight"] > 0, chosen
-    assert chosen["pool_exponent"] in (0.5, 1.0) and float(model.t.head["cf_pool_exponent"]) == chosen["pool_exponent"]
-    assert start["onboarding"] > 1.1 * start["ease"], start
+    assert chosen["kind"] == "onboarding" and chosen["onboarding_weight"] == 1.0 and set(chosen["onboarding_validation_ndcg"]) == {"lam=30,a=1,pool=0.5"}
+    assert float(model.t.head["cf_pool_exponent"]) == chosen["pool_exponent"] == 0.5
+    start = -record["validation"]["early_stopping"]["start"]
+    assert start > 0.12, start
 
 def test_bfloat16_precision_ranks_like_float32(tiny_bank, opened_bank):
     """precision="bfloat16" runs the encoder passes under bf16 autocast; scores stay float32 and
