@@ -105,8 +105,8 @@ def _scale(x: np.ndarray, matrix: np.ndarray) -> float:
     return float((x @ matrix).std()) if len(x) else 1.0
 
 
-def combine(ease: np.ndarray, w: np.ndarray, mean: np.ndarray, x: np.ndarray, weight: float) -> tuple[np.ndarray, np.ndarray]:
-    """(M, bias) = (B/σ_B + a·W/σ_W, a·ȳ/σ_W), σ over the episodes' scores ``x``."""
+def combine(ease: np.ndarray, w: np.ndarray | None, mean: np.ndarray, x: np.ndarray, weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """(M, bias) = (B/σ_B + a·W/σ_W, a·ȳ/σ_W), σ over the episodes' scores ``x`` (``w`` is unused at a = 0)."""
     sigma_b = max(_scale(x, ease), 1e-9)
     if weight == 0.0:
         return ease / sigma_b, np.zeros(len(mean), np.float32)
@@ -114,26 +114,34 @@ def combine(ease: np.ndarray, w: np.ndarray, mean: np.ndarray, x: np.ndarray, we
     return ease / sigma_b + (weight / sigma_w) * w, (weight / sigma_w) * mean
 
 
-def validation_ndcg(matrix: np.ndarray, bias: np.ndarray, positives: list[np.ndarray], rated: list[np.ndarray], position: np.ndarray, n_items: int, exponent: float = 1.0) -> float:
-    """Full-ranking nDCG@10 (the protocol's ranks), mean over K = 1, 3, 5, of validation users,
-    scoring ``bias + Σ_{support} M_j / K^γ`` (items outside ``position`` rank last)."""
-    per_k = []
+def validation_cases(positives: list[np.ndarray], rated: list[np.ndarray], n_items: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(positives, query, full-ranking negatives (Q, never rated)) of each validation user with at
+    least 6 positives: computed once, shared by every grid point."""
     everything = np.arange(n_items)
+    cases = []
+    for items, seen in zip(positives, rated):
+        if len(items) <= QUERY_START:
+            continue
+        query = items[QUERY_START:QUERY_STOP]
+        never = np.setdiff1d(everything, seen, assume_unique=True)
+        cases.append((items, query, np.broadcast_to(never, (len(query), len(never)))))
+    return cases
+
+
+def validation_ndcg(matrix: np.ndarray, bias: np.ndarray, cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]], position: np.ndarray, n_items: int, exponent: float = 1.0) -> float:
+    """Full-ranking nDCG@10 (the protocol's ranks), mean over K = 1, 3, 5, of the validation
+    ``cases`` (:func:`validation_cases`), scoring ``bias + Σ_{support} M_j / K^γ`` (items outside
+    ``position`` rank last)."""
+    per_k = []
     kept = np.flatnonzero(position >= 0)
     for k in VALIDATION_SIZES:
         values = []
-        for items, seen in zip(positives, rated):
-            if len(items) <= QUERY_START:
-                continue
+        for items, query, negatives in cases:
             support = position[items[:k]]
             support = support[support >= 0]
             scores = np.full(n_items, -1e9)
-            kept_scores = bias + (matrix[support].sum(0) / len(support) ** exponent if len(support) else 0.0)
-            scores[kept] = kept_scores
-            query = items[QUERY_START:QUERY_STOP]
-            never = np.setdiff1d(everything, seen, assume_unique=True)
-            ranks = rank_positives(scores, query, np.broadcast_to(never, (len(query), len(never))))
-            values.append(metrics_from_ranks(ranks)["ndcg@10"])
+            scores[kept] = bias + (matrix[support].sum(0) / len(support) ** exponent if len(support) else 0.0)
+            values.append(metrics_from_ranks(rank_positives(scores, query, negatives))["ndcg@10"])
         per_k.append(float(np.mean(values)) if values else 0.0)
     return float(np.mean(per_k))
 
@@ -158,6 +166,7 @@ def fit(
     position = np.full(n_items, -1, dtype=np.int64)
     position[kept] = np.arange(len(kept))
     x, y = episodes(fit_positives, position)
+    cases = validation_cases(validation_positives, validation_rated, n_items)
     scores: dict[tuple[float, float, float], float] = {}
     for lam in lambdas:
         w, mean = ridge(x, y, lam)
@@ -167,11 +176,14 @@ def fit(
                 continue  # EASE alone does not depend on λ
             matrix, bias = combine(fit_ease, w, mean, x, weight)
             for exponent in exponents:
-                scores[(key_lam, weight, exponent)] = validation_ndcg(matrix, bias, validation_positives, validation_rated, position, n_items, exponent)
+                scores[(key_lam, weight, exponent)] = validation_ndcg(matrix, bias, cases, position, n_items, exponent)
             del matrix
         del w
     lam, weight, exponent = max(scores, key=lambda key: (scores[key], -key[1], key[2]))
     x, y = episodes(all_positives, position)
-    w, mean = ridge(x, y, lam if weight > 0 else lambdas[0])
+    if weight > 0:
+        w, mean = ridge(x, y, lam)
+    else:  # EASE alone: no regression to fit
+        w, mean = None, np.zeros(len(kept), np.float32)
     matrix, bias = combine(all_ease, w, mean, x, weight)
     return OnboardingFit(matrix, bias, kept, lam, weight, exponent, {f"lam={k[0]:g},a={k[1]:g},pool={k[2]:g}": v for k, v in scores.items()})
