@@ -46,12 +46,14 @@ from pmeta.eval.protocol import evaluate, split_users
 
 
 class Scorer:
+    uses_time = True  # the support's timestamp reaches the bank's time prior, as in `pmeta eval`
+
     def __init__(self, name: str, model: PmetaModel, steps: int | None = None, stacking: bool = True) -> None:
         self.name, self.model, self.steps, self.stacking = name, model, steps, stacking
 
-    def score(self, support_items: np.ndarray, k: int) -> np.ndarray:
+    def score(self, support_items: np.ndarray, k: int, time: float | None = None) -> np.ndarray:
         model = self.model
-        user = support_input(model, support_items)
+        user = support_input(model, support_items, time)
         if self.stacking:
             personal, batch, _ = model.personalize([user], steps=self.steps)
         else:  # inner steps on the fused anchors themselves
@@ -94,7 +96,7 @@ from pmeta.data import load_sample
 from pmeta.eval.protocol import split_users
 bank = Bank.open({str(bank)!r}); ds = load_sample(); train, _ = split_users(ds)
 model = bank.model
-sampler = EpisodeSampler(ds.positives_by_user(), ds.rated_by_user(), train, model.item_texts, bank.config, seed=5)
+sampler = EpisodeSampler(ds.positives_by_user(), ds.rated_by_user(), train, model.item_texts, bank.config, seed=5, times=ds.positive_times_by_user())
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 stage = stack_stage(model, bank.config.model_copy(update={{"meta": {meta!r}}}))
 meta_train(model, sampler, stage, get_strategy({meta!r}), 1, bank.config.meta_batch_users)  # warm-up

@@ -31,6 +31,8 @@ class BankConfig(BaseModel):
     onboarding_lambda: float | None = Field(None, gt=0, description="Ridge weight λ of the onboarding regression; None = chosen over 3, 10, 30 on a split of the train users.")
     onboarding_weight: float | None = Field(None, ge=0, description="Weight a of the onboarding regression against EASE (0 = EASE alone); None = chosen over 0, 0.5, 1, 2 on a split of the train users.")
     cf_pool_exponent: float | None = Field(None, ge=0, le=1, description="γ of the collaborative user vector Σ h_j / n^γ (1 = mean; 0.5 = FISM's normalisation) for cf_init = 'onboarding'; None = chosen over 1 and 0.5 with λ and a. The other inits use the mean.")
+    time_prior_weight: float | None = Field(None, ge=0, description="Weight β of the time prior (pmeta.tasks.time_prior: what train users rated around the time of the user's latest interaction); 0 = off; None = chosen over 0, 0.5, 1, 1.5 with its bandwidth on a split of the train users (cf_init = 'onboarding'; the other inits use it only when set).")
+    time_prior_bandwidth: float | None = Field(None, gt=0, description="Bandwidth h of the time prior in days; None = chosen over 60 and 365 (365 when β is set and h is not chosen).")
     text_log_scale: float = Field(0.0, description="Initial log weight of the towers' text part (learned). 0: the closed-form collaborative part leads at the start (on validation users the text part at its old start, 2.0, ranked worse than without it).")
     max_history_items: int = Field(10, ge=1, le=200, description="Most recent liked items the user tower reads.")
     max_tokens: int = Field(192, ge=16, le=512, description="Token budget of the history text.")

@@ -63,6 +63,31 @@ def test_items_match_by_title_and_unseen_items_are_text_only(target, opened_bank
     assert torch.allclose(model.t.item_text[known], expected, atol=1e-5)
 
 
+def test_transfer_carries_the_time_prior_columns(target, opened_bank):
+    """A bank with a time prior: a matched item keeps its column, an unseen one gets each period's lowest."""
+    from dataclasses import replace
+
+    from pmeta.bank.model import PmetaModel
+    from pmeta.tasks import time_prior
+
+    directory, _ = target
+    dataset = read_movielens(directory)
+    source = opened_bank.model
+    n = len(opened_bank.catalog)
+    rng = np.random.default_rng(0)
+    grid, table = time_prior.table(rng.integers(0, n, 500), rng.integers(0, 10**8, 500), n, 365.0)
+    head = {**source.t.head, **time_prior.head_entries(grid, table, 1.5)}
+    with_prior = PmetaModel(source.config, source.encoder, source.item_texts, replace(source.t, head=head), index=source.index)
+    model, _ = transfer_model(with_prior, opened_bank.catalog, dataset.catalog)
+    matched = match_items(opened_bank.catalog, dataset.catalog)
+    moved = model.t.head["time_log_prior"]
+    assert moved.shape == (len(grid), len(dataset.catalog))
+    known, unseen = np.flatnonzero(matched >= 0), np.flatnonzero(matched < 0)
+    assert torch.equal(moved[:, torch.from_numpy(known)], torch.from_numpy(table)[:, torch.from_numpy(matched[known])])
+    assert torch.equal(moved[:, torch.from_numpy(unseen)], torch.from_numpy(table.min(1, keepdims=True)).expand(-1, len(unseen)))
+    assert float(model.t.head["time_weight"]) == 1.5 and torch.equal(model.t.head["time_grid"], head["time_grid"])
+
+
 def test_transfer_eval_runs_every_bank_method(target, opened_bank):
     directory, _ = target
     dataset = read_movielens(directory)

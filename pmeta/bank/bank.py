@@ -75,8 +75,8 @@ def adapt_vmap(model: PmetaModel, batch, targets: torch.Tensor, target_mask: tor
 
     rates = {k: v.exp() for k, v in model.t.stack_step_sizes.items()}
 
-    def one_user(hidden, mask, items, items_mask, exclude, target, tmask, fixed, start):
-        single = ranking.UserBatch(hidden=hidden[None], mask=mask[None], history_items=items[None], history_mask=items_mask[None], exclude=exclude[None])
+    def one_user(hidden, mask, items, items_mask, exclude, prior, target, tmask, fixed, start):
+        single = ranking.UserBatch(hidden=hidden[None], mask=mask[None], history_items=items[None], history_mask=items_mask[None], exclude=exclude[None], prior=None if prior is None else prior[None])
 
         def loss(params):
             full = stack({k: v[None] for k, v in fixed.items()}, {k: v[None] for k, v in params.items()})
@@ -89,7 +89,7 @@ def adapt_vmap(model: PmetaModel, batch, targets: torch.Tensor, target_mask: tor
         return params
 
     start = {k: v.detach() for k, v in init.items()}
-    return vmap(one_user)(batch.hidden, batch.mask, batch.history_items, batch.history_mask, batch.exclude, targets, target_mask, fused, start)
+    return vmap(one_user)(batch.hidden, batch.mask, batch.history_items, batch.history_mask, batch.exclude, batch.prior, targets, target_mask, fused, start)
 
 
 @dataclass(frozen=True)
@@ -185,8 +185,10 @@ class Bank:
     def user_input(self, history: UserHistory, ignore_unknown: bool = False) -> UserInput:
         """What the model reads of a validated history: liked items (rating unset or >= 4) in time order."""
         resolved = resolve_history(history, self.catalog, ignore_unknown=ignore_unknown)
-        liked, texts, free, seen = [], [], [], []
-        for index, text, rating, _ in resolved.entries:
+        liked, texts, free, seen, times = [], [], [], [], []
+        for index, text, rating, timestamp in resolved.entries:
+            if timestamp is not None:
+                times.append(float(timestamp))
             if index is not None:
                 seen.append(index)
             if rating is not None and rating < POSITIVE_RATING:
@@ -197,7 +199,7 @@ class Bank:
             elif text:
                 free.append(text)
                 texts.append(text)
-        return UserInput(liked_items=liked, texts=texts, free_texts=free, seen_items=seen)
+        return UserInput(liked_items=liked, texts=texts, free_texts=free, seen_items=seen, time=max(times) if times else None)
 
     @staticmethod
     def as_history(history: UserHistory | dict | str | Path) -> UserHistory:

@@ -24,7 +24,7 @@ from ..fusion.index import AnchorIndex
 from ..models.encoder import FunctionalEncoder
 from ..models.personal import init_adapter
 from ..progress import Progress
-from ..tasks import ranking
+from ..tasks import ranking, time_prior
 from . import distributed, onboarding
 from .episodes import EpisodeSampler, fixed_episode, query_tensors
 from .meta_train import anchor_stage, global_stage, meta_train, pretrain_towers, stack_stage
@@ -105,9 +105,9 @@ def prompt_from_text(encoder: FunctionalEncoder, texts: list[str], length: int, 
 ValidationSet = tuple[list[UserInput], list[np.ndarray], list[int]]  # (inputs, queries, users) of one support size
 
 
-def validation_sets(positives: dict[int, np.ndarray], users: np.ndarray, texts: list[str], ks: tuple[int, ...] = (1, 3, 5)) -> dict[int, ValidationSet]:
+def validation_sets(positives: dict[int, np.ndarray], users: np.ndarray, texts: list[str], ks: tuple[int, ...] = (1, 3, 5), times: dict[int, np.ndarray] | None = None) -> dict[int, ValidationSet]:
     """The validation users' fixed episodes for each support size K (the same query items, 6..15)."""
-    return {k: fixed_episode(positives, users, texts, k=k) for k in ks}
+    return {k: fixed_episode(positives, users, texts, k=k, times=times) for k in ks}
 
 
 def validation_loss(model: PmetaModel, inputs: list[UserInput], queries: list[np.ndarray], rated: dict[int, np.ndarray], users: list[int]):
@@ -169,6 +169,7 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     n_val = int(round(config.validation_fraction * len(shuffled)))
     val_users, train_users = np.sort(shuffled[:n_val]), np.sort(shuffled[n_val:])
     positives = dataset.positives_by_user()
+    times = dataset.positive_times_by_user()
     rated = dataset.rated_by_user()
 
     encoder = FunctionalEncoder(config.encoder, device=distributed.device_of(config.device))
@@ -186,7 +187,7 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     n_anchors = len(centroids)
     sizes = np.bincount(assignment, minlength=n_anchors)
 
-    cf_factors, cf_scale, item_bias, cf_record = collaborative_init(dataset, config, train_with_pos, positives, rated, progress)
+    cf_factors, cf_scale, item_bias, cf_record, time_entries = collaborative_init(dataset, config, train_with_pos, positives, rated, progress, times)
     generator = torch.Generator().manual_seed(config.seed)
     targets = encoder.lora_targets(config.prompt_layer, tuple(config.lora_targets))
     popular = [texts[i] for i in torch.argsort(counts, descending=True)[:8].tolist()]
@@ -196,7 +197,7 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     log_lr = math.log(config.inner_lr)
     tensors = Tensors(
         item_text=item_text,
-        head=ranking.init_head(item_text, counts, cf_factors, cf_scale, item_bias=item_bias, text_log_scale=config.text_log_scale, cf_pool_exponent=cf_record.get("pool_exponent", 1.0)),
+        head={**ranking.init_head(item_text, counts, cf_factors, cf_scale, item_bias=item_bias, text_log_scale=config.text_log_scale, cf_pool_exponent=cf_record.get("pool_exponent", 1.0)), **time_entries},
         global_adapter=global_adapter,
         global_step_sizes={k: torch.tensor(log_lr) for k in global_adapter},
         anchors={k: v.unsqueeze(0).repeat(n_anchors, *([1] * v.dim())) for k, v in global_adapter.items()},
@@ -209,8 +210,8 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     model = PmetaModel(config, encoder, texts, tensors)
     strategy = get_strategy(config.meta)
     # under torchrun each rank meta-trains on its own shard of users with its own episode stream
-    sampler = EpisodeSampler(positives, rated, distributed.shard(train_with_pos), texts, config, seed=distributed.rank_seed(config.seed + 2))
-    val_sets = validation_sets(positives, val_users, texts)
+    sampler = EpisodeSampler(positives, rated, distributed.shard(train_with_pos), texts, config, seed=distributed.rank_seed(config.seed + 2), times=times)
+    val_sets = validation_sets(positives, val_users, texts, times=times)
     val_inputs, val_queries, val_kept = val_sets[5]
     checkpoint = None
     if config.early_stopping:
@@ -267,19 +268,25 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     return model, record
 
 
-def collaborative_init(dataset: Dataset, config: BankConfig, train_users: np.ndarray, positives: dict[int, np.ndarray], rated: dict[int, np.ndarray], progress: Progress):
+def collaborative_init(dataset: Dataset, config: BankConfig, train_users: np.ndarray, positives: dict[int, np.ndarray], rated: dict[int, np.ndarray], progress: Progress, times: dict[int, np.ndarray] | None = None):
     """The closed-form init of the towers' collaborative part (``config.cf_init``), from the train users only.
 
-    Returns ((history, item) factors or None, their score scale, an item bias (N,) or None, and a
-    record for the build file). ``onboarding`` (:mod:`pmeta.bank.onboarding`) chooses its λ, weight
-    and pooling exponent γ on EASE's own split of the train users and refits on all of them."""
+    Returns ((history, item) factors or None, their score scale, an item bias (N,) or None, a
+    record for the build file, and the head entries of the time prior ({} without one)).
+    ``onboarding`` (:mod:`pmeta.bank.onboarding`) chooses its λ, weight and pooling exponent γ on
+    EASE's own split of the train users and refits on all of them; the time prior's bandwidth and
+    weight are then chosen on the same split (:func:`choose_time_prior`)."""
     n_items = len(dataset.catalog)
     train_positives = [positives[int(u)] for u in train_users]
+
+    def fixed_prior() -> dict[str, torch.Tensor]:  # the other inits: a time prior only when β is set
+        return time_prior_entries(dataset, config, train_users, config.time_prior_bandwidth or 365.0, config.time_prior_weight or 0.0)
+
     if config.cf_rank == 0:
-        return None, 1.0, None, {"kind": "none"}
+        return None, 1.0, None, {"kind": "none"}, fixed_prior()
     if config.cf_init == "puresvd":
         factors, scale = ranking.pure_svd(train_positives, n_items, config.cf_rank)
-        return factors, scale, None, {"kind": "puresvd"}
+        return factors, scale, None, {"kind": "puresvd"}, fixed_prior()
     with progress.task(f"collaborative init ({config.cf_init})", 1) as bar:
         # EASE's λ is tuned on a split of the train users (the baseline's own validation), then refit on all of them
         ease = EASEBaseline(lam=config.ease_lambda).fit(dataset, train_users)
@@ -287,7 +294,7 @@ def collaborative_init(dataset: Dataset, config: BankConfig, train_users: np.nda
         if config.cf_init == "ease":
             factors, scale = ranking.ease_factors(train_positives, n_items, config.cf_rank, ease.weights, ease.kept_items)
             bar.advance(1)
-            return factors, scale, None, record
+            return factors, scale, None, record, fixed_prior()
         fit_users, validation_users = ease.validation_split(train_users)
         kept = ease.kept_items
         fit_matrix = positive_matrix(dataset, fit_users)[:, kept]
@@ -306,11 +313,53 @@ def collaborative_init(dataset: Dataset, config: BankConfig, train_users: np.nda
             weights=(config.onboarding_weight,) if config.onboarding_weight is not None else onboarding.WEIGHTS,
             exponents=(config.cf_pool_exponent,) if config.cf_pool_exponent is not None else onboarding.EXPONENTS,
         )
+        if config.time_prior_weight == 0.0 or times is None:
+            entries, record["time_prior"] = {}, {"weight": 0.0}
+        else:
+            matrix, bias = onboarding.refit(chosen, [positives[int(u)] for u in fit_users], fit_ease, n_items)
+            h, weight, grid = choose_time_prior(dataset, config, fit_users, validation_users, kept, matrix, bias, chosen.exponent)
+            entries = time_prior_entries(dataset, config, train_users, h, weight)
+            record["time_prior"] = {"bandwidth_days": h, "weight": weight, "validation_ndcg": grid}
+            del matrix, bias
         del fit_ease, ease
         factors, scale, bias = ranking.matrix_factors(train_positives, n_items, config.cf_rank, chosen.matrix, kept, chosen.bias, chosen.exponent)
         bar.advance(1)
     record.update(onboarding_lambda=chosen.lam, onboarding_weight=chosen.weight, pool_exponent=chosen.exponent, onboarding_validation_ndcg=chosen.validation)
-    return factors, scale, bias, record
+    return factors, scale, bias, record, entries
+
+
+def time_prior_entries(dataset: Dataset, config: BankConfig, users: np.ndarray, bandwidth_days: float, weight: float) -> dict[str, torch.Tensor]:
+    """Head entries of a time prior built from ``users``' ratings ({} when β = 0)."""
+    if weight == 0.0:
+        return {}
+    items, stamps = time_prior.rating_events(dataset, users)
+    grid, log_prior = time_prior.table(items, stamps, len(dataset.catalog), bandwidth_days)
+    return time_prior.head_entries(grid, log_prior, weight)
+
+
+def choose_time_prior(dataset: Dataset, config: BankConfig, fit_users, validation_users, kept, matrix, bias, exponent):
+    """(h, β, grid scores) of the time prior on EASE's validation split of the train users: the base
+    scores are the onboarding model fitted on ``fit_users`` (its folding-in ``bias + Σ M_j / K^γ``,
+    scaled to a standard deviation of 1 as the head's are), the prior counts ``fit_users``' ratings."""
+    n_items = len(dataset.catalog)
+    position = np.full(n_items, -1, dtype=np.int64)
+    position[kept] = np.arange(len(kept))
+    floor = float(bias.min()) if len(bias) else 0.0
+
+    def raw(support: np.ndarray) -> np.ndarray:
+        cols = position[support]
+        cols = cols[cols >= 0]
+        scores = np.full(n_items, floor, dtype=np.float64)
+        scores[kept] = bias + (matrix[cols].sum(0) / len(cols) ** exponent if len(cols) else 0.0)
+        return scores
+
+    cases = time_prior.validation_cases(dataset, validation_users)
+    if not cases:
+        return 365.0, 0.0, {}
+    spread = float(np.mean([raw(items[:5]).std() for items, *_ in cases])) or 1.0
+    bandwidths = (config.time_prior_bandwidth,) if config.time_prior_bandwidth is not None else time_prior.BANDWIDTHS
+    weights = (config.time_prior_weight,) if config.time_prior_weight is not None else time_prior.WEIGHTS
+    return time_prior.choose(lambda support: raw(support) / spread, cases, time_prior.rating_events(dataset, fit_users), n_items, bandwidths, weights)
 
 
 def build_bank(dataset: Dataset, out: str | Path, config: BankConfig, db_url: str | None = None, progress: Progress | None = None) -> BuildResult:

@@ -45,14 +45,17 @@ def query_tensors(queries: list[np.ndarray], rated: list[np.ndarray], n_items: i
     return targets, mask, exclude
 
 
-def user_input(items: np.ndarray, item_texts: list[str]) -> UserInput:
+def user_input(items: np.ndarray, item_texts: list[str], times: np.ndarray | None = None) -> UserInput:
+    """A support set as the model reads it; ``times`` (the items' timestamps) gives the time of the last one."""
     liked = [int(i) for i in items]
-    return UserInput(liked_items=liked, texts=[item_texts[i] for i in liked], seen_items=liked)
+    time = float(times[-1]) if times is not None and len(times) else None
+    return UserInput(liked_items=liked, texts=[item_texts[i] for i in liked], seen_items=liked, time=time)
 
 
 class EpisodeSampler:
-    def __init__(self, positives: dict[int, np.ndarray], rated: dict[int, np.ndarray], users: np.ndarray, item_texts: list[str], config: BankConfig, seed: int) -> None:
+    def __init__(self, positives: dict[int, np.ndarray], rated: dict[int, np.ndarray], users: np.ndarray, item_texts: list[str], config: BankConfig, seed: int, times: dict[int, np.ndarray] | None = None) -> None:
         self.positives = positives
+        self.times = times or {}
         self.rated = rated
         self.users = np.array([u for u in users if len(positives.get(int(u), ())) >= config.min_positives], dtype=np.int64)
         if len(self.users) == 0:
@@ -74,12 +77,12 @@ class EpisodeSampler:
             items = self.positives[user]
             if c.episode_start == "first" and len(items) > QUERY_START:
                 k = int(self.rng.integers(c.support_min, min(c.support_max, QUERY_START) + 1))
-                support.append(user_input(items[:k], self.item_texts))
+                support.append(user_input(items[:k], self.item_texts, self._times(user, 0, k)))
                 queries.append(items[QUERY_START : QUERY_START + c.query_size])
                 continue
             k = int(self.rng.integers(c.support_min, min(c.support_max, len(items) - 1) + 1))
             start = int(self.rng.integers(0, len(items) - k))  # leaves at least one query item
-            support.append(user_input(items[start : start + k], self.item_texts))
+            support.append(user_input(items[start : start + k], self.item_texts, self._times(user, start, start + k)))
             queries.append(items[start + k : start + k + c.query_size])
         targets, mask, exclude = query_tensors(queries, [self.rated[u] for u in users], n_items)
         both_width = targets.shape[1] + c.support_max
@@ -91,15 +94,20 @@ class EpisodeSampler:
             both_mask[row, : len(joined)] = 1
         return Episode(users, support, targets, mask, exclude, (both, both_mask))
 
+    def _times(self, user: int, start: int, stop: int) -> np.ndarray | None:
+        times = self.times.get(user)
+        return None if times is None else times[start:stop]
 
-def fixed_episode(positives: dict[int, np.ndarray], users: np.ndarray, item_texts: list[str], k: int = 5, query: int = 10) -> tuple[list[UserInput], list[np.ndarray], list[int]]:
-    """Deterministic validation split as in the protocol: support = first k positives, query = 6..15."""
+
+def fixed_episode(positives: dict[int, np.ndarray], users: np.ndarray, item_texts: list[str], k: int = 5, query: int = 10, times: dict[int, np.ndarray] | None = None) -> tuple[list[UserInput], list[np.ndarray], list[int]]:
+    """Deterministic validation split as in the protocol: support = first k positives, query = 6..15
+    (``times``: the positives' timestamps, for the time of the support)."""
     inputs, queries, kept = [], [], []
     for user in users:
         items = positives.get(int(user))
         if items is None or len(items) < 6:
             continue
-        inputs.append(user_input(items[:k], item_texts))
+        inputs.append(user_input(items[:k], item_texts, None if times is None or int(user) not in times else times[int(user)][:k]))
         queries.append(items[5 : 5 + query])
         kept.append(int(user))
     return inputs, queries, kept

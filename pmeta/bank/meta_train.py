@@ -89,7 +89,7 @@ def pretrain_towers(model: PmetaModel, sampler: EpisodeSampler, config, outer_st
 
     def episode_loss() -> torch.Tensor:
         episode, batch, pooled = cached[int(sampler.rng.integers(len(cached)))]
-        scores = ranking.logits(model.t.head, model.t.item_text, ranking.user_vectors(model.t.head, pooled, batch))
+        scores = ranking.logits(model.t.head, model.t.item_text, ranking.user_vectors(model.t.head, pooled, batch), batch.prior)
         query = [t.to(device) for t in (episode.query_targets, episode.query_mask, episode.query_exclude)]
         return ranking.softmax_loss(scores, *query) / len(episode.users)
 

@@ -21,7 +21,7 @@ from ..fusion.fuse import fuse, fusion_weights
 from ..fusion.index import AnchorIndex
 from ..models.encoder import FunctionalEncoder
 from ..models.personal import Adapter, expand_users, stack
-from ..tasks import ranking
+from ..tasks import ranking, time_prior
 
 
 @dataclass
@@ -32,6 +32,7 @@ class UserInput:
     texts: list[str] = field(default_factory=list)  # the texts the encoder reads (catalogue texts and free texts)
     free_texts: list[str] = field(default_factory=list)  # texts of items outside the catalogue (for the user key)
     seen_items: list[int] = field(default_factory=list)  # every catalogue item in the history: never recommended
+    time: float | None = None  # seconds since the epoch of the latest history interaction (the time prior's t); None: unknown
 
 
 @dataclass
@@ -115,7 +116,9 @@ class PmetaModel:
             if user.seen_items:
                 exclude[row, torch.tensor(user.seen_items, dtype=torch.long)] = True
         device = hidden.device
-        return ranking.UserBatch(hidden=hidden, mask=mask, history_items=history.to(device), history_mask=history_mask.to(device), exclude=exclude.to(device))
+        times = [float("nan") if u.time is None else float(u.time) for u in users]
+        prior = time_prior.user_prior(self.t.head, times)
+        return ranking.UserBatch(hidden=hidden, mask=mask, history_items=history.to(device), history_mask=history_mask.to(device), exclude=exclude.to(device), prior=None if prior is None else prior.to(device))
 
     def user_keys(self, users: list[UserInput]) -> np.ndarray:
         """Unit retrieval keys (U, d): mean of the sentence embeddings of the user's liked items.
@@ -161,7 +164,7 @@ class PmetaModel:
         with self.encoder.autocast(self.precision):
             pooled = self.encoder.upper(batch.hidden, batch.mask, personal, self.config.prompt_layer)
         users = ranking.user_vectors(head, pooled, batch)
-        return ranking.logits(head, self.t.item_text, users)
+        return ranking.logits(head, self.t.item_text, users, batch.prior)
 
     def loss_fn(self, batch: ranking.UserBatch, targets: torch.Tensor, target_mask: torch.Tensor, exclude: torch.Tensor | None = None, head=None):
         exclude = batch.exclude if exclude is None else exclude

@@ -187,3 +187,16 @@ def fit(
         w, mean = None, np.zeros(len(kept), np.float32)
     matrix, bias = combine(all_ease, w, mean, x, weight)
     return OnboardingFit(matrix, bias, kept, lam, weight, exponent, {f"lam={k[0]:g},a={k[1]:g},pool={k[2]:g}": v for k, v in scores.items()})
+
+
+def refit(chosen: OnboardingFit, positives: list[np.ndarray], ease: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """(M, bias) at ``chosen``'s (λ, a) fitted on other users (``ease`` = their B over ``chosen.kept``):
+    the model the grid scored, for choices made after it on the same validation users."""
+    position = np.full(n_items, -1, dtype=np.int64)
+    position[chosen.kept] = np.arange(len(chosen.kept))
+    x, y = episodes(positives, position)
+    if chosen.weight > 0:
+        w, mean = ridge(x, y, chosen.lam)
+    else:
+        w, mean = None, np.zeros(len(chosen.kept), np.float32)
+    return combine(ease, w, mean, x, chosen.weight)

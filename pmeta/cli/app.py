@@ -203,7 +203,7 @@ def eval_movielens(
     preset: str = typer.Option("tiny", "--preset", help="Preset of the banks built when --bank / --reptile-bank are not given."),
     k: str = typer.Option("1,3,5", "--k", help="Support sizes K."),
     mode: str = typer.Option("uni99,pop99,full", "--mode", help="Candidate modes."),
-    methods: str = typer.Option("random,popularity,itemknn,ease,backbone,prompt-maml,per-user-lora,pmeta-no-steps,pmeta,pmeta-reptile", "--methods"),
+    methods: str = typer.Option("random,popularity,popularity-time,itemknn,ease,backbone,prompt-maml,per-user-lora,pmeta-no-steps,pmeta,pmeta-reptile", "--methods"),
     method_option: list[str] = typer.Option([], "--method-option", help="METHOD.KEY=VALUE passed to a method's class, e.g. per-user-lora.steps=10 (repeatable)."),
     seed: int = typer.Option(0, "--seed"),
     users: Optional[int] = typer.Option(None, "--users", min=1, help="Evaluate only the first N test users (quick runs)."),

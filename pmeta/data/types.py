@@ -68,18 +68,22 @@ class Dataset:
 
     def positives_by_user(self, threshold: float = POSITIVE_RATING) -> dict[int, np.ndarray]:
         """Each user's positive items (rating >= threshold) sorted by timestamp, ties by item index."""
+        return self._positives_in_time_order(threshold, "item")
+
+    def positive_times_by_user(self, threshold: float = POSITIVE_RATING) -> dict[int, np.ndarray]:
+        """The timestamps (seconds since the epoch) of :meth:`positives_by_user`, in the same order."""
+        return self._positives_in_time_order(threshold, "timestamp")
+
+    def _positives_in_time_order(self, threshold: float, field: str) -> dict[int, np.ndarray]:
         r = self.ratings
         keep = r.rating >= threshold
         users, items, times = r.user[keep], r.item[keep], r.timestamp[keep]
         order = np.lexsort((items, times, users))
-        users, items = users[order], items[order]
-        out: dict[int, np.ndarray] = {}
+        users, values = users[order], getattr(r, field)[keep][order]
         if len(users) == 0:
-            return out
+            return {}
         cuts = np.flatnonzero(np.diff(users)) + 1
-        for chunk_users, chunk_items in zip(np.split(users, cuts), np.split(items, cuts)):
-            out[int(chunk_users[0])] = chunk_items
-        return out
+        return {int(u[0]): v for u, v in zip(np.split(users, cuts), np.split(values, cuts))}
 
     def rated_by_user(self) -> dict[int, np.ndarray]:
         """Every item each user rated, at any rating (unsorted unique indexes)."""

@@ -21,9 +21,10 @@ from .baselines import EvalContext, register
 EXCLUDED_SCORE = -1e30
 
 
-def support_input(model, support_items: np.ndarray) -> UserInput:
+def support_input(model, support_items: np.ndarray, time: float | None = None) -> UserInput:
+    """The support set as serving reads a history.json of these items (``time``: of the latest one)."""
     liked = [int(i) for i in support_items]
-    return UserInput(liked_items=liked, texts=[model.item_texts[i] for i in liked], seen_items=liked)
+    return UserInput(liked_items=liked, texts=[model.item_texts[i] for i in liked], seen_items=liked, time=time)
 
 
 def _needs(model, name: str, what: str = "a bank"):
@@ -37,6 +38,7 @@ class _BankScorer:
 
     steps: int | None = None
     uses_reptile = False
+    uses_time = True  # the support's timestamp reaches the model (its time prior), as a history.json's would
     precision = "float32"
 
     def __init__(self, model) -> None:
@@ -47,10 +49,10 @@ class _BankScorer:
         model = context.reptile_model if cls.uses_reptile else context.model
         return cls(_needs(model, cls.name, "a Reptile bank (--reptile-bank)" if cls.uses_reptile else "a bank"))
 
-    def score(self, support_items: np.ndarray, k: int) -> np.ndarray:
+    def score(self, support_items: np.ndarray, k: int, time: float | None = None) -> np.ndarray:
         saved, self.model.precision = self.model.precision, self.precision  # the model is shared by methods
         try:
-            personal, batch, _ = self.model.personalize([support_input(self.model, support_items)], steps=self.steps)
+            personal, batch, _ = self.model.personalize([support_input(self.model, support_items, time)], steps=self.steps)
             scores = self.model.final_scores(batch, personal)[0].numpy().astype(np.float64)
         finally:
             self.model.precision = saved

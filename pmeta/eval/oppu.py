@@ -31,6 +31,8 @@ from .neural import EXCLUDED_SCORE, support_input
 
 @register("per-user-lora")
 class PerUserLoRA:
+    uses_time = True  # the support's timestamp reaches the bank's head (its time prior), as for pmeta
+
     def __init__(self, model, rank: int = 8, steps: int = 20, lr: float = 5e-3, targets: tuple[str, ...] = ("query", "value"), layers: str = "all", seed: int = 0) -> None:
         if model is None:
             raise InvalidConfig("method 'per-user-lora' needs a bank (its frozen encoder and ranking head); pass --bank")
@@ -49,6 +51,7 @@ class PerUserLoRA:
 
     def _fresh(self, support_items: np.ndarray) -> dict[str, torch.Tensor]:
         """A new LoRA, seeded by (seed, the support items), so results repeat run to run."""
+
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(np.asarray(support_items, dtype=np.int64).tobytes()))
         adapter = {}
         for name, d_in, d_out in self.targets:
@@ -72,10 +75,10 @@ class PerUserLoRA:
             batch = replace(batch, hidden=model.encoder.layers(batch.hidden, batch.mask, self.first_layer, stop, personal))
         return model.scores(batch, personal)
 
-    def fit(self, support_items: np.ndarray) -> dict[str, torch.Tensor]:
+    def fit(self, support_items: np.ndarray, time: float | None = None) -> dict[str, torch.Tensor]:
         """Train the user's LoRA on the support items; returns it (``{target.A, target.B}``, no user axis)."""
         model = self.model
-        user = support_input(model, support_items)
+        user = support_input(model, support_items, time)
         batch = self.batch(user)
         targets, mask = (t.to(batch.hidden.device) for t in model.targets_of([user], model.config.max_history_items))
         lora = {k: v.to(batch.hidden.device).requires_grad_(True) for k, v in self._fresh(support_items).items()}
@@ -93,9 +96,9 @@ class PerUserLoRA:
         batch = self.batch(user)
         return self.scores(batch, lora)[0].masked_fill(batch.exclude[0], float("-inf"))
 
-    def score(self, support_items: np.ndarray, k: int) -> np.ndarray:
-        lora = self.fit(support_items)
-        scores = self.final_scores(support_input(self.model, support_items), lora).cpu().numpy().astype(np.float64)
+    def score(self, support_items: np.ndarray, k: int, time: float | None = None) -> np.ndarray:
+        lora = self.fit(support_items, time)
+        scores = self.final_scores(support_input(self.model, support_items, time), lora).cpu().numpy().astype(np.float64)
         return np.where(np.isfinite(scores), scores, EXCLUDED_SCORE)
 
     def adapter_bytes(self, lora: dict[str, torch.Tensor]) -> bytes:

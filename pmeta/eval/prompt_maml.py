@@ -34,6 +34,8 @@ from .neural import EXCLUDED_SCORE, support_input
 
 @register("prompt-maml")
 class PromptMAML:
+    uses_time = True  # the support's timestamp reaches the bank's head (its time prior), as for pmeta
+
     def __init__(self, model, outer_steps: int | None = None, inner_steps: int | None = None, batch_users: int | None = None, lr: float | None = None, seed: int = 0) -> None:
         if model is None:
             raise InvalidConfig("method 'prompt-maml' needs a bank (its frozen encoder and ranking head); pass --bank")
@@ -55,10 +57,11 @@ class PromptMAML:
 
     def fit(self, dataset: Dataset, train_users: np.ndarray, progress: Progress | None = None) -> "PromptMAML":
         """Meta-learn the prompt on episodes of ``train_users`` (never the test users)."""
+
         model, config = self.model, self.model.config
         progress = progress or Progress(False)
         torch.manual_seed(self.seed)
-        positives, rated = dataset.positives_by_user(), dataset.rated_by_user()
+        positives, rated, times = dataset.positives_by_user(), dataset.rated_by_user(), dataset.positive_times_by_user()
         users = np.sort(np.asarray(train_users, dtype=np.int64))
         counts = np.zeros(len(model.item_texts))
         for user in users:
@@ -66,7 +69,7 @@ class PromptMAML:
         popular = [model.item_texts[i] for i in np.argsort(-counts, kind="stable")[:8]]
         self.prompt = prompt_from_text(model.encoder, popular, config.prompt_length, config.prompt_layer, config.max_tokens)
         self.log_step_size = torch.tensor(math.log(config.inner_lr))
-        sampler = EpisodeSampler(positives, rated, users, model.item_texts, config, seed=self.seed + 11)
+        sampler = EpisodeSampler(positives, rated, users, model.item_texts, config, seed=self.seed + 11, times=times)
         params = {"prompt": self.prompt}
         step_sizes = {"prompt": self.log_step_size}
 
@@ -84,9 +87,9 @@ class PromptMAML:
             model.config.inner_steps = inner
         return self
 
-    def score(self, support_items: np.ndarray, k: int) -> np.ndarray:
+    def score(self, support_items: np.ndarray, k: int, time: float | None = None) -> np.ndarray:
         model = self.model
-        user = support_input(model, support_items)
+        user = support_input(model, support_items, time)
         batch = model.user_batch([user])
         targets, mask = model.targets_of([user], model.config.max_history_items)
         init = {"prompt": self.prompt.detach().clone().unsqueeze(0).requires_grad_(True)}

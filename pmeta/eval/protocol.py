@@ -60,7 +60,9 @@ class ColdStartCase:
 
     ``user`` is the dense user index, ``user_id`` the dataset's own id. ``support`` holds the first K
     positives in time order, ``query`` positives 6..15 in time order, ``rated`` every item the user
-    rated at any rating (sorted, unique) — the items never used as negatives.
+    rated at any rating (sorted, unique) — the items never used as negatives. ``support_time`` is
+    the timestamp of the K-th positive (the latest support interaction; what a time-aware scorer
+    may use, see :func:`evaluate`).
     """
 
     user: int
@@ -68,6 +70,7 @@ class ColdStartCase:
     support: np.ndarray
     query: np.ndarray
     rated: np.ndarray
+    support_time: float | None = None
 
 
 def split_users(dataset: Dataset, seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
@@ -106,6 +109,7 @@ def make_cases(dataset: Dataset, users: Iterable[int], k: int) -> list[ColdStart
     """
     _check_support_size(k)
     positives = dataset.positives_by_user()
+    times = dataset.positive_times_by_user()
     rated = dataset.rated_by_user()
     user_ids = dataset.ratings.user_ids
     cases = []
@@ -121,6 +125,7 @@ def make_cases(dataset: Dataset, users: Iterable[int], k: int) -> list[ColdStart
                 support=items[:k].copy(),
                 query=items[QUERY_START:QUERY_STOP].copy(),
                 rated=rated[user],
+                support_time=float(times[user][k - 1]),
             )
         )
     return cases
@@ -228,7 +233,8 @@ def evaluate(
     Each row: ``method`` (the scorer's ``name``), ``k``, ``mode``, ``hr@10``, ``ndcg@10``, ``mrr`` (mean
     over a user's queries, then over users), ``users`` (number of users with >= 6 positives), and the
     latency of ``scorer.score`` in milliseconds, ``adapt_ms_p50`` and ``adapt_ms_p95`` over the users
-    (the same for every mode of one K). The scorer is called once per (user, K); its score vector
+    (the same for every mode of one K). A scorer with ``uses_time = True`` is called as
+    ``score(support, k, time=...)`` with the timestamp of the latest support interaction. The scorer is called once per (user, K); its score vector
     serves every mode and every query. ``progress(done, total)`` is called after each of those calls.
     """
     for mode in modes:
@@ -253,7 +259,7 @@ def evaluate(
         per_user = {mode: [] for mode in modes}
         for case in make_cases(dataset, test_users, k):
             started = time.perf_counter()
-            raw_scores = scorer.score(case.support, k)
+            raw_scores = scorer.score(case.support, k, time=case.support_time) if getattr(scorer, "uses_time", False) else scorer.score(case.support, k)
             latencies_ms.append((time.perf_counter() - started) * 1000.0)
             scores = _checked_scores(raw_scores, n_items, scorer.name)
             for mode in modes:

@@ -30,7 +30,7 @@ from .protocol import MIN_POSITIVES, PROTOCOL_NAME, evaluate, split_users
 from .transfer import transfer_model
 
 #: Every method of a full report, in table order.
-DEFAULT_METHODS = ("random", "popularity", "itemknn", "ease", "backbone", "prompt-maml", "per-user-lora", "pmeta-no-steps", "pmeta", "pmeta-reptile")
+DEFAULT_METHODS = ("random", "popularity", "popularity-time", "itemknn", "ease", "backbone", "prompt-maml", "per-user-lora", "pmeta-no-steps", "pmeta", "pmeta-reptile")
 #: Methods that need the MAML bank, or the Reptile bank.
 BANK_METHODS = {"backbone", "prompt-maml", "per-user-lora", "pmeta-no-steps", "pmeta", "pmeta-bf16"}
 REPTILE_METHODS = {"pmeta-reptile"}

@@ -12,7 +12,9 @@
   :mod:`pmeta.bank.onboarding`, with its item bias; or EASE's ``B`` alone; or PureSVD of the
   positive-interaction matrix (X ≈ U Σ Vᵀ, h = e = V_r: the folding-in recommender ``x V Vᵀ``).
   Items the bank never saw have zero rows, so a new catalogue still ranks by text.
-* **Score**: ``s(u, i) = exp(σ_text)·a·(t_i W_item) + exp(σ_cf)·c·e_i + b_i``.
+* **Score**: ``s(u, i) = exp(σ_text)·a·(t_i W_item) + exp(σ_cf)·c·e_i + b_i [+ β·prior_i(t_u)]``,
+  the last term when the bank has a time prior (:mod:`pmeta.tasks.time_prior`): what train users
+  rated around the time t_u of the user's latest interaction.
 
 Keeping the two parts in separate subspaces avoids cross terms between text and collaborative
 vectors. Loss: softmax cross-entropy of each target against the whole catalogue, with ``exclude``
@@ -65,6 +67,7 @@ class UserBatch:
     history_items: torch.Tensor  # (U, H) catalogue indexes of history items, padded with 0
     history_mask: torch.Tensor  # (U, H) 1 for real history items
     exclude: torch.Tensor  # (U, N) bool: items never recommended / removed from the normaliser
+    prior: torch.Tensor | None = None  # (U, N) the weighted time prior (pmeta.tasks.time_prior), or None
 
     @property
     def users(self) -> int:
@@ -89,8 +92,9 @@ def pool(rows: torch.Tensor, exponent: float = 1.0) -> torch.Tensor:
     return rows.sum(0) / max(rows.shape[0], 1) ** exponent
 
 
-def logits(head: HeadParams, item_text: torch.Tensor, users: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    """Scores (U, N) of every catalogue item; ``item_text`` is (N, d).
+def logits(head: HeadParams, item_text: torch.Tensor, users: tuple[torch.Tensor, torch.Tensor | None], prior: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores (U, N) of every catalogue item; ``item_text`` is (N, d); ``prior`` (U, N) is added
+    (the weighted time prior of :mod:`pmeta.tasks.time_prior`).
 
     The text part is computed as ``(a W_itemᵀ) Tᵀ`` so the (N, d) item matrix is never formed.
     """
@@ -98,6 +102,8 @@ def logits(head: HeadParams, item_text: torch.Tensor, users: tuple[torch.Tensor,
     scores = head["log_scale"].exp() * ((text @ head["item_proj"].T) @ item_text.T) + head["item_bias"]
     if cf is not None:
         scores = scores + head["cf_log_scale"].exp() * (cf @ head["item_embedding"].T)
+    if prior is not None:
+        scores = scores + prior
     return scores
 
 

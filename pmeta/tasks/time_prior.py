@@ -1,0 +1,135 @@
+"""The time prior: what the bank's train users rated around the time of a user's history.
+
+A new user's first interactions say *when* they arrive, and what is watched (or bought) changes
+with time: a user who signs up in 1996 is offered, and rates, other films than one who signs up
+in 2016. The prior is an item score that depends only on that time:
+
+    prior_i(t) = log( (1 − μ) · p_i(t) + μ · p_i + ε ),   p_i(t) ∝ Σ_{ratings (j, i, τ)} exp(−(t − τ)² / 2h²)
+
+over every rating of the bank's train users (at any rating), with ``p_i`` the item's share of all
+those ratings (μ = :data:`GLOBAL_MIX` keeps items rated at other times possible). The ranking score
+adds ``β · prior(t)`` (``head/time_weight``). The bandwidth h and β are chosen on validation users
+held out of the train users (:func:`choose`, β = 0 switches it off), never on test users.
+
+It is stored as a table over a time grid (``head/time_grid`` (G,) in seconds, ``head/time_log_prior``
+(G, N)); a user's prior interpolates linearly between the two grid points around t. t is the
+timestamp of the user's latest history interaction; a history without timestamps, or a time outside
+the grid, takes the nearest end of the grid (for a new user today: the latest period the bank saw).
+Fixed at build time: meta-training never changes these tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+DAY = 86400.0
+#: Share of the all-time popularity mixed into every period's distribution.
+GLOBAL_MIX = 0.01
+#: Floor inside the log.
+EPSILON = 1e-7
+#: Bandwidths h (days) and weights β :func:`choose` tries; β = 0 is the model without the prior.
+BANDWIDTHS = (60.0, 180.0, 365.0)
+WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0)
+#: Grid spacing as a fraction of h, and the most grid points a table may have.
+GRID_STEP = 0.25
+MAX_GRID = 512
+
+
+def table(items: np.ndarray, times: np.ndarray, n_items: int, bandwidth_days: float) -> tuple[np.ndarray, np.ndarray]:
+    """(grid (G,) float64 seconds, log prior (G, N) float32) from rating events (item indexes, seconds)."""
+    if len(items) == 0:
+        raise ValueError("the time prior needs at least one rating")
+    times = np.asarray(times, dtype=np.float64)
+    items = np.asarray(items, dtype=np.int64)
+    h = bandwidth_days * DAY
+    low, high = float(times.min()), float(times.max())
+    count = int(min(MAX_GRID, max(2, math.ceil((high - low) / (GRID_STEP * h)) + 1)))
+    grid = np.linspace(low, high, count)
+    overall = np.bincount(items, minlength=n_items).astype(np.float64)
+    overall /= overall.sum()
+    out = np.empty((count, n_items), dtype=np.float32)
+    for row, point in enumerate(grid):
+        weights = np.exp(-0.5 * ((times - point) / h) ** 2)
+        local = np.bincount(items, weights=weights, minlength=n_items)
+        total = local.sum()
+        local = local / total if total > 0 else overall
+        out[row] = np.log((1.0 - GLOBAL_MIX) * local + GLOBAL_MIX * overall + EPSILON)
+    return grid, out
+
+
+def at(grid: np.ndarray | torch.Tensor, log_prior: np.ndarray | torch.Tensor, times) -> torch.Tensor:
+    """Prior rows (U, N) at ``times`` (U,) seconds; NaN (no timestamp) and times outside the grid
+    take the nearest end of the grid."""
+    grid = torch.as_tensor(grid, dtype=torch.float64)
+    log_prior = torch.as_tensor(log_prior)
+    t = torch.as_tensor(times, dtype=torch.float64).reshape(-1).to(grid.device)
+    t = torch.where(torch.isnan(t), grid[-1], t).clamp(float(grid[0]), float(grid[-1]))
+    upper = torch.searchsorted(grid, t).clamp(1, len(grid) - 1) if len(grid) > 1 else torch.zeros_like(t, dtype=torch.long)
+    lower = (upper - 1).clamp_min(0)
+    span = (grid[upper] - grid[lower]).clamp_min(1e-9)
+    frac = ((t - grid[lower]) / span).clamp(0.0, 1.0).to(log_prior.dtype)[:, None]
+    return (1.0 - frac) * log_prior[lower] + frac * log_prior[upper]
+
+
+def head_entries(grid: np.ndarray, log_prior: np.ndarray, weight: float) -> dict[str, torch.Tensor]:
+    """The head tensors of a time prior (nothing at all when β = 0)."""
+    if weight == 0.0:
+        return {}
+    return {
+        "time_grid": torch.from_numpy(np.asarray(grid, dtype=np.float64)),
+        "time_log_prior": torch.from_numpy(np.asarray(log_prior, dtype=np.float32)),
+        "time_weight": torch.tensor(float(weight)),
+    }
+
+
+def user_prior(head: dict[str, torch.Tensor], times) -> torch.Tensor | None:
+    """``β · prior(t)`` (U, N) for a head with a time prior, else None."""
+    if "time_log_prior" not in head:
+        return None
+    return head["time_weight"] * at(head["time_grid"], head["time_log_prior"], times)
+
+
+def rating_events(dataset, users) -> tuple[np.ndarray, np.ndarray]:
+    """(item indexes, timestamps) of every rating (any rating) of ``users``: what the prior counts."""
+    keep = np.isin(dataset.ratings.user, np.asarray(users, dtype=np.int64))
+    return dataset.ratings.item[keep], dataset.ratings.timestamp[keep]
+
+
+def validation_cases(dataset, users) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(positives, their timestamps, never-rated items) of each of ``users`` with at least 6 positives."""
+    from ..eval.protocol import MIN_POSITIVES
+
+    positives, times, rated = dataset.positives_by_user(), dataset.positive_times_by_user(), dataset.rated_by_user()
+    everything = np.arange(len(dataset.catalog))
+    return [(positives[int(u)], times[int(u)], np.setdiff1d(everything, rated[int(u)], assume_unique=True)) for u in users if len(positives.get(int(u), ())) >= MIN_POSITIVES]
+
+
+def choose(base_scores, cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]], events: tuple[np.ndarray, np.ndarray], n_items: int, bandwidths=BANDWIDTHS, weights=WEIGHTS, ks: tuple[int, ...] = (1, 3, 5)) -> tuple[float, float, dict[str, float]]:
+    """Choose (h, β) by full-ranking nDCG@10, mean over ``ks``, of validation ``cases``
+    (:func:`validation_cases`); ``base_scores(support) -> (N,)`` is the model without the prior and ``events`` the
+    (items, times) of the ratings the prior is built from (never the validation users' own).
+    Ties go to the smaller β. Returns (h in days, β, every grid point's score)."""
+    from ..eval.protocol import QUERY_START, QUERY_STOP, metrics_from_ranks, rank_positives
+
+    prepared = []
+    for k in ks:
+        for items, times, never in cases:
+            query = items[QUERY_START:QUERY_STOP]
+            prepared.append((k, base_scores(items[:k]), float(times[k - 1]), query, np.broadcast_to(never, (len(query), len(never)))))
+    scores: dict[tuple[float, float], float] = {}
+    for h in bandwidths:
+        grid, log_prior = table(events[0], events[1], n_items, h)
+        priors = at(grid, log_prior, np.array([p[2] for p in prepared])).numpy().astype(np.float64)
+        for weight in weights:
+            if weight == 0.0 and (0.0, 0.0) in scores:
+                continue
+            per_k: dict[int, list[float]] = {}
+            for (k, base, _, query, negatives), prior in zip(prepared, priors):
+                ranks = rank_positives(base + weight * prior, query, negatives)
+                per_k.setdefault(k, []).append(metrics_from_ranks(ranks)["ndcg@10"])
+            scores[(0.0 if weight == 0.0 else h, weight)] = float(np.mean([np.mean(v) for v in per_k.values()])) if per_k else 0.0
+    h, weight = max(scores, key=lambda key: (scores[key], -key[1]))
+    return h, weight, {f"h={key[0]:g}d,beta={key[1]:g}": value for key, value in scores.items()}
