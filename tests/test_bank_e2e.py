@@ -199,6 +199,9 @@ def test_onboarding_init_and_time_prior_rank_validation_users_better_than_ease()
     prior = chosen["time_prior"]
     assert prior["weight"] > 0 and float(model.t.head["time_weight"]) == prior["weight"]
     assert len(prior["validation_ndcg"]) == 1 + (len(time_prior.WEIGHTS) - 1) * len(time_prior.BANDWIDTHS)
+    assert all(set(row) == {"uni99", "pop99", "full", "mean"} for row in prior["validation_ndcg"].values())
+    best = prior["validation_ndcg"][f"h={prior['bandwidth_days']:g}d,beta={prior['weight']:g}"]
+    assert best["mean"] == max(row["mean"] for row in prior["validation_ndcg"].values()) > prior["validation_ndcg"]["h=0d,beta=0"]["mean"]
     with_prior = -record["validation"]["early_stopping"]["start"]
     ids = {u: i for i, u in enumerate(dataset.ratings.user_ids)}
     users = np.array(sorted(ids[u] for u in record["validation_users"]))

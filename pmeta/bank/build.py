@@ -356,7 +356,7 @@ def choose_time_prior(dataset: Dataset, config: BankConfig, fit_users, validatio
     cases = time_prior.validation_cases(dataset, validation_users)
     if not cases:
         return 365.0, 0.0, {}
-    spread = float(np.mean([raw(items[:5]).std() for items, *_ in cases])) or 1.0
+    spread = float(np.mean([raw(case.support).std() for case, _ in cases])) or 1.0
     bandwidths = (config.time_prior_bandwidth,) if config.time_prior_bandwidth is not None else time_prior.BANDWIDTHS
     weights = (config.time_prior_weight,) if config.time_prior_weight is not None else time_prior.WEIGHTS
     return time_prior.choose(lambda support: raw(support) / spread, cases, time_prior.rating_events(dataset, fit_users), n_items, bandwidths, weights)

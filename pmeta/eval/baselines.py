@@ -124,14 +124,14 @@ class TimePopularityBaseline:
     interaction (Gaussian kernel of bandwidth h days), ignoring which items the support holds.
 
     pmeta's banks add this prior to their scores; this row shows how much of their quality it
-    explains. h is chosen over :data:`~pmeta.tasks.time_prior.BANDWIDTHS` by full-ranking nDCG@10
-    on a split of the train users (as EASE's λ), unless given.
+    explains. h is chosen over :data:`~pmeta.tasks.time_prior.BANDWIDTHS` by nDCG@10 over the
+    protocol's modes on a split of the train users (as EASE's λ), unless given.
     """
 
     uses_time = True
 
-    def __init__(self, bandwidth_days: float | None = None, validation_fraction: float = 0.1, validation_seed: int = 0) -> None:
-        self.bandwidth_days = bandwidth_days
+    def __init__(self, bandwidth_days: float | None = None, validation_fraction: float = 0.1, validation_seed: int = 0, validation_modes: tuple[str, ...] = ("uni99", "pop99", "full")) -> None:
+        self.bandwidth_days, self.validation_modes = bandwidth_days, tuple(validation_modes)
         self.validation_fraction, self.validation_seed = validation_fraction, validation_seed
         self.chosen_bandwidth: float | None = None
         self.grid = self.log_prior = None
@@ -146,7 +146,7 @@ class TimePopularityBaseline:
             n_validation = round(self.validation_fraction * len(ordered))
             fit_users, validation_users = ordered[n_validation:], ordered[:n_validation]
             zeros = np.zeros(n_items)
-            self.chosen_bandwidth, _, _ = time_prior.choose(lambda support: zeros, time_prior.validation_cases(dataset, validation_users), time_prior.rating_events(dataset, fit_users), n_items, weights=(1.0,))
+            self.chosen_bandwidth, _, _ = time_prior.choose(lambda support: zeros, time_prior.validation_cases(dataset, validation_users), time_prior.rating_events(dataset, fit_users), n_items, weights=(1.0,), modes=self.validation_modes)
         items, times = time_prior.rating_events(dataset, train_users)
         self.grid, self.log_prior = time_prior.table(items, times, n_items, self.chosen_bandwidth)
         return self

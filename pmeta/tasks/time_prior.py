@@ -32,7 +32,9 @@ GLOBAL_MIX = 0.01
 EPSILON = 1e-7
 #: Bandwidths h (days) and weights β :func:`choose` tries; β = 0 is the model without the prior.
 BANDWIDTHS = (60.0, 180.0, 365.0)
-WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0)
+WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0)
+#: The protocol's candidate modes, all used to choose h and β.
+MODES = ("uni99", "pop99", "full")
 #: Grid spacing as a fraction of h, and the most grid points a table may have.
 GRID_STEP = 0.25
 MAX_GRID = 512
@@ -98,38 +100,51 @@ def rating_events(dataset, users) -> tuple[np.ndarray, np.ndarray]:
     return dataset.ratings.item[keep], dataset.ratings.timestamp[keep]
 
 
-def validation_cases(dataset, users) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(positives, their timestamps, never-rated items) of each of ``users`` with at least 6 positives."""
-    from ..eval.protocol import MIN_POSITIVES
+def validation_cases(dataset, users) -> list:
+    """(the protocol's cold-start case with support = first 5 positives, the timestamps of the
+    user's positives) for each of ``users`` with at least 6 positives; :func:`choose` cuts the
+    support to each K."""
+    from ..eval.protocol import make_cases
 
-    positives, times, rated = dataset.positives_by_user(), dataset.positive_times_by_user(), dataset.rated_by_user()
-    everything = np.arange(len(dataset.catalog))
-    return [(positives[int(u)], times[int(u)], np.setdiff1d(everything, rated[int(u)], assume_unique=True)) for u in users if len(positives.get(int(u), ())) >= MIN_POSITIVES]
+    times = dataset.positive_times_by_user()
+    return [(case, times[case.user]) for case in make_cases(dataset, users, 5)]
 
 
-def choose(base_scores, cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]], events: tuple[np.ndarray, np.ndarray], n_items: int, bandwidths=BANDWIDTHS, weights=WEIGHTS, ks: tuple[int, ...] = (1, 3, 5)) -> tuple[float, float, dict[str, float]]:
-    """Choose (h, β) by full-ranking nDCG@10, mean over ``ks``, of validation ``cases``
-    (:func:`validation_cases`); ``base_scores(support) -> (N,)`` is the model without the prior and ``events`` the
-    (items, times) of the ratings the prior is built from (never the validation users' own).
-    Ties go to the smaller β. Returns (h in days, β, every grid point's score)."""
-    from ..eval.protocol import QUERY_START, QUERY_STOP, metrics_from_ranks, rank_positives
+def choose(base_scores, cases: list, events: tuple[np.ndarray, np.ndarray], n_items: int, bandwidths=BANDWIDTHS, weights=WEIGHTS, ks: tuple[int, ...] = (1, 3, 5), modes: tuple[str, ...] = MODES, seed: int = 0) -> tuple[float, float, dict[str, dict[str, float]]]:
+    """Choose (h, β) on validation ``cases`` (:func:`validation_cases`) by nDCG@10 averaged over
+    ``ks`` and the protocol's candidate ``modes``.
 
+    ``base_scores(support) -> (N,)`` is the model without the prior; ``events`` are the (items,
+    times) of the ratings the prior is built from (never the validation users' own), and their
+    counts are ``pop99``'s sampling weights here. All three modes by default: the prior is a
+    popularity term, and the modes pull its weight in opposite directions (``uni99``'s negatives
+    are mostly obscure items, ``pop99``'s popular ones), so choosing on one of them picks a point
+    of that trade-off blindly. Ties go to the smaller β. Returns (h in days, β, every grid point's
+    nDCG@10 per mode and their mean)."""
+    from ..eval.protocol import QUERY_START, candidate_negatives, case_rng, metrics_from_ranks, rank_positives
+
+    popularity = np.bincount(np.asarray(events[0], dtype=np.int64), minlength=n_items).astype(np.float64)
+    candidates = {(c.user, mode): candidate_negatives(c, mode, case_rng(seed, c, mode), popularity) for c, _ in cases for mode in modes}
     prepared = []
     for k in ks:
-        for items, times, never in cases:
-            query = items[QUERY_START:QUERY_STOP]
-            prepared.append((k, base_scores(items[:k]), float(times[k - 1]), query, np.broadcast_to(never, (len(query), len(never)))))
-    scores: dict[tuple[float, float], float] = {}
+        k = min(k, QUERY_START)
+        for case, times in cases:
+            prepared.append((case.user, base_scores(case.support[:k]), float(times[k - 1]), case.query))
+    scores: dict[tuple[float, float], dict[str, float]] = {}
     for h in bandwidths:
         grid, log_prior = table(events[0], events[1], n_items, h)
         priors = at(grid, log_prior, np.array([p[2] for p in prepared])).numpy().astype(np.float64)
         for weight in weights:
             if weight == 0.0 and (0.0, 0.0) in scores:
                 continue
-            per_k: dict[int, list[float]] = {}
-            for (k, base, _, query, negatives), prior in zip(prepared, priors):
-                ranks = rank_positives(base + weight * prior, query, negatives)
-                per_k.setdefault(k, []).append(metrics_from_ranks(ranks)["ndcg@10"])
-            scores[(0.0 if weight == 0.0 else h, weight)] = float(np.mean([np.mean(v) for v in per_k.values()])) if per_k else 0.0
-    h, weight = max(scores, key=lambda key: (scores[key], -key[1]))
+            per_mode: dict[str, list[float]] = {mode: [] for mode in modes}
+            for (user, base, _, query), prior in zip(prepared, priors):
+                ranked = base + weight * prior
+                for mode in modes:
+                    per_mode[mode].append(metrics_from_ranks(rank_positives(ranked, query, candidates[(user, mode)]))["ndcg@10"])
+            row = {mode: float(np.mean(v)) if v else 0.0 for mode, v in per_mode.items()}
+            row["mean"] = float(np.mean(list(row.values())))
+            scores[(0.0 if weight == 0.0 else h, weight)] = row
+    h, weight = max(scores, key=lambda key: (scores[key]["mean"], -key[1]))
     return h, weight, {f"h={key[0]:g}d,beta={key[1]:g}": value for key, value in scores.items()}
+
