@@ -153,3 +153,31 @@ def test_bank_history_time_is_the_latest_timestamp(opened_bank):
     without = UserHistory.model_validate({"user_id": "u", "items": [{"item_id": "1"}, {"item_id": "260"}]})
     assert opened_bank.user_input(with_times).time == 978300999.0
     assert opened_bank.user_input(without).time is None
+
+
+def test_a_bank_with_a_time_prior_scores_through_it_and_vmap_agrees(opened_bank):
+    """The prior reaches the scores (two times, two rankings) and the vmap inner loop handles it."""
+    from dataclasses import replace
+
+    from pmeta.bank.bank import adapt_vmap
+    from pmeta.bank.model import PmetaModel
+    from pmeta.eval.neural import support_input
+
+    source = opened_bank.model
+    n = len(source.item_texts)
+    rng = np.random.default_rng(0)
+    grid, table = time_prior.table(rng.integers(0, n, 2000), rng.integers(0, 10**8, 2000), n, 365.0)
+    head = {**source.t.head, **time_prior.head_entries(grid, table, 2.0)}
+    model = PmetaModel(source.config, source.encoder, source.item_texts, replace(source.t, head=head), index=source.index)
+    users = [support_input(model, [10, 20, 30], 1e6), support_input(model, [10, 20, 30], 9e7), support_input(model, [5], None)]
+    looped, batch, _ = model.personalize(users)
+    mapped, batch_vmap, _ = model.personalize(users, adapt_fn=adapt_vmap)
+    assert batch.prior.shape == (3, n)
+    torch.testing.assert_close(batch.prior[1], time_prior.user_prior(head, [9e7])[0])
+    torch.testing.assert_close(batch.prior[2], time_prior.user_prior(head, [float(grid[-1])])[0])  # no time: the latest period
+    scores, scores_vmap = model.final_scores(batch, looped), model.final_scores(batch_vmap, mapped)
+    finite = torch.isfinite(scores)
+    torch.testing.assert_close(scores[finite], scores_vmap[finite], atol=1e-4, rtol=1e-4)
+    assert not torch.equal(scores[0], scores[1])  # same items, different times
+    without, _, _ = source.personalize(users[:1])
+    assert not torch.equal(scores[0], source.final_scores(source.user_batch(users[:1]), without)[0])

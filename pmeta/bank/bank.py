@@ -89,7 +89,8 @@ def adapt_vmap(model: PmetaModel, batch, targets: torch.Tensor, target_mask: tor
         return params
 
     start = {k: v.detach() for k, v in init.items()}
-    return vmap(one_user)(batch.hidden, batch.mask, batch.history_items, batch.history_mask, batch.exclude, batch.prior, targets, target_mask, fused, start)
+    prior_dim = None if batch.prior is None else 0  # a bank without a time prior passes None, not mapped
+    return vmap(one_user, in_dims=(0, 0, 0, 0, 0, prior_dim, 0, 0, 0, 0))(batch.hidden, batch.mask, batch.history_items, batch.history_mask, batch.exclude, batch.prior, targets, target_mask, fused, start)
 
 
 @dataclass(frozen=True)
