@@ -21,13 +21,16 @@ def write_plots(report: dict, out: Path) -> list[Path]:
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     written = []
     title = f"{report['protocol']} on {report['dataset']['name']} (seed {report['seed']})"
+    # one colour and marker per method: the default cycle has 10 colours, a report has 11+ methods
+    colours = plt.get_cmap("tab20").colors
+    styles = {m: (colours[(2 * i) % 20 + (i // 10) % 2], "osD^v<>ph*"[i % 10]) for i, m in enumerate(methods)}
     for mode in modes:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for metric, axis in zip(("hr@10", "ndcg@10"), axes):
             for method in methods:
                 points = sorted((r["k"], r[metric]) for r in rows if r["method"] == method and r["mode"] == mode)
                 if points:
-                    axis.plot([k for k, _ in points], [v for _, v in points], marker="o", label=method)
+                    axis.plot([k for k, _ in points], [v for _, v in points], color=styles[method][0], marker=styles[method][1], label=method)
             axis.set_xlabel("K (support positives)")
             axis.set_ylabel(metric.replace("hr", "HR").replace("ndcg", "nDCG"))
             axis.set_xticks(sorted({r["k"] for r in rows}))
