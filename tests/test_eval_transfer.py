@@ -64,7 +64,7 @@ def test_items_match_by_title_and_unseen_items_are_text_only(target, opened_bank
 
 
 def test_transfer_carries_the_time_prior_columns(target, opened_bank):
-    """A bank with a time prior: a matched item keeps its column, an unseen one gets each period's lowest."""
+    """A bank with a time prior: a matched item keeps its column, an unseen one gets each period's median."""
     from dataclasses import replace
 
     from pmeta.bank.model import PmetaModel
@@ -84,7 +84,7 @@ def test_transfer_carries_the_time_prior_columns(target, opened_bank):
     assert moved.shape == (len(grid), len(dataset.catalog))
     known, unseen = np.flatnonzero(matched >= 0), np.flatnonzero(matched < 0)
     assert torch.equal(moved[:, torch.from_numpy(known)], torch.from_numpy(table)[:, torch.from_numpy(matched[known])])
-    assert torch.equal(moved[:, torch.from_numpy(unseen)], torch.from_numpy(table.min(1, keepdims=True)).expand(-1, len(unseen)))
+    assert torch.equal(moved[:, torch.from_numpy(unseen)], torch.from_numpy(table).median(dim=1, keepdim=True).values.expand(-1, len(unseen)))
     assert float(model.t.head["time_weight"]) == 1.5 and torch.equal(model.t.head["time_grid"], head["time_grid"])
 
 

@@ -9,8 +9,8 @@ catalogue:
   whitespace collapsed; MovieLens titles carry the year, "Heat (1995)");
 * the target's text embeddings are computed by the same frozen encoder (cached on disk by content);
 * a matched item takes the bank's bias, collaborative rows and time-prior column; an unseen item
-  has zero collaborative rows (its score comes from the text part alone), the bank's median bias
-  and the lowest time prior.
+  has zero collaborative rows (its score comes from the text part alone), and the bank's median
+  bias and median time prior.
 
 The retrieval keys are means of text embeddings, so anchor retrieval needs no mapping at all.
 """
@@ -60,9 +60,9 @@ def transfer_model(model: PmetaModel, source: Catalog, target: Catalog, progress
     for key in ("history_embedding", "item_embedding"):
         if key in head:
             head[key] = torch.where(known[:, None], head[key][rows], torch.zeros(()))
-    if "time_log_prior" in head:  # the time prior's columns follow the items; an unseen item gets each period's lowest
+    if "time_log_prior" in head:  # the time prior's columns follow the items; an unseen item gets each period's median, as its bias
         table = head["time_log_prior"]
-        head["time_log_prior"] = torch.where(known[None, :], table[:, rows], table.min(dim=1, keepdim=True).values)
+        head["time_log_prior"] = torch.where(known[None, :], table[:, rows], table.median(dim=1, keepdim=True).values)
     tensors = replace(model.t, item_text=item_text, head=head)
     summary = {"source_items": len(source), "target_items": len(target), "matched_items": int(known.sum()), "unseen_items": int((~known).sum())}
     return PmetaModel(model.config, model.encoder, texts, tensors, index=model.index), summary
