@@ -207,7 +207,7 @@ def bench_rank(bank: Bank, sizes: tuple[int, ...], repeats: int = 20) -> list[di
 
         def once() -> None:
             with torch.inference_mode():
-                scores = ranking.logits(head, item_text, vectors, None if batch.prior is None else batch.prior[:, rows % batch.prior.shape[1]])[0].numpy()
+                scores = ranking.logits(head, item_text, vectors, None if batch.prior is None else batch.prior[:, rows])[0].numpy()
             scores[seen] = -np.inf
             top_indexes(scores, 10)
 

@@ -63,21 +63,13 @@ def test_items_match_by_title_and_unseen_items_are_text_only(target, opened_bank
     assert torch.allclose(model.t.item_text[known], expected, atol=1e-5)
 
 
-def test_transfer_carries_the_time_prior_columns(target, opened_bank):
+def test_transfer_carries_the_time_prior_columns(target, opened_bank, with_time_prior):
     """A bank with a time prior: a matched item keeps its column, an unseen one gets each period's median."""
-    from dataclasses import replace
-
-    from pmeta.bank.model import PmetaModel
-    from pmeta.tasks import time_prior
-
     directory, _ = target
     dataset = read_movielens(directory)
-    source = opened_bank.model
-    n = len(opened_bank.catalog)
-    rng = np.random.default_rng(0)
-    grid, table = time_prior.table(rng.integers(0, n, 500), rng.integers(0, 10**8, 500), n, 365.0)
-    head = {**source.t.head, **time_prior.head_entries(grid, table, 1.5)}
-    with_prior = PmetaModel(source.config, source.encoder, source.item_texts, replace(source.t, head=head), index=source.index)
+    with_prior = with_time_prior(opened_bank.model, 1.5, 500)
+    head = with_prior.t.head
+    grid, table = head["time_grid"].numpy(), head["time_log_prior"].numpy()
     model, _ = transfer_model(with_prior, opened_bank.catalog, dataset.catalog)
     matched = match_items(opened_bank.catalog, dataset.catalog)
     moved = model.t.head["time_log_prior"]

@@ -155,20 +155,15 @@ def test_bank_history_time_is_the_latest_timestamp(opened_bank):
     assert opened_bank.user_input(without).time is None
 
 
-def test_a_bank_with_a_time_prior_scores_through_it_and_vmap_agrees(opened_bank):
+def test_a_bank_with_a_time_prior_scores_through_it_and_vmap_agrees(opened_bank, with_time_prior):
     """The prior reaches the scores (two times, two rankings) and the vmap inner loop handles it."""
-    from dataclasses import replace
-
     from pmeta.bank.bank import adapt_vmap
-    from pmeta.bank.model import PmetaModel
     from pmeta.eval.neural import support_input
 
     source = opened_bank.model
     n = len(source.item_texts)
-    rng = np.random.default_rng(0)
-    grid, table = time_prior.table(rng.integers(0, n, 2000), rng.integers(0, 10**8, 2000), n, 365.0)
-    head = {**source.t.head, **time_prior.head_entries(grid, table, 2.0)}
-    model = PmetaModel(source.config, source.encoder, source.item_texts, replace(source.t, head=head), index=source.index)
+    model = with_time_prior(source, 2.0, 2000)
+    head, grid = model.t.head, model.t.head["time_grid"].numpy()
     users = [support_input(model, [10, 20, 30], 1e6), support_input(model, [10, 20, 30], 9e7), support_input(model, [5], None)]
     looped, batch, _ = model.personalize(users)
     mapped, batch_vmap, _ = model.personalize(users, adapt_fn=adapt_vmap)

@@ -45,11 +45,11 @@ def query_tensors(queries: list[np.ndarray], rated: list[np.ndarray], n_items: i
     return targets, mask, exclude
 
 
-def user_input(items: np.ndarray, item_texts: list[str], times: np.ndarray | None = None) -> UserInput:
-    """A support set as the model reads it; ``times`` (the items' timestamps) gives the time of the last one."""
+def user_input(items: np.ndarray, item_texts: list[str], time: float | None = None) -> UserInput:
+    """A support set as the model reads it (as serving reads a history.json of these items);
+    ``time``: the timestamp of the latest one."""
     liked = [int(i) for i in items]
-    time = float(times[-1]) if times is not None and len(times) else None
-    return UserInput(liked_items=liked, texts=[item_texts[i] for i in liked], seen_items=liked, time=time)
+    return UserInput(liked_items=liked, texts=[item_texts[i] for i in liked], seen_items=liked, time=None if time is None else float(time))
 
 
 class EpisodeSampler:
@@ -77,12 +77,12 @@ class EpisodeSampler:
             items = self.positives[user]
             if c.episode_start == "first" and len(items) > QUERY_START:
                 k = int(self.rng.integers(c.support_min, min(c.support_max, QUERY_START) + 1))
-                support.append(user_input(items[:k], self.item_texts, self._times(user, 0, k)))
+                support.append(user_input(items[:k], self.item_texts, self._time(user, k - 1)))
                 queries.append(items[QUERY_START : QUERY_START + c.query_size])
                 continue
             k = int(self.rng.integers(c.support_min, min(c.support_max, len(items) - 1) + 1))
             start = int(self.rng.integers(0, len(items) - k))  # leaves at least one query item
-            support.append(user_input(items[start : start + k], self.item_texts, self._times(user, start, start + k)))
+            support.append(user_input(items[start : start + k], self.item_texts, self._time(user, start + k - 1)))
             queries.append(items[start + k : start + k + c.query_size])
         targets, mask, exclude = query_tensors(queries, [self.rated[u] for u in users], n_items)
         both_width = targets.shape[1] + c.support_max
@@ -94,9 +94,10 @@ class EpisodeSampler:
             both_mask[row, : len(joined)] = 1
         return Episode(users, support, targets, mask, exclude, (both, both_mask))
 
-    def _times(self, user: int, start: int, stop: int) -> np.ndarray | None:
+    def _time(self, user: int, position: int) -> float | None:
+        """The timestamp of the user's positive number ``position`` (None without timestamps)."""
         times = self.times.get(user)
-        return None if times is None else times[start:stop]
+        return None if times is None else float(times[position])
 
 
 def fixed_episode(positives: dict[int, np.ndarray], users: np.ndarray, item_texts: list[str], k: int = 5, query: int = 10, times: dict[int, np.ndarray] | None = None) -> tuple[list[UserInput], list[np.ndarray], list[int]]:
@@ -107,7 +108,7 @@ def fixed_episode(positives: dict[int, np.ndarray], users: np.ndarray, item_text
         items = positives.get(int(user))
         if items is None or len(items) < 6:
             continue
-        inputs.append(user_input(items[:k], item_texts, None if times is None or int(user) not in times else times[int(user)][:k]))
+        inputs.append(user_input(items[:k], item_texts, None if times is None else times[int(user)][k - 1]))
         queries.append(items[5 : 5 + query])
         kept.append(int(user))
     return inputs, queries, kept

@@ -180,12 +180,7 @@ def fit(
             del matrix
         del w
     lam, weight, exponent = max(scores, key=lambda key: (scores[key], -key[1], key[2]))
-    x, y = episodes(all_positives, position)
-    if weight > 0:
-        w, mean = ridge(x, y, lam)
-    else:  # EASE alone: no regression to fit
-        w, mean = None, np.zeros(len(kept), np.float32)
-    matrix, bias = combine(all_ease, w, mean, x, weight)
+    matrix, bias = _combined(all_positives, all_ease, position, lam, weight)
     return OnboardingFit(matrix, bias, kept, lam, weight, exponent, {f"lam={k[0]:g},a={k[1]:g},pool={k[2]:g}": v for k, v in scores.items()})
 
 
@@ -194,9 +189,14 @@ def refit(chosen: OnboardingFit, positives: list[np.ndarray], ease: np.ndarray, 
     the model the grid scored, for choices made after it on the same validation users."""
     position = np.full(n_items, -1, dtype=np.int64)
     position[chosen.kept] = np.arange(len(chosen.kept))
+    return _combined(positives, ease, position, chosen.lam, chosen.weight)
+
+
+def _combined(positives: list[np.ndarray], ease: np.ndarray, position: np.ndarray, lam: float, weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """(M, bias) of :func:`combine` with the regression fitted on ``positives`` at λ (none at a = 0)."""
     x, y = episodes(positives, position)
-    if chosen.weight > 0:
-        w, mean = ridge(x, y, chosen.lam)
-    else:
-        w, mean = None, np.zeros(len(chosen.kept), np.float32)
-    return combine(ease, w, mean, x, chosen.weight)
+    if weight > 0:
+        w, mean = ridge(x, y, lam)
+    else:  # EASE alone: no regression to fit
+        w, mean = None, np.zeros(int(position.max()) + 1, np.float32)
+    return combine(ease, w, mean, x, weight)

@@ -203,7 +203,7 @@ def eval_movielens(
     preset: str = typer.Option("tiny", "--preset", help="Preset of the banks built when --bank / --reptile-bank are not given."),
     k: str = typer.Option("1,3,5", "--k", help="Support sizes K."),
     mode: str = typer.Option("uni99,pop99,full", "--mode", help="Candidate modes."),
-    methods: str = typer.Option("random,popularity,popularity-time,itemknn,ease,backbone,prompt-maml,per-user-lora,pmeta-no-steps,pmeta,pmeta-reptile", "--methods"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods; default: every method of a full report (pmeta.eval.runner.DEFAULT_METHODS)."),
     method_option: list[str] = typer.Option([], "--method-option", help="METHOD.KEY=VALUE passed to a method's class, e.g. per-user-lora.steps=10 (repeatable)."),
     seed: int = typer.Option(0, "--seed"),
     users: Optional[int] = typer.Option(None, "--users", min=1, help="Evaluate only the first N test users (quick runs)."),
@@ -217,14 +217,14 @@ def eval_movielens(
     from ..config import BankConfig, load_config
     from ..data import load_sample
     from ..errors import InvalidConfig
-    from ..eval.runner import REPTILE_METHODS, run_movielens, write_report
+    from ..eval.runner import DEFAULT_METHODS, REPTILE_METHODS, run_movielens, write_report
 
     try:
         ks = tuple(int(x) for x in k.split(","))
     except ValueError:
         raise InvalidConfig(f"--k must be comma-separated integers, got {k!r}") from None
     modes = tuple(m.strip() for m in mode.split(",") if m.strip())
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    method_list = list(DEFAULT_METHODS) if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
     options = _method_options(method_option)
     dataset = _load_dataset(data, format)
     progress = _progress(quiet)

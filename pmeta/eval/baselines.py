@@ -79,6 +79,14 @@ def positive_matrix(dataset: Dataset, users: Sequence[int] | np.ndarray, dtype=n
     return matrix
 
 
+def validation_split(train_users: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(fit_users, validation_users)``: the first ``round(fraction * n)`` of a seeded permutation
+    of the sorted train users are validation users (how a baseline tunes itself, never on test users)."""
+    permuted = np.random.default_rng(seed).permutation(np.sort(np.asarray(train_users, dtype=np.int64)))
+    n_validation = round(fraction * len(permuted))
+    return permuted[n_validation:], permuted[:n_validation]
+
+
 @register("random")
 class RandomBaseline:
     """Uniform random scores. The generator is ``default_rng(seed)``, created by :meth:`fit`, so a run
@@ -142,9 +150,7 @@ class TimePopularityBaseline:
         n_items = len(dataset.catalog)
         self.chosen_bandwidth = self.bandwidth_days
         if self.chosen_bandwidth is None:
-            ordered = np.random.default_rng(self.validation_seed).permutation(np.sort(np.asarray(train_users, dtype=np.int64)))
-            n_validation = round(self.validation_fraction * len(ordered))
-            fit_users, validation_users = ordered[n_validation:], ordered[:n_validation]
+            fit_users, validation_users = validation_split(train_users, self.validation_fraction, self.validation_seed)
             zeros = np.zeros(n_items)
             self.chosen_bandwidth, _, _ = time_prior.choose(lambda support: zeros, time_prior.validation_cases(dataset, validation_users), time_prior.rating_events(dataset, fit_users), n_items, weights=(1.0,), modes=self.validation_modes)
         items, times = time_prior.rating_events(dataset, train_users)
@@ -253,10 +259,7 @@ class EASEBaseline:
     def validation_split(self, train_users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(fit_users, validation_users)``: the first ``round(validation_fraction * n)`` of a seeded
         permutation of the sorted train users are validation users."""
-        ordered = np.sort(np.asarray(train_users, dtype=np.int64))
-        permuted = np.random.default_rng(self.validation_seed).permutation(ordered)
-        n_validation = round(self.validation_fraction * len(permuted))
-        return permuted[n_validation:], permuted[:n_validation]
+        return validation_split(train_users, self.validation_fraction, self.validation_seed)
 
     def fit(self, dataset: Dataset, train_users: np.ndarray) -> EASEBaseline:
         if self.lam is None:

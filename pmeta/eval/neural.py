@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..bank.episodes import user_input
 from ..bank.model import UserInput
 from ..errors import InvalidConfig
 from .baselines import EvalContext, register
@@ -23,8 +24,7 @@ EXCLUDED_SCORE = -1e30
 
 def support_input(model, support_items: np.ndarray, time: float | None = None) -> UserInput:
     """The support set as serving reads a history.json of these items (``time``: of the latest one)."""
-    liked = [int(i) for i in support_items]
-    return UserInput(liked_items=liked, texts=[model.item_texts[i] for i in liked], seen_items=liked, time=time)
+    return user_input(support_items, model.item_texts, time)
 
 
 def _needs(model, name: str, what: str = "a bank"):

@@ -51,7 +51,6 @@ class PerUserLoRA:
 
     def _fresh(self, support_items: np.ndarray) -> dict[str, torch.Tensor]:
         """A new LoRA, seeded by (seed, the support items), so results repeat run to run."""
-
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(np.asarray(support_items, dtype=np.int64).tobytes()))
         adapter = {}
         for name, d_in, d_out in self.targets:

@@ -57,7 +57,6 @@ class PromptMAML:
 
     def fit(self, dataset: Dataset, train_users: np.ndarray, progress: Progress | None = None) -> "PromptMAML":
         """Meta-learn the prompt on episodes of ``train_users`` (never the test users)."""
-
         model, config = self.model, self.model.config
         progress = progress or Progress(False)
         torch.manual_seed(self.seed)
