@@ -9,7 +9,8 @@ Serving-time ablations reuse one bank (no rebuild):
 * ``steps=s``: inner steps 0..5 (the bank was meta-trained with its config's ``inner_steps``);
 * ``top_k=k``: anchors retrieved and fused per user;
 * ``fusion``: exact concatenation (``cat``, the default), SVD truncated to the anchor rank
-  (``svd``), or no fusion (``nearest``: the single nearest anchor, weight 1);
+  (``svd``), or no fusion (``nearest``: the single nearest anchor, weight 1); for a bank with an
+  anchor item bias (pmeta.fusion.anchor_bias), also the bank without it (anchors' adapters only);
 * ``no stacking``: the inner steps update the fused anchors' own parameters (with the stacked
   adapter's learned step sizes) instead of a separate stacked rank-1 adapter on top of them.
 
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,7 @@ from pmeta.bank.model import PmetaModel
 from pmeta.data import load_sample
 from pmeta.eval.neural import EXCLUDED_SCORE, support_input
 from pmeta.eval.protocol import evaluate, split_users
+from pmeta.tasks.ranking import add_prior
 
 
 class Scorer:
@@ -58,9 +61,11 @@ class Scorer:
             personal, batch, _ = model.personalize([user], steps=self.steps)
         else:  # inner steps on the fused anchors themselves
             batch = model.user_batch([user])
-            sims, idx = model.retrieve(model.user_keys([user]))
+            keys = model.user_keys([user])
+            sims, idx = model.retrieve(keys)
             with torch.no_grad():
                 fused = model.fused_adapter(sims, idx)
+                batch.prior = add_prior(batch.prior, model.anchor_offset(sims, idx, torch.from_numpy(np.linalg.norm(keys, axis=1) > 0)))
             init = {k: v.detach().clone().requires_grad_(True) for k, v in fused.items()}
             targets, mask = model.targets_of([user], model.config.max_history_items)
             steps = model.config.inner_steps if self.steps is None else self.steps
@@ -158,6 +163,9 @@ def main() -> None:
         rows.append(("fusion", default(f"fusion=cat (exact, top {default_k})")))
         rows.append(("fusion", row(f"fusion=svd (rank {model.config.anchor_rank})", Scorer("v", variant(model, fusion="svd")), dataset, users, ks, modes)))
         rows.append(("fusion", row("no fusion (nearest anchor)", Scorer("n", variant(model, top_k=1)), dataset, users, ks, modes)))
+        if model.t.anchor_bias is not None:
+            plain = PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, anchor_bias=None), index=model.index)
+            rows.append(("fusion", row("anchors' adapters only (no anchor item bias)", Scorer("nb", plain), dataset, users, ks, modes)))
     if "stacking" not in skip:
         rows.append(("stacking", default("stacked rank-1 adapter (default)")))
         rows.append(("stacking", row("no stacking (steps on fused anchors)", Scorer("ns", model, stacking=False), dataset, users, ks, modes)))

@@ -39,6 +39,8 @@ class BankConfig(BaseModel):
 
     # bank: anchors, retrieval, fusion
     anchors: int = Field(16, ge=1, le=100_000, description="Number of anchors (k-means clusters of train users).")
+    anchor_keys: Literal["collaborative", "text"] = Field("collaborative", description="Retrieval key space of users and anchors: 'collaborative' = the unit mean of the liked items' collaborative history factors (free texts and items no train user liked are projected from their text embedding by a ridge map); 'text' = the unit mean of their sentence embeddings. A bank without a collaborative part uses text keys.")
+    anchor_bias_weight: float | None = Field(None, ge=0, description="γ of the anchors' item bias (pmeta.fusion.anchor_bias): each anchor's log ratio of its users' positives to all train users', fused over the retrieved anchors and added to the scores. None = chosen over 0, 0.25, 0.5, 1, 1.5 on validation users (cf_init = 'onboarding' only; the other inits use 0); 0 = off.")
     top_k: int = Field(3, ge=1, description="Anchors fused per user.")
     fusion: Literal["cat", "svd"] = Field("cat", description="cat = exact concatenation; svd = exact sum truncated to anchor_rank.")
     temperature: float = Field(0.05, gt=0, description="Initial fusion temperature τ (learned): weights = softmax(similarity / τ).")
@@ -87,7 +89,7 @@ PRESETS: dict[str, dict] = {
     # seconds: for tests and smoke runs
     "tiny": dict(validate_stages=False, early_stopping=False, cf_init="puresvd", anchors=4, prompt_length=8, tower_steps=100, tower_rounds=1, tower_batch_users=32, meta_batch_users=8, global_steps=8, anchor_steps=4, stack_steps=4),
     # a few minutes on 2 CPU cores: the README quick start
-    "small": dict(anchors=8, tower_steps=400, tower_rounds=2, meta_batch_users=8, global_steps=40, anchor_steps=20, stack_steps=20),
+    "small": dict(anchors=16, tower_steps=400, tower_rounds=2, meta_batch_users=8, global_steps=40, anchor_steps=20, stack_steps=20),
     # the reference build (<= 15 min on 2 CPU cores)
     "default": {},
 }

@@ -13,6 +13,7 @@ import torch
 
 import pmeta
 from pmeta.bank.bank import TENSORS_FILE
+from pmeta.fusion import anchor_bias
 from pmeta.tasks import time_prior
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "history.json"
@@ -202,6 +203,10 @@ def test_onboarding_init_and_time_prior_rank_validation_users_better_than_ease()
     assert all(set(row) == {"uni99", "pop99", "full", "mean"} for row in prior["validation_ndcg"].values())
     best = prior["validation_ndcg"][f"h={prior['bandwidth_days']:g}d,beta={prior['weight']:g}"]
     assert best["mean"] == max(row["mean"] for row in prior["validation_ndcg"].values()) > prior["validation_ndcg"]["h=0d,beta=0"]["mean"]
+    bias = chosen["anchor_bias"]  # γ chosen on the same split, after the prior; the grid's best point
+    assert set(bias["validation_ndcg"]) == {f"gamma={w:g}" for w in anchor_bias.WEIGHTS}
+    assert bias["validation_ndcg"][f"gamma={bias['weight']:g}"]["mean"] == max(row["mean"] for row in bias["validation_ndcg"].values())
+    assert (model.t.anchor_bias is not None) == (bias["weight"] > 0)
     with_prior = -record["validation"]["early_stopping"]["start"]
     ids = {u: i for i, u in enumerate(dataset.ratings.user_ids)}
     users = np.array(sorted(ids[u] for u in record["validation_users"]))

@@ -20,6 +20,7 @@ from ..data.types import Dataset
 from ..errors import InvalidData
 from ..eval.baselines import EASEBaseline, positive_matrix
 from ..eval.protocol import metrics_from_ranks, rank_positives, split_users
+from ..fusion import anchor_bias
 from ..fusion.index import AnchorIndex
 from ..models.encoder import FunctionalEncoder
 from ..models.personal import init_adapter
@@ -90,6 +91,28 @@ def choose_anchors(keys: np.ndarray, count: int, seed: int) -> tuple[np.ndarray,
     centroids = _unit(kmeans.centroids.copy())
     _, assignment = AnchorIndex.build(centroids, kind="flat").search(keys, 1)
     return centroids, assignment[:, 0]
+
+
+#: L2 weight of the ridge map from text embeddings to collaborative key rows.
+KEY_RIDGE = 1.0
+
+
+def anchor_keys(item_text: torch.Tensor, cf_factors, config: BankConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The retrieval key space (``config.anchor_keys``): (item key rows (N, r), text → key projection
+    (d, r)), or (None, None) for keys in the text space.
+
+    Collaborative keys are the history factors of the towers' closed-form init (the rows a user's
+    collaborative vector pools), so users who liked items that the same train users liked get close
+    keys. A ridge map fitted on the items with factors carries a text embedding into that space: it
+    gives the rows of items no train user liked, and keys to free texts."""
+    if config.anchor_keys == "text" or cf_factors is None:
+        return None, None
+    history = (cf_factors[0] if isinstance(cf_factors, tuple) else cf_factors).float()
+    known = history.abs().sum(1) > 0
+    x, y = item_text[known].float(), history[known]
+    projection = torch.linalg.solve(x.T @ x + KEY_RIDGE * torch.eye(x.shape[1]), x.T @ y)
+    rows = torch.where(known[:, None], history, item_text.float() @ projection)
+    return rows.contiguous(), projection.contiguous()
 
 
 def prompt_from_text(encoder: FunctionalEncoder, texts: list[str], length: int, layer: int, max_tokens: int) -> torch.Tensor:
@@ -182,12 +205,18 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     counts = torch.zeros(len(catalog))
     for u in train_with_pos:
         counts[torch.from_numpy(positives[int(u)])] += 1
-    user_keys = _unit(np.stack([item_text[torch.from_numpy(positives[int(u)])].mean(0).numpy() for u in train_with_pos]))
+    cf_factors, cf_scale, item_bias, cf_record, time_entries = collaborative_init(dataset, config, train_with_pos, positives, rated, progress, times, item_text)
+    item_keys, key_projection = anchor_keys(item_text, cf_factors, config)
+    key_rows = (item_text if item_keys is None else item_keys).numpy()
+    user_keys = _unit(np.stack([key_rows[positives[int(u)]].mean(0) for u in train_with_pos]))
     centroids, assignment = choose_anchors(user_keys, config.anchors, config.seed)
     n_anchors = len(centroids)
     sizes = np.bincount(assignment, minlength=n_anchors)
-
-    cf_factors, cf_scale, item_bias, cf_record, time_entries = collaborative_init(dataset, config, train_with_pos, positives, rated, progress, times)
+    gamma = cf_record.get("anchor_bias", {}).get("weight", config.anchor_bias_weight or 0.0)
+    bias_of_anchors = None
+    if gamma > 0:
+        ratio = anchor_bias.log_ratio([positives[int(u)] for u in train_with_pos], assignment, n_anchors, len(catalog))
+        bias_of_anchors = torch.from_numpy(gamma * ratio)
     generator = torch.Generator().manual_seed(config.seed)
     targets = encoder.lora_targets(config.prompt_layer, tuple(config.lora_targets))
     popular = [texts[i] for i in torch.argsort(counts, descending=True)[:8].tolist()]
@@ -206,6 +235,9 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
         stack_init=stack_init,
         stack_step_sizes={k: torch.tensor(log_lr) for k in stack_init},
         log_temperature=torch.tensor(math.log(config.temperature)),
+        item_keys=item_keys,
+        key_projection=key_projection,
+        anchor_bias=bias_of_anchors,
     ).to(encoder.device)  # every tensor on the build's device (CPU tensors above: counts, PureSVD, inits)
     model = PmetaModel(config, encoder, texts, tensors)
     strategy = get_strategy(config.meta)
@@ -268,14 +300,15 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     return model, record
 
 
-def collaborative_init(dataset: Dataset, config: BankConfig, train_users: np.ndarray, positives: dict[int, np.ndarray], rated: dict[int, np.ndarray], progress: Progress, times: dict[int, np.ndarray] | None = None):
+def collaborative_init(dataset: Dataset, config: BankConfig, train_users: np.ndarray, positives: dict[int, np.ndarray], rated: dict[int, np.ndarray], progress: Progress, times: dict[int, np.ndarray] | None = None, item_text: torch.Tensor | None = None):
     """The closed-form init of the towers' collaborative part (``config.cf_init``), from the train users only.
 
     Returns ((history, item) factors or None, their score scale, an item bias (N,) or None, a
     record for the build file, and the head entries of the time prior ({} without one)).
     ``onboarding`` (:mod:`pmeta.bank.onboarding`) chooses its λ, weight and pooling exponent γ on
     EASE's own split of the train users and refits on all of them; the time prior's bandwidth and
-    weight are then chosen on the same split (:func:`choose_time_prior`)."""
+    weight are then chosen on the same split (:func:`choose_time_prior`), and then the weight γ of
+    the anchors' item bias (:func:`choose_anchor_bias`; ``item_text`` gives text keys)."""
     n_items = len(dataset.catalog)
     train_positives = [positives[int(u)] for u in train_users]
 
@@ -313,14 +346,20 @@ def collaborative_init(dataset: Dataset, config: BankConfig, train_users: np.nda
             weights=(config.onboarding_weight,) if config.onboarding_weight is not None else onboarding.WEIGHTS,
             exponents=(config.cf_pool_exponent,) if config.cf_pool_exponent is not None else onboarding.EXPONENTS,
         )
-        if config.time_prior_weight == 0.0 or times is None:
-            entries, record["time_prior"] = {}, {"weight": 0.0}
-        else:
+        entries, record["time_prior"] = {}, {"weight": 0.0}
+        if config.time_prior_weight != 0.0 or config.anchor_bias_weight is None:
             matrix, bias = onboarding.refit(chosen, [positives[int(u)] for u in fit_users], fit_ease, n_items)
-            h, weight, grid = choose_time_prior(dataset, config, fit_users, validation_users, kept, matrix, bias, chosen.exponent)
-            entries = time_prior_entries(dataset, config, train_users, h, weight)
-            record["time_prior"] = {"bandwidth_days": h, "weight": weight, "validation_ndcg": grid}
-            del matrix, bias
+            base = OnboardingScores(matrix, bias, kept, chosen.exponent, n_items)
+            base.scale = float(np.mean([base(case.support).std() for case, _ in time_prior.validation_cases(dataset, validation_users)] or [1.0])) or 1.0
+            h, weight = 365.0, 0.0
+            if config.time_prior_weight != 0.0 and times is not None:
+                h, weight, grid = choose_time_prior(dataset, config, fit_users, validation_users, base)
+                entries = time_prior_entries(dataset, config, train_users, h, weight)
+                record["time_prior"] = {"bandwidth_days": h, "weight": weight, "validation_ndcg": grid}
+            if config.anchor_bias_weight is None:
+                gamma, grid = choose_anchor_bias(dataset, config, fit_users, validation_users, base, h, weight, [positives[int(u)] for u in fit_users], item_text)
+                record["anchor_bias"] = {"weight": gamma, "validation_ndcg": grid}
+            del matrix, bias, base
         del fit_ease, ease
         factors, scale, bias = ranking.matrix_factors(train_positives, n_items, config.cf_rank, chosen.matrix, kept, chosen.bias, chosen.exponent)
         bar.advance(1)
@@ -337,29 +376,85 @@ def time_prior_entries(dataset: Dataset, config: BankConfig, users: np.ndarray, 
     return time_prior.head_entries(grid, log_prior, weight)
 
 
-def choose_time_prior(dataset: Dataset, config: BankConfig, fit_users, validation_users, kept, matrix, bias, exponent):
-    """(h, β, grid scores) of the time prior on EASE's validation split of the train users: the base
-    scores are the onboarding model fitted on ``fit_users`` (its folding-in ``bias + Σ M_j / K^γ``,
-    scaled to a standard deviation of 1 as the head's are), the prior counts ``fit_users``' ratings."""
-    n_items = len(dataset.catalog)
-    position = np.full(n_items, -1, dtype=np.int64)
-    position[kept] = np.arange(len(kept))
-    floor = float(bias.min()) if len(bias) else 0.0
+class OnboardingScores:
+    """The onboarding model fitted on the fit users of EASE's split, as a scorer of a support: its
+    folding-in ``bias + Σ M_j / K^γ`` over the whole catalogue (items outside ``kept`` get the lowest
+    bias), divided by ``scale`` (the mean spread over the validation supports, so the head's
+    unit-scale terms are weighed as they are in the bank)."""
 
-    def raw(support: np.ndarray) -> np.ndarray:
-        cols = position[support]
+    def __init__(self, matrix: np.ndarray, bias: np.ndarray, kept: np.ndarray, exponent: float, n_items: int) -> None:
+        self.matrix, self.bias, self.kept, self.exponent, self.n_items = matrix, bias, kept, exponent, n_items
+        self.position = np.full(n_items, -1, dtype=np.int64)
+        self.position[kept] = np.arange(len(kept))
+        self.floor = float(bias.min()) if len(bias) else 0.0
+        self.scale = 1.0
+
+    def __call__(self, support: np.ndarray) -> np.ndarray:
+        cols = self.position[support]
         cols = cols[cols >= 0]
-        scores = np.full(n_items, floor, dtype=np.float64)
-        scores[kept] = bias + (matrix[cols].sum(0) / len(cols) ** exponent if len(cols) else 0.0)
-        return scores
+        scores = np.full(self.n_items, self.floor, dtype=np.float64)
+        scores[self.kept] = self.bias + (self.matrix[cols].sum(0) / len(cols) ** self.exponent if len(cols) else 0.0)
+        return scores / self.scale
 
+    def history_factors(self, rank: int) -> np.ndarray:
+        """(N, rank) history factors ``U Σ`` of the matrix (zero rows outside ``kept``), as
+        :func:`pmeta.tasks.ranking.matrix_factors` gives the bank."""
+        from sklearn.utils.extmath import randomized_svd
+
+        rank = max(1, min(rank, len(self.kept)))
+        u, sigma, _ = randomized_svd(np.asarray(self.matrix, dtype=np.float32), n_components=rank, random_state=0)
+        rows = np.zeros((self.n_items, rank), dtype=np.float32)
+        rows[self.kept] = u * sigma
+        return rows
+
+
+def choose_time_prior(dataset: Dataset, config: BankConfig, fit_users, validation_users, base: OnboardingScores):
+    """(h, β, grid scores) of the time prior on EASE's validation split of the train users: the base
+    scores are the onboarding model fitted on ``fit_users``, the prior counts ``fit_users``' ratings."""
     cases = time_prior.validation_cases(dataset, validation_users)
     if not cases:
         return 365.0, 0.0, {}
-    spread = float(np.mean([raw(case.support).std() for case, _ in cases])) or 1.0
     bandwidths = (config.time_prior_bandwidth,) if config.time_prior_bandwidth is not None else time_prior.BANDWIDTHS
     weights = (config.time_prior_weight,) if config.time_prior_weight is not None else time_prior.WEIGHTS
-    return time_prior.choose(lambda support: raw(support) / spread, cases, time_prior.rating_events(dataset, fit_users), n_items, bandwidths, weights)
+    return time_prior.choose(base, cases, time_prior.rating_events(dataset, fit_users), len(dataset.catalog), bandwidths, weights)
+
+
+def choose_anchor_bias(dataset: Dataset, config: BankConfig, fit_users, validation_users, base: OnboardingScores, h: float, beta: float, fit_positives: list[np.ndarray], item_text: torch.Tensor | None = None) -> tuple[float, dict]:
+    """(γ, grid scores) of the anchors' item bias on EASE's validation split of the train users.
+
+    The fit users are clustered as the build clusters the train users (``config.anchors`` spherical
+    k-means in the ``config.anchor_keys`` space, here built from the fit users' own matrix); a
+    validation user retrieves ``config.top_k`` anchors at the initial temperature. The base scores
+    are the onboarding model plus the chosen time prior (h, β); ``pop99`` samples by the fit users'
+    rating counts, as for the time prior."""
+    cases = time_prior.validation_cases(dataset, validation_users)
+    if not cases:
+        return 0.0, {}
+    n_items = len(dataset.catalog)
+    if config.anchor_keys == "text" or config.cf_rank == 0:
+        if item_text is None:
+            return 0.0, {}
+        rows = item_text.float().cpu().numpy()
+    else:
+        rows = base.history_factors(config.cf_rank)
+    fit_keys = _unit(np.stack([rows[items].mean(0) for items in fit_positives]))
+    centroids, assignment = choose_anchors(fit_keys, config.anchors, config.seed)
+    ratio = anchor_bias.log_ratio(fit_positives, assignment, len(centroids), n_items)
+    events = time_prior.rating_events(dataset, fit_users)
+    prior = time_prior.table(events[0], events[1], n_items, h) if beta > 0 else None
+
+    def scores(support: np.ndarray, t: float) -> np.ndarray:
+        out = base(support)
+        if prior is not None:
+            out = out + beta * time_prior.at(prior[0], prior[1], [t])[0].numpy().astype(np.float64)
+        return out
+
+    def key(support: np.ndarray) -> np.ndarray:
+        return _unit(rows[support].mean(0)[None, :])[0]
+
+    weights = (config.anchor_bias_weight,) if config.anchor_bias_weight is not None else anchor_bias.WEIGHTS
+    popularity = np.bincount(np.asarray(events[0], dtype=np.int64), minlength=n_items).astype(np.float64)
+    return anchor_bias.choose(scores, cases, key, centroids, ratio, config.top_k, config.temperature, popularity, weights)
 
 
 def build_bank(dataset: Dataset, out: str | Path, config: BankConfig, db_url: str | None = None, progress: Progress | None = None) -> BuildResult:

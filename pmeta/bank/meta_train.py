@@ -10,6 +10,9 @@ Stages differ only in where the init comes from and what is trained:
 * ``anchors``: init = the anchor of the user's cluster; trains the anchors;
 * ``stack``: fixed = top-k anchors retrieved by the user's support key and fused with weights
   softmax(sim/τ); init = the stacked adapter; trains the stacked init, its step sizes and τ.
+
+The ``anchors`` and ``stack`` stages add the anchors' item bias (:mod:`pmeta.fusion.anchor_bias`)
+to the scores, as serving does: the user's own anchor's, and the retrieved anchors' fused one.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class Stage:
     build: Callable[[PmetaModel, Episode], tuple[Adapter, Adapter | None, dict[str, torch.Tensor]]]
     param_groups: list[dict]
     pool: np.ndarray | None = None  # users to sample from (None: every train user)
+    offset: Callable[[PmetaModel, Episode], torch.Tensor | None] | None = None  # the anchors' item bias (U, N) added to the scores
 
 
 def head_groups(model: PmetaModel, config) -> list[dict]:
@@ -103,8 +107,13 @@ def anchor_stage(model: PmetaModel, config, assignment: dict[int, int]) -> Stage
         idx = torch.tensor([assignment[u] for u in episode.users], dtype=torch.long, device=t.item_text.device)
         return {k: v[idx] for k, v in t.anchors.items()}, None, t.global_step_sizes
 
+    def offset(m: PmetaModel, episode: Episode):  # each user's own anchor's item bias
+        if t.anchor_bias is None:
+            return None
+        return t.anchor_bias[torch.tensor([assignment[u] for u in episode.users], dtype=torch.long, device=t.item_text.device)]
+
     pool = np.array(sorted(assignment), dtype=np.int64)
-    return Stage("anchors", build, [{"params": list(t.anchors.values()), "lr": config.outer_lr}], pool)
+    return Stage("anchors", build, [{"params": list(t.anchors.values()), "lr": config.outer_lr}], pool, offset)
 
 
 def stack_stage(model: PmetaModel, config) -> Stage:
@@ -117,10 +126,17 @@ def stack_stage(model: PmetaModel, config) -> Stage:
         fixed = fuse(t.anchors, idx, weights, config.fusion, config.anchor_rank)
         return expand_users(t.stack_init, len(episode.users)), fixed, t.stack_step_sizes
 
+    def offset(m: PmetaModel, episode: Episode):  # the retrieved anchors' fused item bias, as in serving
+        if t.anchor_bias is None:
+            return None
+        keys = m.user_keys(episode.support)
+        sims, idx = m.retrieve(keys)
+        return m.anchor_offset(sims, idx, torch.from_numpy(np.linalg.norm(keys, axis=1) > 0).to(t.item_text.device))
+
     groups = [{"params": list(t.stack_init.values()), "lr": config.outer_lr}, {"params": [t.log_temperature], "lr": config.outer_lr}]
     if _learns_step_sizes(config):
         groups.append({"params": list(t.stack_step_sizes.values()), "lr": config.outer_lr})
-    return Stage("stack", build, groups)
+    return Stage("stack", build, groups, offset=offset)
 
 
 def _learns_step_sizes(config) -> bool:
@@ -132,6 +148,8 @@ def outer_step(model: PmetaModel, stage: Stage, strategy: Strategy, episode: Epi
     device = model.t.item_text.device
     batch = model.user_batch(episode.support)
     init, fixed, step_sizes = stage.build(model, episode)
+    if stage.offset is not None:
+        batch.prior = ranking.add_prior(batch.prior, stage.offset(model, episode))
     if strategy.inner_on_query:
         targets, mask = episode.support_and_query
     else:

@@ -17,6 +17,7 @@ import torch
 
 from ..adapt.inner import adapt
 from ..config import BankConfig
+from ..fusion import anchor_bias
 from ..fusion.fuse import fuse, fusion_weights
 from ..fusion.index import AnchorIndex
 from ..models.encoder import FunctionalEncoder
@@ -49,6 +50,10 @@ class Tensors:
     stack_init: Adapter  # init of the per-user stacked adapter
     stack_step_sizes: dict[str, torch.Tensor]
     log_temperature: torch.Tensor  # fusion temperature τ = exp(.)
+    # the retrieval key space (None: the item text embeddings, as banks before it):
+    item_keys: torch.Tensor | None = None  # (N, r) each item's key row; a user's key is the unit mean over liked items
+    key_projection: torch.Tensor | None = None  # (d, r) text embedding → key row, for free texts
+    anchor_bias: torch.Tensor | None = None  # (A_n, N) each anchor's item-score offset (pmeta.fusion.anchor_bias), γ included
 
     def to_flat(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().contiguous().cpu() for k, v in self.to_flat_views().items()}
@@ -59,6 +64,9 @@ class Tensors:
 
     def to_flat_views(self) -> dict[str, torch.Tensor]:
         flat = {"item_text": self.item_text, "anchor_keys": self.anchor_keys, "anchor_sizes": self.anchor_sizes, "log_temperature": self.log_temperature}
+        for key in OPTIONAL:
+            if getattr(self, key) is not None:
+                flat[key] = getattr(self, key)
         for prefix, group in [("head", self.head), ("global", self.global_adapter), ("global_lr", self.global_step_sizes), ("anchors", self.anchors), ("stack", self.stack_init), ("stack_lr", self.stack_step_sizes)]:
             for key, value in group.items():
                 flat[f"{prefix}/{key}"] = value
@@ -80,7 +88,11 @@ class Tensors:
             stack_init=group("stack"),
             stack_step_sizes=group("stack_lr"),
             log_temperature=flat["log_temperature"],
+            **{key: flat.get(key) for key in OPTIONAL},
         )
+
+
+OPTIONAL = ("item_keys", "key_projection", "anchor_bias")  # tensors a bank may lack
 
 
 class PmetaModel:
@@ -121,18 +133,23 @@ class PmetaModel:
         return ranking.UserBatch(hidden=hidden, mask=mask, history_items=history.to(device), history_mask=history_mask.to(device), exclude=exclude.to(device), prior=None if prior is None else prior.to(device))
 
     def user_keys(self, users: list[UserInput]) -> np.ndarray:
-        """Unit retrieval keys (U, d): mean of the sentence embeddings of the user's liked items.
+        """Unit retrieval keys (U, r): the mean of the key rows of the user's liked items.
 
-        Catalogue items use the cached item embeddings; free texts are encoded on the fly.
-        A user with no liked items gets a zero key (and the zero-history prior).
+        Key rows are the bank's ``item_keys`` (the collaborative history factors, see
+        :func:`pmeta.bank.build.anchor_keys`) or, in a bank without them, the sentence embeddings of
+        the items' texts. Free texts are encoded on the fly (and projected by ``key_projection``).
+        A user with no liked items, or only items whose rows are zero, gets a zero key (and the
+        zero-history prior).
         """
-        keys = np.zeros((len(users), self.t.item_text.shape[1]), dtype=np.float32)
+        rows = self.t.item_text if self.t.item_keys is None else self.t.item_keys
+        keys = np.zeros((len(users), rows.shape[1]), dtype=np.float32)
         for row, user in enumerate(users):
             parts = []
             if user.liked_items:
-                parts.append(self.t.item_text[torch.tensor(user.liked_items)])
+                parts.append(rows[torch.tensor(user.liked_items)])
             if user.free_texts:
-                parts.append(self.encoder.sentence_embeddings(user.free_texts))
+                texts = self.encoder.sentence_embeddings(user.free_texts)
+                parts.append(texts if self.t.key_projection is None else texts.to(self.t.key_projection.dtype) @ self.t.key_projection)
             if parts:
                 mean = torch.cat(parts).mean(0)
                 keys[row] = (mean / mean.norm().clamp_min(1e-12)).cpu().numpy()
@@ -150,6 +167,18 @@ class PmetaModel:
     def fused_adapter(self, sims: torch.Tensor, idx: torch.Tensor) -> Adapter:
         weights = fusion_weights(sims, self.temperature())
         return fuse(self.t.anchors, idx, weights, self.config.fusion, self.config.anchor_rank)
+
+    def anchor_offset(self, sims: torch.Tensor, idx: torch.Tensor, has_key: torch.Tensor) -> torch.Tensor | None:
+        """The users' fused anchor item bias (U, N) (:mod:`pmeta.fusion.anchor_bias`), or None for a
+        bank without one. Users without a key get every anchor weighted by its train users, as the
+        zero-history prior adapter does."""
+        if self.t.anchor_bias is None:
+            return None
+        offset = anchor_bias.fused(self.t.anchor_bias, idx, fusion_weights(sims, self.temperature()))
+        if not bool(has_key.all()):
+            sizes = self.t.anchor_sizes / self.t.anchor_sizes.sum()
+            offset = torch.where(has_key[:, None], offset, (sizes.to(offset.dtype) @ self.t.anchor_bias)[None, :])
+        return offset
 
     def prior_adapter(self, users: int) -> Adapter:
         """The zero-history prior: every anchor fused with weights proportional to its train users."""
@@ -207,6 +236,7 @@ class PmetaModel:
             if not bool(has_key.all()):
                 prior = self.prior_adapter(len(users))
                 fused = _select_rows(has_key, fused, prior)
+            batch.prior = ranking.add_prior(batch.prior, self.anchor_offset(sims, idx, has_key))
         t_fuse = time.perf_counter()
         init = {k: v.detach().clone().requires_grad_(True) for k, v in expand_users(self.t.stack_init, len(users)).items()}
         targets, target_mask = (t.to(self.t.item_text.device) for t in self.targets_of(users, self.config.max_history_items))

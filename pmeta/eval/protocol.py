@@ -210,6 +210,24 @@ def metrics_from_ranks(ranks: np.ndarray, top_n: int = TOP_N) -> dict[str, float
 METRIC_NAMES = (f"hr@{TOP_N}", f"ndcg@{TOP_N}", "mrr")
 
 
+def validation_candidates(cases: Iterable[ColdStartCase], modes: Sequence[str], popularity: np.ndarray, seed: int = 0) -> dict[tuple[int, str], np.ndarray]:
+    """The negatives of each (case's user, mode), drawn as :func:`evaluate` draws them: for choosing
+    a setting on validation users with the protocol's own candidates."""
+    return {(case.user, mode): candidate_negatives(case, mode, case_rng(seed, case, mode), popularity) for case in cases for mode in modes}
+
+
+def mean_ndcg(scored: Iterable[tuple[int, np.ndarray, np.ndarray]], candidates: dict[tuple[int, str], np.ndarray], modes: Sequence[str]) -> dict[str, float]:
+    """nDCG@10 per mode, averaged over ``scored`` = (user, scores (N,), query positives), and the mean
+    over the modes (key ``"mean"``): the criterion the build's validation grids maximise."""
+    per_mode: dict[str, list[float]] = {mode: [] for mode in modes}
+    for user, scores, query in scored:
+        for mode in modes:
+            per_mode[mode].append(metrics_from_ranks(rank_positives(scores, query, candidates[(user, mode)]))[f"ndcg@{TOP_N}"])
+    row = {mode: float(np.mean(values)) if values else 0.0 for mode, values in per_mode.items()}
+    row["mean"] = float(np.mean(list(row.values())))
+    return row
+
+
 def _checked_scores(scores: np.ndarray, n_items: int, name: str) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (n_items,):

@@ -8,11 +8,12 @@ catalogue:
 * each target item is matched to the bank item with the same normalised title (case-folded,
   whitespace collapsed; MovieLens titles carry the year, "Heat (1995)");
 * the target's text embeddings are computed by the same frozen encoder (cached on disk by content);
-* a matched item takes the bank's bias, collaborative rows and time-prior column; an unseen item
-  has zero collaborative rows (its score comes from the text part alone), and the bank's median
-  bias and median time prior.
+* a matched item takes the bank's bias, collaborative rows, time-prior column, retrieval key row
+  and anchors' item-bias column; an unseen item has zero collaborative rows (its score comes from
+  the text part alone), the bank's median bias and median time prior, a key row projected from its
+  text embedding (the bank's ``key_projection``) and no anchor item bias.
 
-The retrieval keys are means of text embeddings, so anchor retrieval needs no mapping at all.
+In a bank with text retrieval keys, anchor retrieval needs no mapping at all.
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ def transfer_model(model: PmetaModel, source: Catalog, target: Catalog, progress
     if "time_log_prior" in head:  # the time prior's columns follow the items; an unseen item gets each period's median, as its bias
         table = head["time_log_prior"]
         head["time_log_prior"] = torch.where(known[None, :], table[:, rows], table.median(dim=1, keepdim=True).values)
-    tensors = replace(model.t, item_text=item_text, head=head)
+    extra = {}
+    if model.t.item_keys is not None:  # collaborative keys: a matched item keeps its row, an unseen one is projected from its text
+        projected = item_text.float() @ model.t.key_projection if model.t.key_projection is not None else torch.zeros(len(target), model.t.item_keys.shape[1])
+        extra["item_keys"] = torch.where(known[:, None], model.t.item_keys[rows], projected)
+    if model.t.anchor_bias is not None:  # an anchor's item bias follows matched items; unseen items get 0 (no evidence)
+        extra["anchor_bias"] = torch.where(known[None, :], model.t.anchor_bias[:, rows], torch.zeros(()))
+    tensors = replace(model.t, item_text=item_text, head=head, **extra)
     summary = {"source_items": len(source), "target_items": len(target), "matched_items": int(known.sum()), "unseen_items": int((~known).sum())}
     return PmetaModel(model.config, model.encoder, texts, tensors, index=model.index), summary

@@ -107,6 +107,13 @@ def logits(head: HeadParams, item_text: torch.Tensor, users: tuple[torch.Tensor,
     return scores
 
 
+def add_prior(prior: torch.Tensor | None, extra: torch.Tensor | None) -> torch.Tensor | None:
+    """The sum of two additive item-score terms (U, N), either of which may be None."""
+    if extra is None:
+        return prior
+    return extra if prior is None else prior + extra
+
+
 def softmax_loss(scores: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of targets (U, Q) against all non-excluded items; the sum over users of per-user means.
 

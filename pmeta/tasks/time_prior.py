@@ -121,10 +121,10 @@ def choose(base_scores, cases: list, events: tuple[np.ndarray, np.ndarray], n_it
     are mostly obscure items, ``pop99``'s popular ones), so choosing on one of them picks a point
     of that trade-off blindly. Ties go to the smaller β. Returns (h in days, β, every grid point's
     nDCG@10 per mode and their mean)."""
-    from ..eval.protocol import QUERY_START, candidate_negatives, case_rng, metrics_from_ranks, rank_positives
+    from ..eval.protocol import QUERY_START, mean_ndcg, validation_candidates
 
     popularity = np.bincount(np.asarray(events[0], dtype=np.int64), minlength=n_items).astype(np.float64)
-    candidates = {(c.user, mode): candidate_negatives(c, mode, case_rng(seed, c, mode), popularity) for c, _ in cases for mode in modes}
+    candidates = validation_candidates([case for case, _ in cases], modes, popularity, seed)
     prepared = []
     for k in ks:
         k = min(k, QUERY_START)
@@ -137,14 +137,7 @@ def choose(base_scores, cases: list, events: tuple[np.ndarray, np.ndarray], n_it
         for weight in weights:
             if weight == 0.0 and (0.0, 0.0) in scores:
                 continue
-            per_mode: dict[str, list[float]] = {mode: [] for mode in modes}
-            for (user, base, _, query), prior in zip(prepared, priors):
-                ranked = base + weight * prior
-                for mode in modes:
-                    per_mode[mode].append(metrics_from_ranks(rank_positives(ranked, query, candidates[(user, mode)]))["ndcg@10"])
-            row = {mode: float(np.mean(v)) if v else 0.0 for mode, v in per_mode.items()}
-            row["mean"] = float(np.mean(list(row.values())))
-            scores[(0.0 if weight == 0.0 else h, weight)] = row
+            scored = ((user, base + weight * prior, query) for (user, base, _, query), prior in zip(prepared, priors))
+            scores[(0.0 if weight == 0.0 else h, weight)] = mean_ndcg(scored, candidates, modes)
     h, weight = max(scores, key=lambda key: (scores[key]["mean"], -key[1]))
     return h, weight, {f"h={key[0]:g}d,beta={key[1]:g}": value for key, value in scores.items()}
-

@@ -1,0 +1,159 @@
+"""The anchors' item bias (pmeta.fusion.anchor_bias) and the collaborative retrieval keys."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from pmeta.bank.model import PmetaModel, Tensors
+from pmeta.eval.protocol import ColdStartCase
+from pmeta.fusion import anchor_bias
+
+
+def test_log_ratio_favours_what_the_anchors_users_liked():
+    positives = [np.array([0, 1]), np.array([0, 2]), np.array([3, 4]), np.array([3])]
+    ratio = anchor_bias.log_ratio(positives, np.array([0, 0, 1, 1]), anchors=3, n_items=6)
+    assert ratio.shape == (3, 6) and ratio.dtype == np.float32
+    assert ratio[0, 0] > 0 > ratio[0, 3] and ratio[1, 3] > 0 > ratio[1, 0]
+    assert np.all(ratio[:, 5] == 0)  # nobody liked item 5: no evidence either way
+    assert np.all(ratio[2] == 0)  # an anchor without users is the global distribution
+    duplicated = anchor_bias.log_ratio([np.array([0, 0, 1]), *positives[1:]], np.array([0, 0, 1, 1]), 3, 6)
+    np.testing.assert_array_equal(duplicated, ratio)  # a user's repeated item counts once
+
+
+def test_fused_is_the_weighted_sum_and_retrieval_matches_the_fusion_weights():
+    bias = torch.randn(5, 7)
+    idx = torch.tensor([[0, 3], [4, 4]])
+    weights = torch.tensor([[0.25, 0.75], [0.5, 0.5]])
+    out = anchor_bias.fused(bias, idx, weights)
+    torch.testing.assert_close(out[0], 0.25 * bias[0] + 0.75 * bias[3])
+    torch.testing.assert_close(out[1], bias[4])
+    centroids = np.eye(3, dtype=np.float32)
+    keys = np.array([[0.8, 0.6, 0.0], [0.0, 0.0, 0.0]], dtype=np.float32)
+    top, w = anchor_bias.retrieval_weights(keys, centroids, top_k=2, temperature=0.1)
+    assert top[0].tolist() == [0, 1]
+    np.testing.assert_allclose(w[0], torch.softmax(torch.tensor([0.8, 0.6]) / 0.1, 0).numpy(), rtol=1e-6)
+    assert np.all(w[1] == 0)  # a zero key: no offset
+
+
+def _groups(users: int, seed: int = 0):
+    """Two groups of users: group g likes items 30g..30g+29 (random order). Key rows put an item
+    at e_g, so a user's key says their group. Returns (positives, keys of the items (60, 2))."""
+    rng = np.random.default_rng(seed)
+    positives = [rng.permutation(np.arange(30) + 30 * (u % 2))[:16] for u in range(users)]
+    rows = np.zeros((60, 2), dtype=np.float32)
+    rows[:30, 0] = rows[30:, 1] = 1.0
+    return positives, rows
+
+
+def _cases(positives, first_user: int):
+    return [(ColdStartCase(first_user + n, f"v{n}", items[:5], items[5:15], np.sort(items)), np.arange(16.0)) for n, items in enumerate(positives)]
+
+
+def test_choose_takes_the_bias_when_anchors_predict_and_not_when_it_misleads():
+    from pmeta.bank.build import choose_anchors
+
+    positives, rows = _groups(200)
+    fit, validation = positives[:160], positives[160:]
+    keys = np.stack([rows[p].mean(0) for p in fit])
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    centroids, assignment = choose_anchors(keys, 2, seed=0)
+    ratio = anchor_bias.log_ratio(fit, assignment, 2, 60)
+    cases = _cases(validation, 160)
+
+    def key(support):
+        k = rows[support].mean(0)
+        return k / np.linalg.norm(k)
+
+    flat = 1e-3 * np.arange(60)  # base scores that know nothing (ties broken by index)
+    # 60 items: too few for 99 sampled negatives, so full ranking only
+    gamma, grid = anchor_bias.choose(lambda s, t: flat, cases, key, centroids, ratio, 1, 0.05, np.ones(60), weights=(0.0, 1.0), modes=("full",))
+    assert gamma == 1.0 and grid["gamma=1"]["full"] > grid["gamma=0"]["full"] + 0.1  # measured 0.279 vs 0.144
+
+    def knows_the_group(support, t):
+        late = support[0] >= 30
+        return np.where((np.arange(60) >= 30) == late, 10.0, 0.0) + flat
+
+    gamma, grid = anchor_bias.choose(knows_the_group, cases, key, centroids, -ratio * 100, 1, 0.05, np.ones(60), weights=(0.0, 1.0), modes=("full",))
+    assert grid["gamma=1"]["full"] < grid["gamma=0"]["full"] and gamma == 0.0
+
+
+@pytest.fixture(scope="module")
+def with_anchor_bias(opened_bank):
+    """The tiny bank's model with an anchor item bias: anchor a favours items a, a + A, a + 2A, ..."""
+    source = opened_bank.model
+    n, count = len(source.item_texts), source.t.anchor_keys.shape[0]
+    bias = torch.full((count, n), -1.0)
+    for a in range(count):
+        bias[a, a::count] = 2.0
+    return PmetaModel(source.config, source.encoder, source.item_texts, replace(source.t, anchor_bias=bias), index=source.index)
+
+
+def test_personalize_adds_the_fused_anchor_bias_and_vmap_agrees(opened_bank, with_anchor_bias):
+    from pmeta.bank.bank import adapt_vmap
+    from pmeta.eval.neural import support_input
+
+    model, source = with_anchor_bias, opened_bank.model
+    users = [support_input(model, [10, 20, 30], None), support_input(model, [5], None)]
+    personal, batch, details = model.personalize(users, steps=0)
+    plain_personal, plain_batch, _ = source.personalize(users, steps=0)
+    for row in range(2):
+        expected = sum(w * model.t.anchor_bias[a] for a, w in zip(details["anchors"][row], details["weights"][row]))
+        torch.testing.assert_close(_minus(batch.prior, plain_batch.prior)[row], expected, atol=1e-5, rtol=1e-5)
+    scores = model.final_scores(batch, personal) - source.final_scores(plain_batch, plain_personal)
+    finite = torch.isfinite(scores)
+    torch.testing.assert_close(scores[finite], _minus(batch.prior, plain_batch.prior)[finite], atol=1e-4, rtol=1e-4)
+    looped, batch, _ = model.personalize(users)
+    mapped, batch_vmap, _ = model.personalize(users, adapt_fn=adapt_vmap)
+    a, b = model.final_scores(batch, looped), model.final_scores(batch_vmap, mapped)
+    torch.testing.assert_close(a[torch.isfinite(a)], b[torch.isfinite(b)], atol=1e-4, rtol=1e-4)
+
+
+def _minus(a, b):
+    return a - (b if b is not None else 0.0)
+
+
+def test_a_user_without_a_key_gets_the_anchors_weighted_by_their_users(opened_bank, with_anchor_bias):
+    from pmeta.bank.model import UserInput
+
+    model = with_anchor_bias
+    _, batch, details = model.personalize([UserInput()])
+    _, plain, _ = opened_bank.model.personalize([UserInput()])
+    sizes = model.t.anchor_sizes / model.t.anchor_sizes.sum()
+    assert details["has_key"] == [False]
+    torch.testing.assert_close(_minus(batch.prior, plain.prior)[0], sizes @ model.t.anchor_bias)
+
+
+def test_prompt_maml_and_per_user_lora_batches_do_not_see_the_anchor_bias(opened_bank, with_anchor_bias):
+    """The baselines that share the bank's head build their batches with ``user_batch`` alone."""
+    from pmeta.eval.neural import support_input
+
+    user = support_input(with_anchor_bias, [10, 20, 30], None)
+    batch, plain = with_anchor_bias.user_batch([user]), opened_bank.model.user_batch([user])
+    assert (batch.prior is None and plain.prior is None) or torch.equal(batch.prior, plain.prior)
+
+
+def test_collaborative_keys_come_from_item_rows_and_free_texts_are_projected(opened_bank):
+    from pmeta.bank.model import UserInput
+
+    model = opened_bank.model
+    assert model.t.item_keys is not None and model.t.key_projection is not None  # the tiny preset has a collaborative part
+    assert model.t.item_keys.shape[1] == model.t.anchor_keys.shape[1] == model.t.key_projection.shape[1]
+    keys = model.user_keys([UserInput(liked_items=[3, 7]), UserInput(free_texts=["a heist film"])])
+    expected = model.t.item_keys[[3, 7]].mean(0)
+    np.testing.assert_allclose(keys[0], (expected / expected.norm()).numpy(), rtol=1e-5, atol=1e-6)
+    projected = model.encoder.sentence_embeddings(["a heist film"]) @ model.t.key_projection
+    np.testing.assert_allclose(keys[1], (projected[0] / projected[0].norm()).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_optional_tensors_round_trip_and_old_banks_lack_them(opened_bank):
+    t = replace(opened_bank.model.t, anchor_bias=torch.ones(opened_bank.model.t.anchor_keys.shape[0], 3))
+    flat = t.to_flat()
+    back = Tensors.from_flat(flat)
+    assert torch.equal(back.anchor_bias, t.anchor_bias) and torch.equal(back.item_keys, t.item_keys)
+    old = {k: v for k, v in flat.items() if k not in ("item_keys", "key_projection", "anchor_bias")}
+    legacy = Tensors.from_flat(old)
+    assert legacy.item_keys is None and legacy.anchor_bias is None
