@@ -26,7 +26,7 @@ import torch
 MIX = 0.1
 EPSILON = 1e-7
 #: The γ grid :func:`choose` tries (0 = off).
-WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5)
+WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
 
 
 def log_ratio(positives: list[np.ndarray], assignment: np.ndarray, anchors: int, n_items: int) -> np.ndarray:
