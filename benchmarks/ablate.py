@@ -10,7 +10,8 @@ Serving-time ablations reuse one bank (no rebuild):
 * ``top_k=k``: anchors retrieved and fused per user;
 * ``fusion``: exact concatenation (``cat``, the default), SVD truncated to the anchor rank
   (``svd``), or no fusion (``nearest``: the single nearest anchor, weight 1); for a bank with an
-  anchor item bias (pmeta.fusion.anchor_bias), also the bank without it (anchors' adapters only);
+  anchor item bias (pmeta.fusion.anchor_bias), also that bank served without it (it was trained
+  with it; a bank built with ``anchor_bias_weight = 0`` is the clean comparison, a rebuild);
 * ``no stacking``: the inner steps update the fused anchors' own parameters (with the stacked
   adapter's learned step sizes) instead of a separate stacked rank-1 adapter on top of them.
 
@@ -65,7 +66,7 @@ class Scorer:
             sims, idx = model.retrieve(keys)
             with torch.no_grad():
                 fused = model.fused_adapter(sims, idx)
-                batch.prior = add_prior(batch.prior, model.anchor_offset(sims, idx, torch.from_numpy(np.linalg.norm(keys, axis=1) > 0)))
+                batch.prior = add_prior(batch.prior, model.anchor_offset(keys, sims, idx))
             init = {k: v.detach().clone().requires_grad_(True) for k, v in fused.items()}
             targets, mask = model.targets_of([user], model.config.max_history_items)
             steps = model.config.inner_steps if self.steps is None else self.steps
@@ -165,7 +166,7 @@ def main() -> None:
         rows.append(("fusion", row("no fusion (nearest anchor)", Scorer("n", variant(model, top_k=1)), dataset, users, ks, modes)))
         if model.t.anchor_bias is not None:
             plain = PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, anchor_bias=None), index=model.index)
-            rows.append(("fusion", row("anchors' adapters only (no anchor item bias)", Scorer("nb", plain), dataset, users, ks, modes)))
+            rows.append(("fusion", row("no anchor item bias at serving (bank trained with it)", Scorer("nb", plain), dataset, users, ks, modes)))
     if "stacking" not in skip:
         rows.append(("stacking", default("stacked rank-1 adapter (default)")))
         rows.append(("stacking", row("no stacking (steps on fused anchors)", Scorer("ns", model, stacking=False), dataset, users, ks, modes)))

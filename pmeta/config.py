@@ -39,7 +39,7 @@ class BankConfig(BaseModel):
 
     # bank: anchors, retrieval, fusion
     anchors: int = Field(16, ge=1, le=100_000, description="Number of anchors (k-means clusters of train users).")
-    anchor_keys: Literal["collaborative", "text"] = Field("collaborative", description="Retrieval key space of users and anchors: 'collaborative' = the unit mean of the liked items' collaborative history factors (free texts and items no train user liked are projected from their text embedding by a ridge map); 'text' = the unit mean of their sentence embeddings. A bank without a collaborative part uses text keys.")
+    key_space: Literal["collaborative", "text"] = Field("collaborative", description="Retrieval key space of users and anchors: 'collaborative' = the unit mean of the liked items' collaborative history factors (free texts and items no train user liked are projected from their text embedding by a ridge map); 'text' = the unit mean of their sentence embeddings. A bank without a collaborative part uses text keys.")
     anchor_bias_weight: float | None = Field(None, ge=0, description="γ of the anchors' item bias (pmeta.fusion.anchor_bias): each anchor's log ratio of its users' positives to all train users', fused over the retrieved anchors and added to the scores. None = chosen over 0, 0.25, 0.5, 1, 1.5, 2, 3 on validation users (cf_init = 'onboarding' only; the other inits use 0); 0 = off.")
     top_k: int = Field(3, ge=1, description="Anchors fused per user.")
     fusion: Literal["cat", "svd"] = Field("cat", description="cat = exact concatenation; svd = exact sum truncated to anchor_rank.")

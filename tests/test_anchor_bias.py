@@ -36,7 +36,10 @@ def test_fused_is_the_weighted_sum_and_retrieval_matches_the_fusion_weights():
     top, w = anchor_bias.retrieval_weights(keys, centroids, top_k=2, temperature=0.1)
     assert top[0].tolist() == [0, 1]
     np.testing.assert_allclose(w[0], torch.softmax(torch.tensor([0.8, 0.6]) / 0.1, 0).numpy(), rtol=1e-6)
-    assert np.all(w[1] == 0)  # a zero key: no offset
+    ratio, sizes = np.random.default_rng(0).normal(size=(3, 7)), np.array([1.0, 3.0, 0.0])
+    out = anchor_bias.offsets(keys, centroids, ratio, sizes, top_k=2, temperature=0.1)
+    np.testing.assert_allclose(out[0], w[0] @ ratio[[0, 1]])
+    np.testing.assert_allclose(out[1], 0.25 * ratio[0] + 0.75 * ratio[1])  # a zero key: every anchor by its users, as serving
 
 
 def _groups(users: int, seed: int = 0):
@@ -70,14 +73,15 @@ def test_choose_takes_the_bias_when_anchors_predict_and_not_when_it_misleads():
 
     flat = 1e-3 * np.arange(60)  # base scores that know nothing (ties broken by index)
     # 60 items: too few for 99 sampled negatives, so full ranking only
-    gamma, grid = anchor_bias.choose(lambda s, t: flat, cases, key, centroids, ratio, 1, 0.05, np.ones(60), weights=(0.0, 1.0), modes=("full",))
+    sizes = np.bincount(assignment, minlength=2).astype(float)
+    gamma, grid = anchor_bias.choose(lambda s, t: flat, cases, key, centroids, ratio, sizes, 1, 0.05, np.ones(60), weights=(0.0, 1.0), modes=("full",))
     assert gamma == 1.0 and grid["gamma=1"]["full"] > grid["gamma=0"]["full"] + 0.1  # measured 0.279 vs 0.144
 
     def knows_the_group(support, t):
         late = support[0] >= 30
         return np.where((np.arange(60) >= 30) == late, 10.0, 0.0) + flat
 
-    gamma, grid = anchor_bias.choose(knows_the_group, cases, key, centroids, -ratio * 100, 1, 0.05, np.ones(60), weights=(0.0, 1.0), modes=("full",))
+    gamma, grid = anchor_bias.choose(knows_the_group, cases, key, centroids, -ratio * 100, sizes, 1, 0.05, np.ones(60), weights=(0.0, 1.0), modes=("full",))
     assert grid["gamma=1"]["full"] < grid["gamma=0"]["full"] and gamma == 0.0
 
 
@@ -127,13 +131,17 @@ def test_a_user_without_a_key_gets_the_anchors_weighted_by_their_users(opened_ba
     torch.testing.assert_close(_minus(batch.prior, plain.prior)[0], sizes @ model.t.anchor_bias)
 
 
-def test_prompt_maml_and_per_user_lora_batches_do_not_see_the_anchor_bias(opened_bank, with_anchor_bias):
-    """The baselines that share the bank's head build their batches with ``user_batch`` alone."""
-    from pmeta.eval.neural import support_input
+def test_prompt_maml_and_per_user_lora_do_not_see_the_anchor_bias(opened_bank, with_anchor_bias):
+    """The baselines that share the bank's head score the same with and without the anchors' item
+    bias; pmeta's scores change."""
+    from pmeta.eval.neural import PmetaMAML
+    from pmeta.eval.oppu import PerUserLoRA
+    from pmeta.eval.prompt_maml import PromptMAML
 
-    user = support_input(with_anchor_bias, [10, 20, 30], None)
-    batch, plain = with_anchor_bias.user_batch([user]), opened_bank.model.user_batch([user])
-    assert (batch.prior is None and plain.prior is None) or torch.equal(batch.prior, plain.prior)
+    support = np.array([10, 20, 30])
+    for make in (lambda m: PromptMAML(m, inner_steps=1), lambda m: PerUserLoRA(m, steps=2, layers="bank")):
+        np.testing.assert_array_equal(make(with_anchor_bias).score(support, 3), make(opened_bank.model).score(support, 3))
+    assert not np.allclose(PmetaMAML(with_anchor_bias).score(support, 3), PmetaMAML(opened_bank.model).score(support, 3))
 
 
 def test_collaborative_keys_come_from_item_rows_and_free_texts_are_projected(opened_bank):
@@ -157,3 +165,31 @@ def test_the_optional_tensors_round_trip_and_old_banks_lack_them(opened_bank):
     old = {k: v for k, v in flat.items() if k not in ("item_keys", "key_projection", "anchor_bias")}
     legacy = Tensors.from_flat(old)
     assert legacy.item_keys is None and legacy.anchor_bias is None
+
+
+def test_meta_training_stages_score_through_the_anchor_bias(with_anchor_bias, opened_bank):
+    """The anchor stage adds each user's own anchor's bias, the stack stage the retrieved anchors'
+    fused one (as serving does), so their outer losses differ from the bank's without it."""
+    from pmeta.adapt.strategies import get_strategy
+    from pmeta.bank.episodes import EpisodeSampler
+    from pmeta.bank.meta_train import anchor_stage, outer_step, stack_stage
+    from pmeta.data import load_sample
+    from pmeta.eval.protocol import split_users
+
+    dataset = load_sample()
+    train, _ = split_users(dataset)
+    model, config = with_anchor_bias, with_anchor_bias.config
+    sampler = EpisodeSampler(dataset.positives_by_user(), dataset.rated_by_user(), train, model.item_texts, config, seed=3, times=dataset.positive_times_by_user())
+    episode = sampler.sample(4)
+    assignment = {u: n % int(model.t.anchor_keys.shape[0]) for n, u in enumerate(episode.users)}
+    own = anchor_stage(model, config, assignment)
+    rows = own.offset(model, episode)
+    torch.testing.assert_close(rows, model.t.anchor_bias[[assignment[u] for u in episode.users]])
+    stack = stack_stage(model, config)
+    stack.build(model, episode)
+    keys = model.user_keys(episode.support)
+    torch.testing.assert_close(stack.offset(model, episode), model.anchor_offset(keys, *model.retrieve(keys)))
+    strategy = get_strategy("fomaml")
+    with_bias = float(outer_step(model, stack, strategy, episode, 0))
+    plain = float(outer_step(opened_bank.model, stack_stage(opened_bank.model, config), strategy, episode, 0))
+    assert with_bias != pytest.approx(plain)

@@ -90,3 +90,24 @@ def test_transfer_eval_runs_every_bank_method(target, opened_bank):
     assert transfer["bank_dataset"] == "ml-latest-small" and transfer["target_items"] == len(dataset.catalog)
     for r in report["results"]:
         assert r["users"] == 3 and 0 <= r["ndcg@10"] <= r["hr@10"] <= 1
+
+
+def test_transfer_carries_the_key_rows_and_the_anchor_item_bias(target, opened_bank):
+    """A matched item keeps its key row and its anchor-bias column; an unseen one gets its text
+    embedding projected into the key space and no anchor bias."""
+    from dataclasses import replace
+
+    from pmeta.bank.model import PmetaModel
+
+    directory, _ = target
+    dataset = read_movielens(directory)
+    source = opened_bank.model
+    bias = torch.randn(source.t.anchor_keys.shape[0], len(source.item_texts))
+    with_bias = PmetaModel(source.config, source.encoder, source.item_texts, replace(source.t, anchor_bias=bias), index=source.index)
+    model, _ = transfer_model(with_bias, opened_bank.catalog, dataset.catalog)
+    matched = match_items(opened_bank.catalog, dataset.catalog)
+    known, unseen = np.flatnonzero(matched >= 0), torch.from_numpy(np.flatnonzero(matched < 0))
+    assert torch.equal(model.t.anchor_bias[:, known], bias[:, matched[known]])
+    assert torch.all(model.t.anchor_bias[:, unseen] == 0)
+    assert torch.equal(model.t.item_keys[known], source.t.item_keys[matched[known]])
+    torch.testing.assert_close(model.t.item_keys[unseen], model.t.item_text[unseen] @ source.t.key_projection)

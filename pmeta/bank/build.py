@@ -98,14 +98,14 @@ KEY_RIDGE = 1.0
 
 
 def anchor_keys(item_text: torch.Tensor, cf_factors, config: BankConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The retrieval key space (``config.anchor_keys``): (item key rows (N, r), text → key projection
+    """The retrieval key space (``config.key_space``): (item key rows (N, r), text → key projection
     (d, r)), or (None, None) for keys in the text space.
 
     Collaborative keys are the history factors of the towers' closed-form init (the rows a user's
     collaborative vector pools), so users who liked items that the same train users liked get close
     keys. A ridge map fitted on the items with factors carries a text embedding into that space: it
     gives the rows of items no train user liked, and keys to free texts."""
-    if config.anchor_keys == "text" or cf_factors is None:
+    if config.key_space == "text" or cf_factors is None:
         return None, None
     history = (cf_factors[0] if isinstance(cf_factors, tuple) else cf_factors).float()
     known = history.abs().sum(1) > 0
@@ -197,7 +197,7 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
 
     encoder = FunctionalEncoder(config.encoder, device=distributed.device_of(config.device))
     texts = catalog.texts()
-    item_text = catalog_embeddings(encoder, texts, progress)
+    item_text = catalog_embeddings(encoder, texts, progress).cpu()  # the build's numpy steps read it; moved with every tensor below
 
     train_with_pos = np.array([u for u in train_users if len(positives.get(int(u), ())) >= config.min_positives], dtype=np.int64)
     if len(train_with_pos) == 0:
@@ -347,17 +347,18 @@ def collaborative_init(dataset: Dataset, config: BankConfig, train_users: np.nda
             exponents=(config.cf_pool_exponent,) if config.cf_pool_exponent is not None else onboarding.EXPONENTS,
         )
         entries, record["time_prior"] = {}, {"weight": 0.0}
-        if config.time_prior_weight != 0.0 or config.anchor_bias_weight is None:
+        cases = time_prior.validation_cases(dataset, validation_users)
+        if cases and (config.time_prior_weight != 0.0 or config.anchor_bias_weight is None):
             matrix, bias = onboarding.refit(chosen, [positives[int(u)] for u in fit_users], fit_ease, n_items)
             base = OnboardingScores(matrix, bias, kept, chosen.exponent, n_items)
-            base.scale = float(np.mean([base(case.support).std() for case, _ in time_prior.validation_cases(dataset, validation_users)] or [1.0])) or 1.0
+            base.scale = float(np.mean([base(case.support).std() for case, _ in cases])) or 1.0
             h, weight = 365.0, 0.0
             if config.time_prior_weight != 0.0 and times is not None:
-                h, weight, grid = choose_time_prior(dataset, config, fit_users, validation_users, base)
+                h, weight, grid = choose_time_prior(dataset, config, fit_users, cases, base)
                 entries = time_prior_entries(dataset, config, train_users, h, weight)
                 record["time_prior"] = {"bandwidth_days": h, "weight": weight, "validation_ndcg": grid}
-            if config.anchor_bias_weight is None:
-                gamma, grid = choose_anchor_bias(dataset, config, fit_users, validation_users, base, h, weight, [positives[int(u)] for u in fit_users], item_text)
+            if config.anchor_bias_weight is None and item_text is not None:
+                gamma, grid = choose_anchor_bias(dataset, config, fit_users, cases, base, h, weight, [positives[int(u)] for u in fit_users], item_text)
                 record["anchor_bias"] = {"weight": gamma, "validation_ndcg": grid}
             del matrix, bias, base
         del fit_ease, ease
@@ -396,50 +397,40 @@ class OnboardingScores:
         scores[self.kept] = self.bias + (self.matrix[cols].sum(0) / len(cols) ** self.exponent if len(cols) else 0.0)
         return scores / self.scale
 
-    def history_factors(self, rank: int) -> np.ndarray:
+    def history_factors(self, rank: int) -> torch.Tensor:
         """(N, rank) history factors ``U Σ`` of the matrix (zero rows outside ``kept``), as
         :func:`pmeta.tasks.ranking.matrix_factors` gives the bank."""
-        from sklearn.utils.extmath import randomized_svd
-
-        rank = max(1, min(rank, len(self.kept)))
-        u, sigma, _ = randomized_svd(np.asarray(self.matrix, dtype=np.float32), n_components=rank, random_state=0)
-        rows = np.zeros((self.n_items, rank), dtype=np.float32)
-        rows[self.kept] = u * sigma
+        u, sigma, _ = ranking.svd(self.matrix, rank)
+        rows = torch.zeros(self.n_items, len(sigma))
+        rows[torch.from_numpy(np.asarray(self.kept, dtype=np.int64))] = torch.from_numpy(np.ascontiguousarray(u * sigma)).float()
         return rows
 
 
-def choose_time_prior(dataset: Dataset, config: BankConfig, fit_users, validation_users, base: OnboardingScores):
-    """(h, β, grid scores) of the time prior on EASE's validation split of the train users: the base
-    scores are the onboarding model fitted on ``fit_users``, the prior counts ``fit_users``' ratings."""
-    cases = time_prior.validation_cases(dataset, validation_users)
-    if not cases:
-        return 365.0, 0.0, {}
+def choose_time_prior(dataset: Dataset, config: BankConfig, fit_users, cases: list, base: OnboardingScores):
+    """(h, β, grid scores) of the time prior on EASE's validation split of the train users (``cases``,
+    :func:`pmeta.tasks.time_prior.validation_cases`): the base scores are the onboarding model
+    fitted on ``fit_users``, the prior counts ``fit_users``' ratings."""
     bandwidths = (config.time_prior_bandwidth,) if config.time_prior_bandwidth is not None else time_prior.BANDWIDTHS
     weights = (config.time_prior_weight,) if config.time_prior_weight is not None else time_prior.WEIGHTS
     return time_prior.choose(base, cases, time_prior.rating_events(dataset, fit_users), len(dataset.catalog), bandwidths, weights)
 
 
-def choose_anchor_bias(dataset: Dataset, config: BankConfig, fit_users, validation_users, base: OnboardingScores, h: float, beta: float, fit_positives: list[np.ndarray], item_text: torch.Tensor | None = None) -> tuple[float, dict]:
+def choose_anchor_bias(dataset: Dataset, config: BankConfig, fit_users, cases: list, base: OnboardingScores, h: float, beta: float, fit_positives: list[np.ndarray], item_text: torch.Tensor) -> tuple[float, dict]:
     """(γ, grid scores) of the anchors' item bias on EASE's validation split of the train users.
 
     The fit users are clustered as the build clusters the train users (``config.anchors`` spherical
-    k-means in the ``config.anchor_keys`` space, here built from the fit users' own matrix); a
-    validation user retrieves ``config.top_k`` anchors at the initial temperature. The base scores
+    k-means in the ``config.key_space`` space, here from the fit users' own matrix, through
+    :func:`anchor_keys`); a validation user (``cases``) retrieves ``config.top_k`` anchors at the
+    initial temperature. The base scores
     are the onboarding model plus the chosen time prior (h, β); ``pop99`` samples by the fit users'
     rating counts, as for the time prior."""
-    cases = time_prior.validation_cases(dataset, validation_users)
-    if not cases:
-        return 0.0, {}
     n_items = len(dataset.catalog)
-    if config.anchor_keys == "text" or config.cf_rank == 0:
-        if item_text is None:
-            return 0.0, {}
-        rows = item_text.float().cpu().numpy()
-    else:
-        rows = base.history_factors(config.cf_rank)
+    key_rows, _ = anchor_keys(item_text, None if config.key_space == "text" else base.history_factors(config.cf_rank), config)
+    rows = (item_text if key_rows is None else key_rows).float().numpy()
     fit_keys = _unit(np.stack([rows[items].mean(0) for items in fit_positives]))
     centroids, assignment = choose_anchors(fit_keys, config.anchors, config.seed)
     ratio = anchor_bias.log_ratio(fit_positives, assignment, len(centroids), n_items)
+    sizes = np.bincount(assignment, minlength=len(centroids)).astype(np.float64)
     events = time_prior.rating_events(dataset, fit_users)
     prior = time_prior.table(events[0], events[1], n_items, h) if beta > 0 else None
 
@@ -454,7 +445,7 @@ def choose_anchor_bias(dataset: Dataset, config: BankConfig, fit_users, validati
 
     weights = (config.anchor_bias_weight,) if config.anchor_bias_weight is not None else anchor_bias.WEIGHTS
     popularity = np.bincount(np.asarray(events[0], dtype=np.int64), minlength=n_items).astype(np.float64)
-    return anchor_bias.choose(scores, cases, key, centroids, ratio, config.top_k, config.temperature, popularity, weights)
+    return anchor_bias.choose(scores, cases, key, centroids, ratio, sizes, config.top_k, config.temperature, popularity, weights)
 
 
 def build_bank(dataset: Dataset, out: str | Path, config: BankConfig, db_url: str | None = None, progress: Progress | None = None) -> BuildResult:

@@ -13,6 +13,8 @@ Stages differ only in where the init comes from and what is trained:
 
 The ``anchors`` and ``stack`` stages add the anchors' item bias (:mod:`pmeta.fusion.anchor_bias`)
 to the scores, as serving does: the user's own anchor's, and the retrieved anchors' fused one.
+Stage 0 and the ``global`` stage fit the head without it (it is fixed, and those stages have no
+anchors), while their early-stopping checkpoint, which serves validation users, includes it.
 """
 
 from __future__ import annotations
@@ -119,9 +121,13 @@ def anchor_stage(model: PmetaModel, config, assignment: dict[int, int]) -> Stage
 def stack_stage(model: PmetaModel, config) -> Stage:
     t = model.t
 
+    retrieved: dict[int, tuple] = {}  # the episode build() last retrieved for, so offset() reuses its search
+
     def build(m: PmetaModel, episode: Episode):
         keys = m.user_keys(episode.support)
         sims, idx = m.retrieve(keys)
+        retrieved.clear()
+        retrieved[id(episode)] = (keys, sims, idx)
         weights = fusion_weights(sims, m.temperature())
         fixed = fuse(t.anchors, idx, weights, config.fusion, config.anchor_rank)
         return expand_users(t.stack_init, len(episode.users)), fixed, t.stack_step_sizes
@@ -129,9 +135,11 @@ def stack_stage(model: PmetaModel, config) -> Stage:
     def offset(m: PmetaModel, episode: Episode):  # the retrieved anchors' fused item bias, as in serving
         if t.anchor_bias is None:
             return None
-        keys = m.user_keys(episode.support)
-        sims, idx = m.retrieve(keys)
-        return m.anchor_offset(sims, idx, torch.from_numpy(np.linalg.norm(keys, axis=1) > 0).to(t.item_text.device))
+        cached = retrieved.get(id(episode))
+        if cached is None:
+            keys = m.user_keys(episode.support)
+            cached = (keys, *m.retrieve(keys))
+        return m.anchor_offset(*cached)
 
     groups = [{"params": list(t.stack_init.values()), "lr": config.outer_lr}, {"params": [t.log_temperature], "lr": config.outer_lr}]
     if _learns_step_sizes(config):

@@ -3,8 +3,8 @@
 This is the one place where a batch of users goes from histories to scores. The bank build
 meta-trains its tensors; serving (:class:`pmeta.bank.bank.Bank`) runs the very same methods:
 
-    histories ─► user keys ─► retrieve top-k anchors ─► fuse (exact) ─► adapt stacked adapter
-              ─► user tower ─► scores over the catalogue
+    histories ─► user keys ─► retrieve top-k anchors ─► fuse (exact) adapters and item biases
+              ─► adapt stacked adapter ─► user tower ─► scores over the catalogue
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Tensors:
     global_adapter: Adapter  # meta-learned prior (no user axis)
     global_step_sizes: dict[str, torch.Tensor]  # log step sizes of the global stage
     anchors: Adapter  # every anchor's adapter on a leading anchor axis (A_n, ...)
-    anchor_keys: torch.Tensor  # (A_n, d) unit keys
+    anchor_keys: torch.Tensor  # (A_n, r) unit keys (the centroids, in the key space of user_keys)
     anchor_sizes: torch.Tensor  # (A_n,) train users per anchor
     stack_init: Adapter  # init of the per-user stacked adapter
     stack_step_sizes: dict[str, torch.Tensor]
@@ -168,12 +168,17 @@ class PmetaModel:
         weights = fusion_weights(sims, self.temperature())
         return fuse(self.t.anchors, idx, weights, self.config.fusion, self.config.anchor_rank)
 
-    def anchor_offset(self, sims: torch.Tensor, idx: torch.Tensor, has_key: torch.Tensor) -> torch.Tensor | None:
-        """The users' fused anchor item bias (U, N) (:mod:`pmeta.fusion.anchor_bias`), or None for a
-        bank without one. Users without a key get every anchor weighted by its train users, as the
-        zero-history prior adapter does."""
+    def has_key(self, keys: np.ndarray) -> torch.Tensor:
+        """(U,) bool on the bank's device: users whose key is not zero (they have something to retrieve with)."""
+        return torch.from_numpy(np.linalg.norm(keys, axis=1) > 0).to(self.t.item_text.device)
+
+    def anchor_offset(self, keys: np.ndarray, sims: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
+        """The users' fused anchor item bias (U, N) (:mod:`pmeta.fusion.anchor_bias`) for their
+        ``keys`` and retrieved anchors, or None for a bank without one. Users without a key get every
+        anchor weighted by its train users, as the zero-history prior adapter does."""
         if self.t.anchor_bias is None:
             return None
+        has_key = self.has_key(keys)
         offset = anchor_bias.fused(self.t.anchor_bias, idx, fusion_weights(sims, self.temperature()))
         if not bool(has_key.all()):
             sizes = self.t.anchor_sizes / self.t.anchor_sizes.sum()
@@ -230,13 +235,13 @@ class PmetaModel:
         t_embed = time.perf_counter()
         sims, idx = self.retrieve(keys)
         t_retrieve = time.perf_counter()
-        has_key = torch.from_numpy(np.linalg.norm(keys, axis=1) > 0).to(self.t.item_text.device)
+        has_key = self.has_key(keys)
         with torch.no_grad():
             fused = self.fused_adapter(sims, idx)
             if not bool(has_key.all()):
                 prior = self.prior_adapter(len(users))
                 fused = _select_rows(has_key, fused, prior)
-            batch.prior = ranking.add_prior(batch.prior, self.anchor_offset(sims, idx, has_key))
+            batch.prior = ranking.add_prior(batch.prior, self.anchor_offset(keys, sims, idx))
         t_fuse = time.perf_counter()
         init = {k: v.detach().clone().requires_grad_(True) for k, v in expand_users(self.t.stack_init, len(users)).items()}
         targets, target_mask = (t.to(self.t.item_text.device) for t in self.targets_of(users, self.config.max_history_items))

@@ -10,8 +10,9 @@ over every train user, and ν = :data:`MIX` keeps the cluster's estimate near th
 it has few ratings. An item no train user liked gets 0. A user's offset is the weighted sum
 ``Σ_j w_j o_{a_j}`` over the retrieved anchors with the adapters' fusion weights: exact, like the
 adapters' fusion. The ranking score adds it beside the time prior (``batch.prior``), wherever anchors
-are retrieved (serving, the stack stage, validation), so the baselines that share the bank's head
-without its anchors (prompt-MAML, per-user LoRA) do not get it.
+are retrieved (serving, validation, and meta-training's stack stage; the anchor stage adds each
+user's own anchor's), so the baselines that share the bank's head without its anchors
+(prompt-MAML, per-user LoRA) do not get it.
 
 γ is chosen on validation users held out of the train users (:func:`choose`; γ = 0 switches it off)
 and stored multiplied into ``anchor_bias`` (A_n, N). Fixed at build time.
@@ -50,26 +51,36 @@ def fused(bias: torch.Tensor, indexes: torch.Tensor, weights: torch.Tensor) -> t
 
 def retrieval_weights(keys: np.ndarray, centroids: np.ndarray, top_k: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
     """(indexes, weights) (U, k) of an exact search of unit ``keys`` among unit ``centroids``, with the
-    adapters' fusion weights softmax(similarity / τ). Zero keys (nothing to search with) get every
-    anchor at weight 0: offset 0."""
+    adapters' fusion weights softmax(similarity / τ)."""
     sims = keys @ centroids.T
     k = min(top_k, centroids.shape[0])
     idx = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     top = np.take_along_axis(sims, idx, axis=1)
     weights = np.exp((top - top.max(1, keepdims=True)) / temperature)
-    weights /= weights.sum(1, keepdims=True)
-    weights[np.linalg.norm(keys, axis=1) == 0] = 0.0
-    return idx, weights
+    return idx, weights / weights.sum(1, keepdims=True)
 
 
-def choose(base_scores, cases: list, keys, centroids: np.ndarray, ratio: np.ndarray, top_k: int, temperature: float, popularity: np.ndarray, weights=WEIGHTS, ks: tuple[int, ...] = (1, 3, 5), modes: tuple[str, ...] | None = None, seed: int = 0) -> tuple[float, dict[str, dict[str, float]]]:
+def offsets(keys: np.ndarray, centroids: np.ndarray, ratio: np.ndarray, sizes: np.ndarray, top_k: int, temperature: float) -> np.ndarray:
+    """(U, N) float64: the fused ``ratio`` rows of the anchors retrieved by unit ``keys``, as serving
+    fuses them (:meth:`pmeta.bank.model.PmetaModel.anchor_offset`); a zero key gets every anchor
+    weighted by its users (``sizes``)."""
+    idx, weights = retrieval_weights(keys, centroids, top_k, temperature)
+    out = np.einsum("uk,ukn->un", weights, ratio[idx].astype(np.float64))
+    empty = np.linalg.norm(keys, axis=1) == 0
+    if empty.any():
+        out[empty] = (sizes / max(sizes.sum(), 1.0)) @ ratio.astype(np.float64)
+    return out
+
+
+def choose(base_scores, cases: list, keys, centroids: np.ndarray, ratio: np.ndarray, sizes: np.ndarray, top_k: int, temperature: float, popularity: np.ndarray, weights=WEIGHTS, ks: tuple[int, ...] = (1, 3, 5), modes: tuple[str, ...] | None = None, seed: int = 0) -> tuple[float, dict[str, dict[str, float]]]:
     """Choose γ on validation ``cases`` (:func:`pmeta.tasks.time_prior.validation_cases`) by nDCG@10
     averaged over ``ks`` and the protocol's candidate modes, as the time prior's (h, β) are chosen.
 
     ``base_scores(support, time) -> (N,)`` is the model without the offset; ``keys(support) -> (r,)``
-    a unit retrieval key; ``centroids`` (A_n, r) and ``ratio`` (A_n, N) (:func:`log_ratio`) come from
-    users other than the validation users. Ties go to the smaller γ. Returns (γ, every grid
-    point's nDCG@10 per mode and their mean)."""
+    a unit retrieval key; ``centroids`` (A_n, r), ``ratio`` (A_n, N) (:func:`log_ratio`) and
+    ``sizes`` (A_n,) (users per anchor) come from users other than the validation users. The
+    fusion temperature is the build's initial τ (the stack stage learns it afterwards). Ties go to
+    the smaller γ. Returns (γ, every grid point's nDCG@10 per mode and their mean)."""
     from ..eval.protocol import MODES, QUERY_START, mean_ndcg, validation_candidates
 
     modes = MODES if modes is None else modes
@@ -79,9 +90,8 @@ def choose(base_scores, cases: list, keys, centroids: np.ndarray, ratio: np.ndar
         k = min(k, QUERY_START)
         for case, times in cases:
             support = case.support[:k]
-            idx, w = retrieval_weights(keys(support)[None, :], centroids, top_k, temperature)
-            offset = (w[0, :, None] * ratio[idx[0]]).sum(0)
-            prepared.append((case.user, base_scores(support, float(times[k - 1])), offset.astype(np.float64), case.query))
+            offset = offsets(keys(support)[None, :], centroids, ratio, sizes, top_k, temperature)[0]
+            prepared.append((case.user, base_scores(support, float(times[k - 1])), offset, case.query))
     scores: dict[float, dict[str, float]] = {}
     for gamma in weights:
         scores[gamma] = mean_ndcg(((user, base + gamma * offset, query) for user, base, offset, query in prepared), candidates, modes)

@@ -67,7 +67,7 @@ class UserBatch:
     history_items: torch.Tensor  # (U, H) catalogue indexes of history items, padded with 0
     history_mask: torch.Tensor  # (U, H) 1 for real history items
     exclude: torch.Tensor  # (U, N) bool: items never recommended / removed from the normaliser
-    prior: torch.Tensor | None = None  # (U, N) the weighted time prior (pmeta.tasks.time_prior), or None
+    prior: torch.Tensor | None = None  # (U, N) additive item scores: the weighted time prior (pmeta.tasks.time_prior) plus, once anchors are retrieved, their item bias (pmeta.fusion.anchor_bias); or None
 
     @property
     def users(self) -> int:
@@ -94,7 +94,8 @@ def pool(rows: torch.Tensor, exponent: float = 1.0) -> torch.Tensor:
 
 def logits(head: HeadParams, item_text: torch.Tensor, users: tuple[torch.Tensor, torch.Tensor | None], prior: torch.Tensor | None = None) -> torch.Tensor:
     """Scores (U, N) of every catalogue item; ``item_text`` is (N, d); ``prior`` (U, N) is added
-    (the weighted time prior of :mod:`pmeta.tasks.time_prior`).
+    (the weighted time prior of :mod:`pmeta.tasks.time_prior`, plus the anchors' item bias of
+    :mod:`pmeta.fusion.anchor_bias` where anchors were retrieved).
 
     The text part is computed as ``(a W_itemᵀ) Tᵀ`` so the (N, d) item matrix is never formed.
     """
@@ -165,10 +166,9 @@ def matrix_factors(positives: list, n_items: int, rank: int, matrix, kept_items,
     ``positives`` (bias included) a standard deviation of 1 over items, and the bias over the whole
     catalogue already multiplied by that scale (None without ``bias``)."""
     import numpy as np
-    from sklearn.utils.extmath import randomized_svd
 
-    rank = max(1, min(rank, len(kept_items)))
-    u, sigma, vt = randomized_svd(np.asarray(matrix, dtype=np.float32), n_components=rank, random_state=0)
+    u, sigma, vt = svd(matrix, rank)
+    rank = len(sigma)
     history = torch.zeros(n_items, rank)
     item = torch.zeros(n_items, rank)
     kept = torch.from_numpy(np.asarray(kept_items, dtype=np.int64))
@@ -184,3 +184,13 @@ def matrix_factors(positives: list, n_items: int, rank: int, matrix, kept_items,
         folded = folded + full_bias
     scale = float(1.0 / folded.std().clamp_min(1e-9))
     return (history, item), scale, None if full_bias is None else full_bias * scale
+
+
+def svd(matrix, rank: int):
+    """(U, Σ, Vᵀ) at rank ``min(rank, columns)`` of an item-item matrix (randomized SVD, seed 0):
+    the factorisation behind the collaborative factors and the build's collaborative keys."""
+    import numpy as np
+    from sklearn.utils.extmath import randomized_svd
+
+    matrix = np.asarray(matrix, dtype=np.float32)
+    return randomized_svd(matrix, n_components=max(1, min(rank, matrix.shape[1])), random_state=0)
