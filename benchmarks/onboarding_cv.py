@@ -21,7 +21,7 @@ from sklearn.utils.extmath import randomized_svd
 from pmeta.bank import onboarding
 from pmeta.data import load_sample
 from pmeta.eval.baselines import EASEBaseline, positive_matrix
-from pmeta.eval.protocol import candidate_negatives, case_rng, item_rating_counts, make_cases, metrics_from_ranks, rank_positives, split_users
+from pmeta.eval.protocol import draw_candidates, item_rating_counts, make_cases, metrics_from_ranks, rank_positives, split_users
 
 MODES = ("uni99", "pop99", "full")
 KS = (1, 3, 5)
@@ -79,7 +79,7 @@ def main() -> None:
             f"onboarding, rank {args.rank}, γ=0.5": scorer(lambda rows: history[rows] @ item.T, 0.5),
         }
         cases = {k: make_cases(dataset, held_out, k) for k in KS}
-        candidates = {(c.user, m): candidate_negatives(c, m, case_rng(0, c, m), popularity) for c in cases[max(KS)] for m in MODES}
+        candidates = draw_candidates(cases[max(KS)], MODES, popularity)
         for name, score in models.items():
             for k in KS:
                 for case in cases[k]:

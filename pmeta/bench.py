@@ -222,8 +222,9 @@ def clustered_keys(n: int, queries: int, dim: int = 384, seed: int = 0, per_clus
 
     max(10, n / per_cluster) random unit centres; every key and query is
     normalise(centre + noise · g / √dim) for a random centre and standard normal g (cosine to its
-    centre ≈ 0.86). Real user keys (means of sentence embeddings) are more concentrated still;
-    uniformly random keys in 384 dimensions have no neighbourhood structure to index at all.
+    centre ≈ 0.86). Real user keys (unit means of 32-dimensional collaborative key rows by
+    default, or of 384-dimensional sentence embeddings with ``key_space = "text"``) are more
+    concentrated still; uniformly random keys have no neighbourhood structure to index at all.
     """
     g = torch.Generator().manual_seed(seed)
     centres = F.normalize(torch.randn(max(10, n // per_cluster), dim, generator=g), dim=1)

@@ -210,9 +210,9 @@ def metrics_from_ranks(ranks: np.ndarray, top_n: int = TOP_N) -> dict[str, float
 METRIC_NAMES = (f"hr@{TOP_N}", f"ndcg@{TOP_N}", "mrr")
 
 
-def validation_candidates(cases: Iterable[ColdStartCase], modes: Sequence[str], popularity: np.ndarray, seed: int = 0) -> dict[tuple[int, str], np.ndarray]:
-    """The negatives of each (case's user, mode), drawn as :func:`evaluate` draws them: for choosing
-    a setting on validation users with the protocol's own candidates."""
+def draw_candidates(cases: Iterable[ColdStartCase], modes: Sequence[str], popularity: np.ndarray, seed: int = 0) -> dict[tuple[int, str], np.ndarray]:
+    """The negatives of each (case's user, mode) (:func:`candidate_negatives` with :func:`case_rng`):
+    what :func:`evaluate` ranks against, and what the build's validation grids rank against."""
     return {(case.user, mode): candidate_negatives(case, mode, case_rng(seed, case, mode), popularity) for case in cases for mode in modes}
 
 
@@ -265,11 +265,7 @@ def evaluate(
     popularity = item_rating_counts(dataset)
     # Candidates do not depend on K: draw them once per (user, mode) for all support sizes.
     base_cases = make_cases(dataset, test_users, max(ks)) if ks else []
-    candidates = {
-        (case.user, mode): candidate_negatives(case, mode, case_rng(seed, case, mode), popularity)
-        for case in base_cases
-        for mode in modes
-    }
+    candidates = draw_candidates(base_cases, modes, popularity, seed)
     total, done = len(ks) * len(base_cases), 0
     rows = []
     for k in ks:

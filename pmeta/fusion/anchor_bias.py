@@ -81,10 +81,10 @@ def choose(base_scores, cases: list, keys, centroids: np.ndarray, ratio: np.ndar
     ``sizes`` (A_n,) (users per anchor) come from users other than the validation users. The
     fusion temperature is the build's initial τ (the stack stage learns it afterwards). Ties go to
     the smaller γ. Returns (γ, every grid point's nDCG@10 per mode and their mean)."""
-    from ..eval.protocol import MODES, QUERY_START, mean_ndcg, validation_candidates
+    from ..eval.protocol import MODES, QUERY_START, mean_ndcg, draw_candidates
 
     modes = MODES if modes is None else modes
-    candidates = validation_candidates([case for case, _ in cases], modes, popularity, seed)
+    candidates = draw_candidates([case for case, _ in cases], modes, popularity, seed)
     prepared = []
     for k in ks:
         k = min(k, QUERY_START)

@@ -121,10 +121,10 @@ def choose(base_scores, cases: list, events: tuple[np.ndarray, np.ndarray], n_it
     are mostly obscure items, ``pop99``'s popular ones), so choosing on one of them picks a point
     of that trade-off blindly. Ties go to the smaller β. Returns (h in days, β, every grid point's
     nDCG@10 per mode and their mean)."""
-    from ..eval.protocol import QUERY_START, mean_ndcg, validation_candidates
+    from ..eval.protocol import QUERY_START, mean_ndcg, draw_candidates
 
     popularity = np.bincount(np.asarray(events[0], dtype=np.int64), minlength=n_items).astype(np.float64)
-    candidates = validation_candidates([case for case, _ in cases], modes, popularity, seed)
+    candidates = draw_candidates([case for case, _ in cases], modes, popularity, seed)
     prepared = []
     for k in ks:
         k = min(k, QUERY_START)
