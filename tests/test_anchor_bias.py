@@ -24,22 +24,17 @@ def test_log_ratio_favours_what_the_anchors_users_liked():
     np.testing.assert_array_equal(duplicated, ratio)  # a user's repeated item counts once
 
 
-def test_fused_is_the_weighted_sum_and_retrieval_matches_the_fusion_weights():
+def test_fused_is_the_weighted_sum_and_a_user_without_a_key_gets_every_anchor_by_its_users():
     bias = torch.randn(5, 7)
-    idx = torch.tensor([[0, 3], [4, 4]])
-    weights = torch.tensor([[0.25, 0.75], [0.5, 0.5]])
-    out = anchor_bias.fused(bias, idx, weights)
+    idx = torch.tensor([[0, 3], [4, 4], [1, 2]])
+    weights = torch.tensor([[0.25, 0.75], [0.5, 0.5], [0.9, 0.1]])
+    sizes = torch.tensor([1.0, 3.0, 0.0, 0.0, 0.0])
+    out = anchor_bias.fused(bias, idx, weights, torch.tensor([True, True, False]), sizes)
     torch.testing.assert_close(out[0], 0.25 * bias[0] + 0.75 * bias[3])
     torch.testing.assert_close(out[1], bias[4])
-    centroids = np.eye(3, dtype=np.float32)
-    keys = np.array([[0.8, 0.6, 0.0], [0.0, 0.0, 0.0]], dtype=np.float32)
-    top, w = anchor_bias.retrieval_weights(keys, centroids, top_k=2, temperature=0.1)
-    assert top[0].tolist() == [0, 1]
-    np.testing.assert_allclose(w[0], torch.softmax(torch.tensor([0.8, 0.6]) / 0.1, 0).numpy(), rtol=1e-6)
-    ratio, sizes = np.random.default_rng(0).normal(size=(3, 7)), np.array([1.0, 3.0, 0.0])
-    out = anchor_bias.offsets(keys, centroids, ratio, sizes, top_k=2, temperature=0.1)
-    np.testing.assert_allclose(out[0], w[0] @ ratio[[0, 1]])
-    np.testing.assert_allclose(out[1], 0.25 * ratio[0] + 0.75 * ratio[1])  # a zero key: every anchor by its users, as serving
+    torch.testing.assert_close(out[2], 0.25 * bias[0] + 0.75 * bias[1])  # no key: every anchor by its users, whatever was retrieved
+    everyone = anchor_bias.fused(bias, idx, weights, torch.tensor([True, True, True]), sizes)
+    torch.testing.assert_close(everyone[:2], out[:2])
 
 
 def _groups(users: int, seed: int = 0):
@@ -183,12 +178,11 @@ def test_meta_training_stages_score_through_the_anchor_bias(with_anchor_bias, op
     episode = sampler.sample(4)
     assignment = {u: n % int(model.t.anchor_keys.shape[0]) for n, u in enumerate(episode.users)}
     own = anchor_stage(model, config, assignment)
-    rows = own.offset(model, episode)
+    rows = own.build(model, episode)[3]
     torch.testing.assert_close(rows, model.t.anchor_bias[[assignment[u] for u in episode.users]])
     stack = stack_stage(model, config)
-    stack.build(model, episode)
     keys = model.user_keys(episode.support)
-    torch.testing.assert_close(stack.offset(model, episode), model.anchor_offset(keys, *model.retrieve(keys)))
+    torch.testing.assert_close(stack.build(model, episode)[3], model.anchor_offset(keys, *model.retrieve(keys)))
     strategy = get_strategy("fomaml")
     with_bias = float(outer_step(model, stack, strategy, episode, 0))
     plain = float(outer_step(opened_bank.model, stack_stage(opened_bank.model, config), strategy, episode, 0))

@@ -39,10 +39,10 @@ from .model import PmetaModel
 @dataclass
 class Stage:
     name: str
-    build: Callable[[PmetaModel, Episode], tuple[Adapter, Adapter | None, dict[str, torch.Tensor]]]
+    # (init, fixed adapter or None, step sizes, the anchors' item bias (U, N) added to the scores or None)
+    build: Callable[[PmetaModel, Episode], tuple[Adapter, Adapter | None, dict[str, torch.Tensor], torch.Tensor | None]]
     param_groups: list[dict]
     pool: np.ndarray | None = None  # users to sample from (None: every train user)
-    offset: Callable[[PmetaModel, Episode], torch.Tensor | None] | None = None  # the anchors' item bias (U, N) added to the scores
 
 
 def head_groups(model: PmetaModel, config) -> list[dict]:
@@ -62,7 +62,7 @@ def global_stage(model: PmetaModel, config) -> Stage:
     t = model.t
 
     def build(m: PmetaModel, episode: Episode):
-        return expand_users(t.global_adapter, len(episode.users)), None, t.global_step_sizes
+        return expand_users(t.global_adapter, len(episode.users)), None, t.global_step_sizes, None
 
     groups = [{"params": list(t.global_adapter.values()), "lr": config.outer_lr}, *head_groups(model, config)]
     if _learns_step_sizes(config):
@@ -107,44 +107,28 @@ def anchor_stage(model: PmetaModel, config, assignment: dict[int, int]) -> Stage
 
     def build(m: PmetaModel, episode: Episode):
         idx = torch.tensor([assignment[u] for u in episode.users], dtype=torch.long, device=t.item_text.device)
-        return {k: v[idx] for k, v in t.anchors.items()}, None, t.global_step_sizes
-
-    def offset(m: PmetaModel, episode: Episode):  # each user's own anchor's item bias
-        if t.anchor_bias is None:
-            return None
-        return t.anchor_bias[torch.tensor([assignment[u] for u in episode.users], dtype=torch.long, device=t.item_text.device)]
+        offset = None if t.anchor_bias is None else t.anchor_bias[idx]  # each user's own anchor's item bias
+        return {k: v[idx] for k, v in t.anchors.items()}, None, t.global_step_sizes, offset
 
     pool = np.array(sorted(assignment), dtype=np.int64)
-    return Stage("anchors", build, [{"params": list(t.anchors.values()), "lr": config.outer_lr}], pool, offset)
+    return Stage("anchors", build, [{"params": list(t.anchors.values()), "lr": config.outer_lr}], pool)
 
 
 def stack_stage(model: PmetaModel, config) -> Stage:
     t = model.t
 
-    retrieved: dict[int, tuple] = {}  # the episode build() last retrieved for, so offset() reuses its search
-
     def build(m: PmetaModel, episode: Episode):
         keys = m.user_keys(episode.support)
         sims, idx = m.retrieve(keys)
-        retrieved.clear()
-        retrieved[id(episode)] = (keys, sims, idx)
         weights = fusion_weights(sims, m.temperature())
         fixed = fuse(t.anchors, idx, weights, config.fusion, config.anchor_rank)
-        return expand_users(t.stack_init, len(episode.users)), fixed, t.stack_step_sizes
-
-    def offset(m: PmetaModel, episode: Episode):  # the retrieved anchors' fused item bias, as in serving
-        if t.anchor_bias is None:
-            return None
-        cached = retrieved.get(id(episode))
-        if cached is None:
-            keys = m.user_keys(episode.support)
-            cached = (keys, *m.retrieve(keys))
-        return m.anchor_offset(*cached)
+        # the retrieved anchors' fused item bias, as in serving
+        return expand_users(t.stack_init, len(episode.users)), fixed, t.stack_step_sizes, m.anchor_offset(keys, sims, idx)
 
     groups = [{"params": list(t.stack_init.values()), "lr": config.outer_lr}, {"params": [t.log_temperature], "lr": config.outer_lr}]
     if _learns_step_sizes(config):
         groups.append({"params": list(t.stack_step_sizes.values()), "lr": config.outer_lr})
-    return Stage("stack", build, groups, offset=offset)
+    return Stage("stack", build, groups)
 
 
 def _learns_step_sizes(config) -> bool:
@@ -155,9 +139,8 @@ def outer_step(model: PmetaModel, stage: Stage, strategy: Strategy, episode: Epi
     """The outer loss of one episode (mean over its users), ready for ``backward``."""
     device = model.t.item_text.device
     batch = model.user_batch(episode.support)
-    init, fixed, step_sizes = stage.build(model, episode)
-    if stage.offset is not None:
-        batch.prior = ranking.add_prior(batch.prior, stage.offset(model, episode))
+    init, fixed, step_sizes, offset = stage.build(model, episode)
+    batch.prior = ranking.add_prior(batch.prior, offset)
     if strategy.inner_on_query:
         targets, mask = episode.support_and_query
     else:

@@ -178,12 +178,7 @@ class PmetaModel:
         anchor weighted by its train users, as the zero-history prior adapter does."""
         if self.t.anchor_bias is None:
             return None
-        has_key = self.has_key(keys)
-        offset = anchor_bias.fused(self.t.anchor_bias, idx, fusion_weights(sims, self.temperature()))
-        if not bool(has_key.all()):
-            sizes = self.t.anchor_sizes / self.t.anchor_sizes.sum()
-            offset = torch.where(has_key[:, None], offset, (sizes.to(offset.dtype) @ self.t.anchor_bias)[None, :])
-        return offset
+        return anchor_bias.fused(self.t.anchor_bias, idx, fusion_weights(sims, self.temperature()), self.has_key(keys), self.t.anchor_sizes)
 
     def prior_adapter(self, users: int) -> Adapter:
         """The zero-history prior: every anchor fused with weights proportional to its train users."""

@@ -74,7 +74,7 @@ class PromptMAML:
 
         def build(m, episode):
             count = len(episode.users)
-            return {"prompt": self.prompt.unsqueeze(0).expand(count, *self.prompt.shape)}, None, step_sizes
+            return {"prompt": self.prompt.unsqueeze(0).expand(count, *self.prompt.shape)}, None, step_sizes, None
 
         stage = Stage("prompt-maml", build, [{"params": [params["prompt"], self.log_step_size], "lr": self.lr}])
         inner = model.config.inner_steps

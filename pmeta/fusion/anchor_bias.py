@@ -44,31 +44,14 @@ def log_ratio(positives: list[np.ndarray], assignment: np.ndarray, anchors: int,
     return out.astype(np.float32)
 
 
-def fused(bias: torch.Tensor, indexes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The users' offsets (U, N) = Σ_j w_j bias[indexes[:, j]] (indexes, weights: (U, k))."""
-    return torch.einsum("uk,ukn->un", weights.to(bias.dtype), bias[indexes])
-
-
-def retrieval_weights(keys: np.ndarray, centroids: np.ndarray, top_k: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """(indexes, weights) (U, k) of an exact search of unit ``keys`` among unit ``centroids``, with the
-    adapters' fusion weights softmax(similarity / τ)."""
-    sims = keys @ centroids.T
-    k = min(top_k, centroids.shape[0])
-    idx = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    top = np.take_along_axis(sims, idx, axis=1)
-    weights = np.exp((top - top.max(1, keepdims=True)) / temperature)
-    return idx, weights / weights.sum(1, keepdims=True)
-
-
-def offsets(keys: np.ndarray, centroids: np.ndarray, ratio: np.ndarray, sizes: np.ndarray, top_k: int, temperature: float) -> np.ndarray:
-    """(U, N) float64: the fused ``ratio`` rows of the anchors retrieved by unit ``keys``, as serving
-    fuses them (:meth:`pmeta.bank.model.PmetaModel.anchor_offset`); a zero key gets every anchor
-    weighted by its users (``sizes``)."""
-    idx, weights = retrieval_weights(keys, centroids, top_k, temperature)
-    out = np.einsum("uk,ukn->un", weights, ratio[idx].astype(np.float64))
-    empty = np.linalg.norm(keys, axis=1) == 0
-    if empty.any():
-        out[empty] = (sizes / max(sizes.sum(), 1.0)) @ ratio.astype(np.float64)
+def fused(bias: torch.Tensor, indexes: torch.Tensor, weights: torch.Tensor, has_key: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """The users' offsets (U, N) = Σ_j w_j bias[indexes[:, j]] (indexes, weights: (U, k)); a user
+    without a key (``has_key`` False) gets every anchor weighted by its train users (``sizes``), as
+    the zero-history prior adapter does."""
+    out = torch.einsum("uk,ukn->un", weights.to(bias.dtype), bias[indexes])
+    if not bool(has_key.all()):
+        everyone = (sizes / sizes.sum()).to(bias.dtype) @ bias
+        out = torch.where(has_key[:, None], out, everyone[None, :])
     return out
 
 
@@ -78,20 +61,29 @@ def choose(base_scores, cases: list, keys, centroids: np.ndarray, ratio: np.ndar
 
     ``base_scores(support, time) -> (N,)`` is the model without the offset; ``keys(support) -> (r,)``
     a unit retrieval key; ``centroids`` (A_n, r), ``ratio`` (A_n, N) (:func:`log_ratio`) and
-    ``sizes`` (A_n,) (users per anchor) come from users other than the validation users. The
-    fusion temperature is the build's initial τ (the stack stage learns it afterwards). Ties go to
-    the smaller γ. Returns (γ, every grid point's nDCG@10 per mode and their mean)."""
-    from ..eval.protocol import MODES, QUERY_START, mean_ndcg, draw_candidates
+    ``sizes`` (A_n,) (users per anchor) come from users other than the validation users. Anchors
+    are retrieved and fused as serving does (an exact :class:`~pmeta.fusion.index.AnchorIndex`,
+    :func:`~pmeta.fusion.fuse.fusion_weights`, :func:`fused`), at the build's initial τ (the stack
+    stage learns it afterwards). Ties go to the smaller γ. Returns (γ, every grid point's nDCG@10
+    per mode and their mean)."""
+    from ..eval.protocol import MODES, draw_candidates, mean_ndcg
+    from ..tasks.time_prior import supports
+    from .fuse import fusion_weights
+    from .index import AnchorIndex
 
     modes = MODES if modes is None else modes
     candidates = draw_candidates([case for case, _ in cases], modes, popularity, seed)
-    prepared = []
-    for k in ks:
-        k = min(k, QUERY_START)
-        for case, times in cases:
-            support = case.support[:k]
-            offset = offsets(keys(support)[None, :], centroids, ratio, sizes, top_k, temperature)[0]
-            prepared.append((case.user, base_scores(support, float(times[k - 1])), offset, case.query))
+    rows = list(supports(cases, ks))
+    queries = np.stack([keys(support) for _, support, _, _ in rows]).astype(np.float32)
+    sims, idx = AnchorIndex.build(np.asarray(centroids, dtype=np.float32), kind="flat").search(queries, top_k)
+    offsets = fused(
+        torch.from_numpy(np.asarray(ratio, dtype=np.float64)),
+        torch.from_numpy(idx).long(),
+        fusion_weights(torch.from_numpy(sims).double(), temperature),
+        torch.from_numpy(np.linalg.norm(queries, axis=1) > 0),
+        torch.from_numpy(np.asarray(sizes, dtype=np.float64)),
+    ).numpy()
+    prepared = [(user, base_scores(support, t), offset, query) for (user, support, t, query), offset in zip(rows, offsets)]
     scores: dict[float, dict[str, float]] = {}
     for gamma in weights:
         scores[gamma] = mean_ndcg(((user, base + gamma * offset, query) for user, base, offset, query in prepared), candidates, modes)

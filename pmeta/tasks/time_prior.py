@@ -110,6 +110,18 @@ def validation_cases(dataset, users) -> list:
     return [(case, times[case.user]) for case in make_cases(dataset, users, 5)]
 
 
+def supports(cases: list, ks: tuple[int, ...] = (1, 3, 5)):
+    """(user, support = the first K positives, t = the K-th positive's time, query) for each K of
+    ``ks`` (at most 5) and each of ``cases`` (:func:`validation_cases`): the rows the build's
+    validation grids score."""
+    from ..eval.protocol import QUERY_START
+
+    for k in ks:
+        k = min(k, QUERY_START)
+        for case, times in cases:
+            yield case.user, case.support[:k], float(times[k - 1]), case.query
+
+
 def choose(base_scores, cases: list, events: tuple[np.ndarray, np.ndarray], n_items: int, bandwidths=BANDWIDTHS, weights=WEIGHTS, ks: tuple[int, ...] = (1, 3, 5), modes: tuple[str, ...] = MODES, seed: int = 0) -> tuple[float, float, dict[str, dict[str, float]]]:
     """Choose (h, β) on validation ``cases`` (:func:`validation_cases`) by nDCG@10 averaged over
     ``ks`` and the protocol's candidate ``modes``.
@@ -121,15 +133,11 @@ def choose(base_scores, cases: list, events: tuple[np.ndarray, np.ndarray], n_it
     are mostly obscure items, ``pop99``'s popular ones), so choosing on one of them picks a point
     of that trade-off blindly. Ties go to the smaller β. Returns (h in days, β, every grid point's
     nDCG@10 per mode and their mean)."""
-    from ..eval.protocol import QUERY_START, mean_ndcg, draw_candidates
+    from ..eval.protocol import draw_candidates, mean_ndcg
 
     popularity = np.bincount(np.asarray(events[0], dtype=np.int64), minlength=n_items).astype(np.float64)
     candidates = draw_candidates([case for case, _ in cases], modes, popularity, seed)
-    prepared = []
-    for k in ks:
-        k = min(k, QUERY_START)
-        for case, times in cases:
-            prepared.append((case.user, base_scores(case.support[:k]), float(times[k - 1]), case.query))
+    prepared = [(user, base_scores(support), t, query) for user, support, t, query in supports(cases, ks)]
     scores: dict[tuple[float, float], dict[str, float]] = {}
     for h in bandwidths:
         grid, log_prior = table(events[0], events[1], n_items, h)
