@@ -38,7 +38,7 @@ def reduced(opened_bank, sample, tmp_path_factory):
 
 def test_report_schema_and_ranges(reduced):
     report, out = reduced
-    assert list(report) == ["protocol", "dataset", "seed", "config", "results"]
+    assert list(report) == ["protocol", "dataset", "seed", "config", "results", "comparisons"]
     assert report["protocol"] == "coldstart-v1" and report["seed"] == 0
     assert report["dataset"]["name"] == "ml-latest-small"
     rows = report["results"]
@@ -60,11 +60,40 @@ def test_report_schema_and_ranges(reduced):
     assert table[("popularity", 1, "pop99")]["hr@10"] == table[("popularity", 3, "pop99")]["hr@10"]
 
 
+def test_pmeta_methods_are_compared_with_their_rivals_by_paired_bootstrap(reduced):
+    report, out = reduced
+    comparisons = report["comparisons"]
+    cells = [(k, mode) for k in (1, 3) for mode in ("pop99", "full")]
+    means = {(r["method"], r["k"], r["mode"]): r for r in report["results"]}
+    for method in ("pmeta", "pmeta-reptile", "pmeta-no-steps"):
+        for metric in ("hr@10", "ndcg@10"):
+            mine = [c for c in comparisons if c["method"] == method and c["metric"] == metric]
+            assert [(c["k"], c["mode"]) for c in mine if c["versus"] == "prompt-maml"] == cells
+            assert [(c["k"], c["mode"]) for c in mine if c["versus"] == "per-user-lora"] == cells
+            best = [c for c in mine if c["versus"] in ("popularity", "itemknn", "ease")]
+            assert [(c["k"], c["mode"]) for c in best] == cells and len(mine) == 3 * len(cells)
+            for c in best:  # the classical baseline with the highest mean in that cell
+                assert means[(c["versus"], c["k"], c["mode"])][metric] == max(means[(b, c["k"], c["mode"])][metric] for b in ("popularity", "itemknn", "ease"))
+    for c in comparisons:
+        assert set(c) == {"method", "versus", "k", "mode", "metric", "difference", "ci95", "p_better"}
+        lo, hi = c["ci95"]
+        assert np.isfinite([lo, hi, c["difference"], c["p_better"]]).all() and lo <= c["difference"] <= hi and 0 <= c["p_better"] <= 1
+        # the difference of means is the difference of the rows' means (paired over the same users)
+        assert c["difference"] == pytest.approx(means[(c["method"], c["k"], c["mode"])][c["metric"]] - means[(c["versus"], c["k"], c["mode"])][c["metric"]])
+    stored = json.loads((out / "report.json").read_text())
+    assert stored["comparisons"] == comparisons and '"user"' not in (out / "report.json").read_text()
+    md = (out / "report.md").read_text()
+    assert "## Paired differences (95% bootstrap CI over users)" in md and "### pmeta: HR@10" in md and "### pmeta-reptile: nDCG@10" in md
+    assert "| prompt-maml | pop99 |" in md and "| best classical | full |" in md
+
+
 def test_same_seed_and_config_give_identical_metrics(reduced, opened_bank, sample):
     methods = ["random", "prompt-maml", "per-user-lora", "pmeta"]
     again = run_movielens(sample, opened_bank, methods, (1, 3), ("pop99", "full"), max_users=USERS, reptile_bank=opened_bank, options=FAST)
     metrics = lambda rows: [{k: v for k, v in r.items() if not k.startswith("adapt_ms")} for r in rows if r["method"] in methods]  # noqa: E731
     assert metrics(again["results"]) == metrics(reduced[0]["results"])
+    pmeta_vs_maml = lambda report: [c for c in report["comparisons"] if (c["method"], c["versus"]) == ("pmeta", "prompt-maml")]  # noqa: E731
+    assert pmeta_vs_maml(again) == pmeta_vs_maml(reduced[0]) != []
 
 
 def test_per_user_lora_is_a_stored_rank8_adapter(opened_bank):

@@ -447,3 +447,24 @@ def test_ease_with_fixed_lambda_lands_near_the_reference(ml_small, ml_small_spli
     # (nDCG@10 0.399 vs 0.416); every other EASE cell is within 0.02.
     assert_close_to_reference(table, [("ease", 5, "uni99"), ("ease", 1, "pop99"), ("ease", 5, "pop99"), ("ease", 5, "full")])
     assert table[("ease", 1, "uni99")]["hr@10"] == pytest.approx(REFERENCE[("ease", 1, "uni99")][0], abs=0.05)
+
+
+def test_evaluate_fills_each_users_metrics_in_case_order():
+    dataset = random_dataset(n_users=30, n_items=200, seed=2)
+    users = split_users(dataset)[1]
+    scorer = FixedScorer(np.arange(200.0))
+    cells = {}
+    rows = evaluate(scorer, dataset, users, ks=(1, 3), modes=("uni99", "full"), seed=1, per_user=cells)
+    without_latency = lambda rows: [{k: v for k, v in r.items() if not k.startswith("adapt_ms")} for r in rows]  # noqa: E731
+    assert without_latency(rows) == without_latency(evaluate(scorer, dataset, users, ks=(1, 3), modes=("uni99", "full"), seed=1))
+    assert list(cells) == [(1, "uni99"), (1, "full"), (3, "uni99"), (3, "full")]
+    order = [case.user for case in make_cases(dataset, users, 3)]
+    for row in rows:
+        cell = cells[(row["k"], row["mode"])]
+        assert cell["user"].tolist() == order and len(order) == row["users"] > 1
+        for metric in ("hr@10", "ndcg@10", "mrr"):
+            assert cell[metric].shape == (len(order),) and row[metric] == pytest.approx(cell[metric].mean())
+    # One user's array entry is that user's own mean over queries, whatever the other users.
+    single = {}
+    evaluate(scorer, dataset, [order[1]], ks=(3,), modes=("full",), seed=1, per_user=single)
+    assert single[(3, "full")]["mrr"].tolist() == [cells[(3, "full")]["mrr"][1]]

@@ -15,6 +15,7 @@ from pmeta.eval.protocol import (
     PROTOCOL_NAME,
     SUPPORT_SIZES,
     ColdStartCase,
+    PerUser,
     Scorer,
     candidate_negatives,
     case_rng,
@@ -25,6 +26,7 @@ from pmeta.eval.protocol import (
     rank_positives,
     split_users,
 )
+from pmeta.eval.significance import compare_methods, paired_bootstrap
 
 __all__ = [
     "BASELINES",
@@ -35,15 +37,18 @@ __all__ = [
     "ColdStartCase",
     "EASEBaseline",
     "ItemKNNBaseline",
+    "PerUser",
     "PopularityBaseline",
     "RandomBaseline",
     "Scorer",
     "candidate_negatives",
     "case_rng",
+    "compare_methods",
     "evaluate",
     "item_rating_counts",
     "make_cases",
     "metrics_from_ranks",
+    "paired_bootstrap",
     "positive_matrix",
     "rank_positives",
     "register",

@@ -10,7 +10,8 @@ Steps, for a dataset and a seed:
    ``uni99`` (99 uniform never-rated items), ``pop99`` (99 never-rated items drawn in proportion to
    their number of ratings in the whole file) or ``full`` (every never-rated item).
 4. :func:`rank_positives` and :func:`metrics_from_ranks` — pessimistic ranks, HR@10, nDCG@10, MRR.
-5. :func:`evaluate` — the whole table for one scorer, plus its adaptation latency.
+5. :func:`evaluate` — the whole table for one scorer, plus its adaptation latency (and, on request,
+   each user's metrics, for paired comparisons).
 
 Candidate draws depend only on ``(seed, user id, mode)``, never on the scorer, on K or on the order in
 which users are visited, so every method is ranked against exactly the same negatives.
@@ -237,6 +238,11 @@ def _checked_scores(scores: np.ndarray, n_items: int, name: str) -> np.ndarray:
     return scores
 
 
+#: Each user's metrics in every ``(k, mode)`` cell: ``"user"`` (the dense user indexes, in the order of
+#: :func:`make_cases`) and one array per metric of :data:`METRIC_NAMES`, aligned with it.
+PerUser = dict[tuple[int, str], dict[str, np.ndarray]]
+
+
 def evaluate(
     scorer: Scorer,
     dataset: Dataset,
@@ -245,6 +251,7 @@ def evaluate(
     modes: Sequence[str] = MODES,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    per_user: PerUser | None = None,
 ) -> list[dict]:
     """Evaluate one scorer under coldstart-v1; one row per ``(k, mode)``, in the order of ``ks`` x ``modes``.
 
@@ -254,6 +261,11 @@ def evaluate(
     (the same for every mode of one K). A scorer with ``uses_time = True`` is called as
     ``score(support, k, time=...)`` with the timestamp of the latest support interaction. The scorer is called once per (user, K); its score vector
     serves every mode and every query. ``progress(done, total)`` is called after each of those calls.
+
+    A ``per_user`` dict receives, per ``(k, mode)``, each user's metrics behind the row's means
+    (:data:`PerUser`). The users are the cases of :func:`make_cases` in the order of ``test_users``, so
+    two scorers evaluated on the same dataset and users give arrays aligned user by user (paired
+    comparisons, :mod:`pmeta.eval.significance`).
     """
     for mode in modes:
         if mode not in _MODE_STREAM:
@@ -267,27 +279,29 @@ def evaluate(
     base_cases = make_cases(dataset, test_users, max(ks)) if ks else []
     candidates = draw_candidates(base_cases, modes, popularity, seed)
     total, done = len(ks) * len(base_cases), 0
-    rows = []
+    rows, cells = [], ({} if per_user is None else per_user)
     for k in ks:
         latencies_ms = []
-        per_user = {mode: [] for mode in modes}
-        for case in make_cases(dataset, test_users, k):
+        case_metrics = {mode: [] for mode in modes}
+        cases = make_cases(dataset, test_users, k)
+        for case in cases:
             started = time.perf_counter()
             raw_scores = scorer.score(case.support, k, time=case.support_time) if getattr(scorer, "uses_time", False) else scorer.score(case.support, k)
             latencies_ms.append((time.perf_counter() - started) * 1000.0)
             scores = _checked_scores(raw_scores, n_items, scorer.name)
             for mode in modes:
                 ranks = rank_positives(scores, case.query, candidates[(case.user, mode)])
-                per_user[mode].append(metrics_from_ranks(ranks))
+                case_metrics[mode].append(metrics_from_ranks(ranks))
             done += 1
             if progress is not None:
                 progress(done, total)
         p50, p95 = (np.percentile(latencies_ms, [50, 95]) if latencies_ms else (float("nan"), float("nan")))
+        users = np.array([case.user for case in cases], dtype=np.int64)
         for mode in modes:
-            user_metrics = per_user[mode]
+            cell = {"user": users, **{metric: np.array([m[metric] for m in case_metrics[mode]], dtype=np.float64) for metric in METRIC_NAMES}}
+            cells[(int(k), mode)] = cell
             row = {"method": scorer.name, "k": int(k), "mode": mode}
-            for metric in METRIC_NAMES:
-                row[metric] = float(np.mean([m[metric] for m in user_metrics])) if user_metrics else float("nan")
-            row.update({"users": len(user_metrics), "adapt_ms_p50": float(p50), "adapt_ms_p95": float(p95)})
+            row.update({metric: float(np.mean(cell[metric])) if len(users) else float("nan") for metric in METRIC_NAMES})
+            row.update({"users": len(users), "adapt_ms_p50": float(p50), "adapt_ms_p95": float(p95)})
             rows.append(row)
     return rows

@@ -6,7 +6,8 @@ methods score through a PmetaModel for the evaluated catalogue: the bank's own i
 bank transferred by item text (:mod:`pmeta.eval.transfer`) when the dataset is another catalogue.
 
 Outputs (:func:`write_report`): ``report.json`` (``protocol``, ``dataset``, ``seed``, ``config``,
-``results``), ``report.md`` (one table per mode, method x K) and PNG plots (:mod:`pmeta.eval.plots`).
+``results``, ``comparisons``: paired bootstrap CIs of pmeta against its rivals, :mod:`pmeta.eval.significance`),
+``report.md`` (one table per mode, method x K, then the paired differences) and PNG plots (:mod:`pmeta.eval.plots`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..progress import Progress
 from . import neural, oppu, prompt_maml  # noqa: F401  (register the bank-based methods)
 from .baselines import BASELINES, EvalContext
 from .protocol import MIN_POSITIVES, PROTOCOL_NAME, evaluate, split_users
+from .significance import BOOTSTRAP_RESAMPLES, compare_methods, markdown_lines
 from .transfer import transfer_model
 
 #: Every method of a full report, in table order.
@@ -70,11 +72,13 @@ def run_movielens(
     progress: Progress | None = None,
     reptile_bank: Bank | None = None,
     options: dict[str, dict] | None = None,
+    resamples: int = BOOTSTRAP_RESAMPLES,
 ) -> dict:
     """Evaluate every method on the test users of ``dataset`` (seed ``seed``); returns the report dict.
 
     ``options`` maps a method name to keyword arguments of its class (e.g.
     ``{"per-user-lora": {"steps": 10}}``). ``max_users`` keeps the first N test users (quick runs).
+    ``resamples`` is the number of user resamples of each paired bootstrap (seeded with ``seed``).
     """
     progress = progress or Progress(False)
     unknown = [m for m in methods if m not in BASELINES]
@@ -94,12 +98,13 @@ def run_movielens(
     context = EvalContext(dataset, train_users, seed=seed, model=model, reptile_model=reptile_model, options=options, progress=progress)
     positives = dataset.positives_by_user()
     cases = sum(1 for u in test_users if len(positives.get(int(u), ())) >= MIN_POSITIVES)
-    results = []
+    results, per_user = [], {}
     for method in methods:
         torch.manual_seed(seed)
         scorer = BASELINES[method].create(context)
         with progress.task(f"evaluating {method}", cases * len(ks)) as bar:
-            rows = evaluate(scorer, dataset, test_users, ks=ks, modes=modes, seed=seed, progress=lambda done, total: bar.advance(1))
+            per_user[method] = {}
+            rows = evaluate(scorer, dataset, test_users, ks=ks, modes=modes, seed=seed, progress=lambda done, total: bar.advance(1), per_user=per_user[method])
         for row in rows:
             row["method"] = method
             row["bytes_per_user"] = int(scorer.bytes_per_user)
@@ -117,6 +122,7 @@ def run_movielens(
             "bank": _bank_summary(bank),
             "reptile_bank": _bank_summary(reptile_bank),
             "transfer": transfer,
+            "bootstrap": {"resamples": resamples, "seed": seed},
             "environment": {
                 "platform": platform.platform(),
                 "python": platform.python_version(),
@@ -126,6 +132,7 @@ def run_movielens(
             },
         },
         "results": results,
+        "comparisons": compare_methods(per_user, resamples=resamples, seed=seed),
     }
 
 
@@ -134,7 +141,8 @@ def _cell(row: dict | None) -> str:
 
 
 def markdown(report: dict) -> str:
-    """One table per mode (method x K: HR@10 / nDCG@10 / MRR), then latency and storage per method."""
+    """One table per mode (method x K: HR@10 / nDCG@10 / MRR), latency and storage per method, then the
+    paired differences of each pmeta method (:func:`pmeta.eval.significance.markdown_lines`)."""
     rows = report["results"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     modes = list(dict.fromkeys(r["mode"] for r in rows))
@@ -167,6 +175,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {size} |")
     env = report["config"].get("environment", {})
     lines += ["", f"Peak RSS of the run: {env.get('peak_rss_mb', '?')} MB; torch threads: {env.get('threads', '?')}.", ""]
+    lines += markdown_lines(report.get("comparisons", []), report["config"].get("bootstrap", {}).get("resamples", BOOTSTRAP_RESAMPLES))
     return "\n".join(lines)
 
 

@@ -1,0 +1,124 @@
+"""Paired bootstrap CIs (pmeta.eval.significance): the bootstrap itself, the choice of rivals, the
+report.md tables, and ``report["comparisons"]`` of a run without pmeta methods."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pmeta.eval.significance import compare_methods, markdown_lines, paired_bootstrap
+
+
+def test_identical_arrays_differ_by_exactly_zero():
+    a = np.random.default_rng(0).random(50)
+    result = paired_bootstrap(a, a.copy())
+    assert result == {"difference": 0.0, "ci95": [0.0, 0.0], "p_better": 0.0}
+
+
+def test_a_clearly_better_method_has_a_ci_above_zero():
+    rng = np.random.default_rng(1)
+    b = rng.random(120)
+    result = paired_bootstrap(b + 0.1 + 0.01 * rng.random(120), b)
+    assert 0 < result["ci95"][0] <= result["difference"] <= result["ci95"][1] and result["difference"] == pytest.approx(0.105, abs=0.001)
+    assert result["p_better"] == 1.0
+    worse = paired_bootstrap(b, b + 0.1 + 0.01 * rng.random(120))
+    assert worse["ci95"][1] < 0 and worse["p_better"] == 0.0
+
+
+def test_noise_gives_a_ci_around_zero_of_the_normal_width():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=400), rng.normal(size=400)
+    result = paired_bootstrap(a, b, resamples=4000, seed=3)
+    lo, hi = result["ci95"]
+    assert lo < result["difference"] < hi
+    half_width = 1.96 * np.std(a - b) / np.sqrt(len(a))
+    assert (hi - lo) / 2 == pytest.approx(half_width, rel=0.1)
+    assert 0.0 < result["p_better"] < 1.0
+
+
+def test_every_user_is_resampled_uniformly_with_replacement():
+    # Only user i differs: a resample is better iff it draws user i at least once, 1 - (4/5)^5 of them.
+    for i in range(5):
+        a = np.zeros(5)
+        a[i] = 1.0
+        assert paired_bootstrap(a, np.zeros(5), resamples=4000, seed=i)["p_better"] == pytest.approx(1 - 0.8**5, abs=0.03)
+
+
+def test_the_bootstrap_is_deterministic_for_a_seed():
+    rng = np.random.default_rng(4)
+    a, b = rng.random(30), rng.random(30)
+    assert paired_bootstrap(a, b, seed=7) == paired_bootstrap(list(a), list(b), seed=7)
+    assert paired_bootstrap(a, b, seed=7)["ci95"] != paired_bootstrap(a, b, seed=8)["ci95"]
+
+
+def test_the_bootstrap_rejects_unpaired_arrays():
+    with pytest.raises(ValueError, match="same length"):
+        paired_bootstrap(np.zeros(5), np.zeros(6))
+    with pytest.raises(ValueError, match="same length"):
+        paired_bootstrap(np.zeros((2, 3)), np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="resamples"):
+        paired_bootstrap(np.zeros(5), np.zeros(5), resamples=0)
+    empty = paired_bootstrap([], [])
+    assert np.isnan(empty["difference"]) and np.isnan(empty["p_better"]) and all(np.isnan(empty["ci95"]))
+
+
+def _cells(users: list[int], hr: list[float], ndcg: list[float], cells=((1, "pop99"), (3, "pop99"))) -> dict:
+    """A method's per-user cells (the same values in every cell; MRR unused)."""
+    return {cell: {"user": np.array(users), "hr@10": np.array(hr, dtype=float), "ndcg@10": np.array(ndcg, dtype=float), "mrr": np.zeros(len(users))} for cell in cells}
+
+
+def test_compare_methods_pairs_pmeta_with_each_rival_and_the_best_classical_per_metric():
+    users = [4, 2, 9, 7]
+    per_user = {
+        "random": _cells(users, [0, 0, 0, 0], [0, 0, 0, 0]),
+        "popularity": _cells(users, [1, 1, 0, 0], [0.1, 0.1, 0, 0]),  # best classical by HR@10
+        "itemknn": _cells(users, [1, 0, 0, 0], [0.9, 0.2, 0, 0]),  # best classical by nDCG@10
+        "prompt-maml": _cells(users, [1, 1, 1, 0], [0.5, 0.5, 0.5, 0]),
+        "pmeta": _cells(users, [1, 1, 1, 1], [0.6, 0.6, 0.6, 0.6]),
+    }
+    comparisons = compare_methods(per_user, resamples=500, seed=0)
+    assert all(set(c) == {"method", "versus", "k", "mode", "metric", "difference", "ci95", "p_better"} for c in comparisons)
+    index = {(c["versus"], c["metric"], c["k"]): c for c in comparisons}
+    assert {c["method"] for c in comparisons} == {"pmeta"} and len(comparisons) == len(index) == 2 * 2 * 2
+    assert {(v, m) for v, m, _ in index} == {("prompt-maml", "hr@10"), ("popularity", "hr@10"), ("prompt-maml", "ndcg@10"), ("itemknn", "ndcg@10")}
+    assert index[("prompt-maml", "hr@10", 1)]["difference"] == pytest.approx(0.25)
+    assert index[("popularity", "hr@10", 3)]["difference"] == pytest.approx(0.5)
+    assert index[("itemknn", "ndcg@10", 1)]["difference"] == pytest.approx((2.4 - 1.1) / 4)
+    for c in comparisons:
+        assert c["ci95"][0] <= c["difference"] <= c["ci95"][1] and 0 <= c["p_better"] <= 1
+    assert json.loads(json.dumps(comparisons)) == comparisons  # plain JSON values, no arrays
+    # Without pmeta methods there is nothing to compare; users must be paired.
+    assert compare_methods({k: v for k, v in per_user.items() if k != "pmeta"}) == []
+    with pytest.raises(ValueError, match="different users"):
+        compare_methods({**per_user, "prompt-maml": _cells([2, 4, 9, 7], [1, 1, 1, 0], [0, 0, 0, 0])})
+
+
+def test_markdown_tables_mark_cis_that_exclude_zero():
+    row = {"method": "pmeta", "k": 1, "mode": "pop99"}
+    comparisons = [
+        {**row, "versus": "prompt-maml", "metric": "hr@10", "difference": 0.006, "ci95": [-0.01, 0.022], "p_better": 0.7},
+        {**row, "versus": "ease", "metric": "hr@10", "difference": 0.05, "ci95": [0.01, 0.09], "p_better": 1.0},
+        {**row, "versus": "prompt-maml", "metric": "ndcg@10", "difference": -0.03, "ci95": [-0.05, -0.01], "p_better": 0.0},
+        {**row, "k": 3, "versus": "prompt-maml", "metric": "ndcg@10", "difference": 0.0, "ci95": [0.0, 0.0], "p_better": 0.0},
+    ]
+    text = "\n".join(markdown_lines(comparisons, resamples=2000))
+    assert text.startswith("## Paired differences (95% bootstrap CI over users)") and "2000 resamples" in text
+    assert "### pmeta: HR@10" in text and "### pmeta: nDCG@10" in text
+    assert "| prompt-maml | pop99 | +0.006 [\u22120.010, +0.022] | — |" in text
+    assert "| best classical | pop99 | **+0.050 [+0.010, +0.090]** (ease) | — |" in text
+    assert "| prompt-maml | pop99 | **\u22120.030 [\u22120.050, \u22120.010]** | +0.000 [+0.000, +0.000] |" in text
+    assert markdown_lines([]) == []
+
+
+def test_a_run_without_pmeta_methods_has_no_comparisons(tmp_path):
+    from pmeta.data import load_sample
+    from pmeta.eval.runner import run_movielens, write_report
+
+    report = run_movielens(load_sample(), None, ["random", "popularity", "itemknn"], (1,), ("pop99",), max_users=3)
+    assert list(report) == ["protocol", "dataset", "seed", "config", "results", "comparisons"]
+    assert report["comparisons"] == [] and report["config"]["bootstrap"] == {"resamples": 2000, "seed": 0}
+    write_report(report, tmp_path, plots=False)
+    assert "Paired differences" not in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["comparisons"] == []
