@@ -37,6 +37,22 @@ def test_fused_is_the_weighted_sum_and_a_user_without_a_key_gets_every_anchor_by
     torch.testing.assert_close(everyone[:2], out[:2])
 
 
+def test_offsets_retrieve_the_nearest_anchors_and_fuse_them_with_the_softmax_weights():
+    from pmeta.fusion.fuse import fusion_weights
+
+    centroids = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], dtype=np.float32)
+    ratio = np.arange(12, dtype=np.float64).reshape(3, 4)
+    sizes = np.array([1.0, 1.0, 2.0])
+    queries = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 0.0]], dtype=np.float32)
+    out = anchor_bias.offsets(queries, centroids, ratio, sizes, top_k=2, temperature=0.1)
+    first = fusion_weights(torch.tensor([[1.0, 0.0]]).double(), 0.1)[0].numpy()  # anchor 0 (sim 1), then anchor 1 (sim 0)
+    np.testing.assert_allclose(out[0], first[0] * ratio[0] + first[1] * ratio[1], rtol=1e-6)
+    w = fusion_weights(torch.tensor([[0.8, 0.6]]).double(), 0.1)[0].numpy()  # anchor 1 first, then anchor 0; anchor 2 not retrieved
+    np.testing.assert_allclose(out[1], w[0] * ratio[1] + w[1] * ratio[0], rtol=1e-6)
+    np.testing.assert_allclose(out[2], (ratio[0] + ratio[1] + 2 * ratio[2]) / 4)  # no key: every anchor by its users
+    np.testing.assert_allclose(anchor_bias.offsets(queries[:1], centroids, ratio, sizes, top_k=1, temperature=0.1)[0], ratio[0])
+
+
 def _groups(users: int, seed: int = 0):
     """Two groups of users: group g likes items 30g..30g+29 (random order). Key rows put an item
     at e_g, so a user's key says their group. Returns (positives, keys of the items (60, 2))."""

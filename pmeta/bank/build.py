@@ -180,17 +180,23 @@ def validate(model: PmetaModel, inputs: list[UserInput], queries: list[np.ndarra
     return {"users": len(per_user), **{name: float(np.mean([m[name] for m in per_user])) for name in ("hr@10", "ndcg@10", "mrr")}}
 
 
+def user_split(dataset: Dataset, config: BankConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, validation, test) users of a build: the protocol's test users for ``config.seed``
+    (:func:`pmeta.eval.protocol.split_users`), and ``config.validation_fraction`` of the rest drawn
+    for the bank's early stopping."""
+    train_all, test_users = split_users(dataset, seed=config.seed, test_fraction=config.test_fraction)
+    shuffled = np.random.default_rng(config.seed + 1).permutation(train_all)
+    n_val = int(round(config.validation_fraction * len(shuffled)))
+    return np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val]), test_users
+
+
 def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None = None) -> tuple[PmetaModel, dict]:
     """Meta-train a model on the dataset's train users. Returns (model, build record)."""
     progress = progress or Progress(False)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     catalog = dataset.catalog
-    train_all, test_users = split_users(dataset, seed=config.seed, test_fraction=config.test_fraction)
-    rng = np.random.default_rng(config.seed + 1)
-    shuffled = rng.permutation(train_all)
-    n_val = int(round(config.validation_fraction * len(shuffled)))
-    val_users, train_users = np.sort(shuffled[:n_val]), np.sort(shuffled[n_val:])
+    train_users, val_users, test_users = user_split(dataset, config)
     positives = dataset.positives_by_user()
     times = dataset.positive_times_by_user()
     rated = dataset.rated_by_user()
@@ -328,44 +334,73 @@ def collaborative_init(dataset: Dataset, config: BankConfig, train_users: np.nda
             factors, scale = ranking.ease_factors(train_positives, n_items, config.cf_rank, ease.weights, ease.kept_items)
             bar.advance(1)
             return factors, scale, None, record, fixed_prior()
-        fit_users, validation_users = ease.validation_split(train_users)
-        kept = ease.kept_items
-        fit_matrix = positive_matrix(dataset, fit_users)[:, kept]
-        fit_ease = EASEBaseline.closed_form(fit_matrix.T @ fit_matrix, ease.chosen_lam)
-        del fit_matrix
-        chosen = onboarding.fit(
-            [positives[int(u)] for u in fit_users],
-            fit_ease,
-            [positives[int(u)] for u in validation_users],
-            [rated[int(u)] for u in validation_users],
-            train_positives,
-            ease.weights,
-            kept,
-            n_items,
-            lambdas=(config.onboarding_lambda,) if config.onboarding_lambda is not None else onboarding.LAMBDAS,
-            weights=(config.onboarding_weight,) if config.onboarding_weight is not None else onboarding.WEIGHTS,
-            exponents=(config.cf_pool_exponent,) if config.cf_pool_exponent is not None else onboarding.EXPONENTS,
-        )
+        split = fit_onboarding(dataset, config, ease, train_users, positives, rated)
+        chosen = split.chosen
         entries, record["time_prior"] = {}, {"weight": 0.0}
-        cases = time_prior.validation_cases(dataset, validation_users)
-        if cases and (config.time_prior_weight != 0.0 or config.anchor_bias_weight is None):
-            matrix, bias = onboarding.refit(chosen, [positives[int(u)] for u in fit_users], fit_ease, n_items)
-            base = OnboardingScores(matrix, bias, kept, chosen.exponent, n_items)
-            base.scale = float(np.mean([base(case.support).std() for case, _ in cases])) or 1.0
+        if config.time_prior_weight != 0.0 or config.anchor_bias_weight is None:
+            cases, base = split.validation_scorer(dataset, positives)
             h, weight = 365.0, 0.0
-            if config.time_prior_weight != 0.0 and times is not None:
-                h, weight, grid = choose_time_prior(dataset, config, fit_users, cases, base)
+            if cases and config.time_prior_weight != 0.0 and times is not None:
+                h, weight, grid = choose_time_prior(dataset, config, split.fit_users, cases, base)
                 entries = time_prior_entries(dataset, config, train_users, h, weight)
                 record["time_prior"] = {"bandwidth_days": h, "weight": weight, "validation_ndcg": grid}
-            if config.anchor_bias_weight is None and item_text is not None:
-                gamma, grid = choose_anchor_bias(dataset, config, fit_users, cases, base, h, weight, [positives[int(u)] for u in fit_users], item_text)
+            if cases and config.anchor_bias_weight is None and item_text is not None:
+                gamma, grid = choose_anchor_bias(dataset, config, split.fit_users, cases, base, h, weight, [positives[int(u)] for u in split.fit_users], item_text)
                 record["anchor_bias"] = {"weight": gamma, "validation_ndcg": grid}
-            del matrix, bias, base
-        del fit_ease, ease
-        factors, scale, bias = ranking.matrix_factors(train_positives, n_items, config.cf_rank, chosen.matrix, kept, chosen.bias, chosen.exponent)
+            del base
+        del split, ease
+        factors, scale, bias = ranking.matrix_factors(train_positives, n_items, config.cf_rank, chosen.matrix, chosen.kept, chosen.bias, chosen.exponent)
         bar.advance(1)
     record.update(onboarding_lambda=chosen.lam, onboarding_weight=chosen.weight, pool_exponent=chosen.exponent, onboarding_validation_ndcg=chosen.validation)
     return factors, scale, bias, record, entries
+
+
+@dataclass
+class OnboardingSplit:
+    """The onboarding model chosen on EASE's own split of the train users (``fit_users`` /
+    ``validation_users``): ``fit_ease`` is EASE at the chosen λ on the fit users only, ``chosen`` the
+    onboarding regression's choice (refit on every train user), :func:`fit_onboarding`."""
+
+    fit_users: np.ndarray
+    validation_users: np.ndarray
+    fit_ease: np.ndarray
+    chosen: onboarding.OnboardingFit
+
+    def validation_scorer(self, dataset: Dataset, positives: dict[int, np.ndarray]) -> tuple[list, "OnboardingScores"]:
+        """(validation cases, :func:`pmeta.tasks.time_prior.validation_cases` of the validation users;
+        the onboarding model refitted on the fit users as their scorer): what the build's later
+        validation grids (time prior, anchors' item bias) score on."""
+        chosen, n_items = self.chosen, len(dataset.catalog)
+        cases = time_prior.validation_cases(dataset, self.validation_users)
+        matrix, bias = onboarding.refit(chosen, [positives[int(u)] for u in self.fit_users], self.fit_ease, n_items)
+        base = OnboardingScores(matrix, bias, chosen.kept, chosen.exponent, n_items)
+        base.scale = float(np.mean([base(case.support).std() for case, _ in cases])) if cases else 1.0
+        base.scale = base.scale or 1.0
+        return cases, base
+
+
+def fit_onboarding(dataset: Dataset, config: BankConfig, ease: EASEBaseline, train_users: np.ndarray, positives: dict[int, np.ndarray], rated: dict[int, np.ndarray]) -> OnboardingSplit:
+    """Choose the onboarding regression's λ, weight and pooling exponent (:func:`pmeta.bank.onboarding.fit`,
+    grids unless fixed in ``config``) on ``ease``'s split of the train users (``ease`` fitted on them)."""
+    fit_users, validation_users = ease.validation_split(train_users)
+    kept = ease.kept_items
+    fit_matrix = positive_matrix(dataset, fit_users)[:, kept]
+    fit_ease = EASEBaseline.closed_form(fit_matrix.T @ fit_matrix, ease.chosen_lam)
+    del fit_matrix
+    chosen = onboarding.fit(
+        [positives[int(u)] for u in fit_users],
+        fit_ease,
+        [positives[int(u)] for u in validation_users],
+        [rated[int(u)] for u in validation_users],
+        [positives[int(u)] for u in train_users],
+        ease.weights,
+        kept,
+        len(dataset.catalog),
+        lambdas=(config.onboarding_lambda,) if config.onboarding_lambda is not None else onboarding.LAMBDAS,
+        weights=(config.onboarding_weight,) if config.onboarding_weight is not None else onboarding.WEIGHTS,
+        exponents=(config.cf_pool_exponent,) if config.cf_pool_exponent is not None else onboarding.EXPONENTS,
+    )
+    return OnboardingSplit(fit_users, validation_users, fit_ease, chosen)
 
 
 def time_prior_entries(dataset: Dataset, config: BankConfig, users: np.ndarray, bandwidth_days: float, weight: float) -> dict[str, torch.Tensor]:
@@ -415,15 +450,26 @@ def choose_time_prior(dataset: Dataset, config: BankConfig, fit_users, cases: li
     return time_prior.choose(base, cases, time_prior.rating_events(dataset, fit_users), len(dataset.catalog), bandwidths, weights)
 
 
-def choose_anchor_bias(dataset: Dataset, config: BankConfig, fit_users, cases: list, base: OnboardingScores, h: float, beta: float, fit_positives: list[np.ndarray], item_text: torch.Tensor) -> tuple[float, dict]:
-    """(γ, grid scores) of the anchors' item bias on EASE's validation split of the train users.
+@dataclass
+class AnchorBiasInputs:
+    """What the anchors' item bias is chosen from (:func:`anchor_bias_inputs`): ``scores(support, t)``
+    the base model, ``key(support)`` a unit retrieval key, the fit users' anchors (``centroids``,
+    each fit user's ``assignment``, ``sizes``) with their ``ratio`` (:func:`pmeta.fusion.anchor_bias.log_ratio`),
+    and ``popularity`` (the fit users' rating counts, for ``pop99``)."""
 
-    The fit users are clustered as the build clusters the train users (``config.anchors`` spherical
-    k-means in the ``config.key_space`` space, here from the fit users' own matrix, through
-    :func:`anchor_keys`); a validation user (``cases``) retrieves ``config.top_k`` anchors at the
-    initial temperature. The base scores
-    are the onboarding model plus the chosen time prior (h, β); ``pop99`` samples by the fit users'
-    rating counts, as for the time prior."""
+    scores: object
+    key: object
+    centroids: np.ndarray
+    assignment: np.ndarray
+    ratio: np.ndarray
+    sizes: np.ndarray
+    popularity: np.ndarray
+
+
+def anchor_bias_inputs(dataset: Dataset, config: BankConfig, fit_users, base: OnboardingScores, h: float, beta: float, fit_positives: list[np.ndarray], item_text: torch.Tensor) -> AnchorBiasInputs:
+    """The fit users are clustered as the build clusters the train users (``config.anchors``
+    spherical k-means in the ``config.key_space`` space, here from the fit users' own matrix, through
+    :func:`anchor_keys`); the base scores are the onboarding model plus the time prior (h, β)."""
     n_items = len(dataset.catalog)
     key_rows, _ = anchor_keys(item_text, None if config.key_space == "text" else base.history_factors(config.cf_rank), config)
     rows = (item_text if key_rows is None else key_rows).float().numpy()
@@ -443,9 +489,18 @@ def choose_anchor_bias(dataset: Dataset, config: BankConfig, fit_users, cases: l
     def key(support: np.ndarray) -> np.ndarray:
         return _unit(rows[support].mean(0)[None, :])[0]
 
-    weights = (config.anchor_bias_weight,) if config.anchor_bias_weight is not None else anchor_bias.WEIGHTS
     popularity = np.bincount(np.asarray(events[0], dtype=np.int64), minlength=n_items).astype(np.float64)
-    return anchor_bias.choose(scores, cases, key, centroids, ratio, sizes, config.top_k, config.temperature, popularity, weights)
+    return AnchorBiasInputs(scores, key, centroids, assignment, ratio, sizes, popularity)
+
+
+def choose_anchor_bias(dataset: Dataset, config: BankConfig, fit_users, cases: list, base: OnboardingScores, h: float, beta: float, fit_positives: list[np.ndarray], item_text: torch.Tensor) -> tuple[float, dict]:
+    """(γ, grid scores) of the anchors' item bias on EASE's validation split of the train users:
+    a validation user (``cases``) retrieves ``config.top_k`` of the fit users' anchors
+    (:func:`anchor_bias_inputs`) at the initial temperature; ``pop99`` samples by the fit users'
+    rating counts, as for the time prior."""
+    inputs = anchor_bias_inputs(dataset, config, fit_users, base, h, beta, fit_positives, item_text)
+    weights = (config.anchor_bias_weight,) if config.anchor_bias_weight is not None else anchor_bias.WEIGHTS
+    return anchor_bias.choose(inputs.scores, cases, inputs.key, inputs.centroids, inputs.ratio, inputs.sizes, config.top_k, config.temperature, inputs.popularity, weights)
 
 
 def build_bank(dataset: Dataset, out: str | Path, config: BankConfig, db_url: str | None = None, progress: Progress | None = None) -> BuildResult:

@@ -55,6 +55,25 @@ def fused(bias: torch.Tensor, indexes: torch.Tensor, weights: torch.Tensor, has_
     return out
 
 
+def offsets(queries: np.ndarray, centroids: np.ndarray, ratio: np.ndarray, sizes: np.ndarray, top_k: int, temperature: float) -> np.ndarray:
+    """(U, N) unscaled offsets of users with retrieval keys ``queries`` (U, r) (a zero row: no key),
+    retrieving ``top_k`` of the anchors ``centroids`` (A_n, r) as serving does: an exact
+    :class:`~pmeta.fusion.index.AnchorIndex`, :func:`~pmeta.fusion.fuse.fusion_weights` at
+    ``temperature``, :func:`fused` of ``ratio`` (A_n, N) with the zero-key rule over ``sizes``."""
+    from .fuse import fusion_weights
+    from .index import AnchorIndex
+
+    queries = np.asarray(queries, dtype=np.float32)
+    sims, idx = AnchorIndex.build(np.asarray(centroids, dtype=np.float32), kind="flat").search(queries, top_k)
+    return fused(
+        torch.from_numpy(np.asarray(ratio, dtype=np.float64)),
+        torch.from_numpy(idx).long(),
+        fusion_weights(torch.from_numpy(sims).double(), temperature),
+        torch.from_numpy(np.linalg.norm(queries, axis=1) > 0),
+        torch.from_numpy(np.asarray(sizes, dtype=np.float64)),
+    ).numpy()
+
+
 def choose(base_scores, cases: list, keys, centroids: np.ndarray, ratio: np.ndarray, sizes: np.ndarray, top_k: int, temperature: float, popularity: np.ndarray, weights=WEIGHTS, ks: tuple[int, ...] = (1, 3, 5), modes: tuple[str, ...] | None = None, seed: int = 0) -> tuple[float, dict[str, dict[str, float]]]:
     """Choose γ on validation ``cases`` (:func:`pmeta.tasks.time_prior.validation_cases`) by nDCG@10
     averaged over ``ks`` and the protocol's candidate modes, as the time prior's (h, β) are chosen.
@@ -62,28 +81,17 @@ def choose(base_scores, cases: list, keys, centroids: np.ndarray, ratio: np.ndar
     ``base_scores(support, time) -> (N,)`` is the model without the offset; ``keys(support) -> (r,)``
     a unit retrieval key; ``centroids`` (A_n, r), ``ratio`` (A_n, N) (:func:`log_ratio`) and
     ``sizes`` (A_n,) (users per anchor) come from users other than the validation users. Anchors
-    are retrieved and fused as serving does (an exact :class:`~pmeta.fusion.index.AnchorIndex`,
-    :func:`~pmeta.fusion.fuse.fusion_weights`, :func:`fused`), at the build's initial τ (the stack
+    are retrieved and fused as serving does (:func:`offsets`), at the build's initial τ (the stack
     stage learns it afterwards). Ties go to the smaller γ. Returns (γ, every grid point's nDCG@10
     per mode and their mean)."""
     from ..eval.protocol import MODES, draw_candidates, mean_ndcg
     from ..tasks.time_prior import supports
-    from .fuse import fusion_weights
-    from .index import AnchorIndex
 
     modes = MODES if modes is None else modes
     candidates = draw_candidates([case for case, _ in cases], modes, popularity, seed)
     rows = list(supports(cases, ks))
-    queries = np.stack([keys(support) for _, support, _, _ in rows]).astype(np.float32)
-    sims, idx = AnchorIndex.build(np.asarray(centroids, dtype=np.float32), kind="flat").search(queries, top_k)
-    offsets = fused(
-        torch.from_numpy(np.asarray(ratio, dtype=np.float64)),
-        torch.from_numpy(idx).long(),
-        fusion_weights(torch.from_numpy(sims).double(), temperature),
-        torch.from_numpy(np.linalg.norm(queries, axis=1) > 0),
-        torch.from_numpy(np.asarray(sizes, dtype=np.float64)),
-    ).numpy()
-    prepared = [(user, base_scores(support, t), offset, query) for (user, support, t, query), offset in zip(rows, offsets)]
+    queries = np.stack([keys(support) for _, support, _, _ in rows])
+    prepared = [(user, base_scores(support, t), offset, query) for (user, support, t, query), offset in zip(rows, offsets(queries, centroids, ratio, sizes, top_k, temperature))]
     scores: dict[float, dict[str, float]] = {}
     for gamma in weights:
         scores[gamma] = mean_ndcg(((user, base + gamma * offset, query) for user, base, offset, query in prepared), candidates, modes)

@@ -1,0 +1,131 @@
+"""Ways of serving the anchors' item bias, scored on validation users taken from the train users (never the test users).
+
+    python benchmarks/anchor_bias_variants.py [--preset small] [--data DIR] [--threads 1] [--out variants.md]
+
+It does what a build does before it chooses γ (:func:`pmeta.bank.build.collaborative_init`): the
+onboarding model and the time prior are chosen on EASE's split of the train users, the fit users are
+clustered into anchors, and each validation user retrieves anchors from its first K positives (K = 1,
+3, 5). Then, instead of the γ grid alone, it scores these variants of the offset added to the base
+scores, by nDCG@10 per K and candidate mode (the build's criterion is the mean over all of them):
+
+* ``gamma``: the shipped form, γ · fused offset of the top ``config.top_k`` anchors at τ = ``config.temperature``;
+* ``shrink``: γ · K / (K + κ) · the same offset (less weight for short histories);
+* ``top_k`` and ``tau``: other retrieval breadths and fusion temperatures;
+* ``bayes``: no key retrieval; every anchor weighted by its posterior given the support under a
+  mixture of multinomials (prior = its share of users, likelihood = Π over the support of its
+  smoothed item shares), the offset being the log-ratio of the mixture's predictive distribution.
+
+It prints a markdown table (and writes it to ``--out``); it is the check behind the README's
+"tried on validation users, not adopted" note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pmeta import load_config
+from pmeta.bank import build
+from pmeta.data import load_sample, read_movielens
+from pmeta.eval.baselines import EASEBaseline
+from pmeta.eval.protocol import MODES, draw_candidates, mean_ndcg
+from pmeta.fusion import anchor_bias
+from pmeta.models.encoder import FunctionalEncoder
+from pmeta.progress import Progress
+from pmeta.tasks import time_prior
+
+KS = (1, 3, 5)
+
+
+def bayes_offsets(supports: list[np.ndarray], positives: list[np.ndarray], assignment: np.ndarray, anchors: int, n_items: int, mix: float) -> np.ndarray:
+    """(U, N) log-ratio of the mixture's predictive distribution to the global one, per support."""
+    counts = np.zeros((anchors, n_items))
+    for items, anchor in zip(positives, assignment):
+        np.add.at(counts[int(anchor)], np.unique(items), 1.0)
+    overall = counts.sum(0) / counts.sum()
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1.0)
+    smoothed = (1.0 - mix) * shares + mix * overall + anchor_bias.EPSILON
+    log_prior = np.log(np.bincount(assignment, minlength=anchors) / len(assignment) + 1e-12)
+    out = []
+    for support in supports:
+        log_post = log_prior + np.log(smoothed[:, support]).sum(1)
+        weights = np.exp(log_post - log_post.max())
+        out.append(np.log(weights @ smoothed / weights.sum()) - np.log(overall + anchor_bias.EPSILON))
+    return np.asarray(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--data", type=Path, help="a MovieLens directory (default: the shipped sample)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+
+    config = load_config(args.preset)
+    dataset = read_movielens(args.data) if args.data else load_sample()
+    positives, rated = dataset.positives_by_user(), dataset.rated_by_user()
+    train_users, _, _ = build.user_split(dataset, config)
+    train_users = np.array([u for u in train_users if len(positives.get(int(u), ())) >= config.min_positives], dtype=np.int64)
+    item_text = build.catalog_embeddings(FunctionalEncoder(config.encoder), dataset.catalog.texts(), Progress(False)).cpu()
+
+    split = build.fit_onboarding(dataset, config, EASEBaseline(lam=config.ease_lambda).fit(dataset, train_users), train_users, positives, rated)
+    cases, base = split.validation_scorer(dataset, positives)
+    h, beta, _ = build.choose_time_prior(dataset, config, split.fit_users, cases, base)
+    fit_positives = [positives[int(u)] for u in split.fit_users]
+    inputs = build.anchor_bias_inputs(dataset, config, split.fit_users, base, h, beta, fit_positives, item_text)
+
+    rows = list(time_prior.supports(cases, KS))
+    queries = np.stack([inputs.key(support) for _, support, _, _ in rows])
+    bases = [inputs.scores(support, t) for _, support, t, _ in rows]
+    candidates = draw_candidates([case for case, _ in cases], MODES, inputs.popularity)
+
+    def score(offsets: np.ndarray, weight) -> dict:
+        """nDCG@10 per (K, mode) and the mean over them, with offset ``weight(K) * offsets``."""
+        cells = {}
+        for k in KS:
+            picked = [i for i, row in enumerate(rows) if len(row[1]) == k]
+            cells[k] = mean_ndcg(((rows[i][0], bases[i] + weight(k) * offsets[i], rows[i][3]) for i in picked), candidates, MODES)
+        return {"mean": float(np.mean([cells[k]["mean"] for k in KS])), "cells": cells}
+
+    def retrieved(top_k: int, tau: float) -> np.ndarray:
+        return anchor_bias.offsets(queries, inputs.centroids, inputs.ratio, inputs.sizes, top_k, tau)
+
+    shipped = retrieved(config.top_k, config.temperature)
+    results = [(f"gamma={g:g}", score(shipped, lambda k, g=g: g)) for g in anchor_bias.WEIGHTS]
+    results += [(f"shrink gamma={g:g} kappa={c:g}", score(shipped, lambda k, g=g, c=c: g * k / (k + c))) for c in (1.0, 2.0, 4.0) for g in (1.5, 2.0, 3.0)]
+    for top_k in sorted({1, 8, 16} - {config.top_k}):
+        offsets = retrieved(top_k, config.temperature)
+        results += [(f"top_k={top_k} gamma={g:g}", score(offsets, lambda k, g=g: g)) for g in (1.0, 1.5, 2.0)]
+    for tau in (0.02, 0.1, 0.2):
+        offsets = retrieved(config.top_k, tau)
+        results += [(f"tau={tau:g} gamma={g:g}", score(offsets, lambda k, g=g: g)) for g in (1.0, 1.5, 2.0)]
+    for mix in (anchor_bias.MIX, 0.3):
+        offsets = bayes_offsets([support for _, support, _, _ in rows], fit_positives, inputs.assignment, len(inputs.centroids), len(dataset.catalog), mix)
+        results += [(f"bayes mix={mix:g} gamma={g:g}", score(offsets, lambda k, g=g: g)) for g in (0.5, 1.0, 1.5, 2.0)]
+
+    head = [
+        f"Anchors' item bias, serving variants on {len(cases)} validation users of EASE's split of the train users "
+        f"({dataset.name}, preset {args.preset}: {config.anchors} anchors, top {config.top_k}, τ = {config.temperature:g}; "
+        f"time prior h = {h:g} days, β = {beta:g}); nDCG@10; {platform.processor() or platform.machine()}, "
+        f"{args.threads} thread(s), {time.perf_counter() - started:.0f} s.",
+        "",
+        "| variant | mean | " + " | ".join(f"{mode} K={k}" for k in KS for mode in MODES) + " |",
+        "|---|---|" + "---|" * (len(KS) * len(MODES)),
+    ]
+    lines = [f"| {name} | {r['mean']:.4f} | " + " | ".join(f"{r['cells'][k][mode]:.4f}" for k in KS for mode in MODES) + " |" for name, r in results]
+    text = "\n".join(head + lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
