@@ -78,7 +78,9 @@ def main() -> None:
 
     split = build.fit_onboarding(dataset, config, EASEBaseline(lam=config.ease_lambda).fit(dataset, train_users), train_users, positives, rated)
     cases, base = split.validation_scorer(dataset, positives)
-    h, beta, _ = build.choose_time_prior(dataset, config, split.fit_users, cases, base)
+    if base is None:
+        raise SystemExit("no validation user of EASE's split has 6 positives: nothing to score")
+    h, beta = (365.0, 0.0) if config.time_prior_weight == 0.0 else build.choose_time_prior(dataset, config, split.fit_users, cases, base)[:2]
     fit_positives = [positives[int(u)] for u in split.fit_users]
     inputs = build.anchor_bias_inputs(dataset, config, split.fit_users, base, h, beta, fit_positives, item_text)
 

@@ -75,7 +75,7 @@ def test_pmeta_methods_are_compared_with_their_rivals_by_paired_bootstrap(reduce
             for c in best:  # the classical baseline with the highest mean in that cell
                 assert means[(c["versus"], c["k"], c["mode"])][metric] == max(means[(b, c["k"], c["mode"])][metric] for b in ("popularity", "itemknn", "ease"))
     for c in comparisons:
-        assert set(c) == {"method", "versus", "k", "mode", "metric", "difference", "ci95", "p_better"}
+        assert set(c) == {"method", "versus", "k", "mode", "metric", "users", "difference", "ci95", "p_better"} and c["users"] == USERS
         lo, hi = c["ci95"]
         assert np.isfinite([lo, hi, c["difference"], c["p_better"]]).all() and lo <= c["difference"] <= hi and 0 <= c["p_better"] <= 1
         # the difference of means is the difference of the rows' means (paired over the same users)

@@ -14,7 +14,7 @@ from pmeta.eval.significance import compare_methods, markdown_lines, paired_boot
 def test_identical_arrays_differ_by_exactly_zero():
     a = np.random.default_rng(0).random(50)
     result = paired_bootstrap(a, a.copy())
-    assert result == {"difference": 0.0, "ci95": [0.0, 0.0], "p_better": 0.0}
+    assert result == {"difference": 0.0, "ci95": [0.0, 0.0], "p_better": 0.5}  # every resample ties: half
 
 
 def test_a_clearly_better_method_has_a_ci_above_zero():
@@ -39,11 +39,12 @@ def test_noise_gives_a_ci_around_zero_of_the_normal_width():
 
 
 def test_every_user_is_resampled_uniformly_with_replacement():
-    # Only user i differs: a resample is better iff it draws user i at least once, 1 - (4/5)^5 of them.
+    # Only user i differs: a resample is better iff it draws user i at least once, 1 - (4/5)^5 of them;
+    # the others tie and count half.
     for i in range(5):
         a = np.zeros(5)
         a[i] = 1.0
-        assert paired_bootstrap(a, np.zeros(5), resamples=4000, seed=i)["p_better"] == pytest.approx(1 - 0.8**5, abs=0.03)
+        assert paired_bootstrap(a, np.zeros(5), resamples=4000, seed=i)["p_better"] == pytest.approx(1 - 0.8**5 + 0.5 * 0.8**5, abs=0.03)
 
 
 def test_the_bootstrap_is_deterministic_for_a_seed():
@@ -79,7 +80,7 @@ def test_compare_methods_pairs_pmeta_with_each_rival_and_the_best_classical_per_
         "pmeta": _cells(users, [1, 1, 1, 1], [0.6, 0.6, 0.6, 0.6]),
     }
     comparisons = compare_methods(per_user, resamples=500, seed=0)
-    assert all(set(c) == {"method", "versus", "k", "mode", "metric", "difference", "ci95", "p_better"} for c in comparisons)
+    assert all(set(c) == {"method", "versus", "k", "mode", "metric", "users", "difference", "ci95", "p_better"} and c["users"] == 4 for c in comparisons)
     index = {(c["versus"], c["metric"], c["k"]): c for c in comparisons}
     assert {c["method"] for c in comparisons} == {"pmeta"} and len(comparisons) == len(index) == 2 * 2 * 2
     assert {(v, m) for v, m, _ in index} == {("prompt-maml", "hr@10"), ("popularity", "hr@10"), ("prompt-maml", "ndcg@10"), ("itemknn", "ndcg@10")}

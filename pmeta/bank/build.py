@@ -7,6 +7,7 @@ import hashlib
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -358,7 +359,7 @@ def collaborative_init(dataset: Dataset, config: BankConfig, train_users: np.nda
 @dataclass
 class OnboardingSplit:
     """The onboarding model chosen on EASE's own split of the train users (``fit_users`` /
-    ``validation_users``): ``fit_ease`` is EASE at the chosen λ on the fit users only, ``chosen`` the
+    ``validation_users``): ``fit_ease`` is EASE's item-item matrix B at the chosen λ on the fit users only, ``chosen`` the
     onboarding regression's choice (refit on every train user), :func:`fit_onboarding`."""
 
     fit_users: np.ndarray
@@ -366,16 +367,17 @@ class OnboardingSplit:
     fit_ease: np.ndarray
     chosen: onboarding.OnboardingFit
 
-    def validation_scorer(self, dataset: Dataset, positives: dict[int, np.ndarray]) -> tuple[list, "OnboardingScores"]:
+    def validation_scorer(self, dataset: Dataset, positives: dict[int, np.ndarray]) -> tuple[list, "OnboardingScores | None"]:
         """(validation cases, :func:`pmeta.tasks.time_prior.validation_cases` of the validation users;
-        the onboarding model refitted on the fit users as their scorer): what the build's later
-        validation grids (time prior, anchors' item bias) score on."""
+        the onboarding model refitted on the fit users as their scorer, None without cases): what the
+        build's later validation grids (time prior, anchors' item bias) score on."""
         chosen, n_items = self.chosen, len(dataset.catalog)
         cases = time_prior.validation_cases(dataset, self.validation_users)
+        if not cases:
+            return cases, None
         matrix, bias = onboarding.refit(chosen, [positives[int(u)] for u in self.fit_users], self.fit_ease, n_items)
         base = OnboardingScores(matrix, bias, chosen.kept, chosen.exponent, n_items)
-        base.scale = float(np.mean([base(case.support).std() for case, _ in cases])) if cases else 1.0
-        base.scale = base.scale or 1.0
+        base.scale = float(np.mean([base(case.support).std() for case, _ in cases])) or 1.0
         return cases, base
 
 
@@ -457,8 +459,8 @@ class AnchorBiasInputs:
     each fit user's ``assignment``, ``sizes``) with their ``ratio`` (:func:`pmeta.fusion.anchor_bias.log_ratio`),
     and ``popularity`` (the fit users' rating counts, for ``pop99``)."""
 
-    scores: object
-    key: object
+    scores: Callable[[np.ndarray, float], np.ndarray]
+    key: Callable[[np.ndarray], np.ndarray]
     centroids: np.ndarray
     assignment: np.ndarray
     ratio: np.ndarray

@@ -32,7 +32,9 @@ def paired_bootstrap(a, b, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) 
     Returns ``difference`` (mean of ``a - b``), ``ci95`` (``[lo, hi]``: the 2.5th and 97.5th
     percentiles of the mean difference over ``resamples`` resamples of the users with replacement,
     drawn with ``numpy.random.default_rng(seed)``) and ``p_better`` (the share of resamples whose mean
-    difference is > 0). Deterministic for a seed; with no users every value is NaN.
+    difference is > 0, a tie counting half: a bootstrap share, not a p-value; 0.5 for identical
+    methods). Deterministic for a seed; with no users every value is NaN. The intervals are per
+    comparison, not adjusted for how many a report makes.
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.ndim != 1 or a.shape != b.shape:
@@ -45,7 +47,8 @@ def paired_bootstrap(a, b, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) 
     picks = np.random.default_rng(seed).integers(0, len(differences), size=(resamples, len(differences)))
     means = differences[picks].mean(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"difference": float(differences.mean()), "ci95": [float(lo), float(hi)], "p_better": float(np.mean(means > 0))}
+    p_better = np.mean(means > 0) + 0.5 * np.mean(means == 0)
+    return {"difference": float(differences.mean()), "ci95": [float(lo), float(hi)], "p_better": float(p_better)}
 
 
 def _best_classical(per_user: Mapping[str, PerUser], cell: tuple[int, str], metric: str) -> str | None:
@@ -66,7 +69,7 @@ def compare_methods(per_user: Mapping[str, PerUser], resamples: int = BOOTSTRAP_
     ``per_user`` maps a method name to the cells :func:`pmeta.eval.protocol.evaluate` filled in its
     ``per_user`` argument (the same users for every method). The rivals of a cell are :data:`RIVALS` and the best of
     :data:`CLASSICAL` there for the metric. Returns rows ``method``, ``versus``, ``k``, ``mode``,
-    ``metric``, ``difference`` (method - versus), ``ci95``, ``p_better``.
+    ``metric``, ``users``, ``difference`` (method - versus), ``ci95``, ``p_better``.
     """
     comparisons = []
     for method in (m for m in PMETA_METHODS if m in per_user):
@@ -75,7 +78,7 @@ def compare_methods(per_user: Mapping[str, PerUser], resamples: int = BOOTSTRAP_
                 rivals = [r for r in RIVALS if r in per_user] + [r for r in (_best_classical(per_user, cell, metric),) if r is not None]
                 for versus in rivals:
                     result = _compare(per_user[method], per_user[versus], cell, metric, resamples, seed)
-                    comparisons.append({"method": method, "versus": versus, "k": cell[0], "mode": cell[1], "metric": metric, **result})
+                    comparisons.append({"method": method, "versus": versus, "k": cell[0], "mode": cell[1], "metric": metric, "users": len(per_user[method][cell]["user"]), **result})
     return comparisons
 
 
@@ -103,7 +106,8 @@ def markdown_lines(comparisons: list[dict], resamples: int = BOOTSTRAP_RESAMPLES
         "## Paired differences (95% bootstrap CI over users)",
         "",
         f"Method minus rival, mean over the test users; 95% percentile CI from {resamples} resamples of the users. "
-        "**Bold**: the CI excludes 0. *best classical*: the best of popularity, itemknn and ease in that cell (named).",
+        "**Bold**: the CI excludes 0 (each interval on its own, not adjusted for the number of cells). "
+        "*best classical*: the best of popularity, itemknn and ease in that cell (named), picked on these same users.",
         "",
     ]
     ks = sorted({c["k"] for c in comparisons})
