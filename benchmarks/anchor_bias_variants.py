@@ -44,11 +44,7 @@ KS = (1, 3, 5)
 
 def bayes_offsets(supports: list[np.ndarray], positives: list[np.ndarray], assignment: np.ndarray, anchors: int, n_items: int, mix: float) -> np.ndarray:
     """(U, N) log-ratio of the mixture's predictive distribution to the global one, per support."""
-    counts = np.zeros((anchors, n_items))
-    for items, anchor in zip(positives, assignment):
-        np.add.at(counts[int(anchor)], np.unique(items), 1.0)
-    overall = counts.sum(0) / counts.sum()
-    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1.0)
+    shares, overall = anchor_bias.shares(positives, assignment, anchors, n_items)
     smoothed = (1.0 - mix) * shares + mix * overall + anchor_bias.EPSILON
     log_prior = np.log(np.bincount(assignment, minlength=anchors) / len(assignment) + 1e-12)
     out = []
@@ -73,7 +69,7 @@ def main() -> None:
     dataset = read_movielens(args.data) if args.data else load_sample()
     positives, rated = dataset.positives_by_user(), dataset.rated_by_user()
     train_users, _, _ = build.user_split(dataset, config)
-    train_users = np.array([u for u in train_users if len(positives.get(int(u), ())) >= config.min_positives], dtype=np.int64)
+    train_users = build.with_positives(train_users, positives, config.min_positives)
     item_text = build.catalog_embeddings(FunctionalEncoder(config.encoder), dataset.catalog.texts(), Progress(False)).cpu()
 
     split = build.fit_onboarding(dataset, config, EASEBaseline(lam=config.ease_lambda).fit(dataset, train_users), train_users, positives, rated)
@@ -89,12 +85,13 @@ def main() -> None:
     bases = [inputs.scores(support, t) for _, support, t, _ in rows]
     candidates = draw_candidates([case for case, _ in cases], MODES, inputs.popularity)
 
+    by_k = {k: [i for i, row in enumerate(rows) if len(row[1]) == k] for k in KS}
+
     def score(offsets: np.ndarray, weight) -> dict:
         """nDCG@10 per (K, mode) and the mean over them, with offset ``weight(K) * offsets``."""
         cells = {}
         for k in KS:
-            picked = [i for i, row in enumerate(rows) if len(row[1]) == k]
-            cells[k] = mean_ndcg(((rows[i][0], bases[i] + weight(k) * offsets[i], rows[i][3]) for i in picked), candidates, MODES)
+            cells[k] = mean_ndcg(((rows[i][0], bases[i] + weight(k) * offsets[i], rows[i][3]) for i in by_k[k]), candidates, MODES)
         return {"mean": float(np.mean([cells[k]["mean"] for k in KS])), "cells": cells}
 
     def retrieved(top_k: int, tau: float) -> np.ndarray:

@@ -191,6 +191,11 @@ def user_split(dataset: Dataset, config: BankConfig) -> tuple[np.ndarray, np.nda
     return np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val]), test_users
 
 
+def with_positives(users: np.ndarray, positives: dict[int, np.ndarray], minimum: int) -> np.ndarray:
+    """The ``users`` with at least ``minimum`` positives: the train users a build learns from."""
+    return np.array([u for u in users if len(positives.get(int(u), ())) >= minimum], dtype=np.int64)
+
+
 def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None = None) -> tuple[PmetaModel, dict]:
     """Meta-train a model on the dataset's train users. Returns (model, build record)."""
     progress = progress or Progress(False)
@@ -206,7 +211,7 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     texts = catalog.texts()
     item_text = catalog_embeddings(encoder, texts, progress).cpu()  # the build's numpy steps read it; moved with every tensor below
 
-    train_with_pos = np.array([u for u in train_users if len(positives.get(int(u), ())) >= config.min_positives], dtype=np.int64)
+    train_with_pos = with_positives(train_users, positives, config.min_positives)
     if len(train_with_pos) == 0:
         raise InvalidData("the dataset has no train user with enough positive ratings (>= 4 stars) to build a bank")
     counts = torch.zeros(len(catalog))

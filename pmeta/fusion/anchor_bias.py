@@ -30,17 +30,24 @@ EPSILON = 1e-7
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
 
 
-def log_ratio(positives: list[np.ndarray], assignment: np.ndarray, anchors: int, n_items: int) -> np.ndarray:
-    """(A_n, N) float32: each anchor's ``log((1 − ν) p_a + ν p + ε) − log(p + ε)`` from the positives of
-    its users (``positives[u]`` item indexes of user u, ``assignment[u]`` u's anchor)."""
+def shares(positives: list[np.ndarray], assignment: np.ndarray, anchors: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """(``p_a`` (A_n, N), ``p`` (N,)): each anchor's share of its users' positives per item, and the
+    same over every user (``positives[u]`` item indexes of user u, ``assignment[u]`` u's anchor; a
+    user's repeated item counts once). An anchor without users gets ``p``."""
     counts = np.zeros((anchors, n_items))
     for items, anchor in zip(positives, assignment):
         np.add.at(counts[int(anchor)], np.unique(np.asarray(items, dtype=np.int64)), 1.0)
     overall = counts.sum(0)
     overall = overall / max(overall.sum(), 1.0)
-    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1.0)
-    shares[counts.sum(1) == 0] = overall  # an empty anchor is the global distribution: offset 0
-    out = np.log((1.0 - MIX) * shares + MIX * overall + EPSILON) - np.log(overall + EPSILON)
+    out = counts / np.maximum(counts.sum(1, keepdims=True), 1.0)
+    out[counts.sum(1) == 0] = overall  # an empty anchor is the global distribution: offset 0
+    return out, overall
+
+
+def log_ratio(positives: list[np.ndarray], assignment: np.ndarray, anchors: int, n_items: int) -> np.ndarray:
+    """(A_n, N) float32: each anchor's ``log((1 − ν) p_a + ν p + ε) − log(p + ε)`` (:func:`shares`)."""
+    per_anchor, overall = shares(positives, assignment, anchors, n_items)
+    out = np.log((1.0 - MIX) * per_anchor + MIX * overall + EPSILON) - np.log(overall + EPSILON)
     return out.astype(np.float32)
 
 
