@@ -1,4 +1,4 @@
-"""Ways of serving the anchors' item bias, scored on validation users taken from the train users (never the test users).
+"""Serving variants of the anchors' item bias, and collaborative-side inner steps on top of it, scored on validation users taken from the train users (never the test users).
 
     python benchmarks/anchor_bias_variants.py [--preset small] [--data DIR] [--threads 1] [--out variants.md]
 
@@ -13,7 +13,19 @@ scores, by nDCG@10 per K and candidate mode (the build's criterion is the mean o
 * ``top_k`` and ``tau``: other retrieval breadths and fusion temperatures;
 * ``bayes``: no key retrieval; every anchor weighted by its posterior given the support under a
   mixture of multinomials (prior = its share of users, likelihood = Π over the support of its
-  smoothed item shares), the offset being the log-ratio of the mixture's predictive distribution.
+  smoothed item shares), the offset being the log-ratio of the mixture's predictive distribution;
+* ``cf step``: on top of the shipped offset at the best γ of the grid, inner steps on a personal
+  collaborative-side vector — the user's vector in the head's rank-``config.cf_rank`` collaborative
+  space (``c`` of :mod:`pmeta.tasks.ranking`) — by gradient descent on the inner loop's support loss
+  (softmax cross-entropy of the support items against the catalogue, the support excluded from the
+  normaliser): ``s ← s + α (y − p) V Vᵀ``, with ``y`` the support's indicator over K, ``p`` the
+  softmax of the current scores and ``V`` the matrix's item factors. It is the collaborative
+  counterpart of the adapter's inner steps, with the step size α as the only (grid-chosen) parameter;
+* ``cf step learned``: one such step with a learned preconditioner, ``s ← s + (y − p) V W Vᵀ``, W
+  diagonal (Meta-SGD: one step size per dimension) or full r × r (Meta-Curvature), fitted (L-BFGS,
+  ridge λ) to the query's softmax cross-entropy on half the validation users and scored on the
+  other half, both ways (2-fold cross-fitting by user, seeded): a meta-learned step that could do
+  what no single α does.
 
 It prints a markdown table (and writes it to ``--out``); it is the check behind the README's
 "tried on validation users, not adopted" note.
@@ -37,7 +49,7 @@ from pmeta.eval.protocol import MODES, draw_candidates, mean_ndcg
 from pmeta.fusion import anchor_bias
 from pmeta.models.encoder import FunctionalEncoder
 from pmeta.progress import Progress
-from pmeta.tasks import time_prior
+from pmeta.tasks import ranking, time_prior
 
 KS = (1, 3, 5)
 
@@ -53,6 +65,57 @@ def bayes_offsets(supports: list[np.ndarray], positives: list[np.ndarray], assig
         weights = np.exp(log_post - log_post.max())
         out.append(np.log(weights @ smoothed / weights.sum()) - np.log(overall + anchor_bias.EPSILON))
     return np.asarray(out)
+
+
+def collaborative_steps(scores: np.ndarray, support: np.ndarray, item_factors: np.ndarray, alpha: float, steps: int) -> np.ndarray:
+    """``steps`` gradient steps of size α on the user's collaborative vector, as item scores:
+    ``s ← s + α (y − p) V Vᵀ`` (the support loss's gradient through ``s = c Vᵀ``)."""
+    scores = scores.copy()
+    target = np.zeros(len(scores))
+    target[support] = 1.0 / len(support)
+    excluded = np.zeros(len(scores), dtype=bool)
+    excluded[support] = True
+    for _ in range(steps):
+        logits = np.where(excluded, -np.inf, scores)
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        scores = scores + alpha * (((target - p) @ item_factors) @ item_factors.T)
+    return scores
+
+
+def learned_step(scores: np.ndarray, supports: list, queries: list, users: np.ndarray, item_factors: np.ndarray, diagonal: bool, ridge: float, seed: int = 0) -> np.ndarray:
+    """Scores after one step ``s + (y − p) V W Vᵀ`` with W fitted on the other fold's users (2 folds by user)."""
+    s = torch.from_numpy(scores)
+    factors = torch.from_numpy(item_factors)
+    target, excluded, query = torch.zeros_like(s), torch.zeros_like(s, dtype=torch.bool), torch.zeros_like(s)
+    for i, (support, positives) in enumerate(zip(supports, queries)):
+        target[i, support] = 1.0 / len(support)
+        excluded[i, support] = True
+        query[i, positives] = 1.0 / len(positives)
+    direction = (target - torch.softmax(s.masked_fill(excluded, float("-inf")), -1)) @ factors  # (U, r)
+
+    def stepped(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return s[rows] + (direction[rows] @ (torch.diag(w) if diagonal else w)) @ factors.T
+
+    order = np.random.default_rng(seed).permutation(np.unique(users))
+    out = scores.copy()
+    for held in (set(order[: len(order) // 2]), set(order[len(order) // 2 :])):
+        fit = torch.tensor([i for i, u in enumerate(users) if u not in held])
+        scored = torch.tensor([i for i, u in enumerate(users) if u in held])
+        r = factors.shape[1]
+        w = torch.zeros(r if diagonal else (r, r), dtype=s.dtype, requires_grad=True)
+        optimizer = torch.optim.LBFGS([w], max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            log_p = torch.log_softmax(stepped(w, fit).masked_fill(excluded[fit], float("-inf")), -1)
+            loss = -(log_p.masked_fill(query[fit] == 0, 0.0) * query[fit]).sum(-1).mean() + ridge * (w**2).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        out[scored.numpy()] = stepped(w.detach(), scored).numpy()
+    return out
 
 
 def main() -> None:
@@ -109,6 +172,22 @@ def main() -> None:
     for mix in (anchor_bias.MIX, 0.3):
         offsets = bayes_offsets([support for _, support, _, _ in rows], fit_positives, inputs.assignment, len(inputs.centroids), len(dataset.catalog), mix)
         results += [(f"bayes mix={mix:g} gamma={g:g}", score(offsets, lambda k, g=g: g)) for g in (0.5, 1.0, 1.5, 2.0)]
+
+    best = max((r for r in results if r[0].startswith("gamma=")), key=lambda r: r[1]["mean"])[0]
+    gamma = float(best.split("=")[1])
+    _, _, vt = ranking.svd(base.matrix, config.cf_rank)
+    factors = np.zeros((len(dataset.catalog), vt.shape[0]))
+    factors[base.kept] = vt.T
+    for steps in (1, 3):
+        for alpha in (0.5, 2.0, 8.0):
+            stepped = np.stack([collaborative_steps(bases[i] + gamma * shipped[i], rows[i][1], factors, alpha, steps) for i in range(len(rows))])
+            results.append((f"{best} cf step steps={steps} alpha={alpha:g}", score(stepped - np.stack(bases), lambda k: 1.0)))
+    shipped_scores = np.stack([bases[i] + gamma * shipped[i] for i in range(len(rows))])
+    users = np.array([row[0] for row in rows])
+    for diagonal in (True, False):
+        for ridge in (1e-3, 1e-2):
+            stepped = learned_step(shipped_scores, [row[1] for row in rows], [row[3] for row in rows], users, factors, diagonal, ridge, config.seed)
+            results.append((f"{best} cf step learned W={'diagonal' if diagonal else 'full'} ridge={ridge:g}", score(stepped - np.stack(bases), lambda k: 1.0)))
 
     head = [
         f"Anchors' item bias, serving variants on {len(cases)} validation users of EASE's split of the train users "
