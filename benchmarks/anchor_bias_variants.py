@@ -178,16 +178,17 @@ def main() -> None:
     _, _, vt = ranking.svd(base.matrix, config.cf_rank)
     factors = np.zeros((len(dataset.catalog), vt.shape[0]))
     factors[base.kept] = vt.T
+    base_scores = np.stack(bases)
+    shipped_scores = base_scores + gamma * shipped
     for steps in (1, 3):
         for alpha in (0.5, 2.0, 8.0):
-            stepped = np.stack([collaborative_steps(bases[i] + gamma * shipped[i], rows[i][1], factors, alpha, steps) for i in range(len(rows))])
-            results.append((f"{best} cf step steps={steps} alpha={alpha:g}", score(stepped - np.stack(bases), lambda k: 1.0)))
-    shipped_scores = np.stack([bases[i] + gamma * shipped[i] for i in range(len(rows))])
+            stepped = np.stack([collaborative_steps(shipped_scores[i], rows[i][1], factors, alpha, steps) for i in range(len(rows))])
+            results.append((f"{best} cf step steps={steps} alpha={alpha:g}", score(stepped - base_scores, lambda k: 1.0)))
     users = np.array([row[0] for row in rows])
     for diagonal in (True, False):
         for ridge in (1e-3, 1e-2):
             stepped = learned_step(shipped_scores, [row[1] for row in rows], [row[3] for row in rows], users, factors, diagonal, ridge, config.seed)
-            results.append((f"{best} cf step learned W={'diagonal' if diagonal else 'full'} ridge={ridge:g}", score(stepped - np.stack(bases), lambda k: 1.0)))
+            results.append((f"{best} cf step learned W={'diagonal' if diagonal else 'full'} ridge={ridge:g}", score(stepped - base_scores, lambda k: 1.0)))
 
     head = [
         f"Anchors' item bias, serving variants on {len(cases)} validation users of EASE's split of the train users "
