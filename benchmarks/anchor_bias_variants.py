@@ -67,19 +67,25 @@ def bayes_offsets(supports: list[np.ndarray], positives: list[np.ndarray], assig
     return np.asarray(out)
 
 
+def support_direction(scores: np.ndarray, supports: list, item_factors: np.ndarray) -> np.ndarray:
+    """(U, r) minus the support loss's gradient on each user's collaborative vector ``c`` (scores
+    ``s = c Vᵀ + …``, (U, N)): ``(y − p) V``, ``y`` the support's indicator over K, ``p`` the softmax
+    of the scores with the support excluded from the normaliser."""
+    target = np.zeros_like(scores)
+    logits = scores.copy()
+    for i, support in enumerate(supports):
+        target[i, support] = 1.0 / len(support)
+        logits[i, support] = -np.inf
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return (target - p) @ item_factors
+
+
 def collaborative_steps(scores: np.ndarray, support: np.ndarray, item_factors: np.ndarray, alpha: float, steps: int) -> np.ndarray:
     """``steps`` gradient steps of size α on the user's collaborative vector, as item scores:
     ``s ← s + α (y − p) V Vᵀ`` (the support loss's gradient through ``s = c Vᵀ``)."""
-    scores = scores.copy()
-    target = np.zeros(len(scores))
-    target[support] = 1.0 / len(support)
-    excluded = np.zeros(len(scores), dtype=bool)
-    excluded[support] = True
     for _ in range(steps):
-        logits = np.where(excluded, -np.inf, scores)
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
-        scores = scores + alpha * (((target - p) @ item_factors) @ item_factors.T)
+        scores = scores + alpha * (support_direction(scores[None, :], [support], item_factors)[0] @ item_factors.T)
     return scores
 
 
@@ -87,12 +93,11 @@ def learned_step(scores: np.ndarray, supports: list, queries: list, users: np.nd
     """Scores after one step ``s + (y − p) V W Vᵀ`` with W fitted on the other fold's users (2 folds by user)."""
     s = torch.from_numpy(scores)
     factors = torch.from_numpy(item_factors)
-    target, excluded, query = torch.zeros_like(s), torch.zeros_like(s, dtype=torch.bool), torch.zeros_like(s)
+    excluded, query = torch.zeros_like(s, dtype=torch.bool), torch.zeros_like(s)
     for i, (support, positives) in enumerate(zip(supports, queries)):
-        target[i, support] = 1.0 / len(support)
         excluded[i, support] = True
         query[i, positives] = 1.0 / len(positives)
-    direction = (target - torch.softmax(s.masked_fill(excluded, float("-inf")), -1)) @ factors  # (U, r)
+    direction = torch.from_numpy(support_direction(scores, supports, item_factors))  # (U, r)
 
     def stepped(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return s[rows] + (direction[rows] @ (torch.diag(w) if diagonal else w)) @ factors.T
