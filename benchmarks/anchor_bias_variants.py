@@ -1,6 +1,6 @@
 """Serving variants of the anchors' item bias, and collaborative-side inner steps on top of it, scored on validation users taken from the train users (never the test users).
 
-    python benchmarks/anchor_bias_variants.py [--preset small] [--data DIR] [--threads 1] [--out variants.md]
+    python benchmarks/anchor_bias_variants.py [--preset small] [--data DIR] [--fold 0] [--threads 1] [--out variants.md]
 
 It does what a build does before it chooses γ (:func:`pmeta.bank.build.collaborative_init`): the
 onboarding model and the time prior are chosen on EASE's split of the train users, the fit users are
@@ -11,6 +11,11 @@ scores, by nDCG@10 per K and candidate mode (the build's criterion is the mean o
 * ``gamma``: the shipped form, γ · fused offset of the top ``config.top_k`` anchors at τ = ``config.temperature``;
 * ``shrink``: γ · K / (K + κ) · the same offset (less weight for short histories);
 * ``top_k`` and ``tau``: other retrieval breadths and fusion temperatures;
+* ``gamma rho``: the shipped form plus ρ · each anchor's *onboarding intercept* (:func:`intercepts`):
+  the share of the anchor's users whose positives 6..15 (the onboarding regression's targets, the
+  protocol's query window) include an item, minus that share over all fit users, in the units the
+  regression's intercept ȳ has in the base scores (a/σ_W over the scores' scale), fused like the
+  log ratio; ρ = 1 replaces the global intercept with the retrieved anchors';
 * ``bayes``: no key retrieval; every anchor weighted by its posterior given the support under a
   mixture of multinomials (prior = its share of users, likelihood = Π over the support of its
   smoothed item shares), the offset being the log-ratio of the mixture's predictive distribution;
@@ -27,6 +32,10 @@ scores, by nDCG@10 per K and candidate mode (the build's criterion is the mean o
   other half, both ways (2-fold cross-fitting by user, seeded): a meta-learned step that could do
   what no single α does.
 
+``--fold F`` (0–4) makes the F-th fifth of EASE's seeded permutation of the train users the
+validation users (fold 0 is the build's own split; EASE's λ is still tuned on fold 0's split), so a
+variant chosen on fold 0 can be checked on users it was not chosen on.
+
 It prints a markdown table (and writes it to ``--out``); it is the check behind the README's
 "tried on validation users, not adopted" note.
 """
@@ -42,10 +51,10 @@ import numpy as np
 import torch
 
 from pmeta import load_config
-from pmeta.bank import build
+from pmeta.bank import build, onboarding
 from pmeta.data import load_sample, read_movielens
 from pmeta.eval.baselines import EASEBaseline
-from pmeta.eval.protocol import MODES, draw_candidates, mean_ndcg
+from pmeta.eval.protocol import MODES, QUERY_START, QUERY_STOP, draw_candidates, mean_ndcg
 from pmeta.fusion import anchor_bias
 from pmeta.models.encoder import FunctionalEncoder
 from pmeta.progress import Progress
@@ -65,6 +74,28 @@ def bayes_offsets(supports: list[np.ndarray], positives: list[np.ndarray], assig
         weights = np.exp(log_post - log_post.max())
         out.append(np.log(weights @ smoothed / weights.sum()) - np.log(overall + anchor_bias.EPSILON))
     return np.asarray(out)
+
+
+def intercepts(positives: list[np.ndarray], assignment: np.ndarray, anchors: int, n_items: int) -> np.ndarray:
+    """(A_n, N) ``ȳ_a − ȳ``: per anchor, the share of its users whose positives 6..15 include each
+    item, minus that share over every user. Users with at most 5 positives count nowhere; an anchor
+    without such users gets 0."""
+    counts, users = np.zeros((anchors, n_items)), np.zeros(anchors)
+    for items, anchor in zip(positives, assignment):
+        if len(items) <= QUERY_START:
+            continue
+        np.add.at(counts[int(anchor)], np.unique(np.asarray(items[QUERY_START:QUERY_STOP], dtype=np.int64)), 1.0)
+        users[int(anchor)] += 1
+    overall = counts.sum(0) / max(users.sum(), 1.0)
+    return np.where(users[:, None] > 0, counts / np.maximum(users, 1.0)[:, None] - overall, 0.0)
+
+
+def intercept_unit(base: build.OnboardingScores, fit_positives: list[np.ndarray]) -> float:
+    """The base scores' units of the onboarding regression's intercept ȳ (the mean target row of its
+    episodes): its bias is ``a/σ_W · ȳ``, read back by least squares, over the scores' scale."""
+    _, targets = onboarding.episodes(fit_positives, base.position)
+    mean = targets.mean(0)
+    return float(base.bias @ mean / max(float(mean @ mean), 1e-12)) / base.scale
 
 
 def support_direction(scores: np.ndarray, supports: list, item_factors: np.ndarray) -> np.ndarray:
@@ -127,6 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--data", type=Path, help="a MovieLens directory (default: the shipped sample)")
+    parser.add_argument("--fold", type=int, default=0, choices=range(5), help="which fifth of the train users validates (0: the build's split)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -140,7 +172,13 @@ def main() -> None:
     train_users = build.with_positives(train_users, positives, config.min_positives)
     item_text = build.catalog_embeddings(FunctionalEncoder(config.encoder), dataset.catalog.texts(), Progress(False)).cpu()
 
-    split = build.fit_onboarding(dataset, config, EASEBaseline(lam=config.ease_lambda).fit(dataset, train_users), train_users, positives, rated)
+    ease = EASEBaseline(lam=config.ease_lambda).fit(dataset, train_users)
+    if args.fold:
+        order = np.random.default_rng(ease.validation_seed).permutation(np.sort(np.asarray(train_users, dtype=np.int64)))
+        size = round(ease.validation_fraction * len(order))
+        held = order[args.fold * size : (args.fold + 1) * size]
+        ease.validation_split = lambda users: (order[~np.isin(order, held)], held)
+    split = build.fit_onboarding(dataset, config, ease, train_users, positives, rated)
     cases, base = split.validation_scorer(dataset, positives)
     if base is None:
         raise SystemExit("no validation user of EASE's split has 6 positives: nothing to score")
@@ -163,10 +201,16 @@ def main() -> None:
         return {"mean": float(np.mean([cells[k]["mean"] for k in KS])), "cells": cells}
 
     def retrieved(top_k: int, tau: float) -> np.ndarray:
-        return anchor_bias.offsets(queries, inputs.centroids, inputs.ratio, inputs.sizes, top_k, tau)
+        return retrieved_from(inputs.ratio, top_k, tau)
+
+    def retrieved_from(per_anchor: np.ndarray, top_k: int = config.top_k, tau: float = config.temperature) -> np.ndarray:
+        return anchor_bias.offsets(queries, inputs.centroids, per_anchor, inputs.sizes, top_k, tau)
 
     shipped = retrieved(config.top_k, config.temperature)
     results = [(f"gamma={g:g}", score(shipped, lambda k, g=g: g)) for g in anchor_bias.WEIGHTS]
+    unit = intercept_unit(base, fit_positives)
+    fused_intercept = unit * retrieved_from(intercepts(fit_positives, inputs.assignment, len(inputs.centroids), len(dataset.catalog)))
+    results += [(f"gamma={g:g} rho={r:g}", score(g * shipped + r * fused_intercept, lambda k: 1.0)) for g in (0.0, 1.0, 1.5, 2.0) for r in (0.25, 0.5, 1.0)]
     results += [(f"shrink gamma={g:g} kappa={c:g}", score(shipped, lambda k, g=g, c=c: g * k / (k + c))) for c in (1.0, 2.0, 4.0) for g in (1.5, 2.0, 3.0)]
     for top_k in sorted({1, 8, 16} - {config.top_k}):
         offsets = retrieved(top_k, config.temperature)
@@ -178,7 +222,7 @@ def main() -> None:
         offsets = bayes_offsets([support for _, support, _, _ in rows], fit_positives, inputs.assignment, len(inputs.centroids), len(dataset.catalog), mix)
         results += [(f"bayes mix={mix:g} gamma={g:g}", score(offsets, lambda k, g=g: g)) for g in (0.5, 1.0, 1.5, 2.0)]
 
-    best = max((r for r in results if r[0].startswith("gamma=")), key=lambda r: r[1]["mean"])[0]
+    best = max((r for r in results if r[0].startswith("gamma=") and " rho=" not in r[0]), key=lambda r: r[1]["mean"])[0]
     gamma = float(best.split("=")[1])
     _, _, vt = ranking.svd(base.matrix, config.cf_rank)
     factors = np.zeros((len(dataset.catalog), vt.shape[0]))
@@ -196,7 +240,7 @@ def main() -> None:
             results.append((f"{best} cf step learned W={'diagonal' if diagonal else 'full'} ridge={ridge:g}", score(stepped - base_scores, lambda k: 1.0)))
 
     head = [
-        f"Anchors' item bias, serving variants on {len(cases)} validation users of EASE's split of the train users "
+        f"Anchors' item bias, serving variants on {len(cases)} validation users of EASE's split of the train users (fold {args.fold}) "
         f"({dataset.name}, preset {args.preset}: {config.anchors} anchors, top {config.top_k}, τ = {config.temperature:g}; "
         f"time prior h = {h:g} days, β = {beta:g}); nDCG@10; {platform.processor() or platform.machine()}, "
         f"{args.threads} thread(s), {time.perf_counter() - started:.0f} s.",

@@ -1,6 +1,7 @@
-"""The collaborative-step variants of benchmarks/anchor_bias_variants.py, behind the README's
-"tried on validation users, not adopted" numbers: the closed-form step is the gradient step it
-claims to be, and the cross-fitted learned step never scores a user with a W fitted on that user."""
+"""The variants of benchmarks/anchor_bias_variants.py behind the README's "tried on validation
+users, not adopted" numbers: the closed-form collaborative step is the gradient step it claims to
+be, the cross-fitted learned step never scores a user with a W fitted on that user, and the anchors'
+onboarding intercept counts exactly positives 6..15."""
 
 from __future__ import annotations
 
@@ -66,3 +67,16 @@ def test_learned_step_is_cross_fitted_by_user(variants):
     again = variants.learned_step(scores, supports, scrambled, users, factors, diagonal=True, ridge=1e-3)
     np.testing.assert_allclose(again[users == 0], out[users == 0], atol=1e-9)
     assert not np.allclose(again[users != 0], out[users != 0])
+
+
+def test_intercepts_are_the_anchors_next_items_share_minus_everyones(variants):
+    # users 0, 1 in anchor 0, user 2 in anchor 1, user 3 (5 positives: no window) in anchor 2;
+    # user 0's positives 16 and 17 (items 4, 5) are past the window and count nowhere
+    positives = [np.array([9, 9, 9, 9, 9, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 4, 5]), np.array([9, 8, 7, 6, 5, 0, 2]), np.array([0, 1, 2, 3, 4, 3]), np.array([0, 1, 2, 3, 4])]
+    out = variants.intercepts(positives, np.array([0, 0, 1, 2]), anchors=4, n_items=10)
+    assert out.shape == (4, 10)
+    everyone = np.array([2, 1, 1, 1, 0, 0, 0, 0, 0, 0]) / 3  # a repeated item counts once per user
+    np.testing.assert_allclose(out[0], np.array([2, 1, 1, 0, 0, 0, 0, 0, 0, 0]) / 2 - everyone, atol=1e-12)
+    np.testing.assert_allclose(out[1], np.array([0, 0, 0, 1, 0, 0, 0, 0, 0, 0]) - everyone, atol=1e-12)
+    assert not out[2].any() and not out[3].any()  # no user with a window: no evidence
+    np.testing.assert_allclose(out[:2].T @ np.array([2, 1]) / 3, 0, atol=1e-12)  # the user-weighted mean is the global share
