@@ -11,7 +11,7 @@ scores, by nDCG@10 per K and candidate mode (the build's criterion is the mean o
 * ``gamma``: the shipped form, γ · fused offset of the top ``config.top_k`` anchors at τ = ``config.temperature``;
 * ``shrink``: γ · K / (K + κ) · the same offset (less weight for short histories);
 * ``top_k`` and ``tau``: other retrieval breadths and fusion temperatures;
-* ``gamma rho``: the shipped form plus ρ · each anchor's *onboarding intercept* (:func:`intercepts`):
+* ``gamma rho``: γ · the same offset (γ = 0, 1, 1.5, 2) plus ρ · each anchor's *onboarding intercept* (:func:`intercepts`):
   the share of the anchor's users whose positives 6..15 (the onboarding regression's targets, the
   protocol's query window) include an item, minus that share over all fit users, in the units the
   regression's intercept ȳ has in the base scores (a/σ_W over the scores' scale), fused like the
