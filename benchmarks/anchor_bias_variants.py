@@ -53,7 +53,7 @@ import torch
 from pmeta import load_config
 from pmeta.bank import build, onboarding
 from pmeta.data import load_sample, read_movielens
-from pmeta.eval.baselines import EASEBaseline
+from pmeta.eval.baselines import EASEBaseline, validation_split
 from pmeta.eval.protocol import MODES, QUERY_START, QUERY_STOP, draw_candidates, mean_ndcg
 from pmeta.fusion import anchor_bias
 from pmeta.models.encoder import FunctionalEncoder
@@ -173,11 +173,8 @@ def main() -> None:
     item_text = build.catalog_embeddings(FunctionalEncoder(config.encoder), dataset.catalog.texts(), Progress(False)).cpu()
 
     ease = EASEBaseline(lam=config.ease_lambda).fit(dataset, train_users)
-    if args.fold:
-        order = np.random.default_rng(ease.validation_seed).permutation(np.sort(np.asarray(train_users, dtype=np.int64)))
-        size = round(ease.validation_fraction * len(order))
-        held = order[args.fold * size : (args.fold + 1) * size]
-        ease.validation_split = lambda users: (order[~np.isin(order, held)], held)
+    if args.fold:  # after EASE's own λ tuning, which stays on fold 0
+        ease.validation_split = lambda users: validation_split(users, ease.validation_fraction, ease.validation_seed, args.fold)
     split = build.fit_onboarding(dataset, config, ease, train_users, positives, rated)
     cases, base = split.validation_scorer(dataset, positives)
     if base is None:
@@ -200,23 +197,20 @@ def main() -> None:
             cells[k] = mean_ndcg(((rows[i][0], bases[i] + weight(k) * offsets[i], rows[i][3]) for i in by_k[k]), candidates, MODES)
         return {"mean": float(np.mean([cells[k]["mean"] for k in KS])), "cells": cells}
 
-    def retrieved(top_k: int, tau: float) -> np.ndarray:
-        return retrieved_from(inputs.ratio, top_k, tau)
-
-    def retrieved_from(per_anchor: np.ndarray, top_k: int = config.top_k, tau: float = config.temperature) -> np.ndarray:
+    def retrieved(per_anchor: np.ndarray, top_k: int = config.top_k, tau: float = config.temperature) -> np.ndarray:
         return anchor_bias.offsets(queries, inputs.centroids, per_anchor, inputs.sizes, top_k, tau)
 
-    shipped = retrieved(config.top_k, config.temperature)
+    shipped = retrieved(inputs.ratio)
     results = [(f"gamma={g:g}", score(shipped, lambda k, g=g: g)) for g in anchor_bias.WEIGHTS]
     unit = intercept_unit(base, fit_positives)
-    fused_intercept = unit * retrieved_from(intercepts(fit_positives, inputs.assignment, len(inputs.centroids), len(dataset.catalog)))
+    fused_intercept = unit * retrieved(intercepts(fit_positives, inputs.assignment, len(inputs.centroids), len(dataset.catalog)))
     results += [(f"gamma={g:g} rho={r:g}", score(g * shipped + r * fused_intercept, lambda k: 1.0)) for g in (0.0, 1.0, 1.5, 2.0) for r in (0.25, 0.5, 1.0)]
     results += [(f"shrink gamma={g:g} kappa={c:g}", score(shipped, lambda k, g=g, c=c: g * k / (k + c))) for c in (1.0, 2.0, 4.0) for g in (1.5, 2.0, 3.0)]
     for top_k in sorted({1, 8, 16} - {config.top_k}):
-        offsets = retrieved(top_k, config.temperature)
+        offsets = retrieved(inputs.ratio, top_k)
         results += [(f"top_k={top_k} gamma={g:g}", score(offsets, lambda k, g=g: g)) for g in (1.0, 1.5, 2.0)]
     for tau in (0.02, 0.1, 0.2):
-        offsets = retrieved(config.top_k, tau)
+        offsets = retrieved(inputs.ratio, tau=tau)
         results += [(f"tau={tau:g} gamma={g:g}", score(offsets, lambda k, g=g: g)) for g in (1.0, 1.5, 2.0)]
     for mix in (anchor_bias.MIX, 0.3):
         offsets = bayes_offsets([support for _, support, _, _ in rows], fit_positives, inputs.assignment, len(inputs.centroids), len(dataset.catalog), mix)

@@ -329,6 +329,22 @@ def test_itemknn_is_cosine_over_cooccurrence():
     assert scores[4] == 0.0  # no train positive: no similarity and a zero tie-breaker
 
 
+def test_validation_split_folds_are_disjoint_slices_and_fold_zero_is_the_default():
+    from pmeta.eval.baselines import validation_split
+
+    users = np.arange(100, 150)[::-1]
+    permuted = np.random.default_rng(7).permutation(np.arange(100, 150))
+    fit, validation = validation_split(users, 0.2, 7)
+    np.testing.assert_array_equal(validation, permuted[:10])
+    np.testing.assert_array_equal(fit, permuted[10:])
+    folds = [validation_split(users, 0.2, 7, fold) for fold in range(5)]
+    np.testing.assert_array_equal(folds[0][1], validation)
+    np.testing.assert_array_equal(np.sort(np.concatenate([v for _, v in folds])), np.arange(100, 150))  # disjoint, covering
+    for fold, (fit, validation) in enumerate(folds):
+        np.testing.assert_array_equal(validation, permuted[10 * fold : 10 * fold + 10])
+        np.testing.assert_array_equal(fit, permuted[~np.isin(permuted, validation)])  # the rest, in permutation order
+
+
 def test_ease_matches_the_closed_form_and_tunes_lambda():
     dataset = random_dataset(n_users=60, n_items=150, seed=3)
     train, _ = split_users(dataset)

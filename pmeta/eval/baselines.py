@@ -79,12 +79,15 @@ def positive_matrix(dataset: Dataset, users: Sequence[int] | np.ndarray, dtype=n
     return matrix
 
 
-def validation_split(train_users: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def validation_split(train_users: np.ndarray, fraction: float, seed: int, fold: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(fit_users, validation_users)``: the first ``round(fraction * n)`` of a seeded permutation
-    of the sorted train users are validation users (how a baseline tunes itself, never on test users)."""
+    of the sorted train users are validation users (how a baseline tunes itself, never on test users);
+    ``fold`` f takes the f-th such slice instead (fold 0 is the first), so the folds are disjoint and
+    the fit users are the rest, in permutation order."""
     permuted = np.random.default_rng(seed).permutation(np.sort(np.asarray(train_users, dtype=np.int64)))
     n_validation = round(fraction * len(permuted))
-    return permuted[n_validation:], permuted[:n_validation]
+    start, stop = fold * n_validation, (fold + 1) * n_validation
+    return np.concatenate([permuted[:start], permuted[stop:]]), permuted[start:stop]
 
 
 @register("random")
