@@ -1,7 +1,8 @@
 """The variants of benchmarks/anchor_bias_variants.py behind the README's "tried on validation
 users, not adopted" numbers: the closed-form collaborative step is the gradient step it claims to
-be, the cross-fitted learned step never scores a user with a W fitted on that user, and the anchors'
-onboarding intercept counts exactly positives 6..15."""
+be, the cross-fitted learned step never scores a user with a W fitted on that user, the anchors'
+onboarding intercept counts exactly positives 6..15, and benchmarks/onboarding_cv.py's nonlinear
+kernel ridge reduces to the shipped linear regression at kernel weight 0."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "anchor_bias_variants.py"
+ONBOARDING_CV = Path(__file__).resolve().parents[1] / "benchmarks" / "onboarding_cv.py"
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +82,30 @@ def test_intercepts_are_the_anchors_next_items_share_minus_everyones(variants):
     np.testing.assert_allclose(out[1], np.array([0, 0, 0, 1, 0, 0, 0, 0, 0, 0]) - everyone, atol=1e-12)
     assert not out[2].any() and not out[3].any()  # no user with a window: no evidence
     np.testing.assert_allclose(out[:2].T @ np.array([2, 1]) / 3, 0, atol=1e-12)  # the user-weighted mean is the global share
+
+
+def test_kernel_ridge_is_the_onboarding_regression_at_weight_zero_and_adds_the_rbf_otherwise():
+    from pmeta.bank import onboarding
+
+    spec = importlib.util.spec_from_file_location("onboarding_cv", ONBOARDING_CV)
+    cv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cv)
+    rng = np.random.default_rng(0)
+    episodes, n, lam = 12, 30, 3.0
+    x = np.zeros((episodes, n), np.float32)
+    for row in x:
+        support = rng.choice(n, rng.integers(1, 4), replace=False)
+        row[support] = 1.0 / len(support)
+    y = (rng.random((episodes, n)) < 0.2).astype(np.float32)
+    factors = rng.normal(size=(n, 6))
+    new = x[:3] * 0.5 + x[3:6] * 0.5
+    # weight 0: the dual kernel ridge predicts exactly what onboarding.ridge's W does
+    alpha, mean = cv.kernel_ridge(cv.episode_kernel(x, x, factors, 0.1, 0.0), y, lam)
+    w, ridge_mean = onboarding.ridge(x, y, lam)
+    np.testing.assert_allclose(mean + cv.episode_kernel(new, x, factors, 0.1, 0.0) @ alpha, ridge_mean + new @ w, atol=1e-4)
+    # weight c: linear + c·exp((cos − 1)/bw); an episode against itself adds exactly c
+    kernel = cv.episode_kernel(x, x, factors, 0.1, 2.0)
+    np.testing.assert_allclose(np.diag(kernel), np.diag(x @ x.T) + 2.0, atol=1e-6)
+    embedded = x @ factors
+    cosine = embedded @ embedded.T / np.outer(np.linalg.norm(embedded, axis=1), np.linalg.norm(embedded, axis=1))
+    np.testing.assert_allclose(kernel, x @ x.T + 2.0 * np.exp((cosine - 1.0) / 0.1), atol=1e-5)
