@@ -33,25 +33,20 @@ MODES = ("uni99", "pop99", "full")
 KS = (1, 3, 5)
 
 
-def episode_kernel(x: np.ndarray, train_x: np.ndarray, factors: np.ndarray, bandwidth: float, weight: float) -> np.ndarray:
-    """(len(x), len(train_x)) kernel ``x·x' + weight · exp((cos(xF, x'F) − 1)/bandwidth)`` between
-    episodes' support rows (weight 0: the linear kernel of :func:`pmeta.bank.onboarding.ridge`)."""
-    def unit(rows: np.ndarray) -> np.ndarray:
-        embedded = rows @ factors
-        return embedded / (np.linalg.norm(embedded, axis=1, keepdims=True) + 1e-9)
+def unit_embedding(rows: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """(len(rows), r) unit-norm mean item factors ``xF / |xF|`` of episodes' support rows."""
+    embedded = rows @ factors
+    return embedded / (np.linalg.norm(embedded, axis=1, keepdims=True) + 1e-9)
 
+
+def episode_kernel(x: np.ndarray, x_unit: np.ndarray, train_x: np.ndarray, train_unit: np.ndarray, bandwidth: float, weight: float) -> np.ndarray:
+    """(len(x), len(train_x)) kernel ``x·x' + weight · exp((cos(xF, x'F) − 1)/bandwidth)`` between
+    episodes' support rows, given their :func:`unit_embedding` (weight 0: the linear kernel of
+    :func:`pmeta.bank.onboarding.ridge`)."""
     linear = x @ train_x.T
     if weight == 0.0:
         return linear
-    return linear + weight * np.exp((unit(x) @ unit(train_x).T - 1.0) / bandwidth)
-
-
-def kernel_ridge(gram: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
-    """(α (E, n), ȳ): the dual solution ``(G + λI)⁻¹ (Y − ȳ)``; predictions are ``ȳ + k(x, X) α``."""
-    mean = y.mean(0)
-    regularized = gram.astype(np.float64, copy=True)
-    regularized[np.diag_indices_from(regularized)] += lam
-    return np.linalg.solve(regularized, (y - mean).astype(np.float64)).astype(np.float32), mean.astype(np.float32)
+    return linear + weight * np.exp((x_unit @ train_unit.T - 1.0) / bandwidth)
 
 
 def main() -> None:
@@ -89,6 +84,7 @@ def main() -> None:
             _, singular, item_vt = randomized_svd(matrix[:, kept], n_components=64, random_state=0)
             factors = item_vt.T * singular**0.5
             factors /= np.linalg.norm(factors, axis=1, keepdims=True) + 1e-9
+            x_unit = unit_embedding(x, factors)  # the training episodes', once per fold
         del matrix
         history, item = u * sigma, vt.T
         sigma_b = max(float((x @ ease).std()), 1e-9)
@@ -105,8 +101,8 @@ def main() -> None:
             return score
 
         def kernel_scorer(bandwidth: float, weight: float):
-            gram = episode_kernel(x, x, factors, bandwidth, weight)
-            alpha, mean = kernel_ridge(gram, y, args.lam)
+            gram = episode_kernel(x, x_unit, x, x_unit, bandwidth, weight)
+            alpha, mean = onboarding.dual_ridge(gram, y, args.lam)
             sigma_k = max(float((gram @ alpha).std()), 1e-9)  # the σ_W of onboarding.combine
             del gram
 
@@ -117,7 +113,7 @@ def main() -> None:
                 row = np.zeros((1, len(kept)), np.float32)
                 if len(rows):
                     row[0, rows] = 1.0 / len(rows)
-                predicted = mean + episode_kernel(row, x, factors, bandwidth, weight)[0] @ alpha
+                predicted = mean + episode_kernel(row, unit_embedding(row, factors), x, x_unit, bandwidth, weight)[0] @ alpha
                 scores[kept] = row[0] @ ease / sigma_b + args.weight * predicted / sigma_k
                 return scores
 

@@ -99,12 +99,19 @@ def test_kernel_ridge_is_the_onboarding_regression_at_weight_zero_and_adds_the_r
     y = (rng.random((episodes, n)) < 0.2).astype(np.float32)
     factors = rng.normal(size=(n, 6))
     new = x[:3] * 0.5 + x[3:6] * 0.5
+    x_unit, new_unit = cv.unit_embedding(x, factors), cv.unit_embedding(new, factors)
     # weight 0: the dual kernel ridge predicts exactly what onboarding.ridge's W does
-    alpha, mean = cv.kernel_ridge(cv.episode_kernel(x, x, factors, 0.1, 0.0), y, lam)
+    alpha, mean = onboarding.dual_ridge(cv.episode_kernel(x, x_unit, x, x_unit, 0.1, 0.0), y, lam)
     w, ridge_mean = onboarding.ridge(x, y, lam)
-    np.testing.assert_allclose(mean + cv.episode_kernel(new, x, factors, 0.1, 0.0) @ alpha, ridge_mean + new @ w, atol=1e-4)
+    np.testing.assert_allclose(mean + cv.episode_kernel(new, new_unit, x, x_unit, 0.1, 0.0) @ alpha, ridge_mean + new @ w, atol=1e-4)
+    # ... and onboarding.ridge's primal branch (more episodes than items) is the same regression
+    tall = np.concatenate([x, x[::-1] * 0.5, x[:8]])
+    tall_y = np.concatenate([y, y[::-1], y[:8]])
+    tall_alpha, tall_mean = onboarding.dual_ridge(tall @ tall.T, tall_y, lam)
+    tall_w, _ = onboarding.ridge(tall, tall_y, lam)
+    np.testing.assert_allclose(new @ tall.T @ tall_alpha, new @ tall_w, atol=1e-4)
     # weight c: linear + c·exp((cos − 1)/bw); an episode against itself adds exactly c
-    kernel = cv.episode_kernel(x, x, factors, 0.1, 2.0)
+    kernel = cv.episode_kernel(x, x_unit, x, x_unit, 0.1, 2.0)
     np.testing.assert_allclose(np.diag(kernel), np.diag(x @ x.T) + 2.0, atol=1e-6)
     embedded = x @ factors
     cosine = embedded @ embedded.T / np.outer(np.linalg.norm(embedded, axis=1), np.linalg.norm(embedded, axis=1))

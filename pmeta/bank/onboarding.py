@@ -90,15 +90,22 @@ def ridge(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndar
     mean = y.mean(0) if len(y) else np.zeros(y.shape[1], np.float32)
     if len(x) == 0:
         return np.zeros((x.shape[1], x.shape[1]), np.float32), mean
-    centred = y - mean
     if len(x) <= x.shape[1]:
-        gram = (x @ x.T).astype(np.float64)
-        gram[np.diag_indices_from(gram)] += lam
-        alpha = np.linalg.solve(gram, centred.astype(np.float64)).astype(np.float32)
-        return x.T @ alpha, mean.astype(np.float32)
+        alpha, mean = dual_ridge(x @ x.T, y, lam)
+        return x.T @ alpha, mean
+    centred = y - mean
     gram = (x.T @ x).astype(np.float64)
     gram[np.diag_indices_from(gram)] += lam
     return np.linalg.solve(gram, (x.T @ centred).astype(np.float64)).astype(np.float32), mean.astype(np.float32)
+
+
+def dual_ridge(gram: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """(α (E, n), ȳ) in float32: the dual solution ``(G + λI)⁻¹ (Y − ȳ)`` for an episode kernel
+    ``G`` (E, E), solved in float64; predictions are ``ȳ + k(x, X) α`` (``G = X Xᵀ``: :func:`ridge`)."""
+    mean = y.mean(0)
+    regularized = gram.astype(np.float64, copy=True)
+    regularized[np.diag_indices_from(regularized)] += lam
+    return np.linalg.solve(regularized, (y - mean).astype(np.float64)).astype(np.float32), mean.astype(np.float32)
 
 
 def _scale(x: np.ndarray, matrix: np.ndarray) -> float:
