@@ -2,7 +2,8 @@
 users, not adopted" numbers: the closed-form collaborative step is the gradient step it claims to
 be, the cross-fitted learned step never scores a user with a W fitted on that user, the anchors'
 onboarding intercept counts exactly positives 6..15, and benchmarks/onboarding_cv.py's nonlinear
-kernel ridge reduces to the shipped linear regression at kernel weight 0."""
+kernel ridge reduces to the shipped linear regression at kernel weight 0, and benchmarks/seeds.py pools
+seeds' runs with a bootstrap stratified by seed."""
 
 from __future__ import annotations
 
@@ -116,3 +117,38 @@ def test_kernel_ridge_is_the_onboarding_regression_at_weight_zero_and_adds_the_r
     embedded = x @ factors
     cosine = embedded @ embedded.T / np.outer(np.linalg.norm(embedded, axis=1), np.linalg.norm(embedded, axis=1))
     np.testing.assert_allclose(kernel, x @ x.T + 2.0 * np.exp((cosine - 1.0) / 0.1), atol=1e-5)
+
+
+SEEDS = Path(__file__).resolve().parents[1] / "benchmarks" / "seeds.py"
+
+
+def _write_run(path: Path, seed: int, users: list[int], values: dict[str, list[float]]) -> Path:
+    """A `seeds.py run` output holding one cell (K = 1, full) per method, with HR@10 = nDCG@10 = values."""
+    path.mkdir()
+    cells = [{"method": m, "k": 1, "mode": "full", "user": users, "hr@10": v, "ndcg@10": v, "mrr": v} for m, v in values.items()]
+    (path / "per_user.json").write_text(__import__("json").dumps({"seed": seed, "fingerprint": "f", "bank": "b", "cells": cells}))
+    return path
+
+
+def test_seeds_pool_concatenates_runs_and_resamples_users_within_their_seed(tmp_path):
+    spec = importlib.util.spec_from_file_location("seeds", SEEDS)
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+    # pmeta is 1 above prompt-maml on every user of seed 0 and level on seed 1; ease is the only classical.
+    first = _write_run(tmp_path / "s0", 0, [3, 5], {"pmeta": [1.0, 1.0], "prompt-maml": [0.0, 0.0], "ease": [0.0, 1.0]})
+    second = _write_run(tmp_path / "s1", 1, [5, 8, 9], {"pmeta": [0.0, 1.0, 0.0], "prompt-maml": [0.0, 1.0, 0.0], "ease": [1.0, 1.0, 1.0]})
+    pooled = seeds.pooled_cells(seeds.load_runs([first, second]))
+    assert pooled[("pmeta", 1, "full")]["user"].tolist() == [3, 5, 5, 8, 9] and pooled[("pmeta", 1, "full")]["seed"].tolist() == [0, 0, 1, 1, 1]
+    rows = {(c["versus"], c["metric"]): c for c in seeds.compare(pooled, resamples=500)}
+    maml = rows[("prompt-maml", "hr@10")]
+    assert maml["difference"] == pytest.approx(2 / 5) and maml["per_seed"] == {0: 1.0, 1: 0.0}
+    # Constant differences within each seed: a bootstrap stratified by seed cannot move the mean.
+    assert maml["ci95"] == pytest.approx([0.4, 0.4])
+    assert rows[("ease", "hr@10")]["difference"] == pytest.approx((1 + 0 - 1 + 0 - 1) / 5)
+    text = seeds.pool([first, second], resamples=500)
+    assert "5 test cases, 4 distinct users" in text and "| pmeta | 0.600 / 0.600 |" in text
+    # The goals table: pmeta relative to the best classical (ease here) per seed, then pooled.
+    assert "| full K = 1: pmeta over the best classical, HR@10 / nDCG@10 | +100.0% / +100.0% | -66.7% / -66.7% | -25.0% / -25.0% |" in text
+    assert "| prompt-maml | full | **+0.400 [+0.400, +0.400]** |" in text
+    with pytest.raises(SystemExit, match="different seed"):
+        seeds.load_runs([first, first])

@@ -89,7 +89,13 @@ def test_pmeta_methods_are_compared_with_their_rivals_by_paired_bootstrap(reduce
 
 def test_same_seed_and_config_give_identical_metrics(reduced, opened_bank, sample):
     methods = ["random", "prompt-maml", "per-user-lora", "pmeta"]
-    again = run_movielens(sample, opened_bank, methods, (1, 3), ("pop99", "full"), max_users=USERS, reptile_bank=opened_bank, options=FAST)
+    cells: dict = {}
+    again = run_movielens(sample, opened_bank, methods, (1, 3), ("pop99", "full"), max_users=USERS, reptile_bank=opened_bank, options=FAST, per_user=cells)
+    # per_user hands back the per-user metrics behind each row (benchmarks/seeds.py pools them over seeds).
+    assert set(cells) == set(methods)
+    for row in again["results"]:
+        cell = cells[row["method"]][(row["k"], row["mode"])]
+        assert len(cell["user"]) == row["users"] and all(float(np.mean(cell[m])) == row[m] for m in ("hr@10", "ndcg@10", "mrr"))
     metrics = lambda rows: [{k: v for k, v in r.items() if not k.startswith("adapt_ms")} for r in rows if r["method"] in methods]  # noqa: E731
     assert metrics(again["results"]) == metrics(reduced[0]["results"])
     pmeta_vs_maml = lambda report: [c for c in report["comparisons"] if (c["method"], c["versus"]) == ("pmeta", "prompt-maml")]  # noqa: E731

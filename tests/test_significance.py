@@ -65,6 +65,22 @@ def test_the_bootstrap_rejects_unpaired_arrays():
     assert np.isnan(empty["difference"]) and np.isnan(empty["p_better"]) and all(np.isnan(empty["ci95"]))
 
 
+def test_a_stratified_bootstrap_resamples_within_each_stratum():
+    rng = np.random.default_rng(5)
+    a, b = rng.random(40), rng.random(40)
+    # One stratum draws exactly what the plain bootstrap draws.
+    assert paired_bootstrap(a, b, seed=2, strata=np.zeros(40)) == paired_bootstrap(a, b, seed=2)
+    # A difference that is constant within each stratum: every stratified resample keeps the strata's
+    # sizes, so its mean never moves; the plain bootstrap mixes the strata and does.
+    a, b, strata = np.r_[np.ones(10), np.zeros(30)], np.zeros(40), np.r_[np.zeros(10), np.ones(30)]
+    stratified = paired_bootstrap(a, b, strata=strata)
+    assert stratified["difference"] == 0.25 and stratified["ci95"] == pytest.approx([0.25, 0.25]) and stratified["p_better"] == 1.0
+    lo, hi = paired_bootstrap(a, b)["ci95"]
+    assert hi - lo > 0.2
+    with pytest.raises(ValueError, match="one label per user"):
+        paired_bootstrap(a, b, strata=strata[:-1])
+
+
 def _cells(users: list[int], hr: list[float], ndcg: list[float], cells=((1, "pop99"), (3, "pop99"))) -> dict:
     """A method's per-user cells (the same values in every cell; MRR unused)."""
     return {cell: {"user": np.array(users), "hr@10": np.array(hr, dtype=float), "ndcg@10": np.array(ndcg, dtype=float), "mrr": np.zeros(len(users))} for cell in cells}

@@ -73,12 +73,15 @@ def run_movielens(
     reptile_bank: Bank | None = None,
     options: dict[str, dict] | None = None,
     resamples: int = BOOTSTRAP_RESAMPLES,
+    per_user: dict | None = None,
 ) -> dict:
     """Evaluate every method on the test users of ``dataset`` (seed ``seed``); returns the report dict.
 
     ``options`` maps a method name to keyword arguments of its class (e.g.
     ``{"per-user-lora": {"steps": 10}}``). ``max_users`` keeps the first N test users (quick runs).
     ``resamples`` is the number of user resamples of each paired bootstrap (seeded with ``seed``).
+    ``per_user``, if given, receives each method's per-user metrics (method -> the cells
+    :func:`pmeta.eval.protocol.evaluate` fills), e.g. to pool several seeds' test users.
     """
     progress = progress or Progress(False)
     unknown = [m for m in methods if m not in BASELINES]
@@ -98,17 +101,19 @@ def run_movielens(
     context = EvalContext(dataset, train_users, seed=seed, model=model, reptile_model=reptile_model, options=options, progress=progress)
     positives = dataset.positives_by_user()
     cases = sum(1 for u in test_users if len(positives.get(int(u), ())) >= MIN_POSITIVES)
-    results, per_user = [], {}
+    results, cells = [], {}
     for method in methods:
         torch.manual_seed(seed)
         scorer = BASELINES[method].create(context)
         with progress.task(f"evaluating {method}", cases * len(ks)) as bar:
-            per_user[method] = {}
-            rows = evaluate(scorer, dataset, test_users, ks=ks, modes=modes, seed=seed, progress=lambda done, total: bar.advance(1), per_user=per_user[method])
+            cells[method] = {}
+            rows = evaluate(scorer, dataset, test_users, ks=ks, modes=modes, seed=seed, progress=lambda done, total: bar.advance(1), per_user=cells[method])
         for row in rows:
             row["method"] = method
             row["bytes_per_user"] = int(scorer.bytes_per_user)
         results.extend(rows)
+    if per_user is not None:
+        per_user.update(cells)
     return {
         "protocol": PROTOCOL_NAME,
         "dataset": {"name": dataset.name, "format": dataset.format, "fingerprint": dataset.fingerprint, "items": len(dataset.catalog), "users": dataset.ratings.n_users},
@@ -132,7 +137,7 @@ def run_movielens(
             },
         },
         "results": results,
-        "comparisons": compare_methods(per_user, resamples=resamples, seed=seed),
+        "comparisons": compare_methods(cells, resamples=resamples, seed=seed),
     }
 
 

@@ -26,7 +26,7 @@ CLASSICAL = ("popularity", "itemknn", "ease")
 COMPARED_METRICS = {"hr@10": "HR@10", "ndcg@10": "nDCG@10"}
 
 
-def paired_bootstrap(a, b, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+def paired_bootstrap(a, b, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, strata=None) -> dict:
     """Compare per-user values ``a`` and ``b`` of two methods on the same users (same order).
 
     Returns ``difference`` (mean of ``a - b``), ``ci95`` (``[lo, hi]``: the 2.5th and 97.5th
@@ -35,6 +35,11 @@ def paired_bootstrap(a, b, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) 
     difference is > 0, a tie counting half: a bootstrap share, not a p-value; 0.5 for identical
     methods). Deterministic for a seed; with no users every value is NaN. The intervals are per
     comparison, not adjusted for how many a report makes.
+
+    ``strata`` (one label per user, e.g. the seed whose test split the user came from) makes it a
+    stratified bootstrap: each resample draws, with replacement, as many users from each stratum as
+    it holds, so that pooled runs of several splits keep their sizes and only the within-split
+    variation enters the interval.
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.ndim != 1 or a.shape != b.shape:
@@ -44,7 +49,15 @@ def paired_bootstrap(a, b, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) 
     if len(a) == 0:
         return {"difference": float("nan"), "ci95": [float("nan"), float("nan")], "p_better": float("nan")}
     differences = a - b
-    picks = np.random.default_rng(seed).integers(0, len(differences), size=(resamples, len(differences)))
+    rng = np.random.default_rng(seed)
+    if strata is None:
+        picks = rng.integers(0, len(differences), size=(resamples, len(differences)))
+    else:
+        labels = np.asarray(strata)
+        if labels.shape != differences.shape:
+            raise ValueError(f"strata needs one label per user ({len(differences)}), got shape {labels.shape}")
+        groups = [np.flatnonzero(labels == label) for label in np.unique(labels)]
+        picks = np.concatenate([group[rng.integers(0, len(group), size=(resamples, len(group)))] for group in groups], axis=1)
     means = differences[picks].mean(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     p_better = np.mean(means > 0) + 0.5 * np.mean(means == 0)
@@ -82,17 +95,17 @@ def compare_methods(per_user: Mapping[str, PerUser], resamples: int = BOOTSTRAP_
     return comparisons
 
 
-def _signed(value: float) -> str:
+def signed(value: float) -> str:
     """``+0.006`` / ``−0.010`` (a typographic minus; a value that rounds to zero is ``+0.000``)."""
     return f"{round(value, 3) + 0.0:+.3f}".replace("-", "\u2212")
 
 
-def _cell(comparison: dict | None) -> str:
+def comparison_cell(comparison: dict | None) -> str:
     """``+0.006 [−0.010, +0.022]``, bold when the CI excludes 0; the baseline's name for the best classical."""
     if comparison is None:
         return "—"
     lo, hi = comparison["ci95"]
-    text = f"{_signed(comparison['difference'])} [{_signed(lo)}, {_signed(hi)}]"
+    text = f"{signed(comparison['difference'])} [{signed(lo)}, {signed(hi)}]"
     if lo > 0 or hi < 0:
         text = f"**{text}**"
     return f"{text} ({comparison['versus']})" if comparison["versus"] in CLASSICAL else text
@@ -120,6 +133,6 @@ def markdown_lines(comparisons: list[dict], resamples: int = BOOTSTRAP_RESAMPLES
             lines += [f"### {method}: {title}", "", "| versus | mode | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
             for rival in rivals:
                 for mode in modes:
-                    lines.append(f"| {rival} | {mode} | " + " | ".join(_cell(table.get((method, metric, rival, mode, k))) for k in ks) + " |")
+                    lines.append(f"| {rival} | {mode} | " + " | ".join(comparison_cell(table.get((method, metric, rival, mode, k))) for k in ks) + " |")
             lines.append("")
     return lines

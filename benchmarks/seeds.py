@@ -1,0 +1,205 @@
+"""coldstart-v1 on several seeds' test users at once: are the margins between pmeta and its rivals the
+same on other held-out users?
+
+One seed's test split has ~120 users, too few to tell differences of a few thousandths apart. Each
+seed draws a different 20% of the users as test users (PROTOCOL.md), so a bank built with
+``--seed S`` and evaluated on seed S's test users is one more independent-ish replicate of the whole
+experiment (bank included). ``run`` evaluates one (seed, bank) pair and keeps every user's metrics;
+``pool`` puts the runs together: each cell's mean over all the runs' users, and paired differences
+of each pmeta method against prompt-MAML, per-user LoRA and the best classical baseline with a
+bootstrap stratified by seed (users are resampled within their own run).
+
+    pmeta --threads 1 bank build --preset small --seed 1 --out bank-s1
+    python benchmarks/seeds.py run --bank bank-s1 --seed 1 --out seeds/s1
+    python benchmarks/seeds.py pool seeds/s0 seeds/s1 seeds/s2
+
+A user can be a test user of more than one seed (each seed draws 20% of them independently); the
+pooled rows count such a user once per run, as the runs are separate experiments with separate
+banks, and ``pool`` prints how many distinct users the runs hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pmeta.eval.significance import CLASSICAL, PMETA_METHODS, RIVALS, comparison_cell, paired_bootstrap, signed
+
+RUN_METHODS = ("popularity", "popularity-time", "itemknn", "ease", "prompt-maml", "per-user-lora", "pmeta-no-steps", "pmeta")
+METRICS = ("hr@10", "ndcg@10")
+MODES = ("uni99", "pop99", "full")
+
+
+def run(bank_path: Path, seed: int, out: Path, methods: list[str], threads: int, users: int | None) -> None:
+    import torch
+
+    from pmeta.bank.bank import Bank
+    from pmeta.data import load_sample
+    from pmeta.eval.runner import run_movielens, write_report
+    from pmeta.progress import Progress
+
+    torch.set_num_threads(threads)
+    per_user: dict = {}
+    report = run_movielens(load_sample(), Bank.open(bank_path), methods, (1, 3, 5), MODES, seed=seed, max_users=users, progress=Progress(), per_user=per_user)
+    write_report(report, out, plots=False)
+    cells = [
+        {"method": method, "k": k, "mode": mode, **{key: np.asarray(values).tolist() for key, values in cell.items()}}
+        for method, by_cell in per_user.items()
+        for (k, mode), cell in by_cell.items()
+    ]
+    (out / "per_user.json").write_text(json.dumps({"seed": seed, "fingerprint": report["dataset"]["fingerprint"], "bank": report["config"]["bank"]["version"], "cells": cells}))
+    print(f"wrote {out / 'report.md'} and {out / 'per_user.json'}")
+
+
+def load_runs(paths: list[Path]) -> list[dict]:
+    runs = [json.loads((path / "per_user.json").read_text()) for path in paths]
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"each run must be a different seed, got {seeds}")
+    if len({r["fingerprint"] for r in runs}) != 1:
+        raise SystemExit("the runs are on different datasets")
+    return runs
+
+
+def pooled_cells(runs: list[dict]) -> dict[tuple[str, int, str], dict[str, np.ndarray]]:
+    """(method, k, mode) -> {"seed", "user", metrics...} concatenated over the runs that have it in every run."""
+    pooled: dict = {}
+    for r in runs:
+        for cell in r["cells"]:
+            key = (cell["method"], cell["k"], cell["mode"])
+            part = {"seed": np.full(len(cell["user"]), r["seed"]), **{name: np.asarray(cell[name]) for name in ("user", *METRICS)}}
+            pooled.setdefault(key, []).append(part)
+    return {key: {name: np.concatenate([p[name] for p in parts]) for name in parts[0]} for key, parts in pooled.items() if len(parts) == len(runs)}
+
+
+def compare(pooled: dict, resamples: int) -> list[dict]:
+    """pmeta rows minus prompt-maml, per-user-lora and the best classical (pooled mean), per cell and metric."""
+    rows = []
+    cells = sorted({(k, mode) for _, k, mode in pooled}, key=lambda c: (MODES.index(c[1]) if c[1] in MODES else len(MODES), c[0]))
+    for method in (m for m in PMETA_METHODS if any(key[0] == m for key in pooled)):
+        for metric in METRICS:
+            for k, mode in cells:
+                mine = pooled.get((method, k, mode))
+                if mine is None:
+                    continue
+                classical = [c for c in CLASSICAL if (c, k, mode) in pooled]
+                best = max(classical, key=lambda c: float(np.mean(pooled[(c, k, mode)][metric])), default=None)
+                for versus in [r for r in RIVALS if (r, k, mode) in pooled] + ([best] if best else []):
+                    theirs = pooled[(versus, k, mode)]
+                    if not (np.array_equal(mine["user"], theirs["user"]) and np.array_equal(mine["seed"], theirs["seed"])):
+                        raise SystemExit(f"{method} and {versus} were evaluated on different users in {k}/{mode}")
+                    result = paired_bootstrap(mine[metric], theirs[metric], resamples=resamples, seed=0, strata=mine["seed"])
+                    per_seed = {int(s): float(np.mean(mine[metric][mine["seed"] == s] - theirs[metric][mine["seed"] == s])) for s in np.unique(mine["seed"])}
+                    rows.append({"method": method, "versus": versus, "metric": metric, "k": k, "mode": mode, "users": len(mine["user"]), "per_seed": per_seed, **result})
+    return rows
+
+
+def _goal_cells(pooled: dict, seed: int | None) -> list[str]:
+    """One column of the goals table: pmeta's uni99 K = 5 HR@10, then per (mode, K) of pop99 and full
+    pmeta's relative margin over the best classical baseline (chosen on these users) in HR@10 / nDCG@10."""
+    def mean(method: str, k: int, mode: str, metric: str) -> float:
+        cell = pooled[(method, k, mode)]
+        keep = np.ones(len(cell["user"]), dtype=bool) if seed is None else cell["seed"] == seed
+        return float(np.mean(cell[metric][keep]))
+
+    column = [f"{mean('pmeta', 5, 'uni99', 'hr@10'):.3f}" if ("pmeta", 5, "uni99") in pooled else "—"]
+    for mode in ("pop99", "full"):
+        for k in (1, 3, 5):
+            if ("pmeta", k, mode) not in pooled:
+                column.append("—")
+                continue
+            margins = []
+            for metric in METRICS:
+                best = max((c for c in CLASSICAL if (c, k, mode) in pooled), key=lambda c: mean(c, k, mode, metric))
+                margins.append(f"{(mean('pmeta', k, mode, metric) / mean(best, k, mode, metric) - 1) * 100:+.1f}%")
+            column.append(" / ".join(margins))
+    return column
+
+
+def pool(paths: list[Path], resamples: int) -> str:
+    """report.md-like text: pooled means, the issue's goals per seed, and pmeta's paired differences."""
+    runs = load_runs(paths)
+    pooled = pooled_cells(runs)
+    seeds = [r["seed"] for r in runs]
+    any_cell = next(iter(pooled.values()))
+    counts = {s: int(np.sum(any_cell["seed"] == s)) for s in seeds}
+    lines = [
+        f"# coldstart-v1 pooled over seeds {', '.join(map(str, seeds))} ({len(any_cell['user'])} test cases, {len(np.unique(any_cell['user']))} distinct users)",
+        "",
+        "## HR@10 / nDCG@10, mean over the pooled test users",
+        "",
+    ]
+    methods = list(dict.fromkeys(key[0] for key in pooled))
+    for mode in MODES:
+        ks = sorted({k for _, k, m in pooled if m == mode})
+        if not ks:
+            continue
+        lines += [f"### {mode}", "", "| method | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for method in methods:
+            cells = [pooled.get((method, k, mode)) for k in ks]
+            lines.append(f"| {method} | " + " | ".join("—" if c is None else f"{np.mean(c['hr@10']):.3f} / {np.mean(c['ndcg@10']):.3f}" for c in cells) + " |")
+        lines.append("")
+    if any(key[0] == "pmeta" for key in pooled):
+        labels = ["uni99 K = 5: pmeta HR@10"] + [f"{mode} K = {k}: pmeta over the best classical, HR@10 / nDCG@10" for mode in ("pop99", "full") for k in (1, 3, 5)]
+        columns = [_goal_cells(pooled, s) for s in seeds] + [_goal_cells(pooled, None)]
+        lines += [
+            "## The issue's goals per seed",
+            "",
+            "| | " + " | ".join(f"seed {s} ({counts[s]} users)" for s in seeds) + f" | pooled ({len(any_cell['user'])}) |",
+            "|---|" + "---|" * (len(seeds) + 1),
+        ]
+        lines += [f"| {label} | " + " | ".join(column[i] for column in columns) + " |" for i, label in enumerate(labels)]
+        lines.append("")
+    lines += [
+        "## Paired differences, pooled",
+        "",
+        f"Method minus rival over all the runs' users; 95% CI from {resamples} resamples of a bootstrap stratified by seed "
+        "(users drawn within their own run; the variation between the runs' banks is not in it). **Bold**: the CI excludes 0. "
+        f"Second table: each seed's own difference (seeds {' / '.join(map(str, seeds))}).",
+        "",
+    ]
+    comparisons = compare(pooled, resamples)
+    label = lambda versus: "best classical" if versus in CLASSICAL else versus  # noqa: E731
+    table = {(c["method"], c["metric"], label(c["versus"]), c["mode"], c["k"]): c for c in comparisons}
+    ks = sorted({c["k"] for c in comparisons})
+    for method in dict.fromkeys(c["method"] for c in comparisons):
+        for metric in METRICS:
+            rivals = list(dict.fromkeys(label(c["versus"]) for c in comparisons if (c["method"], c["metric"]) == (method, metric)))
+            header = ["| versus | mode | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+            pooled_rows, seed_rows = [], []
+            for rival in rivals:
+                for mode in MODES:
+                    found = [table.get((method, metric, rival, mode, k)) for k in ks]
+                    if not any(found):
+                        continue
+                    pooled_rows.append(f"| {rival} | {mode} | " + " | ".join(comparison_cell(c) for c in found) + " |")
+                    seed_rows.append(f"| {rival} | {mode} | " + " | ".join("—" if c is None else " / ".join(signed(v) for v in c["per_seed"].values()) for c in found) + " |")
+            lines += [f"### {method} minus rival: {metric}", "", *header, *pooled_rows, "", f"Per seed ({' / '.join(map(str, seeds))}):", "", *header, *seed_rows, ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    one = sub.add_parser("run", help="evaluate one (seed, bank) pair and keep per-user metrics")
+    one.add_argument("--bank", type=Path, required=True, help="a bank built with --seed SEED on the shipped sample")
+    one.add_argument("--seed", type=int, required=True)
+    one.add_argument("--out", type=Path, required=True)
+    one.add_argument("--methods", default=",".join(RUN_METHODS))
+    one.add_argument("--threads", type=int, default=1)
+    one.add_argument("--users", type=int, default=None, help="only the first N test users (quick runs)")
+    many = sub.add_parser("pool", help="pool the runs' users and compare pmeta with its rivals")
+    many.add_argument("runs", type=Path, nargs="+", help="output directories of `run`")
+    many.add_argument("--resamples", type=int, default=2000)
+    args = parser.parse_args()
+    if args.command == "run":
+        run(args.bank, args.seed, args.out, [m.strip() for m in args.methods.split(",") if m.strip()], args.threads, args.users)
+    else:
+        print(pool(args.runs, args.resamples))
+
+
+if __name__ == "__main__":
+    main()
