@@ -13,6 +13,8 @@ bootstrap stratified by seed (users are resampled within their own run).
     python benchmarks/seeds.py run --bank bank-s1 --seed 1 --out seeds/s1
     python benchmarks/seeds.py pool seeds/s0 seeds/s1 seeds/s2
 
+On another MovieLens release, pass the same ``--data DIR`` to the builds and to every ``run``.
+
 A user can be a test user of more than one seed (each seed draws 20% of them independently); the
 pooled rows count such a user once per run, as the runs are separate experiments with separate
 banks, and ``pool`` prints how many distinct users the runs hold.
@@ -33,17 +35,18 @@ METRICS = ("hr@10", "ndcg@10")
 MODES = ("uni99", "pop99", "full")
 
 
-def run(bank_path: Path, seed: int, out: Path, methods: list[str], threads: int, users: int | None) -> None:
+def run(bank_path: Path, seed: int, out: Path, methods: list[str], threads: int, users: int | None, data: Path | None = None, data_format: str = "auto") -> None:
     import torch
 
     from pmeta.bank.bank import Bank
-    from pmeta.data import load_sample
+    from pmeta.data import load_sample, read_movielens
     from pmeta.eval.runner import run_movielens, write_report
     from pmeta.progress import Progress
 
     torch.set_num_threads(threads)
     per_user: dict = {}
-    report = run_movielens(load_sample(), Bank.open(bank_path), methods, (1, 3, 5), MODES, seed=seed, max_users=users, progress=Progress(), per_user=per_user)
+    dataset = load_sample() if data is None else read_movielens(data, data_format)
+    report = run_movielens(dataset, Bank.open(bank_path), methods, (1, 3, 5), MODES, seed=seed, max_users=users, progress=Progress(), per_user=per_user)
     write_report(report, out, plots=False)
     cells = [
         {"method": method, "k": k, "mode": mode, **{key: np.asarray(values).tolist() for key, values in cell.items()}}
@@ -55,6 +58,9 @@ def run(bank_path: Path, seed: int, out: Path, methods: list[str], threads: int,
 
 
 def load_runs(paths: list[Path]) -> list[dict]:
+    missing = [str(path) for path in paths if not (path / "per_user.json").is_file()]
+    if missing:
+        raise SystemExit(f"no per_user.json in {', '.join(missing)}: give output directories of `seeds.py run`")
     runs = [json.loads((path / "per_user.json").read_text()) for path in paths]
     seeds = [r["seed"] for r in runs]
     if len(set(seeds)) != len(seeds):
@@ -185,7 +191,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     one = sub.add_parser("run", help="evaluate one (seed, bank) pair and keep per-user metrics")
-    one.add_argument("--bank", type=Path, required=True, help="a bank built with --seed SEED on the shipped sample")
+    one.add_argument("--bank", type=Path, required=True, help="a bank built with --seed SEED on the same data")
+    one.add_argument("--data", type=Path, default=None, help="MovieLens directory (default: the shipped ml-latest-small)")
+    one.add_argument("--format", default="auto", help="auto, ml-100k, ml-1m or ml-latest")
     one.add_argument("--seed", type=int, required=True)
     one.add_argument("--out", type=Path, required=True)
     one.add_argument("--methods", default=",".join(RUN_METHODS))
@@ -195,10 +203,15 @@ def main() -> None:
     many.add_argument("runs", type=Path, nargs="+", help="output directories of `run`")
     many.add_argument("--resamples", type=int, default=2000)
     args = parser.parse_args()
-    if args.command == "run":
-        run(args.bank, args.seed, args.out, [m.strip() for m in args.methods.split(",") if m.strip()], args.threads, args.users)
-    else:
-        print(pool(args.runs, args.resamples))
+    from pmeta.errors import PmetaError
+
+    try:
+        if args.command == "run":
+            run(args.bank, args.seed, args.out, [m.strip() for m in args.methods.split(",") if m.strip()], args.threads, args.users, args.data, args.format)
+        else:
+            print(pool(args.runs, args.resamples))
+    except PmetaError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":
