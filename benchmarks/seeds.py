@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pmeta.eval.significance import CLASSICAL, PMETA_METHODS, RIVALS, comparison_cell, paired_bootstrap, signed
+from pmeta.eval.significance import CLASSICAL, best_classical, compare_methods, comparison_cell, signed
 
 RUN_METHODS = ("popularity", "popularity-time", "itemknn", "ease", "prompt-maml", "per-user-lora", "pmeta-no-steps", "pmeta")
 METRICS = ("hr@10", "ndcg@10")
@@ -67,60 +67,62 @@ def load_runs(paths: list[Path]) -> list[dict]:
         raise SystemExit(f"each run must be a different seed, got {seeds}")
     if len({r["fingerprint"] for r in runs}) != 1:
         raise SystemExit("the runs are on different datasets")
+    if len({frozenset((c["method"], c["k"], c["mode"]) for c in r["cells"]) for r in runs}) != 1:
+        raise SystemExit("the runs evaluated different methods, K or modes: run them with the same --methods")
     return runs
 
 
-def pooled_cells(runs: list[dict]) -> dict[tuple[str, int, str], dict[str, np.ndarray]]:
-    """(method, k, mode) -> {"seed", "user", metrics...} concatenated over the runs that have it in every run."""
-    pooled: dict = {}
+def pooled_cells(runs: list[dict]) -> dict[str, dict[tuple[int, str], dict[str, np.ndarray]]]:
+    """Per method, the cells of :func:`pmeta.eval.protocol.evaluate` (``(k, mode)`` -> ``user`` and metrics)
+    concatenated over the runs (which :func:`load_runs` checked hold the same cells), with a ``seed``
+    array beside ``user``."""
+    parts: dict = {}
     for r in runs:
         for cell in r["cells"]:
-            key = (cell["method"], cell["k"], cell["mode"])
             part = {"seed": np.full(len(cell["user"]), r["seed"]), **{name: np.asarray(cell[name]) for name in ("user", *METRICS)}}
-            pooled.setdefault(key, []).append(part)
-    return {key: {name: np.concatenate([p[name] for p in parts]) for name in parts[0]} for key, parts in pooled.items() if len(parts) == len(runs)}
+            parts.setdefault(cell["method"], {}).setdefault((cell["k"], cell["mode"]), []).append(part)
+    return {
+        method: {key: {name: np.concatenate([p[name] for p in found]) for name in found[0]} for key, found in cells.items()}
+        for method, cells in parts.items()
+    }
 
 
 def compare(pooled: dict, resamples: int) -> list[dict]:
-    """pmeta rows minus prompt-maml, per-user-lora and the best classical (pooled mean), per cell and metric."""
-    rows = []
-    cells = sorted({(k, mode) for _, k, mode in pooled}, key=lambda c: (MODES.index(c[1]) if c[1] in MODES else len(MODES), c[0]))
-    for method in (m for m in PMETA_METHODS if any(key[0] == m for key in pooled)):
-        for metric in METRICS:
-            for k, mode in cells:
-                mine = pooled.get((method, k, mode))
-                if mine is None:
-                    continue
-                classical = [c for c in CLASSICAL if (c, k, mode) in pooled]
-                best = max(classical, key=lambda c: float(np.mean(pooled[(c, k, mode)][metric])), default=None)
-                for versus in [r for r in RIVALS if (r, k, mode) in pooled] + ([best] if best else []):
-                    theirs = pooled[(versus, k, mode)]
-                    if not (np.array_equal(mine["user"], theirs["user"]) and np.array_equal(mine["seed"], theirs["seed"])):
-                        raise SystemExit(f"{method} and {versus} were evaluated on different users in {k}/{mode}")
-                    result = paired_bootstrap(mine[metric], theirs[metric], resamples=resamples, seed=0, strata=mine["seed"])
-                    per_seed = {int(s): float(np.mean(mine[metric][mine["seed"] == s] - theirs[metric][mine["seed"] == s])) for s in np.unique(mine["seed"])}
-                    rows.append({"method": method, "versus": versus, "metric": metric, "k": k, "mode": mode, "users": len(mine["user"]), "per_seed": per_seed, **result})
+    """:func:`pmeta.eval.significance.compare_methods` on the pooled users, stratified by seed, plus
+    each row's ``per_seed`` differences."""
+    try:
+        rows = compare_methods(pooled, resamples=resamples, seed=0, strata="seed")
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    for row in rows:
+        mine, theirs = (pooled[name][(row["k"], row["mode"])] for name in (row["method"], row["versus"]))
+        row["per_seed"] = {int(s): float(np.mean((mine[row["metric"]] - theirs[row["metric"]])[mine["seed"] == s])) for s in np.unique(mine["seed"])}
     return rows
+
+
+def _subset(pooled: dict, seed: int | None) -> dict:
+    """The pooled cells restricted to one seed's users (``None``: all of them)."""
+    if seed is None:
+        return pooled
+    return {method: {key: {name: values[cell["seed"] == seed] for name, values in cell.items()} for key, cell in cells.items()} for method, cells in pooled.items()}
 
 
 def _goal_cells(pooled: dict, seed: int | None) -> list[str]:
     """One column of the goals table: pmeta's uni99 K = 5 HR@10, then per (mode, K) of pop99 and full
     pmeta's relative margin over the best classical baseline (chosen on these users) in HR@10 / nDCG@10."""
-    def mean(method: str, k: int, mode: str, metric: str) -> float:
-        cell = pooled[(method, k, mode)]
-        keep = np.ones(len(cell["user"]), dtype=bool) if seed is None else cell["seed"] == seed
-        return float(np.mean(cell[metric][keep]))
-
-    column = [f"{mean('pmeta', 5, 'uni99', 'hr@10'):.3f}" if ("pmeta", 5, "uni99") in pooled else "—"]
+    part = _subset(pooled, seed)
+    mine = part.get("pmeta", {})
+    column = [f"{np.mean(mine[(5, 'uni99')]['hr@10']):.3f}" if (5, "uni99") in mine else "—"]
     for mode in ("pop99", "full"):
         for k in (1, 3, 5):
-            if ("pmeta", k, mode) not in pooled:
+            cell = (k, mode)
+            if cell not in mine:
                 column.append("—")
                 continue
             margins = []
             for metric in METRICS:
-                best = max((c for c in CLASSICAL if (c, k, mode) in pooled), key=lambda c: mean(c, k, mode, metric))
-                margins.append(f"{(mean('pmeta', k, mode, metric) / mean(best, k, mode, metric) - 1) * 100:+.1f}%")
+                best = best_classical(part, cell, metric)
+                margins.append(f"{(np.mean(mine[cell][metric]) / np.mean(part[best][cell][metric]) - 1) * 100:+.1f}%")
             column.append(" / ".join(margins))
     return column
 
@@ -130,7 +132,7 @@ def pool(paths: list[Path], resamples: int) -> str:
     runs = load_runs(paths)
     pooled = pooled_cells(runs)
     seeds = [r["seed"] for r in runs]
-    any_cell = next(iter(pooled.values()))
+    any_cell = next(cell for cells in pooled.values() for cell in cells.values())
     counts = {s: int(np.sum(any_cell["seed"] == s)) for s in seeds}
     lines = [
         f"# coldstart-v1 pooled over seeds {', '.join(map(str, seeds))} ({len(any_cell['user'])} test cases, {len(np.unique(any_cell['user']))} distinct users)",
@@ -138,17 +140,16 @@ def pool(paths: list[Path], resamples: int) -> str:
         "## HR@10 / nDCG@10, mean over the pooled test users",
         "",
     ]
-    methods = list(dict.fromkeys(key[0] for key in pooled))
     for mode in MODES:
-        ks = sorted({k for _, k, m in pooled if m == mode})
+        ks = sorted({k for cells in pooled.values() for k, m in cells if m == mode})
         if not ks:
             continue
         lines += [f"### {mode}", "", "| method | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-        for method in methods:
-            cells = [pooled.get((method, k, mode)) for k in ks]
+        for method, by_cell in pooled.items():
+            cells = [by_cell.get((k, mode)) for k in ks]
             lines.append(f"| {method} | " + " | ".join("—" if c is None else f"{np.mean(c['hr@10']):.3f} / {np.mean(c['ndcg@10']):.3f}" for c in cells) + " |")
         lines.append("")
-    if any(key[0] == "pmeta" for key in pooled):
+    if "pmeta" in pooled:
         labels = ["uni99 K = 5: pmeta HR@10"] + [f"{mode} K = {k}: pmeta over the best classical, HR@10 / nDCG@10" for mode in ("pop99", "full") for k in (1, 3, 5)]
         columns = [_goal_cells(pooled, s) for s in seeds] + [_goal_cells(pooled, None)]
         lines += [

@@ -138,7 +138,7 @@ def test_seeds_pool_concatenates_runs_and_resamples_users_within_their_seed(tmp_
     first = _write_run(tmp_path / "s0", 0, [3, 5], {"pmeta": [1.0, 1.0], "prompt-maml": [0.0, 0.0], "ease": [0.0, 1.0]})
     second = _write_run(tmp_path / "s1", 1, [5, 8, 9], {"pmeta": [0.0, 1.0, 0.0], "prompt-maml": [0.0, 1.0, 0.0], "ease": [1.0, 1.0, 1.0]})
     pooled = seeds.pooled_cells(seeds.load_runs([first, second]))
-    assert pooled[("pmeta", 1, "full")]["user"].tolist() == [3, 5, 5, 8, 9] and pooled[("pmeta", 1, "full")]["seed"].tolist() == [0, 0, 1, 1, 1]
+    assert pooled["pmeta"][(1, "full")]["user"].tolist() == [3, 5, 5, 8, 9] and pooled["pmeta"][(1, "full")]["seed"].tolist() == [0, 0, 1, 1, 1]
     rows = {(c["versus"], c["metric"]): c for c in seeds.compare(pooled, resamples=500)}
     maml = rows[("prompt-maml", "hr@10")]
     assert maml["difference"] == pytest.approx(2 / 5) and maml["per_seed"] == {0: 1.0, 1: 0.0}
@@ -152,3 +152,6 @@ def test_seeds_pool_concatenates_runs_and_resamples_users_within_their_seed(tmp_
     assert "| prompt-maml | full | **+0.400 [+0.400, +0.400]** |" in text
     with pytest.raises(SystemExit, match="different seed"):
         seeds.load_runs([first, first])
+    fewer = _write_run(tmp_path / "s2", 2, [1], {"pmeta": [1.0]})
+    with pytest.raises(SystemExit, match="different methods"):
+        seeds.load_runs([first, fewer])

@@ -81,6 +81,22 @@ def test_a_stratified_bootstrap_resamples_within_each_stratum():
         paired_bootstrap(a, b, strata=strata[:-1])
 
 
+def test_compare_methods_stratifies_by_a_named_per_user_array():
+    users, seeds = [1, 2, 2, 3], np.array([0, 0, 1, 1])
+    per_user = {name: _cells(users, hr, hr) for name, hr in {"pmeta": [1, 1, 0, 0], "prompt-maml": [0, 0, 0, 0]}.items()}
+    for cells in per_user.values():
+        for cell in cells.values():
+            cell["seed"] = seeds
+    rows = compare_methods(per_user, resamples=300, seed=1, strata="seed")
+    pmeta_vs_maml = next(r for r in rows if r["versus"] == "prompt-maml" and r["metric"] == "hr@10")
+    assert pmeta_vs_maml["ci95"] == pytest.approx([0.5, 0.5])  # constant within each seed
+    assert {k: v for k, v in pmeta_vs_maml.items() if k in ("difference", "ci95", "p_better")} == paired_bootstrap([1, 1, 0, 0], [0, 0, 0, 0], resamples=300, seed=1, strata=seeds)
+    for cell in per_user["prompt-maml"].values():
+        cell["seed"] = np.array([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="different users"):
+        compare_methods(per_user, strata="seed")
+
+
 def _cells(users: list[int], hr: list[float], ndcg: list[float], cells=((1, "pop99"), (3, "pop99"))) -> dict:
     """A method's per-user cells (the same values in every cell; MRR unused)."""
     return {cell: {"user": np.array(users), "hr@10": np.array(hr, dtype=float), "ndcg@10": np.array(ndcg, dtype=float), "mrr": np.zeros(len(users))} for cell in cells}

@@ -64,33 +64,39 @@ def paired_bootstrap(a, b, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, 
     return {"difference": float(differences.mean()), "ci95": [float(lo), float(hi)], "p_better": float(p_better)}
 
 
-def _best_classical(per_user: Mapping[str, PerUser], cell: tuple[int, str], metric: str) -> str | None:
+def best_classical(per_user: Mapping[str, PerUser], cell: tuple[int, str], metric: str) -> str | None:
     """The classical baseline with the highest mean ``metric`` in ``cell`` (the first on ties), if any ran."""
     present = [m for m in CLASSICAL if m in per_user]
     return max(present, key=lambda m: float(np.mean(per_user[m][cell][metric])), default=None)
 
 
-def _compare(method: PerUser, versus: PerUser, cell: tuple[int, str], metric: str, resamples: int, seed: int) -> dict:
-    if not np.array_equal(method[cell]["user"], versus[cell]["user"]):
+def _compare(method: PerUser, versus: PerUser, cell: tuple[int, str], metric: str, resamples: int, seed: int, strata: str | None) -> dict:
+    paired = ("user",) if strata is None else ("user", strata)
+    if not all(np.array_equal(method[cell][key], versus[cell][key]) for key in paired):
         raise ValueError(f"cannot pair methods evaluated on different users in cell {cell}")
-    return paired_bootstrap(method[cell][metric], versus[cell][metric], resamples=resamples, seed=seed)
+    labels = None if strata is None else method[cell][strata]
+    return paired_bootstrap(method[cell][metric], versus[cell][metric], resamples=resamples, seed=seed, strata=labels)
 
 
-def compare_methods(per_user: Mapping[str, PerUser], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> list[dict]:
+def compare_methods(per_user: Mapping[str, PerUser], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, strata: str | None = None) -> list[dict]:
     """Paired bootstraps of every pmeta method present against each rival present, per cell and metric.
 
     ``per_user`` maps a method name to the cells :func:`pmeta.eval.protocol.evaluate` filled in its
     ``per_user`` argument (the same users for every method). The rivals of a cell are :data:`RIVALS` and the best of
     :data:`CLASSICAL` there for the metric. Returns rows ``method``, ``versus``, ``k``, ``mode``,
     ``metric``, ``users``, ``difference`` (method - versus), ``ci95``, ``p_better``.
+
+    ``strata`` names a per-user array of the cells to stratify the bootstrap by, e.g. ``"seed"`` for
+    test users pooled over several seeds' runs (``benchmarks/seeds.py``); it must match between the
+    paired methods, as the users do.
     """
     comparisons = []
     for method in (m for m in PMETA_METHODS if m in per_user):
         for metric in COMPARED_METRICS:
             for cell in per_user[method]:
-                rivals = [r for r in RIVALS if r in per_user] + [r for r in (_best_classical(per_user, cell, metric),) if r is not None]
+                rivals = [r for r in RIVALS if r in per_user] + [r for r in (best_classical(per_user, cell, metric),) if r is not None]
                 for versus in rivals:
-                    result = _compare(per_user[method], per_user[versus], cell, metric, resamples, seed)
+                    result = _compare(per_user[method], per_user[versus], cell, metric, resamples, seed, strata)
                     comparisons.append({"method": method, "versus": versus, "k": cell[0], "mode": cell[1], "metric": metric, "users": len(per_user[method][cell]["user"]), **result})
     return comparisons
 
