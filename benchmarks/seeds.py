@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pmeta.eval.significance import CLASSICAL, best_classical, compare_methods, comparison_cell, signed
+from pmeta.eval.significance import FAMILY_ALPHA, best_classical, compare_methods, comparison_cell, rival_label, signed
 
 RUN_METHODS = ("popularity", "popularity-time", "itemknn", "ease", "prompt-maml", "per-user-lora", "pmeta-no-steps", "pmeta")
 METRICS = ("hr@10", "ndcg@10")
@@ -165,16 +165,16 @@ def pool(paths: list[Path], resamples: int) -> str:
         "",
         f"Method minus rival over all the runs' users; 95% CI from {resamples} resamples of a bootstrap stratified by seed "
         "(users drawn within their own run; the variation between the runs' banks is not in it). **Bold**: the CI excludes 0. "
+        f"†: the margin holds after Holm's adjustment over every cell and metric of that method and rival (family-wise error rate {FAMILY_ALPHA:.0%}). "
         f"Second table: each seed's own difference (seeds {' / '.join(map(str, seeds))}).",
         "",
     ]
     comparisons = compare(pooled, resamples)
-    label = lambda versus: "best classical" if versus in CLASSICAL else versus  # noqa: E731
-    table = {(c["method"], c["metric"], label(c["versus"]), c["mode"], c["k"]): c for c in comparisons}
+    table = {(c["method"], c["metric"], rival_label(c["versus"]), c["mode"], c["k"]): c for c in comparisons}
     ks = sorted({c["k"] for c in comparisons})
     for method in dict.fromkeys(c["method"] for c in comparisons):
         for metric in METRICS:
-            rivals = list(dict.fromkeys(label(c["versus"]) for c in comparisons if (c["method"], c["metric"]) == (method, metric)))
+            rivals = list(dict.fromkeys(rival_label(c["versus"]) for c in comparisons if (c["method"], c["metric"]) == (method, metric)))
             header = ["| versus | mode | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
             pooled_rows, seed_rows = [], []
             for rival in rivals:

@@ -149,7 +149,9 @@ def test_seeds_pool_concatenates_runs_and_resamples_users_within_their_seed(tmp_
     assert "5 test cases, 4 distinct users" in text and "| pmeta | 0.600 / 0.600 |" in text
     # The goals table: pmeta relative to the best classical (ease here) per seed, then pooled.
     assert "| full K = 1: pmeta over the best classical, HR@10 / nDCG@10 | +100.0% / +100.0% | -66.7% / -66.7% | -25.0% / -25.0% |" in text
-    assert "| prompt-maml | full | **+0.400 [+0.400, +0.400]** |" in text
+    # Every resample is on the winning side: p = 2 / 501, Holm over the pair's 2 metrics 4 / 501: marked.
+    assert maml["p_value"] == pytest.approx(2 / 501) and maml["p_holm"] == pytest.approx(4 / 501)
+    assert "| prompt-maml | full | **+0.400 [+0.400, +0.400]** † |" in text and "†: the margin holds after Holm's adjustment" in text
     with pytest.raises(SystemExit, match="different seed"):
         seeds.load_runs([first, first])
     fewer = _write_run(tmp_path / "s2", 2, [1], {"pmeta": [1.0]})

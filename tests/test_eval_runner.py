@@ -75,9 +75,10 @@ def test_pmeta_methods_are_compared_with_their_rivals_by_paired_bootstrap(reduce
             for c in best:  # the classical baseline with the highest mean in that cell
                 assert means[(c["versus"], c["k"], c["mode"])][metric] == max(means[(b, c["k"], c["mode"])][metric] for b in ("popularity", "itemknn", "ease"))
     for c in comparisons:
-        assert set(c) == {"method", "versus", "k", "mode", "metric", "users", "difference", "ci95", "p_better"} and c["users"] == USERS
+        assert set(c) == {"method", "versus", "k", "mode", "metric", "users", "difference", "ci95", "p_better", "p_value", "p_holm"} and c["users"] == USERS
         lo, hi = c["ci95"]
         assert np.isfinite([lo, hi, c["difference"], c["p_better"]]).all() and lo <= c["difference"] <= hi and 0 <= c["p_better"] <= 1
+        assert 0 < c["p_value"] <= c["p_holm"] <= 1
         # the difference of means is the difference of the rows' means (paired over the same users)
         assert c["difference"] == pytest.approx(means[(c["method"], c["k"], c["mode"])][c["metric"]] - means[(c["versus"], c["k"], c["mode"])][c["metric"]])
     stored = json.loads((out / "report.json").read_text())
@@ -136,12 +137,14 @@ def test_prompt_maml_learns_one_prompt_and_adapts_only_it(opened_bank, sample):
 def test_cli_eval_writes_report_and_plots(tiny_bank, tmp_path):
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "pmeta", "--threads", "1", "eval", "movielens", "--bank", str(tiny_bank), "--reptile-bank", str(tiny_bank), "--k", "1", "--mode", "pop99",
-           "--methods", "popularity,pmeta-no-steps,pmeta-reptile", "--method-option", "per-user-lora.steps=2", "--users", "3", "--out", str(out), "--quiet"]  # fmt: skip
+           "--methods", "popularity,pmeta-no-steps,pmeta-reptile", "--method-option", "per-user-lora.steps=2", "--users", "3", "--resamples", "40", "--out", str(out), "--quiet"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     assert [r["method"] for r in report["results"]] == ["popularity", "pmeta-no-steps", "pmeta-reptile"]
     assert report["config"]["method_options"] == {"per-user-lora": {"steps": 2}}
+    assert report["config"]["bootstrap"] == {"resamples": 40, "seed": 0} and "40 resamples" in (out / "report.md").read_text()
+    assert all(c["p_value"] >= 1 / 41 for c in report["comparisons"]) and report["comparisons"]
     assert (out / "quality_pop99.png").is_file() and (out / "latency.png").is_file()
 
 

@@ -207,6 +207,7 @@ def eval_movielens(
     method_option: list[str] = typer.Option([], "--method-option", help="METHOD.KEY=VALUE passed to a method's class, e.g. per-user-lora.steps=10 (repeatable)."),
     seed: int = typer.Option(0, "--seed"),
     users: Optional[int] = typer.Option(None, "--users", min=1, help="Evaluate only the first N test users (quick runs)."),
+    resamples: Optional[int] = typer.Option(None, "--resamples", min=1, help="Bootstrap resamples of the users for the paired CIs and p-values (default 2000)."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
     db: Optional[str] = typer.Option(None, "--db"),
     quiet: bool = typer.Option(False, "--quiet"),
@@ -245,7 +246,8 @@ def eval_movielens(
             config = BankConfig(**{**opened.config.model_dump(), "meta": "reptile"})
             build_bank(source, reptile_bank, config, db_url=db, progress=progress)
         opened_reptile = Bank.open(reptile_bank, db)
-    report = run_movielens(dataset, opened, method_list, ks, modes, seed=seed, max_users=users, progress=progress, reptile_bank=opened_reptile, options=options)
+    bootstrap = {} if resamples is None else {"resamples": resamples}
+    report = run_movielens(dataset, opened, method_list, ks, modes, seed=seed, max_users=users, progress=progress, reptile_bank=opened_reptile, options=options, **bootstrap)
     write_report(report, out, plots=not no_plots)
     typer.echo((out / "report.md").read_text())
 
