@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+import pmeta.eval
 from pmeta.eval.significance import compare_methods, holm, markdown_lines, paired_bootstrap
 
 
@@ -104,6 +105,7 @@ def test_holm_adjusts_a_family_step_down_in_the_input_order():
         holm([0.1, 1.5])
     with pytest.raises(ValueError, match="1-D"):
         holm([[0.1]])
+    assert pmeta.eval.holm is holm and "holm" in pmeta.eval.__all__  # part of the public evaluation API
 
 
 def test_a_stratified_bootstrap_resamples_within_each_stratum():

@@ -26,7 +26,7 @@ from pmeta.eval.protocol import (
     rank_positives,
     split_users,
 )
-from pmeta.eval.significance import compare_methods, paired_bootstrap
+from pmeta.eval.significance import compare_methods, holm, paired_bootstrap
 
 __all__ = [
     "BASELINES",
@@ -45,6 +45,7 @@ __all__ = [
     "case_rng",
     "compare_methods",
     "evaluate",
+    "holm",
     "item_rating_counts",
     "make_cases",
     "metrics_from_ranks",

@@ -6,7 +6,8 @@ methods score through a PmetaModel for the evaluated catalogue: the bank's own i
 bank transferred by item text (:mod:`pmeta.eval.transfer`) when the dataset is another catalogue.
 
 Outputs (:func:`write_report`): ``report.json`` (``protocol``, ``dataset``, ``seed``, ``config``,
-``results``, ``comparisons``: paired bootstrap CIs of pmeta against its rivals, :mod:`pmeta.eval.significance`),
+``results``, ``comparisons``: paired bootstrap CIs and Holm-adjusted p-values of pmeta against its rivals,
+:mod:`pmeta.eval.significance`),
 ``report.md`` (one table per mode, method x K, then the paired differences) and PNG plots (:mod:`pmeta.eval.plots`).
 """
 
