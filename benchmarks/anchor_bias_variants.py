@@ -19,6 +19,12 @@ scores, by nDCG@10 per K and candidate mode (the build's criterion is the mean o
 * ``bayes``: no key retrieval; every anchor weighted by its posterior given the support under a
   mixture of multinomials (prior = its share of users, likelihood = Π over the support of its
   smoothed item shares), the offset being the log-ratio of the mixture's predictive distribution;
+* ``local``: a *time-local* anchor bias: each anchor's log ratio computed from its users' positives
+  weighted by a Gaussian kernel of bandwidth h_a around the user's time t (the K-th support
+  positive's, as the time prior), against the same over all fit users
+  (:func:`time_local_ratio`), fused like the shipped one; alone (γ_t) and beside the shipped
+  offset (γ = 1, 1.5 plus γ_t). It asks whether *what this cluster liked at this time* carries what
+  neither the all-time cluster shares nor the global time prior do;
 * ``cf step``: on top of the shipped offset at the best γ of the grid, inner steps on a personal
   collaborative-side vector — the user's vector in the head's rank-``config.cf_rank`` collaborative
   space (``c`` of :mod:`pmeta.tasks.ranking`) — by gradient descent on the inner loop's support loss
@@ -74,6 +80,20 @@ def bayes_offsets(supports: list[np.ndarray], positives: list[np.ndarray], assig
         weights = np.exp(log_post - log_post.max())
         out.append(np.log(weights @ smoothed / weights.sum()) - np.log(overall + anchor_bias.EPSILON))
     return np.asarray(out)
+
+
+def time_local_ratio(items: np.ndarray, times: np.ndarray, anchor_of: np.ndarray, anchors: int, n_items: int, t: float, bandwidth_days: float) -> np.ndarray:
+    """(A_n, N) :func:`pmeta.fusion.anchor_bias.log_ratio` at time ``t``: positive events (``items``,
+    ``times`` in seconds, ``anchor_of`` the anchor of each event's user) count with weight
+    ``exp(−(t − τ)² / 2h²)``; an infinite bandwidth gives the shipped all-time ratio."""
+    weights = np.ones(len(times)) if np.isinf(bandwidth_days) else np.exp(-0.5 * ((np.asarray(times, dtype=np.float64) - t) / (bandwidth_days * time_prior.DAY)) ** 2)
+    counts = np.bincount(np.asarray(anchor_of, dtype=np.int64) * n_items + items, weights=weights, minlength=anchors * n_items).reshape(anchors, n_items)
+    overall = counts.sum(0)
+    overall = overall / max(overall.sum(), 1e-300)
+    per_anchor = counts / np.maximum(counts.sum(1, keepdims=True), 1e-300)
+    per_anchor[counts.sum(1) == 0] = overall
+    mix = anchor_bias.MIX
+    return np.log((1.0 - mix) * per_anchor + mix * overall + anchor_bias.EPSILON) - np.log(overall + anchor_bias.EPSILON)
 
 
 def intercepts(positives: list[np.ndarray], assignment: np.ndarray, anchors: int, n_items: int) -> np.ndarray:
@@ -215,6 +235,22 @@ def main() -> None:
     for mix in (anchor_bias.MIX, 0.3):
         offsets = bayes_offsets([support for _, support, _, _ in rows], fit_positives, inputs.assignment, len(inputs.centroids), len(dataset.catalog), mix)
         results += [(f"bayes mix={mix:g} gamma={g:g}", score(offsets, lambda k, g=g: g)) for g in (0.5, 1.0, 1.5, 2.0)]
+
+    positive_times = dataset.positive_times_by_user()
+    event_items, event_times, event_anchor = [], [], []
+    for user, anchor in zip(split.fit_users, inputs.assignment):
+        items, first = np.unique(positives[int(user)], return_index=True)  # a repeated item counts once, at its first time
+        event_items.append(items)
+        event_times.append(positive_times[int(user)][first])
+        event_anchor.append(np.full(len(items), int(anchor)))
+    event_items, event_times, event_anchor = (np.concatenate(x) for x in (event_items, event_times, event_anchor))
+    for days in (365.0, 1095.0, 3650.0):
+        local = np.stack([
+            anchor_bias.offsets(queries[i : i + 1], inputs.centroids, time_local_ratio(event_items, event_times, event_anchor, len(inputs.centroids), len(dataset.catalog), rows[i][2], days), inputs.sizes, config.top_k, config.temperature)[0]
+            for i in range(len(rows))
+        ])
+        results += [(f"local h={days:g} gamma_t={g:g}", score(local, lambda k, g=g: g)) for g in (0.5, 1.0, 1.5, 2.0)]
+        results += [(f"local h={days:g} gamma={g:g} gamma_t={gt:g}", score(g * shipped + gt * local, lambda k: 1.0)) for g in (1.0, 1.5) for gt in (0.5, 1.0)]
 
     best = max((r for r in results if r[0].startswith("gamma=") and " rho=" not in r[0]), key=lambda r: r[1]["mean"])[0]
     gamma = float(best.split("=")[1])

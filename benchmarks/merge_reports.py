@@ -4,7 +4,9 @@ into one report.json + report.md + plots.
     python benchmarks/merge_reports.py --out eval-report part-a/report.json part-b/report.json
 
 Results are in the order of the full report's methods (then input order); the config is the first report's, with the union of the
-methods and each part's environment kept under ``config.parts``.
+methods and each part's environment kept under ``config.parts``. The parts must share the protocol, seed, dataset, K, modes, number
+of users and bank version. Paired comparisons (``comparisons``) are not carried over: they pair each user's metrics across methods,
+which a report does not store, so run the methods to compare in one process (or use benchmarks/seeds.py, which keeps them).
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ def merge(reports: list[dict]) -> dict:
                 raise SystemExit(f"cannot merge: {key} differs ({other[key]!r} vs {first[key]!r})")
         if other["dataset"]["fingerprint"] != first["dataset"]["fingerprint"]:
             raise SystemExit("cannot merge: the reports are on different datasets")
+        for key in ("ks", "modes", "max_users"):
+            if other["config"].get(key) != first["config"].get(key):
+                raise SystemExit(f"cannot merge: config.{key} differs ({other['config'].get(key)!r} vs {first['config'].get(key)!r})")
+        versions = [(r["config"].get("bank") or {}).get("version") for r in (first, other)]
+        if None not in versions and versions[0] != versions[1]:
+            raise SystemExit(f"cannot merge: the parts were scored with different bank versions ({versions[1]} vs {versions[0]})")
     config = dict(first["config"])
     config["methods"] = [m for r in reports for m in r["config"]["methods"]]
     config["parts"] = [{"methods": r["config"]["methods"], "environment": r["config"].get("environment")} for r in reports]

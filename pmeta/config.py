@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import InvalidConfig
 from .models.encoder import DEFAULT_ENCODER
 
+#: Largest seed accepted (seeds seed numpy's and torch's generators; 32 bits suffice and every generator takes them).
+MAX_SEED = 2**32 - 1
+
 
 class BankConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -69,7 +72,7 @@ class BankConfig(BaseModel):
     embedding_decay: float = Field(1e-4, ge=0, description="L2 penalty on learned item/history embeddings.")
 
     # data
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     test_fraction: float = Field(0.2, ge=0, lt=1, description="Held-out test users (PROTOCOL.md coldstart-v1); recorded, never trained on.")
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the remaining users kept for validation.")
     min_positives: int = Field(2, ge=2, description="Train users need at least this many positives.")

@@ -2,8 +2,8 @@
 users, not adopted" numbers: the closed-form collaborative step is the gradient step it claims to
 be, the cross-fitted learned step never scores a user with a W fitted on that user, the anchors'
 onboarding intercept counts exactly positives 6..15, and benchmarks/onboarding_cv.py's nonlinear
-kernel ridge reduces to the shipped linear regression at kernel weight 0, and benchmarks/seeds.py pools
-seeds' runs with a bootstrap stratified by seed."""
+kernel ridge reduces to the shipped linear regression at kernel weight 0, benchmarks/seeds.py pools
+seeds' runs with a bootstrap stratified by seed, and benchmarks/merge_reports.py merges only parts of one run."""
 
 from __future__ import annotations
 
@@ -85,6 +85,25 @@ def test_intercepts_are_the_anchors_next_items_share_minus_everyones(variants):
     np.testing.assert_allclose(out[:2].T @ np.array([2, 1]) / 3, 0, atol=1e-12)  # the user-weighted mean is the global share
 
 
+def test_time_local_ratio_is_the_shipped_ratio_at_infinite_bandwidth_and_follows_time_otherwise(variants):
+    from pmeta.fusion import anchor_bias
+    from pmeta.tasks.time_prior import DAY
+
+    # anchor 0: users 0, 1; anchor 1: user 2; anchor 2 has no user
+    positives = [np.array([0, 1, 2]), np.array([1, 3]), np.array([4, 0, 5])]
+    times = [np.array([0.0, 1.0, 2.0]) * 1000 * DAY, np.array([1.0, 3.0]) * 1000 * DAY, np.array([0.0, 0.0, 3.0]) * 1000 * DAY]
+    assignment = np.array([0, 0, 1])
+    items, at, anchor_of = np.concatenate(positives), np.concatenate(times), np.repeat(assignment, [3, 2, 3])
+    shipped = anchor_bias.log_ratio(positives, assignment, 3, 7)
+    np.testing.assert_allclose(variants.time_local_ratio(items, at, anchor_of, 3, 7, 123.0, float("inf")), shipped, atol=1e-6)
+    # a narrow kernel at t = 3000 days keeps the events of that day only: items 3 (anchor 0) and 5 (anchor 1)
+    local = variants.time_local_ratio(items, at, anchor_of, 3, 7, 3000 * DAY, 10.0)
+    overall = np.array([0, 0, 0, 0.5, 0, 0.5, 0])
+    expected = np.log(0.9 * np.array([[0, 0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1, 0], overall]) + 0.1 * overall + anchor_bias.EPSILON) - np.log(overall + anchor_bias.EPSILON)
+    np.testing.assert_allclose(local, expected, atol=1e-6)
+    assert not local[2].any()  # an anchor without users is the global distribution: offset 0
+
+
 def test_kernel_ridge_is_the_onboarding_regression_at_weight_zero_and_adds_the_rbf_otherwise():
     from pmeta.bank import onboarding
 
@@ -157,3 +176,21 @@ def test_seeds_pool_concatenates_runs_and_resamples_users_within_their_seed(tmp_
     fewer = _write_run(tmp_path / "s2", 2, [1], {"pmeta": [1.0]})
     with pytest.raises(SystemExit, match="different methods"):
         seeds.load_runs([first, fewer])
+
+
+def test_merge_reports_orders_methods_and_refuses_parts_of_different_runs():
+    spec = importlib.util.spec_from_file_location("merge_reports", Path(__file__).resolve().parents[1] / "benchmarks" / "merge_reports.py")
+    merge_reports = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge_reports)
+
+    def part(methods, **config):
+        base = {"ks": [1], "modes": ["full"], "max_users": None, "methods": methods, "bank": {"version": "v1"}}
+        return {"protocol": "coldstart-v1", "seed": 0, "dataset": {"fingerprint": "f"}, "config": {**base, **config},
+                "results": [{"method": m, "k": 1, "mode": "full"} for m in methods]}  # fmt: skip
+
+    merged = merge_reports.merge([part(["pmeta"]), part(["popularity", "ease"])])
+    assert [r["method"] for r in merged["results"]] == ["popularity", "ease", "pmeta"] and merged["config"]["methods"] == ["popularity", "ease", "pmeta"]
+    assert "comparisons" not in merged
+    for other in (part(["ease"], ks=[1, 3]), part(["ease"], modes=["pop99"]), part(["ease"], max_users=5), part(["ease"], bank={"version": "v2"})):
+        with pytest.raises(SystemExit, match="cannot merge"):
+            merge_reports.merge([part(["pmeta"]), other])

@@ -78,6 +78,31 @@ def test_bad_preset_is_one_line(tmp_path):
     assert_one_line_error(pmeta("bank", "build", "--out", str(tmp_path / "b"), "--preset", "huge"), "preset")
 
 
+@pytest.mark.parametrize(
+    "args, fragment",
+    [(["--methods", ","], "names no method"), (["--mode", ","], "no candidate mode"), (["--k", "1,1"], "given twice"),
+     (["--method-option", "random.bogus=1"], "method 'random' has no option 'bogus'"), (["--method-option", "ease.lam=abc"], "ease.lam='abc'"),
+     (["--method-option", "pmeta.steps=2"], "takes no options"), (["--resamples", "1000000"], "resamples must be"), (["--methods", "random,random"], "given twice")],
+)  # fmt: skip
+def test_bad_eval_requests_fail_before_any_data_or_bank(tmp_path, args, fragment):
+    out = tmp_path / "report"
+    assert_one_line_error(pmeta("eval", "movielens", "--data", str(tmp_path / "no-such-dir"), "--out", str(out), *args), fragment)
+    assert not out.exists()  # checked before the (missing) dataset is read or a bank built
+
+
+@pytest.mark.parametrize("device, fragment", [("foo", "unknown torch device 'foo'"), ("meta", "not supported")])
+def test_a_bad_device_fails_before_the_bank_folder_exists(tmp_path, device, fragment):
+    out = tmp_path / "bank"
+    assert_one_line_error(pmeta("bank", "build", "--preset", "tiny", "--device", device, "--out", str(out)), fragment)
+    assert not out.exists()
+
+
+def test_a_negative_seed_is_a_usage_error(tmp_path):
+    result = pmeta("bank", "build", "--preset", "tiny", "--seed", "-1", "--out", str(tmp_path / "bank"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "--seed" in result.stderr
+    assert not (tmp_path / "bank").exists()
+
+
 def test_adapt_precision_option(tiny_bank):
     ok = pmeta("adapt", "--bank", str(tiny_bank), "--history", str(EXAMPLE), "--precision", "bfloat16", "--json")
     assert ok.returncode == 0, ok.stderr

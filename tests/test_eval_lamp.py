@@ -87,6 +87,17 @@ def test_cli_errors(lamp, extra, message):
     assert len(lines) == 1 and message in lines[0], result.output
 
 
+@pytest.mark.parametrize("split", ["train", "dev"])
+def test_a_split_the_bank_trained_or_validated_on_is_refused(lamp, split):
+    bank = lamp["root"] / "report3" / "bank"
+    if not bank.exists():
+        pytest.skip("needs the bank of test_rating_report")
+    result = runner.invoke(app, ["eval", "lamp", "--data", str(lamp["rating"]), "--task", "LaMP-3", "--bank", str(bank), "--split", split,
+                                 "--methods", "backbone", "--out", str(lamp["root"] / f"seen-{split}"), "--quiet"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"of the {split} split trained or validated bank" in result.output and "--split test" in result.output
+
+
 def test_bank_of_another_task(lamp):
     bank = lamp["root"] / "report3" / "bank"
     if not bank.exists():

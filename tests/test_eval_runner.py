@@ -40,7 +40,7 @@ def test_report_schema_and_ranges(reduced):
     report, out = reduced
     assert list(report) == ["protocol", "dataset", "seed", "config", "results", "comparisons"]
     assert report["protocol"] == "coldstart-v1" and report["seed"] == 0
-    assert report["dataset"]["name"] == "ml-latest-small"
+    assert report["dataset"]["name"] == "ml-latest-small" and report["config"]["test_fraction"] == 0.2
     rows = report["results"]
     assert {(r["method"], r["k"], r["mode"]) for r in rows} == {(m, k, mode) for m in DEFAULT_METHODS for k in (1, 3) for mode in ("pop99", "full")}
     for r in rows:
@@ -156,6 +156,79 @@ def test_method_options_parse_and_reject_malformed_pairs():
     for bad in ("nonsense", "steps=3", "per-user-lora.=3"):
         with pytest.raises(InvalidConfig, match="METHOD.KEY=VALUE"):
             _method_options([bad])
+
+
+@pytest.mark.parametrize(
+    "method, options, message",
+    [("random", {"bogus": 1}, "method 'random' has no option 'bogus'; it takes seed"),
+     ("popularity", {"seed": 1}, "it takes no options"),
+     ("pmeta", {"steps": 2}, "it takes no options"),  # the bank's methods are set by the bank
+     ("per-user-lora", {"model": None}, "has no option 'model'"),  # supplied by the evaluation
+     ("ease", {"lam": "abc"}, "ease.lam='abc'"),
+     ("per-user-lora", {"steps": 1.5}, "per-user-lora.steps=1.5"),
+     ("per-user-lora", {"targets": "query"}, "per-user-lora.targets"),
+     ("oracle", {"x": 1}, "unknown method 'oracle'")],
+)  # fmt: skip
+def test_method_options_are_checked_against_the_constructor(method, options, message):
+    from pmeta.eval.baselines import check_options
+    from pmeta.errors import InvalidConfig
+
+    with pytest.raises(InvalidConfig) as caught:
+        check_options(method, options)
+    assert message in str(caught.value)
+
+
+def test_method_options_are_converted_to_the_annotated_types():
+    from pmeta.eval.baselines import check_options
+
+    assert check_options("per-user-lora", {"targets": ["query"], "steps": "10", "lr": 1}) == {"targets": ("query",), "steps": 10, "lr": 1.0}
+    assert check_options("ease", {"lambdas": [10, 20]}) == {"lambdas": [10.0, 20.0]}
+    assert check_options("prompt-maml", {"inner_steps": None}) == {"inner_steps": None}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(methods=[]), "no method"), (dict(methods=["random", "random"]), "'random' is given twice"), (dict(methods=["oracle"]), "unknown method"),
+     (dict(ks=()), "no support size"), (dict(modes=("uni42",)), "uni42"), (dict(seed=-1), "seed must be"), (dict(seed=2**32), "seed must be"),
+     (dict(seed=1.5), "seed must be"), (dict(resamples=0), "resamples must be"), (dict(resamples=10**6), "resamples must be"),
+     (dict(options={"ease": {"lam": "x"}}), "ease.lam")],
+)  # fmt: skip
+def test_a_run_is_checked_before_any_data_is_read(kwargs, message):
+    from pmeta.eval.runner import check_request
+    from pmeta.errors import InvalidConfig
+
+    request = {"methods": ["random", "ease"], "ks": (1, 3), "modes": ("full",), **kwargs}
+    with pytest.raises(InvalidConfig, match=message):
+        check_request(**request)
+    # options of a known method outside the run are checked, kept and unused
+    assert check_request(["random"], (1,), ("full",), {"per-user-lora": {"steps": "2"}}) == {"per-user-lora": {"steps": 2}}
+
+
+def test_a_method_that_rejects_a_well_typed_option_value_is_a_config_error(monkeypatch, sample):
+    from pmeta.eval.baselines import BASELINES
+    from pmeta.errors import InvalidConfig
+
+    class Picky:
+        name, bytes_per_user = "picky", 0
+
+        def __init__(self, width: int = 1) -> None:
+            if width < 1:
+                raise ValueError("width must be positive")
+
+        @classmethod
+        def create(cls, context):
+            return cls(**context.options.get(cls.name, {}))
+
+        def score(self, support_items, k):
+            return np.zeros(len(sample.catalog))
+
+    monkeypatch.setitem(BASELINES, "picky", Picky)
+    with pytest.raises(InvalidConfig, match="'picky' cannot run with {'width': 0}: width must be positive"):
+        run_movielens(sample, None, ["picky"], (1,), ("full",), max_users=2, options={"picky": {"width": 0}})
+    with pytest.raises(ValueError, match="width must be positive") as caught:  # without options: a bug, not bad input
+        monkeypatch.setattr(Picky, "__init__", lambda self, width=0: (_ for _ in ()).throw(ValueError("width must be positive")))
+        run_movielens(sample, None, ["picky"], (1,), ("full",), max_users=2)
+    assert not isinstance(caught.value, InvalidConfig)
 
 
 def test_every_method_is_a_registered_class_with_one_interface():

@@ -289,6 +289,36 @@ def test_evaluate_rejects_a_score_vector_of_the_wrong_length():
         evaluate(FixedScorer(np.zeros(3)), dataset, [0], ks=(1,), modes=("full",))
 
 
+def test_evaluate_reports_nan_scores_as_a_diverged_model():
+    from pmeta.errors import TrainingDiverged
+
+    dataset = slicing_dataset()
+    values = np.arange(float(len(dataset.catalog)))
+    values[1] = np.nan
+    with pytest.raises(TrainingDiverged, match="NaN scores"):
+        evaluate(FixedScorer(values), dataset, [0], ks=(1,), modes=("full",))
+
+
+def test_bank_scorers_floor_excluded_items_but_keep_nan():
+    from pmeta.eval.neural import EXCLUDED_SCORE, floor_excluded
+
+    out = floor_excluded(np.array([1.0, -np.inf, np.nan, np.inf]))
+    assert out[0] == 1.0 and out[1] == EXCLUDED_SCORE and np.isnan(out[2]) and out[3] == np.inf
+
+
+@pytest.mark.parametrize(
+    "ks, modes, message",
+    [((), ("full",), "no support size"), ((1,), (), "no candidate mode"), ((1, 3, 1), ("full",), "K 1 is given twice"),
+     ((1,), ("full", "full"), "mode full is given twice"), ((6,), ("full",), "1..5"), ((1,), ("uni42",), "uni42")],
+)  # fmt: skip
+def test_check_grid_rejects_empty_repeated_and_unknown_values(ks, modes, message):
+    from pmeta.eval.protocol import check_grid
+
+    with pytest.raises(InvalidConfig, match=message):
+        check_grid(ks, modes)
+    check_grid((1, 3, 5), ("uni99", "pop99", "full"))
+
+
 # ---------------------------------------------------------------- baselines on tiny data
 
 

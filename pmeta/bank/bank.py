@@ -27,6 +27,7 @@ from ..data.types import POSITIVE_RATING, Catalog
 from ..errors import BankIntegrityError, InvalidConfig, InvalidRequest
 from ..fusion.index import AnchorIndex
 from ..models.encoder import PRECISIONS, FunctionalEncoder
+from ..models.device import resolve_device
 from ..storage import BankStore
 from .model import PmetaModel, Tensors, UserInput
 
@@ -159,10 +160,11 @@ class Bank:
         under bf16 autocast: ~2× the throughput on CPUs with AVX512-BF16/AMX and on GPUs; scores and
         the ranking head stay float32 (top-10 lists matched float32's in the tests).
         Raises BankNotFound when ``path`` is not a bank, BankIntegrityError when a file was altered,
-        InvalidConfig for an unknown precision.
+        InvalidConfig for an unknown precision or a device this machine does not have.
         """
         if precision not in PRECISIONS:
             raise InvalidConfig(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        resolve_device(device)
         store = BankStore(path, db_url)
         reader = store.open(version)
         if reader.record["config"].get("kind") == "text":

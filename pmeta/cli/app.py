@@ -14,6 +14,9 @@ from typing import Optional
 
 import typer
 
+#: :data:`pmeta.config.MAX_SEED`, not imported so that the CLI starts without torch (a test checks they agree).
+MAX_SEED = 2**32 - 1
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="pmeta: cold-start personalization from a bank of meta-learned adapters.")
 bank_app = typer.Typer(no_args_is_help=True, help="Build, inspect and verify banks.")
 app.add_typer(bank_app, name="bank")
@@ -81,7 +84,7 @@ def bank_build(
     preset: str = typer.Option("default", "--preset", help="tiny (seconds, for tests), small (a few minutes) or default."),
     anchors: Optional[int] = typer.Option(None, "--anchors", help="Number of anchors."),
     meta: Optional[str] = typer.Option(None, "--meta", help="maml, fomaml or reptile."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (also selects the held-out test users)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=MAX_SEED, help="Random seed (also selects the held-out test users)."),
     db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL of the metadata DB (default: SQLite inside the bank)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     device: Optional[str] = typer.Option(None, "--device", help="torch device: cpu, cuda or cuda:N (default: the config's, cpu)."),
@@ -99,10 +102,12 @@ def bank_build(
     from ..bank import distributed
     from ..bank.build import build_bank
     from ..config import load_config
+    from ..models.device import resolve_device
 
     if not out.parent.is_dir():  # a typo in the parent path must not create a tree of folders
         fail(f"cannot create bank {out}: the directory {out.parent} does not exist")
     cfg = load_config(preset, config, {"anchors": anchors, "meta": meta, "seed": seed, "device": device})
+    resolve_device(cfg.device)  # before the bank folder is created
     dataset = _load_dataset(data, format)
     other_rank = distributed.requested() and os.environ.get("RANK", "0") != "0"  # torchrun rank > 0
     result = build_bank(dataset, out, cfg, db_url=db, progress=_progress(quiet or other_rank))
@@ -205,7 +210,7 @@ def eval_movielens(
     mode: str = typer.Option("uni99,pop99,full", "--mode", help="Candidate modes."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods; default: every method of a full report (pmeta.eval.runner.DEFAULT_METHODS)."),
     method_option: list[str] = typer.Option([], "--method-option", help="METHOD.KEY=VALUE passed to a method's class, e.g. per-user-lora.steps=10 (repeatable)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the test-user split (the bank's), candidates and bootstrap."),
     users: Optional[int] = typer.Option(None, "--users", min=1, help="Evaluate only the first N test users (quick runs)."),
     resamples: Optional[int] = typer.Option(None, "--resamples", min=1, help="Bootstrap resamples of the users for the paired CIs and p-values (default 2000)."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
@@ -218,15 +223,19 @@ def eval_movielens(
     from ..config import BankConfig, load_config
     from ..data import load_sample
     from ..errors import InvalidConfig
-    from ..eval.runner import DEFAULT_METHODS, REPTILE_METHODS, run_movielens, write_report
+    from ..eval.runner import DEFAULT_METHODS, REPTILE_METHODS, check_request, run_movielens, write_report
+    from ..eval.significance import BOOTSTRAP_RESAMPLES
 
     try:
-        ks = tuple(int(x) for x in k.split(","))
+        ks = tuple(int(x) for x in k.split(",") if x.strip())
     except ValueError:
         raise InvalidConfig(f"--k must be comma-separated integers, got {k!r}") from None
     modes = tuple(m.strip() for m in mode.split(",") if m.strip())
     method_list = list(DEFAULT_METHODS) if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
-    options = _method_options(method_option)
+    if not method_list:
+        raise InvalidConfig("--methods names no method")
+    # everything checkable is checked before the dataset is read or a bank built
+    options = check_request(method_list, ks, modes, _method_options(method_option), seed, BOOTSTRAP_RESAMPLES if resamples is None else resamples)
     dataset = _load_dataset(data, format)
     progress = _progress(quiet)
     if bank is None:
@@ -282,7 +291,9 @@ def bench(
 ) -> None:
     """Latency, throughput, memory, retrieval at scale and the per-user-LoRA comparison on this machine."""
     from .. import bench as benchmark
+    from ..models.device import resolve_device
 
+    resolve_device(device)
     banks = list(bank or []) + ([reptile_bank] if reptile_bank is not None else [])
     report = benchmark.run(banks, quick=quick, db_url=db, device=device)
     typer.echo(json.dumps(report, indent=2) if as_json else benchmark.format_table(report))

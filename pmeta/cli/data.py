@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .app import app, friendly
+from .app import MAX_SEED, app, friendly
 
 data_app = typer.Typer(no_args_is_help=True, help="Convert datasets into the formats pmeta reads.")
 app.add_typer(data_app, name="data")
@@ -20,7 +20,7 @@ def reviews_to_lamp_command(
     input: Path = typer.Option(..., "--input", help="Amazon 2014 review JSON lines: a .json, .json.gz or a .zip holding one .json file."),
     task: str = typer.Option(..., "--task", help="rating (LaMP-3 style: review text -> stars) or title (LaMP-4/5 style: review text -> the user's summary line)."),
     out: Path = typer.Option(..., "--out", help="Output directory (created; replaced only if empty or an earlier output of this command)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the user split."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the user split."),
     k_max: int = typer.Option(5, "--k-max", help="Profile items kept for dev and test (cold-start) users."),
     max_users: Optional[int] = typer.Option(None, "--max-users", help="Keep only the first N users of the seeded order."),
     test_fraction: float = typer.Option(0.2, "--test-fraction", help="Share of users held out as test users."),

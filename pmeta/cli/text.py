@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .app import _progress, app, eval_app, fail, friendly
+from .app import MAX_SEED, _progress, app, eval_app, fail, friendly
 
 
 def is_text_bank(bank: Path, db: Optional[str]) -> bool:
@@ -27,6 +27,7 @@ def is_text_bank(bank: Path, db: Optional[str]) -> bool:
 def build_lamp_bank(out: Path, data: Optional[Path], task: Optional[str], config: Optional[Path], preset: str, anchors, meta, seed, db, quiet: bool, device, lm) -> None:
     from ..data.lamp import task_spec
     from ..text.build import build_text_bank
+    from ..models.device import resolve_device
     from ..text.config import load_text_config
 
     if data is None:
@@ -35,6 +36,7 @@ def build_lamp_bank(out: Path, data: Optional[Path], task: Optional[str], config
         fail("--format lamp needs --task (LaMP-1, 2, 3, 4, 5 or 7)")
     spec = task_spec(task)
     cfg = load_text_config(preset, config, {"task": spec.name, "anchors": anchors, "meta": meta, "seed": seed, "device": device, "lm": lm})
+    resolve_device(cfg.device)  # before the bank folder is created
     result = build_text_bank(data, out, cfg, db_url=db, progress=_progress(quiet))
     val = result.validation
     typer.echo(
@@ -103,7 +105,7 @@ def eval_lamp(
     users: Optional[int] = typer.Option(None, "--users", min=1, help="Evaluate N test users (a seeded choice)."),
     methods: str = typer.Option("backbone,retrieval-k1,retrieval-k2,retrieval-k3,retrieval-k4,per-user-lora,pmeta,pmeta+retrieval", "--methods"),
     split: str = typer.Option("test", "--split"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
     db: Optional[str] = typer.Option(None, "--db"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
@@ -111,7 +113,7 @@ def eval_lamp(
     from ..data.lamp import load_split, task_spec
     from ..errors import InvalidConfig
     from ..text.bank import TextBank
-    from ..text.build import build_text_bank
+    from ..text.build import build_text_bank, dataset_fingerprint
     from ..text.config import load_text_config
     from ..text.evaluate import choose_users, parse_methods, run_lamp, write_lamp_report
 
@@ -132,6 +134,11 @@ def eval_lamp(
     opened = TextBank.open(bank, db)
     if opened.task != spec.name:
         raise InvalidConfig(f"bank {bank} serves {opened.task}, not {spec.name}")
+    built = opened.record.get("build", {})
+    seen = set(built.get("train_users", [])) | set(built.get("validation_users", []))
+    used = sum(1 for e in examples if e.id in seen)
+    if used and opened.record.get("dataset_fingerprint") == dataset_fingerprint(data):  # ids of other data may coincide
+        raise InvalidConfig(f"{used} of the {len(examples)} questions of the {split} split trained or validated bank {bank}: evaluate a split it never saw (--split test)")
     progress = _progress(quiet)
     with progress.task("evaluating", len(examples)) as bar:
         report = run_lamp(opened.model, examples, method_list, ks, seed=seed, on_user=lambda: bar.advance(1), out=out)

@@ -9,11 +9,14 @@ catalogue from a cold-start user's support items. Usage::
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 
 from pmeta.data.types import Dataset
 from pmeta.errors import InvalidConfig
@@ -62,6 +65,33 @@ def register(name: str) -> Callable[[type], type]:
         return cls
 
     return add
+
+
+#: Constructor parameters a method receives from the evaluation, never from ``--method-option``.
+CONTEXT_PARAMETERS = frozenset({"self", "model", "item_text"})
+
+
+def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` for the registered method ``name``, checked against its class's constructor: each
+    key must be one of its keyword parameters (not one the evaluation supplies, e.g. ``model``) and
+    each value must fit the parameter's annotation (pydantic, lax: ``"10"`` is a fine int, ``"abc"``
+    is not a float). Returns the validated values (a JSON list becomes the annotated tuple);
+    raises :class:`~pmeta.errors.InvalidConfig` naming the method, the key and what it accepts."""
+    if name not in BASELINES:
+        raise InvalidConfig(f"unknown method {name!r}; choose from {', '.join(sorted(BASELINES))}")
+    init = BASELINES[name].__init__
+    hints = typing.get_type_hints(init)
+    keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    accepted = [p.name for p in inspect.signature(init).parameters.values() if p.kind in keywords and p.name not in CONTEXT_PARAMETERS]
+    out = {}
+    for key, value in options.items():
+        if key not in accepted:
+            raise InvalidConfig(f"method {name!r} has no option {key!r}; it takes {', '.join(accepted) if accepted else 'no options'}")
+        try:
+            out[key] = TypeAdapter(hints.get(key, Any)).validate_python(value)
+        except ValidationError as exc:
+            raise InvalidConfig(f"{name}.{key}={value!r}: {exc.errors()[0]['msg']}") from None
+    return out
 
 
 def _default_create(cls, context: EvalContext):

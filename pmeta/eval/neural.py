@@ -22,6 +22,12 @@ from .baselines import EvalContext, register
 EXCLUDED_SCORE = -1e30
 
 
+def floor_excluded(scores: np.ndarray) -> np.ndarray:
+    """Excluded items (scored −inf) at :data:`EXCLUDED_SCORE`; NaN stays NaN, so that the protocol's
+    check reports a diverged model instead of ranking its items last."""
+    return np.where(np.isneginf(scores), EXCLUDED_SCORE, scores)
+
+
 def support_input(model, support_items: np.ndarray, time: float | None = None) -> UserInput:
     """The support set as serving reads a history.json of these items (``time``: of the latest one)."""
     return user_input(support_items, model.item_texts, time)
@@ -56,7 +62,7 @@ class _BankScorer:
             scores = self.model.final_scores(batch, personal)[0].numpy().astype(np.float64)
         finally:
             self.model.precision = saved
-        return np.where(np.isfinite(scores), scores, EXCLUDED_SCORE)
+        return floor_excluded(scores)
 
 
 @register("pmeta")

@@ -26,7 +26,7 @@ from ..errors import InvalidConfig
 from ..models.personal import Adapter, expand_users, stack
 from ..tasks import ranking
 from .baselines import EvalContext, register
-from .neural import EXCLUDED_SCORE, support_input
+from .neural import floor_excluded, support_input
 
 
 @register("per-user-lora")
@@ -98,7 +98,7 @@ class PerUserLoRA:
     def score(self, support_items: np.ndarray, k: int, time: float | None = None) -> np.ndarray:
         lora = self.fit(support_items, time)
         scores = self.final_scores(support_input(self.model, support_items, time), lora).cpu().numpy().astype(np.float64)
-        return np.where(np.isfinite(scores), scores, EXCLUDED_SCORE)
+        return floor_excluded(scores)
 
     def adapter_bytes(self, lora: dict[str, torch.Tensor]) -> bytes:
         """The user's adapter as a safetensors file (what OPPU stores per user)."""

@@ -29,7 +29,7 @@ from ..data.types import Dataset
 from ..errors import InvalidConfig
 from ..progress import Progress
 from .baselines import EvalContext, register
-from .neural import EXCLUDED_SCORE, support_input
+from .neural import floor_excluded, support_input
 
 
 @register("prompt-maml")
@@ -95,4 +95,4 @@ class PromptMAML:
         with torch.enable_grad():
             adapted = adapt(init, model.loss_fn(batch, targets, mask), self.inner_steps, {"prompt": self.log_step_size.detach()})
         scores = model.final_scores(batch, {"prompt": adapted["prompt"].detach()})[0].numpy().astype(np.float64)
-        return np.where(np.isfinite(scores), scores, EXCLUDED_SCORE)
+        return floor_excluded(scores)

@@ -28,7 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from pmeta.data.types import Dataset
-from pmeta.errors import InvalidConfig
+from pmeta.errors import InvalidConfig, TrainingDiverged
 
 PROTOCOL_NAME = "coldstart-v1"
 MODES = ("uni99", "pop99", "full")
@@ -101,6 +101,24 @@ def split_users(dataset: Dataset, seed: int = 0, test_fraction: float = 0.2) -> 
 def _check_support_size(k: int) -> None:
     if not 1 <= k <= QUERY_START:
         raise InvalidConfig(f"support size K must lie in 1..{QUERY_START} so that support and query never overlap, got {k}")
+
+
+def check_grid(ks: Sequence[int], modes: Sequence[str]) -> None:
+    """The support sizes and candidate modes of a run: at least one of each, no repeats, every K in
+    1..5 and every mode one of :data:`MODES`; else :class:`~pmeta.errors.InvalidConfig`."""
+    if not ks:
+        raise InvalidConfig("no support size K given")
+    if not modes:
+        raise InvalidConfig(f"no candidate mode given; choose from {', '.join(MODES)}")
+    for name, values in (("support size K", ks), ("candidate mode", modes)):
+        repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+        if repeated:
+            raise InvalidConfig(f"{name} {repeated[0]} is given twice")
+    for mode in modes:
+        if mode not in _MODE_STREAM:
+            raise InvalidConfig(f"unknown candidate mode {mode!r}; expected one of {', '.join(MODES)}")
+    for k in ks:
+        _check_support_size(k)
 
 
 def make_cases(dataset: Dataset, users: Iterable[int], k: int) -> list[ColdStartCase]:
@@ -234,7 +252,7 @@ def _checked_scores(scores: np.ndarray, n_items: int, name: str) -> np.ndarray:
     if scores.shape != (n_items,):
         raise ValueError(f"scorer {name!r} returned shape {scores.shape}, expected ({n_items},)")
     if np.isnan(scores).any():
-        raise ValueError(f"scorer {name!r} returned NaN scores")
+        raise TrainingDiverged(f"method {name!r} returned NaN scores: its model diverged (rebuild the bank, or lower its learning rates)")
     return scores
 
 
@@ -267,11 +285,7 @@ def evaluate(
     two scorers evaluated on the same dataset and users give arrays aligned user by user (paired
     comparisons, :mod:`pmeta.eval.significance`).
     """
-    for mode in modes:
-        if mode not in _MODE_STREAM:
-            raise InvalidConfig(f"unknown candidate mode {mode!r}; expected one of {', '.join(MODES)}")
-    for k in ks:
-        _check_support_size(k)
+    check_grid(ks, modes)
     test_users = [int(u) for u in test_users]
     n_items = len(dataset.catalog)
     popularity = item_rating_counts(dataset)

@@ -27,8 +27,9 @@ from ..data.types import Dataset
 from ..errors import InvalidConfig
 from ..progress import Progress
 from . import neural, oppu, prompt_maml  # noqa: F401  (register the bank-based methods)
-from .baselines import BASELINES, EvalContext
-from .protocol import MIN_POSITIVES, PROTOCOL_NAME, evaluate, split_users
+from ..config import MAX_SEED
+from .baselines import BASELINES, EvalContext, check_options
+from .protocol import MIN_POSITIVES, PROTOCOL_NAME, check_grid, evaluate, split_users
 from .significance import BOOTSTRAP_RESAMPLES, compare_methods, markdown_lines
 from .transfer import transfer_model
 
@@ -37,6 +38,8 @@ DEFAULT_METHODS = ("random", "popularity", "popularity-time", "itemknn", "ease",
 #: Methods that need the MAML bank, or the Reptile bank.
 BANK_METHODS = {"backbone", "prompt-maml", "per-user-lora", "pmeta-no-steps", "pmeta", "pmeta-bf16"}
 REPTILE_METHODS = {"pmeta-reptile"}
+#: Most bootstrap resamples a run takes (the resample table is resamples x users integers).
+MAX_RESAMPLES = 100_000
 
 
 def model_for(bank: Bank, dataset: Dataset, seed: int, progress: Progress) -> tuple[object, dict | None]:
@@ -62,6 +65,30 @@ def _bank_summary(bank: Bank | None) -> dict | None:
     return {"version": bank.version, "dataset": bank.record.get("dataset_name"), "config": bank.config.model_dump()}
 
 
+def check_request(methods, ks, modes, options: dict[str, dict] | None = None, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, dict]:
+    """Everything about a run that can be wrong before any data is read or any bank built: the
+    methods (known, none twice), K and the modes (:func:`~pmeta.eval.protocol.check_grid`), the seed,
+    the number of bootstrap resamples, and each method's options
+    (:func:`~pmeta.eval.baselines.check_options`; options of a registered method this run does not
+    evaluate are checked too, and unused, so that one set of options serves runs of any methods).
+    Returns the validated options; raises :class:`~pmeta.errors.InvalidConfig`."""
+    methods = list(methods)
+    if not methods:
+        raise InvalidConfig("no method to evaluate")
+    unknown = [m for m in methods if m not in BASELINES]
+    if unknown:
+        raise InvalidConfig(f"unknown method {unknown[0]!r}; choose from {', '.join(sorted(BASELINES))}")
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        raise InvalidConfig(f"method {repeated[0]!r} is given twice")
+    check_grid(ks, modes)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise InvalidConfig(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
+    if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) or not 1 <= resamples <= MAX_RESAMPLES:
+        raise InvalidConfig(f"resamples must be an integer in 1..{MAX_RESAMPLES:,}, got {resamples!r}")
+    return {method: check_options(method, values) for method, values in (options or {}).items()}
+
+
 def run_movielens(
     dataset: Dataset,
     bank: Bank | None,
@@ -85,9 +112,7 @@ def run_movielens(
     :func:`pmeta.eval.protocol.evaluate` fills), e.g. to pool several seeds' test users.
     """
     progress = progress or Progress(False)
-    unknown = [m for m in methods if m not in BASELINES]
-    if unknown:
-        raise InvalidConfig(f"unknown method {unknown[0]!r}; choose from {', '.join(sorted(BASELINES))}")
+    options = check_request(methods, ks, modes, options, seed, resamples)
     if bank is None and BANK_METHODS & set(methods):
         raise InvalidConfig(f"methods {', '.join(sorted(BANK_METHODS & set(methods)))} need a bank (--bank)")
     if reptile_bank is None and REPTILE_METHODS & set(methods):
@@ -98,14 +123,18 @@ def run_movielens(
         test_users = np.asarray(test_users)[:max_users]
     model, transfer = model_for(bank, dataset, seed, progress) if bank is not None else (None, None)
     reptile_model, _ = model_for(reptile_bank, dataset, seed, progress) if reptile_bank is not None else (None, None)
-    options = options or {}
     context = EvalContext(dataset, train_users, seed=seed, model=model, reptile_model=reptile_model, options=options, progress=progress)
     positives = dataset.positives_by_user()
     cases = sum(1 for u in test_users if len(positives.get(int(u), ())) >= MIN_POSITIVES)
     results, cells = [], {}
     for method in methods:
         torch.manual_seed(seed)
-        scorer = BASELINES[method].create(context)
+        try:
+            scorer = BASELINES[method].create(context)
+        except (TypeError, ValueError, RuntimeError) as exc:  # a value its type allows but the method does not
+            if method not in options or isinstance(exc, InvalidConfig):
+                raise
+            raise InvalidConfig(f"method {method!r} cannot run with {options[method]}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
         with progress.task(f"evaluating {method}", cases * len(ks)) as bar:
             cells[method] = {}
             rows = evaluate(scorer, dataset, test_users, ks=ks, modes=modes, seed=seed, progress=lambda done, total: bar.advance(1), per_user=cells[method])
@@ -124,6 +153,7 @@ def run_movielens(
             "modes": list(modes),
             "methods": list(methods),
             "max_users": max_users,
+            "test_fraction": test_fraction,  # the bank's; coldstart-v1 is 0.2
             "method_options": options,
             "bank": _bank_summary(bank),
             "reptile_bank": _bank_summary(reptile_bank),

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidConfig, InvalidRequest
+from .device import resolve_device
 
 DEFAULT_LM = "bundled:SmolLM2-135M-Instruct"
 
@@ -208,7 +209,7 @@ class CausalLM:
             raise InvalidConfig(f"cannot load causal LM {name!r} from {path}: {str(exc).splitlines()[0]}") from exc
         self.name = name
         self.path = path
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.model.requires_grad_(False)
         self.config = model.config

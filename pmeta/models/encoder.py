@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidConfig
+from .device import resolve_device
 
 DEFAULT_ENCODER = "bundled:all-MiniLM-L6-v2"
 PRECISIONS = ("float32", "bfloat16")
@@ -138,7 +139,7 @@ class FunctionalEncoder:
             self._fast_tokenizer = False
         self.name = name
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to call concurrently
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.shape = EncoderShape(
             layers=config["num_hidden_layers"],
             hidden=config["hidden_size"],

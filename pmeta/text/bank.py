@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from ..errors import BankIntegrityError, InvalidRequest
 from ..fusion.index import AnchorIndex
+from ..models.device import resolve_device
 from ..storage import BankStore
 from .build import BUILD_FILE, INDEX_FILE, TENSORS_FILE, load_lm
 from .config import TextConfig
@@ -105,10 +106,11 @@ class TextBank:
         """Open the active (or a given) version; every file is checked against its sha256 first.
 
         Raises BankNotFound when ``path`` is not a bank, BankIntegrityError when a file was altered
-        or the version is not a text bank.
+        or the version is not a text bank, InvalidConfig for a device this machine does not have.
         """
         from ..bank.bank import shared_encoder
 
+        resolve_device(device)
         store = BankStore(path, db_url)
         reader = store.open(version)
         raw = reader.record["config"]

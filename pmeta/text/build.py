@@ -401,7 +401,7 @@ def build_text_bank(data: str | Path, out: str | Path, config: TextConfig, db_ur
         version = writer.publish(
             config=model.config.model_dump(),
             dataset_name=f"{Path(data).name} ({spec.name})",
-            dataset_fingerprint=_fingerprint(data),
+            dataset_fingerprint=dataset_fingerprint(data),
             anchors=record["anchors"],
             held_out_users=test_ids,
             notes=f"text {spec.name}; lm={model.config.lm}; meta={model.config.meta}",
@@ -410,7 +410,8 @@ def build_text_bank(data: str | Path, out: str | Path, config: TextConfig, db_ur
     return TextBuildResult(version, record["seconds"], record["validation"], len(record["train_users"]), len(record["validation_users"]))
 
 
-def _fingerprint(data: str | Path) -> str:
+def dataset_fingerprint(data: str | Path) -> str:
+    """sha256 of the train and dev files of a LaMP-format folder: what a text bank was built on."""
     import hashlib
 
     digest = hashlib.sha256()

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..config import resolve_config
+from ..config import MAX_SEED, resolve_config
 from ..models.encoder import DEFAULT_ENCODER
 
 DEFAULT_LM = "bundled:SmolLM2-135M-Instruct"
@@ -65,7 +65,7 @@ class TextConfig(BaseModel):
     lora_baseline_rank: int = Field(4, ge=1, le=64, description="Rank of the per-user LoRA baseline (OPPU recipe).")
     lora_baseline_steps: int = Field(5, ge=1, description="Adam steps of the per-user LoRA baseline.")
     lora_baseline_lr: float = Field(5e-3, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = "cpu"
 
     @model_validator(mode="after")

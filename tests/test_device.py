@@ -1,0 +1,53 @@
+"""Device names are checked before anything is loaded or any bank folder is created."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pmeta.errors import InvalidConfig
+from pmeta.models.device import resolve_device
+
+
+def test_cpu_resolves():
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(torch.device("cpu")).type == "cpu"
+
+
+@pytest.mark.parametrize("name, message", [("foo", "unknown torch device 'foo'"), ("meta", "not supported"), ("", "unknown torch device")])
+def test_unknown_devices_are_config_errors(name, message):
+    with pytest.raises(InvalidConfig, match=message):
+        resolve_device(name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+@pytest.mark.parametrize("name", ["cuda", "cuda:0", "cuda:7"])
+def test_cuda_without_a_gpu_is_a_config_error(name):
+    with pytest.raises(InvalidConfig, match="not available"):
+        resolve_device(name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_index_beyond_the_machine_is_a_config_error():
+    assert resolve_device("cuda").type == "cuda"
+    with pytest.raises(InvalidConfig, match="CUDA device"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_the_encoder_checks_its_device_first():
+    from pmeta.models.encoder import FunctionalEncoder
+
+    with pytest.raises(InvalidConfig, match="unknown torch device"):
+        FunctionalEncoder(device="gpu0")
+
+
+def test_seeds_are_bounded_alike_in_the_cli_and_the_configs():
+    from pmeta.cli.app import MAX_SEED as CLI_MAX_SEED
+    from pmeta.config import MAX_SEED, BankConfig
+    from pmeta.text.config import TextConfig
+
+    assert CLI_MAX_SEED == MAX_SEED == 2**32 - 1
+    for config in (BankConfig, TextConfig):
+        assert config(seed=MAX_SEED).seed == MAX_SEED
+        for bad in (-1, MAX_SEED + 1):
+            with pytest.raises(ValueError, match="seed"):
+                config(seed=bad)
