@@ -225,7 +225,9 @@ class Bank:
         caches, 64 is ~35% slower than 16); on a GPU wider passes pay off.
 
         Users are bucketed by history length before batching (less padding; results are returned
-        in the input order and do not depend on the batch they ran in). ``method``: ``batched``
+        in the input order and depend on the batch they ran in only through float rounding: on the
+        small-preset bank, 24 users with 1–7 items differed from one-by-one calls by at most 8e-6 in
+        any score, with identical top-10 lists; the tests allow 1e-4). ``method``: ``batched``
         (one leading user axis through every tensor, the default: faster here) or ``vmap``
         (``torch.func.vmap`` over a per-user inner loop).
         """
