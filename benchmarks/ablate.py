@@ -45,7 +45,7 @@ from pmeta.adapt.inner import adapt
 from pmeta.bank.bank import Bank
 from pmeta.bank.model import PmetaModel
 from pmeta.data import load_sample
-from pmeta.eval.neural import EXCLUDED_SCORE, support_input
+from pmeta.eval.neural import floor_excluded, support_input
 from pmeta.eval.protocol import evaluate, split_users
 from pmeta.tasks.ranking import add_prior
 
@@ -75,7 +75,7 @@ class Scorer:
                 adapted = adapt(init, model.loss_fn(batch, targets, mask), steps, model.t.stack_step_sizes)
             personal = {k: v.detach() for k, v in adapted.items()}
         scores = model.final_scores(batch, personal)[0].numpy().astype(np.float64)
-        return np.where(np.isfinite(scores), scores, EXCLUDED_SCORE)
+        return floor_excluded(scores)
 
 
 def variant(model: PmetaModel, **config) -> PmetaModel:

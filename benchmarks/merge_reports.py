@@ -5,7 +5,7 @@ into one report.json + report.md + plots.
 
 Results are in the order of the full report's methods (then input order); the config is the first report's, with the union of the
 methods and each part's environment kept under ``config.parts``. The parts must share the protocol, seed, dataset, K, modes, number
-of users and bank version. Paired comparisons (``comparisons``) are not carried over: they pair each user's metrics across methods,
+of users, test fraction and bank versions, and hold different methods. Paired comparisons (``comparisons``) are not carried over: they pair each user's metrics across methods,
 which a report does not store, so run the methods to compare in one process (or use benchmarks/seeds.py, which keeps them).
 """
 
@@ -26,14 +26,19 @@ def merge(reports: list[dict]) -> dict:
                 raise SystemExit(f"cannot merge: {key} differs ({other[key]!r} vs {first[key]!r})")
         if other["dataset"]["fingerprint"] != first["dataset"]["fingerprint"]:
             raise SystemExit("cannot merge: the reports are on different datasets")
-        for key in ("ks", "modes", "max_users"):
+        for key in ("ks", "modes", "max_users", "test_fraction"):
             if other["config"].get(key) != first["config"].get(key):
                 raise SystemExit(f"cannot merge: config.{key} differs ({other['config'].get(key)!r} vs {first['config'].get(key)!r})")
-        versions = [(r["config"].get("bank") or {}).get("version") for r in (first, other)]
-        if None not in versions and versions[0] != versions[1]:
-            raise SystemExit(f"cannot merge: the parts were scored with different bank versions ({versions[1]} vs {versions[0]})")
+        for key in ("bank", "reptile_bank"):  # a part without bank-based methods may have no bank
+            versions = [(r["config"].get(key) or {}).get("version") for r in (first, other)]
+            if None not in versions and versions[0] != versions[1]:
+                raise SystemExit(f"cannot merge: the parts were scored with different {key.replace('_', ' ')} versions ({versions[1]} vs {versions[0]})")
+    methods = [m for r in reports for m in r["config"]["methods"]]
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        raise SystemExit(f"cannot merge: method {repeated[0]} is in more than one part")
     config = dict(first["config"])
-    config["methods"] = [m for r in reports for m in r["config"]["methods"]]
+    config["methods"] = methods
     config["parts"] = [{"methods": r["config"]["methods"], "environment": r["config"].get("environment")} for r in reports]
     for r in reports[1:]:
         config["reptile_bank"] = config.get("reptile_bank") or r["config"].get("reptile_bank")

@@ -184,13 +184,15 @@ def test_merge_reports_orders_methods_and_refuses_parts_of_different_runs():
     spec.loader.exec_module(merge_reports)
 
     def part(methods, **config):
-        base = {"ks": [1], "modes": ["full"], "max_users": None, "methods": methods, "bank": {"version": "v1"}}
+        base = {"ks": [1], "modes": ["full"], "max_users": None, "test_fraction": 0.2, "methods": methods, "bank": {"version": "v1"}, "reptile_bank": {"version": "r1"}}
         return {"protocol": "coldstart-v1", "seed": 0, "dataset": {"fingerprint": "f"}, "config": {**base, **config},
                 "results": [{"method": m, "k": 1, "mode": "full"} for m in methods]}  # fmt: skip
 
     merged = merge_reports.merge([part(["pmeta"]), part(["popularity", "ease"])])
     assert [r["method"] for r in merged["results"]] == ["popularity", "ease", "pmeta"] and merged["config"]["methods"] == ["popularity", "ease", "pmeta"]
-    assert "comparisons" not in merged
-    for other in (part(["ease"], ks=[1, 3]), part(["ease"], modes=["pop99"]), part(["ease"], max_users=5), part(["ease"], bank={"version": "v2"})):
+    assert merge_reports.merge([part(["pmeta"]), part(["ease"], bank=None)])["config"]["methods"] == ["ease", "pmeta"]  # a part without a bank
+    others = (part(["ease"], ks=[1, 3]), part(["ease"], modes=["pop99"]), part(["ease"], max_users=5), part(["ease"], test_fraction=0.1),
+              part(["ease"], bank={"version": "v2"}), part(["ease"], reptile_bank={"version": "r2"}), part(["pmeta"]))  # fmt: skip
+    for other in others:
         with pytest.raises(SystemExit, match="cannot merge"):
             merge_reports.merge([part(["pmeta"]), other])

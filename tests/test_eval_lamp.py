@@ -77,6 +77,7 @@ def test_title_report(lamp):
         (["--k-profile", "1,x"], "--k-profile must be comma-separated integers"),
         (["--task", "LaMP-6"], "LaMP-6 is not public"),
         (["--split", "../x"], "plain name"),
+        (["--split", "dev"], "--split dev needs --bank"),
     ],
 )
 def test_cli_errors(lamp, extra, message):

@@ -204,31 +204,21 @@ def test_a_run_is_checked_before_any_data_is_read(kwargs, message):
     assert check_request(["random"], (1,), ("full",), {"per-user-lora": {"steps": "2"}}) == {"per-user-lora": {"steps": 2}}
 
 
-def test_a_method_that_rejects_a_well_typed_option_value_is_a_config_error(monkeypatch, sample):
-    from pmeta.eval.baselines import BASELINES
+@pytest.mark.parametrize(
+    "method, options, message",
+    [("random", {"seed": -1}, "greater than or equal to 0"), ("prompt-maml", {"seed": 2**70}, "less than or equal to 4294967295"),
+     ("per-user-lora", {"lr": float("nan")}, "finite number"), ("per-user-lora", {"rank": 0}, "greater than or equal to 1"),
+     ("per-user-lora", {"layers": "some"}, "'all' or 'bank'"), ("per-user-lora", {"targets": ["output"]}, "'query', 'key' or 'value'"),
+     ("per-user-lora", {"targets": []}, "at least 1"), ("prompt-maml", {"batch_users": 0}, "greater than or equal to 1"),
+     ("ease", {"lambdas": [100, 0]}, "greater than 0"), ("popularity-time", {"validation_fraction": 1.0}, "less than 1"),
+     ("popularity-time", {"validation_modes": ["full", "uni42"]}, "'uni99', 'pop99' or 'full'")],
+)  # fmt: skip
+def test_method_options_out_of_range_are_config_errors_before_anything_runs(method, options, message):
+    from pmeta.eval.baselines import check_options
     from pmeta.errors import InvalidConfig
 
-    class Picky:
-        name, bytes_per_user = "picky", 0
-
-        def __init__(self, width: int = 1) -> None:
-            if width < 1:
-                raise ValueError("width must be positive")
-
-        @classmethod
-        def create(cls, context):
-            return cls(**context.options.get(cls.name, {}))
-
-        def score(self, support_items, k):
-            return np.zeros(len(sample.catalog))
-
-    monkeypatch.setitem(BASELINES, "picky", Picky)
-    with pytest.raises(InvalidConfig, match="'picky' cannot run with {'width': 0}: width must be positive"):
-        run_movielens(sample, None, ["picky"], (1,), ("full",), max_users=2, options={"picky": {"width": 0}})
-    with pytest.raises(ValueError, match="width must be positive") as caught:  # without options: a bug, not bad input
-        monkeypatch.setattr(Picky, "__init__", lambda self, width=0: (_ for _ in ()).throw(ValueError("width must be positive")))
-        run_movielens(sample, None, ["picky"], (1,), ("full",), max_users=2)
-    assert not isinstance(caught.value, InvalidConfig)
+    with pytest.raises(InvalidConfig, match=message):
+        check_options(method, options)
 
 
 def test_every_method_is_a_registered_class_with_one_interface():

@@ -200,6 +200,7 @@ def test_several_layouts_need_an_explicit_format(tmp_path):
         ("", r"ratings.csv is empty"),
         ("userId,movieId,rating,timestamp\n", r"ratings.csv has no ratings"),
         ("userId,movieId,rating,timestamp\n1,99,4.0,1\n", r"None of the 1 ratings .* is of a movie listed in movies.csv"),
+        ("userId,movieId,rating,timestamp\n1,1,4.0,1\n2,1,3.0,2\n1,11,5.0,3\n1,1,2.0,4\n", r"ratings.csv lines 2 and 5: user 1 rated movie 1 twice"),
         ('userId,movieId,rating,timestamp\n1,"' + "x" * 200_000 + '",4,1\n', r"line 2: malformed CSV"),
     ],
 )

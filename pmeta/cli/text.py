@@ -125,6 +125,8 @@ def eval_lamp(
     if not ks or min(ks) < 0:
         raise InvalidConfig(f"--k-profile must be non-negative integers, got {k_profile!r}")
     method_list = parse_methods(methods)
+    if bank is None and split in ("train", "dev"):
+        raise InvalidConfig(f"--split {split} needs --bank: the bank built here would train on train and validate on dev")
     examples = choose_users(load_split(data, spec.name, split), users, seed)
     if not examples:
         raise InvalidConfig(f"{data}: the {split} split has no question with a gold output to evaluate")

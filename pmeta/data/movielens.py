@@ -235,14 +235,31 @@ def _read_ratings(path: Path, layout: Layout, catalog: Catalog) -> tuple[Ratings
     values, times = _parse_numbers(path, lines, rating_texts, time_texts)
     user_ids = _sorted_user_ids(users)
     user_index = {user_id: i for i, user_id in enumerate(user_ids)}
+    user_rows = np.fromiter((user_index[u] for u in users), dtype=np.int64, count=len(users))
+    item_rows = np.asarray(items, dtype=np.int64)
+    _check_unique_pairs(path, user_rows, item_rows, lines, users, catalog)
     ratings = Ratings(
-        user=np.fromiter((user_index[u] for u in users), dtype=np.int64, count=len(users)),
-        item=np.asarray(items, dtype=np.int64),
+        user=user_rows,
+        item=item_rows,
         rating=values.astype(np.float32),
         timestamp=times,
         user_ids=user_ids,
     )
     return ratings, dropped
+
+
+def _check_unique_pairs(path: Path, user_rows: np.ndarray, item_rows: np.ndarray, lines: list[int], users: list[str], catalog: Catalog) -> None:
+    """MovieLens files hold one rating per (user, movie); a second one would let a movie be both a
+    support and a query item of the protocol, so it is an error naming both lines."""
+    keys = user_rows * max(len(catalog), 1) + item_rows
+    order = np.argsort(keys, kind="stable")
+    repeated = np.flatnonzero(keys[order][1:] == keys[order][:-1])
+    if len(repeated):
+        first, second = int(order[repeated[0]]), int(order[repeated[0] + 1])
+        raise InvalidData(
+            f"{path} lines {lines[first]} and {lines[second]}: user {users[first]} rated movie {catalog.item_ids[int(item_rows[first])]} twice; "
+            "keep one rating per user and movie (e.g. the latest)."
+        )
 
 
 def _parse_numbers(path: Path, lines: list[int], rating_texts: list[str], time_texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

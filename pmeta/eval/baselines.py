@@ -13,14 +13,23 @@ import inspect
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
+from pmeta.config import MAX_SEED
 from pmeta.data.types import Dataset
 from pmeta.errors import InvalidConfig
 from pmeta.eval.protocol import evaluate
+
+# Option types of the methods' constructors: ``--method-option`` values are validated against them
+# (:func:`check_options`), so that a value out of range is a config error before anything runs.
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Count = Annotated[int, Field(ge=0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
 
 #: Baseline classes by name; fill it with :func:`register`.
 BASELINES: dict[str, type] = {}
@@ -74,13 +83,14 @@ CONTEXT_PARAMETERS = frozenset({"self", "model", "item_text"})
 def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """``options`` for the registered method ``name``, checked against its class's constructor: each
     key must be one of its keyword parameters (not one the evaluation supplies, e.g. ``model``) and
-    each value must fit the parameter's annotation (pydantic, lax: ``"10"`` is a fine int, ``"abc"``
-    is not a float). Returns the validated values (a JSON list becomes the annotated tuple);
+    each value must fit the parameter's annotation, ranges included (pydantic, lax: ``"10"`` is a
+    fine int, ``"abc"`` is not a float, a :data:`Seed` lies in 0..2³²−1, a :data:`PositiveFloat`
+    is finite). Returns the validated values (a JSON list becomes the annotated tuple);
     raises :class:`~pmeta.errors.InvalidConfig` naming the method, the key and what it accepts."""
     if name not in BASELINES:
         raise InvalidConfig(f"unknown method {name!r}; choose from {', '.join(sorted(BASELINES))}")
     init = BASELINES[name].__init__
-    hints = typing.get_type_hints(init)
+    hints = typing.get_type_hints(init, include_extras=True)  # keep the Annotated ranges
     keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     accepted = [p.name for p in inspect.signature(init).parameters.values() if p.kind in keywords and p.name not in CONTEXT_PARAMETERS]
     out = {}
@@ -125,7 +135,7 @@ class RandomBaseline:
     """Uniform random scores. The generator is ``default_rng(seed)``, created by :meth:`fit`, so a run
     that fits once and scores users in the same order is reproducible."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: Seed = 0) -> None:
         self.seed = seed
         self.n_items = 0
         self._rng = np.random.default_rng(seed)
@@ -171,7 +181,7 @@ class TimePopularityBaseline:
 
     uses_time = True
 
-    def __init__(self, bandwidth_days: float | None = None, validation_fraction: float = 0.1, validation_seed: int = 0, validation_modes: tuple[str, ...] = ("uni99", "pop99", "full")) -> None:
+    def __init__(self, bandwidth_days: PositiveFloat | None = None, validation_fraction: Fraction = 0.1, validation_seed: Seed = 0, validation_modes: tuple[Literal["uni99", "pop99", "full"], ...] = ("uni99", "pop99", "full")) -> None:
         self.bandwidth_days, self.validation_modes = bandwidth_days, tuple(validation_modes)
         self.validation_fraction, self.validation_seed = validation_fraction, validation_seed
         self.chosen_bandwidth: float | None = None
@@ -250,10 +260,10 @@ class EASEBaseline:
 
     def __init__(
         self,
-        lam: float | None = None,
-        lambdas: Sequence[float] = (50.0, 100.0, 200.0, 500.0, 1000.0),
-        validation_fraction: float = 0.2,
-        validation_seed: int = 0,
+        lam: PositiveFloat | None = None,
+        lambdas: Sequence[PositiveFloat] = (50.0, 100.0, 200.0, 500.0, 1000.0),
+        validation_fraction: Fraction = 0.2,
+        validation_seed: Seed = 0,
     ) -> None:
         if lam is None and not lambdas:
             raise InvalidConfig("EASE needs either lam or a non-empty lambdas grid")

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import replace
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from safetensors.torch import save as save_safetensors
 
 from ..errors import InvalidConfig
 from ..models.personal import Adapter, expand_users, stack
 from ..tasks import ranking
-from .baselines import EvalContext, register
+from .baselines import Count, EvalContext, PositiveFloat, PositiveInt, Seed, register
 from .neural import floor_excluded, support_input
 
 
@@ -33,7 +35,7 @@ from .neural import floor_excluded, support_input
 class PerUserLoRA:
     uses_time = True  # the support's timestamp reaches the bank's head (its time prior), as for pmeta
 
-    def __init__(self, model, rank: int = 8, steps: int = 20, lr: float = 5e-3, targets: tuple[str, ...] = ("query", "value"), layers: str = "all", seed: int = 0) -> None:
+    def __init__(self, model, rank: PositiveInt = 8, steps: Count = 20, lr: PositiveFloat = 5e-3, targets: Annotated[tuple[Literal["query", "key", "value"], ...], Field(min_length=1)] = ("query", "value"), layers: Literal["all", "bank"] = "all", seed: Seed = 0) -> None:
         if model is None:
             raise InvalidConfig("method 'per-user-lora' needs a bank (its frozen encoder and ranking head); pass --bank")
         if layers not in ("all", "bank"):

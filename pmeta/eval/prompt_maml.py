@@ -28,7 +28,7 @@ from ..bank.meta_train import Stage, meta_train
 from ..data.types import Dataset
 from ..errors import InvalidConfig
 from ..progress import Progress
-from .baselines import EvalContext, register
+from .baselines import Count, EvalContext, PositiveFloat, PositiveInt, Seed, register
 from .neural import floor_excluded, support_input
 
 
@@ -36,7 +36,7 @@ from .neural import floor_excluded, support_input
 class PromptMAML:
     uses_time = True  # the support's timestamp reaches the bank's head (its time prior), as for pmeta
 
-    def __init__(self, model, outer_steps: int | None = None, inner_steps: int | None = None, batch_users: int | None = None, lr: float | None = None, seed: int = 0) -> None:
+    def __init__(self, model, outer_steps: Count | None = None, inner_steps: Count | None = None, batch_users: PositiveInt | None = None, lr: PositiveFloat | None = None, seed: Seed = 0) -> None:
         if model is None:
             raise InvalidConfig("method 'prompt-maml' needs a bank (its frozen encoder and ranking head); pass --bank")
         config = model.config

@@ -252,7 +252,7 @@ def _checked_scores(scores: np.ndarray, n_items: int, name: str) -> np.ndarray:
     if scores.shape != (n_items,):
         raise ValueError(f"scorer {name!r} returned shape {scores.shape}, expected ({n_items},)")
     if np.isnan(scores).any():
-        raise TrainingDiverged(f"method {name!r} returned NaN scores: its model diverged (rebuild the bank, or lower its learning rates)")
+        raise TrainingDiverged(f"method {name!r} returned NaN scores: its model diverged or its inputs hold NaN")
     return scores
 
 
