@@ -88,12 +88,7 @@ def time_local_ratio(items: np.ndarray, times: np.ndarray, anchor_of: np.ndarray
     ``exp(−(t − τ)² / 2h²)``; an infinite bandwidth gives the shipped all-time ratio."""
     weights = np.ones(len(times)) if np.isinf(bandwidth_days) else np.exp(-0.5 * ((np.asarray(times, dtype=np.float64) - t) / (bandwidth_days * time_prior.DAY)) ** 2)
     counts = np.bincount(np.asarray(anchor_of, dtype=np.int64) * n_items + items, weights=weights, minlength=anchors * n_items).reshape(anchors, n_items)
-    overall = counts.sum(0)
-    overall = overall / max(overall.sum(), 1e-300)
-    per_anchor = counts / np.maximum(counts.sum(1, keepdims=True), 1e-300)
-    per_anchor[counts.sum(1) == 0] = overall
-    mix = anchor_bias.MIX
-    return np.log((1.0 - mix) * per_anchor + mix * overall + anchor_bias.EPSILON) - np.log(overall + anchor_bias.EPSILON)
+    return anchor_bias.ratio_of_shares(*anchor_bias.shares_of_counts(counts))
 
 
 def intercepts(positives: list[np.ndarray], assignment: np.ndarray, anchors: int, n_items: int) -> np.ndarray:

@@ -26,6 +26,8 @@ import torch
 #: Share of the global distribution mixed into each anchor's.
 MIX = 0.1
 EPSILON = 1e-7
+#: Floor of a sum that is divided by: only ever reached by a sum of 0 (whose quotient is 0 either way).
+_TINY = np.finfo(np.float64).tiny
 #: The γ grid :func:`choose` tries (0 = off).
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
 
@@ -37,18 +39,27 @@ def shares(positives: list[np.ndarray], assignment: np.ndarray, anchors: int, n_
     counts = np.zeros((anchors, n_items))
     for items, anchor in zip(positives, assignment):
         np.add.at(counts[int(anchor)], np.unique(np.asarray(items, dtype=np.int64)), 1.0)
+    return shares_of_counts(counts)
+
+
+def shares_of_counts(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`shares` from (A_n, N) non-negative counts, which may be weighted (fractional): each
+    row over its sum, the column sums over the total; a row without counts gets ``p``."""
     overall = counts.sum(0)
-    overall = overall / max(overall.sum(), 1.0)
-    out = counts / np.maximum(counts.sum(1, keepdims=True), 1.0)
+    overall = overall / max(overall.sum(), _TINY)
+    out = counts / np.maximum(counts.sum(1, keepdims=True), _TINY)
     out[counts.sum(1) == 0] = overall  # an empty anchor is the global distribution: offset 0
     return out, overall
 
 
+def ratio_of_shares(per_anchor: np.ndarray, overall: np.ndarray) -> np.ndarray:
+    """(A_n, N) float64 ``log((1 − ν) p_a + ν p + ε) − log(p + ε)``."""
+    return np.log((1.0 - MIX) * per_anchor + MIX * overall + EPSILON) - np.log(overall + EPSILON)
+
+
 def log_ratio(positives: list[np.ndarray], assignment: np.ndarray, anchors: int, n_items: int) -> np.ndarray:
     """(A_n, N) float32: each anchor's ``log((1 − ν) p_a + ν p + ε) − log(p + ε)`` (:func:`shares`)."""
-    per_anchor, overall = shares(positives, assignment, anchors, n_items)
-    out = np.log((1.0 - MIX) * per_anchor + MIX * overall + EPSILON) - np.log(overall + EPSILON)
-    return out.astype(np.float32)
+    return ratio_of_shares(*shares(positives, assignment, anchors, n_items)).astype(np.float32)
 
 
 def fused(bias: torch.Tensor, indexes: torch.Tensor, weights: torch.Tensor, has_key: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
