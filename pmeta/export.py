@@ -128,9 +128,12 @@ def export_peft(lm: CausalLM, adapter: dict[str, torch.Tensor], out_dir, base_mo
         raise InvalidRequest(f"the soft prompt must be (l, d) without a user axis, got {tuple(prompt.shape)}")
     length = 0 if prompt is None else int(prompt.shape[0])
 
+    if out.exists() and not out.is_dir():
+        raise InvalidRequest(f"{out} is a file, not a directory; choose an empty or new directory")
+    if not out.parent.is_dir():
+        raise InvalidRequest(f"cannot export to {out}: {out.parent} is not a directory")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise InvalidRequest(f"{out} exists and is not a pmeta export; choose an empty or new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()

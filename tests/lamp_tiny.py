@@ -50,8 +50,9 @@ def write_lamp(folder: Path, task: str = "LaMP-3", users: dict[str, int] | None 
     return folder
 
 
-def tiny_llama(folder: Path) -> Path:
-    """A 2-layer random Llama (hidden 32) with a small BPE tokenizer and a chat template."""
+def tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer random Llama (hidden 32) with a small BPE tokenizer and a chat template; ``seed``
+    draws its weights (another seed: a same-shape, different model)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -68,7 +69,7 @@ def tiny_llama(folder: Path) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=512, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
                          pad_token_id=fast.pad_token_id, tie_word_embeddings=True)  # fmt: skip

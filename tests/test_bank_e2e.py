@@ -76,6 +76,41 @@ def test_candidates_restrict_the_ranking(opened_bank):
         p.rank(top=0)
 
 
+def test_lists_that_are_not_lists_are_refused(opened_bank):
+    p = opened_bank.personalize(history("u2", ["1", "2"]))
+    for candidates in ("318", b"318", {"318": 1}, 318):  # a string would otherwise rank the items "3", "1", "8"
+        with pytest.raises(pmeta.InvalidRequest, match="candidates must be a list"):
+            p.rank(3, candidates=candidates)
+    with pytest.raises(pmeta.InvalidRequest, match="candidate ids are strings"):
+        p.rank(3, candidates=[["318"]])
+    assert [r.item_id for r in p.rank(1, candidates=[318])] == ["318"]  # integers are ids, as in history.json
+    for histories in (history("u", ["1"]), "abc", None):
+        with pytest.raises(pmeta.InvalidRequest, match="histories must be a list"):
+            opened_bank.personalize_many(histories)
+
+
+def test_the_bank_refuses_an_encoder_with_other_weights(tiny_bank, monkeypatch):
+    from pmeta.bank.bank import BUILD_FILE
+    from pmeta.models.encoder import FunctionalEncoder
+    from pmeta.storage import BankStore
+
+    recorded = BankStore(tiny_bank).open().read_json(BUILD_FILE)["encoder_fingerprint"]
+    assert recorded == pmeta.Bank.open(tiny_bank).model.encoder.fingerprint
+    monkeypatch.setattr(FunctionalEncoder, "fingerprint", property(lambda self: "sampled-sha256:another-checkpoint"))
+    with pytest.raises(pmeta.BankIntegrityError, match="other weights than the model now at"):
+        pmeta.Bank.open(tiny_bank)
+
+
+def test_a_prompt_layer_beyond_the_encoder_is_refused_before_the_bank_exists(tmp_path):
+    from pmeta import build_bank, load_config
+    from pmeta.data import load_sample
+
+    config = load_config("tiny").model_copy(update={"prompt_layer": 6})  # MiniLM has layers 0-5
+    with pytest.raises(pmeta.InvalidConfig, match="prompt_layer = 6, but the encoder .* has 6 layers: choose 0 to 5"):
+        build_bank(load_sample(), tmp_path / "bank", config)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_empty_history_gets_the_zero_history_prior(opened_bank):
     p = opened_bank.personalize({"user_id": "new", "items": []})
     assert p.anchors == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -153,6 +154,10 @@ def test_load_history_reads_a_valid_file(tmp_path):
         (b'{"user_id": "u", "items": [{"item_id": "1", "rating": 1e999}]}', r"h\.json: items\[0\]\.rating: must be a finite"),
         (b'{"user_id": "u", "items": [{"item_id": "1"}, {"item_id": "1"}]}', r"h\.json: items: item_id '1' appears twice"),
         (b'"just a string"', r"h\.json: a history must be a JSON object"),
+        (b'{"user_id": "u", "items": [], "user_id": "v"}', r"h\.json: invalid JSON: the key 'user_id' appears twice in one object\.$"),
+        (b'{"user_id": "u", "items": [{"item_id": "1", "rating": 5, "rating": 1}]}', r"h\.json: invalid JSON: the key 'rating' appears twice"),
+        (b'{"user_id": "u\\ud800", "items": []}', r"h\.json: invalid JSON: the string 'u\\ud800' holds a lone UTF-16 surrogate"),
+        (b'{"user_id": "u", "items": [{"text": "film \\udfff x"}]}', r"h\.json: invalid JSON: .*lone UTF-16 surrogate"),
     ],
 )
 def test_bad_files_raise_one_line_naming_the_file(tmp_path, content, match):
@@ -177,6 +182,23 @@ def test_missing_odd_and_oversized_files(tmp_path):
     path.write_text(json.dumps({"user_id": "u", "items": [{"item_id": str(i)} for i in range(3)]}))
     with pytest.raises(InvalidHistory, match="more than the limit of 2"):
         load_history(path, max_items=2)
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "h.json"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidHistory, match=r"^History path is not a regular file"):
+        load_history(fifo)
+
+
+def test_valid_surrogate_pairs_pass_and_lone_ones_in_python_objects_are_refused():
+    assert history({"text": "caf\u00e9 \U0001F3AC"}).items[0].text == "caf\u00e9 \U0001F3AC"  # a pair in JSON, one char here
+    with pytest.raises(InvalidHistory, match=r"items\[0\]\.text: must be valid Unicode text"):
+        history({"text": "film \udfff"})
+    with pytest.raises(InvalidHistory, match=r"items\[0\]\.item_id: must be valid Unicode text"):
+        history({"item_id": "\ud800"})
+    with pytest.raises(InvalidHistory, match=r"user_id: must be valid Unicode text"):
+        history({"item_id": "1"}, user_id="u\ud800")
 
 
 # ---------------------------------------------------------------------------------------- resolution

@@ -6,6 +6,7 @@ Run the fuzz target standalone for longer: ``python tests/test_lamp_io.py --fuzz
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -228,6 +229,9 @@ def test_wrong_task_fields_are_reported(tmp_path):
         (b"\xff\xfe\x00[", "not UTF-8 text"),
         (b"", "not valid JSON"),
         (b"[" * 100000 + b"]" * 100000, "JSON|deeply"),
+        (b'[{"id": "q", "input": "x", "profile": [], "date": ' + b"9" * 5000 + b"}]", "not a LaMP JSON file: Exceeds the limit"),
+        (b'[{"id": "q", "input": "x", "input": "y", "profile": []}]', "the key 'input' appears twice"),
+        (b'[{"id": "q", "input": "x \\udfff", "profile": []}]', "lone UTF-16 surrogate"),
     ],
 )
 def test_unreadable_files(tmp_path, raw, message):
@@ -237,10 +241,26 @@ def test_unreadable_files(tmp_path, raw, message):
         read_questions(path, "LaMP-7")
 
 
+def test_out_of_range_scores_and_lone_surrogates_in_parsed_data(tmp_path):
+    item = {"id": "p", "text": "good", "score": 10**400}
+    with pytest.raises(InvalidData, match="a LaMP-3 score must be one of 1, 2, 3, 4, 5"):
+        parse_questions([{"id": "q", "input": "x", "profile": [item]}], "LaMP-3")
+    with pytest.raises(InvalidData, match=r"\$\[0\]\.input: the string holds a lone UTF-16 surrogate"):
+        parse_questions([{"id": "q", "input": "x\ud800", "profile": []}], "LaMP-3")
+    with pytest.raises(InvalidData, match=r"profile\[0\]\.text: the string holds a lone UTF-16 surrogate"):
+        parse_questions([{"id": "q", "input": "x", "profile": [{**item, "score": "5", "text": "\udc00"}]}], "LaMP-3")
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "train_questions.json")
+    with pytest.raises(InvalidData, match="LaMP path is not a regular file"):
+        read_questions(tmp_path / "train_questions.json", "LaMP-3")
+
+
 def test_missing_files_and_bad_split(tmp_path):
     with pytest.raises(InvalidData, match="has no dev_questions.json"):
         load_split(tmp_path, "LaMP-3", "dev")
-    with pytest.raises(InvalidData, match="Cannot read"):
+    with pytest.raises(InvalidData, match="LaMP file not found"):
         read_questions(tmp_path / "absent.json", "LaMP-3")
     with pytest.raises(InvalidConfig, match="plain name"):
         load_split(tmp_path, "LaMP-3", "../dev")

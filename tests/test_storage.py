@@ -144,6 +144,17 @@ def test_a_second_store_on_the_same_database_url_sees_the_same_bank(tmp_path: Pa
     assert not (tmp_path / "missing.db").exists()
 
 
+def test_one_database_holds_one_bank(tmp_path: Path, db_url: str | None) -> None:
+    url = db_url or f"sqlite:///{tmp_path / 'shared.db'}"
+    first = build(BankStore(tmp_path / "a", db_url=url))
+    with pytest.raises(InvalidConfig, match="already holds another bank: none of its 1 version"):
+        build(BankStore(tmp_path / "b", db_url=url), seed=1)
+    assert not (tmp_path / "b").exists()  # refused before the second bank's folder is created
+    assert BankStore(tmp_path / "a", db_url=url).open().id == first  # the first bank is untouched
+    second = build(BankStore(tmp_path / "a", db_url=url), seed=2)  # its own directory may publish again
+    assert BankStore(tmp_path / "a", db_url=url).open().id == second
+
+
 # ----------------------------------------------------------------------------------- integrity
 
 

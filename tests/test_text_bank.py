@@ -4,6 +4,7 @@ Llama: build -> open -> personalize -> predict -> export, integrity, history val
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -120,11 +121,55 @@ def test_empty_profile_gets_the_prior(opened):
         ({"user_id": "../x", "profile": []}, "user_id"),
         ({"user_id": "u", "items": []}, "items"),
         (42, "expected a JSON object"),
+        ({"user_id": "u", "profile": [{"id": "1", "text": "ok \udfff", "score": "4"}]}, "lone UTF-16 surrogate"),
     ],
 )
 def test_history_errors(opened, history, message):
     with pytest.raises(InvalidHistory, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
         opened.personalize(history)
+
+
+def test_request_errors_are_typed(setup, opened, tmp_path):
+    history = {"user_id": "u", "profile": []}
+    for histories in (history, "abc", None):  # a dict or a string is not a list of histories
+        with pytest.raises(InvalidRequest, match="histories must be a list"):
+            opened.personalize_many(histories)
+    for max_items in ("2", 1.5, -1, True):
+        with pytest.raises(InvalidRequest, match="max_items must be a non-negative integer"):
+            opened.personalize(history, max_items=max_items)
+    p = opened.personalize(history)
+    with pytest.raises(InvalidRequest, match="valid Unicode text"):
+        p.predict(f"{RATING_PREFIX} works \udfff fine")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InvalidRequest, match="is a file, not a directory"):
+        p.export_peft(tmp_path / "file")
+    with pytest.raises(InvalidRequest, match="is not a directory"):
+        p.export_peft(tmp_path / "file" / "sub")
+
+
+def test_history_files_are_read_strictly(setup, tmp_path):
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    duplicate = tmp_path / "dup.json"
+    duplicate.write_text('{"user_id": "u1", "profile": [{"id": "p1", "text": "great", "score": "5"}], "profile": []}')
+    big = tmp_path / "big.json"
+    big.write_text('{"user_id": "u1", "profile": [{"id": "p1", "text": "great", "score": "5", "date": ' + "9" * 5000 + "}]}")
+    for path, message in ((fifo, "not a regular file"), (duplicate, "the key 'profile' appears twice"), (big, "Exceeds the limit")):
+        result = runner.invoke(app, ["adapt", "--bank", str(setup["bank"]), "--history", str(path), "--input", "x"])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert result.output.count("\n") == 1
+
+
+def test_a_swapped_base_model_is_refused(setup, tmp_path):
+    from pmeta.errors import BankIntegrityError
+    from pmeta.text.bank import TextBank
+
+    from pmeta.models.causal_lm import CausalLM
+
+    other = CausalLM(str(tiny_llama(tmp_path / "other-llama", seed=1)))
+    with pytest.raises(BankIntegrityError, match="other weights than the model now at"):
+        TextBank.open(setup["bank"], lm=other)
+    assert TextBank.open(setup["bank"], lm=CausalLM(str(setup["lm"]))).version  # the same weights, loaded again: accepted
 
 
 def test_integrity_and_kinds(setup, tmp_path):
@@ -191,10 +236,12 @@ def test_cli_adapt_and_export(setup, tmp_path):
     [
         (["adapt", "--bank", "{bank}", "--history", "{history}"], "needs --input"),
         (["adapt", "--bank", "{bank}", "--history", "{bad}", "--input", "x"], "profile[0].score"),
-        (["adapt", "--bank", "{bank}", "--history", "{missing}", "--input", "x"], "no such history file"),
+        (["adapt", "--bank", "{bank}", "--history", "{missing}", "--input", "x"], "History file not found"),
         (["bank", "build", "--format", "lamp", "--data", "{data}", "--out", "{tmp}/b"], "needs --task"),
         (["bank", "build", "--format", "lamp", "--task", "LaMP-9", "--data", "{data}", "--out", "{tmp}/b"], "Unknown LaMP task"),
         (["bank", "build", "--format", "lamp", "--task", "LaMP-3", "--data", "{tmp}", "--out", "{tmp}/b"], "train_questions.json"),
+        (["bank", "build", "--format", "lamp", "--task", "LaMP-3", "--data", "{data}", "--lm", "{tmp}/no-lm", "--out", "{tmp}/b"], "not a local folder"),
+        (["bank", "build", "--format", "lamp", "--task", "LaMP-3", "--data", "{data}", "--out", "{tmp}/x/y/b"], "does not exist"),
         (["export", "--bank", "{tmp}/none", "--history", "{history}", "--out", "{tmp}/x"], "not a pmeta bank"),
     ],
 )
@@ -208,6 +255,7 @@ def test_cli_errors(setup, tmp_path, args, message):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("pmeta: error:") and message in lines[0], result.output
+    assert not (tmp_path / "b").exists() and not (tmp_path / "x").exists()  # a refused build creates no bank
 
 
 def test_prompt_budget_and_template():

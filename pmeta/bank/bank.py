@@ -26,8 +26,9 @@ from ..data.history import UserHistory, load_history, parse_history, resolve_his
 from ..data.types import POSITIVE_RATING, Catalog
 from ..errors import BankIntegrityError, InvalidConfig, InvalidRequest
 from ..fusion.index import AnchorIndex
-from ..models.encoder import PRECISIONS, FunctionalEncoder
 from ..models.device import resolve_device
+from ..models.encoder import PRECISIONS, FunctionalEncoder, resolve_model_path
+from ..models.fingerprint import check_fingerprint
 from ..storage import BankStore
 from .model import PmetaModel, Tensors, UserInput
 
@@ -94,6 +95,21 @@ def adapt_vmap(model: PmetaModel, batch, targets: torch.Tensor, target_mask: tor
     return vmap(one_user, in_dims=(0, 0, 0, 0, 0, prior_dim, 0, 0, 0, 0))(batch.hidden, batch.mask, batch.history_items, batch.history_mask, batch.exclude, batch.prior, targets, target_mask, fused, start)
 
 
+def request_list(value: Any, what: str) -> list:
+    """``value`` (a list, tuple or other iterable) as a list; InvalidRequest for a string, bytes, a
+    mapping or a non-iterable, which would otherwise be read item by item (``"318"`` as 3, 1, 8)."""
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
+        raise InvalidRequest(f"{what} must be a list, not {type(value).__name__}")
+    return list(value)
+
+
+def _candidate_id(value: Any) -> str:
+    """A catalogue id as given by a caller: a string, or an integer (as history.json accepts)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidRequest(f"candidate ids are strings (or integers), not {type(value).__name__}")
+    return str(value)
+
+
 @dataclass(frozen=True)
 class Recommendation:
     item_id: str
@@ -123,7 +139,7 @@ class Personalization:
         if candidates is None:
             pool = None
         else:
-            ids = list(candidates)
+            ids = [_candidate_id(c) for c in request_list(candidates, "candidates")]
             unknown = [c for c in ids if c not in catalog.index]
             if unknown:
                 raise InvalidRequest(f"{len(unknown)} candidate id(s) not in the catalogue, e.g. {', '.join(map(str, unknown[:5]))}")
@@ -180,6 +196,8 @@ class Bank:
             tensors = tensors.to(device)
         index = AnchorIndex.from_bytes(reader.read_bytes(INDEX_FILE))  # checksum verified by store.open
         encoder = shared_encoder(config.encoder, device)
+        build = reader.read_json(BUILD_FILE)
+        check_fingerprint(build.get("encoder_fingerprint") if isinstance(build, dict) else None, encoder.fingerprint, resolve_model_path(config.encoder), path, reader.id)
         model = PmetaModel(config, encoder, catalog.texts(), tensors, index=index)
         model.precision = precision
         return cls(store, reader.id, config, model, catalog, reader.record)
@@ -237,7 +255,7 @@ class Bank:
             raise InvalidRequest(f"method must be one of {', '.join(ADAPT_METHODS)}, got {method!r}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise InvalidRequest(f"batch_size must be a positive integer, got {batch_size!r}")
-        parsed = [self.as_history(h) for h in histories]
+        parsed = [self.as_history(h) for h in request_list(histories, "histories")]
         inputs = [self.user_input(h, ignore_unknown) for h in parsed]
         limit = self.config.max_history_items
         order = sorted(range(len(inputs)), key=lambda i: (len(" | ".join(inputs[i].texts[-limit:])), len(inputs[i].liked_items)))

@@ -18,7 +18,7 @@ import torch
 from ..adapt.strategies import get_strategy
 from ..config import BankConfig
 from ..data.types import Dataset
-from ..errors import InvalidData
+from ..errors import InvalidConfig, InvalidData
 from ..eval.baselines import EASEBaseline, positive_matrix
 from ..eval.protocol import metrics_from_ranks, rank_positives, split_users
 from ..fusion import anchor_bias
@@ -196,8 +196,22 @@ def with_positives(users: np.ndarray, positives: dict[int, np.ndarray], minimum:
     return np.array([u for u in users if len(positives.get(int(u), ())) >= minimum], dtype=np.int64)
 
 
-def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None = None) -> tuple[PmetaModel, dict]:
-    """Meta-train a model on the dataset's train users. Returns (model, build record)."""
+def load_encoder(config: BankConfig) -> FunctionalEncoder:
+    """The build's frozen encoder, after checking that ``config.prompt_layer`` is one of its layers."""
+    encoder = FunctionalEncoder(config.encoder, device=distributed.device_of(config.device))
+    layers = encoder.shape.layers
+    if not 0 <= config.prompt_layer < layers:
+        raise InvalidConfig(
+            f"prompt_layer = {config.prompt_layer}, but the encoder {config.encoder!r} has {layers} layers: "
+            f"choose 0 to {layers - 1} (the prompt enters that layer and LoRA applies from it up)"
+        )
+    return encoder
+
+
+def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None = None, encoder: FunctionalEncoder | None = None) -> tuple[PmetaModel, dict]:
+    """Meta-train a model on the dataset's train users. Returns (model, build record).
+
+    ``encoder`` is the one :func:`load_encoder` returns for ``config`` (loaded here when None)."""
     progress = progress or Progress(False)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -207,7 +221,7 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     times = dataset.positive_times_by_user()
     rated = dataset.rated_by_user()
 
-    encoder = FunctionalEncoder(config.encoder, device=distributed.device_of(config.device))
+    encoder = encoder or load_encoder(config)
     texts = catalog.texts()
     item_text = catalog_embeddings(encoder, texts, progress).cpu()  # the build's numpy steps read it; moved with every tensor below
 
@@ -301,6 +315,7 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
         medoids.append(dataset.ratings.user_ids[int(train_with_pos[best])] if best is not None else "")
     record = {
         "seconds": time.perf_counter() - started,
+        "encoder_fingerprint": encoder.fingerprint,
         "validation": validation,
         "collaborative_init": cf_record,
         "losses": {k: [float(np.mean(v[i : i + 10])) for i in range(0, len(v), 10)] for k, v in losses.items()},
@@ -521,15 +536,17 @@ def build_bank(dataset: Dataset, out: str | Path, config: BankConfig, db_url: st
     from .bank import BUILD_FILE, CATALOG_FILE, INDEX_FILE, TENSORS_FILE
 
     progress = progress or Progress(False)
-    if distributed.init_from_env(config.device) and not distributed.is_main():
+    distributed_run = distributed.init_from_env(config.device)
+    encoder = load_encoder(config)  # a bad prompt_layer fails here, before the bank folder exists
+    if distributed_run and not distributed.is_main():
         # torchrun: ranks > 0 contribute meta-gradients only; rank 0 takes the lock and writes
-        model, record = build_model(dataset, config, Progress(False))
+        model, record = build_model(dataset, config, Progress(False), encoder)
         version = distributed.share_from_main(None)
         distributed.shutdown()
         return BuildResult(version, record["seconds"], record["validation"], len(record["train_users"]), len(record["test_users"]))
     store = BankStore(out, db_url)
     with store.new_version() as writer:  # takes the build lock before any training starts
-        model, record = build_model(dataset, config, progress)
+        model, record = build_model(dataset, config, progress, encoder)
         catalog = dataset.catalog
         writer.write_tensors(TENSORS_FILE, model.t.to_flat())
         writer.write_bytes(INDEX_FILE, model.index.to_bytes())

@@ -95,6 +95,8 @@ def bank_build(
 
     Under ``torchrun --nproc_per_node N -m pmeta bank build ...`` the meta-training is split across
     the N processes (gradients all-reduced); rank 0 writes the bank."""
+    if not out.parent.is_dir():  # a typo in the parent path must not create a tree of folders
+        fail(f"cannot create bank {out}: the directory {out.parent} does not exist")
     if format == "lamp":  # text bank on LaMP-format files (pmeta/cli/text.py)
         from .text import build_lamp_bank
 
@@ -104,8 +106,6 @@ def bank_build(
     from ..config import load_config
     from ..models.device import resolve_device
 
-    if not out.parent.is_dir():  # a typo in the parent path must not create a tree of folders
-        fail(f"cannot create bank {out}: the directory {out.parent} does not exist")
     cfg = load_config(preset, config, {"anchors": anchors, "meta": meta, "seed": seed, "device": device})
     resolve_device(cfg.device)  # before the bank folder is created
     dataset = _load_dataset(data, format)

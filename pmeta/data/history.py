@@ -23,6 +23,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..errors import InvalidHistory
+from .jsonfile import is_unicode_text, read_regular_file, strict_loads
 from .types import Catalog
 
 #: Most items one history may hold (parse_history and load_history take ``max_items`` to change it).
@@ -34,6 +35,7 @@ MAX_ID_CHARS = 128
 MAX_RATING = 5.0
 MAX_TIMESTAMP = 2**63 - 1
 UNKNOWN_IDS_SHOWN = 5
+_NOT_UNICODE = "must be valid Unicode text (it holds a lone UTF-16 surrogate)"
 
 
 def _short(value: Any) -> str:
@@ -73,6 +75,8 @@ class HistoryItem(BaseModel):
         if isinstance(value, int) and value.bit_length() > 400:
             raise ValueError(f"must be 1 to {MAX_ID_CHARS} characters, not an integer of more than 120 digits")
         item_id = str(value).strip()
+        if not is_unicode_text(item_id):
+            raise ValueError(_NOT_UNICODE)
         if not 1 <= len(item_id) <= MAX_ID_CHARS:
             raise ValueError(f"must be 1 to {MAX_ID_CHARS} characters, not {len(item_id)}")
         return item_id
@@ -85,6 +89,8 @@ class HistoryItem(BaseModel):
         if not isinstance(value, str):
             raise ValueError(f"must be a string, not {_describe(value)}")
         text = value.strip()
+        if not is_unicode_text(text):
+            raise ValueError(_NOT_UNICODE)
         if not 1 <= len(text) <= MAX_TEXT_CHARS:
             raise ValueError(f"must be 1 to {MAX_TEXT_CHARS} characters after stripping spaces, not {len(text)}")
         return text
@@ -137,6 +143,8 @@ class UserHistory(BaseModel):
             raise ValueError(f"must be a string, not {_describe(value)}")
         if not 1 <= len(value) <= MAX_ID_CHARS:
             raise ValueError(f"must be 1 to {MAX_ID_CHARS} characters, not {len(value)}")
+        if not is_unicode_text(value):
+            raise ValueError(_NOT_UNICODE)
         if any(ord(ch) < 32 or 127 <= ord(ch) < 160 or ch in "\u2028\u2029" for ch in value):
             raise ValueError("must not contain control characters")
         if "/" in value or "\\" in value or value in (".", ".."):
@@ -188,12 +196,12 @@ def load_history(path: str | Path, *, max_items: int = MAX_ITEMS, max_bytes: int
     if not text.strip():
         raise InvalidHistory(f"{path}: the file is empty; expected a JSON object with user_id and items.")
     try:
-        obj = json.loads(text)
+        obj = strict_loads(text)
     except json.JSONDecodeError as error:
         raise InvalidHistory(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}.") from None
     except RecursionError:
         raise InvalidHistory(f"{path}: the JSON is nested too deeply.") from None
-    except ValueError as error:  # e.g. an integer with more digits than Python converts
+    except ValueError as error:  # a repeated key, a lone surrogate, an integer too long to convert
         reason = (str(error).splitlines() or ["unreadable value"])[0].split(";")[0]
         raise InvalidHistory(f"{path}: invalid JSON: {reason}.") from None
     return _validate(obj, max_items, source=str(path))
@@ -201,25 +209,7 @@ def load_history(path: str | Path, *, max_items: int = MAX_ITEMS, max_bytes: int
 
 def _read_bytes(path: Path, max_bytes: int) -> bytes:
     """The file's bytes, after checking it exists, is a regular file and is at most ``max_bytes``."""
-    try:
-        exists, regular = path.exists(), path.is_file()
-        size = path.stat().st_size if regular else 0
-    except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
-        raise InvalidHistory(f"Cannot read history file {path}: {getattr(error, 'strerror', None) or error}.") from None
-    if not exists:
-        raise InvalidHistory(f"History file not found: {path}.")
-    if not regular:
-        raise InvalidHistory(f"History path is not a regular file: {path}.")
-    if size > max_bytes:
-        raise InvalidHistory(f"{path}: {size} bytes is more than the limit of {max_bytes} bytes for a history file.")
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(max_bytes + 1)
-    except OSError as error:
-        raise InvalidHistory(f"Cannot read history file {path}: {error.strerror or error}.") from None
-    if len(data) > max_bytes:  # it grew after the size check
-        raise InvalidHistory(f"{path}: more than the limit of {max_bytes} bytes for a history file.")
-    return data
+    return read_regular_file(path, max_bytes, InvalidHistory, "history")
 
 
 def _validate(obj: Any, max_items: int, source: str) -> UserHistory:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidConfig, InvalidData
+from .jsonfile import is_unicode_text, read_regular_file, strict_loads
 
 #: LaMP-2 (movie tagging): the 15 tags, in the order of LaMP's ``get_all_labels``.
 LAMP2_TAGS = (
@@ -35,6 +36,8 @@ LAMP2_TAGS = (
 #: Split names accepted by :func:`load_split` (a plain name, never a path).
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TASK_NAME = re.compile(r"^(?:lamp[-_ ]?)?(\d+)$", re.IGNORECASE)
+#: Largest LaMP JSON file read (the published files are at most a few hundred MB).
+MAX_FILE_BYTES = 4 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -93,20 +96,28 @@ class LampExample:
 
 # ---------------------------------------------------------------------------------------- reading
 def _load_json(path: Path) -> Any:
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise InvalidData(f"Cannot read {path}: {error.strerror or error}.") from None
+    data = read_regular_file(path, MAX_FILE_BYTES, InvalidData, "LaMP")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise InvalidData(f"{path} is not UTF-8 text (byte {error.start}), so it is not a LaMP JSON file.") from None
     try:
-        return json.loads(text)
+        return strict_loads(text)
     except json.JSONDecodeError as error:
         raise InvalidData(f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}).") from None
     except RecursionError:
         raise InvalidData(f"{path} nests JSON too deeply to be a LaMP file.") from None
+    except ValueError as error:  # a repeated key, a lone surrogate, an integer too long to convert
+        reason = (str(error).splitlines() or ["unreadable value"])[0].split(";")[0]
+        raise InvalidData(f"{path} is not a LaMP JSON file: {reason}.") from None
+
+
+def _text_field(value: Any, path: Path, where: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidData(f"{path} at {where}: expected a string, found {type(value).__name__}.")
+    if not is_unicode_text(value):
+        raise InvalidData(f"{path} at {where}: the string holds a lone UTF-16 surrogate, so it is not valid Unicode text.")
+    return value
 
 
 def _identifier(value: Any, path: Path, where: str) -> str:
@@ -115,6 +126,7 @@ def _identifier(value: Any, path: Path, where: str) -> str:
     text = str(value)
     if not text.strip():
         raise InvalidData(f"{path} at {where}: the id is empty.")
+    _text_field(text, path, where)
     return text
 
 
@@ -146,7 +158,10 @@ def _score_label(value: Any, path: Path, where: str) -> str:
     if isinstance(value, bool):
         number = None
     elif isinstance(value, (int, float)):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float's range
+            number = None
     elif isinstance(value, str):
         try:
             number = float(value.strip())
@@ -170,8 +185,8 @@ def _profile_item(raw: Any, spec: TaskSpec, path: Path, where: str) -> dict:
             raise InvalidData(f"{path} at {where}: missing field '{name}' ({spec.name} profile items need id, {fields}).")
         if name == "score" and spec.name == "LaMP-3":
             item[name] = _score_label(raw[name], path, f"{where}.{name}")
-        elif not isinstance(raw[name], str):
-            raise InvalidData(f"{path} at {where}.{name}: expected a string, found {type(raw[name]).__name__}.")
+        else:
+            _text_field(raw[name], path, f"{where}.{name}")
     if "date" in raw:
         date = raw["date"]
         if isinstance(date, bool) or not isinstance(date, (str, int)):
@@ -207,8 +222,7 @@ def parse_questions(data: Any, task: str, path: str | Path = "<questions>") -> l
         if example_id in seen:
             raise InvalidData(f"{path} at {where}: question id {example_id!r} already appears at $[{seen[example_id]}].")
         seen[example_id] = index
-        if not isinstance(raw["input"], str):
-            raise InvalidData(f"{path} at {where}.input: expected a string, found {type(raw['input']).__name__}.")
+        _text_field(raw["input"], path, f"{where}.input")
         if not isinstance(raw["profile"], list):
             raise InvalidData(f"{path} at {where}.profile: expected a list of profile items, found {type(raw['profile']).__name__}.")
         profile = [_profile_item(item, spec, path, f"{where}.profile[{j}]") for j, item in enumerate(raw["profile"])]
@@ -250,8 +264,7 @@ def parse_outputs(data: Any, path: str | Path = "<outputs>") -> tuple[str, dict[
         gold_id = _identifier(gold["id"], path, f"{where}.id")
         if gold_id in outputs:
             raise InvalidData(f"{path} at {where}: id {gold_id!r} appears twice.")
-        if not isinstance(gold["output"], str):
-            raise InvalidData(f"{path} at {where}.output: expected a string, found {type(gold['output']).__name__}.")
+        _text_field(gold["output"], path, f"{where}.output")
         outputs[gold_id] = gold["output"]
     return spec.official, outputs
 

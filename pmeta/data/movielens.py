@@ -51,6 +51,8 @@ LAYOUTS: dict[str, Layout] = {
 }
 FORMAT_ALIASES = {"ml-latest-small": "ml-latest"}
 RATINGS_HEADER = ["userId", "movieId", "rating", "timestamp"]
+#: Largest rating magnitude read (ratings are stored as float32; MovieLens uses 0.5 to 5).
+RATING_LIMIT = 1e6
 MOVIES_HEADER = ["movieId", "title", "genres"]
 
 
@@ -267,7 +269,7 @@ def _parse_numbers(path: Path, lines: list[int], rating_texts: list[str], time_t
     try:
         values = np.asarray(rating_texts, dtype=str).astype(np.float64)
         times = np.asarray(time_texts, dtype=str).astype(np.int64)
-        if np.isfinite(values).all():
+        if np.isfinite(values).all() and (np.abs(values) <= RATING_LIMIT).all():
             return values, times
     except (ValueError, OverflowError):
         pass
@@ -286,6 +288,8 @@ def _check_numbers(path: Path, number: int, rating: str, timestamp: str) -> None
         raise InvalidData(f"{path} line {number}: the rating {rating.strip()[:40]!r} is not a number.") from None
     if not np.isfinite(value):
         raise InvalidData(f"{path} line {number}: the rating {rating.strip()[:40]!r} is not a finite number.")
+    if abs(value) > RATING_LIMIT:  # ratings are stored as float32: 1e300 would become inf
+        raise InvalidData(f"{path} line {number}: the rating {rating.strip()[:40]!r} is out of range.")
     try:
         seconds = int(timestamp)
     except ValueError:

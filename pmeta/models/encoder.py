@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..errors import InvalidConfig
 from .device import resolve_device
+from .fingerprint import weights_fingerprint
 
 DEFAULT_ENCODER = "bundled:all-MiniLM-L6-v2"
 PRECISIONS = ("float32", "bfloat16")
@@ -152,6 +153,14 @@ class FunctionalEncoder:
         for value in self.weights.values():
             value.requires_grad_(False)
         self._bf16_weights: dict[str, torch.Tensor] | None = None  # made on first use under bf16 autocast
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """A fingerprint of the frozen weights (:mod:`pmeta.models.fingerprint`), computed once."""
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.weights.items())
+        return self._fingerprint
 
     def autocast(self, precision: str):
         """A context for ``lower``/``upper`` calls: ``float32`` (default, exact) or ``bfloat16`` (matrix

@@ -16,8 +16,10 @@ ever opens. Readers take no lock: a published folder never changes, and every op
 
 The metadata database's schema is managed by Alembic (:mod:`pmeta.storage.migrate`): a build
 brings it to the newest revision under the build lock, and opening an out-of-date bank upgrades
-it. On PostgreSQL a build also holds a session advisory lock, so builds from different bank
-directories into one database exclude each other too. Each version's database record (its row,
+it. One database holds one bank: a build refuses a database whose recorded versions all live in
+another bank directory. On PostgreSQL a build also holds a session advisory lock, so two builds
+into one database exclude each other even where the bank folder's ``flock`` does not reach (two
+machines sharing the bank folder). Each version's database record (its row,
 anchors and held-out users) carries a sha256 that every open checks; database errors surface as
 typed errors: :class:`BankIntegrityError` for a corrupt database, :class:`BankUnavailable` for
 one that cannot be reached, :class:`BankBusy` for one locked too long.
@@ -112,6 +114,7 @@ class BankStore:
         with self._db_errors():  # a bad URL or an unreachable server fails before anything is created
             db_lock = _acquire_db_lock(self._get_engine(), self)
         try:
+            self._check_database_owner()
             self.path.mkdir(parents=True, exist_ok=True)
             lock = _acquire_lock(self.path / LOCK_NAME, self.path)
         except BaseException:
@@ -134,6 +137,29 @@ class BankStore:
             _release_lock(lock)
             raise
         return VersionWriter(self, version_id, tmp_dir, lock, db_lock)
+
+    def _check_database_owner(self) -> None:
+        """One database holds one bank: refuse a database whose versions all live in another directory.
+
+        Versions record folder names only, so a second bank directory publishing into the same
+        database would move the first one's active pointer to a folder it does not have. The bank's
+        own ``bank.db`` is owned by construction and not read here (it may not exist yet).
+        """
+        if _sqlite_file(self.db_url) == self.path / DB_NAME:
+            return
+        with self._db_errors():
+            engine = self._get_engine()
+            with engine.connect() as connection:
+                state = migrate.schema_state(connection)
+            if state in ("empty", "partial") or state.startswith("unknown:"):
+                return  # a new database (or one the upgrade below refuses)
+            with Session(engine) as session:
+                recorded = list(session.scalars(select(BankVersion.id)))
+        if recorded and not any((self.versions_dir / version).is_dir() for version in recorded):
+            raise InvalidConfig(
+                f"database {self._db_label()} already holds another bank: none of its {len(recorded)} version(s) "
+                f"is in {self.versions_dir} (one database holds one bank; give this bank its own database)"
+            )
 
     def _check_buildable(self) -> None:
         if self.path.exists() and not self.path.is_dir():

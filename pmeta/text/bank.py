@@ -20,9 +20,11 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from ..data.jsonfile import is_unicode_text
 from ..errors import BankIntegrityError, InvalidRequest
 from ..fusion.index import AnchorIndex
 from ..models.device import resolve_device
+from ..models.fingerprint import check_fingerprint
 from ..storage import BankStore
 from .build import BUILD_FILE, INDEX_FILE, TENSORS_FILE, load_lm
 from .config import TextConfig
@@ -69,6 +71,8 @@ class TextPersonalization:
             raise InvalidRequest(f"retrieve must be a non-negative integer, got {retrieve!r}")
         if not isinstance(input_text, str) or not input_text.strip():
             raise InvalidRequest("the input must be a non-empty string")
+        if not is_unicode_text(input_text):
+            raise InvalidRequest("the input must be valid Unicode text (it holds a lone UTF-16 surrogate)")
         return self.bank.model.query_prompt(input_text, self.profile, retrieve)
 
     def predict(self, input_text: str, retrieve: int | None = 0) -> str:
@@ -124,6 +128,7 @@ class TextBank:
         index = AnchorIndex.from_bytes(reader.read_bytes(INDEX_FILE))  # checksum verified by store.open
         record = reader.read_json(BUILD_FILE)
         lm = lm or shared_lm(config)
+        check_fingerprint(record.get("lm_fingerprint") if isinstance(record, dict) else None, lm.fingerprint, getattr(lm, "path", config.lm), path, reader.id)
         model = TextModel(config, lm, shared_encoder(config.encoder, device), tensors, index)
         return cls(store, reader.id, config, model, {**reader.record, "build": record})
 
@@ -140,9 +145,13 @@ class TextBank:
         return self.personalize_many([history], steps=steps, max_items=max_items)[0]
 
     def personalize_many(self, histories: list, steps: int | None = None, max_items: int | None = None) -> list[TextPersonalization]:
+        from ..bank.bank import request_list
+
         if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
             raise InvalidRequest(f"steps must be a non-negative integer, got {steps!r}")
-        parsed = [self.history(h) for h in histories]
+        if max_items is not None and (not isinstance(max_items, int) or isinstance(max_items, bool) or max_items < 0):
+            raise InvalidRequest(f"max_items must be a non-negative integer, got {max_items!r}")
+        parsed = [self.history(h) for h in request_list(histories, "histories")]
         profiles = [p if max_items is None else p[-max_items:] if max_items > 0 else [] for _, p in parsed]
         clock = time.perf_counter()
         timings: dict[str, float] = {}

@@ -210,7 +210,21 @@ def validation_loss(model: TextModel, profiles, queries, steps: int | None = Non
         return float(model.pairs_loss(queries, personal)) / max(1, len(profiles))
 
 
-def build_text_model(data: str | Path, config: TextConfig, progress: Progress | None = None, lm=None) -> tuple[TextModel, dict]:
+def read_train_dev(data: str | Path, task: str) -> tuple[list, list]:
+    """The train questions with a gold output and at least 2 profile items, and the dev questions with
+    a gold output (none when the folder has no readable dev split). InvalidData when train has none."""
+    train = [e for e in load_split(data, task, "train") if e.output is not None and len(e.profile) >= 2]
+    if not train:
+        raise InvalidData(f"{data}: the train split has no question with a gold output and at least 2 profile items")
+    try:
+        dev = [e for e in load_split(data, task, "dev") if e.output is not None]
+    except InvalidData:
+        dev = []
+    return train, dev
+
+
+def build_text_model(data: str | Path, config: TextConfig, progress: Progress | None = None, lm=None, splits: tuple[list, list] | None = None) -> tuple[TextModel, dict]:
+    """Meta-train a text model; ``splits`` is :func:`read_train_dev`'s result (read here when None)."""
     from ..bank.bank import shared_encoder
 
     progress = progress or Progress(False)
@@ -218,13 +232,7 @@ def build_text_model(data: str | Path, config: TextConfig, progress: Progress | 
     torch.manual_seed(config.seed)
     spec = task_spec(config.task)
     config = config.model_copy(update={"task": spec.name})
-    train = [e for e in load_split(data, spec.name, "train") if e.output is not None and len(e.profile) >= 2]
-    if not train:
-        raise InvalidData(f"{data}: the train split has no question with a gold output and at least 2 profile items")
-    try:
-        dev = [e for e in load_split(data, spec.name, "dev") if e.output is not None]
-    except InvalidData:
-        dev = []
+    train, dev = splits if splits is not None else read_train_dev(data, spec.name)
     rng = np.random.default_rng(config.seed)
     if not dev:  # carve validation users out of train
         order = rng.permutation(len(train))
@@ -370,6 +378,7 @@ def build_text_model(data: str | Path, config: TextConfig, progress: Progress | 
         "kind": "text",
         "task": spec.name,
         "lm": config.lm,
+        "lm_fingerprint": lm.fingerprint,
         "seconds": time.perf_counter() - started,
         "validation": validation,
         "chosen": chosen,
@@ -392,9 +401,11 @@ def build_text_bank(data: str | Path, out: str | Path, config: TextConfig, db_ur
         test_ids = [e.id for e in _load(data, spec.name, "test")]
     except InvalidData:
         test_ids = []
+    splits = read_train_dev(data, spec.name)  # bad data and a model that does not load fail before the bank folder exists
+    lm = lm or load_lm(config)
     store = BankStore(out, db_url)
     with store.new_version() as writer:
-        model, record = build_text_model(data, config, progress, lm=lm)
+        model, record = build_text_model(data, config, progress, lm=lm, splits=splits)
         writer.write_tensors(TENSORS_FILE, model.t.to_flat())
         writer.write_bytes(INDEX_FILE, model.index.to_bytes())
         writer.write_json(BUILD_FILE, {**record, "config": model.config.model_dump()})

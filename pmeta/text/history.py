@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..data.jsonfile import read_regular_file, strict_loads
 from ..data.lamp import parse_questions
 from ..errors import InvalidData, InvalidHistory
 
@@ -66,19 +67,14 @@ def parse_text_history(data: Any, task: str, source: str = "history") -> tuple[T
 
 
 def load_text_history(path: str | Path, task: str) -> tuple[TextHistory, list[dict]]:
-    """Read and validate a history file (at most 10 MiB of UTF-8 JSON)."""
+    """Read and validate a history file (a regular file of at most 10 MiB of UTF-8 JSON)."""
     path = Path(path)
+    data = read_regular_file(path, MAX_BYTES, InvalidHistory, "history")
     try:
-        size = path.stat().st_size
-        if size > MAX_BYTES:
-            raise InvalidHistory(f"{path}: the file is {size} bytes; a history is at most {MAX_BYTES} bytes")
-        data = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except InvalidHistory:
-        raise
-    except FileNotFoundError:
-        raise InvalidHistory(f"{path}: no such history file") from None
+        obj = strict_loads(data.decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidHistory(f"{path}: not a JSON file ({str(exc).splitlines()[0][:80]})") from None
-    except OSError as exc:
-        raise InvalidHistory(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return parse_text_history(data, task, str(path))
+    except ValueError as exc:  # a repeated key, a lone surrogate, an integer too long to convert
+        reason = (str(exc).splitlines() or ["unreadable value"])[0].split(";")[0]
+        raise InvalidHistory(f"{path}: invalid JSON: {reason}") from None
+    return parse_text_history(obj, task, str(path))
