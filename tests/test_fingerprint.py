@@ -28,3 +28,12 @@ def test_other_weights_names_or_shapes_change_it():
     assert weights_fingerprint(renamed.items()) != base
     reshaped = {k: (v.reshape(2000, 8) if k == "embed" else v) for k, v in weights(0).items()}
     assert weights_fingerprint(reshaped.items()) != base
+
+
+def test_layout_does_not_matter_and_odd_shapes_work():
+    w = torch.randn(300, 200)
+    transposed_storage = w.t().contiguous().t()  # equal values, non-contiguous
+    assert not transposed_storage.is_contiguous()
+    assert weights_fingerprint({"w": w}.items()) == weights_fingerprint({"w": transposed_storage}.items())
+    odd = {"scalar": torch.tensor(3.0), "empty": torch.zeros(0, 4), "ints": torch.arange(10)}
+    assert weights_fingerprint(odd.items()) == weights_fingerprint(dict(odd).items())

@@ -4,8 +4,8 @@ A bank's anchors and adapters fit exactly the base weights they were trained on.
 is not part of the bank (it comes from a package, a local folder or a Hugging Face cache), so a
 folder replaced by another checkpoint of the same shape would load and serve quietly wrong
 predictions. The fingerprint is a sha256 over every tensor's name, shape and 4,096 evenly spaced
-values (as float32): any other checkpoint, a fine-tuned one included, changes it; it costs
-milliseconds, not a hash of every byte.
+values (as float32): any other checkpoint, a fine-tuned one included, changes it. It costs about
+0.03 s for MiniLM and 0.1 s for SmolLM2-135M, once per loaded model, not a hash of every byte.
 """
 
 from __future__ import annotations
@@ -23,9 +23,12 @@ def weights_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> st
     """``sampled-sha256:<hex>`` of the tensors (order-independent: sorted by name)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(named_tensors, key=lambda pair: pair[0]):
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // SAMPLES)
-        sample = flat[::step][:SAMPLES].to(device="cpu", dtype=torch.float32).contiguous()
+        tensor = tensor.detach()
+        count = tensor.numel()
+        positions = torch.arange(0, count, max(1, count // SAMPLES), device=tensor.device)[:SAMPLES]
+        # gather by logical position: no copy of a whole non-contiguous (e.g. transposed) tensor
+        picked = tensor[torch.unravel_index(positions, tensor.shape)] if tensor.dim() else tensor.reshape(1)
+        sample = picked.to(device="cpu", dtype=torch.float32).contiguous()
         digest.update(f"{name}|{tuple(tensor.shape)}|".encode())
         digest.update(sample.numpy().tobytes())
     return PREFIX + digest.hexdigest()
