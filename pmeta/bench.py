@@ -402,9 +402,24 @@ def run(banks: list[str | Path] | str | Path | None = None, quick: bool = False,
             tmp.cleanup()
 
 
+def _count_users(bank: Bank, counted: dict[str, int]) -> None:
+    """Count the users ``bank`` personalizes (``personalize`` goes through ``personalize_many``)."""
+    original = bank.personalize_many
+
+    def counting(histories, *args, **kwargs):
+        histories = list(histories)
+        counted["users"] += len(histories)
+        return original(histories, *args, **kwargs)
+
+    bank.personalize_many = counting  # type: ignore[method-assign]
+
+
 def _run(paths: list[Path], quick: bool, db_url: str | None, retrieval_sizes, built_tiny: bool, smoke: bool = False, device: str = "cpu") -> dict:
     count = 3 if smoke else 15 if quick else 100
     opened = [Bank.open(p, db_url, device=device) for p in paths]
+    counted = {"users": 0}  # every user personalized through the banks, counted as it happens
+    for bank in opened:
+        _count_users(bank, counted)
     before = [tree_state(p) for p in paths]
     by_bank, bank_info = {}, []
     for path, bank in zip(paths, opened):
@@ -424,15 +439,17 @@ def _run(paths: list[Path], quick: bool, db_url: str | None, retrieval_sizes, bu
     rank = bench_rank(main, (1_000,) if smoke else (1_000, 10_000) if quick else (1_000, 10_000, 100_000), repeats=3 if smoke else 5 if quick else 20)
     retrieval = bench_retrieval(retrieval_sizes or ((1_000, 10_000) if quick else (1_000, 100_000, 1_000_000)), queries=30 if quick else 100)
     versus = bench_per_user_lora(main, 1 if smoke else 3 if quick else 10)
-    users_personalized = sum(3 * (count + 2) for _ in paths) + sum(t["users"] * 3 + 2 for t in throughput) + versus["users"] + 1
+    gflop = personalize_flops(main)
+    peak_rss = adapt_process_rss(paths[0], sample_histories(main, 5, 1)[0])  # one more user, in a `pmeta adapt` process
+    users_personalized = counted["users"] + versus["users"] + 1
     after = [tree_state(p) for p in paths]
     return {
         "machine": machine(),
         "banks": bank_info,
-        "personalize_ms": {"k": 5, "steps": main.config.inner_steps, "bank": bank_info[0]["name"], "p50": headline["p50"], "p95": headline["p95"], "gflop": personalize_flops(main), "by_bank": by_bank, "bfloat16_k5": bf16},
+        "personalize_ms": {"k": 5, "steps": main.config.inner_steps, "bank": bank_info[0]["name"], "p50": headline["p50"], "p95": headline["p95"], "gflop": gflop, "by_bank": by_bank, "bfloat16_k5": bf16},
         "throughput_users_per_s": {f"batch{t['batch']}": t for t in throughput},
         "rank_ms": rank,
-        "peak_rss_mb": adapt_process_rss(paths[0], sample_histories(main, 5, 1)[0]),
+        "peak_rss_mb": peak_rss,
         "retrieval": retrieval,
         "vs_per_user_lora": versus,
         "bytes_stored_per_user": 0 if before == after else None,

@@ -53,9 +53,18 @@ def test_vmap_and_bucketed_batches_equal_one_by_one(opened_bank):
         opened_bank.personalize_many(users, method="threads")
 
 
-def test_bench_smoke_report(tiny_bank):
+def test_bench_smoke_report(tiny_bank, monkeypatch):
     from pmeta import bench
+    from pmeta.bank.bank import Bank
 
+    seen = {"users": 0}  # counted here too, independently of the bench's own count
+    original = Bank.personalize_many
+
+    def counting(self, histories, *args, **kwargs):
+        seen["users"] += len(histories)
+        return original(self, histories, *args, **kwargs)
+
+    monkeypatch.setattr(Bank, "personalize_many", counting)
     report = bench.run([tiny_bank], smoke=True, retrieval_sizes=(1_000,))
     json.dumps(report)  # serialisable as printed by --json
     assert {"machine", "personalize_ms", "throughput_users_per_s", "peak_rss_mb", "retrieval", "vs_per_user_lora"} <= set(report)
@@ -77,6 +86,8 @@ def test_bench_smoke_report(tiny_bank):
     assert "layers 0-" in v["recipe"] and "layers 0-" not in restricted["recipe"]
     assert 50 < report["peak_rss_mb"] < 4000
     assert report["bytes_stored_per_user"] == 0
+    # every user the banks personalized, the per-user LoRA users and the `pmeta adapt` process's one
+    assert report["users_personalized"] == seen["users"] + v["users"] + 1 > 45
     assert "personalize + rank" in bench.format_table(report)
 
 

@@ -90,6 +90,15 @@ def test_bad_eval_requests_fail_before_any_data_or_bank(tmp_path, args, fragment
     assert not out.exists()  # checked before the (missing) dataset is read or a bank built
 
 
+def test_an_unusable_out_fails_before_any_data_or_bank(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    base = ("eval", "movielens", "--data", str(tmp_path / "no-such-dir"), "--methods", "popularity")
+    assert_one_line_error(pmeta(*base, "--out", str(afile)), "is a file, not a folder")
+    assert_one_line_error(pmeta(*base, "--out", str(tmp_path / "x" / "y")), "does not exist")
+    assert afile.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 @pytest.mark.parametrize("device, fragment", [("foo", "unknown torch device 'foo'"), ("meta", "not supported")])
 def test_a_bad_device_fails_before_the_bank_folder_exists(tmp_path, device, fragment):
     out = tmp_path / "bank"

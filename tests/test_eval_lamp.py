@@ -105,3 +105,40 @@ def test_bank_of_another_task(lamp):
         pytest.skip("needs the bank of test_rating_report")
     result = runner.invoke(app, ["eval", "lamp", "--data", str(lamp["title"]), "--task", "LaMP-4", "--bank", str(bank), "--out", str(lamp["root"] / "x"), "--quiet"])
     assert result.exit_code == 2 and "serves LaMP-3, not LaMP-4" in result.output
+
+
+def test_a_rerun_into_the_same_folder_leaves_only_its_own_files(lamp):
+    bank = lamp["root"] / "report3" / "bank"
+    if not bank.exists():
+        pytest.skip("needs the bank of test_rating_report")
+    out = lamp["root"] / "rerun"
+    base = ["eval", "lamp", "--data", str(lamp["rating"]), "--task", "LaMP-3", "--bank", str(bank), "--users", "1", "--out", str(out), "--quiet"]
+    assert runner.invoke(app, [*base, "--methods", "backbone,pmeta", "--k-profile", "1,3"]).exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    result = runner.invoke(app, [*base, "--methods", "pmeta", "--k-profile", "1"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["pmeta-k1.json"]  # no predictions of the first run
+    assert (out / "notes.txt").read_text() == "mine" and (out / "mae.png").is_file()
+
+
+def test_an_unusable_out_fails_before_any_work(lamp, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    result = runner.invoke(app, ["eval", "lamp", "--data", str(lamp["rating"]), "--task", "LaMP-3", "--out", str(afile), "--quiet"])
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output, result.output
+    assert afile.read_text() == "mine"
+
+
+def test_other_files_with_the_banks_users_need_a_flag(lamp, tmp_path):
+    bank = lamp["root"] / "report3" / "bank"
+    if not bank.exists():
+        pytest.skip("needs the bank of test_rating_report")
+    copy = tmp_path / "reindented"  # the same questions in other bytes: the data fingerprint differs
+    copy.mkdir()
+    for path in lamp["rating"].iterdir():
+        (copy / path.name).write_text(json.dumps(json.loads(path.read_text()), indent=1))
+    base = ["eval", "lamp", "--data", str(copy), "--task", "LaMP-3", "--bank", str(bank), "--split", "train", "--methods", "backbone",
+            "--users", "1", "--out", str(tmp_path / "out"), "--quiet"]  # fmt: skip
+    result = runner.invoke(app, base)
+    assert result.exit_code == 2 and "have the ids of users that trained or validated bank" in result.output, result.output
+    assert runner.invoke(app, [*base, "--allow-id-overlap"]).exit_code == 0

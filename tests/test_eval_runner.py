@@ -36,6 +36,18 @@ def reduced(opened_bank, sample, tmp_path_factory):
     return report, out
 
 
+def test_a_rewrite_removes_the_plots_it_does_not_redraw(reduced, tmp_path):
+    report, _ = reduced
+    write_report(report, tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    pop99_only = {**report, "results": [r for r in report["results"] if r["mode"] == "pop99"]}
+    write_report(pop99_only, tmp_path)
+    assert not (tmp_path / "quality_full.png").exists()  # it would show another run's full-ranking numbers
+    assert (tmp_path / "quality_pop99.png").is_file() and (tmp_path / "notes.txt").read_text() == "mine"
+    write_report(pop99_only, tmp_path, plots=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "report.json", "report.md"]  # no temporary files either
+
+
 def test_report_schema_and_ranges(reduced):
     report, out = reduced
     assert list(report) == ["protocol", "dataset", "seed", "config", "results", "comparisons"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 
 from pmeta.cli import app
 from pmeta.data.lamp import load_split, query_text, read_outputs
-from pmeta.data.reviews import reviews_to_lamp
+from pmeta.data.reviews import read_reviews, reviews_to_lamp
 from pmeta.errors import InvalidConfig, InvalidData
 
 REAL_ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon-musical-instruments" / "Musical_Instruments.zip"
@@ -129,6 +130,8 @@ def test_compressed_inputs(tmp_path, container):
         (b"PK\x03\x04 broken", "not a readable zip file"),
         (b"\x1f\x8b\x08\x00broken", "cannot read the compressed data"),
         (json.dumps(review("A", 1)).encode() + b"\n" + json.dumps(review("B", 1)).encode(), "no user has 2 or more usable reviews"),
+        (json.dumps(review("A", 1, reviewText="bad \ud83d half emoji")).encode(), "line 1: the string 'bad .*' holds a lone UTF-16 surrogate"),
+        (b'{"reviewerID": "A", "reviewerID": "B"}\n', "line 1: the key 'reviewerID' appears twice"),
     ],
 )
 def test_malformed_input_raises_invalid_data_and_writes_nothing(tmp_path, content, message):
@@ -149,6 +152,49 @@ def test_zip_must_hold_one_json_file(tmp_path):
         reviews_to_lamp(source, "rating", tmp_path / "out")
 
 
+def test_an_encrypted_zip_is_invalid_data(tmp_path):
+    plain = synthetic(tmp_path / "reviews.json", users=4)
+    source = tmp_path / "locked.zip"
+    with zipfile.ZipFile(source, "w") as archive:
+        archive.write(plain, "Musical_Instruments.json")
+    data = bytearray(source.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # local and central headers
+        data[data.index(signature) + offset] |= 0x1  # the "encrypted" flag: zipfile then asks for a password
+    source.write_bytes(bytes(data))
+    with pytest.raises(InvalidData, match="cannot be read: it is encrypted"):
+        reviews_to_lamp(source, "rating", tmp_path / "out")
+
+
+def test_reading_closes_every_file(tmp_path):
+    plain = synthetic(tmp_path / "reviews.json", users=4)
+    sources = [tmp_path / "r.zip", tmp_path / "r.json.gz", plain]
+    with zipfile.ZipFile(sources[0], "w") as archive:
+        archive.write(plain, "Musical_Instruments.json")
+    sources[1].write_bytes(gzip.compress(plain.read_bytes()))
+    open_files = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    before = open_files()
+    for source in sources:
+        read_reviews(source)
+    assert open_files() == before
+
+
+def test_a_users_repeated_review_of_a_product_counts_once(tmp_path):
+    lines = []
+    for u in range(10):
+        records = [review(f"U{u}", n, stars=5.0) for n in range(6)]
+        records.append(review(f"U{u}", 5, stars=1.0, unixReviewTime=1_300_000_000 + 9 * DAY))  # the last one, again
+        lines += [json.dumps(r) for r in records]
+    source = tmp_path / "dup.json"
+    source.write_text("\n".join(lines))
+    counts = reviews_to_lamp(source, "rating", tmp_path / "out", test_fraction=0.5, dev_fraction=0.0)
+    assert counts["reviews_repeated"] == 10
+    for split in ("train", "test"):
+        for example in load_split(tmp_path / "out", "LaMP-3", split):
+            assert example.output == "5"  # the earliest review of B0005 is the question
+            assert query_text("LaMP-3", example).startswith(f"review 5 by {example.id}")
+            assert all(item["asin"] != "B0005" for item in example.profile)  # never its own product
+
+
 def test_output_directory_rules(tmp_path):
     source = synthetic(tmp_path / "reviews.json", users=4)
     foreign = tmp_path / "foreign"
@@ -161,6 +207,11 @@ def test_output_directory_rules(tmp_path):
     reviews_to_lamp(source, "title", tmp_path / "out")  # an earlier output is replaced whole
     assert read_outputs(tmp_path / "out" / "train_outputs.json")[0] == "LaMP_4"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "out", "reviews.json"]
+    (tmp_path / "out" / "bank").mkdir()  # anything else in an earlier output: the folder is no longer replaced
+    (tmp_path / "out" / "bank" / "bank.db").write_text("important")
+    with pytest.raises(InvalidData, match="or holds other files too"):
+        reviews_to_lamp(source, "rating", tmp_path / "out")
+    assert (tmp_path / "out" / "bank" / "bank.db").read_text() == "important"
     with pytest.raises(InvalidConfig, match="rating or title"):
         reviews_to_lamp(source, "stars", tmp_path / "x")
     with pytest.raises(InvalidConfig):

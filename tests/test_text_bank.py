@@ -160,6 +160,13 @@ def test_history_files_are_read_strictly(setup, tmp_path):
         assert result.output.count("\n") == 1
 
 
+def test_a_text_build_under_torchrun_is_refused(setup, tmp_path):
+    args = ["bank", "build", "--format", "lamp", "--task", "LaMP-3", "--data", str(setup["data"]), "--lm", str(setup["lm"]), "--out", str(tmp_path / "b")]
+    result = runner.invoke(app, args, env={"WORLD_SIZE": "2"})
+    assert result.exit_code == 2 and "run in one process" in result.output, result.output
+    assert not (tmp_path / "b").exists()
+
+
 def test_a_swapped_base_model_is_refused(setup, tmp_path):
     from pmeta.errors import BankIntegrityError
     from pmeta.text.bank import TextBank

@@ -223,6 +223,7 @@ def eval_movielens(
     from ..config import BankConfig, load_config
     from ..data import load_sample
     from ..errors import InvalidConfig
+    from ..eval.output import check_out_dir
     from ..eval.runner import DEFAULT_METHODS, REPTILE_METHODS, check_request, run_movielens, write_report
     from ..eval.significance import BOOTSTRAP_RESAMPLES
 
@@ -236,6 +237,7 @@ def eval_movielens(
         raise InvalidConfig("--methods names no method")
     # everything checkable is checked before the dataset is read or a bank built
     options = check_request(method_list, ks, modes, _method_options(method_option), seed, BOOTSTRAP_RESAMPLES if resamples is None else resamples)
+    check_out_dir(out)
     dataset = _load_dataset(data, format)
     progress = _progress(quiet)
     if bank is None:

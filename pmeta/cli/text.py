@@ -30,6 +30,10 @@ def build_lamp_bank(out: Path, data: Optional[Path], task: Optional[str], config
     from ..models.device import resolve_device
     from ..text.config import load_text_config
 
+    from ..bank import distributed
+
+    if distributed.requested():  # text meta-training has no multi-process path: N ranks would race for the bank
+        fail("--format lamp builds run in one process; torchrun splits MovieLens bank builds only (run it without torchrun)")
     if data is None:
         fail("--format lamp needs --data DIR (a folder with train/dev/test *_questions.json and *_outputs.json)")
     if task is None:
@@ -108,6 +112,7 @@ def eval_lamp(
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
     db: Optional[str] = typer.Option(None, "--db"),
     quiet: bool = typer.Option(False, "--quiet"),
+    allow_id_overlap: bool = typer.Option(False, "--allow-id-overlap", help="Evaluate questions whose ids name users the bank trained on, when the data files differ from the bank's (other users that share ids)."),
 ) -> None:
     """Evaluate the backbone, retrieval, per-user LoRA and pmeta on a LaMP-format split."""
     from ..data.lamp import load_split, task_spec
@@ -115,6 +120,7 @@ def eval_lamp(
     from ..text.bank import TextBank
     from ..text.build import build_text_bank, dataset_fingerprint
     from ..text.config import load_text_config
+    from ..eval.output import check_out_dir
     from ..text.evaluate import choose_users, parse_methods, run_lamp, write_lamp_report
 
     spec = task_spec(task)
@@ -125,6 +131,7 @@ def eval_lamp(
     if not ks or min(ks) < 0:
         raise InvalidConfig(f"--k-profile must be non-negative integers, got {k_profile!r}")
     method_list = parse_methods(methods)
+    check_out_dir(out)
     if bank is None and split in ("train", "dev"):
         raise InvalidConfig(f"--split {split} needs --bank: the bank built here would train on train and validate on dev")
     examples = choose_users(load_split(data, spec.name, split), users, seed)
@@ -139,8 +146,14 @@ def eval_lamp(
     built = opened.record.get("build", {})
     seen = set(built.get("train_users", [])) | set(built.get("validation_users", []))
     used = sum(1 for e in examples if e.id in seen)
-    if used and opened.record.get("dataset_fingerprint") == dataset_fingerprint(data):  # ids of other data may coincide
+    if used and opened.record.get("dataset_fingerprint") == dataset_fingerprint(data):
         raise InvalidConfig(f"{used} of the {len(examples)} questions of the {split} split trained or validated bank {bank}: evaluate a split it never saw (--split test)")
+    if used and not allow_id_overlap:  # other files (another conversion, a re-indented copy) with the bank's users in them
+        raise InvalidConfig(
+            f"{used} of the {len(examples)} questions of the {split} split have the ids of users that trained or validated bank {bank} "
+            f"(built on {opened.record.get('dataset_name')}, other files than {data}): if they are other users that only share ids, "
+            "pass --allow-id-overlap"
+        )
     progress = _progress(quiet)
     with progress.task("evaluating", len(examples)) as bar:
         report = run_lamp(opened.model, examples, method_list, ks, seed=seed, on_user=lambda: bar.advance(1), out=out)

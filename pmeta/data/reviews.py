@@ -14,7 +14,8 @@ Users are split by user: the usable users' ids are sorted, permuted with ``numpy
 and the test users, then the dev users, are the first ``round(fraction · n_users)`` of that order among
 users with at least ``k_max + 1`` reviews (so every cold-start user has exactly ``k_max`` profile items);
 everyone else trains. For each user the **last** review by time (ties: file order) is the example and the
-earlier ones are the profile, oldest first. Test and dev users keep only their ``k_max`` most recent
+earlier ones are the profile, oldest first (a user's repeated reviews of one product count once, the
+earliest, so a question's own review can never be in its profile; ``meta.json`` counts the dropped ones). Test and dev users keep only their ``k_max`` most recent
 profile items (evaluation truncates further to K = 1, 3, 5); train users keep up to ``max_profile``.
 """
 
@@ -30,6 +31,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +40,7 @@ from typing import IO, Any
 import numpy as np
 
 from ..errors import InvalidConfig, InvalidData
+from .jsonfile import strict_loads
 from .lamp import atomic_write_json, current_umask
 
 RATING_PROMPT = (
@@ -66,28 +69,31 @@ class Review:
 
 
 # ---------------------------------------------------------------------------------------- reading
-def _open_lines(path: Path) -> tuple[IO[bytes], str]:
-    """A binary stream over the JSON lines of ``path`` and a name for messages (``zip!member``)."""
+def _open_lines(path: Path, stack: ExitStack) -> tuple[IO[bytes], str]:
+    """A binary stream over the JSON lines of ``path`` and a name for messages (``zip!member``); the
+    file, the archive and the stream are all closed by ``stack``."""
     try:
-        handle = open(path, "rb")
+        handle = stack.enter_context(open(path, "rb"))
     except OSError as error:
         raise InvalidData(f"Cannot read {path}: {error.strerror or error}.") from None
     magic = handle.read(4)
     handle.seek(0)
     if magic.startswith(b"PK"):
         try:
-            archive = zipfile.ZipFile(handle)
+            archive = stack.enter_context(zipfile.ZipFile(handle))
         except zipfile.BadZipFile:
-            handle.close()
             raise InvalidData(f"{path} starts like a zip archive but is not a readable zip file.") from None
         members = [info for info in archive.infolist() if not info.is_dir() and info.filename.lower().endswith((".json", ".jsonl"))]
         if len(members) != 1:
             names = ", ".join(info.filename for info in archive.infolist()[:5]) or "nothing"
-            handle.close()
             raise InvalidData(f"{path} should hold exactly one .json review file, but holds {names}.")
-        return archive.open(members[0]), f"{path}!{members[0].filename}"
+        try:
+            return stack.enter_context(archive.open(members[0])), f"{path}!{members[0].filename}"
+        except (RuntimeError, NotImplementedError) as error:  # encrypted, or a compression zipfile lacks
+            reason = "it is encrypted (password-protected archives are not read)" if "encrypted" in str(error) else str(error).splitlines()[0][:80]
+            raise InvalidData(f"{path}!{members[0].filename} cannot be read: {reason}.") from None
     if magic.startswith(b"\x1f\x8b"):
-        return gzip.GzipFile(fileobj=handle), str(path)
+        return stack.enter_context(gzip.GzipFile(fileobj=handle)), str(path)
     return handle, str(path)
 
 
@@ -126,23 +132,26 @@ def read_reviews(path: str | Path) -> list[Review]:
     path = Path(path)
     if not path.is_file():
         raise InvalidData(f"Review file not found: {path}.")
-    stream, name = _open_lines(path)
     reviews: list[Review] = []
-    try:
-        with stream:
+    with ExitStack() as stack:
+        stream, name = _open_lines(path, stack)
+        try:
             for number, raw in enumerate(_lines(stream, name), start=1):
                 if not raw.strip():
                     continue
                 where = f"{name} line {number}"
                 try:
-                    record = json.loads(raw)
+                    record = strict_loads(raw)
                 except json.JSONDecodeError as error:
                     raise InvalidData(f"{where}: not a JSON object ({error.msg}); expected Amazon review JSON lines.") from None
                 except RecursionError:
                     raise InvalidData(f"{where}: JSON nested too deeply.") from None
+                except ValueError as error:  # a repeated key, a lone surrogate, an integer too long to convert
+                    reason = (str(error).splitlines() or ["unreadable value"])[0].split(";")[0]
+                    raise InvalidData(f"{where}: {reason}.") from None
                 reviews.append(_review(record, where, number))
-    except (OSError, EOFError, zipfile.BadZipFile, gzip.BadGzipFile) as error:
-        raise InvalidData(f"{name}: cannot read the compressed data ({error}).") from None
+        except (OSError, EOFError, zipfile.BadZipFile, gzip.BadGzipFile) as error:
+            raise InvalidData(f"{name}: cannot read the compressed data ({error}).") from None
     if not reviews:
         raise InvalidData(f"{name} holds no reviews.")
     return reviews
@@ -244,8 +253,16 @@ def reviews_to_lamp(
             by_user.setdefault(review.user, []).append(review)
         else:
             dropped += 1
-    for history in by_user.values():
+    repeated = 0
+    for user, history in by_user.items():
         history.sort(key=lambda r: (r.time, r.line))
+        # one review per product and user (the earliest): a repeated review would put a question's
+        # own text and gold into its profile
+        first: dict[str, Review] = {}
+        for review in history:
+            first.setdefault(review.asin, review)
+        repeated += len(history) - len(first)
+        by_user[user] = list(first.values())  # still in time order
     eligible = sorted(user for user, history in by_user.items() if len(history) >= min_reviews)
     if not eligible:
         raise InvalidData(f"{input_path}: no user has {min_reviews} or more usable reviews.")
@@ -260,7 +277,8 @@ def reviews_to_lamp(
     splits = {"train": [user for user in order if user not in held], "dev": dev_users, "test": test_users}
 
     files: dict[str, Any] = {}
-    counts: dict[str, Any] = {"task": task, "lamp_task": TASK_NAMES[task], "reviews_read": len(reviews), "reviews_unusable": dropped, "splits": {}}
+    counts: dict[str, Any] = {"task": task, "lamp_task": TASK_NAMES[task], "reviews_read": len(reviews), "reviews_unusable": dropped,
+                              "reviews_repeated": repeated, "splits": {}}  # fmt: skip
     official = TASK_NAMES[task].replace("-", "_")
     for split, users in splits.items():
         cap = max_profile if split == "train" else k_max
@@ -301,8 +319,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: Every file the converter writes; a folder holding anything else is never replaced.
+OUTPUT_FILES = frozenset(
+    [f"{split}_{kind}.json" for split in ("train", "dev", "test") for kind in ("questions", "outputs")] + ["meta.json", "README.md"]
+)
+
+
 def _is_previous_output(out_dir: Path) -> bool:
+    """True when ``out_dir`` holds only this converter's files (so replacing it loses nothing else)."""
     try:
+        if any(entry.name not in OUTPUT_FILES or not entry.is_file() for entry in out_dir.iterdir()):
+            return False
         return json.loads((out_dir / "meta.json").read_text("utf-8")).get("generator") == GENERATOR
     except (OSError, ValueError, AttributeError):
         return False
@@ -313,7 +340,9 @@ def _check_out_dir(out_dir: Path) -> None:
         if not out_dir.is_dir():
             raise InvalidData(f"{out_dir} exists and is not a directory.")
         if any(out_dir.iterdir()) and not _is_previous_output(out_dir):
-            raise InvalidData(f"{out_dir} is not empty and is not an earlier reviews-to-lamp output; choose another --out.")
+            raise InvalidData(
+                f"{out_dir} is not empty and is not an earlier reviews-to-lamp output (or holds other files too); choose another --out."
+            )
 
 
 def _readme(meta: dict) -> str:

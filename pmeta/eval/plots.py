@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .output import replaced
+
+#: The files ``write_plots`` may write (patterns), so that a report writer can remove stale ones.
+PLOT_FILES = ("quality_*.png", "latency.png")
+
 
 def write_plots(report: dict, out: Path) -> list[Path]:
     import matplotlib
@@ -39,7 +44,8 @@ def write_plots(report: dict, out: Path) -> list[Path]:
         fig.suptitle(f"{title}, mode {mode}")
         fig.tight_layout()
         path = out / f"quality_{mode}.png"
-        fig.savefig(path, dpi=110)
+        with replaced(path) as temporary:
+            fig.savefig(temporary, dpi=110, format="png")
         plt.close(fig)
         written.append(path)
     k_max = max(r["k"] for r in rows)
@@ -56,7 +62,8 @@ def write_plots(report: dict, out: Path) -> list[Path]:
     axis.set_title(f"{title}: adaptation + scoring latency")
     fig.tight_layout()
     path = out / "latency.png"
-    fig.savefig(path, dpi=110)
+    with replaced(path) as temporary:
+        fig.savefig(temporary, dpi=110, format="png")
     plt.close(fig)
     written.append(path)
     return written

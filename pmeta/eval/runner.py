@@ -29,6 +29,8 @@ from ..progress import Progress
 from . import neural, oppu, prompt_maml  # noqa: F401  (register the bank-based methods)
 from ..config import MAX_SEED
 from .baselines import BASELINES, EvalContext, check_options
+from .output import remove_stale, write_text
+from .plots import PLOT_FILES
 from .protocol import MIN_POSITIVES, PROTOCOL_NAME, check_grid, evaluate, split_users
 from .significance import BOOTSTRAP_RESAMPLES, compare_methods, markdown_lines
 from .transfer import transfer_model
@@ -211,13 +213,14 @@ def markdown(report: dict) -> str:
 
 
 def write_report(report: dict, out: Path, plots: bool = True) -> list[Path]:
-    """Write report.json, report.md and (with ``plots``) the PNG plots into ``out``; returns the paths."""
+    """Write report.json, report.md and (with ``plots``) the PNG plots into ``out``; returns the paths.
+
+    Each file is replaced atomically; plots of an earlier run that this one does not redraw are removed."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(markdown(report))
-    written = [out / "report.json", out / "report.md"]
+    written = [write_text(out / "report.json", json.dumps(report, indent=2)), write_text(out / "report.md", markdown(report))]
     if plots:
         from .plots import write_plots
 
         written += write_plots(report, out)
+    remove_stale(out, PLOT_FILES, written)  # e.g. a quality_pop99.png of a run with another --mode
     return written

@@ -27,7 +27,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..data.lamp import LampExample, task_spec, truncate_profile, write_predictions
+from ..data.lamp import TASKS, LampExample, task_spec, truncate_profile, write_predictions
+from ..eval.output import remove_stale, replaced, write_text
 from ..errors import InvalidConfig
 from ..eval.lamp_metrics import score
 from ..models.personal import num_bytes
@@ -141,9 +142,10 @@ def run_lamp(model: TextModel, examples: list[LampExample], methods: list[str], 
 
 
 def write_lamp_report(report: dict, out: Path) -> list[Path]:
-    """report.json, report.md (one table per metric: methods × K) and one PNG per metric."""
+    """report.json, report.md (one table per metric: methods × K) and one PNG per metric, each replaced
+    atomically; plots and predictions of an earlier run that this one does not rewrite are removed."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    report_json = write_text(out / "report.json", json.dumps(report, indent=2))
     ks = report["k_profile"]
     cell = {(r["method"], r["k_profile"]): r for r in report["results"]}
     lines = [f"# {report['task']}: {report['users']} test users, LM {report['lm']}", ""]
@@ -156,8 +158,7 @@ def write_lamp_report(report: dict, out: Path) -> list[Path]:
     lines += ["## per-user cost", "", "| method | K | adapt ms p50 | adapt ms p95 | bytes per user |", "|---|---|---|---|---|"]
     for r in report["results"]:
         lines.append(f"| {r['method']} | {r['k_profile']} | {r['adapt_ms_p50']:.0f} | {r['adapt_ms_p95']:.0f} | {r['bytes_per_user']} |")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    written = [out / "report.json", out / "report.md"]
+    written = [report_json, write_text(out / "report.md", "\n".join(lines) + "\n")]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,7 +176,12 @@ def write_lamp_report(report: dict, out: Path) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"{metric}.png"
-        fig.savefig(path, dpi=100)
+        with replaced(path) as temporary:
+            fig.savefig(temporary, dpi=100, format="png")
         plt.close(fig)
         written.append(path)
+    # files of an earlier run into the same folder that this run does not rewrite
+    remove_stale(out, [f"{m}.png" for spec in TASKS.values() for m in spec.metrics], written)
+    expected = [out / "predictions" / f"{r['method']}-k{r['k_profile']}.json" for r in report["results"]]
+    remove_stale(out / "predictions", ["*-k*.json"], expected)
     return written
