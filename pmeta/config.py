@@ -85,6 +85,8 @@ class BankConfig(BaseModel):
     def _check(self) -> "BankConfig":
         if self.support_max < self.support_min:
             raise ValueError("support_max must be >= support_min")
+        if self.min_positives < self.support_min + 1:  # an episode user needs support_min support items and a query item
+            raise ValueError(f"min_positives must be >= support_min + 1 = {self.support_min + 1} (a train user's episode needs support_min support items and at least one query item)")
         return self
 
 
