@@ -188,7 +188,7 @@ def load_history(path: str | Path, *, max_items: int = MAX_ITEMS, max_bytes: int
     Raises InvalidHistory (one line, naming the file) when the file is missing, not a regular file,
     larger than ``max_bytes``, not UTF-8, not JSON (with line and column), or not a valid history.
     """
-    data = _read_bytes(Path(path), max_bytes)
+    data = read_regular_file(Path(path), max_bytes, InvalidHistory, "history")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -202,14 +202,8 @@ def load_history(path: str | Path, *, max_items: int = MAX_ITEMS, max_bytes: int
     except RecursionError:
         raise InvalidHistory(f"{path}: the JSON is nested too deeply.") from None
     except ValueError as error:  # a repeated key, a lone surrogate, an integer too long to convert
-        reason = (str(error).splitlines() or ["unreadable value"])[0].split(";")[0]
-        raise InvalidHistory(f"{path}: invalid JSON: {reason}.") from None
+        raise InvalidHistory(f"{path}: invalid JSON: {error}.") from None
     return _validate(obj, max_items, source=str(path))
-
-
-def _read_bytes(path: Path, max_bytes: int) -> bytes:
-    """The file's bytes, after checking it exists, is a regular file and is at most ``max_bytes``."""
-    return read_regular_file(path, max_bytes, InvalidHistory, "history")
 
 
 def _validate(obj: Any, max_items: int, source: str) -> UserHistory:

@@ -94,10 +94,16 @@ def _first_bad_string(obj: Any) -> str | None:
 def strict_loads(text: str) -> Any:
     """``json.loads`` that refuses repeated keys and lone surrogates (:class:`JSONContentError`).
 
-    Raises what ``json.loads`` raises otherwise (``JSONDecodeError``, ``RecursionError``, ``ValueError``
-    for an integer too long to convert), so callers catch ``ValueError`` after ``JSONDecodeError``.
+    An integer too long to convert is a JSONContentError too, its message the first clause of
+    Python's. ``JSONDecodeError`` and ``RecursionError`` pass through, so callers catch
+    ``JSONDecodeError`` first, then ``ValueError``, whose text is a one-line reason.
     """
-    obj = json.loads(text, object_pairs_hook=_unique_keys)
+    try:
+        obj = json.loads(text, object_pairs_hook=_unique_keys)
+    except (json.JSONDecodeError, JSONContentError):
+        raise
+    except ValueError as error:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion: ...; use ..."
+        raise JSONContentError((str(error).splitlines() or ["unreadable value"])[0].split(";")[0]) from None
     if _SURROGATE_ESCAPE.search(text):
         bad = _first_bad_string(obj)
         if bad is not None:

@@ -108,8 +108,7 @@ def _load_json(path: Path) -> Any:
     except RecursionError:
         raise InvalidData(f"{path} nests JSON too deeply to be a LaMP file.") from None
     except ValueError as error:  # a repeated key, a lone surrogate, an integer too long to convert
-        reason = (str(error).splitlines() or ["unreadable value"])[0].split(";")[0]
-        raise InvalidData(f"{path} is not a LaMP JSON file: {reason}.") from None
+        raise InvalidData(f"{path} is not a LaMP JSON file: {error}.") from None
 
 
 def _text_field(value: Any, path: Path, where: str) -> str:

@@ -147,8 +147,7 @@ def read_reviews(path: str | Path) -> list[Review]:
                 except RecursionError:
                     raise InvalidData(f"{where}: JSON nested too deeply.") from None
                 except ValueError as error:  # a repeated key, a lone surrogate, an integer too long to convert
-                    reason = (str(error).splitlines() or ["unreadable value"])[0].split(";")[0]
-                    raise InvalidData(f"{where}: {reason}.") from None
+                    raise InvalidData(f"{where}: {error}.") from None
                 reviews.append(_review(record, where, number))
         except (OSError, EOFError, zipfile.BadZipFile, gzip.BadGzipFile) as error:
             raise InvalidData(f"{name}: cannot read the compressed data ({error}).") from None

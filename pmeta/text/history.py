@@ -75,6 +75,5 @@ def load_text_history(path: str | Path, task: str) -> tuple[TextHistory, list[di
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidHistory(f"{path}: not a JSON file ({str(exc).splitlines()[0][:80]})") from None
     except ValueError as exc:  # a repeated key, a lone surrogate, an integer too long to convert
-        reason = (str(exc).splitlines() or ["unreadable value"])[0].split(";")[0]
-        raise InvalidHistory(f"{path}: invalid JSON: {reason}") from None
+        raise InvalidHistory(f"{path}: invalid JSON: {exc}") from None
     return parse_text_history(obj, task, str(path))
