@@ -1,6 +1,6 @@
 """How much a train user's own ratings inflate the fixed score terms that meta-training scores them with.
 
-    python benchmarks/self_inclusion.py --bank BANK [--data DIR] [--users 40] [--seed 0] [--threads 1]
+    python benchmarks/self_inclusion.py --bank BANK [--data DIR] [--users 40] [--seed 0] [--folds 5] [--threads 1]
 
 The time prior (``head/time_log_prior``) and the anchors' item bias (``anchor_bias``) are built from
 every train user's ratings, and meta-training adds them to the scores of those same train users'
@@ -15,6 +15,9 @@ user's query window (positives 6..15, as the protocol asks a test user at K = 5)
 * the anchor item bias γ·ratio[a, i] of the user's own anchor in-sample against leave-self-out (the
   user's positives removed from the anchor's counts), on every train user with a query window.
 
+Beside both, the cross-fitted value (``crossfit_folds = --folds``, :mod:`pmeta.bank.crossfit`): what
+meta-training scores the user with when the build cross-fits, counted without the user's fold.
+
 It reads the bank and the data only; it changes nothing. A finding of the stop-21 review.
 """
 
@@ -27,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pmeta.bank import crossfit
 from pmeta.bank.bank import BUILD_FILE, TENSORS_FILE
 from pmeta.data import load_sample
 from pmeta.data.movielens import read_movielens
@@ -38,7 +42,7 @@ from pmeta.tasks import time_prior
 QUERY = slice(5, 15)  # positives 6..15: the onboarding regression's targets and the protocol's window at K = 5
 
 
-def time_prior_inflation(dataset, train: np.ndarray, stored: np.ndarray, h: float, beta: float, users: int, seed: int) -> dict:
+def time_prior_inflation(dataset, train: np.ndarray, stored: np.ndarray, h: float, beta: float, users: int, seed: int, folds: int, fit_seed: int) -> dict:
     positives, times, rated = dataset.positives_by_user(), dataset.positive_times_by_user(), dataset.rated_by_user()
     items, stamps = time_prior.rating_events(dataset, train)
     owner = dataset.ratings.user[np.isin(dataset.ratings.user, train)]  # rating_events keeps the file order
@@ -46,7 +50,8 @@ def time_prior_inflation(dataset, train: np.ndarray, stored: np.ndarray, h: floa
     difference = float(np.abs(stored - log_prior).max())
     eligible = [u for u in train if len(positives[u]) >= 6]
     sample = np.random.default_rng(seed).choice(eligible, min(users, len(eligible)), replace=False)
-    inside, outside, ndcg_inside, ndcg_outside = [], [], [], []
+    fit = crossfit.build(folds, fit_seed, train, (dataset.ratings.user, dataset.ratings.item, dataset.ratings.timestamp), [positives[u] for u in train], len(dataset.catalog), h, beta, None, 1, 0.0)
+    inside, outside, crossed, ndcg_inside, ndcg_outside = [], [], [], [], []
     for user in sample:
         t, query = times[user][4], positives[user][QUERY]
         kept = owner != user
@@ -55,6 +60,7 @@ def time_prior_inflation(dataset, train: np.ndarray, stored: np.ndarray, h: floa
         row_out = time_prior.at(grid_out, log_out, [t])[0].numpy().astype(np.float64)
         inside.append(beta * row_in[query].mean())
         outside.append(beta * row_out[query].mean())
+        crossed.append(float(fit.prior([int(user)], [t], "cpu")[0, query].double().mean()))
         never = np.setdiff1d(np.arange(len(dataset.catalog)), rated[user])
         negatives = np.broadcast_to(never, (len(query), len(never)))
         ndcg_inside.append(metrics_from_ranks(rank_positives(row_in, query, negatives))["ndcg@10"])
@@ -62,10 +68,11 @@ def time_prior_inflation(dataset, train: np.ndarray, stored: np.ndarray, h: floa
     gap = np.asarray(inside) - np.asarray(outside)
     return {"recomputed_max_abs_difference": difference, "users": len(sample), "beta_log_prior_in_sample": float(np.mean(inside)),
             "beta_log_prior_leave_self_out": float(np.mean(outside)), "mean_gap": float(gap.mean()), "median_gap": float(np.median(gap)),
+            "beta_log_prior_cross_fitted": float(np.mean(crossed)), "cross_fitted_minus_leave_self_out": float(np.mean(np.asarray(crossed) - np.asarray(outside))),
             "prior_ndcg10_in_sample": float(np.mean(ndcg_inside)), "prior_ndcg10_leave_self_out": float(np.mean(ndcg_outside))}  # fmt: skip
 
 
-def anchor_bias_inflation(dataset, train: np.ndarray, tensors: dict, gamma: float) -> dict:
+def anchor_bias_inflation(dataset, train: np.ndarray, tensors: dict, gamma: float, folds: int, fit_seed: int) -> dict:
     positives = dataset.positives_by_user()
     item_keys, centroids = tensors["item_keys"], tensors["anchor_keys"]
     keys = np.stack([item_keys[positives[u]].mean(0) for u in train])
@@ -77,7 +84,8 @@ def anchor_bias_inflation(dataset, train: np.ndarray, tensors: dict, gamma: floa
     counts = np.zeros((n_anchors, n_items))
     for user, anchor in zip(train, assignment):
         np.add.at(counts[anchor], np.unique(positives[user]), 1.0)
-    inside, outside = [], []
+    fit = crossfit.build(folds, fit_seed, train, (dataset.ratings.user, dataset.ratings.item, dataset.ratings.timestamp), [positives[u] for u in train], n_items, None, 0.0, assignment, n_anchors, gamma)
+    inside, outside, crossed = [], [], []
     for user, anchor in zip(train, assignment):
         query = positives[user][QUERY]
         if len(query) == 0:
@@ -87,9 +95,11 @@ def anchor_bias_inflation(dataset, train: np.ndarray, tensors: dict, gamma: floa
         ratio_out = anchor_bias.ratio_of_shares(*anchor_bias.shares_of_counts(without))
         inside.append(gamma * ratio[anchor, query].mean())
         outside.append(gamma * ratio_out[anchor, query].mean())
+        crossed.append(float(fit.own_bias([int(user)], torch.tensor([int(anchor)]))[0, query].double().mean()))
     gap = np.asarray(inside) - np.asarray(outside)
     return {"recomputed_max_abs_difference": difference, "users": len(inside), "offset_in_sample": float(np.mean(inside)),
-            "offset_leave_self_out": float(np.mean(outside)), "mean_gap": float(gap.mean()), "sd_gap": float(gap.std())}  # fmt: skip
+            "offset_leave_self_out": float(np.mean(outside)), "mean_gap": float(gap.mean()), "sd_gap": float(gap.std()),
+            "offset_cross_fitted": float(np.mean(crossed)), "cross_fitted_minus_leave_self_out": float(np.mean(np.asarray(crossed) - np.asarray(outside)))}  # fmt: skip
 
 
 def main() -> None:
@@ -98,6 +108,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="the MovieLens folder the bank was built on (default: the shipped sample)")
     parser.add_argument("--users", type=int, default=40, help="train users sampled for the time prior (one table rebuild each)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--folds", type=int, default=5, help="folds of the cross-fitted values (crossfit_folds), >= 2")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -109,14 +120,15 @@ def main() -> None:
     positives = dataset.positives_by_user()
     train = np.array([index[u] for u in record["train_users"] if len(positives.get(index[u], ())) >= 2])
     chosen = record["collaborative_init"]
-    report = {"bank": str(args.bank), "version": reader.id, "train_users": len(train)}
+    report = {"bank": str(args.bank), "version": reader.id, "train_users": len(train), "folds": args.folds}
+    fit_seed = int(reader.record["config"].get("seed", 0)) + 5  # as the build seeds its folds (pmeta.bank.build.training_priors)
     prior = chosen.get("time_prior", {})
     if prior.get("weight", 0.0) > 0:
         report["time_prior"] = {"bandwidth_days": prior["bandwidth_days"], "beta": prior["weight"],
-                                **time_prior_inflation(dataset, train, tensors["head/time_log_prior"], prior["bandwidth_days"], prior["weight"], args.users, args.seed)}  # fmt: skip
+                                **time_prior_inflation(dataset, train, tensors["head/time_log_prior"], prior["bandwidth_days"], prior["weight"], args.users, args.seed, args.folds, fit_seed)}  # fmt: skip
     bias = chosen.get("anchor_bias", {})
     if bias.get("weight", 0.0) > 0:
-        report["anchor_bias"] = {"gamma": bias["weight"], **anchor_bias_inflation(dataset, train, tensors, bias["weight"])}
+        report["anchor_bias"] = {"gamma": bias["weight"], **anchor_bias_inflation(dataset, train, tensors, bias["weight"], args.folds, fit_seed)}
     print(json.dumps(report, indent=2))
 
 

@@ -79,6 +79,7 @@ class BankConfig(BaseModel):
     device: str = Field("cpu", description="torch device for the build.")
     early_stopping: bool = Field(True, description="Keep each stage's tensors at their best validation score (validation users are never trained on).")
     early_stopping_metric: Literal["ndcg", "loss"] = Field("ndcg", description="Early-stopping score: full-ranking nDCG@10 of validation users averaged over K = 1, 3, 5 (the metric the evaluation reports), or their query cross-entropy at K = 5.")
+    crossfit_folds: int = Field(0, ge=0, le=100, description="Meta-training scores each train user with a time prior and anchors' item bias counted without that user's fold of the train users (pmeta.bank.crossfit), so training sees them as serving a new user does; 0 = off (training uses the serving tensors, which count the user's own ratings); else the number of folds (>= 2). The stored bank tensors are the same either way.")
     validate_stages: bool = Field(True, description="Report validation metrics after every stage (the final one is always reported).")
 
     @model_validator(mode="after")
@@ -87,6 +88,8 @@ class BankConfig(BaseModel):
             raise ValueError("support_max must be >= support_min")
         if self.min_positives < self.support_min + 1:  # an episode user needs support_min support items and a query item
             raise ValueError(f"min_positives must be >= support_min + 1 = {self.support_min + 1} (a train user's episode needs support_min support items and at least one query item)")
+        if self.crossfit_folds == 1:
+            raise ValueError("crossfit_folds must be 0 (off) or at least 2")
         return self
 
 

@@ -27,7 +27,7 @@ from ..models.encoder import FunctionalEncoder
 from ..models.personal import init_adapter
 from ..progress import Progress
 from ..tasks import ranking, time_prior
-from . import distributed, onboarding
+from . import crossfit, distributed, onboarding
 from .episodes import EpisodeSampler, fixed_episode, query_tensors
 from .meta_train import anchor_stage, global_stage, meta_train, pretrain_towers, stack_stage
 from .model import PmetaModel, Tensors, UserInput
@@ -266,6 +266,8 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
         anchor_bias=bias_of_anchors,
     ).to(encoder.device)  # every tensor on the build's device (CPU tensors above: counts, PureSVD, inits)
     model = PmetaModel(config, encoder, texts, tensors)
+    if config.crossfit_folds:
+        model.crossfit = training_priors(dataset, config, train_with_pos, positives, cf_record, time_entries, assignment, n_anchors, gamma).to(encoder.device)
     strategy = get_strategy(config.meta)
     # under torchrun each rank meta-trains on its own shard of users with its own episode stream
     sampler = EpisodeSampler(positives, rated, distributed.shard(train_with_pos), texts, config, seed=distributed.rank_seed(config.seed + 2), times=times)
@@ -423,6 +425,27 @@ def fit_onboarding(dataset: Dataset, config: BankConfig, ease: EASEBaseline, tra
         exponents=(config.cf_pool_exponent,) if config.cf_pool_exponent is not None else onboarding.EXPONENTS,
     )
     return OnboardingSplit(fit_users, validation_users, fit_ease, chosen)
+
+
+def training_priors(dataset: Dataset, config: BankConfig, train_with_pos: np.ndarray, positives: dict[int, np.ndarray], cf_record: dict, time_entries: dict, assignment: np.ndarray, n_anchors: int, gamma: float) -> crossfit.CrossFit:
+    """The cross-fitted training priors (:mod:`pmeta.bank.crossfit`): the same time prior (h, β) and
+    anchors' bias (γ, anchors) as the bank's, per fold of ``train_with_pos`` without that fold."""
+    weight = float(time_entries["time_weight"]) if "time_weight" in time_entries else 0.0
+    bandwidth = cf_record.get("time_prior", {}).get("bandwidth_days", config.time_prior_bandwidth or 365.0)
+    ratings = dataset.ratings
+    return crossfit.build(
+        config.crossfit_folds,
+        config.seed + 5,
+        train_with_pos,
+        (ratings.user, ratings.item, ratings.timestamp),
+        [positives[int(u)] for u in train_with_pos],
+        len(dataset.catalog),
+        bandwidth,
+        weight,
+        assignment,
+        n_anchors,
+        gamma,
+    )
 
 
 def time_prior_entries(dataset: Dataset, config: BankConfig, users: np.ndarray, bandwidth_days: float, weight: float) -> dict[str, torch.Tensor]:

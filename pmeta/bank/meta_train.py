@@ -15,6 +15,10 @@ The ``anchors`` and ``stack`` stages add the anchors' item bias (:mod:`pmeta.fus
 to the scores, as serving does: the user's own anchor's, and the retrieved anchors' fused one.
 Stage 0 and the ``global`` stage fit the head without it (it is fixed, and those stages have no
 anchors), while their early-stopping checkpoint, which serves validation users, includes it.
+
+With ``crossfit_folds`` set, every stage scores a train user with the time prior and anchor bias
+counted without that user's fold (:mod:`pmeta.bank.crossfit`, :func:`training_batch`), as serving
+scores a new user.
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ def pretrain_towers(model: PmetaModel, sampler: EpisodeSampler, config, outer_st
         users = sampler.rng.permutation(sampler.users)
         for start in range(0, len(users), batch_users):
             episode = sampler.episode([int(u) for u in users[start : start + batch_users]])
-            batch = model.user_batch(episode.support)
+            batch = training_batch(model, episode)
             with torch.no_grad():
                 pooled = model.encoder.upper(batch.hidden, batch.mask, expand_users(adapter, len(episode.users)), model.config.prompt_layer)
             batch.hidden = batch.hidden[:, :0]  # the encoder states are no longer needed
@@ -107,7 +111,10 @@ def anchor_stage(model: PmetaModel, config, assignment: dict[int, int]) -> Stage
 
     def build(m: PmetaModel, episode: Episode):
         idx = torch.tensor([assignment[u] for u in episode.users], dtype=torch.long, device=t.item_text.device)
-        offset = None if t.anchor_bias is None else t.anchor_bias[idx]  # each user's own anchor's item bias
+        if m.crossfit is not None:  # each user's own anchor's item bias, counted without the user's fold
+            offset = m.crossfit.own_bias(episode.users, idx)
+        else:
+            offset = None if t.anchor_bias is None else t.anchor_bias[idx]  # each user's own anchor's item bias
         return {k: v[idx] for k, v in t.anchors.items()}, None, t.global_step_sizes, offset
 
     pool = np.array(sorted(assignment), dtype=np.int64)
@@ -122,8 +129,12 @@ def stack_stage(model: PmetaModel, config) -> Stage:
         sims, idx = m.retrieve(keys)
         weights = fusion_weights(sims, m.temperature())
         fixed = fuse(t.anchors, idx, weights, config.fusion, config.anchor_rank)
-        # the retrieved anchors' fused item bias, as in serving
-        return expand_users(t.stack_init, len(episode.users)), fixed, t.stack_step_sizes, m.anchor_offset(keys, sims, idx)
+        # the retrieved anchors' fused item bias, as in serving (counted without the user's fold when cross-fitted)
+        if m.crossfit is not None:
+            offset = m.crossfit.fused_bias(episode.users, idx, weights, m.has_key(keys), t.anchor_sizes)
+        else:
+            offset = m.anchor_offset(keys, sims, idx)
+        return expand_users(t.stack_init, len(episode.users)), fixed, t.stack_step_sizes, offset
 
     groups = [{"params": list(t.stack_init.values()), "lr": config.outer_lr}, {"params": [t.log_temperature], "lr": config.outer_lr}]
     if _learns_step_sizes(config):
@@ -135,10 +146,19 @@ def _learns_step_sizes(config) -> bool:
     return config.meta == "maml" and config.inner_steps > 0
 
 
+def training_batch(model: PmetaModel, episode: Episode) -> ranking.UserBatch:
+    """The episode's support batch (:meth:`PmetaModel.user_batch`); with cross-fitting
+    (:mod:`pmeta.bank.crossfit`) its time prior is counted without each user's fold."""
+    batch = model.user_batch(episode.support)
+    if model.crossfit is not None:
+        batch.prior = model.crossfit.prior(episode.users, [u.time for u in episode.support], model.t.item_text.device)
+    return batch
+
+
 def outer_step(model: PmetaModel, stage: Stage, strategy: Strategy, episode: Episode, steps: int) -> torch.Tensor:
     """The outer loss of one episode (mean over its users), ready for ``backward``."""
     device = model.t.item_text.device
-    batch = model.user_batch(episode.support)
+    batch = training_batch(model, episode)
     init, fixed, step_sizes, offset = stage.build(model, episode)
     batch.prior = ranking.add_prior(batch.prior, offset)
     if strategy.inner_on_query:

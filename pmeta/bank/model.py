@@ -23,6 +23,7 @@ from ..fusion.index import AnchorIndex
 from ..models.encoder import FunctionalEncoder
 from ..models.personal import Adapter, expand_users, stack
 from ..tasks import ranking, time_prior
+from .crossfit import CrossFit
 
 
 @dataclass
@@ -102,6 +103,7 @@ class PmetaModel:
         self.item_texts = item_texts
         self.t = tensors
         self.precision = "float32"  # or "bfloat16": the encoder passes under bf16 autocast (see FunctionalEncoder.autocast)
+        self.crossfit: CrossFit | None = None  # set by the build for meta-training only (pmeta.bank.crossfit); never stored
         self.index = index if index is not None else AnchorIndex.build(tensors.anchor_keys.detach().cpu().numpy(), kind=config.index, flat_below=config.index_flat_below, seed=config.seed)
 
     # ------------------------------------------------------------------ inputs
