@@ -118,7 +118,8 @@ def main() -> None:
     dataset = load_sample() if args.data is None else read_movielens(args.data)
     index = {u: i for i, u in enumerate(dataset.ratings.user_ids)}
     positives = dataset.positives_by_user()
-    train = np.array([index[u] for u in record["train_users"] if len(positives.get(index[u], ())) >= 2])
+    minimum = int(reader.record["config"].get("min_positives", 2))  # the build's train users with positives (build.with_positives)
+    train = np.array(sorted(index[u] for u in record["train_users"] if len(positives.get(index[u], ())) >= minimum))
     chosen = record["collaborative_init"]
     report = {"bank": str(args.bank), "version": reader.id, "train_users": len(train), "folds": args.folds}
     fit_seed = int(reader.record["config"].get("seed", 0)) + 5  # as the build seeds its folds (pmeta.bank.build.training_priors)

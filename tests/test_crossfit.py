@@ -92,36 +92,130 @@ def test_the_anchor_bias_leaves_the_users_fold_out_and_fuses_as_serving_does():
         torch.testing.assert_close(fused[row : row + 1], want)
 
 
-def test_a_cross_fitted_build_keeps_the_serving_tensors_and_trains_without_the_users_own_ratings():
-    """A tiny build with a time prior and an anchor bias and 3 folds: the stored tensors count every
-    train user, as without cross-fitting; training batches get the fold's prior, which puts less
-    weight on the items the user goes on to like (their own ratings are no longer counted)."""
+@pytest.fixture(scope="module")
+def cross_fitted():
+    """(model, build record, dataset, train users) of a tiny build with a time prior, an anchor bias and 3 folds."""
     from pmeta import load_config
-    from pmeta.bank.build import build_model, time_prior_entries, with_positives
-    from pmeta.bank.episodes import EpisodeSampler
-    from pmeta.bank.meta_train import training_batch
+    from pmeta.bank.build import build_model, with_positives
     from pmeta.data import load_sample
 
     dataset = load_sample()
     config = load_config("tiny", overrides={"crossfit_folds": 3, "time_prior_weight": 2.0, "time_prior_bandwidth": 30.0, "anchor_bias_weight": 1.0})
     model, record = build_model(dataset, config)
     ids = {u: i for i, u in enumerate(dataset.ratings.user_ids)}
-    positives = dataset.positives_by_user()
-    train = with_positives(np.array(sorted(ids[u] for u in record["train_users"])), positives, config.min_positives)
-    serving = time_prior_entries(dataset, config, train, 30.0, 2.0)
-    torch.testing.assert_close(model.t.head["time_log_prior"], serving["time_log_prior"])
-    assert model.crossfit is not None and model.crossfit.folds == 3 and set(model.crossfit.fold) == set(int(u) for u in train)
-    assert model.t.anchor_bias is not None and model.crossfit.biases.shape == (3, *model.t.anchor_bias.shape)
+    train = with_positives(np.array(sorted(ids[u] for u in record["train_users"])), dataset.positives_by_user(), config.min_positives)
+    return model, record, dataset, train
 
-    sampler = EpisodeSampler(positives, dataset.rated_by_user(), train, model.item_texts, config, seed=5, times=dataset.positive_times_by_user())
-    episode = sampler.sample(16)
+
+def _episode(model, dataset, train, seed=5, users=16):
+    from pmeta.bank.episodes import EpisodeSampler
+
+    sampler = EpisodeSampler(dataset.positives_by_user(), dataset.rated_by_user(), train, model.item_texts, model.config, seed=seed, times=dataset.positive_times_by_user())
+    return sampler.sample(users)
+
+
+def test_a_cross_fitted_build_keeps_the_serving_tensors_and_trains_without_the_users_own_ratings(cross_fitted):
+    """The stored tensors count every train user, as without cross-fitting; training batches get the
+    fold's prior, which puts less weight on the items the user goes on to like (their own ratings
+    are no longer counted)."""
+    from pmeta.bank.build import time_prior_entries
+    from pmeta.bank.meta_train import training_batch
+
+    model, _, dataset, train = cross_fitted
+    serving = time_prior_entries(dataset, model.config, train, 30.0, 2.0)
+    torch.testing.assert_close(model.t.head["time_log_prior"], serving["time_log_prior"])
+    fit = model.crossfit
+    assert fit is not None and fit.folds == 3 and set(fit.fold) == set(int(u) for u in train)
+    assert all(float(p["time_weight"]) == float(model.t.head["time_weight"]) == 2.0 for p in fit.priors)
+    assert model.t.anchor_bias is not None and fit.biases.shape == (3, *model.t.anchor_bias.shape)
+    assert fit.serving_bias is model.t.anchor_bias or torch.equal(fit.serving_bias, model.t.anchor_bias)
+
+    episode = _episode(model, dataset, train)
     batch = training_batch(model, episode)
     own = model.user_batch(episode.support).prior  # the serving prior: counts the users' own ratings
-    torch.testing.assert_close(batch.prior, model.crossfit.prior(episode.users, [u.time for u in episode.support], "cpu"))
     targets, mask = episode.query_targets, episode.query_mask.bool()
     drop = (own.gather(1, targets) - batch.prior.gather(1, targets))[mask]
-    print("mean drop of the prior at the query items:", float(drop.mean()))
     assert float(drop.mean()) > 0.5, float(drop.mean())  # measured: 3.96
+
+
+def test_the_anchor_and_stack_stages_train_with_the_fold_bias(cross_fitted):
+    """The anchor stage adds each user's own anchor's bias without their fold; the stack stage the
+    retrieved anchors' fused bias without their fold, through the fusion weights (τ gets a gradient)."""
+    from pmeta.bank.meta_train import anchor_stage, stack_stage
+    from pmeta.fusion.fuse import fusion_weights
+
+    model, _, dataset, train = cross_fitted
+    episode = _episode(model, dataset, train, seed=6)
+    n_anchors = int(model.t.anchor_keys.shape[0])
+    assignment = {u: n % n_anchors for n, u in enumerate(episode.users)}
+    anchors = torch.tensor([assignment[u] for u in episode.users])
+    offset = anchor_stage(model, model.config, assignment).build(model, episode)[3]
+    torch.testing.assert_close(offset, model.crossfit.own_bias(episode.users, anchors))
+    assert not torch.allclose(offset, model.t.anchor_bias[anchors])
+
+    model.t.log_temperature.grad = None
+    model.t.log_temperature.requires_grad_(True)
+    offset = stack_stage(model, model.config).build(model, episode)[3]
+    keys = model.user_keys(episode.support)
+    sims, idx = model.retrieve(keys)
+    want = model.crossfit.fused_bias(episode.users, idx, fusion_weights(sims, model.temperature()), model.has_key(keys), model.t.anchor_sizes)
+    torch.testing.assert_close(offset, want)
+    assert not torch.allclose(offset, model.anchor_offset(keys, sims, idx))
+    offset.sum().backward()
+    assert model.t.log_temperature.grad is not None and float(model.t.log_temperature.grad) != 0.0
+
+
+def test_users_outside_the_folds_get_the_serving_tensors(cross_fitted):
+    model, _, dataset, train = cross_fitted
+    fit = model.crossfit
+    outside = [u for u in range(len(dataset.ratings.user_ids)) if u not in fit.fold][:3]
+    inside = [int(train[0])]
+    times = [float(dataset.ratings.timestamp[0])] * 4
+    prior = fit.prior(outside + inside, times, "cpu")
+    torch.testing.assert_close(prior[:3], time_prior.user_prior(model.t.head, times[:3]))
+    torch.testing.assert_close(prior[3:], time_prior.user_prior(fit.priors[fit.fold[inside[0]]], times[3:]))
+    anchors = torch.tensor([0, 1, 0, 1])
+    torch.testing.assert_close(fit.own_bias(outside + inside, anchors)[:3], model.t.anchor_bias[anchors[:3]])
+    bare = crossfit.CrossFit(fit.fold, fit.priors, fit.biases, {}, None)
+    with pytest.raises(ValueError, match="outside the folds"):
+        bare.prior(outside, times[:3], "cpu")
+
+
+def test_an_opened_bank_rebuilds_the_builds_folds_for_prompt_maml(cross_fitted):
+    """``pmeta eval`` gives a cross-fitted bank's model the build's folds and time priors again (from
+    the build record), so prompt-MAML's meta-training on the train users is cross-fitted too; the
+    time-prior choice is read from the record's collaborative_init when it has one."""
+    from types import SimpleNamespace
+
+    from pmeta.bank.build import bank_training_priors, training_priors
+    from pmeta.eval.prompt_maml import PromptMAML
+    from pmeta.eval.protocol import split_users
+    from pmeta.eval.runner import model_for
+
+    model, record, dataset, train = cross_fitted
+    rebuilt = bank_training_priors(model, record, dataset)
+    assert rebuilt.fold == model.crossfit.fold and rebuilt.biases is None
+    for a, b in zip(rebuilt.priors, model.crossfit.priors):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    saved, model.crossfit = model.crossfit, None
+    try:
+        bank = SimpleNamespace(catalog=SimpleNamespace(item_ids=dataset.catalog.item_ids), config=model.config, record={}, model=model, build_record=record)
+        opened, _ = model_for(bank, dataset, model.config.seed, None)
+        assert opened.crossfit is not None and opened.crossfit.fold == saved.fold
+        train_users, _ = split_users(dataset, seed=model.config.seed, test_fraction=model.config.test_fraction)
+        assert any(int(u) not in saved.fold for u in train_users)  # validation users: the serving prior
+        maml = PromptMAML(opened, outer_steps=2, inner_steps=1, batch_users=8).fit(dataset, train_users)
+        assert len(maml.losses) == 2 and all(np.isfinite(maml.losses))
+    finally:
+        model.crossfit = saved
+
+    # the onboarding path records the chosen bandwidth: the folds' tables use it
+    fit = training_priors(dataset, model.config, train, dataset.positives_by_user(), {"time_prior": {"bandwidth_days": 90.0}}, {"time_weight": torch.tensor(1.0)}, None, 0, 0.0)
+    user, item, stamp = dataset.ratings.user, dataset.ratings.item, dataset.ratings.timestamp
+    keep = np.isin(user, [u for u in train if fit.fold[int(u)] != 0])
+    grid, table = time_prior.table(item[keep], stamp[keep], len(dataset.catalog), 90.0)
+    torch.testing.assert_close(fit.priors[0]["time_log_prior"], torch.from_numpy(table))
 
 
 def test_one_fold_is_refused():

@@ -160,13 +160,14 @@ class Personalization:
 class Bank:
     """An opened, verified bank version."""
 
-    def __init__(self, store: BankStore, version: str, config: BankConfig, model: PmetaModel, catalog: Catalog, record: dict) -> None:
+    def __init__(self, store: BankStore, version: str, config: BankConfig, model: PmetaModel, catalog: Catalog, record: dict, build_record: dict | None = None) -> None:
         self.store = store
         self.version = version
         self.config = config
         self.model = model
         self.catalog = catalog
         self.record = record
+        self.build_record = build_record or {}  # build.json: the build's train users, choices and validation
 
     @classmethod
     def open(cls, path: str | Path, db_url: str | None = None, version: str | None = None, device: str = "cpu", precision: str = "float32") -> "Bank":
@@ -200,7 +201,7 @@ class Bank:
         check_fingerprint(build.get("encoder_fingerprint") if isinstance(build, dict) else None, encoder.fingerprint, resolve_model_path(config.encoder), path, reader.id)
         model = PmetaModel(config, encoder, catalog.texts(), tensors, index=index)
         model.precision = precision
-        return cls(store, reader.id, config, model, catalog, reader.record)
+        return cls(store, reader.id, config, model, catalog, reader.record, build if isinstance(build, dict) else None)
 
     # ------------------------------------------------------------------ histories
     def user_input(self, history: UserHistory, ignore_unknown: bool = False) -> UserInput:

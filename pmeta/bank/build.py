@@ -267,7 +267,7 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     ).to(encoder.device)  # every tensor on the build's device (CPU tensors above: counts, PureSVD, inits)
     model = PmetaModel(config, encoder, texts, tensors)
     if config.crossfit_folds:
-        model.crossfit = training_priors(dataset, config, train_with_pos, positives, cf_record, time_entries, assignment, n_anchors, gamma).to(encoder.device)
+        model.crossfit = training_priors(dataset, config, train_with_pos, positives, cf_record, time_entries, assignment, n_anchors, gamma, bias_of_anchors).to(encoder.device)
     strategy = get_strategy(config.meta)
     # under torchrun each rank meta-trains on its own shard of users with its own episode stream
     sampler = EpisodeSampler(positives, rated, distributed.shard(train_with_pos), texts, config, seed=distributed.rank_seed(config.seed + 2), times=times)
@@ -427,9 +427,10 @@ def fit_onboarding(dataset: Dataset, config: BankConfig, ease: EASEBaseline, tra
     return OnboardingSplit(fit_users, validation_users, fit_ease, chosen)
 
 
-def training_priors(dataset: Dataset, config: BankConfig, train_with_pos: np.ndarray, positives: dict[int, np.ndarray], cf_record: dict, time_entries: dict, assignment: np.ndarray, n_anchors: int, gamma: float) -> crossfit.CrossFit:
+def training_priors(dataset: Dataset, config: BankConfig, train_with_pos: np.ndarray, positives: dict[int, np.ndarray], cf_record: dict, time_entries: dict, assignment: np.ndarray | None, n_anchors: int, gamma: float, bias_of_anchors: torch.Tensor | None = None) -> crossfit.CrossFit:
     """The cross-fitted training priors (:mod:`pmeta.bank.crossfit`): the same time prior (h, β) and
-    anchors' bias (γ, anchors) as the bank's, per fold of ``train_with_pos`` without that fold."""
+    anchors' bias (γ, anchors) as the bank's (``time_entries``, ``bias_of_anchors``), per fold of
+    ``train_with_pos`` without that fold."""
     weight = float(time_entries["time_weight"]) if "time_weight" in time_entries else 0.0
     bandwidth = cf_record.get("time_prior", {}).get("bandwidth_days", config.time_prior_bandwidth or 365.0)
     ratings = dataset.ratings
@@ -445,7 +446,24 @@ def training_priors(dataset: Dataset, config: BankConfig, train_with_pos: np.nda
         assignment,
         n_anchors,
         gamma,
+        serving_prior=time_entries,
+        serving_bias=bias_of_anchors,
     )
+
+
+def bank_training_priors(model: PmetaModel, build_record: dict, dataset: Dataset) -> crossfit.CrossFit:
+    """The cross-fitted time prior of a built bank, for a training loop run on its train users
+    after the build (prompt-MAML's meta-training in ``pmeta eval``): the build's folds, h and β,
+    from its build record and ``dataset`` (the one it was built on). No anchor bias: the loops
+    that add it (the anchor and stack stages) run only in the build."""
+    config = model.config
+    ids = {u: i for i, u in enumerate(dataset.ratings.user_ids)}
+    positives = dataset.positives_by_user()
+    train_with_pos = with_positives(np.array(sorted(ids[u] for u in build_record.get("train_users", []) if u in ids), dtype=np.int64), positives, config.min_positives)
+    if len(train_with_pos) < config.crossfit_folds:
+        raise InvalidData(f"the bank's build record lists {len(train_with_pos)} train users of this dataset, fewer than its {config.crossfit_folds} cross-fitting folds")
+    time_entries = {k: model.t.head[k].detach().cpu() for k in ("time_grid", "time_log_prior", "time_weight") if k in model.t.head}
+    return training_priors(dataset, config, train_with_pos, positives, build_record.get("collaborative_init", {}), time_entries, None, 0, 0.0)
 
 
 def time_prior_entries(dataset: Dataset, config: BankConfig, users: np.ndarray, bandwidth_days: float, weight: float) -> dict[str, torch.Tensor]:

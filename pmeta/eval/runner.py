@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..bank.bank import Bank
+from ..bank.build import bank_training_priors
 from ..data.types import Dataset
 from ..errors import InvalidConfig
 from ..progress import Progress
@@ -56,6 +57,10 @@ def model_for(bank: Bank, dataset: Dataset, seed: int, progress: Progress) -> tu
         ids = dataset.ratings.user_ids
         if held_out and {ids[int(u)] for u in test_users} != held_out:
             raise InvalidConfig("the bank's held-out users differ from this dataset/seed's test users; evaluate with the bank's seed and dataset")
+        if bank.config.crossfit_folds and bank.model.crossfit is None:
+            # a bank built with cross-fitting: prompt-MAML, which meta-trains on the train users here,
+            # gets the same cross-fitted time prior as the build's stages (pmeta.bank.crossfit)
+            bank.model.crossfit = bank_training_priors(bank.model, bank.build_record, dataset).to(bank.model.t.item_text.device)
         return bank.model, None
     model, summary = transfer_model(bank.model, bank.catalog, dataset.catalog, progress)
     return model, {"bank_dataset": bank.record.get("dataset_name"), **summary}
