@@ -268,6 +268,7 @@ BAD_BUILDS = {
     "config-out-of-range": (lambda d: ["--config", str(_config("[bank]\nanchors = 0\n")(d))], "anchors"),
     "config-support-above-positives": (lambda d: ["--config", str(_config("[bank]\nsupport_min = 3\n")(d))], "min_positives must be >= support_min + 1"),
     "config-support-max-below-min": (lambda d: ["--config", str(_config("[bank]\nsupport_min = 3\nsupport_max = 2\nmin_positives = 4\n")(d))], "support_max must be >= support_min"),
+    "config-one-crossfit-fold": (lambda d: ["--config", str(_config("[bank]\ncrossfit_folds = 1\n")(d))], "crossfit_folds must be 0 (off) or at least 2"),
     "option-out-of-range": (lambda d: ["--anchors", "-1"], "anchors"),
     "preset-unknown": (lambda d: ["--preset", "huge"], "preset"),
     "db-not-a-url": (lambda d: ["--db", "not a url"], "database URL"),
