@@ -342,7 +342,7 @@ def collaborative_init(dataset: Dataset, config: BankConfig, train_users: np.nda
     train_positives = [positives[int(u)] for u in train_users]
 
     def fixed_prior() -> dict[str, torch.Tensor]:  # the other inits: a time prior only when β is set
-        return time_prior_entries(dataset, config, train_users, config.time_prior_bandwidth or 365.0, config.time_prior_weight or 0.0)
+        return time_prior_entries(dataset, config, train_users, fixed_bandwidth(config), config.time_prior_weight or 0.0)
 
     if config.cf_rank == 0:
         return None, 1.0, None, {"kind": "none"}, fixed_prior()
@@ -427,12 +427,17 @@ def fit_onboarding(dataset: Dataset, config: BankConfig, ease: EASEBaseline, tra
     return OnboardingSplit(fit_users, validation_users, fit_ease, chosen)
 
 
+def fixed_bandwidth(config: BankConfig) -> float:
+    """The time prior's bandwidth (days) of the inits without its grid (puresvd, ease): the config's, else 365."""
+    return config.time_prior_bandwidth or 365.0
+
+
 def training_priors(dataset: Dataset, config: BankConfig, train_with_pos: np.ndarray, positives: dict[int, np.ndarray], cf_record: dict, time_entries: dict, assignment: np.ndarray | None, n_anchors: int, gamma: float, bias_of_anchors: torch.Tensor | None = None) -> crossfit.CrossFit:
     """The cross-fitted training priors (:mod:`pmeta.bank.crossfit`): the same time prior (h, β) and
     anchors' bias (γ, anchors) as the bank's (``time_entries``, ``bias_of_anchors``), per fold of
     ``train_with_pos`` without that fold."""
     weight = float(time_entries["time_weight"]) if "time_weight" in time_entries else 0.0
-    bandwidth = cf_record.get("time_prior", {}).get("bandwidth_days", config.time_prior_bandwidth or 365.0)
+    bandwidth = cf_record.get("time_prior", {}).get("bandwidth_days", fixed_bandwidth(config))  # the grid's choice, else the fixed one
     ratings = dataset.ratings
     return crossfit.build(
         config.crossfit_folds,
