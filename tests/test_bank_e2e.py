@@ -198,16 +198,23 @@ def test_early_stopping_never_leaves_the_validation_ranking_worse():
     as well as the untrained initialisation did; the score is recorded in the build record. (Built
     with the default EASE init of the collaborative towers, at a fixed λ.)"""
     from pmeta import load_config
-    from pmeta.bank.build import build_model
+    from pmeta.bank.build import build_model, validation_ranking, validation_sets
     from pmeta.data.sample import load_sample
 
     config = load_config("tiny", overrides={"early_stopping": True, "validation_fraction": 0.05, "tower_steps": 60, "cf_init": "ease", "ease_lambda": 500.0})
-    model, record = build_model(load_sample(), config)
+    dataset = load_sample()
+    model, record = build_model(dataset, config)
     head = model.t.head
     assert not torch.equal(head["history_embedding"], head["item_embedding"])  # EASE's factors are asymmetric
     stopping = record["validation"]["early_stopping"]
     assert stopping["metric"] == "ndcg" and -1.0 <= stopping["start"] < 0  # minus a positive nDCG
     assert stopping["final"] <= stopping["start"] + 1e-9
+    # the recorded final score is the one the built tensors have (the build remembers each stage's
+    # best score instead of measuring the restored tensors again): measured afresh, it is the same
+    ids = {u: i for i, u in enumerate(dataset.ratings.user_ids)}
+    users = np.array(sorted(ids[u] for u in record["validation_users"]))
+    sets = validation_sets(dataset.positives_by_user(), users, model.item_texts, times=dataset.positive_times_by_user())
+    assert validation_ranking(model, sets, dataset.rated_by_user())() == stopping["final"]
 
 
 

@@ -60,6 +60,28 @@ def test_missing_history_file(tiny_bank, tmp_path):
     assert_one_line_error(pmeta("adapt", "--bank", str(tiny_bank), "--history", str(tmp_path / "nope.json")), "nope.json")
 
 
+def test_help_and_a_bad_history_are_answered_without_loading_torch(tmp_path):
+    """`import pmeta` and the CLI load torch, FAISS, transformers and scikit-learn only when a
+    command needs them, so `pmeta --help` and a bad input file answer in well under a second."""
+    heavy = "print(sorted(m for m in ('torch', 'faiss', 'transformers', 'sklearn') if m in sys.modules))"
+    code = f"import sys\nimport pmeta\nfrom pmeta import InvalidHistory, PmetaError, load_config\nload_config('tiny')\n{heavy}"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip() == "[]"
+    bad = tmp_path / "h.json"
+    bad.write_text("{not json")
+    code = (
+        "import sys\nfrom pmeta.cli import app\n"
+        f"for argv in (['--help'], ['adapt', '--bank', {str(tmp_path / 'bank')!r}, '--history', {str(bad)!r}], ['bank', 'build', '--preset', 'nope', '--out', {str(tmp_path / 'b')!r}]):\n"
+        "    try:\n        app(argv, prog_name='pmeta')\n    except SystemExit:\n        pass\n"
+        f"{heavy}"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
+    assert "JSON" in result.stderr and "unknown preset" in result.stderr
+    # the library's heavy names still resolve on first use
+    code = "import pmeta\nprint(pmeta.Bank.__module__, pmeta.TextBank.__name__, 'build_bank' in dir(pmeta))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split() == ["pmeta.bank.bank", "TextBank", "True"]
+
+
 def test_not_a_bank_is_one_line(tmp_path):
     assert_one_line_error(pmeta("adapt", "--bank", str(tmp_path), "--history", str(EXAMPLE)), "bank")
     assert list(tmp_path.iterdir()) == []

@@ -255,3 +255,49 @@ def test_ease_factors_reproduce_the_ease_matrix_at_full_rank():
     assert low.shape == (n_items, 4)
     head = ranking.init_head(torch.randn(n_items, 8), torch.ones(n_items), (history, item), scale)
     assert torch.equal(head["history_embedding"], history) and torch.equal(head["item_embedding"], item)
+
+
+# ------------------------------------------------------------------------------ early stopping
+def _quadratic_stage(target: float):
+    """One scalar parameter starting at 0, a training loss pulling it to ``target`` and a
+    validation loss (x − 1)² whose every measurement is logged: a stage whose training helps
+    (target 1) or only hurts (target −2)."""
+    x = torch.tensor(0.0)
+    measured: list[float] = []
+
+    def validation() -> float:
+        measured.append(float((x - 1.0) ** 2))
+        return measured[-1]
+
+    return x, measured, validation, (lambda: (x - target) ** 2)
+
+
+@pytest.mark.parametrize("target", [1.0, -2.0])
+def test_a_remembered_checkpoint_is_measured_once_per_state_and_ends_at_the_best(target):
+    from pmeta.bank.meta_train import Checkpoint, _optimize
+
+    x, measured, validation, loss = _quadratic_stage(target)
+    checkpoint = Checkpoint(validation)
+    assert checkpoint() == 1.0 and len(measured) == 1  # calling measures
+    groups = [{"params": [x], "lr": 0.1}]
+    _optimize(groups, loss, 10, None, checkpoint=checkpoint, every=5)
+    assert len(measured) == 3  # the start is remembered: only the checkpoints at steps 5 and 10 measure
+    assert checkpoint.value == min(measured) == float((x - 1.0) ** 2)  # the tensors end at the best, and it is remembered
+    if target == -2.0:  # training only moved away from the validation optimum: back to the start
+        assert float(x) == 0.0 and checkpoint.value == 1.0
+    else:
+        assert checkpoint.value < 1.0
+    _optimize(groups, loss, 0, None, checkpoint=checkpoint, every=5)  # no steps: nothing trained or measured
+    assert len(measured) == 3
+    _optimize(groups, loss, 5, None, checkpoint=checkpoint, every=5)  # the next stage starts from the remembered value
+    assert len(measured) == 4 and checkpoint.value == float((x - 1.0) ** 2)
+    checkpoint.settle(None)  # unknown state: measured on the next use
+    assert checkpoint.known() == float((x - 1.0) ** 2) and len(measured) == 5
+
+
+def test_a_plain_callable_checkpoint_is_measured_at_the_start():
+    from pmeta.bank.meta_train import _optimize
+
+    x, measured, validation, loss = _quadratic_stage(-2.0)
+    _optimize([{"params": [x], "lr": 0.1}], loss, 4, None, checkpoint=validation, every=2)
+    assert len(measured) == 3 and float(x) == 0.0  # start, steps 2 and 4; worse at both, so restored

@@ -57,7 +57,11 @@ anchor_steps = 1
 stack_steps = 1
 """
 MICRO_USERS = 80
-KILLS = 20
+# SIGKILLs of the kill campaign: 10 in the default suite (CI), 20 for the full campaign
+# (`PMETA_TEST_KILLS=20 python -m pytest tests/test_reliability.py -k "kill_9 or concurrent or readers"`).
+KILLS = int(os.environ.get("PMETA_TEST_KILLS", "10"))
+# how the kills are spread over the moments they hit, per 20 kills (each moment gets at least 2)
+PHASE_SHARES = {"anytime": 7, "training": 4, "writing": 3, "manifest": 3, "renamed": 3}
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "PMETA_PROGRESS": "0"}
 # The kill campaign runs the real CLI with fsync slowed to 30 ms (a slow disk), which widens the
 # publishing steps enough for the test to see each of them and kill the build right there.
@@ -531,7 +535,7 @@ def campaign(micro, micro_bank, tmp_path_factory):
     shutil.copytree(micro_bank, bank)
     first = BankStore(bank).open().id
     rng = random.Random(20261124)
-    phases = ["anytime"] * 7 + ["training"] * 4 + ["writing"] * 3 + ["manifest"] * 3 + ["renamed"] * 3
+    phases = [phase for phase, share in PHASE_SHARES.items() for _ in range(max(2, round(share * KILLS / 20)))]
     rng.shuffle(phases)
     log: list[dict] = []
     active = first

@@ -29,7 +29,7 @@ from ..progress import Progress
 from ..tasks import ranking, time_prior
 from . import crossfit, distributed, onboarding
 from .episodes import EpisodeSampler, fixed_episode, query_tensors
-from .meta_train import anchor_stage, global_stage, meta_train, pretrain_towers, stack_stage
+from .meta_train import Checkpoint, anchor_stage, global_stage, meta_train, pretrain_towers, stack_stage
 from .model import PmetaModel, Tensors, UserInput
 
 
@@ -275,7 +275,8 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     val_inputs, val_queries, val_kept = val_sets[5]
     checkpoint = None
     if config.early_stopping:
-        checkpoint = validation_ranking(model, val_sets, rated) if config.early_stopping_metric == "ndcg" else validation_loss(model, val_inputs, val_queries, rated, val_kept)
+        measure = validation_ranking(model, val_sets, rated) if config.early_stopping_metric == "ndcg" else validation_loss(model, val_inputs, val_queries, rated, val_kept)
+        checkpoint = Checkpoint(measure) if measure is not None else None
     validation: dict[str, dict[str, float]] = {}
     if checkpoint is not None:
         validation["early_stopping"] = {"metric": config.early_stopping_metric, "start": checkpoint()}
@@ -296,11 +297,12 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
         validation["global"] = validate(model, val_inputs, val_queries, rated, val_kept)
     # Anchors start from the meta-learned global prior (unless that ranks validation users worse than
     # the anchors' current values: early stopping then keeps those, so no step makes the model worse).
-    before = (checkpoint(), dict(tensors.anchors)) if checkpoint is not None else None
+    before = (checkpoint.known(), dict(tensors.anchors)) if checkpoint is not None else None
     for key, value in tensors.global_adapter.items():
         tensors.anchors[key] = value.detach().unsqueeze(0).repeat(n_anchors, *([1] * value.dim())).contiguous()
     if before is not None and checkpoint() > before[0]:
         tensors.anchors.update(before[1])
+        checkpoint.settle(before[0])
     assignment_by_user = {int(u): int(a) for u, a in zip(train_with_pos, assignment)}
     run(anchor_stage(model, config, assignment_by_user), config.anchor_steps)
     if config.validate_stages:
@@ -308,7 +310,7 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     run(stack_stage(model, config), config.stack_steps)
     validation["final"] = validate(model, val_inputs, val_queries, rated, val_kept)
     if checkpoint is not None:
-        validation["early_stopping"]["final"] = checkpoint()  # never above "start": every stage keeps its best
+        validation["early_stopping"]["final"] = checkpoint.known()  # never above "start": every stage keeps its best
 
     medoids = []
     for a in range(n_anchors):

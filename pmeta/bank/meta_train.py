@@ -83,6 +83,8 @@ def pretrain_towers(model: PmetaModel, sampler: EpisodeSampler, config, outer_st
     step reuses those vectors (the head is a few matrix products): many more steps for the same
     time than running the encoder per step. The meta-learning stages then start from towers that
     already rank well."""
+    if outer_steps == 0:  # nothing to fit: skip the encoder passes over the episode pool
+        return []
     adapter = model.t.global_adapter
     cached: list[tuple[Episode, ranking.UserBatch, torch.Tensor]] = []
     for _ in range(rounds):
@@ -186,20 +188,51 @@ def meta_train(model: PmetaModel, sampler: EpisodeSampler, stage: Stage, strateg
     return _optimize(stage.param_groups, episode_loss, outer_steps, on_step, checkpoint=checkpoint, every=every)
 
 
-Checkpoint = Callable[[], float]
+class Checkpoint:
+    """A validation loss for early stopping (lower is better) that remembers its value at the
+    tensors' current state.
+
+    Every stage starts where the previous one ended, at that stage's best (restored) tensors, whose
+    value :func:`_optimize` already measured: it hands the value on (:meth:`settle`) and the next
+    stage reads it (:meth:`known`) instead of measuring the same tensors again (a full-ranking pass
+    over every validation user per support size). Calling it measures. Code that changes the
+    tensors outside :func:`_optimize` calls it again, or :meth:`settle` when it restores tensors
+    whose value it knows."""
+
+    def __init__(self, measure: Callable[[], float]) -> None:
+        self.measure = measure
+        self.value: float | None = None
+
+    def __call__(self) -> float:
+        self.value = float(self.measure())
+        return self.value
+
+    def known(self) -> float:
+        """The value at the current tensors: remembered, or measured now."""
+        return self.value if self.value is not None else self()
+
+    def settle(self, value: float | None) -> None:
+        """The tensors are now at a state whose value is ``value`` (None: unknown, measure next time)."""
+        self.value = value
 
 
-def _optimize(groups: list[dict], loss_fn: Callable[[], torch.Tensor], steps: int, on_step: Callable[[float], None] | None, clip: float = 5.0, checkpoint: Checkpoint | None = None, every: int = 25) -> list[float]:
+def _optimize(groups: list[dict], loss_fn: Callable[[], torch.Tensor], steps: int, on_step: Callable[[float], None] | None, clip: float = 5.0, checkpoint: Checkpoint | Callable[[], float] | None = None, every: int = 25) -> list[float]:
     """AdamW over ``groups`` for ``steps`` calls of ``loss_fn``; the tensors are trainable only meanwhile.
 
     With ``checkpoint`` (a validation loss, lower is better, measured on validation users that are
-    never trained on), the loss is measured before training and every ``every`` steps, and the
-    tensors end at their best measured values: early stopping, so a stage never leaves the model
-    worse on validation users than it found it.
+    never trained on), the loss is known before training (a :class:`Checkpoint` remembers it from the
+    previous stage; a plain callable is called) and measured every ``every`` steps, and the tensors
+    end at their best measured values: early stopping, so a stage never leaves the model worse on
+    validation users than it found it. With ``steps == 0`` nothing is trained or measured.
     """
     params = [p for group in groups for p in group["params"]]
     distributed.broadcast_(params)  # every rank starts from rank 0's values (no-op in one process)
-    best = (checkpoint(), [p.detach().clone() for p in params]) if checkpoint is not None else None
+    remembers = isinstance(checkpoint, Checkpoint)
+    if remembers and distributed.world_size() > 1:
+        checkpoint.settle(None)  # the broadcast may have changed this rank's tensors
+    best = None
+    if checkpoint is not None and steps > 0:
+        best = (checkpoint.known() if remembers else checkpoint(), [p.detach().clone() for p in params])
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW([{**g, "weight_decay": g.get("weight_decay", 0.0)} for g in groups], betas=(0.9, 0.99))
@@ -236,4 +269,6 @@ def _optimize(groups: list[dict], loss_fn: Callable[[], torch.Tensor], steps: in
             for p, value in zip(params, best[1]):
                 p.copy_(value)
     distributed.broadcast_(params)  # ranks end identical even if their checkpoints disagreed
+    if remembers and best is not None:
+        checkpoint.settle(best[0] if distributed.world_size() == 1 else None)
     return losses

@@ -101,12 +101,14 @@ def bank_build(
         from .text import build_lamp_bank
 
         return build_lamp_bank(out, data, task, config, preset, anchors, meta, seed, db, quiet, device, lm)
+    from ..config import load_config
+
+    cfg = load_config(preset, config, {"anchors": anchors, "meta": meta, "seed": seed, "device": device})  # before torch loads
+
     from ..bank import distributed
     from ..bank.build import build_bank
-    from ..config import load_config
     from ..models.device import resolve_device
 
-    cfg = load_config(preset, config, {"anchors": anchors, "meta": meta, "seed": seed, "device": device})
     resolve_device(cfg.device)  # before the bank folder is created
     dataset = _load_dataset(data, format)
     other_rank = distributed.requested() and os.environ.get("RANK", "0") != "0"  # torchrun rank > 0
@@ -169,7 +171,6 @@ def adapt(
     precision: str = typer.Option("float32", "--precision", help="float32, or bfloat16 (encoder passes under bf16 autocast: ~2x faster on CPUs with AVX512-BF16/AMX and on GPUs)."),
 ) -> None:
     """Personalize one user from their history and print the top items not in it (a text bank: the prediction for --input)."""
-    from ..bank.bank import Bank
     from ..data.history import load_history, parse_history
     from ..errors import InvalidRequest
     from .text import adapt_text, is_text_bank
@@ -179,9 +180,11 @@ def adapt(
             raise InvalidRequest("--precision applies to ranking banks; a text bank runs its causal LM in float32")
         return adapt_text(bank, history, input, retrieve, steps, as_json, user, db)
 
-    parsed = load_history(history)
+    parsed = load_history(history)  # a bad history is reported before torch and the bank load
     if user is not None:  # validated like the file's own user_id
         parsed = parse_history({**parsed.model_dump(), "user_id": user})
+    from ..bank.bank import Bank
+
     opened = Bank.open(bank, db, precision=precision)
     personalization = opened.personalize(parsed, steps=steps, ignore_unknown=ignore_unknown)
     if as_json:

@@ -16,7 +16,7 @@ def is_text_bank(bank: Path, db: Optional[str]) -> bool:
     """True when ``bank``'s active version is a text bank (False for anything else: the caller's own
     open then reports a missing or broken bank as usual)."""
     from ..errors import PmetaError
-    from ..text.bank import bank_kind
+    from ..storage import bank_kind
 
     try:
         return bank_kind(bank, db) == "text"

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..config import DEFAULT_ENCODER
 from ..errors import InvalidConfig
 from .device import resolve_device
 from .fingerprint import weights_fingerprint
 
-DEFAULT_ENCODER = "bundled:all-MiniLM-L6-v2"
 PRECISIONS = ("float32", "bfloat16")
 
 

@@ -4,6 +4,6 @@ See :mod:`pmeta.storage.store` for the directory layout and the publishing proto
 """
 
 from pmeta.storage.manifest import sha256_file
-from pmeta.storage.store import BankStore, VersionReader, VersionWriter
+from pmeta.storage.store import BankStore, VersionReader, VersionWriter, bank_kind
 
-__all__ = ["BankStore", "VersionReader", "VersionWriter", "sha256_file"]
+__all__ = ["BankStore", "VersionReader", "VersionWriter", "bank_kind", "sha256_file"]

@@ -364,6 +364,13 @@ class BankStore:
             raise BankIntegrityError(f"bank database {self._db_label()} holds an unreadable value: {_first_line(error)}") from None
 
 
+def bank_kind(path: str | Path, db_url: str | None = None, version: str | None = None) -> str:
+    """"text" or "movielens": the kind of the bank's active (or given) version, from its checksummed
+    database record (the files are verified by the open that follows)."""
+    record = BankStore(path, db_url).record(version)
+    return "text" if record["config"].get("kind") == "text" else "movielens"
+
+
 class VersionWriter:
     """A version being built in ``versions/.tmp-<id>``; holds the bank's build lock.
 

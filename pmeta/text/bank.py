@@ -25,7 +25,7 @@ from ..errors import BankIntegrityError, InvalidRequest
 from ..fusion.index import AnchorIndex
 from ..models.device import resolve_device
 from ..models.fingerprint import check_fingerprint
-from ..storage import BankStore
+from ..storage import BankStore, bank_kind  # noqa: F401  (bank_kind: re-exported by pmeta.text)
 from .build import BUILD_FILE, INDEX_FILE, TENSORS_FILE, load_lm
 from .config import TextConfig
 from .history import TextHistory, load_text_history, parse_text_history
@@ -42,13 +42,6 @@ def shared_lm(config: TextConfig):
         if key not in _LMS:
             _LMS[key] = load_lm(config)
         return _LMS[key]
-
-
-def bank_kind(path: str | Path, db_url: str | None = None, version: str | None = None) -> str:
-    """"text" or "movielens": the kind of the bank's active (or given) version, from its checksummed
-    database record (the files are verified by the open that follows)."""
-    record = BankStore(path, db_url).record(version)
-    return "text" if record["config"].get("kind") == "text" else "movielens"
 
 
 @dataclass

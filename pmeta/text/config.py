@@ -11,8 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..config import MAX_SEED, resolve_config
-from ..models.encoder import DEFAULT_ENCODER
+from ..config import DEFAULT_ENCODER, MAX_SEED, resolve_config
 
 DEFAULT_LM = "bundled:SmolLM2-135M-Instruct"
 
