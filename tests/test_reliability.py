@@ -2,8 +2,9 @@
 
 * bad input: every case of the issue's list through the CLI: one line on stderr, exit code 2, no
   traceback, nothing written;
-* crash safety: ``pmeta bank build`` killed with SIGKILL at seeded random moments (>= 20 times),
-  including the publishing steps; after every kill the active version opens and verifies;
+* crash safety: ``pmeta bank build`` killed with SIGKILL at seeded random moments,
+  including the publishing steps (10 kills by default, 20 with PMETA_TEST_KILLS=20); after every
+  kill the active version opens and verifies;
 * corruption: a flipped byte at seeded offsets of every bank file is detected and named;
 * concurrency: 8 threads x 100 ``personalize`` calls equal the serial results bitwise; reader
   processes keep working while a build publishes; a second concurrent build gets ``BankBusy``;
@@ -60,8 +61,18 @@ MICRO_USERS = 80
 # SIGKILLs of the kill campaign: 10 in the default suite (CI), 20 for the full campaign
 # (`PMETA_TEST_KILLS=20 python -m pytest tests/test_reliability.py -k "kill_9 or concurrent or readers"`).
 KILLS = int(os.environ.get("PMETA_TEST_KILLS", "10"))
-# how the kills are spread over the moments they hit, per 20 kills (each moment gets at least 2)
+# how the kills are spread over the moments they hit, per 20 kills
 PHASE_SHARES = {"anytime": 7, "training": 4, "writing": 3, "manifest": 3, "renamed": 3}
+
+
+def kill_phases(kills: int) -> list[str]:
+    """``kills`` moments (9 at least) in PHASE_SHARES's proportions, each publishing moment at least twice (so
+    10 kills: 2 of each; 20: exactly PHASE_SHARES); "anytime" takes what is left, at least once."""
+    counts = {phase: max(2, round(share * kills / 20)) for phase, share in PHASE_SHARES.items() if phase != "anytime"}
+    counts["anytime"] = max(1, kills - sum(counts.values()))
+    return [phase for phase in PHASE_SHARES for _ in range(counts[phase])]
+
+
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "PMETA_PROGRESS": "0"}
 # The kill campaign runs the real CLI with fsync slowed to 30 ms (a slow disk), which widens the
 # publishing steps enough for the test to see each of them and kill the build right there.
@@ -535,7 +546,7 @@ def campaign(micro, micro_bank, tmp_path_factory):
     shutil.copytree(micro_bank, bank)
     first = BankStore(bank).open().id
     rng = random.Random(20261124)
-    phases = [phase for phase, share in PHASE_SHARES.items() for _ in range(max(2, round(share * KILLS / 20)))]
+    phases = kill_phases(KILLS)
     rng.shuffle(phases)
     log: list[dict] = []
     active = first
@@ -654,7 +665,7 @@ def _tensors(bank: Path, version: str | None = None):
 
 
 def test_same_data_seed_and_config_give_bitwise_identical_tensors(campaign, micro_bank):
-    """The in-process build (micro_bank) and the CLI build in another process after 20 kills."""
+    """The in-process build (micro_bank) and the CLI build in another process after the kills."""
     a_tensors, a_index, a_catalog = _tensors(micro_bank)
     b_tensors, b_index, b_catalog = _tensors(campaign["bank"])
     assert a_tensors.keys() == b_tensors.keys() and len(a_tensors) > 10
