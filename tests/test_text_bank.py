@@ -46,7 +46,7 @@ def _profile(data: Path, split: str = "test", row: int = 0) -> tuple[dict, dict]
 
 def test_build_record_and_storage(setup, opened):
     from pmeta.storage import BankStore
-    from pmeta.text.bank import bank_kind
+    from pmeta.text import bank_kind
 
     assert bank_kind(setup["bank"]) == "text"
     reader = BankStore(setup["bank"]).open()

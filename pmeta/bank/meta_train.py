@@ -227,12 +227,13 @@ def _optimize(groups: list[dict], loss_fn: Callable[[], torch.Tensor], steps: in
     """
     params = [p for group in groups for p in group["params"]]
     distributed.broadcast_(params)  # every rank starts from rank 0's values (no-op in one process)
-    remembers = isinstance(checkpoint, Checkpoint)
-    if remembers and distributed.world_size() > 1:
+    if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
+        checkpoint = Checkpoint(checkpoint)  # nothing remembered: measured at the start
+    if checkpoint is not None and distributed.world_size() > 1:
         checkpoint.settle(None)  # the broadcast may have changed this rank's tensors
     best = None
     if checkpoint is not None and steps > 0:
-        best = (checkpoint.known() if remembers else checkpoint(), [p.detach().clone() for p in params])
+        best = (checkpoint.known(), [p.detach().clone() for p in params])
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW([{**g, "weight_decay": g.get("weight_decay", 0.0)} for g in groups], betas=(0.9, 0.99))
@@ -269,6 +270,6 @@ def _optimize(groups: list[dict], loss_fn: Callable[[], torch.Tensor], steps: in
             for p, value in zip(params, best[1]):
                 p.copy_(value)
     distributed.broadcast_(params)  # ranks end identical even if their checkpoints disagreed
-    if remembers and best is not None:
+    if best is not None:
         checkpoint.settle(best[0] if distributed.world_size() == 1 else None)
     return losses

@@ -6,7 +6,8 @@
     p.predict("What is the score of the following review ... review: ...", retrieve=2)
 """
 
-from .bank import TextBank, TextPersonalization, bank_kind
+from ..storage import bank_kind
+from .bank import TextBank, TextPersonalization
 from .build import build_text_bank
 from .config import TextConfig, load_text_config
 from .history import TextHistory, load_text_history, parse_text_history

@@ -25,7 +25,7 @@ from ..errors import BankIntegrityError, InvalidRequest
 from ..fusion.index import AnchorIndex
 from ..models.device import resolve_device
 from ..models.fingerprint import check_fingerprint
-from ..storage import BankStore, bank_kind  # noqa: F401  (bank_kind: re-exported by pmeta.text)
+from ..storage import BankStore
 from .build import BUILD_FILE, INDEX_FILE, TENSORS_FILE, load_lm
 from .config import TextConfig
 from .history import TextHistory, load_text_history, parse_text_history
