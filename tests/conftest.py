@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# two threads, or one per worker under pytest-xdist (CI runs two workers on two cores)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 os.environ.setdefault("PMETA_PROGRESS", "0")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -16,11 +18,25 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def tiny_bank(tmp_path_factory) -> Path:
+    """Built once per test run: under pytest-xdist (``-n 2``, what CI runs) the first worker to ask
+    builds it into the run's shared temporary folder while holding a lock, and the others open that
+    same bank (the tests only read it; ``test_bank_e2e`` checks that opening writes nothing)."""
+    from filelock import FileLock
+
     from pmeta import build_bank, load_config
     from pmeta.data import load_sample
 
-    path = tmp_path_factory.mktemp("banks") / "tiny"
-    build_bank(load_sample(), path, load_config("tiny"))
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        path = tmp_path_factory.mktemp("banks") / "tiny"
+        build_bank(load_sample(), path, load_config("tiny"))
+        return path
+    shared = tmp_path_factory.getbasetemp().parent  # common to every worker of this run
+    path, done = shared / "tiny-bank", shared / "tiny-bank.done"
+    with FileLock(str(shared / "tiny-bank.lock")):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # what a worker's failed build left, if any
+            build_bank(load_sample(), path, load_config("tiny"))
+            done.touch()
     return path
 
 
