@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-# two threads, or one per worker under pytest-xdist (CI runs two workers on two cores)
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+# One torch thread per test process: CI runs two pytest-xdist workers on two cores, and a plain
+# one-process run of the whole suite has always run with one (test_mechanics.py used to set it on import).
+torch.set_num_threads(1)
 os.environ.setdefault("PMETA_PROGRESS", "0")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -12,8 +12,6 @@ from pmeta.adapt.strategies import get_strategy
 from pmeta.fusion.fuse import fuse_cat, fuse_svd, fusion_weights
 from pmeta.models.personal import delta_weight, expand_users, init_adapter, stack
 
-torch.set_num_threads(1)
-
 
 def random_anchors(n=5, rank=2, d_in=7, d_out=6, length=3, hidden=4, seed=0):
     g = torch.Generator().manual_seed(seed)
