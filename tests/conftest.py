@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 # One torch thread per test process: CI runs two pytest-xdist workers on two cores, and a plain
 # one-process run of the whole suite has always run with one (test_mechanics.py used to set it on import).
 torch.set_num_threads(1)
 os.environ.setdefault("PMETA_PROGRESS", "0")
+
+# Property tests draw the same cases on every run, on any machine (Hypothesis derandomizes by
+# itself only where it detects a CI service), so a failure reproduces and a green run means the same.
+settings.register_profile("pmeta", derandomize=True)
+settings.load_profile("pmeta")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -21,7 +26,8 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def tiny_bank(tmp_path_factory) -> Path:
     """Built once per test run: under pytest-xdist (``-n 2``, what CI runs) the first worker to ask
     builds it into the run's shared temporary folder while holding a lock, and the others open that
-    same bank (the tests only read it; ``test_bank_e2e`` checks that opening writes nothing)."""
+    same bank (the tests only read it; ``test_bank_e2e`` checks that opening writes nothing). A build
+    that fails is reported to the other workers rather than tried again."""
     from filelock import FileLock
 
     from pmeta import build_bank, load_config
@@ -31,12 +37,20 @@ def tiny_bank(tmp_path_factory) -> Path:
         path = tmp_path_factory.mktemp("banks") / "tiny"
         build_bank(load_sample(), path, load_config("tiny"))
         return path
-    shared = tmp_path_factory.getbasetemp().parent  # common to every worker of this run
-    path, done = shared / "tiny-bank", shared / "tiny-bank.done"
-    with FileLock(str(shared / "tiny-bank.lock")):
+    # the run's temporary folder, common to its workers; named after the run as well, in case the
+    # workers do not share one (remote workers)
+    shared = tmp_path_factory.getbasetemp().parent
+    name = f"tiny-bank-{os.environ.get('PYTEST_XDIST_TESTRUNUID', 'run')}"
+    path, done, failed = shared / name, shared / f"{name}.done", shared / f"{name}.failed"
+    with FileLock(str(shared / f"{name}.lock")):
+        if failed.exists():
+            pytest.fail(f"the session's tiny bank failed to build in another worker: {failed.read_text()}")
         if not done.exists():
-            shutil.rmtree(path, ignore_errors=True)  # what a worker's failed build left, if any
-            build_bank(load_sample(), path, load_config("tiny"))
+            try:
+                build_bank(load_sample(), path, load_config("tiny"))
+            except BaseException as error:
+                failed.write_text(f"{type(error).__name__}: {error}")
+                raise
             done.touch()
     return path
 

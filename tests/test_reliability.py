@@ -726,8 +726,9 @@ def test_the_faiss_index_is_parsed_only_after_its_checksum(micro_bank, tmp_path,
 
 
 def test_preset_tiny_is_bitwise_reproducible(tiny_bank, tmp_path):
-    """``--preset tiny`` on the shipped sample, built a second time in this process (same thread
-    count): every tensor, the FAISS index and the catalogue are identical to the session's bank."""
+    """``--preset tiny`` on the shipped sample, built a second time (in this process, at the thread
+    count of every test process; under xdist the session's bank may come from the other worker):
+    every tensor, the FAISS index and the catalogue are identical to the session's bank."""
     from pmeta.data import load_sample
 
     again = tmp_path / "tiny-again"
