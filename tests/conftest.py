@@ -33,10 +33,12 @@ def tiny_bank(tmp_path_factory) -> Path:
     from pmeta import build_bank, load_config
     from pmeta.data import load_sample
 
-    if os.environ.get("PYTEST_XDIST_WORKER") is None:
-        path = tmp_path_factory.mktemp("banks") / "tiny"
+    def build(path: Path) -> Path:
         build_bank(load_sample(), path, load_config("tiny"))
         return path
+
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return build(tmp_path_factory.mktemp("banks") / "tiny")
     # the run's temporary folder, common to its workers; named after the run as well, in case the
     # workers do not share one (remote workers)
     shared = tmp_path_factory.getbasetemp().parent
@@ -47,7 +49,7 @@ def tiny_bank(tmp_path_factory) -> Path:
             pytest.fail(f"the session's tiny bank failed to build in another worker: {failed.read_text()}")
         if not done.exists():
             try:
-                build_bank(load_sample(), path, load_config("tiny"))
+                build(path)
             except BaseException as error:
                 failed.write_text(f"{type(error).__name__}: {error}")
                 raise
