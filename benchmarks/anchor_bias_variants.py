@@ -25,6 +25,12 @@ scores, by nDCG@10 per K and candidate mode (the build's criterion is the mean o
   (:func:`time_local_ratio`), fused like the shipped one; alone (γ_t) and beside the shipped
   offset (γ = 1, 1.5 plus γ_t). It asks whether *what this cluster liked at this time* carries what
   neither the all-time cluster shares nor the global time prior do;
+* ``mix``, ``pseudo`` and ``clip``: other smoothings of the shipped log ratio, which may lift niche
+  items on a handful of a cluster's ratings (:func:`smoothed_ratio`): a larger share ν of the
+  global distribution mixed in; a Dirichlet prior of ``m`` pseudo-ratings drawn from the global
+  distribution, so that an anchor's estimate is shrunk the more, the fewer ratings stand behind it;
+  the shipped ratio clipped to ±c. They ask whether the bias's full-ranking cost comes from noisy
+  lifts of rare items;
 * ``cf step``: on top of the shipped offset at the best γ of the grid, inner steps on a personal
   collaborative-side vector — the user's vector in the head's rank-``config.cf_rank`` collaborative
   space (``c`` of :mod:`pmeta.tasks.ranking`) — by gradient descent on the inner loop's support loss
@@ -89,6 +95,21 @@ def time_local_ratio(items: np.ndarray, times: np.ndarray, anchor_of: np.ndarray
     weights = np.ones(len(times)) if np.isinf(bandwidth_days) else np.exp(-0.5 * ((np.asarray(times, dtype=np.float64) - t) / (bandwidth_days * time_prior.DAY)) ** 2)
     counts = np.bincount(np.asarray(anchor_of, dtype=np.int64) * n_items + items, weights=weights, minlength=anchors * n_items).reshape(anchors, n_items)
     return anchor_bias.ratio_of_shares(*anchor_bias.shares_of_counts(counts))
+
+
+def smoothed_ratio(positives: list[np.ndarray], assignment: np.ndarray, anchors: int, n_items: int, mix: float = anchor_bias.MIX, pseudo: float = 0.0, clip: float = float("inf")) -> np.ndarray:
+    """(A_n, N) the anchors' log ratio with another smoothing: ``log(q_a + ε) − log(p + ε)``,
+    ``q_a = (1 − ν) (c_a + m p) / (n_a + m) + ν p`` (``c_a`` the anchor's counts, ``n_a`` their sum,
+    ``m`` = ``pseudo``), clipped to ±``clip``. ν = :data:`~pmeta.fusion.anchor_bias.MIX`, m = 0 and
+    no clip give the shipped :func:`~pmeta.fusion.anchor_bias.log_ratio`."""
+    counts = np.zeros((anchors, n_items))
+    for items, anchor in zip(positives, assignment):
+        np.add.at(counts[int(anchor)], np.unique(np.asarray(items, dtype=np.int64)), 1.0)
+    _, overall = anchor_bias.shares_of_counts(counts)
+    totals = counts.sum(1, keepdims=True)
+    shrunk = np.where(totals > 0, (counts + pseudo * overall) / np.maximum(totals + pseudo, 1e-300), overall)
+    ratio = anchor_bias.ratio_of_shares(shrunk, overall) if mix == anchor_bias.MIX else np.log((1.0 - mix) * shrunk + mix * overall + anchor_bias.EPSILON) - np.log(overall + anchor_bias.EPSILON)
+    return np.clip(ratio, -clip, clip)
 
 
 def intercepts(positives: list[np.ndarray], assignment: np.ndarray, anchors: int, n_items: int) -> np.ndarray:
@@ -230,6 +251,12 @@ def main() -> None:
     for mix in (anchor_bias.MIX, 0.3):
         offsets = bayes_offsets([support for _, support, _, _ in rows], fit_positives, inputs.assignment, len(inputs.centroids), len(dataset.catalog), mix)
         results += [(f"bayes mix={mix:g} gamma={g:g}", score(offsets, lambda k, g=g: g)) for g in (0.5, 1.0, 1.5, 2.0)]
+
+    n_anchors, n_items = len(inputs.centroids), len(dataset.catalog)
+    smoothings = [(f"mix={m:g}", {"mix": m}) for m in (0.3, 0.5)] + [(f"pseudo m={m:g}", {"pseudo": m}) for m in (300.0, 1000.0, 3000.0)] + [(f"clip c={c:g}", {"clip": c}) for c in (1.0, 2.0)]
+    for name, options in smoothings:
+        offsets = retrieved(smoothed_ratio(fit_positives, inputs.assignment, n_anchors, n_items, **options))
+        results += [(f"{name} gamma={g:g}", score(offsets, lambda k, g=g: g)) for g in (1.0, 1.5, 2.0, 3.0)]
 
     positive_times = dataset.positive_times_by_user()
     event_items, event_times, event_anchor = [], [], []

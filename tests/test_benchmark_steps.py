@@ -104,6 +104,29 @@ def test_time_local_ratio_is_the_shipped_ratio_at_infinite_bandwidth_and_follows
     assert not local[2].any()  # an anchor without users is the global distribution: offset 0
 
 
+def test_smoothed_ratio_is_the_shipped_ratio_by_default_and_shrinks_small_anchors_more(variants):
+    from pmeta.fusion import anchor_bias
+
+    # anchor 0: users 0, 1 (5 ratings); anchor 1: user 2 (3 ratings); anchor 2 has no user
+    positives = [np.array([0, 1, 2]), np.array([1, 3]), np.array([4, 0, 5])]
+    assignment = np.array([0, 0, 1])
+    shipped = anchor_bias.log_ratio(positives, assignment, 3, 7)
+    np.testing.assert_allclose(variants.smoothed_ratio(positives, assignment, 3, 7), shipped, atol=1e-6)
+    overall = np.array([2, 2, 1, 1, 1, 1, 0]) / 8.0
+    counts = np.array([[1, 2, 1, 1, 0, 0, 0], [1, 0, 0, 0, 1, 1, 0], [0] * 7], dtype=float)
+    # a Dirichlet prior of m = 3 pseudo-ratings, then the shipped mix
+    q = np.vstack([(counts[:2] + 3 * overall) / (counts[:2].sum(1, keepdims=True) + 3), overall])
+    expected = np.log(0.9 * q + 0.1 * overall + anchor_bias.EPSILON) - np.log(overall + anchor_bias.EPSILON)
+    np.testing.assert_allclose(variants.smoothed_ratio(positives, assignment, 3, 7, pseudo=3.0), expected, atol=1e-9)
+    # the same pseudo-counts pull the anchor with fewer ratings further towards the global distribution
+    assert expected[1, 4] / shipped[1, 4] < expected[0, 3] / shipped[0, 3] < 1.0
+    mixed = variants.smoothed_ratio(positives, assignment, 3, 7, mix=0.5)
+    np.testing.assert_allclose(mixed[:2], np.log(0.5 * counts[:2] / counts[:2].sum(1, keepdims=True) + 0.5 * overall + anchor_bias.EPSILON) - np.log(overall + anchor_bias.EPSILON), atol=1e-9)
+    clipped = variants.smoothed_ratio(positives, assignment, 3, 7, clip=0.5)
+    np.testing.assert_allclose(clipped, np.clip(shipped, -0.5, 0.5), atol=1e-6)
+    assert np.abs(shipped).max() > 0.5 and not mixed[2].any() and not clipped[2].any()  # an empty anchor: offset 0
+
+
 def test_kernel_ridge_is_the_onboarding_regression_at_weight_zero_and_adds_the_rbf_otherwise():
     from pmeta.bank import onboarding
 
