@@ -102,13 +102,11 @@ def smoothed_ratio(positives: list[np.ndarray], assignment: np.ndarray, anchors:
     ``q_a = (1 − ν) (c_a + m p) / (n_a + m) + ν p`` (``c_a`` the anchor's counts, ``n_a`` their sum,
     ``m`` = ``pseudo``), clipped to ±``clip``. ν = :data:`~pmeta.fusion.anchor_bias.MIX`, m = 0 and
     no clip give the shipped :func:`~pmeta.fusion.anchor_bias.log_ratio`."""
-    counts = np.zeros((anchors, n_items))
-    for items, anchor in zip(positives, assignment):
-        np.add.at(counts[int(anchor)], np.unique(np.asarray(items, dtype=np.int64)), 1.0)
-    _, overall = anchor_bias.shares_of_counts(counts)
-    totals = counts.sum(1, keepdims=True)
-    shrunk = np.where(totals > 0, (counts + pseudo * overall) / np.maximum(totals + pseudo, 1e-300), overall)
-    ratio = anchor_bias.ratio_of_shares(shrunk, overall) if mix == anchor_bias.MIX else np.log((1.0 - mix) * shrunk + mix * overall + anchor_bias.EPSILON) - np.log(overall + anchor_bias.EPSILON)
+    per_anchor, overall = anchor_bias.shares(positives, assignment, anchors, n_items)
+    totals = np.bincount(assignment, weights=[len(np.unique(items)) for items in positives], minlength=anchors)[:, None]  # n_a
+    kept = totals / np.maximum(totals + pseudo, 1e-300)  # (c_a + m p) / (n_a + m) = kept · p_a + (1 − kept) · p
+    shrunk = kept * per_anchor + (1.0 - kept) * overall
+    ratio = np.log((1.0 - mix) * shrunk + mix * overall + anchor_bias.EPSILON) - np.log(overall + anchor_bias.EPSILON)
     return np.clip(ratio, -clip, clip)
 
 
