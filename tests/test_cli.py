@@ -82,6 +82,19 @@ def test_help_and_a_bad_history_are_answered_without_loading_torch(tmp_path):
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split() == ["pmeta.bank.bank", "TextBank", "True"]
 
 
+def test_version_agrees_with_the_package_metadata():
+    import tomllib
+    from importlib.metadata import version
+
+    import pmeta as package
+
+    declared = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    assert package.__version__ == declared == version("pmeta")
+    result = pmeta("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"pmeta {declared}"
+
+
 def test_not_a_bank_is_one_line(tmp_path):
     assert_one_line_error(pmeta("adapt", "--bank", str(tmp_path), "--history", str(EXAMPLE)), "bank")
     assert list(tmp_path.iterdir()) == []

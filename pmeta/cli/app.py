@@ -24,8 +24,16 @@ app.add_typer(bank_app, name="bank")
 _DEBUG = {"on": False}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"pmeta {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."), threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = torch's default).")) -> None:
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."), threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = torch's default)."), version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print pmeta's version and exit.")) -> None:
     _DEBUG["on"] = debug
     if threads > 0:
         import torch
