@@ -8,10 +8,10 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from .errors import BankBusy, BankIntegrityError, BankNotFound, BankUnavailable, InvalidConfig, InvalidData, InvalidHistory, InvalidRequest, PmetaError, TrainingDiverged
+from .lazy import lazy_names
 
 # The public names that need torch, FAISS or transformers are imported on first use (PEP 562), so
 # that `import pmeta.cli` (the `pmeta` command) starts in a fraction of a second and a bad argument
@@ -37,17 +37,7 @@ if TYPE_CHECKING:
     from .text.bank import TextBank
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pmeta' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())
 
 
 __version__ = "0.1.0"

@@ -64,19 +64,20 @@ def test_help_and_a_bad_history_are_answered_without_loading_torch(tmp_path):
     """`import pmeta` and the CLI load torch, FAISS, transformers and scikit-learn only when a
     command needs them, so `pmeta --help` and a bad input file answer in well under a second."""
     heavy = "print(sorted(m for m in ('torch', 'faiss', 'transformers', 'sklearn') if m in sys.modules))"
-    code = f"import sys\nimport pmeta\nfrom pmeta import InvalidHistory, PmetaError, load_config\nload_config('tiny')\n{heavy}"
+    code = f"import sys\nimport pmeta\nfrom pmeta import InvalidHistory, PmetaError, load_config\nload_config('tiny')\nfrom pmeta.text import load_text_config, load_text_history\n{heavy}"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip() == "[]"
     bad = tmp_path / "h.json"
     bad.write_text("{not json")
     code = (
         "import sys\nfrom pmeta.cli import app\n"
-        f"for argv in (['--help'], ['adapt', '--bank', {str(tmp_path / 'bank')!r}, '--history', {str(bad)!r}], ['bank', 'build', '--preset', 'nope', '--out', {str(tmp_path / 'b')!r}]):\n"
+        f"for argv in (['--help'], ['adapt', '--bank', {str(tmp_path / 'bank')!r}, '--history', {str(bad)!r}], ['bank', 'build', '--preset', 'nope', '--out', {str(tmp_path / 'b')!r}],\n"
+        f"             ['bank', 'build', '--format', 'lamp', '--task', 'LaMP-3', '--data', {str(tmp_path)!r}, '--preset', 'nope', '--out', {str(tmp_path / 't')!r}]):\n"
         "    try:\n        app(argv, prog_name='pmeta')\n    except SystemExit:\n        pass\n"
         f"{heavy}"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
-    assert "JSON" in result.stderr and "unknown preset" in result.stderr
+    assert "JSON" in result.stderr and result.stderr.count("unknown preset") == 2
     # the library's heavy names still resolve on first use
     code = "import pmeta\nprint(pmeta.Bank.__module__, pmeta.TextBank.__name__, 'build_bank' in dir(pmeta))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split() == ["pmeta.bank.bank", "TextBank", "True"]
@@ -123,6 +124,49 @@ def test_bad_eval_requests_fail_before_any_data_or_bank(tmp_path, args, fragment
     out = tmp_path / "report"
     assert_one_line_error(pmeta("eval", "movielens", "--data", str(tmp_path / "no-such-dir"), "--out", str(out), *args), fragment)
     assert not out.exists()  # checked before the (missing) dataset is read or a bank built
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [(["adapt", "--bank", "b", "--history", "h.json", "--top", "0"], "Invalid value for '--top'"),
+     (["adapt", "--bank", "b", "--history", "h.json", "--top", "abc"], "Invalid value for '--top'"),
+     (["adapt", "--bank", "b", "--history", "h.json", "--steps", "-1"], "Invalid value for '--steps'"),
+     (["adapt", "--bank", "b"], "Missing option '--history'"),
+     (["adapt", "--bank", "b", "--history", "h.json", "--tpo", "3"], "No such option: --tpo"),
+     (["bank", "build", "--out", "b", "--seed", "-1"], "Invalid value for '--seed'"),
+     (["bank", "build", "--out", "b", "--anchors", "many"], "Invalid value for '--anchors'"),
+     (["eval", "movielens", "--out", "r", "--seed", "-1"], "Invalid value for '--seed'"),
+     (["bank", "nosuch"], "No such command 'nosuch'")],
+)  # fmt: skip
+def test_option_parser_errors_are_one_line_too(tmp_path, args, fragment):
+    """Errors the option parser finds (typer's boxed panel by default) follow the same one-line rule."""
+    result = pmeta(*args, cwd=tmp_path)
+    assert_one_line_error(result, fragment)
+    assert "--help" in result.stderr and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [("bank", "build", "--out", "b"), ("eval", "movielens", "--out", "r")])
+@pytest.mark.parametrize("format, fragment", [("ml-100k", "--format ml-100k needs --data DIR"), ("ml-99", "Unknown MovieLens format 'ml-99'")])
+def test_a_format_other_than_the_samples_needs_data(tmp_path, command, format, fragment):
+    """Without --data pmeta reads the shipped ml-latest-small, so any other --format is a mistake,
+    refused before a bank is built or a report folder made (it used to be ignored silently)."""
+    assert_one_line_error(pmeta(*command, "--format", format, cwd=tmp_path), fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_arguments_print_the_help():
+    result = pmeta()
+    assert result.returncode == 2 and "Usage" in result.stdout and "bank" in result.stdout and result.stderr == ""
+
+
+def test_a_closed_output_pipe_ends_quietly(tiny_bank):
+    """`pmeta adapt ... | head -1`: the reader goes away; pmeta stops without an error line."""
+    proc = subprocess.Popen([sys.executable, "-m", "pmeta", "adapt", "--bank", str(tiny_bank), "--history", str(EXAMPLE), "--top", "5000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout.read(1)  # ~250 KB of lines: more than a pipe holds, so the writer is still writing
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1 and stderr == "", stderr
 
 
 def test_an_unusable_out_fails_before_any_data_or_bank(tmp_path):

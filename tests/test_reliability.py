@@ -214,6 +214,8 @@ BAD_HISTORIES = {
     "user-id-huge": (_history(user_id="x" * 100_000), [], "1 to 128"),
     "user-option-path": (_history(), ["--user", "../x"], "must not be a path"),
     "user-option-control": (_history(), ["--user", "a\rb"], "control characters"),
+    "top-zero": (_history(), ["--top", "0"], "--top"),
+    "steps-not-a-number": (_history(), ["--steps", "two"], "--steps"),
 }
 
 
@@ -271,6 +273,8 @@ BAD_BUILDS = {
     "data-latin-1": (lambda d: ["--data", str(_data_dir({"movies.csv": "movieId,title,genres\n1,Caf\xe9 (1995),Drama\n".encode("latin-1"), "ratings.csv": "userId,movieId,rating,timestamp\n1,1,5,1\n"})(d))], "UTF-8"),
     "data-no-ratings": (lambda d: ["--data", str(_data_dir({"movies.csv": MOVIES, "ratings.csv": "userId,movieId,rating,timestamp\n"})(d))], "no ratings"),
     "format-unknown": (lambda d: ["--data", str(_data_dir({"movies.csv": MOVIES, "ratings.csv": "userId,movieId,rating,timestamp\n1,1,5,1\n"})(d)), "--format", "ml-99"], "format"),
+    "format-without-data": (lambda d: ["--format", "ml-100k"], "needs --data"),
+    "format-unknown-without-data": (lambda d: ["--format", "ml-99"], "format"),
     "config-missing": (lambda d: ["--config", str(d / "nope.toml")], "not found"),
     "config-directory": (lambda d: ["--config", str(d)], "config"),
     "config-invalid-toml": (lambda d: ["--config", str(_config("[bank\nanchors = 3")(d))], "cannot read config"),
@@ -286,6 +290,9 @@ BAD_BUILDS = {
     "config-one-crossfit-fold": (lambda d: ["--config", str(_config("[bank]\ncrossfit_folds = 1\n")(d))], "crossfit_folds must be 0 (off) or at least 2"),
     "option-out-of-range": (lambda d: ["--anchors", "-1"], "anchors"),
     "preset-unknown": (lambda d: ["--preset", "huge"], "preset"),
+    "option-not-a-number": (lambda d: ["--anchors", "abc"], "--anchors"),
+    "option-below-parser-range": (lambda d: ["--seed", "-1"], "--seed"),
+    "option-misspelt": (lambda d: ["--anchor", "3"], "no such option"),
     "db-not-a-url": (lambda d: ["--db", "not a url"], "database URL"),
     "db-unknown-driver": (lambda d: ["--db", "nosuchdb://u@localhost/x"], "database URL"),
     "db-unreachable": (lambda d: ["--db", "postgresql+psycopg://u@127.0.0.1:1/x"], "cannot reach"),

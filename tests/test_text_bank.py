@@ -81,6 +81,15 @@ def test_personalize_predict(setup, opened):
         assert 1.0 <= float(prediction) <= 5.0
     with pytest.raises(InvalidRequest):
         p.predict("", retrieve=0)
+    asked = []
+    original = opened.model.query_prompt
+    opened.model.query_prompt = lambda text, profile, retrieve: asked.append(retrieve) or original(text, profile, retrieve)
+    try:  # without `retrieve`, the bank's default, as in `prompt` and `pmeta adapt`
+        p.predict(question["input"])
+        p.predict(question["input"], retrieve=0)
+    finally:
+        del opened.model.query_prompt
+    assert asked == [config.retrieve, 0] and config.retrieve > 0
     with pytest.raises(InvalidRequest):
         p.predict(question["input"], retrieve=-1)
     # deterministic, and a batch equals one user at a time

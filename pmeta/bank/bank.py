@@ -174,7 +174,7 @@ class Bank:
         """Open the active (or a given) version; every file is checked against its sha256 first.
 
         ``precision="bfloat16"`` runs the encoder passes of personalization (inner steps included)
-        under bf16 autocast: ~2× the throughput on CPUs with AVX512-BF16/AMX and on GPUs; scores and
+        under bf16 autocast: ~1.7× the batched throughput measured on a CPU with AVX512-BF16; scores and
         the ranking head stay float32 (top-10 lists matched float32's in the tests).
         Raises BankNotFound when ``path`` is not a bank, BankIntegrityError when a file was altered,
         InvalidConfig for an unknown precision or a device this machine does not have.

@@ -319,7 +319,7 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
         medoids.append(dataset.ratings.user_ids[int(train_with_pos[best])] if best is not None else "")
     record = {
         "seconds": time.perf_counter() - started,
-        "encoder_fingerprint": encoder.fingerprint,
+        "encoder_fingerprint": encoder.fingerprint(),
         "validation": validation,
         "collaborative_init": cf_record,
         "losses": {k: [float(np.mean(v[i : i + 10])) for i in range(0, len(v), 10)] for k, v in losses.items()},

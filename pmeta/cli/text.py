@@ -26,21 +26,23 @@ def is_text_bank(bank: Path, db: Optional[str]) -> bool:
 
 def build_lamp_bank(out: Path, data: Optional[Path], task: Optional[str], config: Optional[Path], preset: str, anchors, meta, seed, db, quiet: bool, device, lm) -> None:
     from ..data.lamp import task_spec
-    from ..text.build import build_text_bank
-    from ..models.device import resolve_device
     from ..text.config import load_text_config
 
-    from ..bank import distributed
-
-    if distributed.requested():  # text meta-training has no multi-process path: N ranks would race for the bank
-        fail("--format lamp builds run in one process; torchrun splits MovieLens bank builds only (run it without torchrun)")
     if data is None:
         fail("--format lamp needs --data DIR (a folder with train/dev/test *_questions.json and *_outputs.json)")
     if task is None:
         fail("--format lamp needs --task (LaMP-1, 2, 3, 4, 5 or 7)")
     spec = task_spec(task)
-    cfg = load_text_config(preset, config, {"task": spec.name, "anchors": anchors, "meta": meta, "seed": seed, "device": device, "lm": lm})
+    cfg = load_text_config(preset, config, {"task": spec.name, "anchors": anchors, "meta": meta, "seed": seed, "device": device, "lm": lm})  # before torch loads
+
+    from ..bank import distributed
+    from ..models.device import resolve_device
+
+    if distributed.requested():  # text meta-training has no multi-process path: N ranks would race for the bank
+        fail("--format lamp builds run in one process; torchrun splits MovieLens bank builds only (run it without torchrun)")
     resolve_device(cfg.device)  # before the bank folder is created
+    from ..text.build import build_text_bank  # transformers: after every check above
+
     result = build_text_bank(data, out, cfg, db_url=db, progress=_progress(quiet))
     val = result.validation
     typer.echo(
@@ -51,7 +53,6 @@ def build_lamp_bank(out: Path, data: Optional[Path], task: Optional[str], config
 
 def adapt_text(bank: Path, history: Path, input: Optional[str], retrieve: Optional[int], steps: Optional[int], as_json: bool, user: Optional[str], db: Optional[str]) -> None:
     from ..storage import BankStore
-    from ..text.bank import TextBank
     from ..text.history import load_text_history, parse_text_history
 
     if input is None or not input.strip():
@@ -60,6 +61,8 @@ def adapt_text(bank: Path, history: Path, input: Optional[str], retrieve: Option
     parsed, _ = load_text_history(history, task)  # validated before the model loads
     if user is not None:
         parsed, _ = parse_text_history({**parsed.model_dump(), "user_id": user}, task, "--user")
+    from ..text.bank import TextBank  # torch and transformers: after the history is checked
+
     opened = TextBank.open(bank, db)
     personalization = opened.personalize(parsed, steps=steps)
     k = opened.config.retrieve if retrieve is None else retrieve

@@ -108,12 +108,18 @@ def detect_format(directory: Path) -> str:
     )
 
 
-def _chosen_format(path: Path, directory: Path, format: str) -> str:
+def check_format(format: str) -> str:
+    """The canonical name of a ``format`` option (``"auto"`` or a key of LAYOUTS); InvalidData for any other."""
     fmt = FORMAT_ALIASES.get(format, format)
+    if fmt != "auto" and fmt not in LAYOUTS:
+        raise InvalidData(f"Unknown MovieLens format {format!r}; choose auto, ml-100k, ml-1m or ml-latest.")
+    return fmt
+
+
+def _chosen_format(path: Path, directory: Path, format: str) -> str:
+    fmt = check_format(format)
     if fmt in LAYOUTS:
         return fmt
-    if fmt != "auto":
-        raise InvalidData(f"Unknown MovieLens format {format!r}; choose auto, ml-100k, ml-1m or ml-latest.")
     if path.is_file():  # a ratings (or movies) file names its format
         for name, lay in LAYOUTS.items():
             if path.name in (lay.ratings_file, lay.movies_file):

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ..errors import InvalidConfig, InvalidRequest
 from .device import resolve_device
-from .fingerprint import weights_fingerprint
+from .fingerprint import PREFIX as FINGERPRINT_SCHEME, weights_fingerprint
 
 DEFAULT_LM = "bundled:SmolLM2-135M-Instruct"
 
@@ -219,7 +219,7 @@ class CausalLM:
         self.prompt_after_bos = prompt_after_bos
         self.targets = tuple(targets)
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to call concurrently
-        self._fingerprint: str | None = None
+        self._fingerprints: dict[str, str] = {}
         tok = self.tokenizer
         self.bos_id = tok.bos_token_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -254,12 +254,11 @@ class CausalLM:
         self._shapes.sort(key=lambda s: (int(s[0].split(".")[1]), self.targets.index(s[0].split(".")[2])))
 
     # ------------------------------------------------------------------ personal parameters
-    @property
-    def fingerprint(self) -> str:
-        """A fingerprint of the frozen weights (:mod:`pmeta.models.fingerprint`), computed once."""
-        if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(self.model.state_dict().items())
-        return self._fingerprint
+    def fingerprint(self, scheme: str = FINGERPRINT_SCHEME) -> str:
+        """A fingerprint of the frozen weights (:mod:`pmeta.models.fingerprint`), computed once per scheme."""
+        if scheme not in self._fingerprints:
+            self._fingerprints[scheme] = weights_fingerprint(self.model.state_dict().items(), scheme)
+        return self._fingerprints[scheme]
 
     def lora_shapes(self) -> list[tuple[str, int, int]]:
         """(target key, d_in, d_out) for every targeted projection, bottom layer first."""

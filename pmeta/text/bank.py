@@ -68,9 +68,10 @@ class TextPersonalization:
             raise InvalidRequest("the input must be valid Unicode text (it holds a lone UTF-16 surrogate)")
         return self.bank.model.query_prompt(input_text, self.profile, retrieve)
 
-    def predict(self, input_text: str, retrieve: int | None = 0) -> str:
+    def predict(self, input_text: str, retrieve: int | None = None) -> str:
         """The prediction for ``input_text`` (a label, a rating, or generated text); ``retrieve`` BM25
-        profile items go in the prompt (0: none; None: the bank's default)."""
+        profile items go in the prompt (None, the default: the bank's ``retrieve``, as in ``prompt``
+        and ``pmeta adapt``; 0: none)."""
         prompt = self.prompt(input_text, retrieve)
         return self.bank.model.predict([prompt], self._batched())[0]
 

@@ -378,7 +378,7 @@ def build_text_model(data: str | Path, config: TextConfig, progress: Progress | 
         "kind": "text",
         "task": spec.name,
         "lm": config.lm,
-        "lm_fingerprint": lm.fingerprint,
+        "lm_fingerprint": lm.fingerprint(),
         "seconds": time.perf_counter() - started,
         "validation": validation,
         "chosen": chosen,
