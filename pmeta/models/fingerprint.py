@@ -12,7 +12,7 @@ Two schemes, named by the fingerprint's prefix:
 * ``runs-sha256:`` (what builds record): 16 runs of 256 consecutive values, evenly spaced. A run
   lies in one or two memory pages, so the check reads about 32 pages of each tensor. The weights
   are memory-mapped, and pages a server never uses (the lower encoder layers, whose outputs the bank
-  caches) stay on disk: `pmeta adapt` peaks ~100 MB lower than with the older scheme.
+  caches) stay on disk: `pmeta adapt` peaked at 439 MB instead of 480 MB (small-preset bank).
 * ``sampled-sha256:`` (banks built before): 4,096 evenly spaced values, which touch nearly every
   page of the model. Still checked, with that scheme, for the banks that carry it.
 """
