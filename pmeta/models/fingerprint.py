@@ -5,7 +5,8 @@ is not part of the bank (it comes from a package, a local folder or a Hugging Fa
 folder replaced by another checkpoint of the same shape would load and serve quietly wrong
 predictions. The fingerprint is a sha256 over every tensor's name, shape and 4,096 of its values
 (as float32): any other checkpoint, a fine-tuned one included, changes it. It is not a hash of every
-byte, and costs a few milliseconds per loaded model.
+byte; it costs about 0.03 s for MiniLM and 0.15 s for SmolLM2-135M once per loaded model (on a
+busy 2-core machine, after torch's first operation has run).
 
 Two schemes, named by the fingerprint's prefix:
 
