@@ -71,13 +71,17 @@ def test_help_and_a_bad_history_are_answered_without_loading_torch(tmp_path):
     code = (
         "import sys\nfrom pmeta.cli import app\n"
         f"for argv in (['--help'], ['adapt', '--bank', {str(tmp_path / 'bank')!r}, '--history', {str(bad)!r}], ['bank', 'build', '--preset', 'nope', '--out', {str(tmp_path / 'b')!r}],\n"
-        f"             ['bank', 'build', '--format', 'lamp', '--task', 'LaMP-3', '--data', {str(tmp_path)!r}, '--preset', 'nope', '--out', {str(tmp_path / 't')!r}]):\n"
+        f"             ['bank', 'build', '--format', 'lamp', '--task', 'LaMP-3', '--data', {str(tmp_path)!r}, '--preset', 'nope', '--out', {str(tmp_path / 't')!r}],\n"
+        f"             ['bank', 'build', '--format', 'lamp', '--task', 'LaMP-3', '--data', {str(tmp_path / 'none')!r}, '--out', {str(tmp_path / 't')!r}],\n"
+        f"             ['eval', 'lamp', '--task', 'LaMP-3', '--data', {str(tmp_path)!r}, '--k-profile', 'x', '--out', {str(tmp_path / 'r')!r}],\n"
+        f"             ['eval', 'lamp', '--task', 'LaMP-3', '--data', {str(tmp_path)!r}, '--preset', 'nope', '--out', {str(tmp_path / 'r')!r}]):\n"
         "    try:\n        app(argv, prog_name='pmeta')\n    except SystemExit:\n        pass\n"
         f"{heavy}"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
-    assert "JSON" in result.stderr and result.stderr.count("unknown preset") == 2
+    assert "JSON" in result.stderr and result.stderr.count("unknown preset") == 3
+    assert "none is not a folder" in result.stderr and "--k-profile must be" in result.stderr
     # the library's heavy names still resolve on first use
     code = "import pmeta\nprint(pmeta.Bank.__module__, pmeta.TextBank.__name__, 'build_bank' in dir(pmeta))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split() == ["pmeta.bank.bank", "TextBank", "True"]

@@ -28,8 +28,8 @@ def build_lamp_bank(out: Path, data: Optional[Path], task: Optional[str], config
     from ..data.lamp import task_spec
     from ..text.config import load_text_config
 
-    if data is None:
-        fail("--format lamp needs --data DIR (a folder with train/dev/test *_questions.json and *_outputs.json)")
+    if data is None or not data.is_dir():
+        fail(f"--format lamp needs --data DIR (a folder with train/dev/test *_questions.json and *_outputs.json){'' if data is None else f'; {data} is not a folder'}")
     if task is None:
         fail("--format lamp needs --task (LaMP-1, 2, 3, 4, 5 or 7)")
     spec = task_spec(task)
@@ -86,7 +86,6 @@ def export(
 ) -> None:
     """Write one user's fused + stacked LoRA as a standard PEFT adapter folder (soft prompt beside it)."""
     from ..storage import BankStore
-    from ..text.bank import TextBank
     from ..text.history import load_text_history
 
     if not is_text_bank(bank, db):
@@ -94,6 +93,8 @@ def export(
         fail(f"bank {bank} is not a text bank; only text banks export PEFT adapters")
     task = BankStore(bank, db).record()["config"].get("task", "")
     load_text_history(history, task)
+    from ..text.bank import TextBank  # torch and transformers: after the history is checked
+
     opened = TextBank.open(bank, db)
     path = opened.personalize(history, steps=steps).export_peft(out)
     typer.echo(f"wrote PEFT adapter to {path}")
@@ -120,11 +121,8 @@ def eval_lamp(
     """Evaluate the backbone, retrieval, per-user LoRA and pmeta on a LaMP-format split."""
     from ..data.lamp import load_split, task_spec
     from ..errors import InvalidConfig
-    from ..text.bank import TextBank
-    from ..text.build import build_text_bank, dataset_fingerprint
-    from ..text.config import load_text_config
     from ..eval.output import check_out_dir
-    from ..text.evaluate import choose_users, parse_methods, run_lamp, write_lamp_report
+    from ..text.config import load_text_config
 
     spec = task_spec(task)
     try:
@@ -133,6 +131,12 @@ def eval_lamp(
         raise InvalidConfig(f"--k-profile must be comma-separated integers, got {k_profile!r}") from None
     if not ks or min(ks) < 0:
         raise InvalidConfig(f"--k-profile must be non-negative integers, got {k_profile!r}")
+    if bank is None:
+        load_text_config(preset, overrides={"task": spec.name, "seed": seed, "lm": lm})  # a bad preset before torch loads
+    from ..text.bank import TextBank  # torch, and transformers on first use: after the checks above
+    from ..text.build import build_text_bank, dataset_fingerprint
+    from ..text.evaluate import choose_users, parse_methods, run_lamp, write_lamp_report
+
     method_list = parse_methods(methods)
     check_out_dir(out)
     if bank is None and split in ("train", "dev"):
