@@ -131,8 +131,7 @@ def eval_lamp(
         raise InvalidConfig(f"--k-profile must be comma-separated integers, got {k_profile!r}") from None
     if not ks or min(ks) < 0:
         raise InvalidConfig(f"--k-profile must be non-negative integers, got {k_profile!r}")
-    if bank is None:
-        load_text_config(preset, overrides={"task": spec.name, "seed": seed, "lm": lm})  # a bad preset before torch loads
+    build_config = load_text_config(preset, overrides={"task": spec.name, "seed": seed, "lm": lm}) if bank is None else None  # before torch loads
     from ..text.bank import TextBank  # torch, and transformers on first use: after the checks above
     from ..text.build import build_text_bank, dataset_fingerprint
     from ..text.evaluate import choose_users, parse_methods, run_lamp, write_lamp_report
@@ -146,7 +145,7 @@ def eval_lamp(
         raise InvalidConfig(f"{data}: the {split} split has no question with a gold output to evaluate")
     if bank is None:
         bank = out / "bank"
-        build_text_bank(data, bank, load_text_config(preset, overrides={"task": spec.name, "seed": seed, "lm": lm}), db_url=db, progress=_progress(quiet))
+        build_text_bank(data, bank, build_config, db_url=db, progress=_progress(quiet))
     opened = TextBank.open(bank, db)
     if opened.task != spec.name:
         raise InvalidConfig(f"bank {bank} serves {opened.task}, not {spec.name}")
