@@ -7,7 +7,8 @@ seed draws a different 20% of the users as test users (PROTOCOL.md), so a bank b
 experiment (bank included). ``run`` evaluates one (seed, bank) pair and keeps every user's metrics;
 ``pool`` puts the runs together: each cell's mean over all the runs' users, and paired differences
 of each pmeta method against prompt-MAML, per-user LoRA and the best classical baseline with a
-bootstrap stratified by seed (users are resampled within their own run).
+bootstrap stratified by seed (users are resampled within their own run), and, from 3 seeds on, a
+Student-t interval over the seeds' own differences, which also carries the variation between banks.
 
     pmeta --threads 1 bank build --preset small --seed 1 --out bank-s1
     python benchmarks/seeds.py run --bank bank-s1 --seed 1 --out seeds/s1
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pmeta.eval.significance import FAMILY_ALPHA, best_classical, compare_methods, comparison_cell, rival_label, signed
+from pmeta.eval.significance import FAMILY_ALPHA, best_classical, compare_methods, comparison_cell, holm, rival_label, signed
 
 RUN_METHODS = ("popularity", "popularity-time", "itemknn", "ease", "prompt-maml", "per-user-lora", "pmeta-no-steps", "pmeta")
 METRICS = ("hr@10", "ndcg@10")
@@ -89,7 +90,8 @@ def pooled_cells(runs: list[dict]) -> dict[str, dict[tuple[int, str], dict[str, 
 
 def compare(pooled: dict, resamples: int) -> list[dict]:
     """:func:`pmeta.eval.significance.compare_methods` on the pooled users, stratified by seed, plus
-    each row's ``per_seed`` differences."""
+    each row's ``per_seed`` differences and their :func:`across_seeds` summary (with ``p_holm`` over
+    the same family as the bootstrap's: every cell and metric of one method and rival)."""
     try:
         rows = compare_methods(pooled, resamples=resamples, seed=0, strata="seed")
     except ValueError as error:
@@ -97,7 +99,46 @@ def compare(pooled: dict, resamples: int) -> list[dict]:
     for row in rows:
         mine, theirs = (pooled[name][(row["k"], row["mode"])] for name in (row["method"], row["versus"]))
         row["per_seed"] = {int(s): float(np.mean((mine[row["metric"]] - theirs[row["metric"]])[mine["seed"] == s])) for s in np.unique(mine["seed"])}
+        row["across_seeds"] = across_seeds(list(row["per_seed"].values()))
+    families: dict = {}
+    for row in rows:
+        if row["across_seeds"] is not None:
+            families.setdefault((row["method"], rival_label(row["versus"])), []).append(row)
+    for family in families.values():
+        for row, adjusted in zip(family, holm([r["across_seeds"]["p_value"] for r in family])):
+            row["across_seeds"]["p_holm"] = adjusted
     return rows
+
+
+def across_seeds(differences: list[float]) -> dict | None:
+    """The seeds' own mean differences taken as n replicates of the whole experiment, bank included:
+    their mean, a Student-t 95% CI on n − 1 degrees of freedom and a one-sample t-test's two-sided
+    p-value. Unlike the pooled bootstrap, this interval carries the variation between the runs' banks
+    and splits, at the price of few degrees of freedom. None below 3 seeds."""
+    from scipy import stats
+
+    values = np.asarray(differences, dtype=np.float64)
+    if len(values) < 3:
+        return None
+    mean = float(values.mean())
+    if np.ptp(values) == 0.0:  # no spread: the t statistic is undefined, the interval a point
+        return {"mean": mean, "ci95": [mean, mean], "p_value": 1.0 if mean == 0.0 else 0.0}
+    test = stats.ttest_1samp(values, 0.0)
+    low, high = test.confidence_interval(0.95)
+    return {"mean": mean, "ci95": [float(low), float(high)], "p_value": float(test.pvalue)}
+
+
+def across_cell(row: dict | None) -> str:
+    """``+0.004 [−0.001, +0.009]`` for a row's :func:`across_seeds`, bold when the CI excludes 0, ``†``
+    when its Holm-adjusted p-value is below :data:`FAMILY_ALPHA`."""
+    if row is None or row.get("across_seeds") is None:
+        return "—"
+    found = row["across_seeds"]
+    lo, hi = found["ci95"]
+    text = f"{signed(found['mean'])} [{signed(lo)}, {signed(hi)}]"
+    if lo > 0 or hi < 0:
+        text = f"**{text}**"
+    return text + " †" if found.get("p_holm", 1.0) < FAMILY_ALPHA else text
 
 
 def _subset(pooled: dict, seed: int | None) -> dict:
@@ -122,7 +163,8 @@ def _goal_cells(pooled: dict, seed: int | None) -> list[str]:
             margins = []
             for metric in METRICS:
                 best = best_classical(part, cell, metric)
-                margins.append(f"{(np.mean(mine[cell][metric]) / np.mean(part[best][cell][metric]) - 1) * 100:+.1f}%")
+                reference = float(np.mean(part[best][cell][metric]))
+                margins.append("—" if reference == 0.0 else f"{(np.mean(mine[cell][metric]) / reference - 1) * 100:+.1f}%")  # no relative margin over 0
             column.append(" / ".join(margins))
     return column
 
@@ -166,7 +208,14 @@ def pool(paths: list[Path], resamples: int) -> str:
         f"Method minus rival over all the runs' users; 95% CI from {resamples} resamples of a bootstrap stratified by seed "
         "(users drawn within their own run; the variation between the runs' banks is not in it). **Bold**: the CI excludes 0. "
         f"†: the margin holds after Holm's adjustment over every cell and metric of that method and rival (family-wise error rate {FAMILY_ALPHA:.0%}). "
-        f"Second table: each seed's own difference (seeds {' / '.join(map(str, seeds))}).",
+        f"Second table: each seed's own difference (seeds {' / '.join(map(str, seeds))})."
+        + (
+            f" Third table: the mean of those {len(seeds)} differences with a Student-t 95% CI on {len(seeds) - 1} degrees of freedom, "
+            "which treats each seed's run as one replicate of the whole experiment and so carries the variation between the banks "
+            "that the bootstrap leaves out (bold and † as above, Holm over the same family)."
+            if len(seeds) >= 3
+            else ""
+        ),
         "",
     ]
     comparisons = compare(pooled, resamples)
@@ -176,7 +225,7 @@ def pool(paths: list[Path], resamples: int) -> str:
         for metric in METRICS:
             rivals = list(dict.fromkeys(rival_label(c["versus"]) for c in comparisons if (c["method"], c["metric"]) == (method, metric)))
             header = ["| versus | mode | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
-            pooled_rows, seed_rows = [], []
+            pooled_rows, seed_rows, across_rows = [], [], []
             for rival in rivals:
                 for mode in MODES:
                     found = [table.get((method, metric, rival, mode, k)) for k in ks]
@@ -184,7 +233,10 @@ def pool(paths: list[Path], resamples: int) -> str:
                         continue
                     pooled_rows.append(f"| {rival} | {mode} | " + " | ".join(comparison_cell(c) for c in found) + " |")
                     seed_rows.append(f"| {rival} | {mode} | " + " | ".join("—" if c is None else " / ".join(signed(v) for v in c["per_seed"].values()) for c in found) + " |")
+                    across_rows.append(f"| {rival} | {mode} | " + " | ".join(across_cell(c) for c in found) + " |")
             lines += [f"### {method} minus rival: {metric}", "", *header, *pooled_rows, "", f"Per seed ({' / '.join(map(str, seeds))}):", "", *header, *seed_rows, ""]
+            if len(seeds) >= 3:
+                lines += [f"Across the {len(seeds)} seeds (mean of the per-seed differences, t interval):", "", *header, *across_rows, ""]
     return "\n".join(lines)
 
 

@@ -201,6 +201,38 @@ def test_seeds_pool_concatenates_runs_and_resamples_users_within_their_seed(tmp_
         seeds.load_runs([first, fewer])
 
 
+def test_seeds_pool_adds_a_t_interval_over_the_seeds_from_three_seeds_on(tmp_path):
+    spec = importlib.util.spec_from_file_location("seeds", SEEDS)
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+    # pmeta minus prompt-maml per seed: 1.0, 0.5 and 0.0 (mean 0.5, sample sd 0.5).
+    runs = [
+        _write_run(tmp_path / "s0", 0, [1, 2], {"pmeta": [1.0, 1.0], "prompt-maml": [0.0, 0.0], "ease": [0.0, 0.0]}),
+        _write_run(tmp_path / "s1", 1, [1, 2], {"pmeta": [1.0, 0.0], "prompt-maml": [0.0, 0.0], "ease": [0.0, 0.0]}),
+        _write_run(tmp_path / "s2", 2, [1, 2], {"pmeta": [1.0, 0.0], "prompt-maml": [1.0, 0.0], "ease": [0.0, 0.0]}),
+    ]
+    rows = {(c["versus"], c["metric"]): c for c in seeds.compare(seeds.pooled_cells(seeds.load_runs(runs)), resamples=200)}
+    maml = rows[("prompt-maml", "hr@10")]
+    assert maml["per_seed"] == {0: 1.0, 1: 0.5, 2: 0.0}
+    half_width = 4.302652729911275 * 0.5 / 3**0.5  # t quantile 0.975 on 2 degrees of freedom, sd / sqrt(n)
+    assert maml["across_seeds"]["mean"] == pytest.approx(0.5)
+    assert maml["across_seeds"]["ci95"] == pytest.approx([0.5 - half_width, 0.5 + half_width])
+    assert maml["across_seeds"]["p_value"] == pytest.approx(0.2254033307585166)  # t = sqrt(3) on 2 df
+    # Holm over the pair's family (HR@10 and nDCG@10, equal here): 2 × p, capped at 1.
+    assert maml["across_seeds"]["p_holm"] == pytest.approx(2 * 0.2254033307585166)
+    # Constant differences over the seeds: no spread, the interval is a point and p is 0.
+    ease = rows[("ease", "hr@10")]
+    assert ease["per_seed"] == {0: 1.0, 1: 0.5, 2: 0.5} and ease["across_seeds"]["p_value"] > 0
+    assert seeds.across_seeds([0.25, 0.25, 0.25]) == {"mean": 0.25, "ci95": [0.25, 0.25], "p_value": 0.0}
+    assert seeds.across_seeds([1.0, 0.0]) is None  # two seeds: no interval
+    text = seeds.pool(runs, resamples=200)
+    assert "Third table: the mean of those 3 differences with a Student-t 95% CI on 2 degrees of freedom" in text
+    assert f"| prompt-maml | full | +0.500 [{seeds.signed(0.5 - half_width)}, +1.742] |" in text
+    assert "Across the 3 seeds" in text
+    assert "| full K = 1: pmeta over the best classical, HR@10 / nDCG@10 | — / — | — / — | — / — | — / — |" in text  # ease is 0 everywhere
+    assert "Across the" not in seeds.pool(runs[:2], resamples=200)
+
+
 def test_merge_reports_orders_methods_and_refuses_parts_of_different_runs():
     spec = importlib.util.spec_from_file_location("merge_reports", Path(__file__).resolve().parents[1] / "benchmarks" / "merge_reports.py")
     merge_reports = importlib.util.module_from_spec(spec)
