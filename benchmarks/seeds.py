@@ -114,27 +114,33 @@ def across_seeds(differences: list[float]) -> dict | None:
     """The seeds' own mean differences taken as n replicates of the whole experiment, bank included:
     their mean, a Student-t 95% CI on n − 1 degrees of freedom and a one-sample t-test's two-sided
     p-value. Unlike the pooled bootstrap, this interval carries the variation between the runs' banks
-    and splits, at the price of few degrees of freedom. None below 3 seeds."""
+    and splits, at the price of few degrees of freedom (the seeds' test users and training data
+    overlap, so they are not fully independent replicates either). None below 3 seeds; no interval
+    and a NaN p-value when the differences do not vary."""
     from scipy import stats
 
     values = np.asarray(differences, dtype=np.float64)
     if len(values) < 3:
         return None
     mean = float(values.mean())
-    if np.ptp(values) == 0.0:  # no spread: the t statistic is undefined, the interval a point
-        return {"mean": mean, "ci95": [mean, mean], "p_value": 1.0 if mean == 0.0 else 0.0}
+    if not np.isfinite(values).all() or np.ptp(values) == 0.0:
+        # No spread (or no number): the t statistic is undefined, and no interval is claimed; a NaN
+        # p-value takes no mark and no place in Holm's family.
+        return {"mean": mean, "ci95": [float("nan"), float("nan")], "p_value": float("nan"), "seeds": len(values)}
     test = stats.ttest_1samp(values, 0.0)
     low, high = test.confidence_interval(0.95)
-    return {"mean": mean, "ci95": [float(low), float(high)], "p_value": float(test.pvalue)}
+    return {"mean": mean, "ci95": [float(low), float(high)], "p_value": float(test.pvalue), "seeds": len(values)}
 
 
 def across_cell(row: dict | None) -> str:
     """``+0.004 [−0.001, +0.009]`` for a row's :func:`across_seeds`, bold when the CI excludes 0, ``†``
     when its Holm-adjusted p-value is below :data:`FAMILY_ALPHA`."""
-    if row is None or row.get("across_seeds") is None:
+    if row is None or row.get("across_seeds") is None or not np.isfinite(row["across_seeds"]["mean"]):
         return "—"
     found = row["across_seeds"]
     lo, hi = found["ci95"]
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{signed(found['mean'])} (no spread over the seeds)"
     text = f"{signed(found['mean'])} [{signed(lo)}, {signed(hi)}]"
     if lo > 0 or hi < 0:
         text = f"**{text}**"

@@ -205,30 +205,51 @@ def test_seeds_pool_adds_a_t_interval_over_the_seeds_from_three_seeds_on(tmp_pat
     spec = importlib.util.spec_from_file_location("seeds", SEEDS)
     seeds = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(seeds)
-    # pmeta minus prompt-maml per seed: 1.0, 0.5 and 0.0 (mean 0.5, sample sd 0.5).
-    runs = [
-        _write_run(tmp_path / "s0", 0, [1, 2], {"pmeta": [1.0, 1.0], "prompt-maml": [0.0, 0.0], "ease": [0.0, 0.0]}),
-        _write_run(tmp_path / "s1", 1, [1, 2], {"pmeta": [1.0, 0.0], "prompt-maml": [0.0, 0.0], "ease": [0.0, 0.0]}),
-        _write_run(tmp_path / "s2", 2, [1, 2], {"pmeta": [1.0, 0.0], "prompt-maml": [1.0, 0.0], "ease": [0.0, 0.0]}),
-    ]
-    rows = {(c["versus"], c["metric"]): c for c in seeds.compare(seeds.pooled_cells(seeds.load_runs(runs)), resamples=200)}
-    maml = rows[("prompt-maml", "hr@10")]
-    assert maml["per_seed"] == {0: 1.0, 1: 0.5, 2: 0.0}
-    half_width = 4.302652729911275 * 0.5 / 3**0.5  # t quantile 0.975 on 2 degrees of freedom, sd / sqrt(n)
-    assert maml["across_seeds"]["mean"] == pytest.approx(0.5)
-    assert maml["across_seeds"]["ci95"] == pytest.approx([0.5 - half_width, 0.5 + half_width])
-    assert maml["across_seeds"]["p_value"] == pytest.approx(0.2254033307585166)  # t = sqrt(3) on 2 df
-    # Holm over the pair's family (HR@10 and nDCG@10, equal here): 2 × p, capped at 1.
-    assert maml["across_seeds"]["p_holm"] == pytest.approx(2 * 0.2254033307585166)
-    # Constant differences over the seeds: no spread, the interval is a point and p is 0.
-    ease = rows[("ease", "hr@10")]
-    assert ease["per_seed"] == {0: 1.0, 1: 0.5, 2: 0.5} and ease["across_seeds"]["p_value"] > 0
-    assert seeds.across_seeds([0.25, 0.25, 0.25]) == {"mean": 0.25, "ci95": [0.25, 0.25], "p_value": 0.0}
+    t_975_2 = 4.302652729911275  # Student-t quantile 0.975 on 2 degrees of freedom
+
+    def p_two_sided(t: float) -> float:  # Student-t on 2 degrees of freedom, in closed form
+        return 1.0 - t / (2.0 + t * t) ** 0.5
+
+    # Four users per seed, two cells. pmeta minus prompt-maml per seed: K = 1: 1.0, 0.5, 0.0;
+    # K = 3: 1.0, 1.0, 0.75. pmeta minus ease: K = 1: 1.0, 0.5, 0.5; K = 3: 1.0 on every seed.
+    values = {
+        0: {1: {"pmeta": [1, 1, 1, 1], "prompt-maml": [0, 0, 0, 0], "ease": [0, 0, 0, 0]}, 3: {"pmeta": [1, 1, 1, 1], "prompt-maml": [0, 0, 0, 0], "ease": [0, 0, 0, 0]}},
+        1: {1: {"pmeta": [1, 1, 0, 0], "prompt-maml": [0, 0, 0, 0], "ease": [0, 0, 0, 0]}, 3: {"pmeta": [1, 1, 1, 1], "prompt-maml": [0, 0, 0, 0], "ease": [0, 0, 0, 0]}},
+        2: {1: {"pmeta": [1, 1, 0, 0], "prompt-maml": [1, 1, 0, 0], "ease": [0, 0, 0, 0]}, 3: {"pmeta": [1, 1, 1, 1], "prompt-maml": [1, 0, 0, 0], "ease": [0, 0, 0, 0]}},
+    }
+    runs = []
+    for seed, by_k in values.items():
+        path = tmp_path / f"s{seed}"
+        path.mkdir()
+        cells = [{"method": m, "k": k, "mode": "full", "user": [1, 2, 3, 4], "hr@10": v, "ndcg@10": v, "mrr": v} for k, methods in by_k.items() for m, v in methods.items()]
+        (path / "per_user.json").write_text(__import__("json").dumps({"seed": seed, "fingerprint": "f", "bank": "b", "cells": cells}))
+        runs.append(path)
+    rows = {(c["versus"], c["k"], c["metric"]): c for c in seeds.compare(seeds.pooled_cells(seeds.load_runs(runs)), resamples=200)}
+
+    maml = rows[("prompt-maml", 1, "hr@10")]["across_seeds"]
+    assert rows[("prompt-maml", 1, "hr@10")]["per_seed"] == {0: 1.0, 1: 0.5, 2: 0.0}
+    half_width = t_975_2 * 0.5 / 3**0.5  # sample sd 0.5, over sqrt(n)
+    assert maml["mean"] == pytest.approx(0.5) and maml["ci95"] == pytest.approx([0.5 - half_width, 0.5 + half_width])
+    assert maml["p_value"] == pytest.approx(p_two_sided(3**0.5)) and maml["seeds"] == 3
+    strong = rows[("prompt-maml", 3, "hr@10")]["across_seeds"]  # 1, 1, 0.75: t = 11
+    assert strong["p_value"] == pytest.approx(p_two_sided(11.0))
+    # Holm over the (pmeta, prompt-maml) family: 2 cells x 2 metrics = 4 p-values.
+    assert strong["p_holm"] == pytest.approx(4 * p_two_sided(11.0)) and strong["p_holm"] < 0.05
+    assert maml["p_holm"] == pytest.approx(2 * p_two_sided(3**0.5))
+    # The (pmeta, best classical) family is separate, and a cell without spread has no interval
+    # and no p-value, so that family counts 2 p-values: a family per method would count 6.
+    ease, flat = rows[("ease", 1, "hr@10")]["across_seeds"], rows[("ease", 3, "hr@10")]["across_seeds"]
+    assert ease["p_value"] == pytest.approx(p_two_sided(4.0)) and ease["p_holm"] == pytest.approx(2 * p_two_sided(4.0))
+    assert flat["mean"] == 1.0 and np.isnan(flat["p_value"]) and np.isnan(flat["p_holm"]) and all(np.isnan(flat["ci95"]))
     assert seeds.across_seeds([1.0, 0.0]) is None  # two seeds: no interval
+    assert seeds.across_cell(None) == "—" and seeds.across_cell({"across_seeds": None}) == "—"
+
     text = seeds.pool(runs, resamples=200)
     assert "Third table: the mean of those 3 differences with a Student-t 95% CI on 2 degrees of freedom" in text
-    assert f"| prompt-maml | full | +0.500 [{seeds.signed(0.5 - half_width)}, +1.742] |" in text
-    assert "Across the 3 seeds" in text
+    low, high = (11 / 12 + sign * t_975_2 * (1 / 48) ** 0.5 / 3**0.5 for sign in (-1, 1))  # mean 11/12, sample variance 1/48
+    strong_cell = f"**+0.917 [{seeds.signed(low)}, {seeds.signed(high)}]** †"
+    assert f"| prompt-maml | full | +0.500 [{seeds.signed(0.5 - half_width)}, +1.742] | {strong_cell} |" in text
+    assert "| best classical | full | +0.667 [" in text and "| +1.000 (no spread over the seeds) |" in text
     assert "| full K = 1: pmeta over the best classical, HR@10 / nDCG@10 | — / — | — / — | — / — | — / — |" in text  # ease is 0 everywhere
     assert "Across the" not in seeds.pool(runs[:2], resamples=200)
 
