@@ -31,6 +31,13 @@ scores, by nDCG@10 per K and candidate mode (the build's criterion is the mean o
   distribution, so that an anchor's estimate is shrunk the more, the fewer ratings stand behind it;
   the shipped ratio clipped to ±c. They ask whether the bias's full-ranking cost comes from noisy
   lifts of rare items;
+* ``loo gamma``: a *per-user* γ, chosen from the γ grid by the user's own support: each support
+  item is scored from the others (base scores plus γ times the offset their key retrieves, the
+  others excluded, softmax over the catalogue), and the γ with the highest leave-one-out
+  log-likelihood is the user's (:func:`loo_log_likelihood`), optionally shrunk half-way towards the
+  shipped γ; a K = 1 support has nothing to leave out and keeps the shipped γ. It asks whether the
+  support tells *which* users the cluster statistics fit: the one kind of personalization of the
+  bias that needs no training;
 * ``cf step``: on top of the shipped offset at the best γ of the grid, inner steps on a personal
   collaborative-side vector — the user's vector in the head's rank-``config.cf_rank`` collaborative
   space (``c`` of :mod:`pmeta.tasks.ranking`) — by gradient descent on the inner loop's support loss
@@ -130,6 +137,25 @@ def intercept_unit(base: build.OnboardingScores, fit_positives: list[np.ndarray]
     _, targets = onboarding.episodes(fit_positives, base.position)
     mean = targets.mean(0)
     return float(base.bias @ mean / max(float(mean @ mean), 1e-12)) / base.scale
+
+
+def loo_log_likelihood(support: np.ndarray, t: float, scores, offset_of, gammas) -> np.ndarray:
+    """(len(gammas),) the support's leave-one-out log-likelihood at each γ: item ``support[j]``
+    scored by a softmax over the catalogue of ``scores(rest, t) + γ · offset_of(rest)``, ``rest`` the
+    other support items (excluded from the softmax), summed over j. Empty for a support of one."""
+    support = np.asarray(support, dtype=np.int64)
+    totals = np.zeros(len(gammas))
+    if len(support) < 2:
+        return totals
+    for j in range(len(support)):
+        rest = np.delete(support, j)
+        base, offset = scores(rest, t), offset_of(rest)
+        for g, gamma in enumerate(gammas):
+            logits = base + gamma * offset
+            logits[rest] = -np.inf
+            top = logits.max()
+            totals[g] += logits[support[j]] - top - np.log(np.exp(logits - top).sum())
+    return totals
 
 
 def support_direction(scores: np.ndarray, supports: list, item_factors: np.ndarray) -> np.ndarray:
@@ -274,6 +300,15 @@ def main() -> None:
 
     best = max((r for r in results if r[0].startswith("gamma=") and " rho=" not in r[0]), key=lambda r: r[1]["mean"])[0]
     gamma = float(best.split("=")[1])
+    gammas = np.asarray(anchor_bias.WEIGHTS, dtype=np.float64)
+
+    def offset_of(support: np.ndarray) -> np.ndarray:  # what the serving path retrieves for this support
+        return anchor_bias.offsets(inputs.key(support)[None], inputs.centroids, inputs.ratio, inputs.sizes, config.top_k, config.temperature)[0]
+
+    chosen = np.array([gammas[int(np.argmax(loo_log_likelihood(row[1], row[2], inputs.scores, offset_of, gammas)))] if len(row[1]) > 1 else gamma for row in rows])
+    for share in (1.0, 0.5):
+        per_user = share * chosen + (1.0 - share) * gamma
+        results.append((f"{best} loo gamma share={share:g}", score(per_user[:, None] * shipped, lambda k: 1.0)))
     _, _, vt = ranking.svd(base.matrix, config.cf_rank)
     factors = np.zeros((len(dataset.catalog), vt.shape[0]))
     factors[base.kept] = vt.T

@@ -127,6 +127,36 @@ def test_smoothed_ratio_is_the_shipped_ratio_by_default_and_shrinks_small_anchor
     assert np.abs(shipped).max() > 0.5 and not mixed[2].any() and not clipped[2].any()  # an empty anchor: offset 0
 
 
+def test_loo_log_likelihood_scores_each_support_item_from_the_others(variants):
+    n = 5
+    base = np.array([0.0, 0.5, -1.0, 2.0, 0.3])
+    # The offset lifts item 2 only when item 0 is in the rest (it is "item 0's cluster").
+    offsets = {(0, 1): np.array([0.0, 0.0, 2.0, 0.0, 0.0]), (0, 2): np.zeros(n), (1, 2): np.zeros(n)}
+
+    def scores(rest, t):
+        assert t == 7.0
+        return base.copy()
+
+    def offset_of(rest):
+        return offsets[tuple(sorted(int(i) for i in rest))]
+
+    support = np.array([0, 1, 2])
+    got = variants.loo_log_likelihood(support, 7.0, scores, offset_of, [0.0, 1.0])
+
+    def brute(gamma):  # item j by a softmax over the catalogue minus the other support items
+        total = 0.0
+        for j in range(3):
+            rest = [i for i in range(3) if i != j]
+            logits = base + gamma * offsets[tuple(rest)]
+            kept = [i for i in range(n) if i not in rest]
+            total += logits[j] - np.log(np.exp(logits[kept]).sum())
+        return total
+
+    np.testing.assert_allclose(got, [brute(0.0), brute(1.0)], rtol=1e-12)
+    assert got[1] > got[0]  # the offset that predicts the held-out item raises its likelihood
+    assert variants.loo_log_likelihood(np.array([3]), 7.0, scores, offset_of, [0.0, 1.0]).tolist() == [0.0, 0.0]  # K = 1: nothing to leave out
+
+
 def test_kernel_ridge_is_the_onboarding_regression_at_weight_zero_and_adds_the_rbf_otherwise():
     from pmeta.bank import onboarding
 
