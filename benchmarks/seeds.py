@@ -133,18 +133,15 @@ def across_seeds(differences: list[float]) -> dict | None:
 
 
 def across_cell(row: dict | None) -> str:
-    """``+0.004 [−0.001, +0.009]`` for a row's :func:`across_seeds`, bold when the CI excludes 0, ``†``
-    when its Holm-adjusted p-value is below :data:`FAMILY_ALPHA`."""
+    """A row's :func:`across_seeds` written as :func:`~pmeta.eval.significance.comparison_cell` writes
+    the bootstrap's (bold when the CI excludes 0, ``†`` when the Holm-adjusted p-value is below
+    :data:`FAMILY_ALPHA`); "—" without one, and no interval when the seeds' differences do not vary."""
     if row is None or row.get("across_seeds") is None or not np.isfinite(row["across_seeds"]["mean"]):
         return "—"
     found = row["across_seeds"]
-    lo, hi = found["ci95"]
-    if not (np.isfinite(lo) and np.isfinite(hi)):
+    if not np.isfinite(found["ci95"]).all():
         return f"{signed(found['mean'])} (no spread over the seeds)"
-    text = f"{signed(found['mean'])} [{signed(lo)}, {signed(hi)}]"
-    if lo > 0 or hi < 0:
-        text = f"**{text}**"
-    return text + " †" if found.get("p_holm", 1.0) < FAMILY_ALPHA else text
+    return comparison_cell({"difference": found["mean"], "ci95": found["ci95"], "p_holm": found.get("p_holm", 1.0), "versus": row["versus"]})
 
 
 def _subset(pooled: dict, seed: int | None) -> dict:
