@@ -1,9 +1,11 @@
 """The variants of benchmarks/anchor_bias_variants.py behind the README's "tried on validation
 users, not adopted" numbers: the closed-form collaborative step is the gradient step it claims to
 be, the cross-fitted learned step never scores a user with a W fitted on that user, the anchors'
-onboarding intercept counts exactly positives 6..15, and benchmarks/onboarding_cv.py's nonlinear
-kernel ridge reduces to the shipped linear regression at kernel weight 0, benchmarks/seeds.py pools
-seeds' runs with a bootstrap stratified by seed, and benchmarks/merge_reports.py merges only parts of one run."""
+onboarding intercept counts exactly positives 6..15, the per-user γ's leave-one-out likelihood is the
+brute-force sum, and benchmarks/onboarding_cv.py's nonlinear kernel ridge reduces to the shipped
+linear regression at kernel weight 0, benchmarks/seeds.py pools seeds' runs with a bootstrap
+stratified by seed and a Student-t interval over the seeds, and benchmarks/merge_reports.py merges
+only parts of one run."""
 
 from __future__ import annotations
 
