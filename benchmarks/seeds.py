@@ -13,6 +13,11 @@ Student-t interval over the seeds' own differences, which also carries the varia
     pmeta --threads 1 bank build --preset small --seed 1 --out bank-s1
     python benchmarks/seeds.py run --bank bank-s1 --seed 1 --out seeds/s1
     python benchmarks/seeds.py pool seeds/s0 seeds/s1 seeds/s2
+    python benchmarks/seeds.py pool seeds/s5 seeds/s6 seeds/s7 --primary full:5:ndcg@10
+
+``--primary`` names comparisons fixed *before* the runs were read (a confirmatory test of what
+earlier seeds suggested): pmeta minus prompt-MAML and minus per-user LoRA in the named cells, with
+Holm's adjustment over that small family alone. Pool only seeds that did not suggest the hypothesis.
 
 On another MovieLens release, pass the same ``--data DIR`` to the builds and to every ``run``.
 
@@ -33,6 +38,7 @@ from pmeta.eval.significance import FAMILY_ALPHA, best_classical, compare_method
 
 RUN_METHODS = ("popularity", "popularity-time", "itemknn", "ease", "prompt-maml", "per-user-lora", "pmeta-no-steps", "pmeta")
 METRICS = ("hr@10", "ndcg@10")
+PRIMARY_RIVALS = ("prompt-maml", "per-user-lora")  # the issue's personalization rivals, named by --primary
 MODES = ("uni99", "pop99", "full")
 
 
@@ -172,8 +178,67 @@ def _goal_cells(pooled: dict, seed: int | None) -> list[str]:
     return column
 
 
-def pool(paths: list[Path], resamples: int) -> str:
-    """report.md-like text: pooled means, the issue's goals per seed, and pmeta's paired differences."""
+def parse_primary(spec: str) -> list[tuple[str, int, str]]:
+    """``--primary`` as ``(mode, K, metric)`` cells: ``"full:5:ndcg@10,pop99:3:hr@10"``."""
+    cells = []
+    for part in filter(None, (piece.strip() for piece in spec.split(","))):
+        fields = part.split(":")
+        if len(fields) != 3 or fields[0] not in MODES or not fields[1].isdigit() or int(fields[1]) < 1 or fields[2] not in METRICS:
+            raise SystemExit(f"--primary: {part!r} is not MODE:K:METRIC (MODE one of {', '.join(MODES)}, K a positive integer, METRIC one of {', '.join(METRICS)})")
+        cells.append((fields[0], int(fields[1]), fields[2]))
+    if not cells:
+        raise SystemExit("--primary names no cell")
+    if len(set(cells)) != len(cells):
+        raise SystemExit("--primary names a cell twice")
+    return cells
+
+
+def primary_family(comparisons: list[dict], cells: list[tuple[str, int, str]], method: str = "pmeta") -> list[dict]:
+    """The comparisons named before the runs were read (a confirmatory test): ``method`` minus each of
+    :data:`PRIMARY_RIVALS` in each cell, with Holm's adjustment over this family alone, on the
+    bootstrap's p-values (``p_primary``) and on the t-test's over the seeds (``t_primary``, NaN below 3
+    seeds). The family is small because it was fixed in advance; the full tables' Holm families cover
+    every cell, as an exploratory read must."""
+    found = {(c["mode"], c["k"], c["metric"], c["versus"]): c for c in comparisons if c["method"] == method}
+    family = []
+    for mode, k, metric in cells:
+        for rival in PRIMARY_RIVALS:
+            if (mode, k, metric, rival) not in found:
+                raise SystemExit(f"--primary: the runs hold no {method} minus {rival} comparison at {mode} K = {k}")
+            family.append(found[(mode, k, metric, rival)])
+    boot = holm([row["p_value"] for row in family])
+    t = holm([np.nan if row["across_seeds"] is None else row["across_seeds"]["p_value"] for row in family])
+    return [{**row, "p_primary": b, "t_primary": tp} for row, b, tp in zip(family, boot, t)]
+
+
+def primary_lines(family: list[dict]) -> list[str]:
+    """The ``--primary`` section of :func:`pool`."""
+    lines = [
+        "## Primary comparisons (named with --primary before the runs were read)",
+        "",
+        f"Holm's adjustment over these {len(family)} comparisons only; **confirmed** where the adjusted p-value is below "
+        f"{FAMILY_ALPHA:.0%}. The bootstrap is stratified by seed and leaves out the variation between banks; the t-test over "
+        "the seeds' own differences carries it.",
+        "",
+        "| pmeta minus | cell | difference [95% CI] | p | p, Holm | verdict | t interval over the seeds | t p, Holm | verdict (t) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in family:
+        t_row = row["across_seeds"]
+        t_cell = "—" if t_row is None or not np.isfinite(t_row["ci95"]).all() else f"[{signed(t_row['ci95'][0])}, {signed(t_row['ci95'][1])}]"
+        t_verdict = "—" if not np.isfinite(row["t_primary"]) else ("**confirmed**" if row["t_primary"] < FAMILY_ALPHA and t_row["mean"] > 0 else "not confirmed")
+        verdict = "**confirmed**" if row["p_primary"] < FAMILY_ALPHA and row["difference"] > 0 else "not confirmed"
+        lines.append(
+            f"| {row['versus']} | {row['mode']} K = {row['k']} {row['metric']} | {signed(row['difference'])} [{signed(row['ci95'][0])}, {signed(row['ci95'][1])}] "
+            f"| {row['p_value']:.3f} | {row['p_primary']:.3f} | {verdict} | {t_cell} | {'—' if not np.isfinite(row['t_primary']) else format(row['t_primary'], '.3f')} | {t_verdict} |"
+        )
+    lines.append("")
+    return lines
+
+
+def pool(paths: list[Path], resamples: int, primary: list[tuple[str, int, str]] | None = None) -> str:
+    """report.md-like text: pooled means, the issue's goals per seed, the ``primary`` comparisons when
+    named, and pmeta's paired differences."""
     runs = load_runs(paths)
     pooled = pooled_cells(runs)
     seeds = [r["seed"] for r in runs]
@@ -205,6 +270,9 @@ def pool(paths: list[Path], resamples: int) -> str:
         ]
         lines += [f"| {label} | " + " | ".join(column[i] for column in columns) + " |" for i, label in enumerate(labels)]
         lines.append("")
+    comparisons = compare(pooled, resamples)
+    if primary:
+        lines += primary_lines(primary_family(comparisons, primary))
     lines += [
         "## Paired differences, pooled",
         "",
@@ -221,7 +289,6 @@ def pool(paths: list[Path], resamples: int) -> str:
         ),
         "",
     ]
-    comparisons = compare(pooled, resamples)
     table = {(c["method"], c["metric"], rival_label(c["versus"]), c["mode"], c["k"]): c for c in comparisons}
     ks = sorted({c["k"] for c in comparisons})
     for method in dict.fromkeys(c["method"] for c in comparisons):
@@ -258,6 +325,12 @@ def main() -> None:
     many = sub.add_parser("pool", help="pool the runs' users and compare pmeta with its rivals")
     many.add_argument("runs", type=Path, nargs="+", help="output directories of `run`")
     many.add_argument("--resamples", type=int, default=2000)
+    many.add_argument(
+        "--primary",
+        default=None,
+        help="MODE:K:METRIC[,...]: comparisons of pmeta with prompt-maml and per-user-lora fixed before the runs were read, "
+        "reported with Holm's adjustment over that family alone (e.g. full:5:ndcg@10)",
+    )
     args = parser.parse_args()
     from pmeta.errors import PmetaError
 
@@ -265,7 +338,7 @@ def main() -> None:
         if args.command == "run":
             run(args.bank, args.seed, args.out, [m.strip() for m in args.methods.split(",") if m.strip()], args.threads, args.users, args.data, args.format)
         else:
-            print(pool(args.runs, args.resamples))
+            print(pool(args.runs, args.resamples, None if args.primary is None else parse_primary(args.primary)))
     except PmetaError as error:
         raise SystemExit(f"error: {error}") from None
 

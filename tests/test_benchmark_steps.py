@@ -4,7 +4,8 @@ be, the cross-fitted learned step never scores a user with a W fitted on that us
 onboarding intercept counts exactly positives 6..15, the per-user γ's leave-one-out likelihood is the
 brute-force sum, and benchmarks/onboarding_cv.py's nonlinear kernel ridge reduces to the shipped
 linear regression at kernel weight 0, benchmarks/seeds.py pools seeds' runs with a bootstrap
-stratified by seed and a Student-t interval over the seeds, and benchmarks/merge_reports.py merges
+stratified by seed and a Student-t interval over the seeds (and adjusts a --primary family of
+comparisons named in advance on its own), and benchmarks/merge_reports.py merges
 only parts of one run."""
 
 from __future__ import annotations
@@ -304,3 +305,53 @@ def test_merge_reports_orders_methods_and_refuses_parts_of_different_runs():
     for other in others:
         with pytest.raises(SystemExit, match="cannot merge"):
             merge_reports.merge([part(["pmeta"]), other])
+
+
+def test_seeds_pool_primary_family_is_adjusted_alone_and_refuses_bad_cells(tmp_path):
+    spec = importlib.util.spec_from_file_location("seeds", SEEDS)
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+    # Three seeds, one cell (full K = 1): pmeta beats prompt-maml on every user; per-user-lora is level.
+    runs = [
+        _write_run(tmp_path / f"s{s}", s, [1, 2, 3, 4], {"pmeta": [1.0, 1.0, 1.0, 0.0], "prompt-maml": [0.0, 0.0, 0.0, 0.0], "per-user-lora": [1.0, 1.0, 1.0, 0.0], "ease": [0.0, 0.0, 0.0, 0.0]})
+        for s in (5, 6, 7)
+    ]
+    comparisons = seeds.compare(seeds.pooled_cells(seeds.load_runs(runs)), resamples=300)
+    family = seeds.primary_family(comparisons, [("full", 1, "hr@10")])
+    assert [row["versus"] for row in family] == ["prompt-maml", "per-user-lora"]
+    maml, lora = family
+    # Holm over these 2 comparisons only, not over the tables' family (2 metrics per rival there).
+    assert maml["p_primary"] == pytest.approx(seeds.holm([maml["p_value"], lora["p_value"]])[0])
+    assert maml["p_primary"] == pytest.approx(2 * maml["p_value"]) and maml["p_primary"] < 0.05  # the smaller of 2 p-values, times 2
+    assert lora["difference"] == 0.0 and lora["p_primary"] == pytest.approx(1.0)
+    # The seeds' differences do not vary here: no t interval, NaN p-value, no t verdict.
+    assert np.isnan(maml["t_primary"]) and np.isnan(lora["t_primary"])
+    text = seeds.pool(runs, resamples=300, primary=[("full", 1, "hr@10")])
+    assert "## Primary comparisons (named with --primary before the runs were read)" in text
+    low, high = maml["ci95"]
+    assert f"| prompt-maml | full K = 1 hr@10 | +0.750 [{seeds.signed(low)}, {seeds.signed(high)}] | {maml['p_value']:.3f} | {maml['p_primary']:.3f} | **confirmed** | — | — | — |" in text
+    assert "| per-user-lora | full K = 1 hr@10 | +0.000 [+0.000, +0.000] | 1.000 | 1.000 | not confirmed |" in text
+    assert "Primary comparisons" not in seeds.pool(runs, resamples=300)
+
+    assert seeds.parse_primary("full:5:ndcg@10, pop99:3:hr@10") == [("full", 5, "ndcg@10"), ("pop99", 3, "hr@10")]
+    for bad, message in [("full:5", "not MODE:K:METRIC"), ("all:5:hr@10", "not MODE:K:METRIC"), ("full:0:hr@10", "not MODE:K:METRIC"),
+                         ("full:x:hr@10", "not MODE:K:METRIC"), ("full:5:mrr", "not MODE:K:METRIC"), (",", "names no cell"),
+                         ("full:5:hr@10,full:5:hr@10", "a cell twice")]:
+        with pytest.raises(SystemExit, match=message):
+            seeds.parse_primary(bad)
+    with pytest.raises(SystemExit, match="no pmeta minus prompt-maml comparison at full K = 5"):
+        seeds.primary_family(comparisons, [("full", 5, "hr@10")])
+
+    # Differences that vary over the seeds (1, 0.75, 0.5 against prompt-maml; t = 0.75 / (0.25 / sqrt 3)):
+    # the t-test's p-value, Holm over the family's finite p-values only (per-user-lora has no spread).
+    varied = [
+        _write_run(tmp_path / f"v{s}", s, [1, 2, 3, 4], {"pmeta": ours, "prompt-maml": [0.0] * 4, "per-user-lora": ours, "ease": [0.0] * 4})
+        for s, ours in ((5, [1.0, 1.0, 1.0, 1.0]), (6, [1.0, 1.0, 1.0, 0.0]), (7, [1.0, 1.0, 0.0, 0.0]))
+    ]
+    maml, lora = seeds.primary_family(seeds.compare(seeds.pooled_cells(seeds.load_runs(varied)), resamples=300), [("full", 1, "hr@10")])
+    t = 0.75 / (0.25 / 3**0.5)
+    assert maml["t_primary"] == pytest.approx(1.0 - t / (2.0 + t * t) ** 0.5) and maml["t_primary"] < 0.05
+    assert np.isnan(lora["t_primary"])
+    text = seeds.pool(varied, resamples=300, primary=[("full", 1, "hr@10")])
+    low, high = maml["across_seeds"]["ci95"]
+    assert f"| **confirmed** | [{seeds.signed(low)}, {seeds.signed(high)}] | {maml['t_primary']:.3f} | **confirmed** |" in text
