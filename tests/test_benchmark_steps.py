@@ -320,9 +320,13 @@ def test_seeds_pool_primary_family_is_adjusted_alone_and_refuses_bad_cells(tmp_p
     family = seeds.primary_family(comparisons, [("full", 1, "hr@10")])
     assert [row["versus"] for row in family] == ["prompt-maml", "per-user-lora"]
     maml, lora = family
-    # Holm over these 2 comparisons only, not over the tables' family (2 metrics per rival there).
+    # Holm over these 2 comparisons only.
     assert maml["p_primary"] == pytest.approx(seeds.holm([maml["p_value"], lora["p_value"]])[0])
     assert maml["p_primary"] == pytest.approx(2 * maml["p_value"]) and maml["p_primary"] < 0.05  # the smaller of 2 p-values, times 2
+    # The family is the named cells x 2 rivals, not the tables' (2 metrics per rival): naming both
+    # metrics makes it 4 comparisons, so the adjustment differs from the tables' p_holm (2 p).
+    both = seeds.primary_family(comparisons, [("full", 1, "hr@10"), ("full", 1, "ndcg@10")])
+    assert len(both) == 4 and both[0]["p_primary"] == pytest.approx(4 * maml["p_value"]) and both[0]["p_holm"] == pytest.approx(2 * maml["p_value"])
     assert lora["difference"] == 0.0 and lora["p_primary"] == pytest.approx(1.0)
     # The seeds' differences do not vary here: no t interval, NaN p-value, no t verdict.
     assert np.isnan(maml["t_primary"]) and np.isnan(lora["t_primary"])
