@@ -1,7 +1,8 @@
 """The variants of benchmarks/anchor_bias_variants.py behind the README's "tried on validation
 users, not adopted" numbers: the closed-form collaborative step is the gradient step it claims to
 be, the cross-fitted learned step never scores a user with a W fitted on that user, the anchors'
-onboarding intercept counts exactly positives 6..15, the per-user γ's leave-one-out likelihood is the
+onboarding intercept counts exactly positives 6..15, the cluster-local co-occurrence ratio counts
+what the cluster's users who share the support liked, the per-user γ's leave-one-out likelihood is the
 brute-force sum, and benchmarks/onboarding_cv.py's nonlinear kernel ridge reduces to the shipped
 linear regression at kernel weight 0, benchmarks/seeds.py pools seeds' runs with a bootstrap
 stratified by seed and a Student-t interval over the seeds (and adjusts a --primary family of
@@ -128,6 +129,34 @@ def test_smoothed_ratio_is_the_shipped_ratio_by_default_and_shrinks_small_anchor
     clipped = variants.smoothed_ratio(positives, assignment, 3, 7, clip=0.5)
     np.testing.assert_allclose(clipped, np.clip(shipped, -0.5, 0.5), atol=1e-6)
     assert np.abs(shipped).max() > 0.5 and not mixed[2].any() and not clipped[2].any()  # an empty anchor: offset 0
+
+
+def test_cooccurrence_ratio_counts_what_cluster_users_sharing_the_support_liked(variants):
+    from scipy import sparse
+
+    from pmeta.fusion import anchor_bias
+
+    # anchor 0: users 0, 1; anchor 1: user 2; anchor 2: user 3, who shares no support item
+    positives = [[0, 1, 2], [1, 3], [0, 1, 4, 5], [6]]
+    liked = np.zeros((4, 7))
+    for u, items in enumerate(positives):
+        liked[u, items] = 1.0
+    assignment = np.array([0, 0, 1, 2])
+    support = np.array([0, 1])  # overlaps: user 0 shares 2, user 1 shares 1, user 2 shares 2, user 3 none
+    counts = np.array([2 * liked[0] + liked[1], 2 * liked[2], np.zeros(7)])
+    overall = counts.sum(0) / counts.sum()
+    for m in (0.0, 4.0):
+        q = np.vstack([(counts[:2] + m * overall) / (counts[:2].sum(1, keepdims=True) + m), overall])
+        expected = np.log(0.9 * q + 0.1 * overall + anchor_bias.EPSILON) - np.log(overall + anchor_bias.EPSILON)
+        for matrix in (liked, sparse.csr_matrix(liked)):
+            np.testing.assert_allclose(variants.cooccurrence_ratio(support, matrix, assignment, 3, m), expected, atol=1e-9)
+    ratio = variants.cooccurrence_ratio(support, liked, assignment, 3, 0.0)
+    assert not ratio[2].any()  # no user of anchor 2 shares a support item: offset 0
+    assert ratio[0, 3] > 0 > ratio[1, 3] and ratio[1, 4] > 0 > ratio[0, 4]  # each cluster's own co-liked items
+    assert ratio[0, 6] == ratio[1, 6] == 0.0  # an item no co-rater liked stays at 0
+    # every user in one anchor: local = global, offset 0; a support nobody liked: 0 everywhere
+    assert not variants.cooccurrence_ratio(support, liked, np.zeros(4, dtype=int), 1, 0.0).any()
+    assert not variants.cooccurrence_ratio(np.array([2]), liked[1:], assignment[1:], 3, 0.0).any()
 
 
 def test_loo_log_likelihood_scores_each_support_item_from_the_others(variants):
