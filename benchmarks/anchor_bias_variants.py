@@ -75,6 +75,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import sparse
 
 from pmeta import load_config
 from pmeta.bank import build, onboarding
@@ -325,8 +326,6 @@ def main() -> None:
         ])
         results += [(f"local h={days:g} gamma_t={g:g}", score(local, lambda k, g=g: g)) for g in (0.5, 1.0, 1.5, 2.0)]
         results += [(f"local h={days:g} gamma={g:g} gamma_t={gt:g}", score(g * shipped + gt * local, lambda k: 1.0)) for g in (1.0, 1.5) for gt in (0.5, 1.0)]
-
-    from scipy import sparse
 
     liked = sparse.csr_matrix((np.ones(len(event_items)), (np.repeat(np.arange(len(fit_positives)), [len(np.unique(p)) for p in fit_positives]), event_items)), shape=(len(fit_positives), n_items))
     for pseudo in (300.0, 3000.0):
