@@ -1,12 +1,13 @@
 """Cross-validation of the onboarding init over the *train* users of coldstart-v1 (never the test users).
 
-    python benchmarks/onboarding_cv.py [--folds 4] [--ease-lambda 500] [--rank 32] [--rbf 0.1:0.3,0.1:1]
+    python benchmarks/onboarding_cv.py [--data DIR] [--folds 4] [--ease-lambda 500] [--lam 10] [--weight 1] [--rank 32[,64,...]] [--rbf 0.1:0.3,0.1:1]
 
-The train users of the shipped sample are split into folds; on each, EASE and the onboarding regression
+The train users of coldstart-v1 (the shipped sample, or ``--data``: any MovieLens release) are split into folds; on each, EASE and the onboarding regression
 (:mod:`pmeta.bank.onboarding`) are fitted on the other folds and the held-out fold is ranked with the
 protocol's own candidates and metrics (support = first K positives, query = positives 6..15). Rows: EASE
-alone, the exact combined matrix at γ = 1 and γ = 0.5, and its rank-``--rank`` factorisation (what a bank's
-towers start from). This is the check that chose the design; the bank itself chooses λ, a and γ on its own
+alone, ItemKNN (the protocol's baseline, fitted on the same fold), the exact combined matrix at γ = 1 and
+γ = 0.5, and its rank-``--rank`` factorisation (what a bank's towers start from; one pair of rows per rank
+of a comma-separated list). This is the check that chose the design; the bank itself chooses λ, a and γ on its own
 split of the train users.
 
 ``--rbf bw:c,...`` adds a *nonlinear* onboarding regression per pair: kernel ridge over the same episodes
@@ -26,7 +27,8 @@ from sklearn.utils.extmath import randomized_svd
 
 from pmeta.bank import onboarding
 from pmeta.data import load_sample
-from pmeta.eval.baselines import EASEBaseline, positive_matrix
+from pmeta.data.movielens import read_movielens
+from pmeta.eval.baselines import EASEBaseline, ItemKNNBaseline, positive_matrix
 from pmeta.eval.protocol import draw_candidates, item_rating_counts, make_cases, metrics_from_ranks, rank_positives, split_users
 
 MODES = ("uni99", "pop99", "full")
@@ -49,19 +51,22 @@ def episode_kernel(x: np.ndarray, x_unit: np.ndarray, train_x: np.ndarray, train
     return linear + weight * np.exp((x_unit @ train_unit.T - 1.0) / bandwidth)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folds", type=int, default=4)
     parser.add_argument("--ease-lambda", type=float, default=500.0)
     parser.add_argument("--lam", type=float, default=10.0, help="ridge λ of the onboarding regression")
     parser.add_argument("--weight", type=float, default=1.0, help="weight a of the regression against EASE")
-    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--rank", default="32", help="rank of the factorisation, or a comma-separated list of ranks")
+    parser.add_argument("--data", default=None, help="a MovieLens directory (default: the shipped sample)")
+    parser.add_argument("--format", default="auto", help="auto, ml-100k, ml-1m or ml-latest")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rbf", default="", help="comma-separated bw:c pairs of nonlinear-kernel rows (e.g. 0.1:0.3,0.1:1)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    dataset = load_sample()
+    ranks = [int(r) for r in str(args.rank).split(",")]
+    dataset = load_sample() if args.data is None else read_movielens(args.data, args.format)
     train, _ = split_users(dataset, 0)
     positives = dataset.positives_by_user()
     n_items = len(dataset.catalog)
@@ -79,7 +84,9 @@ def main() -> None:
         x, y = onboarding.episodes([positives[int(u)] for u in fit_users if int(u) in positives], position)
         w, mean = onboarding.ridge(x, y, args.lam)
         combined, bias = onboarding.combine(ease, w, mean, x, args.weight)
-        u, sigma, vt = randomized_svd(combined, n_components=args.rank, random_state=0)
+        # a rank-r prefix of it is the rank-r SVD; a rank above the kept items' count keeps all of them
+        u, sigma, vt = randomized_svd(combined, n_components=min(max(ranks), min(combined.shape)), random_state=0)
+        knn = ItemKNNBaseline().fit(dataset, fit_users)
         if args.rbf:
             _, singular, item_vt = randomized_svd(matrix[:, kept], n_components=64, random_state=0)
             factors = item_vt.T * singular**0.5
@@ -121,11 +128,13 @@ def main() -> None:
 
         models = {
             f"EASE (λ={args.ease_lambda:g})": scorer(lambda rows: ease[rows], 1.0, with_bias=False),
+            "ItemKNN": lambda support: knn.score(support, len(support)),
             "onboarding, exact, γ=1": scorer(lambda rows: combined[rows], 1.0),
             "onboarding, exact, γ=0.5": scorer(lambda rows: combined[rows], 0.5),
-            f"onboarding, rank {args.rank}, γ=1": scorer(lambda rows: history[rows] @ item.T, 1.0),
-            f"onboarding, rank {args.rank}, γ=0.5": scorer(lambda rows: history[rows] @ item.T, 0.5),
         }
+        for rank in ranks:
+            for exponent in (1.0, 0.5):
+                models[f"onboarding, rank {rank}, γ={exponent:g}"] = scorer(lambda rows, r=rank: history[rows, :r] @ item[:, :r].T, exponent)
         for pair in filter(None, args.rbf.split(",")):
             bandwidth, weight = (float(v) for v in pair.split(":"))
             models[f"kernel ridge, linear + {weight:g}·RBF(bw={bandwidth:g}), γ=1"] = kernel_scorer(bandwidth, weight)
@@ -142,7 +151,7 @@ def main() -> None:
                         results.setdefault((name, k, mode), []).append((metrics["hr@10"], metrics["ndcg@10"]))
 
     users = len(results[(next(iter(models)), KS[0], MODES[0])])
-    print(f"onboarding init, {args.folds}-fold CV over {len(train)} train users of ml-latest-small ({users} with >= 6 positives), "
+    print(f"onboarding init, {args.folds}-fold CV over {len(train)} train users of {dataset.name} ({dataset.format}; {users} with >= 6 positives), "
           f"λ={args.lam:g}, a={args.weight:g}; HR@10 / nDCG@10; {time.perf_counter() - started:.0f} s\n")
     print("| model | " + " | ".join(f"{m} K={k}" for m in MODES for k in KS) + " | nDCG@10, mean | full nDCG@10, mean over K |")
     print("|---|" + "---|" * (len(MODES) * len(KS) + 2))

@@ -4,7 +4,7 @@ be, the cross-fitted learned step never scores a user with a W fitted on that us
 onboarding intercept counts exactly positives 6..15, the cluster-local co-occurrence ratio counts
 what the cluster's users who share the support liked, the per-user γ's leave-one-out likelihood is the
 brute-force sum, and benchmarks/onboarding_cv.py's nonlinear kernel ridge reduces to the shipped
-linear regression at kernel weight 0, benchmarks/seeds.py pools seeds' runs with a bootstrap
+linear regression at kernel weight 0 (and reads any release, its full-rank rows the exact ones), benchmarks/seeds.py pools seeds' runs with a bootstrap
 stratified by seed and a Student-t interval over the seeds (and adjusts a --primary family of
 comparisons named in advance on its own), and benchmarks/merge_reports.py merges
 only parts of one run."""
@@ -388,3 +388,34 @@ def test_seeds_pool_primary_family_is_adjusted_alone_and_refuses_bad_cells(tmp_p
     text = seeds.pool(varied, resamples=300, primary=[("full", 1, "hr@10")])
     low, high = maml["across_seeds"]["ci95"]
     assert f"| **confirmed** | [{seeds.signed(low)}, {seeds.signed(high)}] | {maml['t_primary']:.3f} | **confirmed** |" in text
+
+
+def test_onboarding_cv_reads_any_release_and_its_full_rank_rows_are_the_exact_ones(tmp_path, capsys):
+    """`onboarding_cv.py --data DIR --rank r1,r2`: one pair of rows per rank, an ItemKNN row, and at a
+    rank that keeps every item (here: above their count) the factorised rows equal the exact matrix's rows."""
+    from pmeta.data.movielens import ML100K_GENRES
+
+    spec = importlib.util.spec_from_file_location("onboarding_cv", ONBOARDING_CV)
+    cv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cv)
+    rng = np.random.default_rng(3)
+    items, users = 130, 60
+    flags = "|".join("0" for _ in ML100K_GENRES)
+    (tmp_path / "u.item").write_text("".join(f"{i}|Movie {i} (1995)||||{flags}\n" for i in range(1, items + 1)), encoding="latin-1")
+    rows = []
+    for user in range(1, users + 1):
+        for t, item in enumerate(rng.permutation(items)[:14]):
+            rows.append(f"{user}\t{item + 1}\t{int(rng.choice([3, 4, 5], p=[0.1, 0.45, 0.45]))}\t{880000000 + 3600 * t + user}\n")
+    (tmp_path / "u.data").write_text("".join(rows))
+
+    cv.main(["--data", str(tmp_path), "--folds", "2", "--ease-lambda", "5", "--lam", "1", "--rank", f"2,{items}"])
+    out = capsys.readouterr().out
+    assert f"train users of {tmp_path.name} (ml-100k; " in out
+    table = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ") and not line.startswith("| model")}
+    assert set(table) == {"EASE (λ=5)", "ItemKNN", "onboarding, exact, γ=1", "onboarding, exact, γ=0.5", "onboarding, rank 2, γ=1", "onboarding, rank 2, γ=0.5", f"onboarding, rank {items}, γ=1", f"onboarding, rank {items}, γ=0.5"}
+    numbers = {name: np.array([float(v) for cell in cells for v in cell.split("/")]) for name, cells in table.items()}
+    for exponent in ("1", "0.5"):  # equal up to the printed rounding and the float noise of the SVD
+        np.testing.assert_allclose(numbers[f"onboarding, rank {items}, γ={exponent}"], numbers[f"onboarding, exact, γ={exponent}"], atol=2e-3)
+        assert np.abs(numbers[f"onboarding, rank 2, γ={exponent}"] - numbers[f"onboarding, exact, γ={exponent}"]).max() > 0.01
+    values = np.concatenate(list(numbers.values()))
+    assert values.min() >= 0.0 and values.max() <= 1.0 and values.max() > 0.0
