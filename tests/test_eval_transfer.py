@@ -111,3 +111,49 @@ def test_transfer_carries_the_key_rows_and_the_anchor_item_bias(target, opened_b
     assert torch.all(model.t.anchor_bias[:, unseen] == 0)
     assert torch.equal(model.t.item_keys[known], source.t.item_keys[matched[known]])
     torch.testing.assert_close(model.t.item_keys[unseen], model.t.item_text[unseen] @ source.t.key_projection)
+
+
+def _catalog(titles: list[str]):
+    from pmeta.data.types import Catalog
+
+    return Catalog([str(i) for i in range(len(titles))], titles, [[] for _ in titles])
+
+
+def test_title_names_read_the_alternatives_a_movielens_title_carries():
+    from pmeta.eval.transfer import title_names
+
+    year, names = title_names("Star Wars: Episode IV - A New Hope (1977)")
+    assert year == "1977" and names == {frozenset("star wars episode iv a new hope".split()), frozenset({"star", "wars"}), frozenset({"a", "new", "hope"})}
+    year, names = title_names("Léon: The Professional (a.k.a. The Professional) (Léon) (1994)")
+    assert year == "1994" and frozenset({"the", "professional"}) in names and frozenset({"leon"}) in names
+    assert title_names("Boot, Das (1981)") == ("1981", {frozenset({"boot", "das"})})
+    assert title_names("Heat (1995) [alt]")[0] is None  # no trailing year: never matched by name
+
+
+def test_unmatched_titles_match_through_their_names_within_the_year_and_only_when_unique():
+    source = _catalog([
+        "Star Wars: Episode IV - A New Hope (1977)",
+        "Seven (a.k.a. Se7en) (1995)",
+        "Heat (1995)",
+        "Postman, The (Postino, Il) (1994)",
+        "Crash (1996)",
+        "Crash: The Director's Cut (1996)",  # shares the name "crash" with the exact "Crash (1996)"
+        "Twin Town (1997)",
+        "Twin Town: Remastered (1997)",  # two 1997 items named "twin town": ambiguous
+        "Men in Black (a.k.a. MIB) (1997)",
+    ])  # fmt: skip
+    target = _catalog([
+        "Star Wars (1977)",
+        "Seven (Se7en) (1995)",
+        "heat  (1995)",
+        "Postino, Il (1994)",
+        "Star Wars (1978)",  # another year: not the same item
+        "Crash (1996)",
+        "Crash (Director's Cut) (1996)",
+        "Twin Town (Twin Town) (1997)",
+        "Unknown Film (1995)",
+        "MIB (1997)",
+    ])  # fmt: skip
+    assert match_items(source, target).tolist() == [0, 1, 2, 3, -1, 4, 5, -1, -1, 8]
+    # an item an exact match has taken is not given to another target item by name
+    assert match_items(_catalog(["Heat (1995)"]), _catalog(["Heat (1995)", "Heat (Heat) (1995)"])).tolist() == [0, -1]

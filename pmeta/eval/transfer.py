@@ -6,7 +6,11 @@ projections of the text part — works on text and carries over to any catalogue
 catalogue:
 
 * each target item is matched to the bank item with the same normalised title (case-folded,
-  whitespace collapsed; MovieLens titles carry the year, "Heat (1995)");
+  whitespace collapsed; MovieLens titles carry the year, "Heat (1995)"); a target item left
+  unmatched is then matched through the *other names* the titles carry, within the same year
+  (:func:`title_names`): ml-100k's "Star Wars (1977)" is ml-latest's "Star Wars: Episode IV - A
+  New Hope (1977)", "Seven (Se7en) (1995)" is "Seven (a.k.a. Se7en) (1995)", and only a unique
+  candidate not already taken by an exact match is accepted;
 * the target's text embeddings are computed by the same frozen encoder (cached on disk by content);
 * a matched item takes the bank's bias, collaborative rows, time-prior column, retrieval key row
   and anchors' item-bias column; an unseen item has zero collaborative rows (its score comes from
@@ -19,6 +23,7 @@ In a bank with text retrieval keys, anchor retrieval needs no mapping at all.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import replace
 
 import numpy as np
@@ -29,21 +34,68 @@ from ..data.types import Catalog
 from ..progress import Progress
 
 _SPACES = re.compile(r"\s+")
+_YEAR = re.compile(r"\s*\((\d{4})\)\s*$")
+_PARENTHESES = re.compile(r"\(([^()]*)\)")
+_WORDS = re.compile(r"\w+")
+_AKA = re.compile(r"^\s*a\.?k\.?a\.?\s+", re.IGNORECASE)
 
 
 def normalise_title(title: str) -> str:
     return _SPACES.sub(" ", title).strip().casefold()
 
 
-def match_items(source: Catalog, target: Catalog) -> np.ndarray:
-    """For each target item, the index of the source item with the same normalised title, or -1.
+def _words(text: str) -> frozenset[str]:
+    """The case-folded words of ``text``, accents removed ("Léon" = "Leon"), as a set (word order and
+    MovieLens' trailing articles, "Boot, Das", do not matter)."""
+    plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return frozenset(_WORDS.findall(plain.casefold()))
 
-    When several source items share a title (remakes listed with the same year), the first one is used.
+
+def title_names(title: str) -> tuple[str | None, set[frozenset[str]]]:
+    """(year, names) of a MovieLens title: the year in its trailing "(YYYY)" (None without one) and
+    the word sets of every name it carries: the main title, each parenthesised alternative ("a.k.a."
+    dropped), and for a "Series: Episode - Subtitle" title the parts before the colon and after the
+    dash. "Star Wars: Episode IV - A New Hope (1977)" → ("1977", {star wars episode iv a new hope},
+    {star wars}, {a new hope})."""
+    match = _YEAR.search(title)
+    year = match.group(1) if match else None
+    body = title[: match.start()] if match else title
+    alternatives = [_AKA.sub("", part) for part in _PARENTHESES.findall(body)]
+    main = _PARENTHESES.sub(" ", body)
+    parts = [main, *alternatives]
+    if ":" in main:
+        head, tail = main.split(":", 1)
+        parts += [head, tail.rsplit(" - ", 1)[-1] if " - " in tail else tail]
+    return year, {words for words in map(_words, parts) if words}
+
+
+def match_items(source: Catalog, target: Catalog) -> np.ndarray:
+    """For each target item, the index of the source item it is, or -1 (unseen).
+
+    First by the same normalised title; when several source items share a title (remakes listed
+    with the same year), the first one is used. Then a target item still unmatched is matched
+    through :func:`title_names`: a source item of the same year that shares a name with it, when
+    exactly one such item exists and no exact match has taken it.
     """
     by_title: dict[str, int] = {}
     for index, title in enumerate(source.titles):
         by_title.setdefault(normalise_title(title), index)
-    return np.array([by_title.get(normalise_title(t), -1) for t in target.titles], dtype=np.int64)
+    matched = np.array([by_title.get(normalise_title(t), -1) for t in target.titles], dtype=np.int64)
+    taken = set(matched[matched >= 0].tolist())
+    by_name: dict[tuple[str, frozenset[str]], set[int]] = {}
+    for index, title in enumerate(source.titles):
+        year, names = title_names(title)
+        if year is not None and index not in taken:
+            for name in names:
+                by_name.setdefault((year, name), set()).add(index)
+    for position in np.flatnonzero(matched < 0):
+        year, names = title_names(target.titles[position])
+        if year is None:
+            continue
+        candidates = set().union(*(by_name.get((year, name), set()) for name in names))
+        if len(candidates) == 1:
+            matched[position] = candidates.pop()
+    return matched
 
 
 def transfer_model(model: PmetaModel, source: Catalog, target: Catalog, progress: Progress | None = None) -> tuple[PmetaModel, dict]:
