@@ -70,16 +70,16 @@ def read_members(wheel: Path | None) -> tuple[str, str, str]:
     root = Path(list(spec.submodule_search_locations)[0]).parent
     try:
         return (*((root / MEMBER.format(kind)).read_text(encoding="utf-8") for kind in ("inter", "item")), str(root / "recbole"))
-    except OSError as exc:
-        raise ConversionError(f"the installed recbole has no ml-100k example: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"the installed recbole has no readable ml-100k example: {exc}") from exc
 
 
 def _table(text: str, header: list[str], name: str) -> list[list[str]]:
     lines = text.splitlines()
     if not lines or lines[0].split("\t") != header:
         raise ConversionError(f"{name}: expected the header {' '.join(header)!r}")
-    rows = [line.split("\t") for line in lines[1:] if line]
-    for number, row in enumerate(rows, start=2):
+    rows = [(number, line.split("\t")) for number, line in enumerate(lines[1:], start=2) if line]
+    for number, row in rows:
         if len(row) != len(header):
             raise ConversionError(f"{name} line {number}: {len(row)} fields, expected {len(header)}")
     return rows
@@ -88,8 +88,14 @@ def _table(text: str, header: list[str], name: str) -> list[list[str]]:
 def u_data(inter: str) -> str:
     """``u.data`` from ``ml-100k.inter``: the same rows, tab-separated, integer ratings and times."""
     out = []
-    for user, item, rating, timestamp in _table(inter, INTER_HEADER, "ml-100k.inter"):
-        out.append(f"{user}\t{item}\t{int(float(rating))}\t{int(float(timestamp))}\n")
+    for number, (user, item, rating, timestamp) in _table(inter, INTER_HEADER, "ml-100k.inter"):
+        try:
+            stars, seconds = float(rating), float(timestamp)
+        except ValueError:
+            stars = seconds = float("nan")
+        if not (stars in (1, 2, 3, 4, 5) and seconds == int(seconds) >= 0):  # NaN fails both
+            raise ConversionError(f"ml-100k.inter line {number}: rating {rating!r} / timestamp {timestamp!r} are not ml-100k's whole 1-5 stars and seconds")
+        out.append(f"{user}\t{item}\t{int(stars)}\t{int(seconds)}\n")
     return "".join(out)
 
 
@@ -107,7 +113,7 @@ def title_of(title: str, year: str) -> str:
 def u_item(item: str) -> str:
     """``u.item`` from ``ml-100k.item``: ``id|title|release date|video date|URL|19 genre flags``."""
     out = []
-    for item_id, title, year, classes in _table(item, ITEM_HEADER, "ml-100k.item"):
+    for _, (item_id, title, year, classes) in _table(item, ITEM_HEADER, "ml-100k.item"):
         genres = set(classes.split())
         unknown = genres - set(ML100K_GENRES)
         if unknown:
@@ -122,16 +128,21 @@ def convert(wheel: Path | None, out: Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConversionError(f"{out} exists and is not an empty folder")
     inter, item, source = read_members(wheel)
-    files = {"u.data": u_data(inter).encode("latin-1"), "u.item": u_item(item).encode("latin-1"), "README.txt": README.format(source=source).encode()}
+    try:
+        files = {"u.data": u_data(inter).encode("latin-1"), "u.item": u_item(item).encode("latin-1"), "README.txt": README.format(source=source).encode()}
+    except UnicodeEncodeError as exc:
+        start = exc.object.rfind("\n", 0, exc.start) + 1
+        row = exc.object[start : exc.object.find("\n", exc.start)].split("|")
+        raise ConversionError(f"item {row[0]} {row[1]!r} holds {exc.object[exc.start : exc.end]!r}, which latin-1 (ml-100k's encoding) cannot write") from exc
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         for name, data in files.items():
             (staging / name).write_bytes(data)
-        staging.chmod(0o755)  # mkdtemp makes it private; the data folder is an ordinary one
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(staging, out)
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the data folder is an ordinary one
+        os.replace(staging, out)  # onto an empty folder too (POSIX rename); the user's folder is kept on failure
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -145,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = convert(args.wheel, args.out)
-    except (ConversionError, UnicodeEncodeError, OSError) as exc:
+    except (ConversionError, OSError) as exc:
         print(f"ml100k_from_recbole: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}/u.data, u.item and README.txt")

@@ -27,7 +27,7 @@ from sklearn.utils.extmath import randomized_svd
 
 from pmeta.bank import onboarding
 from pmeta.data import load_sample
-from pmeta.data.movielens import read_movielens
+from pmeta.data.movielens import LAYOUTS as FORMATS, read_movielens
 from pmeta.eval.baselines import EASEBaseline, ItemKNNBaseline, positive_matrix
 from pmeta.eval.protocol import draw_candidates, item_rating_counts, make_cases, metrics_from_ranks, rank_positives, split_users
 
@@ -51,21 +51,32 @@ def episode_kernel(x: np.ndarray, x_unit: np.ndarray, train_x: np.ndarray, train
     return linear + weight * np.exp((x_unit @ train_unit.T - 1.0) / bandwidth)
 
 
+def rank_list(text: str) -> list[int]:
+    """``--rank``: one rank or a comma-separated list, each a whole number >= 1."""
+    try:
+        ranks = [int(part) for part in text.split(",")]
+    except ValueError:
+        ranks = []
+    if not ranks or min(ranks) < 1:
+        raise argparse.ArgumentTypeError(f"expected whole numbers >= 1 separated by commas, got {text!r}")
+    return ranks
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folds", type=int, default=4)
     parser.add_argument("--ease-lambda", type=float, default=500.0)
     parser.add_argument("--lam", type=float, default=10.0, help="ridge λ of the onboarding regression")
     parser.add_argument("--weight", type=float, default=1.0, help="weight a of the regression against EASE")
-    parser.add_argument("--rank", default="32", help="rank of the factorisation, or a comma-separated list of ranks")
+    parser.add_argument("--rank", type=rank_list, default=[32], help="rank of the factorisation, or a comma-separated list of ranks (each >= 1)")
     parser.add_argument("--data", default=None, help="a MovieLens directory (default: the shipped sample)")
-    parser.add_argument("--format", default="auto", help="auto, ml-100k, ml-1m or ml-latest")
+    parser.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="the release's layout (default: detected)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rbf", default="", help="comma-separated bw:c pairs of nonlinear-kernel rows (e.g. 0.1:0.3,0.1:1)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    ranks = [int(r) for r in str(args.rank).split(",")]
+    ranks = args.rank
     dataset = load_sample() if args.data is None else read_movielens(args.data, args.format)
     train, _ = split_users(dataset, 0)
     positives = dataset.positives_by_user()
@@ -73,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     popularity = item_rating_counts(dataset)
     folds = np.array_split(np.random.default_rng(args.seed).permutation(np.sort(train)), args.folds)
     results: dict[tuple[str, int, str], list[tuple[float, float]]] = {}
+    capped: set[int] = set()  # ranks above a fold's number of kept items (they keep every factor)
 
     for f, held_out in enumerate(folds):
         fit_users = np.concatenate([fold for j, fold in enumerate(folds) if j != f])
@@ -132,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             "onboarding, exact, γ=1": scorer(lambda rows: combined[rows], 1.0),
             "onboarding, exact, γ=0.5": scorer(lambda rows: combined[rows], 0.5),
         }
+        capped.update(rank for rank in ranks if rank > len(sigma))
         for rank in ranks:
             for exponent in (1.0, 0.5):
                 models[f"onboarding, rank {rank}, γ={exponent:g}"] = scorer(lambda rows, r=rank: history[rows, :r] @ item[:, :r].T, exponent)
@@ -159,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         cells = [np.mean(results[(name, k, m)], axis=0) for m in MODES for k in KS]
         ndcg = [nd for _, nd in cells]
         print(f"| {name} | " + " | ".join(f"{hr:.3f} / {nd:.3f}" for hr, nd in cells) + f" | {np.mean(ndcg):.4f} | {np.mean(ndcg[-len(KS):]):.4f} |")
+    if capped:
+        print(f"\nRank {', '.join(map(str, sorted(capped)))} is above the number of items with train positives in a fold; there it keeps all of them (the exact rows).")
 
 
 if __name__ == "__main__":

@@ -392,7 +392,8 @@ def test_seeds_pool_primary_family_is_adjusted_alone_and_refuses_bad_cells(tmp_p
 
 def test_onboarding_cv_reads_any_release_and_its_full_rank_rows_are_the_exact_ones(tmp_path, capsys):
     """`onboarding_cv.py --data DIR --rank r1,r2`: one pair of rows per rank, an ItemKNN row, and at a
-    rank that keeps every item (here: above their count) the factorised rows equal the exact matrix's rows."""
+    rank that keeps every item (here: above their count, which the output says) the factorised rows equal
+    the exact matrix's rows; a rank that is not a whole number >= 1 is refused."""
     from pmeta.data.movielens import ML100K_GENRES
 
     spec = importlib.util.spec_from_file_location("onboarding_cv", ONBOARDING_CV)
@@ -412,10 +413,16 @@ def test_onboarding_cv_reads_any_release_and_its_full_rank_rows_are_the_exact_on
     out = capsys.readouterr().out
     assert f"train users of {tmp_path.name} (ml-100k; " in out
     table = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ") and not line.startswith("| model")}
-    assert set(table) == {"EASE (λ=5)", "ItemKNN", "onboarding, exact, γ=1", "onboarding, exact, γ=0.5", "onboarding, rank 2, γ=1", "onboarding, rank 2, γ=0.5", f"onboarding, rank {items}, γ=1", f"onboarding, rank {items}, γ=0.5"}
+    kept = items
+    assert f"Rank {items} is above the number of items with train positives in a fold" in out
+    assert set(table) == {"EASE (λ=5)", "ItemKNN", "onboarding, exact, γ=1", "onboarding, exact, γ=0.5", "onboarding, rank 2, γ=1", "onboarding, rank 2, γ=0.5", f"onboarding, rank {kept}, γ=1", f"onboarding, rank {kept}, γ=0.5"}
     numbers = {name: np.array([float(v) for cell in cells for v in cell.split("/")]) for name, cells in table.items()}
     for exponent in ("1", "0.5"):  # equal up to the printed rounding and the float noise of the SVD
-        np.testing.assert_allclose(numbers[f"onboarding, rank {items}, γ={exponent}"], numbers[f"onboarding, exact, γ={exponent}"], atol=2e-3)
+        np.testing.assert_allclose(numbers[f"onboarding, rank {kept}, γ={exponent}"], numbers[f"onboarding, exact, γ={exponent}"], atol=2e-3)
         assert np.abs(numbers[f"onboarding, rank 2, γ={exponent}"] - numbers[f"onboarding, exact, γ={exponent}"]).max() > 0.01
+    for bad in ("0", "32,x", "-1"):
+        with pytest.raises(SystemExit):
+            cv.main(["--data", str(tmp_path), "--rank", bad])
+    assert "expected whole numbers >= 1" in capsys.readouterr().err
     values = np.concatenate(list(numbers.values()))
     assert values.min() >= 0.0 and values.max() <= 1.0 and values.max() > 0.0

@@ -122,11 +122,13 @@ def _catalog(titles: list[str]):
 def test_title_names_read_the_alternatives_a_movielens_title_carries():
     from pmeta.eval.transfer import title_names
 
-    year, names = title_names("Star Wars: Episode IV - A New Hope (1977)")
-    assert year == "1977" and names == {frozenset("star wars episode iv a new hope".split()), frozenset({"star", "wars"}), frozenset({"a", "new", "hope"})}
-    year, names = title_names("Léon: The Professional (a.k.a. The Professional) (Léon) (1994)")
+    year, names, series = title_names("Star Wars: Episode IV - A New Hope (1977)")
+    assert year == "1977" and names == {frozenset("star wars episode iv a new hope".split())}
+    assert series == {frozenset({"star", "wars"}), frozenset({"a", "new", "hope"})}
+    year, names, series = title_names("Léon: The Professional (a.k.a. The Professional) (Léon) (1994)")
     assert year == "1994" and frozenset({"the", "professional"}) in names and frozenset({"leon"}) in names
-    assert title_names("Boot, Das (1981)") == ("1981", {frozenset({"boot", "das"})})
+    assert series == {frozenset({"leon"})} - names == set()  # a series name that is also a name is a name
+    assert title_names("Boot, Das (1981)") == ("1981", {frozenset({"boot", "das"})}, set())
     assert title_names("Heat (1995) [alt]")[0] is None  # no trailing year: never matched by name
 
 
@@ -139,7 +141,7 @@ def test_unmatched_titles_match_through_their_names_within_the_year_and_only_whe
         "Crash (1996)",
         "Crash: The Director's Cut (1996)",  # shares the name "crash" with the exact "Crash (1996)"
         "Twin Town (1997)",
-        "Twin Town: Remastered (1997)",  # two 1997 items named "twin town": ambiguous
+        "Twin Town (Director's Cut) (1997)",  # two 1997 items named "twin town": ambiguous
         "Men in Black (a.k.a. MIB) (1997)",
     ])  # fmt: skip
     target = _catalog([
@@ -155,5 +157,12 @@ def test_unmatched_titles_match_through_their_names_within_the_year_and_only_whe
         "MIB (1997)",
     ])  # fmt: skip
     assert match_items(source, target).tolist() == [0, 1, 2, 3, -1, 4, 5, -1, -1, 8]
+    # a name beats a series name: "Red" and "White" share the series "Three Colors" but each has its own title
+    colors = _catalog(["Three Colors: Red (Trois couleurs: Rouge) (1994)", "Three Colors: White (Trzy kolory: Bialy) (1994)"])
+    assert match_items(colors, _catalog(["Three Colors: White (1994)", "Three Colors: Red (1994)", "Three Colors (1994)"])).tolist() == [1, 0, -1]
+    # a source item claimed by two different titles goes to neither; the same title listed twice is one film
+    hope = _catalog(["Star Wars: Episode IV - A New Hope (1977)"])
+    assert match_items(hope, _catalog(["Star Wars (1977)", "A New Hope (1977)"])).tolist() == [-1, -1]
+    assert match_items(hope, _catalog(["Star Wars (1977)", "Star Wars (1977)"])).tolist() == [0, 0]
     # an item an exact match has taken is not given to another target item by name
     assert match_items(_catalog(["Heat (1995)"]), _catalog(["Heat (1995)", "Heat (Heat) (1995)"])).tolist() == [0, -1]

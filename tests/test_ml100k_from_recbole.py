@@ -78,7 +78,10 @@ def test_the_written_layout_reads_back_with_the_same_ratings_titles_and_genres(s
     [
         (INTER.replace("rating:float", "score:float"), ITEM, "expected the header"),
         (INTER, ITEM.replace("Drama War", "Drama Space-Opera"), "unknown genre 'Space-Opera'"),
-        (INTER + "1\t2\t3\n", ITEM, "line 7: 3 fields, expected 4"),
+        (INTER + "\n1\t2\t3\n", ITEM, "line 8: 3 fields, expected 4"),  # numbered as in the file, blank lines counted
+        (INTER.replace("\t3\t891717742", "\t4.5\t891717742"), ITEM, "line 3: rating '4.5'"),
+        (INTER.replace("881250949", "soon"), ITEM, "timestamp 'soon'"),
+        (INTER, ITEM.replace("L.A. Confidential", "L.A. Confidential \u2603"), "item 302 'L.A. Confidential \u2603 (1997)' holds '\u2603', which latin-1"),
     ],
 )
 def test_input_that_is_not_recboles_ml100k_is_refused_and_nothing_is_written(script, tmp_path, capsys, inter, item, fragment):
@@ -102,6 +105,11 @@ def test_a_wheel_without_the_data_or_a_non_empty_out_is_refused(script, tmp_path
     assert script.main(["--wheel", str(make_wheel(tmp_path / "w.whl")), "--out", str(tmp_path / "b")]) == 2
     assert "is not an empty folder" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "b").iterdir()] == ["keep.txt"]
+
+    (tmp_path / "e").mkdir()  # an empty folder is kept when the input is refused
+    assert script.main(["--wheel", str(make_wheel(tmp_path / "bad.whl", INTER.replace("rating", "score"))), "--out", str(tmp_path / "e")]) == 2
+    assert (tmp_path / "e").is_dir() and not any((tmp_path / "e").iterdir())
+    capsys.readouterr()
 
     (tmp_path / "c").mkdir()  # an empty folder is filled
     assert script.main(["--wheel", str(tmp_path / "w.whl"), "--out", str(tmp_path / "c")]) == 0

@@ -253,7 +253,7 @@ def eval_movielens(
     out: Path = typer.Option(..., "--out", help="Directory for report.json, report.md and the PNG plots."),
     data: Optional[Path] = typer.Option(None, "--data", help="MovieLens directory (default: the shipped sample)."),
     format: str = typer.Option("auto", "--format"),
-    bank: Optional[Path] = typer.Option(None, "--bank", help="A bank built on this dataset's train users, or on another MovieLens release (transfer: items matched by title); without it one is built with --preset."),
+    bank: Optional[Path] = typer.Option(None, "--bank", help="A bank built on this dataset's train users, or on another MovieLens release (transfer: items matched by title or its other names); without it one is built with --preset."),
     reptile_bank: Optional[Path] = typer.Option(None, "--reptile-bank", help="Bank meta-trained with Reptile for pmeta-reptile; without it one is built with the --bank's config (or --preset) and meta=reptile into OUT/bank-reptile."),
     preset: str = typer.Option("tiny", "--preset", help="Preset of the banks built when --bank / --reptile-bank are not given."),
     k: str = typer.Option("1,3,5", "--k", help="Support sizes K."),

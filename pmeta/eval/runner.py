@@ -191,7 +191,7 @@ def markdown(report: dict) -> str:
     transfer = report["config"].get("transfer")
     if transfer:
         lines += [
-            f"Transfer: bank built on {transfer['bank_dataset']}; {transfer['matched_items']} of {transfer['target_items']} items matched by title, {transfer['unseen_items']} unseen (text only).",
+            f"Transfer: bank built on {transfer['bank_dataset']}; {transfer['matched_items']} of {transfer['target_items']} items matched by title or its other names, {transfer['unseen_items']} unseen (text only).",
             "",
         ]
     for mode in modes:

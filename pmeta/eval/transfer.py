@@ -8,9 +8,9 @@ catalogue:
 * each target item is matched to the bank item with the same normalised title (case-folded,
   whitespace collapsed; MovieLens titles carry the year, "Heat (1995)"); a target item left
   unmatched is then matched through the *other names* the titles carry, within the same year
-  (:func:`title_names`): ml-100k's "Star Wars (1977)" is ml-latest's "Star Wars: Episode IV - A
-  New Hope (1977)", "Seven (Se7en) (1995)" is "Seven (a.k.a. Se7en) (1995)", and only a unique
-  candidate not already taken by an exact match is accepted;
+  (:func:`title_names`, :func:`match_items`): ml-100k's "Star Wars (1977)" is ml-latest's "Star
+  Wars: Episode IV - A New Hope (1977)", "Seven (Se7en) (1995)" is "Seven (a.k.a. Se7en) (1995)";
+  only a unique candidate that no other match has taken is accepted;
 * the target's text embeddings are computed by the same frozen encoder (cached on disk by content);
 * a matched item takes the bank's bias, collaborative rows, time-prior column, retrieval key row
   and anchors' item-bias column; an unseen item has zero collaborative rows (its score comes from
@@ -51,22 +51,24 @@ def _words(text: str) -> frozenset[str]:
     return frozenset(_WORDS.findall(plain.casefold()))
 
 
-def title_names(title: str) -> tuple[str | None, set[frozenset[str]]]:
-    """(year, names) of a MovieLens title: the year in its trailing "(YYYY)" (None without one) and
-    the word sets of every name it carries: the main title, each parenthesised alternative ("a.k.a."
-    dropped), and for a "Series: Episode - Subtitle" title the parts before the colon and after the
-    dash. "Star Wars: Episode IV - A New Hope (1977)" → ("1977", {star wars episode iv a new hope},
-    {star wars}, {a new hope})."""
+def title_names(title: str) -> tuple[str | None, set[frozenset[str]], set[frozenset[str]]]:
+    """(year, names, series names) of a MovieLens title: the year in its trailing "(YYYY)" (None
+    without one); the word sets of the names it carries (the main title and each parenthesised
+    alternative, "a.k.a." dropped); and, for a "Series: Episode - Subtitle" title, the word sets of
+    the part before the colon and the part after the dash, a weaker kind of name that is tried only
+    when the first kind finds nothing. "Star Wars: Episode IV - A New Hope (1977)" → ("1977",
+    {star wars episode iv a new hope}, {star wars} and {a new hope})."""
     match = _YEAR.search(title)
     year = match.group(1) if match else None
     body = title[: match.start()] if match else title
     alternatives = [_AKA.sub("", part) for part in _PARENTHESES.findall(body)]
     main = _PARENTHESES.sub(" ", body)
-    parts = [main, *alternatives]
+    series: list[str] = []
     if ":" in main:
         head, tail = main.split(":", 1)
-        parts += [head, tail.rsplit(" - ", 1)[-1] if " - " in tail else tail]
-    return year, {words for words in map(_words, parts) if words}
+        series = [head, tail.rsplit(" - ", 1)[-1] if " - " in tail else tail]
+    names = {words for words in map(_words, [main, *alternatives]) if words}
+    return year, names, {words for words in map(_words, series) if words} - names
 
 
 def match_items(source: Catalog, target: Catalog) -> np.ndarray:
@@ -74,27 +76,38 @@ def match_items(source: Catalog, target: Catalog) -> np.ndarray:
 
     First by the same normalised title; when several source items share a title (remakes listed
     with the same year), the first one is used. Then a target item still unmatched is matched
-    through :func:`title_names`: a source item of the same year that shares a name with it, when
-    exactly one such item exists and no exact match has taken it.
+    through :func:`title_names`, in two tiers: a source item of the same year that shares one of
+    its names (main title or alternative) with it, else one that shares a name when series names
+    count on either side. A tier
+    matches only when it finds exactly one source item that no exact match has taken, and a
+    source item claimed by two different target titles goes to neither.
     """
     by_title: dict[str, int] = {}
     for index, title in enumerate(source.titles):
         by_title.setdefault(normalise_title(title), index)
     matched = np.array([by_title.get(normalise_title(t), -1) for t in target.titles], dtype=np.int64)
     taken = set(matched[matched >= 0].tolist())
-    by_name: dict[tuple[str, frozenset[str]], set[int]] = {}
+    tiers: tuple[dict, dict] = ({}, {})  # (year, name) -> source items: by names; by names and series names
     for index, title in enumerate(source.titles):
-        year, names = title_names(title)
+        year, names, series = title_names(title)
         if year is not None and index not in taken:
-            for name in names:
-                by_name.setdefault((year, name), set()).add(index)
+            for tier, words in zip(tiers, (names, names | series)):
+                for name in words:
+                    tier.setdefault((year, name), set()).add(index)
+    claims: dict[int, dict[str, list[int]]] = {}  # source item -> target title -> target positions
     for position in np.flatnonzero(matched < 0):
-        year, names = title_names(target.titles[position])
+        year, names, series = title_names(target.titles[position])
         if year is None:
             continue
-        candidates = set().union(*(by_name.get((year, name), set()) for name in names))
-        if len(candidates) == 1:
-            matched[position] = candidates.pop()
+        for tier, words in zip(tiers, (names, names | series)):
+            candidates = set().union(set(), *(tier.get((year, name), set()) for name in words))
+            if candidates:
+                if len(candidates) == 1:
+                    claims.setdefault(candidates.pop(), {}).setdefault(normalise_title(target.titles[position]), []).append(int(position))
+                break
+    for index, by_target in claims.items():
+        if len(by_target) == 1:  # one target title (a catalogue may list the same film twice)
+            matched[next(iter(by_target.values()))] = index
     return matched
 
 
