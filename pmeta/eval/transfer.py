@@ -78,9 +78,8 @@ def match_items(source: Catalog, target: Catalog) -> np.ndarray:
     with the same year), the first one is used. Then a target item still unmatched is matched
     through :func:`title_names`, in two tiers: a source item of the same year that shares one of
     its names (main title or alternative) with it, else one that shares a name when series names
-    count on either side. A tier
-    matches only when it finds exactly one source item that no exact match has taken, and a
-    source item claimed by two different target titles goes to neither.
+    count on either side. A tier matches only when it finds exactly one source item that no exact
+    match has taken, and a source item claimed by two different target titles goes to neither.
     """
     by_title: dict[str, int] = {}
     for index, title in enumerate(source.titles):
@@ -100,7 +99,7 @@ def match_items(source: Catalog, target: Catalog) -> np.ndarray:
         if year is None:
             continue
         for tier, words in zip(tiers, (names, names | series)):
-            candidates = set().union(set(), *(tier.get((year, name), set()) for name in words))
+            candidates = set().union(*(tier.get((year, name), set()) for name in words))
             if candidates:
                 if len(candidates) == 1:
                     claims.setdefault(candidates.pop(), {}).setdefault(normalise_title(target.titles[position]), []).append(int(position))
