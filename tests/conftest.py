@@ -20,6 +20,23 @@ settings.register_profile("pmeta", derandomize=True)
 settings.load_profile("pmeta")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """A fresh module object of ``benchmarks/<name>.py`` (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """``load_benchmark`` as a fixture: ``benchmark_script("seeds")`` is benchmarks/seeds.py, freshly loaded."""
+    return load_benchmark
 
 
 @pytest.fixture(scope="session")

@@ -11,23 +11,16 @@ only parts of one run."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "anchor_bias_variants.py"
-ONBOARDING_CV = Path(__file__).resolve().parents[1] / "benchmarks" / "onboarding_cv.py"
-
 
 @pytest.fixture(scope="module")
-def variants():
-    spec = importlib.util.spec_from_file_location("anchor_bias_variants", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def variants(benchmark_script):
+    return benchmark_script("anchor_bias_variants")
 
 
 def support_loss(c: torch.Tensor, bias: torch.Tensor, factors: torch.Tensor, support: list[int]) -> torch.Tensor:
@@ -189,12 +182,10 @@ def test_loo_log_likelihood_scores_each_support_item_from_the_others(variants):
     assert variants.loo_log_likelihood(np.array([3]), 7.0, scores, offset_of, [0.0, 1.0]).tolist() == [0.0, 0.0]  # K = 1: nothing to leave out
 
 
-def test_kernel_ridge_is_the_onboarding_regression_at_weight_zero_and_adds_the_rbf_otherwise():
+def test_kernel_ridge_is_the_onboarding_regression_at_weight_zero_and_adds_the_rbf_otherwise(benchmark_script):
     from pmeta.bank import onboarding
 
-    spec = importlib.util.spec_from_file_location("onboarding_cv", ONBOARDING_CV)
-    cv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cv)
+    cv = benchmark_script("onboarding_cv")
     rng = np.random.default_rng(0)
     episodes, n, lam = 12, 30, 3.0
     x = np.zeros((episodes, n), np.float32)
@@ -223,9 +214,6 @@ def test_kernel_ridge_is_the_onboarding_regression_at_weight_zero_and_adds_the_r
     np.testing.assert_allclose(kernel, x @ x.T + 2.0 * np.exp((cosine - 1.0) / 0.1), atol=1e-5)
 
 
-SEEDS = Path(__file__).resolve().parents[1] / "benchmarks" / "seeds.py"
-
-
 def _write_run(path: Path, seed: int, users: list[int], values: dict[str, list[float]]) -> Path:
     """A `seeds.py run` output holding one cell (K = 1, full) per method, with HR@10 = nDCG@10 = values."""
     path.mkdir()
@@ -234,10 +222,8 @@ def _write_run(path: Path, seed: int, users: list[int], values: dict[str, list[f
     return path
 
 
-def test_seeds_pool_concatenates_runs_and_resamples_users_within_their_seed(tmp_path):
-    spec = importlib.util.spec_from_file_location("seeds", SEEDS)
-    seeds = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(seeds)
+def test_seeds_pool_concatenates_runs_and_resamples_users_within_their_seed(benchmark_script, tmp_path):
+    seeds = benchmark_script("seeds")
     # pmeta is 1 above prompt-maml on every user of seed 0 and level on seed 1; ease is the only classical.
     first = _write_run(tmp_path / "s0", 0, [3, 5], {"pmeta": [1.0, 1.0], "prompt-maml": [0.0, 0.0], "ease": [0.0, 1.0]})
     second = _write_run(tmp_path / "s1", 1, [5, 8, 9], {"pmeta": [0.0, 1.0, 0.0], "prompt-maml": [0.0, 1.0, 0.0], "ease": [1.0, 1.0, 1.0]})
@@ -263,10 +249,8 @@ def test_seeds_pool_concatenates_runs_and_resamples_users_within_their_seed(tmp_
         seeds.load_runs([first, fewer])
 
 
-def test_seeds_pool_adds_a_t_interval_over_the_seeds_from_three_seeds_on(tmp_path):
-    spec = importlib.util.spec_from_file_location("seeds", SEEDS)
-    seeds = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(seeds)
+def test_seeds_pool_adds_a_t_interval_over_the_seeds_from_three_seeds_on(benchmark_script, tmp_path):
+    seeds = benchmark_script("seeds")
     t_975_2 = 4.302652729911275  # Student-t quantile 0.975 on 2 degrees of freedom
 
     def p_two_sided(t: float) -> float:  # Student-t on 2 degrees of freedom, in closed form
@@ -316,10 +300,8 @@ def test_seeds_pool_adds_a_t_interval_over_the_seeds_from_three_seeds_on(tmp_pat
     assert "Across the" not in seeds.pool(runs[:2], resamples=200)
 
 
-def test_merge_reports_orders_methods_and_refuses_parts_of_different_runs():
-    spec = importlib.util.spec_from_file_location("merge_reports", Path(__file__).resolve().parents[1] / "benchmarks" / "merge_reports.py")
-    merge_reports = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(merge_reports)
+def test_merge_reports_orders_methods_and_refuses_parts_of_different_runs(benchmark_script):
+    merge_reports = benchmark_script("merge_reports")
 
     def part(methods, **config):
         base = {"ks": [1], "modes": ["full"], "max_users": None, "test_fraction": 0.2, "methods": methods, "bank": {"version": "v1"}, "reptile_bank": {"version": "r1"}}
@@ -336,10 +318,8 @@ def test_merge_reports_orders_methods_and_refuses_parts_of_different_runs():
             merge_reports.merge([part(["pmeta"]), other])
 
 
-def test_seeds_pool_primary_family_is_adjusted_alone_and_refuses_bad_cells(tmp_path):
-    spec = importlib.util.spec_from_file_location("seeds", SEEDS)
-    seeds = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(seeds)
+def test_seeds_pool_primary_family_is_adjusted_alone_and_refuses_bad_cells(benchmark_script, tmp_path):
+    seeds = benchmark_script("seeds")
     # Three seeds, one cell (full K = 1): pmeta beats prompt-maml on every user; per-user-lora is level.
     runs = [
         _write_run(tmp_path / f"s{s}", s, [1, 2, 3, 4], {"pmeta": [1.0, 1.0, 1.0, 0.0], "prompt-maml": [0.0, 0.0, 0.0, 0.0], "per-user-lora": [1.0, 1.0, 1.0, 0.0], "ease": [0.0, 0.0, 0.0, 0.0]})
@@ -390,15 +370,13 @@ def test_seeds_pool_primary_family_is_adjusted_alone_and_refuses_bad_cells(tmp_p
     assert f"| **confirmed** | [{seeds.signed(low)}, {seeds.signed(high)}] | {maml['t_primary']:.3f} | **confirmed** |" in text
 
 
-def test_onboarding_cv_reads_any_release_and_its_full_rank_rows_are_the_exact_ones(tmp_path, capsys):
+def test_onboarding_cv_reads_any_release_and_its_full_rank_rows_are_the_exact_ones(benchmark_script, tmp_path, capsys):
     """`onboarding_cv.py --data DIR --rank r1,r2`: one pair of rows per rank, an ItemKNN row, and at a
     rank that keeps every item (here: above their count, which the output says) the factorised rows equal
     the exact matrix's rows; a rank that is not a whole number >= 1 is refused."""
     from pmeta.data.movielens import ML100K_GENRES
 
-    spec = importlib.util.spec_from_file_location("onboarding_cv", ONBOARDING_CV)
-    cv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cv)
+    cv = benchmark_script("onboarding_cv")
     rng = np.random.default_rng(3)
     items, users = 130, 60
     flags = "|".join("0" for _ in ML100K_GENRES)

@@ -6,7 +6,6 @@ ml-100k reader with the same ratings, titles and genres."""
 
 from __future__ import annotations
 
-import importlib.util
 import zipfile
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import pytest
 
 from pmeta.data.movielens import read_movielens
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ml100k_from_recbole.py"
 
 INTER = """user_id:token\titem_id:token\trating:float\ttimestamp:float
 196\t242\t3\t881250949
@@ -33,11 +31,8 @@ ITEM = """item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_
 
 
 @pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("ml100k_from_recbole", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script(benchmark_script):
+    return benchmark_script("ml100k_from_recbole")
 
 
 def make_wheel(path: Path, inter: str = INTER, item: str = ITEM) -> Path:
