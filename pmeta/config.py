@@ -114,11 +114,16 @@ def load_config(preset: str = "default", file: str | Path | None = None, overrid
     return resolve_config(BankConfig, PRESETS, preset, file, overrides)
 
 
+def check_preset(preset: str, presets: dict[str, dict] = PRESETS) -> None:
+    """InvalidConfig (one line) unless ``preset`` names one of ``presets``."""
+    if preset not in presets:
+        raise InvalidConfig(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+
+
 def resolve_config(model: type[BaseModel], presets: dict[str, dict], preset: str, file: str | Path | None, overrides: dict | None):
     """Validate ``model`` from a preset, then a TOML file's keys (top level or a [bank] table), then
     explicit overrides (None = unset). Shared by MovieLens and text banks; one-line InvalidConfig errors."""
-    if preset not in presets:
-        raise InvalidConfig(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+    check_preset(preset, presets)
     values = dict(presets[preset])
     if file is not None:
         path = Path(file)

@@ -200,3 +200,51 @@ def test_adapt_precision_option(tiny_bank):
     assert ok.returncode == 0, ok.stderr
     assert len(json.loads(ok.stdout)["recommendations"]) == 10
     assert_one_line_error(pmeta("adapt", "--bank", str(tiny_bank), "--history", str(EXAMPLE), "--precision", "fp8"), "precision")
+
+
+@pytest.mark.parametrize("threads", ["-2", "100000", "2147483648"])
+def test_a_thread_count_out_of_range_is_a_usage_error(threads):
+    """torch segfaults on 100000 threads and overflows on 2**31: refused by the parser (0 to 1024)."""
+    assert_one_line_error(pmeta("--threads", threads, "bank", "info", "nowhere"), "Invalid value for '--threads'")
+
+
+def test_flags_of_the_other_kind_of_bank_are_refused(tiny_bank, tmp_path):
+    """--input / --retrieve belong to text banks: on a ranking bank they used to be ignored (exit 0);
+    --preset names a preset even when --bank makes it unused (a typo used to run the whole report)."""
+    for flag in (["--input", "hi"], ["--retrieve", "3"]):
+        assert_one_line_error(pmeta("adapt", "--bank", str(tiny_bank), "--history", str(EXAMPLE), *flag), f"{flag[0]} applies to text banks")
+    out = tmp_path / "report"
+    assert_one_line_error(pmeta("eval", "movielens", "--bank", str(tiny_bank), "--preset", "huge", "--out", str(out)), "unknown preset 'huge'")
+    assert not out.exists()
+
+
+def test_a_closed_stdout_is_an_error_not_a_silent_success(tiny_bank):
+    result = subprocess.run(f'"{sys.executable}" -m pmeta adapt --bank "{tiny_bank}" --history "{EXAMPLE}" >&-', shell=True, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(result, "standard output is closed")
+
+
+def test_bank_info_refuses_a_bank_whose_active_folder_is_gone(tiny_bank, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bank"
+    shutil.copytree(tiny_bank, copy)
+    active = json.loads(pmeta("bank", "info", str(copy), "--json").stdout)["active"]
+    (copy / "versions" / active).chmod(0o755)
+    shutil.rmtree(copy / "versions" / active)
+    assert_one_line_error(pmeta("bank", "info", str(copy)), f"the folder of the active version {active} is missing")
+
+
+def test_a_data_warning_is_one_line_before_the_error(tmp_path):
+    """A rating of a movie missing from movies.csv is dropped with a warning: one ``pmeta: warning:``
+    line (not Python's file:line and source line), then the build's own one-line error."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "movies.csv").write_text("movieId,title,genres\n1,Toy Story (1995),Animation\n2,Jumanji (1995),Adventure\n")
+    (data / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,5,1\n1,2,5,2\n1,77,5,3\n")
+    result = pmeta("bank", "build", "--data", str(data), "--preset", "tiny", "--out", str(tmp_path / "bank"), "--quiet")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2, result.stderr
+    assert lines[0] == f"pmeta: warning: {data / 'ratings.csv'}: dropped 1 rating(s) of items missing from movies.csv."
+    assert lines[1].startswith("pmeta: error:") and "it needs at least 2" in lines[1]
+    assert not (tmp_path / "bank").exists()  # the build failed after creating the folder: it is gone

@@ -192,6 +192,9 @@ def test_several_layouts_need_an_explicit_format(tmp_path):
         ("userId,movieId,rating,timestamp\n1,1,4.0,1\n1,11,four,964982703\n", r"ratings.csv line 3: the rating 'four' is not a number"),
         ("userId,movieId,rating,timestamp\n1,1,nan,964982703\n", r"line 2: the rating 'nan' is not a finite number"),
         ("userId,movieId,rating,timestamp\n1,1,4.0,1\n1,2,1e300,964982703\n", r"line 3: the rating '1e300' is out of range"),
+        ("userId,movieId,rating,timestamp\n1,1,4.0,1\n1,2,-3,964982703\n", r"line 3: the rating '-3' is out of range \(0 to 5 stars\)"),
+        ("userId,movieId,rating,timestamp\n1,1,5.5,1\n", r"line 2: the rating '5.5' is out of range \(0 to 5 stars\)"),
+        ("userId,movieId,rating,timestamp\n1,77,-1,964982703\n", r"line 2: the rating '-1' is out of range"),  # even when dropped
         ("userId,movieId,rating,timestamp\n1,77,x,964982703\n", r"line 2: the rating 'x' is not a number"),  # even when dropped
         ("userId,movieId,rating,timestamp\n1,1,4.0,yesterday\n", r"line 2: the timestamp 'yesterday' is not a whole number"),
         ("userId,movieId,rating,timestamp\n1,1,4.0\n", r"line 2: expected 4 comma-separated columns, found 3"),

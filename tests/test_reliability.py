@@ -211,6 +211,9 @@ BAD_HISTORIES = {
     "user-id-control": (_history(user_id="a\u0000b\u001b[31m"), [], "control characters"),
     "user-id-newline": (_history(user_id="a\nb"), [], "control characters"),
     "user-id-empty": (_history(user_id=""), [], "1 to 128"),
+    "user-id-blank": (_history(user_id="   "), [], "must not be blank"),
+    "user-id-bidi-override": (_history(user_id="u\u202eevil"), [], "invisible format characters"),
+    "user-id-zero-width": (_history(user_id="u\u200bv"), [], "invisible format characters"),
     "user-id-huge": (_history(user_id="x" * 100_000), [], "1 to 128"),
     "user-option-path": (_history(), ["--user", "../x"], "must not be a path"),
     "user-option-control": (_history(), ["--user", "a\rb"], "control characters"),
@@ -272,6 +275,11 @@ BAD_BUILDS = {
     "data-binary": (lambda d: ["--data", str(_data_dir({"movies.csv": MOVIES, "ratings.csv": b"\x00\x01\x02" * 100})(d))], "binary"),
     "data-latin-1": (lambda d: ["--data", str(_data_dir({"movies.csv": "movieId,title,genres\n1,Caf\xe9 (1995),Drama\n".encode("latin-1"), "ratings.csv": "userId,movieId,rating,timestamp\n1,1,5,1\n"})(d))], "UTF-8"),
     "data-no-ratings": (lambda d: ["--data", str(_data_dir({"movies.csv": MOVIES, "ratings.csv": "userId,movieId,rating,timestamp\n"})(d))], "no ratings"),
+    "data-negative-rating": (lambda d: ["--data", str(_data_dir({"movies.csv": MOVIES, "ratings.csv": "userId,movieId,rating,timestamp\n1,1,5,1\n1,2,-3,2\n"})(d))], "line 3: the rating '-3' is out of range"),
+    # fails inside the build, after the bank folder was created: the folder goes too
+    "data-one-user": (lambda d: ["--data", str(_data_dir({"movies.csv": MOVIES, "ratings.csv": "userId,movieId,rating,timestamp\n1,1,5,1\n1,2,5,2\n"})(d))], "it needs at least 2"),
+    "task-without-lamp": (lambda d: ["--task", "LaMP-3"], "--task applies to text banks"),
+    "lm-without-lamp": (lambda d: ["--lm", "gpt2"], "--lm applies to text banks"),
     "format-unknown": (lambda d: ["--data", str(_data_dir({"movies.csv": MOVIES, "ratings.csv": "userId,movieId,rating,timestamp\n1,1,5,1\n"})(d)), "--format", "ml-99"], "format"),
     "format-without-data": (lambda d: ["--format", "ml-100k"], "needs --data"),
     "format-unknown-without-data": (lambda d: ["--format", "ml-99"], "format"),
@@ -315,6 +323,7 @@ def test_build_outputs_that_cannot_be_used(tmp_path, micro_bank):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     assert_one_line_error(cli("bank", "build", "--out", str(a_file), "--quiet"), "not a directory")
+    assert_one_line_error(cli("bank", "build", "--out", str(a_file / "bank"), "--quiet"), f"{a_file} is not a directory")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     assert_one_line_error(cli("bank", "build", "--out", str(tmp_path / "mine"), "--quiet"), "refusing")

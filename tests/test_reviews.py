@@ -236,6 +236,37 @@ def test_cli_converts_and_fails_in_one_line(tmp_path):
     assert result.exit_code == 2 and "rating or title" in result.output
 
 
+def test_input_paths_that_are_not_review_files_are_named_accurately(tmp_path, monkeypatch):
+    import pmeta.data.reviews as reviews
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    (tmp_path / "link.json").symlink_to(tmp_path / "gone.json")
+    cases = [
+        (folder, "is a directory, not a review file"),
+        (fifo, "is a FIFO, not a regular review file"),
+        (tmp_path / "link.json", "Review file not found: .*link.json \\(a symbolic link to a missing file\\)"),
+        (tmp_path / "absent.json", "Review file not found"),
+    ]
+    for path, message in cases:
+        with pytest.raises(InvalidData, match=message):
+            read_reviews(path)
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "reviews-to-lamp", "--input", str(folder), "--task", "rating", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and result.output == f"pmeta: error: {folder} is a directory, not a review file; give the .json, .json.gz or .zip file itself.\n"
+    result = runner.invoke(app, ["data", "reviews-to-lamp", "--input", str(fifo), "--task", "rating", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "is a FIFO" in result.output  # not a hang, not "not found"
+    source = synthetic(tmp_path / "reviews.json", users=2)  # an unreadable file (tests may run as root, so open is made to refuse)
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(reviews, "open", refuse, raising=False)
+    with pytest.raises(InvalidData, match=r"^Cannot read .*reviews\.json: Permission denied\.$"):
+        read_reviews(source)
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.skipif(not REAL_ZIP.is_file(), reason=f"Amazon Musical Instruments reviews not present at {REAL_ZIP} (they are never committed)")
 def test_real_amazon_reviews_limited(tmp_path):
     counts = reviews_to_lamp(REAL_ZIP, "rating", tmp_path / "rating", max_users=60)

@@ -268,6 +268,7 @@ def test_a_database_that_is_not_a_bank_is_not_found(tmp_path: Path) -> None:
 
 
 def test_a_bank_without_an_active_version_is_not_found(store: BankStore) -> None:
+    store.path.mkdir()  # an empty folder the user made: a build that publishes nothing keeps it
     with store.new_version():
         pass  # creates the schema, publishes nothing
     with pytest.raises(BankNotFound, match="no active version"):
@@ -321,6 +322,24 @@ def test_an_exception_inside_the_writer_keeps_the_old_version(store: BankStore) 
     assert tmp_dirs(store) == []
     second = build(store, seed=2)
     assert store.open().id == second and tmp_dirs(store) == []
+
+
+def test_a_first_build_that_publishes_nothing_leaves_no_bank_folder(store: BankStore) -> None:
+    """The folder this build created goes with it (lock file and SQLite database included), after an
+    exception or a failed publish alike; a folder that was there before stays."""
+    assert not store.path.exists()
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.new_version() as writer:
+            writer.write_json("catalog.json", {})
+            raise RuntimeError("boom")
+    assert not store.path.exists()
+    with store.new_version() as writer:
+        writer.write_json("catalog.json", {})
+        with pytest.raises(InvalidConfig):
+            writer.publish(config={"x": object()}, dataset_name="t", dataset_fingerprint="f", anchors=[], held_out_users=[])
+    assert not store.path.exists()
+    first = build(store)  # the path is free for a real build
+    assert store.open().id == first
 
 
 def test_leaving_without_publishing_discards_the_folder(store: BankStore) -> None:

@@ -169,6 +169,62 @@ def test_history_files_are_read_strictly(setup, tmp_path):
         assert result.output.count("\n") == 1
 
 
+def test_a_profile_item_id_may_appear_once():
+    from pmeta.text.history import parse_text_history
+
+    twice = {"user_id": "t1", "profile": [{"id": "x", "text": "good", "score": "5"}, {"id": "x", "text": "bad", "score": "1"}]}
+    with pytest.raises(InvalidHistory, match=r"^history: profile: item id 'x' appears twice, at profile\[0\] and profile\[1\]$"):
+        parse_text_history(twice, "LaMP-3")
+    dated = [  # positions are those of the file, not of the time order; 7 and "7" are one id
+        {"id": 7, "text": "a", "score": "5", "date": "2020"},
+        {"id": "y", "text": "b", "score": "4", "date": "2019"},
+        {"id": "7", "text": "c", "score": "3", "date": "2018"},
+    ]
+    with pytest.raises(InvalidHistory, match=r"item id '7' appears twice, at profile\[0\] and profile\[2\]"):
+        parse_text_history(dated, "LaMP-3")
+    _, items = parse_text_history({"user_id": "t1", "profile": dated[:2]}, "LaMP-3")
+    assert [item["id"] for item in items] == ["y", "7"]
+
+
+def test_an_absent_profile_is_the_empty_profile_like_absent_items(tmp_path):
+    """Both history formats read a missing list as an empty one (the zero-history prior), while a
+    misspelt key is refused (``extra="forbid"``)."""
+    from pmeta.data.history import parse_history
+    from pmeta.text.history import load_text_history, parse_text_history
+
+    path = tmp_path / "h.json"
+    path.write_text('{"user_id": "t1"}')
+    assert load_text_history(path, "LaMP-3")[1] == [] and parse_history({"user_id": "t1"}).items == []
+    assert parse_text_history({"user_id": "t1", "profile": []}, "LaMP-3")[1] == []
+    assert parse_text_history([], "LaMP-3")[1] == []  # the bare-list form
+    assert parse_text_history([{"id": "1", "text": "ok", "score": "4"}], "LaMP-3")[0].user_id == "anonymous"
+    with pytest.raises(InvalidHistory, match=r"^history: profle: Extra inputs are not permitted"):
+        parse_text_history({"user_id": "t1", "profle": []}, "LaMP-3")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"[" * 200_000 + b"]" * 200_000, r"h\.json: the JSON is nested too deeply\.$"),
+        (b'{"user_id": ' + b"[" * 200_000, r"h\.json: the JSON is nested too deeply\.$"),
+        (b"", r"h\.json: the file is empty; expected a JSON object with user_id and profile\.$"),
+        (b" \n\t", r"h\.json: the file is empty; expected a JSON object with user_id and profile\.$"),
+        ('{"user_id": "café", "profile": []}'.encode("latin-1"), r"h\.json: not UTF-8 text \(invalid byte at offset 16\)\.$"),
+        (b'{"user_id": "t1",\n "profile": [}', r"h\.json: invalid JSON at line 2 column 14: Expecting value\.$"),
+        (b'{"user_id": "t1", "profile": [], "user_id": "t2"}', r"h\.json: invalid JSON: the key 'user_id' appears twice in one object\.$"),
+    ],
+)
+def test_history_files_that_are_not_json_are_worded_like_ranking_histories(tmp_path, content, message):
+    from pmeta.text.history import load_text_history
+
+    path = tmp_path / "h.json"
+    path.write_bytes(content)
+    with pytest.raises(InvalidHistory, match=message) as caught:
+        load_text_history(path, "LaMP-3")
+    text = str(caught.value)
+    assert "\n" not in text and "codec" not in text and "char " not in text and "recursion" not in text
+
+
 def test_a_text_build_under_torchrun_is_refused(setup, tmp_path):
     args = ["bank", "build", "--format", "lamp", "--task", "LaMP-3", "--data", str(setup["data"]), "--lm", str(setup["lm"]), "--out", str(tmp_path / "b")]
     result = runner.invoke(app, args, env={"WORLD_SIZE": "2"})
@@ -253,6 +309,9 @@ def test_cli_adapt_and_export(setup, tmp_path):
         (["adapt", "--bank", "{bank}", "--history", "{history}"], "needs --input"),
         (["adapt", "--bank", "{bank}", "--history", "{bad}", "--input", "x"], "profile[0].score"),
         (["adapt", "--bank", "{bank}", "--history", "{missing}", "--input", "x"], "History file not found"),
+        (["adapt", "--bank", "{bank}", "--history", "{history}", "--input", "x", "--top", "3"], "--top applies to ranking banks"),
+        (["adapt", "--bank", "{bank}", "--history", "{history}", "--input", "x", "--ignore-unknown"], "--ignore-unknown applies to ranking banks"),
+        (["eval", "lamp", "--bank", "{bank}", "--data", "{data}", "--task", "LaMP-3", "--preset", "huge", "--out", "{tmp}/b"], "unknown preset 'huge'"),
         (["bank", "build", "--format", "lamp", "--data", "{data}", "--out", "{tmp}/b"], "needs --task"),
         (["bank", "build", "--format", "lamp", "--task", "LaMP-9", "--data", "{data}", "--out", "{tmp}/b"], "Unknown LaMP task"),
         (["bank", "build", "--format", "lamp", "--task", "LaMP-3", "--data", "{tmp}", "--out", "{tmp}/b"], "train_questions.json"),

@@ -226,8 +226,9 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     item_text = catalog_embeddings(encoder, texts, progress).cpu()  # the build's numpy steps read it; moved with every tensor below
 
     train_with_pos = with_positives(train_users, positives, config.min_positives)
-    if len(train_with_pos) == 0:
-        raise InvalidData("the dataset has no train user with enough positive ratings (>= 4 stars) to build a bank")
+    if len(train_with_pos) < 2:
+        found = "no train user" if len(train_with_pos) == 0 else "only one train user"
+        raise InvalidData(f"the dataset has {found} with enough positive ratings (>= 4 stars) to build a bank; it needs at least 2")
     counts = torch.zeros(len(catalog))
     for u in train_with_pos:
         counts[torch.from_numpy(positives[int(u)])] += 1

@@ -20,6 +20,8 @@ CLICK_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == 
 
 #: :data:`pmeta.config.MAX_SEED`, not imported so that `pmeta --help` does not load the pydantic models (0.3 s; a test checks they agree).
 MAX_SEED = 2**32 - 1
+#: Most torch CPU threads ``--threads`` accepts (torch crashes on a huge count instead of refusing it).
+MAX_THREADS = 1024
 
 class OneLineErrors(TyperGroup):
     """Usage errors found by the option parser (a value out of range, a missing option, a typo in a
@@ -62,12 +64,26 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."), threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = torch's default)."), version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print pmeta's version and exit.")) -> None:
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."), threads: int = typer.Option(0, "--threads", min=0, max=MAX_THREADS, help=f"torch CPU threads, 0 to {MAX_THREADS} (0 = torch's default)."), version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print pmeta's version and exit.")) -> None:
     _DEBUG["on"] = debug
+    if sys.stdout is None:  # `pmeta ... >&-`: results would vanish with exit 0
+        fail("standard output is closed: nowhere to print the result")
+    if not debug:  # a data warning (dropped ratings, ...) is one line, not Python's file:line + source
+        import warnings
+
+        warnings.showwarning = _one_line_warning
     if threads > 0:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = " ".join(str(message).split())
+    try:
+        (file or sys.stderr).write(f"pmeta: warning: {text}\n")
+    except (OSError, AttributeError):  # stderr closed: the warning has nowhere to go
+        pass
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -142,7 +158,9 @@ def bank_build(
     Under ``torchrun --nproc_per_node N -m pmeta bank build ...`` the meta-training is split across
     the N processes (gradients all-reduced); rank 0 writes the bank."""
     if not out.parent.is_dir():  # a typo in the parent path must not create a tree of folders
-        fail(f"cannot create bank {out}: the directory {out.parent} does not exist")
+        fail(f"cannot create bank {out}: {out.parent} {'is not a directory' if out.parent.exists() else 'does not exist'}")
+    if format != "lamp" and (task is not None or lm is not None):
+        fail(f"{'--task' if task is not None else '--lm'} applies to text banks (--format lamp); --format {format} builds a MovieLens bank")
     if format == "lamp":  # text bank on LaMP-format files (pmeta/cli/text.py)
         from .text import build_lamp_bank
 
@@ -175,7 +193,11 @@ def bank_info(bank: Path = typer.Argument(..., help="Bank directory."), db: Opti
     """Versions, the active one, the size on disk, and each version's dataset, anchors and notes."""
     from ..storage import BankStore
 
-    info = BankStore(bank, db).info()
+    store = BankStore(bank, db)
+    info = store.info()
+    active = info.get("active")
+    if active is not None and not (store.versions_dir / str(active)).is_dir():  # a size of 0 MB would look like a healthy bank
+        fail(f"bank {bank}: the folder of the active version {active} is missing (pmeta bank verify {bank} lists every problem)")
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
@@ -209,9 +231,9 @@ def adapt(
     history: Path = typer.Option(..., "--history", help="history.json of the user."),
     user: Optional[str] = typer.Option(None, "--user", help="User id (overrides the file's user_id)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=0, help="Inner steps (default: the bank's)."),
-    top: int = typer.Option(10, "--top", min=1, help="How many recommendations."),
+    top: Optional[int] = typer.Option(None, "--top", min=1, help="How many recommendations (default 10; ranking banks)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    ignore_unknown: bool = typer.Option(False, "--ignore-unknown", help="Skip catalogue ids the bank does not know (instead of failing)."),
+    ignore_unknown: bool = typer.Option(False, "--ignore-unknown", help="Ranking banks: skip catalogue ids the bank does not know (instead of failing)."),
     db: Optional[str] = typer.Option(None, "--db"),
     input: Optional[str] = typer.Option(None, "--input", help="Text bank: the input to predict for."),
     retrieve: Optional[int] = typer.Option(None, "--retrieve", min=0, help="Text bank: BM25 profile items put in the prompt (default: the bank's)."),
@@ -225,7 +247,12 @@ def adapt(
     if is_text_bank(bank, db):
         if precision != "float32":
             raise InvalidRequest("--precision applies to ranking banks; a text bank runs its causal LM in float32")
+        if top is not None or ignore_unknown:
+            raise InvalidRequest(f"{'--top' if top is not None else '--ignore-unknown'} applies to ranking banks; {bank} is a text bank (it predicts for --input)")
         return adapt_text(bank, history, input, retrieve, steps, as_json, user, db)
+    if input is not None or retrieve is not None:
+        raise InvalidRequest(f"{'--input' if input is not None else '--retrieve'} applies to text banks; {bank} is a ranking bank (it ranks its catalogue)")
+    top = 10 if top is None else top
 
     parsed = load_history(history)  # a bad history is reported before torch and the bank load
     if user is not None:  # validated like the file's own user_id
@@ -270,7 +297,7 @@ def eval_movielens(
     """Run the cold-start protocol for pmeta and every baseline on held-out users."""
     from ..bank.bank import Bank
     from ..bank.build import build_bank
-    from ..config import BankConfig, load_config
+    from ..config import BankConfig, check_preset, load_config
     from ..data import load_sample
     from ..errors import InvalidConfig
     from ..eval.output import check_out_dir
@@ -287,6 +314,7 @@ def eval_movielens(
         raise InvalidConfig("--methods names no method")
     # everything checkable is checked before the dataset is read or a bank built
     options = check_request(method_list, ks, modes, _method_options(method_option), seed, BOOTSTRAP_RESAMPLES if resamples is None else resamples)
+    check_preset(preset)  # also with --bank (then it is not used), so that a typo is never silently ignored
     _check_format(data, format)
     check_out_dir(out)
     dataset = _load_dataset(data, format)

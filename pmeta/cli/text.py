@@ -122,7 +122,8 @@ def eval_lamp(
     from ..data.lamp import load_split, task_spec
     from ..errors import InvalidConfig
     from ..eval.output import check_out_dir
-    from ..text.config import load_text_config
+    from ..config import check_preset
+    from ..text.config import TEXT_PRESETS, load_text_config
 
     spec = task_spec(task)
     try:
@@ -131,6 +132,7 @@ def eval_lamp(
         raise InvalidConfig(f"--k-profile must be comma-separated integers, got {k_profile!r}") from None
     if not ks or min(ks) < 0:
         raise InvalidConfig(f"--k-profile must be non-negative integers, got {k_profile!r}")
+    check_preset(preset, TEXT_PRESETS)  # also with --bank (then it is not used), so that a typo is never silently ignored
     build_config = load_text_config(preset, overrides={"task": spec.name, "seed": seed, "lm": lm}) if bank is None else None  # before torch loads
     from ..text.bank import TextBank  # torch, and transformers on first use: after the checks above
     from ..text.build import build_text_bank, dataset_fingerprint

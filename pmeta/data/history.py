@@ -14,8 +14,8 @@ and where: the file (or ``history``) and the JSON path, e.g. ``h.json: items[3].
 
 from __future__ import annotations
 
-import json
 import math
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -23,7 +23,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..errors import InvalidHistory
-from .jsonfile import is_unicode_text, read_regular_file, strict_loads
+from .jsonfile import is_unicode_text, load_history_json
 from .types import Catalog
 
 #: Most items one history may hold (parse_history and load_history take ``max_items`` to change it).
@@ -133,7 +133,7 @@ class UserHistory(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    user_id: str = Field(..., description=f"1 to {MAX_ID_CHARS} characters; no control characters, '/' or '\\'.")
+    user_id: str = Field(..., description=f"1 to {MAX_ID_CHARS} characters, not blank; no control or invisible format characters, '/' or '\\'.")
     items: list[HistoryItem] = Field(default_factory=list, description=f"At most {MAX_ITEMS} items unless told otherwise.")
 
     @field_validator("user_id", mode="before")
@@ -147,6 +147,10 @@ class UserHistory(BaseModel):
             raise ValueError(_NOT_UNICODE)
         if any(ord(ch) < 32 or 127 <= ord(ch) < 160 or ch in "\u2028\u2029" for ch in value):
             raise ValueError("must not contain control characters")
+        if any(unicodedata.category(ch) == "Cf" for ch in value):  # U+202E would reverse the printed line
+            raise ValueError("must not contain invisible format characters (e.g. U+202E, U+200B)")
+        if not value.strip():
+            raise ValueError("must not be blank")
         if "/" in value or "\\" in value or value in (".", ".."):
             raise ValueError("must not be a path: no '/', '\\', '.' or '..'")
         return value
@@ -188,21 +192,7 @@ def load_history(path: str | Path, *, max_items: int = MAX_ITEMS, max_bytes: int
     Raises InvalidHistory (one line, naming the file) when the file is missing, not a regular file,
     larger than ``max_bytes``, not UTF-8, not JSON (with line and column), or not a valid history.
     """
-    data = read_regular_file(Path(path), max_bytes, InvalidHistory, "history")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise InvalidHistory(f"{path}: not UTF-8 text (invalid byte at offset {error.start}).") from None
-    if not text.strip():
-        raise InvalidHistory(f"{path}: the file is empty; expected a JSON object with user_id and items.")
-    try:
-        obj = strict_loads(text)
-    except json.JSONDecodeError as error:
-        raise InvalidHistory(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}.") from None
-    except RecursionError:
-        raise InvalidHistory(f"{path}: the JSON is nested too deeply.") from None
-    except ValueError as error:  # a repeated key, a lone surrogate, an integer too long to convert
-        raise InvalidHistory(f"{path}: invalid JSON: {error}.") from None
+    obj = load_history_json(Path(path), max_bytes, InvalidHistory, "user_id and items")
     return _validate(obj, max_items, source=str(path))
 
 

@@ -55,6 +55,28 @@ def read_regular_file(path: Path, max_bytes: int, error: type[PmetaError], kind:
     return data
 
 
+def load_history_json(path: Path, max_bytes: int, error: type[PmetaError], fields: str) -> Any:
+    """The parsed JSON of a user's history file (history.json or a text history), every problem
+    worded the same way in one line of ``error``: missing or not a regular file, over ``max_bytes``,
+    not UTF-8, empty ("expected a JSON object with ``fields``"), not JSON (line and column), nested
+    too deeply, or refused by :func:`strict_loads`."""
+    data = read_regular_file(path, max_bytes, error, "history")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as problem:
+        raise error(f"{path}: not UTF-8 text (invalid byte at offset {problem.start}).") from None
+    if not text.strip():
+        raise error(f"{path}: the file is empty; expected a JSON object with {fields}.")
+    try:
+        return strict_loads(text)
+    except json.JSONDecodeError as problem:
+        raise error(f"{path}: invalid JSON at line {problem.lineno} column {problem.colno}: {problem.msg}.") from None
+    except RecursionError:
+        raise error(f"{path}: the JSON is nested too deeply.") from None
+    except ValueError as problem:  # a repeated key, a lone surrogate, an integer too long to convert
+        raise error(f"{path}: invalid JSON: {problem}.") from None
+
+
 def is_unicode_text(text: str) -> bool:
     """False when ``text`` holds a lone surrogate (it then cannot be encoded, tokenized or printed)."""
     try:

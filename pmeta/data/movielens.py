@@ -51,8 +51,8 @@ LAYOUTS: dict[str, Layout] = {
 }
 FORMAT_ALIASES = {"ml-latest-small": "ml-latest"}
 RATINGS_HEADER = ["userId", "movieId", "rating", "timestamp"]
-#: Largest rating magnitude read (ratings are stored as float32; MovieLens uses 0.5 to 5).
-RATING_LIMIT = 1e6
+#: Range of a rating: MovieLens stars (0.5 to 5 in ml-latest, 1 to 5 in ml-100k / ml-1m); positives are >= 4.
+RATING_MIN, RATING_MAX = 0.0, 5.0
 MOVIES_HEADER = ["movieId", "title", "genres"]
 
 
@@ -124,6 +124,9 @@ def _chosen_format(path: Path, directory: Path, format: str) -> str:
         for name, lay in LAYOUTS.items():
             if path.name in (lay.ratings_file, lay.movies_file):
                 return name
+        raise InvalidData(
+            f"{path} is not a MovieLens file: give the folder, or its u.data, ratings.dat or ratings.csv (with the movies file beside it)."
+        )
     return detect_format(directory)
 
 
@@ -275,7 +278,7 @@ def _parse_numbers(path: Path, lines: list[int], rating_texts: list[str], time_t
     try:
         values = np.asarray(rating_texts, dtype=str).astype(np.float64)
         times = np.asarray(time_texts, dtype=str).astype(np.int64)
-        if np.isfinite(values).all() and (np.abs(values) <= RATING_LIMIT).all():
+        if np.isfinite(values).all() and ((values >= RATING_MIN) & (values <= RATING_MAX)).all():
             return values, times
     except (ValueError, OverflowError):
         pass
@@ -294,8 +297,8 @@ def _check_numbers(path: Path, number: int, rating: str, timestamp: str) -> None
         raise InvalidData(f"{path} line {number}: the rating {rating.strip()[:40]!r} is not a number.") from None
     if not np.isfinite(value):
         raise InvalidData(f"{path} line {number}: the rating {rating.strip()[:40]!r} is not a finite number.")
-    if abs(value) > RATING_LIMIT:  # ratings are stored as float32: 1e300 would become inf
-        raise InvalidData(f"{path} line {number}: the rating {rating.strip()[:40]!r} is out of range.")
+    if not RATING_MIN <= value <= RATING_MAX:  # stars; also keeps float32 storage finite
+        raise InvalidData(f"{path} line {number}: the rating {rating.strip()[:40]!r} is out of range ({RATING_MIN:g} to {RATING_MAX:g} stars).")
     try:
         seconds = int(timestamp)
     except ValueError:

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 import time
 import zipfile
@@ -130,8 +131,7 @@ def read_reviews(path: str | Path) -> list[Review]:
     object, a missing field or a field of the wrong type (file and line named), and a file without reviews.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InvalidData(f"Review file not found: {path}.")
+    _check_input(path)
     reviews: list[Review] = []
     with ExitStack() as stack:
         stream, name = _open_lines(path, stack)
@@ -154,6 +154,24 @@ def read_reviews(path: str | Path) -> list[Review]:
     if not reviews:
         raise InvalidData(f"{name} holds no reviews.")
     return reviews
+
+
+def _check_input(path: Path) -> None:
+    """Raise InvalidData, in one accurate line, unless ``path`` is an existing regular file."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        broken = path.is_symlink()
+        raise InvalidData(f"Review file not found: {path}" + (" (a symbolic link to a missing file)." if broken else ".")) from None
+    except NotADirectoryError:
+        raise InvalidData(f"Review file not found: {path} (a part of the path is a file, not a directory).") from None
+    except (OSError, ValueError) as error:  # no permission on a parent folder, a name too long, a NUL byte
+        raise InvalidData(f"Cannot read {path}: {getattr(error, 'strerror', None) or error}.") from None
+    if stat.S_ISDIR(mode):
+        raise InvalidData(f"{path} is a directory, not a review file; give the .json, .json.gz or .zip file itself.")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file"
+        raise InvalidData(f"{path} is {kind}, not a regular review file (.json, .json.gz or .zip).")
 
 
 def _lines(stream: IO[bytes], name: str) -> Iterator[str]:
@@ -312,9 +330,12 @@ def reviews_to_lamp(
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as error:  # removed or made unreadable while it was being converted
+        raise InvalidData(f"Cannot read {path}: {error.strerror or error}.") from None
     return digest.hexdigest()
 
 

@@ -115,6 +115,7 @@ class BankStore:
             db_lock = _acquire_db_lock(self._get_engine(), self)
         try:
             self._check_database_owner()
+            created_bank = not self.path.exists() and not self.path.is_symlink()
             self.path.mkdir(parents=True, exist_ok=True)
             lock = _acquire_lock(self.path / LOCK_NAME, self.path)
         except BaseException:
@@ -136,7 +137,7 @@ class BankStore:
             _release_db_lock(db_lock)
             _release_lock(lock)
             raise
-        return VersionWriter(self, version_id, tmp_dir, lock, db_lock)
+        return VersionWriter(self, version_id, tmp_dir, lock, db_lock, created_bank)
 
     def _check_database_owner(self) -> None:
         """One database holds one bank: refuse a database whose versions all live in another directory.
@@ -380,8 +381,9 @@ class VersionWriter:
     File names are relative POSIX paths (``"tensors.safetensors"``, ``"extra/catalog.json"``).
     """
 
-    def __init__(self, store: BankStore, version_id: str, tmp_dir: Path, lock: IO[bytes], db_lock: Connection | None = None) -> None:
+    def __init__(self, store: BankStore, version_id: str, tmp_dir: Path, lock: IO[bytes], db_lock: Connection | None = None, created_bank: bool = False) -> None:
         self.id = version_id
+        self._created_bank = created_bank  # this build created the bank folder: a failure removes it
         self.dir = tmp_dir
         self._store = store
         self._lock: IO[bytes] | None = lock
@@ -398,11 +400,19 @@ class VersionWriter:
         self.close()
 
     def close(self) -> None:
-        """Discard the folder unless published, and release the lock. Safe to call twice."""
+        """Discard the folder unless published, and release the lock. Safe to call twice.
+
+        If this build created the bank folder and publishes nothing, the whole folder goes (lock
+        file and SQLite database included, while the lock is still held): a failed first build
+        leaves no empty bank behind."""
         try:
             if self._state == "open":
                 _remove(self.dir)
                 self._state = "discarded"
+            if self._created_bank and self._state != "published":
+                self._created_bank = False
+                self._store.close()
+                _remove(self._store.path)
         finally:
             _release_db_lock(self._db_lock)
             self._db_lock = None

@@ -139,6 +139,10 @@ def pure_svd(positives: list, n_items: int, rank: int) -> tuple[torch.Tensor, fl
     cols = np.concatenate(positives)
     matrix = sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(positives), n_items))
     matrix.data[:] = 1.0  # duplicates count once
+    if min(matrix.shape) < 2:
+        from ..errors import InvalidData
+
+        raise InvalidData(f"a collaborative init needs at least 2 train users and 2 items, got {matrix.shape[0]} and {matrix.shape[1]}")
     rank = max(1, min(rank, min(matrix.shape) - 1))
     _, _, vt = svds(matrix, k=rank, random_state=0)
     factors = torch.from_numpy(np.ascontiguousarray(vt.T[:, ::-1])).float()  # (n_items, rank), largest first

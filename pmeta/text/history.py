@@ -5,20 +5,21 @@
 
 Profile items carry the fields of the bank's LaMP task (LaMP-3: ``text, score``; LaMP-4: ``title,
 text``; ... see :mod:`pmeta.data.lamp`), an ``id`` and an optional ``date``; they are checked with the
-LaMP reader's own rules and kept in time order. An empty profile is valid (the zero-history prior).
-Every problem raises :class:`~pmeta.errors.InvalidHistory` with one line naming the file and place.
+LaMP reader's own rules and kept in time order; item ids are unique. An empty or absent profile is
+valid (the zero-history prior), as an empty or absent ``items`` list is for a ranking history. A bare
+profile list is accepted too. Every problem raises :class:`~pmeta.errors.InvalidHistory` with one line naming
+the file and place.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..data.jsonfile import read_regular_file, strict_loads
+from ..data.jsonfile import load_history_json
 from ..data.lamp import parse_questions
 from ..errors import InvalidData, InvalidHistory
 
@@ -31,7 +32,7 @@ class TextHistory(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     user_id: str = Field("anonymous", description="1-128 characters: letters, digits and _ . : @ + -")
-    profile: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_PROFILE_ITEMS)
+    profile: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_PROFILE_ITEMS, description="The LaMP profile items (absent or [] for none).")
 
     @field_validator("user_id", mode="before")
     @classmethod
@@ -63,17 +64,20 @@ def parse_text_history(data: Any, task: str, source: str = "history") -> tuple[T
     except InvalidData as exc:
         message = str(exc).replace("$[0].profile", "profile")
         raise InvalidHistory(message) from None
+    first_position: dict[str, int] = {}
+    for position, item in enumerate(history.profile):  # file order (parsed[0].profile is time-ordered)
+        item_id = str(item["id"])  # parse_questions checked it is a string or an integer
+        if item_id in first_position:
+            shown = repr(item_id) if len(repr(item_id)) <= 40 else repr(item_id)[:37] + "..."
+            raise InvalidHistory(
+                f"{source}: profile: item id {shown} appears twice, at profile[{first_position[item_id]}] and profile[{position}]"
+            )
+        first_position[item_id] = position
     return history, parsed[0].profile
 
 
 def load_text_history(path: str | Path, task: str) -> tuple[TextHistory, list[dict]]:
     """Read and validate a history file (a regular file of at most 10 MiB of UTF-8 JSON)."""
     path = Path(path)
-    data = read_regular_file(path, MAX_BYTES, InvalidHistory, "history")
-    try:
-        obj = strict_loads(data.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise InvalidHistory(f"{path}: not a JSON file ({str(exc).splitlines()[0][:80]})") from None
-    except ValueError as exc:  # a repeated key, a lone surrogate, an integer too long to convert
-        raise InvalidHistory(f"{path}: invalid JSON: {exc}") from None
+    obj = load_history_json(path, MAX_BYTES, InvalidHistory, "user_id and profile")
     return parse_text_history(obj, task, str(path))
