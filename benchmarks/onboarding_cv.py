@@ -1,6 +1,7 @@
 """Cross-validation of the onboarding init over the *train* users of coldstart-v1 (never the test users).
 
     python benchmarks/onboarding_cv.py [--data DIR] [--folds 4] [--ease-lambda 500] [--lam 10] [--weight 1] [--rank 32[,64,...]] [--rbf 0.1:0.3,0.1:1]
+                                       [--later 0.3:10,1:30 [--later-stride 2] [--later-last 200]]
 
 The train users of coldstart-v1 (the shipped sample, or ``--data``: any MovieLens release) are split into folds; on each, EASE and the onboarding regression
 (:mod:`pmeta.bank.onboarding`) are fitted on the other folds and the held-out fold is ranked with the
@@ -15,6 +16,12 @@ with the kernel ``x·x' + c·exp((cos(xF, x'F) − 1)/bw)`` (:func:`episode_kern
 item factors of the fit users' rating matrix), i.e. the linear regression plus a smooth similarity of
 the supports' mean item factors, combined with EASE exactly as the linear one (a, σ). It is the check
 behind the README's "a nonlinear onboarding regression: tried, no gain".
+
+``--later ω:λ,...`` adds the regression fitted with *more data* per pair: besides the protocol's
+episodes (the first K positives → positives 6..15), episodes taken later in the fit users' histories
+(positives s..s+K−1 → positives s+5..s+14 for s = stride, 2·stride, … ≤ ``--later-last``), weighted ω
+and centred on their own mean (:func:`later_episodes`, :func:`later_ridge`), combined with EASE as
+the others. It is the check behind the README's "later episodes: tried, not robust".
 """
 
 from __future__ import annotations
@@ -23,13 +30,14 @@ import argparse
 import time
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.utils.extmath import randomized_svd
 
 from pmeta.bank import onboarding
 from pmeta.data import load_sample
 from pmeta.data.movielens import LAYOUTS as FORMATS, read_movielens
 from pmeta.eval.baselines import EASEBaseline, ItemKNNBaseline, positive_matrix
-from pmeta.eval.protocol import draw_candidates, item_rating_counts, make_cases, metrics_from_ranks, rank_positives, split_users
+from pmeta.eval.protocol import QUERY_START, QUERY_STOP, draw_candidates, item_rating_counts, make_cases, metrics_from_ranks, rank_positives, split_users
 
 MODES = ("uni99", "pop99", "full")
 KS = (1, 3, 5)
@@ -49,6 +57,71 @@ def episode_kernel(x: np.ndarray, x_unit: np.ndarray, train_x: np.ndarray, train
     if weight == 0.0:
         return linear
     return linear + weight * np.exp((x_unit @ train_unit.T - 1.0) / bandwidth)
+
+
+def later_episodes(positives: list[np.ndarray], position: np.ndarray, stride: int, last: int, sizes=onboarding.SUPPORT_SIZES) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """Sparse (X, Y) of protocol-shaped episodes from later in each history: for every start
+    s = stride, 2·stride, … ≤ ``last`` that leaves a query, X = 1/K on positives s..s+K−1 and
+    Y = 1 on positives s+5..s+14 (kept columns only, as :func:`pmeta.bank.onboarding.episodes`)."""
+    n = int(position.max()) + 1 if len(position) else 0
+    x_rows, x_cols, x_values, y_rows, y_cols = [], [], [], [], []
+    episode = 0
+    for items in positives:
+        for start in range(stride, min(last, len(items) - QUERY_START - 1) + 1, stride):
+            query = position[items[start + QUERY_START : start + QUERY_STOP]]
+            query = query[query >= 0]
+            if len(query) == 0:
+                continue
+            for k in sizes:
+                support = position[items[start : start + k]]
+                support = support[support >= 0]
+                if len(support) == 0:
+                    continue
+                x_rows += [episode] * len(support)
+                x_cols += support.tolist()
+                x_values += [1.0 / len(support)] * len(support)
+                y_rows += [episode] * len(query)
+                y_cols += query.tolist()
+                episode += 1
+    x = sp.csr_matrix((np.asarray(x_values, np.float32), (x_rows, x_cols)), shape=(episode, n))
+    y = sp.csr_matrix((np.ones(len(y_rows), np.float32), (y_rows, y_cols)), shape=(episode, n))
+    return x, y
+
+
+def later_ridge(x: np.ndarray, y: np.ndarray, later_x: sp.csr_matrix, later_y: sp.csr_matrix, weight: float, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """(W, ȳ): the onboarding ridge over the protocol's episodes (X, Y) and, weighted ``weight``, the
+    later ones, each group centred on its own mean; ȳ is the protocol episodes' (the bias a new user
+    starts from). Primal ``(XᵀX + ω·X'ᵀX' + λI)⁻¹ (Xᵀ(Y − ȳ) + ω·X'ᵀ(Y' − ȳ'))`` in float64."""
+    mean = y.mean(0)
+    gram = (x.T @ x).astype(np.float64)
+    target = (x.T @ (y - mean)).astype(np.float64)
+    if weight and later_x.shape[0]:
+        later_mean = np.asarray(later_y.mean(0), np.float64).ravel()
+        gram += weight * (later_x.T @ later_x).toarray()
+        target += weight * ((later_x.T @ later_y).toarray() - np.outer(np.asarray(later_x.sum(0), np.float64).ravel(), later_mean))
+    gram[np.diag_indices_from(gram)] += lam
+    return np.linalg.solve(gram, target).astype(np.float32), mean.astype(np.float32)
+
+
+def later_pairs(text: str) -> list[tuple[float, float]]:
+    """``--later``: comma-separated ω:λ pairs, each ω > 0 and λ > 0."""
+    try:
+        pairs = [tuple(float(v) for v in part.split(":")) for part in text.split(",")] if text else []
+    except ValueError:
+        pairs = [()]
+    if any(len(pair) != 2 or min(pair) <= 0 for pair in pairs):
+        raise argparse.ArgumentTypeError(f"expected weight:lambda pairs > 0 separated by commas, got {text!r}")
+    return pairs
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def rank_list(text: str) -> list[int]:
@@ -73,6 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="the release's layout (default: detected)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rbf", default="", help="comma-separated bw:c pairs of nonlinear-kernel rows (e.g. 0.1:0.3,0.1:1)")
+    parser.add_argument("--later", type=later_pairs, default=[], help="comma-separated ω:λ pairs of rows fitted with later episodes too (e.g. 0.3:10,1:30)")
+    parser.add_argument("--later-stride", type=positive_int, default=2, help="positions between the starts of later episodes")
+    parser.add_argument("--later-last", type=positive_int, default=200, help="the last start position of a later episode")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -93,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
         position = np.full(n_items, -1, dtype=np.int64)
         position[kept] = np.arange(len(kept))
         ease = EASEBaseline.closed_form(matrix[:, kept].T @ matrix[:, kept], args.ease_lambda)
-        x, y = onboarding.episodes([positives[int(u)] for u in fit_users if int(u) in positives], position)
+        fit_positives = [positives[int(u)] for u in fit_users if int(u) in positives]
+        x, y = onboarding.episodes(fit_positives, position)
         w, mean = onboarding.ridge(x, y, args.lam)
         combined, bias = onboarding.combine(ease, w, mean, x, args.weight)
         # a rank-r prefix of it is the rank-r SVD; a rank above the kept items' count keeps all of them
@@ -108,12 +185,12 @@ def main(argv: list[str] | None = None) -> None:
         history, item = u * sigma, vt.T
         sigma_b = max(float((x @ ease).std()), 1e-9)
 
-        def scorer(rows_of, exponent, with_bias=True):
+        def scorer(rows_of, exponent, with_bias=True, bias_of=None):
             def score(support: np.ndarray) -> np.ndarray:
                 rows = position[support]
                 rows = rows[rows >= 0]
                 scores = np.full(n_items, -1e9)
-                kept_scores = (bias if with_bias else 0.0) + (rows_of(rows).sum(0) / len(rows) ** exponent if len(rows) else 0.0)
+                kept_scores = ((bias if bias_of is None else bias_of) if with_bias else 0.0) + (rows_of(rows).sum(0) / len(rows) ** exponent if len(rows) else 0.0)
                 scores[kept] = kept_scores
                 return scores
 
@@ -153,6 +230,13 @@ def main(argv: list[str] | None = None) -> None:
             models[f"kernel ridge, linear + {weight:g}·RBF(bw={bandwidth:g}), γ=1"] = kernel_scorer(bandwidth, weight)
         if args.rbf:
             models["kernel ridge, linear only (= exact, γ=1)"] = kernel_scorer(1.0, 0.0)
+        if args.later:
+            later_x, later_y = later_episodes(fit_positives, position, args.later_stride, args.later_last)
+            for weight, lam in args.later:
+                later_w, later_mean = later_ridge(x, y, later_x, later_y, weight, lam)
+                later_combined, later_bias = onboarding.combine(ease, later_w, later_mean, x, args.weight)
+                for exponent in (1.0, 0.5):
+                    models[f"onboarding + later episodes (ω={weight:g}, λ={lam:g}), γ={exponent:g}"] = scorer(lambda rows, m=later_combined: m[rows], exponent, bias_of=later_bias)
         cases = {k: make_cases(dataset, held_out, k) for k in KS}
         candidates = draw_candidates(cases[max(KS)], MODES, popularity)
         for name, score in models.items():

@@ -11,6 +11,7 @@ only parts of one run."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -404,3 +405,46 @@ def test_onboarding_cv_reads_any_release_and_its_full_rank_rows_are_the_exact_on
     assert "expected whole numbers >= 1" in capsys.readouterr().err
     values = np.concatenate(list(numbers.values()))
     assert values.min() >= 0.0 and values.max() <= 1.0 and values.max() > 0.0
+
+
+def test_later_episodes_slide_the_protocol_window_and_weight_zero_is_the_onboarding_regression(benchmark_script):
+    """`onboarding_cv.py --later`: episodes start at stride, 2·stride, … (support s..s+K−1, query
+    s+5..s+14, only while a query is left, never past --later-last); ω = 0 is onboarding.ridge's W,
+    and ω > 0 is the ridge over both groups stacked, each centred on its own mean, weighted √ω."""
+    from pmeta.bank import onboarding
+
+    cv = benchmark_script("onboarding_cv")
+    position = np.arange(40)
+    history = np.arange(20)  # item i is the user's i-th positive
+    x, y = cv.later_episodes([history], position, stride=3, last=100, sizes=(1, 2))
+    # starts 3, 6, 9, 12 leave a query (s + 5 < 20); 15 does not
+    starts = [3, 3, 6, 6, 9, 9, 12, 12]
+    assert x.shape == (8, 40)
+    for row, (start, k) in enumerate(zip(starts, [1, 2] * 4)):
+        np.testing.assert_allclose(x[row].toarray().ravel(), np.isin(position, history[start : start + k]) / k)
+        np.testing.assert_array_equal(y[row].toarray().ravel(), np.isin(position, history[start + 5 : start + 15]))
+    assert cv.later_episodes([history], position, stride=3, last=6, sizes=(1,))[0].shape[0] == 2  # starts 3 and 6
+    masked = position.copy()
+    masked[[8, 9]] = -1  # items outside the kept columns drop out; an empty support drops its episode
+    assert cv.later_episodes([history], masked, stride=8, last=8, sizes=(1, 2))[0].shape[0] == 0
+
+    rng = np.random.default_rng(4)
+    users = [rng.permutation(40)[:30] for _ in range(12)]
+    x0, y0 = onboarding.episodes(users, position)
+    later_x, later_y = cv.later_episodes(users, position, 2, 200)
+    w, mean = onboarding.ridge(x0, y0, 3.0)
+    w_zero, mean_zero = cv.later_ridge(x0, y0, later_x, later_y, 0.0, 3.0)
+    np.testing.assert_allclose(w_zero, w, atol=1e-4)
+    np.testing.assert_allclose(mean_zero, mean)
+    dense_x, dense_y = later_x.toarray(), later_y.toarray()
+    stacked_x = np.concatenate([x0, 0.5**0.5 * dense_x])
+    stacked_y = np.concatenate([y0 - mean, 0.5**0.5 * (dense_y - dense_y.mean(0))])
+    expected = np.linalg.solve(stacked_x.T @ stacked_x + 3.0 * np.eye(40), stacked_x.T @ stacked_y)
+    w_half, _ = cv.later_ridge(x0, y0, later_x, later_y, 0.5, 3.0)
+    np.testing.assert_allclose(w_half, expected, atol=1e-4)
+    assert np.abs(w_half - w).max() > 1e-3
+
+    assert cv.later_pairs("0.3:10,1:30") == [(0.3, 10.0), (1.0, 30.0)]
+    for bad in ("0:10", "1", "1:x", "1:-3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cv.later_pairs(bad)
