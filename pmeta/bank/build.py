@@ -18,7 +18,7 @@ import torch
 from ..adapt.strategies import get_strategy
 from ..config import BankConfig
 from ..data.types import Dataset
-from ..errors import InvalidConfig, InvalidData
+from ..errors import InvalidConfig, InvalidData, InvalidRequest
 from ..eval.baselines import EASEBaseline, positive_matrix
 from ..eval.protocol import metrics_from_ranks, rank_positives, split_users
 from ..fusion import anchor_bias
@@ -584,6 +584,11 @@ def build_bank(dataset: Dataset, out: str | Path, config: BankConfig, db_url: st
     from ..storage import BankStore
     from .bank import BUILD_FILE, CATALOG_FILE, INDEX_FILE, TENSORS_FILE
 
+    if not isinstance(dataset, Dataset):
+        raise InvalidRequest(f"dataset must be a pmeta Dataset (pmeta.data.load_sample(), read_movielens(...)), not {type(dataset).__name__}")
+    if not isinstance(config, BankConfig):
+        raise InvalidConfig(f"config must be a BankConfig (pmeta.load_config(...)), not {type(config).__name__}")
+    store = BankStore(out, db_url)  # checks the path's type and the URL; touches nothing on disk
     progress = progress or Progress(False)
     distributed_run = distributed.init_from_env(config.device)
     encoder = load_encoder(config)  # a bad prompt_layer fails here, before the bank folder exists
@@ -593,7 +598,6 @@ def build_bank(dataset: Dataset, out: str | Path, config: BankConfig, db_url: st
         version = distributed.share_from_main(None)
         distributed.shutdown()
         return BuildResult(version, record["seconds"], record["validation"], len(record["train_users"]), len(record["test_users"]))
-    store = BankStore(out, db_url)
     with store.new_version() as writer:  # takes the build lock before any training starts
         model, record = build_model(dataset, config, progress, encoder)
         catalog = dataset.catalog

@@ -20,6 +20,8 @@ CLICK_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == 
 
 #: :data:`pmeta.config.MAX_SEED`, not imported so that `pmeta --help` does not load the pydantic models (0.3 s; a test checks they agree).
 MAX_SEED = 2**32 - 1
+#: :data:`pmeta.config.MAX_INNER_STEPS`, likewise not imported (a test checks they agree).
+MAX_INNER_STEPS = 50
 #: Most torch CPU threads ``--threads`` accepts (torch crashes on a huge count instead of refusing it).
 MAX_THREADS = 1024
 
@@ -230,7 +232,7 @@ def adapt(
     bank: Path = typer.Option(..., "--bank", help="Bank directory."),
     history: Path = typer.Option(..., "--history", help="history.json of the user."),
     user: Optional[str] = typer.Option(None, "--user", help="User id (overrides the file's user_id)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=0, help="Inner steps (default: the bank's)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=0, max=MAX_INNER_STEPS, help=f"Inner steps, 0 to {MAX_INNER_STEPS} (default: the bank's)."),
     top: Optional[int] = typer.Option(None, "--top", min=1, help="How many recommendations (default 10; ranking banks)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ignore_unknown: bool = typer.Option(False, "--ignore-unknown", help="Ranking banks: skip catalogue ids the bank does not know (instead of failing)."),

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .app import MAX_SEED, _progress, app, eval_app, fail, friendly
+from .app import MAX_INNER_STEPS, MAX_SEED, _progress, app, eval_app, fail, friendly
 
 
 def is_text_bank(bank: Path, db: Optional[str]) -> bool:
@@ -81,7 +81,7 @@ def export(
     bank: Path = typer.Option(..., "--bank", help="Text bank directory."),
     history: Path = typer.Option(..., "--history", help="profile JSON of the user: {\"user_id\", \"profile\": [...]}"),
     out: Path = typer.Option(..., "--out", help="Folder for the PEFT adapter (adapter_config.json + adapter_model.safetensors)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=0, help="Inner steps (default: the bank's)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=0, max=MAX_INNER_STEPS, help=f"Inner steps, 0 to {MAX_INNER_STEPS} (default: the bank's)."),
     db: Optional[str] = typer.Option(None, "--db"),
 ) -> None:
     """Write one user's fused + stacked LoRA as a standard PEFT adapter folder (soft prompt beside it)."""

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from ..checks import as_path, request_int
 from ..errors import InvalidHistory
 from .jsonfile import is_unicode_text, load_history_json
 from .types import Catalog
@@ -181,18 +182,22 @@ class UserHistory(BaseModel):
 def parse_history(obj: Any, *, max_items: int = MAX_ITEMS) -> UserHistory:
     """Validate a Python object (e.g. parsed JSON) as a history.
 
-    Raises InvalidHistory, with one line naming the JSON path, for anything that is not a valid history.
+    Raises InvalidHistory, with one line naming the JSON path, for anything that is not a valid
+    history, and InvalidRequest for a ``max_items`` that is not a whole number >= 0.
     """
-    return _validate(obj, max_items, source="history")
+    return _validate(obj, request_int(max_items, "max_items", 0), source="history")
 
 
 def load_history(path: str | Path, *, max_items: int = MAX_ITEMS, max_bytes: int = MAX_BYTES) -> UserHistory:
     """Read and validate a history.json file.
 
     Raises InvalidHistory (one line, naming the file) when the file is missing, not a regular file,
-    larger than ``max_bytes``, not UTF-8, not JSON (with line and column), or not a valid history.
+    larger than ``max_bytes``, not UTF-8, not JSON (with line and column), or not a valid history;
+    InvalidRequest for limits that are not whole numbers >= 0.
     """
-    obj = load_history_json(Path(path), max_bytes, InvalidHistory, "user_id and items")
+    max_items, max_bytes = request_int(max_items, "max_items", 0), request_int(max_bytes, "max_bytes", 0)
+    path = as_path(path, "a history file", InvalidHistory)
+    obj = load_history_json(path, max_bytes, InvalidHistory, "user_id and items")
     return _validate(obj, max_items, source=str(path))
 
 

@@ -43,7 +43,8 @@ from sqlalchemy import Connection, Engine, make_url, select, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from pmeta.errors import BankBusy, BankIntegrityError, BankNotFound, BankUnavailable, InvalidConfig, PmetaError
+from pmeta.errors import BankBusy, BankIntegrityError, BankNotFound, BankUnavailable, InvalidConfig, InvalidRequest, PmetaError
+from pmeta.checks import as_path, os_error_message
 from pmeta.storage import migrate
 from pmeta.storage.db import ACTIVE, ActiveVersion, Anchor, BankVersion, HeldOutUser, make_engine
 from pmeta.storage.manifest import MANIFEST_NAME, check_dir, list_files, verified_entries, write_manifest
@@ -67,7 +68,9 @@ class BankStore:
     """
 
     def __init__(self, path: str | os.PathLike[str], db_url: str | None = None) -> None:
-        self.path = Path(path).absolute()
+        self.path = as_path(path, "a bank path", InvalidRequest).absolute()
+        if db_url is not None and not isinstance(db_url, str):
+            raise InvalidConfig(f"a database URL must be a str, not {type(db_url).__name__}")
         self.db_url = db_url or f"sqlite:///{self.path / DB_NAME}"
         try:
             make_url(self.db_url)
@@ -109,14 +112,20 @@ class BankStore:
         ``path`` is a file, or a non-empty directory that does not look like a bank (so that a
         typo never scatters bank files into an unrelated folder).
         """
-        self._check_buildable()
+        try:
+            self._check_buildable()
+        except OSError as error:  # a name too long, a loop of links
+            raise InvalidRequest(f"cannot build a bank at {self.path}: {os_error_message(error)}") from None
         db_lock: Connection | None = None
         with self._db_errors():  # a bad URL or an unreachable server fails before anything is created
             db_lock = _acquire_db_lock(self._get_engine(), self)
         try:
             self._check_database_owner()
             created_bank = not self.path.exists() and not self.path.is_symlink()
-            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as error:  # a read-only or virtual file system, no permission
+                raise InvalidRequest(f"cannot create the bank folder {self.path}: {os_error_message(error)}") from None
             lock = _acquire_lock(self.path / LOCK_NAME, self.path)
         except BaseException:
             _release_db_lock(db_lock)
@@ -323,7 +332,11 @@ class BankStore:
 
     def _engine_for_reading(self) -> Engine:
         """The engine, after checking that the bank exists; never creates a database file."""
-        if not self.path.is_dir():
+        try:
+            is_dir = self.path.is_dir()
+        except OSError as error:  # a name too long
+            raise BankNotFound(f"not a pmeta bank: {self.path} ({os_error_message(error)})") from None
+        if not is_dir:
             raise BankNotFound(f"not a pmeta bank: {self.path} (not a directory)")
         sqlite_file = _sqlite_file(self.db_url)
         if sqlite_file is not None and not sqlite_file.is_file():

@@ -21,6 +21,8 @@ import torch
 from pydantic import ValidationError
 
 from ..data.jsonfile import is_unicode_text
+from ..checks import request_int
+from ..config import MAX_INNER_STEPS
 from ..errors import BankIntegrityError, InvalidRequest
 from ..fusion.index import AnchorIndex
 from ..models.device import resolve_device
@@ -60,8 +62,7 @@ class TextPersonalization:
 
     def prompt(self, input_text: str, retrieve: int | None = None) -> str:
         retrieve = self.bank.config.retrieve if retrieve is None else retrieve
-        if not isinstance(retrieve, int) or isinstance(retrieve, bool) or retrieve < 0:
-            raise InvalidRequest(f"retrieve must be a non-negative integer, got {retrieve!r}")
+        request_int(retrieve, "retrieve", 0)
         if not isinstance(input_text, str) or not input_text.strip():
             raise InvalidRequest("the input must be a non-empty string")
         if not is_unicode_text(input_text):
@@ -139,13 +140,13 @@ class TextBank:
         return self.personalize_many([history], steps=steps, max_items=max_items)[0]
 
     def personalize_many(self, histories: list, steps: int | None = None, max_items: int | None = None) -> list[TextPersonalization]:
-        from ..bank.bank import request_list
+        from ..bank.bank import each_history
 
-        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
-            raise InvalidRequest(f"steps must be a non-negative integer, got {steps!r}")
-        if max_items is not None and (not isinstance(max_items, int) or isinstance(max_items, bool) or max_items < 0):
-            raise InvalidRequest(f"max_items must be a non-negative integer, got {max_items!r}")
-        parsed = [self.history(h) for h in request_list(histories, "histories")]
+        if steps is not None:
+            request_int(steps, "steps", 0, MAX_INNER_STEPS)
+        if max_items is not None:
+            request_int(max_items, "max_items", 0)
+        parsed = each_history(histories, self.history)
         profiles = [p if max_items is None else p[-max_items:] if max_items > 0 else [] for _, p in parsed]
         clock = time.perf_counter()
         timings: dict[str, float] = {}

@@ -30,7 +30,7 @@ from ..adapt.strategies import get_strategy
 from ..bank.build import _unit, choose_anchors
 from ..bank.meta_train import _optimize
 from ..data.lamp import LampExample, load_split, task_spec, truncate_profile
-from ..errors import InvalidData
+from ..errors import InvalidConfig, InvalidData
 from ..fusion.fuse import fuse, fusion_weights
 from ..models.personal import Adapter, expand_users, stack
 from ..progress import Progress
@@ -395,6 +395,9 @@ def build_text_bank(data: str | Path, out: str | Path, config: TextConfig, db_ur
     from ..data.lamp import load_split as _load
     from ..storage import BankStore
 
+    if not isinstance(config, TextConfig):
+        raise InvalidConfig(f"config must be a TextConfig (pmeta.text.load_text_config(...)), not {type(config).__name__}")
+    store = BankStore(out, db_url)  # checks the path's type and the URL; touches nothing on disk
     progress = progress or Progress(False)
     spec = task_spec(config.task)
     try:
@@ -403,7 +406,6 @@ def build_text_bank(data: str | Path, out: str | Path, config: TextConfig, db_ur
         test_ids = []
     splits = read_train_dev(data, spec.name)  # bad data and a model that does not load fail before the bank folder exists
     lm = lm or load_lm(config)
-    store = BankStore(out, db_url)
     with store.new_version() as writer:
         model, record = build_text_model(data, config, progress, lm=lm, splits=splits)
         writer.write_tensors(TENSORS_FILE, model.t.to_flat())

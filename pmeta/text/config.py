@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..config import DEFAULT_ENCODER, MAX_SEED, resolve_config
+from ..config import DEFAULT_ENCODER, MAX_INNER_STEPS, MAX_SEED, resolve_config
 
 DEFAULT_LM = "bundled:SmolLM2-135M-Instruct"
 
@@ -33,7 +33,7 @@ class TextConfig(BaseModel):
     temperature: float = Field(0.05, gt=0, description="Initial fusion temperature (learned).")
 
     meta: Literal["maml", "fomaml", "reptile"] = "fomaml"
-    inner_steps: int = Field(3, ge=0, le=50)
+    inner_steps: int = Field(3, ge=0, le=MAX_INNER_STEPS)
     inner_lr: float = Field(0.05, gt=0, description="Initial inner step size (learned per tensor with maml).")
     max_inner_lr_factor: float = Field(64.0, ge=1, description="Largest multiple of inner_lr the validation search tries.")
     support_min: int = Field(1, ge=1)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..data.jsonfile import load_history_json
 from ..data.lamp import parse_questions
+from ..checks import as_path
 from ..errors import InvalidData, InvalidHistory
 
 MAX_PROFILE_ITEMS = 10_000
@@ -78,6 +79,6 @@ def parse_text_history(data: Any, task: str, source: str = "history") -> tuple[T
 
 def load_text_history(path: str | Path, task: str) -> tuple[TextHistory, list[dict]]:
     """Read and validate a history file (a regular file of at most 10 MiB of UTF-8 JSON)."""
-    path = Path(path)
+    path = as_path(path, "a history file", InvalidHistory)
     obj = load_history_json(path, MAX_BYTES, InvalidHistory, "user_id and profile")
     return parse_text_history(obj, task, str(path))
