@@ -134,7 +134,7 @@ def resolve_config(model: type[BaseModel], presets: dict[str, dict], preset: str
         raise InvalidConfig(f"overrides must be a mapping of option names (str) to values, not {type(overrides).__name__}")
     values = dict(presets[preset])
     if file is not None:
-        path = as_path(file, "a config file", InvalidConfig)
+        path = as_path(file, "config file", InvalidConfig)
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:

@@ -91,7 +91,7 @@ def export_peft(lm: CausalLM, adapter: dict[str, torch.Tensor], out_dir, base_mo
     ``pmeta_export.json``: pmeta adds it to log p(label | prompt) before choosing a label."""
     from peft import LoraConfig
 
-    out = as_path(out_dir, "the export folder", InvalidRequest)
+    out = as_path(out_dir, "export folder", InvalidRequest)
     keys = [k[:-2] for k in adapter if k.endswith(".A")]
     if not keys:
         raise InvalidRequest("the adapter has no LoRA factors to export")

@@ -196,7 +196,7 @@ def load_history(path: str | Path, *, max_items: int = MAX_ITEMS, max_bytes: int
     InvalidRequest for limits that are not whole numbers >= 0.
     """
     max_items, max_bytes = request_int(max_items, "max_items", 0), request_int(max_bytes, "max_bytes", 0)
-    path = as_path(path, "a history file", InvalidHistory)
+    path = as_path(path, "History file", InvalidHistory)
     obj = load_history_json(path, max_bytes, InvalidHistory, "user_id and items")
     return _validate(obj, max_items, source=str(path))
 

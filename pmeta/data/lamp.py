@@ -239,7 +239,7 @@ def read_questions(path: str | Path, task: str) -> list[LampExample]:
     InvalidConfig for an unknown task.
     """
     task_spec(task)
-    path = as_path(path, "a LaMP questions file", InvalidData)
+    path = as_path(path, "LaMP questions file", InvalidData)
     return parse_questions(_load_json(path), task, path)
 
 
@@ -275,7 +275,7 @@ def read_outputs(path: str | Path) -> tuple[str, dict[str, str]]:
     Raises InvalidData for a file that is not ``{"task": "LaMP_N", "golds": [{"id", "output"}]}`` with
     unique ids and string outputs.
     """
-    path = as_path(path, "a LaMP outputs file", InvalidData)
+    path = as_path(path, "LaMP outputs file", InvalidData)
     return parse_outputs(_load_json(path), path)
 
 
@@ -288,7 +288,7 @@ def load_split(directory: str | Path, task: str, split: str) -> list[LampExample
     spec = task_spec(task)
     if not isinstance(split, str) or not _SPLIT_NAME.match(split):
         raise InvalidConfig(f"A split is a plain name such as train, dev or test, not {str(split)[:40]!r}.")
-    directory = as_path(directory, "a LaMP data folder", InvalidData)
+    directory = as_path(directory, "LaMP data folder", InvalidData)
     questions_path = directory / f"{split}_questions.json"
     if not questions_path.is_file():
         raise InvalidData(f"{directory} has no {questions_path.name} (LaMP splits are {{split}}_questions.json files).")

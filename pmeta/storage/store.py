@@ -68,7 +68,7 @@ class BankStore:
     """
 
     def __init__(self, path: str | os.PathLike[str], db_url: str | None = None) -> None:
-        self.path = as_path(path, "a bank path", InvalidRequest).absolute()
+        self.path = as_path(path, "bank folder", InvalidRequest).absolute()
         if db_url is not None and not isinstance(db_url, str):
             raise InvalidConfig(f"a database URL must be a str, not {type(db_url).__name__}")
         self.db_url = db_url or f"sqlite:///{self.path / DB_NAME}"
@@ -114,6 +114,8 @@ class BankStore:
         """
         try:
             self._check_buildable()
+        except PmetaError:  # BankNotFound is an OSError too
+            raise
         except OSError as error:  # a name too long, a loop of links
             raise InvalidRequest(f"cannot build a bank at {self.path}: {os_error_message(error)}") from None
         db_lock: Connection | None = None

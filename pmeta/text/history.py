@@ -79,6 +79,6 @@ def parse_text_history(data: Any, task: str, source: str = "history") -> tuple[T
 
 def load_text_history(path: str | Path, task: str) -> tuple[TextHistory, list[dict]]:
     """Read and validate a history file (a regular file of at most 10 MiB of UTF-8 JSON)."""
-    path = as_path(path, "a history file", InvalidHistory)
+    path = as_path(path, "History file", InvalidHistory)
     obj = load_history_json(path, MAX_BYTES, InvalidHistory, "user_id and profile")
     return parse_text_history(obj, task, str(path))
