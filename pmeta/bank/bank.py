@@ -273,6 +273,7 @@ class Bank:
         if method not in ADAPT_METHODS:
             raise InvalidRequest(f"method must be one of {', '.join(ADAPT_METHODS)}, got {method!r}")
         request_int(batch_size, "batch_size", 1)
+
         def read(history: Any) -> tuple[UserHistory, UserInput]:
             parsed = self.as_history(history)
             return parsed, self.user_input(parsed, ignore_unknown)
