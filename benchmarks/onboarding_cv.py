@@ -2,6 +2,7 @@
 
     python benchmarks/onboarding_cv.py [--data DIR] [--folds 4] [--ease-lambda 500] [--lam 10] [--weight 1] [--rank 32[,64,...]] [--rbf 0.1:0.3,0.1:1]
                                        [--later 0.3:10,1:30 [--later-stride 2] [--later-last 200]]
+                                       [--rp3beta 0.7:1,0.5:0.3] [--pop-penalty 0.1,0.3]
 
 The train users of coldstart-v1 (the shipped sample, or ``--data``: any MovieLens release) are split into folds; on each, EASE and the onboarding regression
 (:mod:`pmeta.bank.onboarding`) are fitted on the other folds and the held-out fold is ranked with the
@@ -22,6 +23,13 @@ episodes (the first K positives → positives 6..15), episodes taken later in th
 (positives s..s+K−1 → positives s+5..s+14 for s = stride, 2·stride, … ≤ ``--later-last``), weighted ω
 and centred on their own mean (:func:`later_episodes`, :func:`later_ridge`), combined with EASE as
 the others. It is the check behind the README's "later episodes: tried, not robust".
+
+``--rp3beta β:c,...`` adds RP3beta (:func:`rp3beta`: the two-step random walk item → user → item of the
+fit users' positives, α = 1, the arriving item's degree raised to −β) alone at γ = 1, and added with
+weight c to the exact combined matrix at γ = 0.5, each first divided by the spread (standard
+deviation) of its scores over the fit users' episodes. ``--pop-penalty d,...`` subtracts
+``d·log(1 + ratings of the item)`` from that spread-scaled combined score. Both are the checks behind
+the README's "RP3beta, a popularity penalty: tried, not adopted".
 """
 
 from __future__ import annotations
@@ -103,14 +111,36 @@ def later_ridge(x: np.ndarray, y: np.ndarray, later_x: sp.csr_matrix, later_y: s
     return np.linalg.solve(gram, target).astype(np.float32), mean.astype(np.float32)
 
 
+def rp3beta(matrix: np.ndarray, beta: float) -> np.ndarray:
+    """(items, items) RP3beta weights of a 0/1 user × item matrix: ``W[i, j] = Σ_u P(u | i) P(j | u) / deg(j)^β``
+    (each step uniform over the edges of the node it leaves; α = 1), with a zero diagonal."""
+    user_degree = np.maximum(matrix.sum(1, keepdims=True), 1.0)
+    item_degree = np.maximum(matrix.sum(0), 1.0)
+    weights = (matrix.T / item_degree[:, None]) @ (matrix / user_degree)
+    weights /= item_degree[None, :] ** beta
+    np.fill_diagonal(weights, 0.0)
+    return weights
+
+
+def number_list(text: str) -> list[float]:
+    """``--pop-penalty``: comma-separated numbers, each >= 0."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = [-1.0]
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected numbers >= 0 separated by commas, got {text!r}")
+    return values
+
+
 def later_pairs(text: str) -> list[tuple[float, float]]:
-    """``--later``: comma-separated ω:λ pairs, each ω > 0 and λ > 0."""
+    """``--later`` (ω:λ) and ``--rp3beta`` (β:c): comma-separated pairs of numbers, each > 0."""
     try:
         pairs = [tuple(float(v) for v in part.split(":")) for part in text.split(",")] if text else []
     except ValueError:
         pairs = [()]
     if any(len(pair) != 2 or min(pair) <= 0 for pair in pairs):
-        raise argparse.ArgumentTypeError(f"expected weight:lambda pairs > 0 separated by commas, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected pairs of numbers > 0 (a:b) separated by commas, got {text!r}")
     return pairs
 
 
@@ -149,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--later", type=later_pairs, default=[], help="comma-separated ω:λ pairs of rows fitted with later episodes too (e.g. 0.3:10,1:30)")
     parser.add_argument("--later-stride", type=positive_int, default=2, help="positions between the starts of later episodes")
     parser.add_argument("--later-last", type=positive_int, default=200, help="the last start position of a later episode")
+    parser.add_argument("--rp3beta", type=later_pairs, default=[], help="comma-separated β:c pairs of RP3beta rows, alone and added with weight c (e.g. 0.7:1,0.5:0.3)")
+    parser.add_argument("--pop-penalty", type=number_list, default=[], help="comma-separated weights d of rows with d·log(1 + ratings) subtracted (e.g. 0.1,0.3)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -176,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         # a rank-r prefix of it is the rank-r SVD; a rank above the kept items' count keeps all of them
         u, sigma, vt = randomized_svd(combined, n_components=min(max(ranks), min(combined.shape)), random_state=0)
         knn = ItemKNNBaseline().fit(dataset, fit_users)
+        graphs = {beta: rp3beta(matrix[:, kept], beta) for beta in sorted({beta for beta, _ in args.rp3beta})}
+        log_count = np.log1p(matrix[:, kept].sum(0))
         if args.rbf:
             _, singular, item_vt = randomized_svd(matrix[:, kept], n_components=64, random_state=0)
             factors = item_vt.T * singular**0.5
@@ -237,6 +271,16 @@ def main(argv: list[str] | None = None) -> None:
                 later_combined, later_bias = onboarding.combine(ease, later_w, later_mean, x, args.weight)
                 for exponent in (1.0, 0.5):
                     models[f"onboarding + later episodes (ω={weight:g}, λ={lam:g}), γ={exponent:g}"] = scorer(lambda rows, m=later_combined: m[rows], exponent, bias_of=later_bias)
+        if args.rp3beta or args.pop_penalty:
+            spread = max(float((x @ combined + bias).std()), 1e-9)  # the blends' scale: scores over the fit episodes
+            for beta, graph in graphs.items():
+                models[f"RP3beta (β={beta:g}), γ=1"] = scorer(lambda rows, g=graph: g[rows], 1.0, with_bias=False)
+            for beta, weight in args.rp3beta:
+                graph_spread = max(float((x @ graphs[beta]).std()), 1e-9)
+                blended = combined / spread + weight * graphs[beta] / graph_spread
+                models[f"onboarding + {weight:g}·RP3beta (β={beta:g}), γ=0.5"] = scorer(lambda rows, m=blended: m[rows], 0.5, bias_of=bias / spread)
+            for penalty in args.pop_penalty:
+                models[f"onboarding − {penalty:g}·log(1 + ratings), γ=0.5"] = scorer(lambda rows: combined[rows] / spread, 0.5, bias_of=bias / spread - penalty * log_count)
         cases = {k: make_cases(dataset, held_out, k) for k in KS}
         candidates = draw_candidates(cases[max(KS)], MODES, popularity)
         for name, score in models.items():

@@ -1,17 +1,21 @@
 """Checks of the library API's plain arguments: paths and whole numbers.
 
-Path arguments are checked before any file-system call.
-
-``Path(3)`` raises a bare ``TypeError`` and a NUL byte a ``ValueError`` only at the first system call;
-:func:`as_path` turns both into the typed error the calling function already raises for a missing
-file (``InvalidHistory`` for a history, ``InvalidConfig`` for a config file, ...), and
-:func:`os_error_message` words an ``OSError`` (a name too long, a read-only file system) for one line.
+The public functions that take a path pass it through :func:`as_path` before their first file-system
+call. ``Path(3)`` raises a bare ``TypeError`` at once, and a path with a NUL byte raises a bare
+``ValueError`` only at that first call; :func:`as_path` turns both into the typed error the calling
+function already raises for a missing file (``InvalidHistory`` for a history, ``InvalidConfig`` for a
+config file, ...). :func:`os_error_message` words an ``OSError`` for one line, and
+:func:`is_path_error` tells an error about the path (the caller's) from one about the machine.
 """
 
 from __future__ import annotations
 
+import errno
+import operator
 import os
 from pathlib import Path
+
+import numpy as np
 
 from .errors import InvalidRequest, PmetaError
 
@@ -29,6 +33,17 @@ def as_path(value: object, what: str, error: type[PmetaError]) -> Path:
     return path
 
 
+#: ``errno`` values that describe the path a caller chose (a name too long, a read-only or virtual file
+#: system, no permission), as opposed to the machine's state (a full disk, an I/O error): only these
+#: become the caller's typed error; the others propagate as the ``OSError`` they are.
+PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ENOENT, errno.ENOTDIR, errno.EROFS, errno.EACCES, errno.EPERM, errno.ELOOP, errno.EISDIR})
+
+
+def is_path_error(error: OSError) -> bool:
+    """Whether ``error`` is about the path itself (see :data:`PATH_ERRNOS`)."""
+    return error.errno in PATH_ERRNOS
+
+
 def os_error_message(error: OSError) -> str:
     """An ``OSError``'s reason on one line (``strerror`` without the path, which the caller names)."""
     if error.strerror:
@@ -38,9 +53,24 @@ def os_error_message(error: OSError) -> str:
 
 
 def request_int(value: object, name: str, minimum: int, maximum: int | None = None, error: type[PmetaError] = InvalidRequest) -> int:
-    """``value`` when it is an ``int`` (not a ``bool``) in ``[minimum, maximum]``, else one line of ``error``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
+    """``value`` as an ``int`` when it is a whole number in ``[minimum, maximum]`` (an ``int`` or
+    anything with ``__index__``, such as ``numpy.int64``; never a ``bool`` or a float), else one line of ``error``."""
+    number: int | None = None
+    if not isinstance(value, (bool, np.bool_)):
+        try:
+            number = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            number = None
+    if number is None or number < minimum or (maximum is not None and number > maximum):
         bounds = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
         shown = repr(value)[:40] if isinstance(value, (int, float, str)) else type(value).__name__
         raise error(f"{name} must be a whole number {bounds}, got {shown}")
-    return value
+    return number
+
+
+def request_bool(value: object, name: str, error: type[PmetaError] = InvalidRequest) -> bool:
+    """``value`` as a ``bool`` when it is ``True`` / ``False`` (or a ``numpy.bool_``), else one line of ``error``
+    (``0`` / ``1`` / ``"yes"`` are refused: a flag read from a form or a file should be parsed by the caller)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise error(f"{name} must be True or False, got {repr(value)[:40] if isinstance(value, (int, float, str)) else type(value).__name__}")
+    return bool(value)

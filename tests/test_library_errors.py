@@ -9,8 +9,10 @@ batch of histories with one bad history in it."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import pmeta
@@ -23,9 +25,18 @@ TOO_LONG = "a" * 300
 UNWRITABLE = Path("/proc/pmeta-test-cannot-exist/bank")
 
 
-@pytest.mark.parametrize("value", [3, None, b"bank", ["bank"], 2.5])
+class BytesPath:
+    """An os.PathLike whose __fspath__ gives bytes, which pathlib refuses with a bare TypeError."""
+
+    def __fspath__(self) -> bytes:
+        return b"/tmp"
+
+
+@pytest.mark.parametrize("value", [3, None, b"bank", ["bank"], 2.5, BytesPath()], ids=["int", "None", "bytes", "list", "float", "bytes-pathlike"])
 def test_a_path_of_the_wrong_type_is_a_typed_error(value, tmp_path):
+    from pmeta.data import read_movielens
     from pmeta.data.lamp import load_split
+    from pmeta.data.reviews import read_reviews, reviews_to_lamp
     from pmeta.text import TextBank, load_text_history
 
     for call, error in (
@@ -35,6 +46,10 @@ def test_a_path_of_the_wrong_type_is_a_typed_error(value, tmp_path):
         (lambda: load_text_history(value, "LaMP-3"), InvalidHistory),
         (lambda: pmeta.load_config("tiny", file=value), InvalidConfig),
         (lambda: load_split(value, "LaMP-3", "train"), InvalidData),
+        (lambda: read_movielens(value), InvalidData),
+        (lambda: read_reviews(value), InvalidData),
+        (lambda: reviews_to_lamp(value, "rating", tmp_path / "out"), InvalidData),
+        (lambda: reviews_to_lamp(tmp_path / "in.json", "rating", value), InvalidData),
     ):
         if value is None and error is InvalidConfig:
             continue  # file=None is "no config file"
@@ -53,6 +68,19 @@ def test_nul_bytes_and_paths_the_system_refuses_are_typed_errors(tmp_path):
         pmeta.Bank.open(tmp_path, db_url=3)
 
 
+def test_dataset_paths_the_system_refuses_are_data_errors(tmp_path):
+    from pmeta.data import read_movielens
+    from pmeta.data.reviews import read_reviews, reviews_to_lamp
+
+    for call in (lambda p: read_movielens(p), lambda p: read_reviews(p)):
+        with pytest.raises(InvalidData, match="NUL byte"):
+            call(str(tmp_path / "a\x00b"))
+        with pytest.raises(InvalidData, match="Cannot read .*(too long|File name)"):
+            call(tmp_path / TOO_LONG / "x")
+    with pytest.raises(InvalidData, match="Cannot use .* as the output folder: .*(too long|File name)"):
+        reviews_to_lamp(tmp_path / "in.json", "rating", tmp_path / TOO_LONG / "out")
+
+
 @pytest.mark.parametrize("out", [TOO_LONG, UNWRITABLE], ids=["name-too-long", "under-proc"])
 def test_a_build_into_a_path_the_system_refuses_is_a_typed_error_and_writes_nothing(tmp_path, out):
     from pmeta.data import load_sample
@@ -62,6 +90,27 @@ def test_a_build_into_a_path_the_system_refuses_is_a_typed_error_and_writes_noth
     with pytest.raises(InvalidRequest, match="cannot (build a bank at|create the bank folder)"):
         pmeta.build_bank(load_sample(), target, pmeta.load_config("tiny"))
     assert sorted(tmp_path.iterdir()) == before
+    assert not os.path.exists(target)  # (os.path.exists, not Path.exists: a name too long is simply absent)
+
+
+def test_a_full_disk_while_creating_a_bank_stays_an_os_error(tmp_path, monkeypatch):
+    """Only errors about the path itself are the caller's InvalidRequest; ENOSPC / EIO are the machine's."""
+    import errno
+
+    from pmeta.data import load_sample
+
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.name == "bank":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    with pytest.raises(OSError, match="No space left") as raised:
+        pmeta.build_bank(load_sample(), tmp_path / "bank", pmeta.load_config("tiny"))
+    assert not isinstance(raised.value, InvalidRequest)
+    assert not (tmp_path / "bank").exists()
 
 
 def test_build_bank_refuses_a_dataset_or_config_of_the_wrong_type_before_any_work(tmp_path):
@@ -129,7 +178,7 @@ def test_steps_are_bounded_per_call(opened_bank):
 
 def test_other_request_arguments_are_checked(opened_bank):
     for value in ("no", 1, None):
-        with pytest.raises(InvalidRequest, match="ignore_unknown must be True or False"):
+        with pytest.raises(InvalidRequest, match=f"ignore_unknown must be True or False, got {value!r}"):
             opened_bank.personalize(GOOD, ignore_unknown=value)
     for batch_size in (0, "16", 1.5):
         with pytest.raises(InvalidRequest, match="batch_size must be a whole number >= 1"):
@@ -150,3 +199,13 @@ def test_a_bad_history_in_a_batch_is_named_by_its_position(opened_bank):
         opened_bank.personalize(bad)
     assert not str(single.value).startswith("histories[")
     assert opened_bank.personalize_many([]) == []
+
+
+def test_numpy_whole_numbers_and_flags_are_accepted_like_python_ones(opened_bank):
+    """A serving layer often holds numpy scalars: np.int64 steps / top / batch_size and an np.bool_
+    flag rank exactly as the Python values do; a numpy float is still not a whole number."""
+    expected = opened_bank.personalize(GOOD, steps=2).rank(top=4)
+    got = opened_bank.personalize_many([GOOD], steps=np.int64(2), batch_size=np.int32(4), ignore_unknown=np.bool_(False))[0].rank(top=np.int64(4))
+    assert [(r.item_id, r.score) for r in got] == [(r.item_id, r.score) for r in expected]
+    with pytest.raises(InvalidRequest, match="steps must be a whole number"):
+        opened_bank.personalize(GOOD, steps=np.float64(2.0))

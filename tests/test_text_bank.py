@@ -138,7 +138,7 @@ def test_history_errors(opened, history, message):
         opened.personalize(history)
 
 
-def test_request_errors_are_typed(setup, opened, tmp_path):
+def test_request_errors_are_typed(setup, opened, tmp_path, monkeypatch):
     history = {"user_id": "u", "profile": []}
     for histories in (history, "abc", None):  # a dict or a string is not a list of histories
         with pytest.raises(InvalidRequest, match="histories must be a list"):
@@ -156,11 +156,23 @@ def test_request_errors_are_typed(setup, opened, tmp_path):
         p.export_peft(tmp_path / "file" / "sub")
     # what the operating system refuses, and paths of the wrong type: typed, nothing left behind
     before = sorted(tmp_path.iterdir())
-    for target, message in ((tmp_path / ("a" * 300), "cannot export to .*(too long|File name)"), ("/proc/pmeta-test-cannot-exist/adapter", "cannot export to"),
+    for target, message in ((tmp_path / ("a" * 300), "cannot export to .*(too long|File name)"), ("/proc/pmeta-adapter", "cannot export to /proc/pmeta-adapter: No such file"),
                             (str(tmp_path / "a\x00b"), "NUL byte"), (3, "must be a path"), (None, "must be a path")):  # fmt: skip
         with pytest.raises(InvalidRequest, match=message):
             p.export_peft(target)
     assert sorted(tmp_path.iterdir()) == before
+    # a full disk is the machine's state, not a bad request: it stays the OSError it is
+    import errno
+
+    import pmeta.export
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pmeta.export, "_write", full_disk)
+    with pytest.raises(OSError, match="No space left") as raised:
+        p.export_peft(tmp_path / "adapter")
+    assert not isinstance(raised.value, InvalidRequest)
 
 
 def test_steps_paths_and_batches_are_checked(setup, opened):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from ..checks import request_int
+from ..checks import request_bool, request_int
 from ..config import MAX_INNER_STEPS, BankConfig
 from ..data.history import UserHistory, load_history, parse_history, resolve_history
 from ..data.types import POSITIVE_RATING, Catalog
@@ -150,7 +150,7 @@ class Personalization:
 
         Raises InvalidRequest for a non-positive ``top`` or candidate ids not in the catalogue.
         """
-        request_int(top, "top", 1)
+        top = request_int(top, "top", 1)
         catalog = self.bank.catalog
         if candidates is None:
             pool = None
@@ -250,7 +250,9 @@ class Bank:
     # ------------------------------------------------------------------ personalize
     def personalize(self, history: UserHistory | dict | str | Path, steps: int | None = None, ignore_unknown: bool = False) -> Personalization:
         """Retrieve, fuse and adapt for one user. ``history`` is a UserHistory, a dict in the
-        history.json schema, or a path to such a file. Raises InvalidHistory on bad input."""
+        history.json schema, or a path to such a file; ``steps`` (0 to 50) overrides the bank's
+        inner steps. Raises InvalidHistory for a bad history (unknown items too, unless
+        ``ignore_unknown``) and InvalidRequest for a bad ``steps`` or ``ignore_unknown``."""
         return self.personalize_many([history], steps=steps, ignore_unknown=ignore_unknown)[0]
 
     def personalize_many(self, histories: list, steps: int | None = None, ignore_unknown: bool = False, batch_size: int = 16, method: str = "batched") -> list[Personalization]:
@@ -267,12 +269,11 @@ class Bank:
         (``torch.func.vmap`` over a per-user inner loop).
         """
         if steps is not None:
-            request_int(steps, "steps", 0, MAX_INNER_STEPS)
-        if not isinstance(ignore_unknown, bool):
-            raise InvalidRequest(f"ignore_unknown must be True or False, got {type(ignore_unknown).__name__}")
+            steps = request_int(steps, "steps", 0, MAX_INNER_STEPS)
+        ignore_unknown = request_bool(ignore_unknown, "ignore_unknown")
         if method not in ADAPT_METHODS:
             raise InvalidRequest(f"method must be one of {', '.join(ADAPT_METHODS)}, got {method!r}")
-        request_int(batch_size, "batch_size", 1)
+        batch_size = request_int(batch_size, "batch_size", 1)
 
         def read(history: Any) -> tuple[UserHistory, UserInput]:
             parsed = self.as_history(history)

@@ -579,7 +579,12 @@ def build_bank(dataset: Dataset, out: str | Path, config: BankConfig, db_url: st
 
     The version becomes active only once every file is written, checksummed and recorded (see
     :mod:`pmeta.storage`); a failed or killed build leaves the previous version active.
-    Raises BankBusy if another build is publishing into the same bank.
+    Raises InvalidRequest for a ``dataset`` that is not a Dataset, or an ``out`` that is not a path or
+    that the system refuses (a name too long, a read-only folder); InvalidData for a dataset with fewer
+    than 2 users with positive ratings; InvalidConfig for a ``config`` that is not a BankConfig or a
+    bad ``db_url``; BankBusy if
+    another build is publishing into the same bank; BankUnavailable if the database cannot be reached;
+    TrainingDiverged if meta-training produces non-finite values.
     """
     from ..storage import BankStore
     from .bank import BUILD_FILE, CATALOG_FILE, INDEX_FILE, TENSORS_FILE

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..checks import os_error_message
 from ..errors import PmetaError
 
 #: A ``\\uD800``-``\\uDFFF`` escape; only a text containing one can decode to a lone surrogate.
@@ -37,8 +38,8 @@ def read_regular_file(path: Path, max_bytes: int, error: type[PmetaError], kind:
     try:
         exists, regular = path.exists(), path.is_file()
         size = path.stat().st_size if regular else 0
-    except (OSError, ValueError) as problem:  # ValueError: a NUL byte in the path
-        raise error(f"Cannot read {kind} file {path}: {getattr(problem, 'strerror', None) or problem}.") from None
+    except OSError as problem:  # a name too long, no permission on a folder (the public callers' as_path has refused NUL bytes)
+        raise error(f"Cannot read {kind} file {str(path)[:200]}: {os_error_message(problem)}.") from None
     if not exists:
         raise error(f"{label} file not found: {path}.")
     if not regular:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import as_path, os_error_message
 from ..errors import InvalidData
 from .types import Catalog, Dataset, Ratings, fingerprint_files
 
@@ -64,12 +65,16 @@ def read_movielens(path: str | Path, format: str = "auto") -> Dataset:
     every id is a number). Ratings of items missing from the movies file are dropped with a
     ``UserWarning`` that counts them.
 
-    Raises InvalidData for a missing directory, an unknown format, missing or unreadable files, a
+    Raises InvalidData for a path that is not a ``str`` / ``os.PathLike`` or that the system refuses, a missing directory, an unknown format, missing or unreadable files, a
     malformed line (with file and line number) and a ratings file without ratings.
     """
-    path = Path(path)
-    directory = path.parent if path.is_file() else path
-    if not directory.is_dir():
+    path = as_path(path, "MovieLens dataset", InvalidData)
+    try:
+        directory = path.parent if path.is_file() else path
+        found = directory.is_dir()
+    except OSError as error:  # a name too long, a loop of links: is_file/is_dir raise for these
+        raise InvalidData(f"Cannot read the MovieLens dataset {str(path)[:200]}: {os_error_message(error)}.") from None
+    if not found:
         raise InvalidData(f"MovieLens dataset not found: {path} is not a directory or a ratings file.")
     fmt = _chosen_format(path, directory, format)
     layout = LAYOUTS[fmt]

@@ -40,6 +40,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from ..checks import as_path, os_error_message
 from ..errors import InvalidConfig, InvalidData
 from .jsonfile import strict_loads
 from .lamp import atomic_write_json, current_umask
@@ -130,7 +131,7 @@ def read_reviews(path: str | Path) -> list[Review]:
     Raises InvalidData for a missing or unreadable file, a broken archive, a line that is not a JSON
     object, a missing field or a field of the wrong type (file and line named), and a file without reviews.
     """
-    path = Path(path)
+    path = as_path(path, "Review file", InvalidData)
     _check_input(path)
     reviews: list[Review] = []
     with ExitStack() as stack:
@@ -165,8 +166,8 @@ def _check_input(path: Path) -> None:
         raise InvalidData(f"Review file not found: {path}" + (" (a symbolic link to a missing file)." if broken else ".")) from None
     except NotADirectoryError:
         raise InvalidData(f"Review file not found: {path} (a part of the path is a file, not a directory).") from None
-    except (OSError, ValueError) as error:  # no permission on a parent folder, a name too long, a NUL byte
-        raise InvalidData(f"Cannot read {path}: {getattr(error, 'strerror', None) or error}.") from None
+    except OSError as error:  # no permission on a parent folder, a name too long
+        raise InvalidData(f"Cannot read {str(path)[:200]}: {os_error_message(error)}.") from None
     if stat.S_ISDIR(mode):
         raise InvalidData(f"{path} is a directory, not a review file; give the .json, .json.gz or .zip file itself.")
     if not stat.S_ISREG(mode):
@@ -258,9 +259,9 @@ def reviews_to_lamp(
         raise InvalidConfig("test_fraction and dev_fraction must be in [0, 1) and sum to less than 1.")
     if k_max < 1 or min_reviews < 2 or max_text_chars < 20 or max_profile < 1 or (max_users is not None and max_users < 1):
         raise InvalidConfig("k_max and max_profile must be >= 1, min_reviews >= 2, max_text_chars >= 20 and max_users >= 1.")
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir, "out_dir", InvalidData)
+    input_path = as_path(input_path, "Review file", InvalidData)
     _check_out_dir(out_dir)
-    input_path = Path(input_path)
 
     reviews = read_reviews(input_path)
     by_user: dict[str, list[Review]] = {}
@@ -356,10 +357,15 @@ def _is_previous_output(out_dir: Path) -> bool:
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
+    try:
+        exists, is_dir = out_dir.exists(), out_dir.is_dir()
+        filled = is_dir and any(out_dir.iterdir())
+    except OSError as error:  # a name too long, no permission to list it
+        raise InvalidData(f"Cannot use {str(out_dir)[:200]} as the output folder: {os_error_message(error)}.") from None
+    if exists:
+        if not is_dir:
             raise InvalidData(f"{out_dir} exists and is not a directory.")
-        if any(out_dir.iterdir()) and not _is_previous_output(out_dir):
+        if filled and not _is_previous_output(out_dir):
             raise InvalidData(
                 f"{out_dir} is not empty and is not an earlier reviews-to-lamp output (or holds other files too); choose another --out."
             )

@@ -43,8 +43,8 @@ from sqlalchemy import Connection, Engine, make_url, select, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from pmeta.checks import as_path, is_path_error, os_error_message
 from pmeta.errors import BankBusy, BankIntegrityError, BankNotFound, BankUnavailable, InvalidConfig, InvalidRequest, PmetaError
-from pmeta.checks import as_path, os_error_message
 from pmeta.storage import migrate
 from pmeta.storage.db import ACTIVE, ActiveVersion, Anchor, BankVersion, HeldOutUser, make_engine
 from pmeta.storage.manifest import MANIFEST_NAME, check_dir, list_files, verified_entries, write_manifest
@@ -117,6 +117,8 @@ class BankStore:
         except PmetaError:  # BankNotFound is an OSError too
             raise
         except OSError as error:  # a name too long, a loop of links
+            if not is_path_error(error):
+                raise
             raise InvalidRequest(f"cannot build a bank at {self.path}: {os_error_message(error)}") from None
         db_lock: Connection | None = None
         with self._db_errors():  # a bad URL or an unreachable server fails before anything is created
@@ -127,6 +129,8 @@ class BankStore:
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
             except OSError as error:  # a read-only or virtual file system, no permission
+                if not is_path_error(error):
+                    raise  # a full disk, an I/O error
                 raise InvalidRequest(f"cannot create the bank folder {self.path}: {os_error_message(error)}") from None
             lock = _acquire_lock(self.path / LOCK_NAME, self.path)
         except BaseException:

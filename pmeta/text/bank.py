@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from ..data.jsonfile import is_unicode_text
 from ..checks import request_int
 from ..config import MAX_INNER_STEPS
+from ..data.jsonfile import is_unicode_text
 from ..errors import BankIntegrityError, InvalidRequest
 from ..fusion.index import AnchorIndex
 from ..models.device import resolve_device
@@ -62,7 +62,7 @@ class TextPersonalization:
 
     def prompt(self, input_text: str, retrieve: int | None = None) -> str:
         retrieve = self.bank.config.retrieve if retrieve is None else retrieve
-        request_int(retrieve, "retrieve", 0)
+        retrieve = request_int(retrieve, "retrieve", 0)
         if not isinstance(input_text, str) or not input_text.strip():
             raise InvalidRequest("the input must be a non-empty string")
         if not is_unicode_text(input_text):
@@ -143,9 +143,9 @@ class TextBank:
         from ..bank.bank import each_history
 
         if steps is not None:
-            request_int(steps, "steps", 0, MAX_INNER_STEPS)
+            steps = request_int(steps, "steps", 0, MAX_INNER_STEPS)
         if max_items is not None:
-            request_int(max_items, "max_items", 0)
+            max_items = request_int(max_items, "max_items", 0)
         parsed = each_history(histories, self.history)
         profiles = [p if max_items is None else p[-max_items:] if max_items > 0 else [] for _, p in parsed]
         clock = time.perf_counter()

@@ -19,9 +19,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..checks import as_path
 from ..data.jsonfile import load_history_json
 from ..data.lamp import parse_questions
-from ..checks import as_path
 from ..errors import InvalidData, InvalidHistory
 
 MAX_PROFILE_ITEMS = 10_000
