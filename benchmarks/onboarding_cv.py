@@ -35,6 +35,7 @@ the README's "RP3beta, a popularity penalty: tried, not adopted".
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import numpy as np
@@ -123,23 +124,23 @@ def rp3beta(matrix: np.ndarray, beta: float) -> np.ndarray:
 
 
 def number_list(text: str) -> list[float]:
-    """``--pop-penalty``: comma-separated numbers, each >= 0."""
+    """``--pop-penalty``: comma-separated finite numbers, each >= 0."""
     try:
         values = [float(part) for part in text.split(",")]
     except ValueError:
         values = [-1.0]
-    if not values or min(values) < 0:
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected numbers >= 0 separated by commas, got {text!r}")
     return values
 
 
 def later_pairs(text: str) -> list[tuple[float, float]]:
-    """``--later`` (ω:λ) and ``--rp3beta`` (β:c): comma-separated pairs of numbers, each > 0."""
+    """``--later`` (ω:λ) and ``--rp3beta`` (β:c): comma-separated pairs of finite numbers, each > 0."""
     try:
-        pairs = [tuple(float(v) for v in part.split(":")) for part in text.split(",")] if text else []
+        pairs = [tuple(float(v) for v in part.split(":")) for part in text.split(",")]
     except ValueError:
         pairs = [()]
-    if any(len(pair) != 2 or min(pair) <= 0 for pair in pairs):
+    if any(len(pair) != 2 or not all(math.isfinite(v) and v > 0 for v in pair) for pair in pairs):
         raise argparse.ArgumentTypeError(f"expected pairs of numbers > 0 (a:b) separated by commas, got {text!r}")
     return pairs
 

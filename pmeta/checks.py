@@ -53,24 +53,30 @@ def os_error_message(error: OSError) -> str:
 
 
 def request_int(value: object, name: str, minimum: int, maximum: int | None = None, error: type[PmetaError] = InvalidRequest) -> int:
-    """``value`` as an ``int`` when it is a whole number in ``[minimum, maximum]`` (an ``int`` or
-    anything with ``__index__``, such as ``numpy.int64``; never a ``bool`` or a float), else one line of ``error``."""
+    """``value`` as an ``int`` when it is a whole number in ``[minimum, maximum]`` (an ``int`` or a
+    scalar with ``__index__``, such as ``numpy.int64`` or a 0-d integer tensor; never a ``bool``, a
+    boolean array or tensor, a float, or an array with dimensions), else one line of ``error``."""
     number: int | None = None
-    if not isinstance(value, (bool, np.bool_)):
+    dtype = str(getattr(value, "dtype", ""))
+    if not isinstance(value, (bool, np.bool_)) and dtype not in ("bool", "torch.bool") and getattr(value, "ndim", 0) == 0:
         try:
             number = operator.index(value)  # type: ignore[arg-type]
-        except TypeError:
+        except (TypeError, ValueError):
             number = None
     if number is None or number < minimum or (maximum is not None and number > maximum):
         bounds = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
-        shown = repr(value)[:40] if isinstance(value, (int, float, str)) else type(value).__name__
-        raise error(f"{name} must be a whole number {bounds}, got {shown}")
+        raise error(f"{name} must be a whole number {bounds}, got {_shown(value if number is None else number)}")
     return number
+
+
+def _shown(value: object) -> str:
+    """``value`` in a message: its repr for plain and numpy scalars, else its type's name."""
+    return repr(value)[:40] if isinstance(value, (int, float, str, np.generic)) else type(value).__name__
 
 
 def request_bool(value: object, name: str, error: type[PmetaError] = InvalidRequest) -> bool:
     """``value`` as a ``bool`` when it is ``True`` / ``False`` (or a ``numpy.bool_``), else one line of ``error``
     (``0`` / ``1`` / ``"yes"`` are refused: a flag read from a form or a file should be parsed by the caller)."""
     if not isinstance(value, (bool, np.bool_)):
-        raise error(f"{name} must be True or False, got {repr(value)[:40] if isinstance(value, (int, float, str)) else type(value).__name__}")
+        raise error(f"{name} must be True or False, got {_shown(value)}")
     return bool(value)

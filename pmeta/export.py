@@ -30,6 +30,7 @@ import torch
 from .checks import as_path, is_path_error, os_error_message
 from .errors import InvalidRequest
 from .models.causal_lm import CausalLM
+from .storage.tensor_file import save_tensors
 
 MARKER = "pmeta_export.json"
 
@@ -150,16 +151,14 @@ def _check_target(out: Path) -> None:
 def _write(out: Path, config, tensors: dict[str, torch.Tensor], prompt: torch.Tensor | None, length: int, lm: CausalLM,
            base_model_name_or_path: str, rank: int, target_modules: list[str], label_prior: dict[str, float] | None) -> None:
     """The export's files in a temporary sibling, then renamed into place (an existing export is replaced)."""
-    from safetensors.torch import save_file
-
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
         config.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_tensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         if length:
-            save_file({"prompt": prompt.detach().float().cpu().contiguous()}, str(tmp / "soft_prompt.safetensors"),
-                      metadata={"insert": "after_bos" if lm.prompt_after_bos else "start", "bos_token_id": str(lm.bos_id)})
+            save_tensors({"prompt": prompt.detach().float().cpu().contiguous()}, tmp / "soft_prompt.safetensors",
+                         metadata={"insert": "after_bos" if lm.prompt_after_bos else "start", "bos_token_id": str(lm.bos_id)})
         after_bos = lm.prompt_after_bos and lm.bos_id is not None
         (tmp / MARKER).write_text(json.dumps({
             "base_model_name_or_path": base_model_name_or_path, "rank": rank, "targets": target_modules,

@@ -450,7 +450,7 @@ def test_later_episodes_slide_the_protocol_window_and_weight_zero_is_the_onboard
     assert np.abs(w_half - w).max() > 1e-3
 
     assert cv.later_pairs("0.3:10,1:30") == [(0.3, 10.0), (1.0, 30.0)]
-    for bad in ("0:10", "1", "1:x", "1:-3"):
+    for bad in ("0:10", "1", "1:x", "1:-3", "nan:1", "1:inf", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             cv.later_pairs(bad)
 
@@ -504,6 +504,6 @@ def test_rp3beta_is_the_two_step_walk_and_vanishing_blends_are_the_exact_rows(be
     for moved in ("onboarding + 1·RP3beta (β=0.5), γ=0.5", "onboarding − 1·log(1 + ratings), γ=0.5", "RP3beta (β=0.5), γ=1"):
         assert np.abs(numbers[moved] - exact).max() > 0.005
     assert cv.number_list("0.1,0.3") == [0.1, 0.3]
-    for bad in ("-1", "x", ""):
+    for bad in ("-1", "x", "", "nan", "inf"):
         with pytest.raises(argparse.ArgumentTypeError):
             cv.number_list(bad)

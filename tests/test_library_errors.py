@@ -79,6 +79,12 @@ def test_dataset_paths_the_system_refuses_are_data_errors(tmp_path):
             call(tmp_path / TOO_LONG / "x")
     with pytest.raises(InvalidData, match="Cannot use .* as the output folder: .*(too long|File name)"):
         reviews_to_lamp(tmp_path / "in.json", "rating", tmp_path / TOO_LONG / "out")
+    from pmeta.data.lamp import load_split, parse_questions
+
+    with pytest.raises(InvalidData, match="Cannot read the LaMP data folder .*(too long|File name)"):
+        load_split(tmp_path / TOO_LONG, "LaMP-3", "train")
+    with pytest.raises(InvalidData, match="^3: a LaMP questions file is a JSON list"):  # a label of any type is only named
+        parse_questions({}, "LaMP-3", 3)
 
 
 @pytest.mark.parametrize("out", [TOO_LONG, UNWRITABLE], ids=["name-too-long", "under-proc"])
@@ -209,3 +215,42 @@ def test_numpy_whole_numbers_and_flags_are_accepted_like_python_ones(opened_bank
     assert [(r.item_id, r.score) for r in got] == [(r.item_id, r.score) for r in expected]
     with pytest.raises(InvalidRequest, match="steps must be a whole number"):
         opened_bank.personalize(GOOD, steps=np.float64(2.0))
+    with pytest.raises(InvalidRequest, match="steps must be a whole number from 0 to 50, got 99"):  # the value, not "int64"
+        opened_bank.personalize(GOOD, steps=np.int64(99))
+    for flag in (np.array([True]), 1):
+        with pytest.raises(InvalidRequest, match="ignore_unknown must be True or False"):
+            opened_bank.personalize(GOOD, ignore_unknown=flag)
+    ids = ["318", "296", "356"]
+    by_str = opened_bank.personalize(GOOD).rank(top=3, candidates=ids)
+    by_numpy = opened_bank.personalize(GOOD).rank(top=3, candidates=np.array([int(i) for i in ids]))
+    assert [(r.item_id, r.score) for r in by_numpy] == [(r.item_id, r.score) for r in by_str]
+
+
+def test_a_failed_safetensors_write_is_the_os_error_it_is(tmp_path):
+    """safetensors reports a failed write as its own SafetensorError (not an OSError); save_tensors
+    gives it back its errno. Checked with a real one: a 4 KiB file-size limit in a child process
+    (EFBIG, which is not a path error, so build_bank / export_peft leave it an OSError)."""
+    import subprocess
+    import sys
+
+    child = f"""
+import errno, resource, signal, torch
+from pmeta.checks import is_path_error
+from pmeta.storage.tensor_file import save_tensors
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    save_tensors({{"x": torch.zeros(10_000)}}, {str(tmp_path / "big.safetensors")!r})
+except OSError as error:
+    print(type(error).__name__, error.errno == errno.EFBIG, is_path_error(error), error.filename)
+"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["OSError", "True", "False", str(tmp_path / "big.safetensors")], done.stdout + done.stderr
+
+    from safetensors import SafetensorError
+
+    from pmeta.storage.tensor_file import as_os_error
+
+    with pytest.raises(SafetensorError, match="not an os error"):  # anything else passes through untouched
+        with as_os_error(tmp_path):
+            raise SafetensorError("not an os error")

@@ -220,6 +220,32 @@ def test_output_directory_rules(tmp_path):
         reviews_to_lamp(tmp_path / "absent.json", "rating", tmp_path / "x")
 
 
+def test_settings_of_the_wrong_type_are_config_errors_and_numpy_numbers_are_python_ones(tmp_path):
+    """Library callers: settings are checked before any work (a float max_users used to fail inside a
+    slice, numpy ints only in meta.json's json.dumps after the whole conversion); an out_dir that is a
+    loop of symbolic links is InvalidData, not a RuntimeError from Path.resolve."""
+    import numpy as np
+
+    source = synthetic(tmp_path / "reviews.json")
+    for settings_, message in (({"max_users": 2.5}, "max_users must be a whole number >= 1, got 2.5"), ({"k_max": "3"}, "k_max must be a whole number"),
+                               ({"seed": True}, "seed must be a whole number"), ({"test_fraction": "0.1"}, "must be numbers in"),
+                               ({"max_text_chars": 5}, "max_text_chars must be a whole number >= 20")):  # fmt: skip
+        with pytest.raises(InvalidConfig, match=message):
+            reviews_to_lamp(source, "rating", tmp_path / "x", **settings_)
+    with pytest.raises(InvalidConfig, match="rating or title"):
+        reviews_to_lamp(source, ["rating"], tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    plain = reviews_to_lamp(source, "rating", tmp_path / "plain", seed=3, k_max=2, max_users=8, test_fraction=0.25)
+    numpy = reviews_to_lamp(source, "rating", tmp_path / "numpy", seed=np.int64(3), k_max=np.int32(2), max_users=np.int64(8), test_fraction=np.float32(0.25))
+    assert {k: v for k, v in numpy.items() if k != "seconds"} == {k: v for k, v in plain.items() if k != "seconds"}
+    for name in ("train_questions.json", "test_outputs.json"):
+        assert (tmp_path / "numpy" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for out in (tmp_path / "loop", tmp_path / "loop" / "out"):
+        with pytest.raises(InvalidData, match="(Cannot use|Cannot write) .*loop"):
+            reviews_to_lamp(source, "rating", out)
+
+
 def test_cli_converts_and_fails_in_one_line(tmp_path):
     source = synthetic(tmp_path / "reviews.json")
     runner = CliRunner()

@@ -121,10 +121,13 @@ def each_history(histories: Any, convert: Callable[[Any], T]) -> list[T]:
 
 
 def _candidate_id(value: Any) -> str:
-    """A catalogue id as given by a caller: a string, or an integer (as history.json accepts)."""
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise InvalidRequest(f"candidate ids are strings (or integers), not {type(value).__name__}")
-    return str(value)
+    """A catalogue id as given by a caller: a string, or a whole number (as history.json accepts; a
+    numpy integer too, as an id column of an array gives)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(int(value))
+    raise InvalidRequest(f"candidate ids are strings (or integers), not {type(value).__name__}")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ immutable bank version (see :mod:`pmeta.storage`)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -52,7 +53,9 @@ def catalog_embeddings(encoder: FunctionalEncoder, texts: list[str], progress: P
     The cache key is the sha256 of the encoder's word-embedding table and every text, so a changed
     model or catalogue never reuses stale vectors.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from ..storage.tensor_file import save_tensors
 
     digest = hashlib.sha256()
     digest.update(encoder.weights["embeddings.word_embeddings.weight"].numpy().tobytes()[:1 << 20])
@@ -70,13 +73,14 @@ def catalog_embeddings(encoder: FunctionalEncoder, texts: list[str], progress: P
             pass
     with progress.task("embedding catalogue", len(texts)) as bar:
         embeddings = encoder.sentence_embeddings(texts, batch_size=128, progress=bar.advance)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"embeddings": embeddings.contiguous()}, str(tmp))
+        save_tensors({"embeddings": embeddings.contiguous()}, tmp)
         os.replace(tmp, path)
-    except OSError:
-        pass  # caching is an optimisation only
+    except OSError:  # a full or read-only cache disk: caching is an optimisation only
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return embeddings
 
 
@@ -582,9 +586,11 @@ def build_bank(dataset: Dataset, out: str | Path, config: BankConfig, db_url: st
     Raises InvalidRequest for a ``dataset`` that is not a Dataset, or an ``out`` that is not a path or
     that the system refuses (a name too long, a read-only folder); InvalidData for a dataset with fewer
     than 2 users with positive ratings; InvalidConfig for a ``config`` that is not a BankConfig or a
-    bad ``db_url``; BankBusy if
+    bad ``db_url``; BankNotFound if ``out`` is a file or a non-empty folder that is not a bank;
+    BankIntegrityError if the bank's database is of an unknown revision; BankBusy if
     another build is publishing into the same bank; BankUnavailable if the database cannot be reached;
-    TrainingDiverged if meta-training produces non-finite values.
+    TrainingDiverged if meta-training produces non-finite values; OSError if a write fails because
+    of the machine (a full disk).
     """
     from ..storage import BankStore
     from .bank import BUILD_FILE, CATALOG_FILE, INDEX_FILE, TENSORS_FILE

@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..checks import as_path
+from ..checks import as_path, os_error_message
 from ..errors import InvalidConfig, InvalidData
 from .jsonfile import is_unicode_text, read_regular_file, strict_loads
 
@@ -112,7 +112,7 @@ def _load_json(path: Path) -> Any:
         raise InvalidData(f"{path} is not a LaMP JSON file: {error}.") from None
 
 
-def _text_field(value: Any, path: Path, where: str) -> str:
+def _text_field(value: Any, path: str | Path, where: str) -> str:
     if not isinstance(value, str):
         raise InvalidData(f"{path} at {where}: expected a string, found {type(value).__name__}.")
     if not is_unicode_text(value):
@@ -120,7 +120,7 @@ def _text_field(value: Any, path: Path, where: str) -> str:
     return value
 
 
-def _identifier(value: Any, path: Path, where: str) -> str:
+def _identifier(value: Any, path: str | Path, where: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise InvalidData(f"{path} at {where}: the id must be a string (or an integer), found {type(value).__name__}.")
     text = str(value)
@@ -152,7 +152,7 @@ def date_key(value: Any) -> tuple | None:
     return (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second, moment.microsecond)
 
 
-def _score_label(value: Any, path: Path, where: str) -> str:
+def _score_label(value: Any, path: str | Path, where: str) -> str:
     """LaMP-3 scores are published as strings "1".."5"; integers and integral floats are accepted too."""
     number: float | None = None
     if isinstance(value, bool):
@@ -172,7 +172,7 @@ def _score_label(value: Any, path: Path, where: str) -> str:
     return str(int(number))
 
 
-def _profile_item(raw: Any, spec: TaskSpec, path: Path, where: str) -> dict:
+def _profile_item(raw: Any, spec: TaskSpec, path: str | Path, where: str) -> dict:
     if not isinstance(raw, dict):
         raise InvalidData(f"{path} at {where}: a profile item must be a JSON object, found {type(raw).__name__}.")
     if "id" not in raw:
@@ -206,7 +206,7 @@ def _time_ordered(profile: list[dict]) -> list[dict]:
 def parse_questions(data: Any, task: str, path: str | Path = "<questions>") -> list[LampExample]:
     """Validate already-parsed JSON as a LaMP questions file of ``task`` (see :func:`read_questions`)."""
     spec = task_spec(task)
-    path = Path(path)
+    path = str(path)  # only named in messages
     if not isinstance(data, list):
         raise InvalidData(f"{path}: a LaMP questions file is a JSON list of questions, found {type(data).__name__}.")
     examples: list[LampExample] = []
@@ -245,7 +245,7 @@ def read_questions(path: str | Path, task: str) -> list[LampExample]:
 
 def parse_outputs(data: Any, path: str | Path = "<outputs>") -> tuple[str, dict[str, str]]:
     """Validate already-parsed JSON as a LaMP outputs (or predictions) file (see :func:`read_outputs`)."""
-    path = Path(path)
+    path = str(path)  # only named in messages
     if not isinstance(data, dict) or "task" not in data or "golds" not in data:
         raise InvalidData(f'{path}: a LaMP outputs file is a JSON object {{"task": "LaMP_N", "golds": [...]}}.')
     try:
@@ -289,12 +289,15 @@ def load_split(directory: str | Path, task: str, split: str) -> list[LampExample
     if not isinstance(split, str) or not _SPLIT_NAME.match(split):
         raise InvalidConfig(f"A split is a plain name such as train, dev or test, not {str(split)[:40]!r}.")
     directory = as_path(directory, "LaMP data folder", InvalidData)
-    questions_path = directory / f"{split}_questions.json"
-    if not questions_path.is_file():
+    questions_path, outputs_path = directory / f"{split}_questions.json", directory / f"{split}_outputs.json"
+    try:
+        has_questions, has_outputs = questions_path.is_file(), outputs_path.is_file()
+    except OSError as error:  # a name too long
+        raise InvalidData(f"Cannot read the LaMP data folder {str(directory)[:200]}: {os_error_message(error)}.") from None
+    if not has_questions:
         raise InvalidData(f"{directory} has no {questions_path.name} (LaMP splits are {{split}}_questions.json files).")
     examples = read_questions(questions_path, spec.name)
-    outputs_path = directory / f"{split}_outputs.json"
-    if not outputs_path.is_file():
+    if not has_outputs:
         return examples
     official, outputs = read_outputs(outputs_path)
     if official != spec.official:

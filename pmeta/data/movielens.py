@@ -72,7 +72,7 @@ def read_movielens(path: str | Path, format: str = "auto") -> Dataset:
     try:
         directory = path.parent if path.is_file() else path
         found = directory.is_dir()
-    except OSError as error:  # a name too long, a loop of links: is_file/is_dir raise for these
+    except OSError as error:  # a name too long or no permission: is_file/is_dir raise for these (not for a loop of links)
         raise InvalidData(f"Cannot read the MovieLens dataset {str(path)[:200]}: {os_error_message(error)}.") from None
     if not found:
         raise InvalidData(f"MovieLens dataset not found: {path} is not a directory or a ratings file.")
@@ -115,6 +115,8 @@ def detect_format(directory: Path) -> str:
 
 def check_format(format: str) -> str:
     """The canonical name of a ``format`` option (``"auto"`` or a key of LAYOUTS); InvalidData for any other."""
+    if not isinstance(format, str):
+        raise InvalidData(f"A MovieLens format is a str (auto, ml-100k, ml-1m or ml-latest), not {type(format).__name__}.")
     fmt = FORMAT_ALIASES.get(format, format)
     if fmt != "auto" and fmt not in LAYOUTS:
         raise InvalidData(f"Unknown MovieLens format {format!r}; choose auto, ml-100k, ml-1m or ml-latest.")

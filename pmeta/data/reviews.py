@@ -25,6 +25,7 @@ import gzip
 import hashlib
 import json
 import math
+import numbers
 import os
 import shutil
 import stat
@@ -40,7 +41,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from ..checks import as_path, os_error_message
+from ..checks import as_path, is_path_error, os_error_message, request_int
 from ..errors import InvalidConfig, InvalidData
 from .jsonfile import strict_loads
 from .lamp import atomic_write_json, current_umask
@@ -253,12 +254,19 @@ def reviews_to_lamp(
     Raises InvalidConfig for bad settings, InvalidData for malformed input or an unusable ``out_dir``.
     """
     started = time.perf_counter()
-    if task not in TASK_NAMES:
+    if not isinstance(task, str) or task not in TASK_NAMES:
         raise InvalidConfig(f"Unknown review task {str(task)[:40]!r}; choose rating or title.")
+    fractions = (test_fraction, dev_fraction)
+    if not all(isinstance(f, numbers.Real) and not isinstance(f, (bool, np.bool_)) for f in fractions):
+        raise InvalidConfig("test_fraction and dev_fraction must be numbers in [0, 1).")
+    test_fraction, dev_fraction = float(test_fraction), float(dev_fraction)
     if not (0 <= test_fraction < 1 and 0 <= dev_fraction < 1 and test_fraction + dev_fraction < 1):
         raise InvalidConfig("test_fraction and dev_fraction must be in [0, 1) and sum to less than 1.")
-    if k_max < 1 or min_reviews < 2 or max_text_chars < 20 or max_profile < 1 or (max_users is not None and max_users < 1):
-        raise InvalidConfig("k_max and max_profile must be >= 1, min_reviews >= 2, max_text_chars >= 20 and max_users >= 1.")
+    # whole numbers (numpy ones too) as Python ints: they go into meta.json
+    seed = request_int(seed, "seed", 0, error=InvalidConfig)
+    k_max, max_profile = request_int(k_max, "k_max", 1, error=InvalidConfig), request_int(max_profile, "max_profile", 1, error=InvalidConfig)
+    min_reviews, max_text_chars = request_int(min_reviews, "min_reviews", 2, error=InvalidConfig), request_int(max_text_chars, "max_text_chars", 20, error=InvalidConfig)
+    max_users = None if max_users is None else request_int(max_users, "max_users", 1, error=InvalidConfig)
     out_dir = as_path(out_dir, "out_dir", InvalidData)
     input_path = as_path(input_path, "Review file", InvalidData)
     _check_out_dir(out_dir)
@@ -386,12 +394,17 @@ def _readme(meta: dict) -> str:
 
 def _publish(out_dir: Path, files: dict[str, Any], meta: dict) -> None:
     """Write every file into a private folder beside ``out_dir``, then rename it into place."""
-    parent = out_dir.resolve().parent
+    try:
+        parent = out_dir.resolve().parent
+    except (OSError, RuntimeError) as error:  # RuntimeError: a loop of symbolic links (Python 3.11)
+        raise InvalidData(f"Cannot use {str(out_dir)[:200]} as the output folder: {getattr(error, 'strerror', None) or error}.") from None
     try:
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
     except OSError as error:
-        raise InvalidData(f"Cannot write {out_dir}: {error.strerror or error}.") from None
+        if not is_path_error(error):
+            raise  # a full disk, an I/O error: the machine's state, not bad input
+        raise InvalidData(f"Cannot write {str(out_dir)[:200]}: {os_error_message(error)}.") from None
     os.chmod(staging, 0o777 & ~current_umask())
     old: Path | None = None
     try:

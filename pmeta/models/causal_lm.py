@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidConfig, InvalidRequest
+from ..storage.tensor_file import as_os_error
 from .device import resolve_device
 from .fingerprint import PREFIX as FINGERPRINT_SCHEME, weights_fingerprint
 
@@ -116,7 +117,8 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config._name_or_path = target.name
-        model.save_pretrained(tmp, safe_serialization=True)
+        with as_os_error(tmp):  # a full disk: an OSError, not safetensors' own error
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / SOURCE_FILE).write_text(json.dumps(_source_of(gguf)))
         return _publish(tmp, target)

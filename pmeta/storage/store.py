@@ -48,6 +48,7 @@ from pmeta.errors import BankBusy, BankIntegrityError, BankNotFound, BankUnavail
 from pmeta.storage import migrate
 from pmeta.storage.db import ACTIVE, ActiveVersion, Anchor, BankVersion, HeldOutUser, make_engine
 from pmeta.storage.manifest import MANIFEST_NAME, check_dir, list_files, verified_entries, write_manifest
+from pmeta.storage.tensor_file import save_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -452,8 +453,6 @@ class VersionWriter:
     def write_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> Path:
         """Save ``tensors`` with safetensors (detached, moved to CPU, made contiguous; tensors
         that share memory are copied so that each is stored on its own)."""
-        from safetensors.torch import save_file
-
         prepared: dict[str, torch.Tensor] = {}
         storages: set[int] = set()
         for key, tensor in tensors.items():
@@ -464,7 +463,7 @@ class VersionWriter:
             storages.add(tensor.untyped_storage().data_ptr())
             prepared[key] = tensor
         target = self.path(name)
-        save_file(prepared, str(target))
+        save_tensors(prepared, target)
         return target
 
     def write_json(self, name: str, obj: Any) -> Path:
