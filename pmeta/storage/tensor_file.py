@@ -13,9 +13,10 @@ import re
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
+if TYPE_CHECKING:  # torch loads only when a file is written: `import pmeta` and `pmeta --help` stay light
+    import torch
 
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
