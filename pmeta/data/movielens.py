@@ -65,8 +65,9 @@ def read_movielens(path: str | Path, format: str = "auto") -> Dataset:
     every id is a number). Ratings of items missing from the movies file are dropped with a
     ``UserWarning`` that counts them.
 
-    Raises InvalidData for a path that is not a ``str`` / ``os.PathLike`` or that the system refuses, a missing directory, an unknown format, missing or unreadable files, a
-    malformed line (with file and line number) and a ratings file without ratings.
+    Raises InvalidData for a path that is not a ``str`` / ``os.PathLike`` or that the system refuses,
+    a missing directory, an unknown format, missing or unreadable files, a malformed line (with file
+    and line number) and a ratings file without ratings.
     """
     path = as_path(path, "MovieLens dataset", InvalidData)
     try:
