@@ -134,7 +134,7 @@ def number_list(text: str) -> list[float]:
     return values
 
 
-def later_pairs(text: str) -> list[tuple[float, float]]:
+def number_pairs(text: str) -> list[tuple[float, float]]:
     """``--later`` (ω:λ) and ``--rp3beta`` (β:c): comma-separated pairs of finite numbers, each > 0."""
     try:
         pairs = [tuple(float(v) for v in part.split(":")) for part in text.split(",")]
@@ -177,10 +177,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="the release's layout (default: detected)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rbf", default="", help="comma-separated bw:c pairs of nonlinear-kernel rows (e.g. 0.1:0.3,0.1:1)")
-    parser.add_argument("--later", type=later_pairs, default=[], help="comma-separated ω:λ pairs of rows fitted with later episodes too (e.g. 0.3:10,1:30)")
+    parser.add_argument("--later", type=number_pairs, default=[], help="comma-separated ω:λ pairs of rows fitted with later episodes too (e.g. 0.3:10,1:30)")
     parser.add_argument("--later-stride", type=positive_int, default=2, help="positions between the starts of later episodes")
     parser.add_argument("--later-last", type=positive_int, default=200, help="the last start position of a later episode")
-    parser.add_argument("--rp3beta", type=later_pairs, default=[], help="comma-separated β:c pairs of RP3beta rows, alone and added with weight c (e.g. 0.7:1,0.5:0.3)")
+    parser.add_argument("--rp3beta", type=number_pairs, default=[], help="comma-separated β:c pairs of RP3beta rows, alone and added with weight c (e.g. 0.7:1,0.5:0.3)")
     parser.add_argument("--pop-penalty", type=number_list, default=[], help="comma-separated weights d of rows with d·log(1 + ratings) subtracted (e.g. 0.1,0.3)")
     args = parser.parse_args(argv)
 

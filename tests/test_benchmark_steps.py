@@ -449,10 +449,10 @@ def test_later_episodes_slide_the_protocol_window_and_weight_zero_is_the_onboard
     np.testing.assert_allclose(w_half, expected, atol=1e-4)
     assert np.abs(w_half - w).max() > 1e-3
 
-    assert cv.later_pairs("0.3:10,1:30") == [(0.3, 10.0), (1.0, 30.0)]
+    assert cv.number_pairs("0.3:10,1:30") == [(0.3, 10.0), (1.0, 30.0)]
     for bad in ("0:10", "1", "1:x", "1:-3", "nan:1", "1:inf", ""):
         with pytest.raises(argparse.ArgumentTypeError):
-            cv.later_pairs(bad)
+            cv.number_pairs(bad)
 
 
 def test_onboarding_cv_main_prints_later_rows_that_a_vanishing_weight_turns_into_the_exact_rows(benchmark_script, tmp_path, capsys):

@@ -397,7 +397,7 @@ def _publish(out_dir: Path, files: dict[str, Any], meta: dict) -> None:
     try:
         parent = out_dir.resolve().parent
     except (OSError, RuntimeError) as error:  # RuntimeError: a loop of symbolic links (Python 3.11)
-        raise InvalidData(f"Cannot use {str(out_dir)[:200]} as the output folder: {getattr(error, 'strerror', None) or error}.") from None
+        raise InvalidData(f"Cannot use {str(out_dir)[:200]} as the output folder: {os_error_message(error) if isinstance(error, OSError) else error}.") from None
     try:
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
