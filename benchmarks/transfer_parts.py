@@ -1,0 +1,180 @@
+"""Which parts of a transferred bank carry over to another catalogue, scored on the target's *train* users.
+
+    python benchmarks/transfer_parts.py --bank BANK --data TARGET_DIR [--format auto] [--source-data DIR]
+                                        [--seed 0] [--users N] [--method pmeta-no-steps] [--shrink 300,1000,3000] [--threads 1]
+
+``pmeta eval movielens --data TARGET_DIR --bank BANK`` serves a bank built on one MovieLens release on
+another one's catalogue (:mod:`pmeta.eval.transfer`). This script scores that transferred bank with one
+part at a time taken away or changed, on the target's coldstart-v1 *train* users of ``--seed`` (the
+bank never saw the target, and the target's test users are not read), under the protocol's three
+modes and K = 1, 3, 5:
+
+* ``as served``: what ``pmeta eval`` scores;
+* ``no time prior``: β = 0;
+* ``all-time popularity``: the time prior replaced, in every period, by the all-time share of the
+  bank's train users' ratings (the same β);
+* ``prior shrunk, m = …``: each period's distribution shrunk towards that share by m pseudo-ratings
+  (:func:`shrunk_prior`; m = 0 is the bank's prior), so that periods in which the bank's train users
+  rated little lean on the all-time share;
+* ``no anchor bias``, ``item bias at its median``, ``no collaborative embeddings`` (the towers'
+  collaborative rows zero: text only).
+
+The prior variants rebuild the bank's prior from its source data (``--source-data``, default the
+shipped sample) and check the rebuilt table equals the stored one first. It reads the bank and the
+data only; it changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from pmeta.bank.bank import Bank
+from pmeta.bank.build import with_positives
+from pmeta.bank.model import PmetaModel
+from pmeta.data import load_sample
+from pmeta.data.movielens import LAYOUTS as FORMATS, read_movielens
+from pmeta.eval import neural  # noqa: F401  (registers the bank methods)
+from pmeta.eval.baselines import BASELINES, EvalContext
+from pmeta.eval.protocol import evaluate, split_users
+from pmeta.eval.transfer import transfer_model
+from pmeta.tasks import time_prior
+
+MODES = ("uni99", "pop99", "full")
+KS = (1, 3, 5)
+
+
+def shrunk_prior(items: np.ndarray, times: np.ndarray, n_items: int, bandwidth_days: float, pseudo: float) -> tuple[np.ndarray, np.ndarray]:
+    """(grid, log prior) of :func:`pmeta.tasks.time_prior.table` with each period's distribution
+    ``(Σ_r w_r·1[item_r = i] + m·p_i) / (Σ_r w_r + m)``: m = ``pseudo`` ratings of the all-time share
+    p_i added to the kernel-weighted counts (m = 0: the table; m = inf: p_i in every period)."""
+    grid, table = time_prior.table(items, times, n_items, bandwidth_days)
+    if pseudo == 0:
+        return grid, table
+    times = np.asarray(times, dtype=np.float64)
+    items = np.asarray(items, dtype=np.int64)
+    overall = np.bincount(items, minlength=n_items).astype(np.float64)
+    overall /= overall.sum()
+    out = np.empty_like(table)
+    for row, point in enumerate(grid):
+        if math.isinf(pseudo):
+            local = overall
+        else:
+            weights = np.exp(-0.5 * ((times - point) / (bandwidth_days * time_prior.DAY)) ** 2)
+            local = (np.bincount(items, weights=weights, minlength=n_items) + pseudo * overall) / (weights.sum() + pseudo)
+        out[row] = np.log((1.0 - time_prior.GLOBAL_MIX) * local + time_prior.GLOBAL_MIX * overall + time_prior.EPSILON)
+    return grid, out
+
+
+def without(model: PmetaModel, part: str, log_prior: np.ndarray | None = None) -> PmetaModel:
+    """A copy of ``model`` with one part changed (the model itself untouched): ``"time prior"`` (β = 0),
+    ``"prior"`` (``log_prior`` instead of the stored table, same grid and β), ``"anchor bias"`` (zero),
+    ``"item bias"`` (every item at the median), ``"collaborative"`` (history and item embeddings zero)."""
+    head, extra = dict(model.t.head), {}
+    if part == "time prior":
+        head["time_weight"] = torch.zeros_like(head["time_weight"])
+    elif part == "prior":
+        head["time_log_prior"] = torch.as_tensor(log_prior, dtype=head["time_log_prior"].dtype)
+    elif part == "anchor bias":
+        extra["anchor_bias"] = torch.zeros_like(model.t.anchor_bias)
+    elif part == "item bias":
+        head["item_bias"] = torch.full_like(head["item_bias"], float(head["item_bias"].median()))
+    elif part == "collaborative":
+        for key in ("history_embedding", "item_embedding"):
+            head[key] = torch.zeros_like(head[key])
+    else:
+        raise ValueError(f"unknown part {part!r}")
+    return PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head=head, **extra), index=model.index)
+
+
+def variants(bank: Bank, source, shrink: list[float]) -> dict[str, PmetaModel]:
+    """The rows' source-catalogue models, in order; the prior rows only when the bank has a time prior,
+    the anchor-bias row only when it has an anchor bias, the collaborative row only when it has towers' rows."""
+    model, head = bank.model, bank.model.t.head
+    rows = {"as served": model}
+    if "time_log_prior" in head:
+        record = bank.build_record
+        ids = {u: i for i, u in enumerate(source.ratings.user_ids)}
+        missing = [u for u in record.get("train_users", []) if u not in ids]
+        if missing or not record.get("train_users"):
+            raise SystemExit(f"--source-data is not the data this bank was built on ({len(missing)} of its train users are not in it)")
+        train = with_positives(np.array(sorted(ids[u] for u in record["train_users"]), dtype=np.int64), source.positives_by_user(), model.config.min_positives)
+        h = float(record["collaborative_init"]["time_prior"]["bandwidth_days"])
+        items, stamps = time_prior.rating_events(source, train)
+        grid, table = time_prior.table(items, stamps, len(source.catalog), h)
+        if grid.shape != tuple(head["time_grid"].shape) or not (np.array_equal(grid, head["time_grid"].numpy()) and np.array_equal(table, head["time_log_prior"].numpy())):
+            raise SystemExit("the time prior rebuilt from --source-data differs from the bank's; pass the data the bank was built on")
+        rows["no time prior"] = without(model, "time prior")
+        rows["all-time popularity"] = without(model, "prior", shrunk_prior(items, stamps, len(source.catalog), h, math.inf)[1])
+        for pseudo in shrink:
+            rows[f"prior shrunk, m = {pseudo:g}"] = without(model, "prior", shrunk_prior(items, stamps, len(source.catalog), h, pseudo)[1])
+    if model.t.anchor_bias is not None:
+        rows["no anchor bias"] = without(model, "anchor bias")
+    rows["item bias at its median"] = without(model, "item bias")
+    if "item_embedding" in head:
+        rows["no collaborative embeddings"] = without(model, "collaborative")
+    return rows
+
+
+def number_list(text: str) -> list[float]:
+    """``--shrink``: comma-separated finite numbers > 0 (empty: none)."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = [-1.0]
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected numbers > 0 separated by commas, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bank", required=True)
+    parser.add_argument("--data", required=True, help="the target MovieLens directory (another catalogue than the bank's)")
+    parser.add_argument("--format", default="auto", choices=["auto", *FORMATS])
+    parser.add_argument("--source-data", default=None, help="the MovieLens directory the bank was built on (default: the shipped sample)")
+    parser.add_argument("--seed", type=int, default=0, help="coldstart-v1 seed of the target's split; its train users are scored")
+    parser.add_argument("--users", type=int, default=None, help="score only the first N train users (quick runs)")
+    parser.add_argument("--method", default="pmeta-no-steps", choices=["pmeta-no-steps", "pmeta"])
+    parser.add_argument("--shrink", type=number_list, default=[300.0, 1000.0, 3000.0], help="pseudo-rating counts m of the shrunk-prior rows")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.users is not None and args.users < 1 or args.threads < 1:
+        parser.error("--users and --threads must be whole numbers >= 1")
+    torch.set_num_threads(args.threads)
+
+    started = time.perf_counter()
+    bank = Bank.open(args.bank)
+    source = load_sample() if args.source_data is None else read_movielens(args.source_data)
+    target = read_movielens(args.data, args.format)
+    if bank.catalog.item_ids == target.catalog.item_ids:
+        raise SystemExit("the target has the bank's own catalogue; this script is for another release")
+    train, _ = split_users(target, seed=args.seed, test_fraction=bank.config.test_fraction)
+    users = np.asarray(train)[: args.users]
+    lines, scored = [], 0
+    for name, model in variants(bank, source, args.shrink).items():
+        transferred, summary = transfer_model(model, bank.catalog, target.catalog)
+        scorer = BASELINES[args.method].create(EvalContext(target, train, seed=args.seed, model=transferred))
+        rows = evaluate(scorer, target, users, ks=KS, modes=MODES, seed=args.seed)
+        cells = {(row["k"], row["mode"]): (row["hr@10"], row["ndcg@10"]) for row in rows}
+        ndcg = [cells[(k, mode)][1] for mode in MODES for k in KS]
+        lines.append(f"| {name} | " + " | ".join(f"{cells[(k, mode)][0]:.3f} / {cells[(k, mode)][1]:.3f}" for mode in MODES for k in KS) + f" | {np.mean(ndcg):.4f} | {np.mean(ndcg[-len(KS):]):.4f} |")
+        scored = rows[0]["users"]
+    print(
+        f"{args.method} of {bank.record.get('dataset_name')} bank {bank.version} on {target.name} ({target.format}), train users of seed {args.seed} "
+        f"({scored} with >= 6 positives); {summary['matched_items']} of {summary['target_items']} items matched; HR@10 / nDCG@10; "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, {time.perf_counter() - started:.0f} s\n"
+    )
+    print("| bank | " + " | ".join(f"{m} K={k}" for m in MODES for k in KS) + " | nDCG@10, mean | full nDCG@10, mean over K |")
+    print("|---|" + "---|" * (len(MODES) * len(KS) + 2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
