@@ -17,10 +17,14 @@ modes and K = 1, 3, 5:
   (:func:`shrunk_prior`; m = 0 is the bank's prior), so that periods in which the bank's train users
   rated little lean on the all-time share;
 * ``no anchor bias``, ``item bias at its median``, ``no collaborative embeddings`` (the towers'
-  collaborative rows zero: text only).
+  collaborative rows zero: text only);
+* and, for reference, no bank at all: EASE fitted on the bank's own train users of the source data
+  (λ: the bank's choice, or ``--source-ease-lambda``) and read through the same title match
+  (:class:`SourceEASE`): how much of the source's item-item structure holds on the target at all.
 
-The prior variants rebuild the bank's prior from its source data (``--source-data``, default the
-shipped sample) and check the rebuilt table equals the stored one first. It reads the bank and the
+The prior variants and the EASE row read the bank's train users in its source data (``--source-data``,
+default the shipped sample); the prior variants check that the prior rebuilt from them equals the
+stored one first. It reads the bank and the
 data only; it changes nothing.
 """
 
@@ -41,9 +45,9 @@ from pmeta.bank.model import PmetaModel
 from pmeta.data import load_sample
 from pmeta.data.movielens import LAYOUTS as FORMATS, read_movielens
 from pmeta.eval import neural  # noqa: F401  (registers the bank methods)
-from pmeta.eval.baselines import BASELINES, EvalContext
+from pmeta.eval.baselines import BASELINES, EASEBaseline, EvalContext
 from pmeta.eval.protocol import evaluate, split_users
-from pmeta.eval.transfer import transfer_model
+from pmeta.eval.transfer import match_items, transfer_model
 from pmeta.tasks import time_prior
 
 MODES = ("uni99", "pop99", "full")
@@ -93,19 +97,42 @@ def without(model: PmetaModel, part: str, log_prior: np.ndarray | None = None) -
     return PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head=head, **extra), index=model.index)
 
 
+def bank_train_users(bank: Bank, source) -> np.ndarray:
+    """The dense indexes in ``source`` of the users the bank learned from (its build record's train
+    users with enough positives: what its time prior counted and its EASE was fitted on)."""
+    record_users = bank.build_record.get("train_users", [])
+    ids = {u: i for i, u in enumerate(source.ratings.user_ids)}
+    missing = [u for u in record_users if u not in ids]
+    if missing or not record_users:
+        raise SystemExit(f"--source-data is not the data this bank was built on ({len(missing)} of its {len(record_users)} train users are not in it)")
+    return with_positives(np.array(sorted(ids[u] for u in record_users), dtype=np.int64), source.positives_by_user(), bank.model.config.min_positives)
+
+
+class SourceEASE:
+    """EASE fitted on the source data, scoring a target catalogue through the title match
+    (``matched[j]``: target item j's source item, −1 if none): a target support is read as its matched
+    source items, a matched target item gets its source item's score, an unmatched one the lowest."""
+
+    name = "source EASE"
+    bytes_per_user = 0
+
+    def __init__(self, ease: EASEBaseline, matched: np.ndarray) -> None:
+        self.ease, self.matched = ease, np.asarray(matched, dtype=np.int64)
+
+    def score(self, support_items: np.ndarray, k: int) -> np.ndarray:
+        support = self.matched[np.asarray(support_items, dtype=np.int64)]
+        source_scores = self.ease.score(support[support >= 0], k)
+        return np.where(self.matched >= 0, source_scores[np.maximum(self.matched, 0)], source_scores.min() - 1.0)
+
+
 def variants(bank: Bank, source, shrink: list[float]) -> dict[str, PmetaModel]:
     """The rows' source-catalogue models, in order; the prior rows only when the bank has a time prior,
     the anchor-bias row only when it has an anchor bias, the collaborative row only when it has towers' rows."""
     model, head = bank.model, bank.model.t.head
     rows = {"as served": model}
     if "time_log_prior" in head:
-        record = bank.build_record
-        ids = {u: i for i, u in enumerate(source.ratings.user_ids)}
-        missing = [u for u in record.get("train_users", []) if u not in ids]
-        if missing or not record.get("train_users"):
-            raise SystemExit(f"--source-data is not the data this bank was built on ({len(missing)} of its train users are not in it)")
-        train = with_positives(np.array(sorted(ids[u] for u in record["train_users"]), dtype=np.int64), source.positives_by_user(), model.config.min_positives)
-        h = float(record["collaborative_init"]["time_prior"]["bandwidth_days"])
+        train = bank_train_users(bank, source)
+        h = float(bank.build_record["collaborative_init"]["time_prior"]["bandwidth_days"])
         items, stamps = time_prior.rating_events(source, train)
         grid, table = time_prior.table(items, stamps, len(source.catalog), h)
         if grid.shape != tuple(head["time_grid"].shape) or not (np.array_equal(grid, head["time_grid"].numpy()) and np.array_equal(table, head["time_log_prior"].numpy())):
@@ -143,10 +170,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--users", type=int, default=None, help="score only the first N train users (quick runs)")
     parser.add_argument("--method", default="pmeta-no-steps", choices=["pmeta-no-steps", "pmeta"])
     parser.add_argument("--shrink", type=number_list, default=[300.0, 1000.0, 3000.0], help="pseudo-rating counts m of the shrunk-prior rows")
+    parser.add_argument("--source-ease-lambda", type=float, default=None, help="λ of the source EASE row (default: the bank's EASE λ, else 500)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.users is not None and args.users < 1 or args.threads < 1:
         parser.error("--users and --threads must be whole numbers >= 1")
+    if args.source_ease_lambda is not None and not (math.isfinite(args.source_ease_lambda) and args.source_ease_lambda > 0):
+        parser.error("--source-ease-lambda must be a finite number > 0")
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
@@ -157,10 +187,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("the target has the bank's own catalogue; this script is for another release")
     train, _ = split_users(target, seed=args.seed, test_fraction=bank.config.test_fraction)
     users = np.asarray(train)[: args.users]
+    lam = args.source_ease_lambda or float(bank.build_record.get("collaborative_init", {}).get("ease_lambda") or 500.0)
+    scorers = dict(variants(bank, source, args.shrink))
+    scorers[f"no bank: EASE (λ = {lam:g}) fitted on the bank's train users of the source"] = SourceEASE(EASEBaseline(lam=lam).fit(source, bank_train_users(bank, source)), match_items(bank.catalog, target.catalog))
     lines, scored = [], 0
-    for name, model in variants(bank, source, args.shrink).items():
-        transferred, summary = transfer_model(model, bank.catalog, target.catalog)
-        scorer = BASELINES[args.method].create(EvalContext(target, train, seed=args.seed, model=transferred))
+    for name, model in scorers.items():
+        if isinstance(model, SourceEASE):
+            scorer = model
+        else:
+            transferred, summary = transfer_model(model, bank.catalog, target.catalog)
+            scorer = BASELINES[args.method].create(EvalContext(target, train, seed=args.seed, model=transferred))
         rows = evaluate(scorer, target, users, ks=KS, modes=MODES, seed=args.seed)
         cells = {(row["k"], row["mode"]): (row["hr@10"], row["ndcg@10"]) for row in rows}
         ndcg = [cells[(k, mode)][1] for mode in MODES for k in KS]

@@ -85,7 +85,10 @@ def test_each_variant_changes_its_one_part_and_leaves_the_bank_untouched(parts, 
 def test_prior_rows_need_the_banks_prior_rebuilt_exactly_from_the_source_data(parts, opened_bank):
     sample = load_sample()
     ids = {u: i for i, u in enumerate(sample.ratings.user_ids)}
-    record_users = [sample.ratings.user_ids[i] for i in range(0, 200, 2)]
+    positives = sample.positives_by_user()
+    few = [u for u in range(sample.ratings.n_users) if len(positives.get(u, ())) < opened_bank.model.config.min_positives]
+    assert few  # users a build skips: their ratings must not reach the rebuilt prior
+    record_users = [sample.ratings.user_ids[i] for i in [*range(0, 200, 2), *few]]
     train = with_positives(np.array(sorted(ids[u] for u in record_users)), sample.positives_by_user(), opened_bank.model.config.min_positives)
     items, stamps = time_prior.rating_events(sample, train)
     grid, table = time_prior.table(items, stamps, len(sample.catalog), 180.0)
@@ -117,7 +120,8 @@ def test_main_scores_the_target_train_users_as_the_transfer_path_does(parts, tin
     parts.main(["--bank", str(tiny_bank), "--data", str(tmp_path / "target"), "--users", "6", "--shrink", ""])
     out = capsys.readouterr().out
     table = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ") and not line.startswith("| bank")}
-    assert list(table) == ["as served", "item bias at its median", "no collaborative embeddings"]  # the tiny bank has no time prior nor anchor bias
+    # the tiny bank has no time prior nor anchor bias (nor an EASE λ: 500)
+    assert list(table) == ["as served", "item bias at its median", "no collaborative embeddings", "no bank: EASE (λ = 500) fitted on the bank's train users of the source"]
     assert "train users of seed 0" in out
 
     target = read_movielens(tmp_path / "target")
@@ -135,3 +139,25 @@ def test_main_scores_the_target_train_users_as_the_transfer_path_does(parts, tin
     for bad in (["--users", "0"], ["--threads", "0"], ["--shrink", "-1"], ["--shrink", "nan"]):
         with pytest.raises(SystemExit):
             parts.main(["--bank", str(tiny_bank), "--data", str(tmp_path / "target"), *bad])
+
+
+def test_source_ease_reads_the_target_through_the_title_match(parts, opened_bank, tmp_path):
+    from pmeta.data import read_movielens
+    from pmeta.eval.baselines import EASEBaseline
+    from pmeta.eval.transfer import match_items
+
+    write_ml100k_like(load_sample(), tmp_path / "target", users=60, rename_every=7)
+    target, sample = read_movielens(tmp_path / "target"), load_sample()
+    train = parts.bank_train_users(opened_bank, sample)
+    assert {sample.ratings.user_ids[int(u)] for u in train} <= set(opened_bank.build_record["train_users"]) and len(train) > 100
+    ease = EASEBaseline(lam=50.0).fit(sample, train)
+    matched = match_items(opened_bank.catalog, target.catalog)
+    scorer = parts.SourceEASE(ease, matched)
+    known, unseen = np.flatnonzero(matched >= 0), np.flatnonzero(matched < 0)
+    support = np.concatenate([known[[3, 40, 90]], unseen[:1]])  # an unmatched support item is dropped
+    scores = scorer.score(support, 4)
+    expected = ease.score(matched[known[[3, 40, 90]]], 3)
+    np.testing.assert_array_equal(scores[known], expected[matched[known]])
+    assert scores[unseen].max() < scores[known].min() and len(np.unique(scores[known])) > 50
+    with pytest.raises(SystemExit, match="not the data this bank was built on"):
+        parts.bank_train_users(SimpleNamespace(build_record={"train_users": ["no-such-user"]}, model=opened_bank.model), sample)
