@@ -6,8 +6,8 @@
 ``pmeta eval movielens --data TARGET_DIR --bank BANK`` serves a bank built on one MovieLens release on
 another one's catalogue (:mod:`pmeta.eval.transfer`). This script scores that transferred bank with one
 part at a time taken away or changed, on the target's coldstart-v1 *train* users of ``--seed`` (the
-bank never saw the target, and the target's test users are not read), under the protocol's three
-modes and K = 1, 3, 5:
+bank never saw the target, and the target's test users are not scored; pop99's sampling weights count
+every rating in the file, as the protocol defines), under the protocol's three modes and K = 1, 3, 5:
 
 * ``as served``: what ``pmeta eval`` scores;
 * ``no time prior``: β = 0;
@@ -17,14 +17,15 @@ modes and K = 1, 3, 5:
   (:func:`shrunk_prior`; m = 0 is the bank's prior), so that periods in which the bank's train users
   rated little lean on the all-time share;
 * ``no anchor bias``, ``item bias at its median``, ``no collaborative embeddings`` (the towers'
-  collaborative rows zero: text only);
+  collaborative rows zero: text only), ``anchors retrieved by text keys`` (every item's retrieval key
+  projected from its text, as an unmatched item's is, instead of its collaborative key row);
 * and, for reference, no bank at all: EASE fitted on the bank's own train users of the source data
   (λ: the bank's choice, or ``--source-ease-lambda``) and read through the same title match
   (:class:`SourceEASE`): how much of the source's item-item structure holds on the target at all.
 
 The prior variants and the EASE row read the bank's train users in its source data (``--source-data``,
-default the shipped sample); the prior variants check that the prior rebuilt from them equals the
-stored one first. It reads the bank and the
+default the shipped sample, which must be the data the bank was built on: its fingerprint is
+checked); the prior variants also check that the prior rebuilt from them equals the stored one. It reads the bank and the
 data only; it changes nothing.
 """
 
@@ -40,13 +41,15 @@ import numpy as np
 import torch
 
 from pmeta.bank.bank import Bank
-from pmeta.bank.build import with_positives
+from pmeta.bank.build import fixed_bandwidth, with_positives
 from pmeta.bank.model import PmetaModel
 from pmeta.data import load_sample
+from pmeta.config import MAX_SEED
 from pmeta.data.movielens import LAYOUTS as FORMATS, read_movielens
+from pmeta.errors import PmetaError
 from pmeta.eval import neural  # noqa: F401  (registers the bank methods)
 from pmeta.eval.baselines import BASELINES, EASEBaseline, EvalContext
-from pmeta.eval.protocol import evaluate, split_users
+from pmeta.eval.protocol import MIN_POSITIVES, evaluate, split_users
 from pmeta.eval.transfer import match_items, transfer_model
 from pmeta.tasks import time_prior
 
@@ -79,7 +82,8 @@ def shrunk_prior(items: np.ndarray, times: np.ndarray, n_items: int, bandwidth_d
 def without(model: PmetaModel, part: str, log_prior: np.ndarray | None = None) -> PmetaModel:
     """A copy of ``model`` with one part changed (the model itself untouched): ``"time prior"`` (β = 0),
     ``"prior"`` (``log_prior`` instead of the stored table, same grid and β), ``"anchor bias"`` (zero),
-    ``"item bias"`` (every item at the median), ``"collaborative"`` (history and item embeddings zero)."""
+    ``"item bias"`` (every item at the median), ``"collaborative"`` (history and item embeddings zero),
+    ``"keys"`` (each item's retrieval key projected from its text: ``item_text @ key_projection``)."""
     head, extra = dict(model.t.head), {}
     if part == "time prior":
         head["time_weight"] = torch.zeros_like(head["time_weight"])
@@ -92,6 +96,8 @@ def without(model: PmetaModel, part: str, log_prior: np.ndarray | None = None) -
     elif part == "collaborative":
         for key in ("history_embedding", "item_embedding"):
             head[key] = torch.zeros_like(head[key])
+    elif part == "keys":
+        extra["item_keys"] = model.t.item_text.float() @ model.t.key_projection
     else:
         raise ValueError(f"unknown part {part!r}")
     return PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head=head, **extra), index=model.index)
@@ -100,6 +106,8 @@ def without(model: PmetaModel, part: str, log_prior: np.ndarray | None = None) -
 def bank_train_users(bank: Bank, source) -> np.ndarray:
     """The dense indexes in ``source`` of the users the bank learned from (its build record's train
     users with enough positives: what its time prior counted and its EASE was fitted on)."""
+    if bank.record.get("dataset_fingerprint") != source.fingerprint:
+        raise SystemExit("--source-data is not the data this bank was built on (its fingerprint differs); pass that data")
     record_users = bank.build_record.get("train_users", [])
     ids = {u: i for i, u in enumerate(source.ratings.user_ids)}
     missing = [u for u in record_users if u not in ids]
@@ -120,7 +128,7 @@ class SourceEASE:
         self.ease, self.matched = ease, np.asarray(matched, dtype=np.int64)
 
     def score(self, support_items: np.ndarray, k: int) -> np.ndarray:
-        support = self.matched[np.asarray(support_items, dtype=np.int64)]
+        support = np.unique(self.matched[np.asarray(support_items, dtype=np.int64)])  # a film listed twice in the target counts once
         source_scores = self.ease.score(support[support >= 0], k)
         return np.where(self.matched >= 0, source_scores[np.maximum(self.matched, 0)], source_scores.min() - 1.0)
 
@@ -132,10 +140,13 @@ def variants(bank: Bank, source, shrink: list[float]) -> dict[str, PmetaModel]:
     rows = {"as served": model}
     if "time_log_prior" in head:
         train = bank_train_users(bank, source)
-        h = float(bank.build_record["collaborative_init"]["time_prior"]["bandwidth_days"])
+        # the grid's choice (onboarding init), else the fixed bandwidth of the inits without the grid
+        h = float(bank.build_record.get("collaborative_init", {}).get("time_prior", {}).get("bandwidth_days") or fixed_bandwidth(model.config))
         items, stamps = time_prior.rating_events(source, train)
         grid, table = time_prior.table(items, stamps, len(source.catalog), h)
-        if grid.shape != tuple(head["time_grid"].shape) or not (np.array_equal(grid, head["time_grid"].numpy()) and np.array_equal(table, head["time_log_prior"].numpy())):
+        stored_grid, stored_table = head["time_grid"].numpy(), head["time_log_prior"].numpy()
+        # equal up to the last bits of exp/log, which may differ between the CPU that built the bank and this one
+        if grid.shape != stored_grid.shape or not (np.allclose(grid, stored_grid, rtol=0, atol=1e-3) and np.allclose(table, stored_table, rtol=0, atol=1e-5)):
             raise SystemExit("the time prior rebuilt from --source-data differs from the bank's; pass the data the bank was built on")
         rows["no time prior"] = without(model, "time prior")
         rows["all-time popularity"] = without(model, "prior", shrunk_prior(items, stamps, len(source.catalog), h, math.inf)[1])
@@ -146,6 +157,8 @@ def variants(bank: Bank, source, shrink: list[float]) -> dict[str, PmetaModel]:
     rows["item bias at its median"] = without(model, "item bias")
     if "item_embedding" in head:
         rows["no collaborative embeddings"] = without(model, "collaborative")
+    if model.t.item_keys is not None and model.t.key_projection is not None:
+        rows["anchors retrieved by text keys"] = without(model, "keys")
     return rows
 
 
@@ -157,7 +170,7 @@ def number_list(text: str) -> list[float]:
         values = [-1.0]
     if not all(math.isfinite(v) and v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected numbers > 0 separated by commas, got {text!r}")
-    return values
+    return list(dict.fromkeys(values))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,12 +190,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--users and --threads must be whole numbers >= 1")
     if args.source_ease_lambda is not None and not (math.isfinite(args.source_ease_lambda) and args.source_ease_lambda > 0):
         parser.error("--source-ease-lambda must be a finite number > 0")
+    if not 0 <= args.seed <= MAX_SEED:
+        parser.error(f"--seed must be in 0..{MAX_SEED}")
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
-    bank = Bank.open(args.bank)
-    source = load_sample() if args.source_data is None else read_movielens(args.source_data)
-    target = read_movielens(args.data, args.format)
+    try:
+        bank = Bank.open(args.bank)
+        source = load_sample() if args.source_data is None else read_movielens(args.source_data)
+        target = read_movielens(args.data, args.format)
+    except PmetaError as error:  # a missing or damaged bank or dataset: one line, no traceback
+        raise SystemExit(f"error: {error}") from None
     if bank.catalog.item_ids == target.catalog.item_ids:
         raise SystemExit("the target has the bank's own catalogue; this script is for another release")
     train, _ = split_users(target, seed=args.seed, test_fraction=bank.config.test_fraction)
@@ -204,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         scored = rows[0]["users"]
     print(
         f"{args.method} of {bank.record.get('dataset_name')} bank {bank.version} on {target.name} ({target.format}), train users of seed {args.seed} "
-        f"({scored} with >= 6 positives); {summary['matched_items']} of {summary['target_items']} items matched; HR@10 / nDCG@10; "
+        f"({scored} with >= {MIN_POSITIVES} positives); {summary['matched_items']} of {summary['target_items']} items matched; HR@10 / nDCG@10; "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, {time.perf_counter() - started:.0f} s\n"
     )
     print("| bank | " + " | ".join(f"{m} K={k}" for m in MODES for k in KS) + " | nDCG@10, mean | full nDCG@10, mean over K |")

@@ -1,7 +1,8 @@
 """benchmarks/transfer_parts.py, behind the README's measured parts of a transferred bank: the shrunk
 prior is the bank's at m = 0 and the all-time share at m = inf, each variant changes its one part
-only, the prior rows are refused unless the bank's prior is rebuilt exactly from the source data,
-and the "as served" row is what the transfer path scores on the target's train users."""
+only, the source data must be the bank's (fingerprint, train users, prior rebuilt), the train users
+are the build's own, and the "as served" row is what `pmeta eval movielens` scores on the target's
+train users; bad arguments end in one line."""
 
 from __future__ import annotations
 
@@ -56,8 +57,11 @@ def test_shrunk_prior_is_the_table_at_zero_the_all_time_share_at_infinity_and_th
 
 def test_each_variant_changes_its_one_part_and_leaves_the_bank_untouched(parts, opened_bank, with_time_prior):
     with_prior = with_time_prior(opened_bank.model, 2.0, 300)
-    anchor_bias = torch.randn(3, len(with_prior.item_texts), generator=torch.Generator().manual_seed(0))
-    source = PmetaModel(with_prior.config, with_prior.encoder, with_prior.item_texts, replace(with_prior.t, anchor_bias=anchor_bias), index=with_prior.index)
+    generator = torch.Generator().manual_seed(0)
+    n, d = with_prior.t.item_text.shape
+    anchor_bias = torch.randn(3, n, generator=generator)
+    keys, projection = torch.randn(n, 5, generator=generator), torch.randn(d, 5, generator=generator)
+    source = PmetaModel(with_prior.config, with_prior.encoder, with_prior.item_texts, replace(with_prior.t, anchor_bias=anchor_bias, item_keys=keys, key_projection=projection), index=with_prior.index)
     before = {key: value.clone() for key, value in source.t.head.items()}
     other_prior = torch.randn_like(source.t.head["time_log_prior"]).numpy()
     changed = {
@@ -66,12 +70,15 @@ def test_each_variant_changes_its_one_part_and_leaves_the_bank_untouched(parts, 
         "item bias": {"item_bias"},
         "collaborative": {"history_embedding", "item_embedding"},
         "anchor bias": set(),
+        "keys": set(),
     }
-    for part, keys in changed.items():
+    for part, names in changed.items():
         model = parts.without(source, part, other_prior)
         differing = {key for key in before if not torch.equal(model.t.head[key], before[key])}
-        assert differing == keys, part
+        assert differing == names, part
         assert torch.equal(model.t.anchor_bias, source.t.anchor_bias) == (part != "anchor bias")
+        assert torch.equal(model.t.item_keys, keys) == (part != "keys")
+    torch.testing.assert_close(parts.without(source, "keys").t.item_keys, source.t.item_text.float() @ projection)
     assert float(parts.without(source, "time prior").t.head["time_weight"]) == 0.0
     assert torch.equal(parts.without(source, "prior", other_prior).t.head["time_log_prior"], torch.as_tensor(other_prior))
     assert torch.all(parts.without(source, "anchor bias").t.anchor_bias == 0)
@@ -96,49 +103,95 @@ def test_prior_rows_need_the_banks_prior_rebuilt_exactly_from_the_source_data(pa
     head = {**model.t.head, **time_prior.head_entries(grid, table, 3.0)}
     with_prior = PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head=head), index=model.index)
     record = {"train_users": record_users, "collaborative_init": {"time_prior": {"bandwidth_days": 180.0}}}
-    rows = parts.variants(SimpleNamespace(model=with_prior, build_record=record), sample, [100.0])
-    assert list(rows) == ["as served", "no time prior", "all-time popularity", "prior shrunk, m = 100", "item bias at its median", "no collaborative embeddings"]
+    bank = SimpleNamespace(model=with_prior, build_record=record, record={"dataset_fingerprint": sample.fingerprint})
+    rows = parts.variants(bank, sample, [100.0])
+    assert list(rows) == ["as served", "no time prior", "all-time popularity", "prior shrunk, m = 100", "item bias at its median", "no collaborative embeddings", "anchors retrieved by text keys"]
     assert float(rows["no time prior"].t.head["time_weight"]) == 0.0 and torch.equal(rows["no time prior"].t.head["item_bias"], head["item_bias"])
     assert rows["as served"] is with_prior
     flat = rows["all-time popularity"].t.head["time_log_prior"]
     assert torch.equal(flat, flat[:1].expand_as(flat))
     np.testing.assert_array_equal(rows["prior shrunk, m = 100"].t.head["time_log_prior"].numpy(), parts.shrunk_prior(items, stamps, len(sample.catalog), 180.0, 100.0)[1])
 
+    # an init without the grid (puresvd, ease) records no bandwidth: the build's fixed one (365 days here)
+    grid365, table365 = time_prior.table(items, stamps, len(sample.catalog), 365.0)
+    fixed = PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head={**model.t.head, **time_prior.head_entries(grid365, table365, 3.0)}), index=model.index)
+    assert "no time prior" in parts.variants(SimpleNamespace(model=fixed, build_record={**record, "collaborative_init": {"kind": "puresvd"}}, record=bank.record), sample, [])
+
     for wrong in ({**record, "train_users": record_users[1:]}, {**record, "train_users": [*record_users, "no-such-user"]}, {**record, "collaborative_init": {"time_prior": {"bandwidth_days": 365.0}}}):
         with pytest.raises(SystemExit):
-            parts.variants(SimpleNamespace(model=with_prior, build_record=wrong), sample, [])
+            parts.variants(SimpleNamespace(model=with_prior, build_record=wrong, record=bank.record), sample, [])
+    with pytest.raises(SystemExit, match="fingerprint differs"):
+        parts.variants(SimpleNamespace(model=with_prior, build_record=record, record={"dataset_fingerprint": "another"}), sample, [])
 
 
-def test_main_scores_the_target_train_users_as_the_transfer_path_does(parts, tiny_bank, opened_bank, tmp_path, capsys):
+def test_main_scores_the_target_train_users_as_pmeta_eval_does(parts, tiny_bank, opened_bank, tmp_path, capsys, monkeypatch):
     from pmeta.data import read_movielens
-    from pmeta.eval import neural  # noqa: F401
-    from pmeta.eval.baselines import BASELINES, EvalContext
+    from pmeta.eval import runner
     from pmeta.eval.protocol import evaluate, split_users
-    from pmeta.eval.transfer import transfer_model
 
     write_ml100k_like(load_sample(), tmp_path / "target", users=60, rename_every=7)
+    fitted = []
+
+    class Recorded(parts.EASEBaseline):  # what the EASE row is fitted on, without a second fit
+        def fit(self, dataset, train_users):
+            fitted.append((self, dataset.fingerprint, np.array(train_users)))
+            return super().fit(dataset, train_users)
+
+    monkeypatch.setattr(parts, "EASEBaseline", Recorded)
     parts.main(["--bank", str(tiny_bank), "--data", str(tmp_path / "target"), "--users", "6", "--shrink", ""])
     out = capsys.readouterr().out
-    table = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ") and not line.startswith("| bank")}
-    # the tiny bank has no time prior nor anchor bias (nor an EASE λ: 500)
-    assert list(table) == ["as served", "item bias at its median", "no collaborative embeddings", "no bank: EASE (λ = 500) fitted on the bank's train users of the source"]
-    assert "train users of seed 0" in out
+    table = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:11]] for line in out.splitlines() if line.startswith("| ") and not line.startswith("| bank")}
+    ease_row = "no bank: EASE (λ = 500) fitted on the bank's train users of the source"
+    # the tiny bank has no time prior, no anchor bias and no EASE λ (500)
+    assert list(table) == ["as served", "item bias at its median", "no collaborative embeddings", "anchors retrieved by text keys", ease_row]
+    assert "train users of seed 0" in out and table["no collaborative embeddings"] != table["as served"]
 
+    def cells(rows):
+        by = {(row["k"], row["mode"]): row for row in rows}
+        return [f"{by[(k, mode)]['hr@10']:.3f} / {by[(k, mode)]['ndcg@10']:.3f}" for mode in ("uni99", "pop99", "full") for k in (1, 3, 5)]
+
+    # "as served" is pmeta eval's pmeta-no-steps on these users: the runner, its test users swapped for the train users
     target = read_movielens(tmp_path / "target")
     train, test = split_users(target, seed=0)
-    model, _ = transfer_model(opened_bank.model, opened_bank.catalog, target.catalog)
-    rows = evaluate(BASELINES["pmeta-no-steps"].create(EvalContext(target, train, model=model)), target, np.asarray(train)[:6], ks=(1, 3, 5), modes=("uni99", "pop99", "full"))
-    cells = {(row["k"], row["mode"]): row for row in rows}
-    expected = [f"{cells[(k, mode)]['hr@10']:.3f} / {cells[(k, mode)]['ndcg@10']:.3f}" for mode in ("uni99", "pop99", "full") for k in (1, 3, 5)]
-    assert [cell.strip() for cell in table["as served"][:9]] == expected
-    assert table["no collaborative embeddings"] != table["as served"]
+    monkeypatch.setattr(runner, "split_users", lambda *args, **kwargs: (train, train))
+    report = runner.run_movielens(target, opened_bank, ["pmeta-no-steps"], (1, 3, 5), ("uni99", "pop99", "full"), max_users=6, resamples=1)
+    assert table["as served"] == cells(report["results"])
     assert not set(np.asarray(train)[:6]) & set(test)
 
+    (ease, fingerprint, users), = fitted
+    sample = load_sample()
+    assert fingerprint == sample.fingerprint and ease.chosen_lam == 500.0 and np.array_equal(users, parts.bank_train_users(opened_bank, sample))
+    from pmeta.eval.transfer import match_items
+
+    expected = evaluate(parts.SourceEASE(ease, match_items(opened_bank.catalog, target.catalog)), target, np.asarray(train)[:6], ks=(1, 3, 5), modes=("uni99", "pop99", "full"))
+    assert table[ease_row] == cells(expected)
+
+
+def test_bad_arguments_end_in_one_line(parts, tiny_bank, tmp_path, capsys):
+    write_ml100k_like(load_sample(), tmp_path / "target", users=60, rename_every=7)
+    target = str(tmp_path / "target")
     with pytest.raises(SystemExit, match="bank's own catalogue"):
         parts.main(["--bank", str(tiny_bank), "--data", str(SAMPLE_DIR)])
-    for bad in (["--users", "0"], ["--threads", "0"], ["--shrink", "-1"], ["--shrink", "nan"]):
-        with pytest.raises(SystemExit):
-            parts.main(["--bank", str(tiny_bank), "--data", str(tmp_path / "target"), *bad])
+    for bad, says in (
+        (["--bank", str(tmp_path / "no-bank"), "--data", target], "error: "),
+        (["--bank", str(tiny_bank), "--data", str(tmp_path / "no-data")], "error: "),
+        (["--bank", str(tiny_bank), "--data", target, "--source-data", target], "fingerprint differs"),
+    ):
+        with pytest.raises(SystemExit, match=says):
+            parts.main(bad)
+    for bad in (["--users", "0"], ["--threads", "0"], ["--shrink", "-1"], ["--shrink", "nan"], ["--seed", "-1"], ["--source-ease-lambda", "0"], ["--source-ease-lambda", "inf"]):
+        with pytest.raises(SystemExit) as exit_info:
+            parts.main(["--bank", str(tiny_bank), "--data", target, *bad])
+        assert exit_info.value.code == 2, bad  # argparse's usage error, before anything is read
+    assert parts.number_list("300,300,1000") == [300.0, 1000.0]
+
+
+def test_build_train_users_are_the_banks_train_users_with_positives(parts, opened_bank):
+    from pmeta.bank.build import user_split
+
+    sample = load_sample()
+    expected = with_positives(user_split(sample, opened_bank.config)[0], sample.positives_by_user(), opened_bank.config.min_positives)
+    assert np.array_equal(parts.bank_train_users(opened_bank, sample), np.sort(expected))
 
 
 def test_source_ease_reads_the_target_through_the_title_match(parts, opened_bank, tmp_path):
@@ -148,16 +201,14 @@ def test_source_ease_reads_the_target_through_the_title_match(parts, opened_bank
 
     write_ml100k_like(load_sample(), tmp_path / "target", users=60, rename_every=7)
     target, sample = read_movielens(tmp_path / "target"), load_sample()
-    train = parts.bank_train_users(opened_bank, sample)
-    assert {sample.ratings.user_ids[int(u)] for u in train} <= set(opened_bank.build_record["train_users"]) and len(train) > 100
-    ease = EASEBaseline(lam=50.0).fit(sample, train)
+    ease = EASEBaseline(lam=50.0).fit(sample, parts.bank_train_users(opened_bank, sample)[:60])  # a few users: a quick fit
     matched = match_items(opened_bank.catalog, target.catalog)
     scorer = parts.SourceEASE(ease, matched)
     known, unseen = np.flatnonzero(matched >= 0), np.flatnonzero(matched < 0)
-    support = np.concatenate([known[[3, 40, 90]], unseen[:1]])  # an unmatched support item is dropped
-    scores = scorer.score(support, 4)
+    support = np.concatenate([known[[3, 40, 90, 90]], unseen[:1]])  # an unmatched support item is dropped, a repeated one counts once
+    scores = scorer.score(support, 5)
     expected = ease.score(matched[known[[3, 40, 90]]], 3)
     np.testing.assert_array_equal(scores[known], expected[matched[known]])
     assert scores[unseen].max() < scores[known].min() and len(np.unique(scores[known])) > 50
     with pytest.raises(SystemExit, match="not the data this bank was built on"):
-        parts.bank_train_users(SimpleNamespace(build_record={"train_users": ["no-such-user"]}, model=opened_bank.model), sample)
+        parts.bank_train_users(SimpleNamespace(build_record={"train_users": ["no-such-user"]}, model=opened_bank.model, record=opened_bank.record), sample)
