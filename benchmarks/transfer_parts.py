@@ -135,7 +135,8 @@ class SourceEASE:
 
 def variants(bank: Bank, source, shrink: list[float]) -> dict[str, PmetaModel]:
     """The rows' source-catalogue models, in order; the prior rows only when the bank has a time prior,
-    the anchor-bias row only when it has an anchor bias, the collaborative row only when it has towers' rows."""
+    the anchor-bias row only when it has an anchor bias, the collaborative row only when it has towers'
+    rows, the text-keys row only when its retrieval keys are collaborative (with a text projection)."""
     model, head = bank.model, bank.model.t.head
     rows = {"as served": model}
     if "time_log_prior" in head:
