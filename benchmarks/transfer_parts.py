@@ -1,4 +1,4 @@
-"""Which parts of a transferred bank carry over to another catalogue, scored on the target's *train* users.
+"""What each part of a bank transferred to another catalogue contributes there, on the target's *train* users.
 
     python benchmarks/transfer_parts.py --bank BANK --data TARGET_DIR [--format auto] [--source-data DIR]
                                         [--seed 0] [--users N] [--method pmeta-no-steps] [--shrink 300,1000,3000] [--threads 1]
@@ -25,8 +25,8 @@ every rating in the file, as the protocol defines), under the protocol's three m
 
 The prior variants and the EASE row read the bank's train users in its source data (``--source-data``,
 default the shipped sample, which must be the data the bank was built on: its fingerprint is
-checked); the prior variants also check that the prior rebuilt from them equals the stored one. It reads the bank and the
-data only; it changes nothing.
+checked); the prior variants also check that the prior rebuilt from them equals the stored one. It
+reads the bank and the data only; it changes nothing.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ import torch
 from pmeta.bank.bank import Bank
 from pmeta.bank.build import fixed_bandwidth, with_positives
 from pmeta.bank.model import PmetaModel
-from pmeta.data import load_sample
 from pmeta.config import MAX_SEED
+from pmeta.data import load_sample
 from pmeta.data.movielens import LAYOUTS as FORMATS, read_movielens
 from pmeta.errors import PmetaError
 from pmeta.eval import neural  # noqa: F401  (registers the bank methods)
