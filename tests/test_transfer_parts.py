@@ -28,6 +28,14 @@ def parts(benchmark_script):
     return benchmark_script("transfer_parts")
 
 
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    """A synthetic ml-100k-layout target cut from the sample (every 7th title altered: unmatched)."""
+    directory = tmp_path_factory.mktemp("ml100k-like")
+    write_ml100k_like(load_sample(), directory, users=60, rename_every=7)
+    return directory
+
+
 def test_shrunk_prior_is_the_table_at_zero_the_all_time_share_at_infinity_and_the_pseudo_count_mix_between(parts):
     rng = np.random.default_rng(0)
     n, h = 30, 100.0
@@ -89,7 +97,7 @@ def test_each_variant_changes_its_one_part_and_leaves_the_bank_untouched(parts, 
         parts.without(source, "encoder")
 
 
-def test_prior_rows_need_the_banks_prior_rebuilt_exactly_from_the_source_data(parts, opened_bank):
+def test_prior_rows_need_the_banks_prior_rebuilt_from_the_source_data(parts, opened_bank):
     sample = load_sample()
     ids = {u: i for i, u in enumerate(sample.ratings.user_ids)}
     positives = sample.positives_by_user()
@@ -124,12 +132,11 @@ def test_prior_rows_need_the_banks_prior_rebuilt_exactly_from_the_source_data(pa
         parts.variants(SimpleNamespace(model=with_prior, build_record=record, record={"dataset_fingerprint": "another"}), sample, [])
 
 
-def test_main_scores_the_target_train_users_as_pmeta_eval_does(parts, tiny_bank, opened_bank, tmp_path, capsys, monkeypatch):
+def test_main_scores_the_target_train_users_as_pmeta_eval_does(parts, tiny_bank, opened_bank, target, capsys, monkeypatch):
     from pmeta.data import read_movielens
     from pmeta.eval import runner
     from pmeta.eval.protocol import evaluate, split_users
 
-    write_ml100k_like(load_sample(), tmp_path / "target", users=60, rename_every=7)
     fitted = []
 
     class Recorded(parts.EASEBaseline):  # what the EASE row is fitted on, without a second fit
@@ -138,7 +145,7 @@ def test_main_scores_the_target_train_users_as_pmeta_eval_does(parts, tiny_bank,
             return super().fit(dataset, train_users)
 
     monkeypatch.setattr(parts, "EASEBaseline", Recorded)
-    parts.main(["--bank", str(tiny_bank), "--data", str(tmp_path / "target"), "--users", "6", "--shrink", ""])
+    parts.main(["--bank", str(tiny_bank), "--data", str(target), "--users", "6", "--shrink", ""])
     out = capsys.readouterr().out
     table = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:11]] for line in out.splitlines() if line.startswith("| ") and not line.startswith("| bank")}
     ease_row = "no bank: EASE (λ = 500) fitted on the bank's train users of the source"
@@ -151,10 +158,10 @@ def test_main_scores_the_target_train_users_as_pmeta_eval_does(parts, tiny_bank,
         return [f"{by[(k, mode)]['hr@10']:.3f} / {by[(k, mode)]['ndcg@10']:.3f}" for mode in ("uni99", "pop99", "full") for k in (1, 3, 5)]
 
     # "as served" is pmeta eval's pmeta-no-steps on these users: the runner, its test users swapped for the train users
-    target = read_movielens(tmp_path / "target")
-    train, test = split_users(target, seed=0)
+    dataset = read_movielens(target)
+    train, test = split_users(dataset, seed=0)
     monkeypatch.setattr(runner, "split_users", lambda *args, **kwargs: (train, train))
-    report = runner.run_movielens(target, opened_bank, ["pmeta-no-steps"], (1, 3, 5), ("uni99", "pop99", "full"), max_users=6, resamples=1)
+    report = runner.run_movielens(dataset, opened_bank, ["pmeta-no-steps"], (1, 3, 5), ("uni99", "pop99", "full"), max_users=6, resamples=1)
     assert table["as served"] == cells(report["results"])
     assert not set(np.asarray(train)[:6]) & set(test)
 
@@ -163,25 +170,24 @@ def test_main_scores_the_target_train_users_as_pmeta_eval_does(parts, tiny_bank,
     assert fingerprint == sample.fingerprint and ease.chosen_lam == 500.0 and np.array_equal(users, parts.bank_train_users(opened_bank, sample))
     from pmeta.eval.transfer import match_items
 
-    expected = evaluate(parts.SourceEASE(ease, match_items(opened_bank.catalog, target.catalog)), target, np.asarray(train)[:6], ks=(1, 3, 5), modes=("uni99", "pop99", "full"))
+    expected = evaluate(parts.SourceEASE(ease, match_items(opened_bank.catalog, dataset.catalog)), dataset, np.asarray(train)[:6], ks=(1, 3, 5), modes=("uni99", "pop99", "full"))
     assert table[ease_row] == cells(expected)
 
 
-def test_bad_arguments_end_in_one_line(parts, tiny_bank, tmp_path, capsys):
-    write_ml100k_like(load_sample(), tmp_path / "target", users=60, rename_every=7)
-    target = str(tmp_path / "target")
+def test_bad_arguments_end_in_one_line(parts, tiny_bank, target, tmp_path):
+    data = str(target)
     with pytest.raises(SystemExit, match="bank's own catalogue"):
         parts.main(["--bank", str(tiny_bank), "--data", str(SAMPLE_DIR)])
     for bad, says in (
-        (["--bank", str(tmp_path / "no-bank"), "--data", target], "error: "),
+        (["--bank", str(tmp_path / "no-bank"), "--data", data], "error: "),
         (["--bank", str(tiny_bank), "--data", str(tmp_path / "no-data")], "error: "),
-        (["--bank", str(tiny_bank), "--data", target, "--source-data", target], "fingerprint differs"),
+        (["--bank", str(tiny_bank), "--data", data, "--source-data", data], "fingerprint differs"),
     ):
         with pytest.raises(SystemExit, match=says):
             parts.main(bad)
     for bad in (["--users", "0"], ["--threads", "0"], ["--shrink", "-1"], ["--shrink", "nan"], ["--seed", "-1"], ["--source-ease-lambda", "0"], ["--source-ease-lambda", "inf"]):
         with pytest.raises(SystemExit) as exit_info:
-            parts.main(["--bank", str(tiny_bank), "--data", target, *bad])
+            parts.main(["--bank", str(tiny_bank), "--data", data, *bad])
         assert exit_info.value.code == 2, bad  # argparse's usage error, before anything is read
     assert parts.number_list("300,300,1000") == [300.0, 1000.0]
 
@@ -194,15 +200,14 @@ def test_build_train_users_are_the_banks_train_users_with_positives(parts, opene
     assert np.array_equal(parts.bank_train_users(opened_bank, sample), np.sort(expected))
 
 
-def test_source_ease_reads_the_target_through_the_title_match(parts, opened_bank, tmp_path):
+def test_source_ease_reads_the_target_through_the_title_match(parts, opened_bank, target):
     from pmeta.data import read_movielens
     from pmeta.eval.baselines import EASEBaseline
     from pmeta.eval.transfer import match_items
 
-    write_ml100k_like(load_sample(), tmp_path / "target", users=60, rename_every=7)
-    target, sample = read_movielens(tmp_path / "target"), load_sample()
+    dataset, sample = read_movielens(target), load_sample()
     ease = EASEBaseline(lam=50.0).fit(sample, parts.bank_train_users(opened_bank, sample)[:60])  # a few users: a quick fit
-    matched = match_items(opened_bank.catalog, target.catalog)
+    matched = match_items(opened_bank.catalog, dataset.catalog)
     scorer = parts.SourceEASE(ease, matched)
     known, unseen = np.flatnonzero(matched >= 0), np.flatnonzero(matched < 0)
     support = np.concatenate([known[[3, 40, 90, 90]], unseen[:1]])  # an unmatched support item is dropped, a repeated one counts once
