@@ -62,7 +62,7 @@ scores, by nDCG@10 per K and candidate mode (the build's criterion is the mean o
 validation users (fold 0 is the build's own split; EASE's λ is still tuned on fold 0's split), so a
 variant chosen on fold 0 can be checked on users it was not chosen on.
 
-It prints a markdown table (and writes it to ``--out``); it is the check behind the README's
+It prints a markdown table (and writes it to ``--out``); it is the check behind docs/movielens.md's
 "tried on validation users, not adopted" note.
 """
 

@@ -16,20 +16,20 @@ split of the train users.
 with the kernel ``x·x' + c·exp((cos(xF, x'F) − 1)/bw)`` (:func:`episode_kernel`; ``F`` = unit-norm rank-64
 item factors of the fit users' rating matrix), i.e. the linear regression plus a smooth similarity of
 the supports' mean item factors, combined with EASE exactly as the linear one (a, σ). It is the check
-behind the README's "a nonlinear onboarding regression: tried, no gain".
+behind docs/movielens.md's "a nonlinear onboarding regression: tried, no gain".
 
 ``--later ω:λ,...`` adds the regression fitted with *more data* per pair: besides the protocol's
 episodes (the first K positives → positives 6..15), episodes taken later in the fit users' histories
 (positives s..s+K−1 → positives s+5..s+14 for s = stride, 2·stride, … ≤ ``--later-last``), weighted ω
 and centred on their own mean (:func:`later_episodes`, :func:`later_ridge`), combined with EASE as
-the others. It is the check behind the README's "later episodes: tried, not robust".
+the others. It is the check behind docs/movielens.md's "later episodes: tried, not robust".
 
 ``--rp3beta β:c,...`` adds RP3beta (:func:`rp3beta`: the two-step random walk item → user → item of the
 fit users' positives, α = 1, the arriving item's degree raised to −β) alone at γ = 1, and added with
 weight c to the exact combined matrix at γ = 0.5, each first divided by the spread (standard
 deviation) of its scores over the fit users' episodes. ``--pop-penalty d,...`` subtracts
 ``d·log(1 + ratings of the item)`` from that spread-scaled combined score. Both are the checks behind
-the README's "RP3beta, a popularity penalty: tried, not adopted".
+docs/movielens.md's "RP3beta, a popularity penalty: tried, not adopted".
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The variants of benchmarks/anchor_bias_variants.py behind the README's "tried on validation
+"""The variants of benchmarks/anchor_bias_variants.py behind docs/movielens.md's "tried on validation
 users, not adopted" numbers: the closed-form collaborative step is the gradient step it claims to
 be, the cross-fitted learned step never scores a user with a W fitted on that user, the anchors'
 onboarding intercept counts exactly positives 6..15, the cluster-local co-occurrence ratio counts
