@@ -299,3 +299,17 @@ def test_a_plain_callable_checkpoint_is_measured_at_the_start():
     x, measured, validation, loss = _quadratic_stage(-2.0)
     _optimize([{"params": [x], "lr": 0.1}], loss, 4, None, checkpoint=validation, every=2)
     assert len(measured) == 3 and float(x) == 0.0  # start, steps 2 and 4; worse at both, so restored
+
+
+def test_stage_zero_pool_keeps_no_encoder_states():
+    """Stage 0 caches every episode of its pool; the cached batch must not keep the (U, T, d)
+    encoder states alive (a zero-length slice would: it is a view of the whole storage)."""
+    from pmeta.bank.meta_train import without_states
+    from pmeta.tasks.ranking import UserBatch
+
+    hidden = torch.randn(4, 50, 384)
+    batch = UserBatch(hidden=hidden, mask=torch.ones(4, 50), history_items=torch.zeros(4, 3, dtype=torch.long), history_mask=torch.ones(4, 3), exclude=torch.zeros(4, 10, dtype=torch.bool))
+    stripped = without_states(batch)
+    assert stripped.users == 4 and stripped.hidden.shape == (4, 0, 384)
+    assert stripped.hidden.untyped_storage().nbytes() == 0
+    assert hidden[:, :0].untyped_storage().nbytes() == hidden.untyped_storage().nbytes()  # what a slice would keep
