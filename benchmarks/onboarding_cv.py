@@ -2,7 +2,7 @@
 
     python benchmarks/onboarding_cv.py [--data DIR] [--folds 4] [--ease-lambda 500] [--lam 10] [--weight 1] [--rank 32[,64,...]] [--rbf 0.1:0.3,0.1:1]
                                        [--later 0.3:10,1:30 [--later-stride 2] [--later-last 200]]
-                                       [--rp3beta 0.7:1,0.5:0.3] [--pop-penalty 0.1,0.3]
+                                       [--rp3beta 0.7:1,0.5:0.3] [--pop-penalty 0.1,0.3] [--dlae 0.5,0.9]
 
 The train users of coldstart-v1 (the shipped sample, or ``--data``: any MovieLens release) are split into folds; on each, EASE and the onboarding regression
 (:mod:`pmeta.bank.onboarding`) are fitted on the other folds and the held-out fold is ranked with the
@@ -30,6 +30,13 @@ weight c to the exact combined matrix at γ = 0.5, each first divided by the spr
 deviation) of its scores over the fit users' episodes. ``--pop-penalty d,...`` subtracts
 ``d·log(1 + ratings of the item)`` from that spread-scaled combined score. Both are the checks behind
 docs/movielens.md's "RP3beta, a popularity penalty: tried, not adopted".
+
+``--dlae p,...`` adds EDLAE (:func:`edlae`; Steck 2020, "Autoencoders that don't overfit towards the
+identity"): EASE trained as a denoising autoencoder whose inputs drop each item with probability p,
+which in closed form is EASE with each item's own regulariser raised by ``p/(1 − p)·(XᵀX)_jj`` (a
+new user's support is a heavily dropped history). Two rows per p: EDLAE alone at γ = 1, and the
+combined matrix with EDLAE in place of EASE at γ = 0.5. p = 0 is EASE. It is the check behind
+docs/movielens.md's "EDLAE: tried, not adopted".
 """
 
 from __future__ import annotations
@@ -123,6 +130,26 @@ def rp3beta(matrix: np.ndarray, beta: float) -> np.ndarray:
     return weights
 
 
+def edlae(gram: np.ndarray, lam: float, dropout: float) -> np.ndarray:
+    """EDLAE's weights (zero diagonal): :meth:`EASEBaseline.closed_form` with the diagonal regulariser
+    ``λ + p/(1 − p)·G_jj`` instead of λ, i.e. column j minimises ``‖X_j − X B_j‖² + Σ_i Λ_i B_ij²``
+    with ``B_jj = 0``, Λ = λ + p/(1 − p)·diag(G). ``dropout`` p = 0 gives EASE."""
+    emphasised = gram.astype(np.float64, copy=True)
+    emphasised[np.diag_indices_from(emphasised)] += dropout / (1.0 - dropout) * np.diag(gram)
+    return EASEBaseline.closed_form(emphasised, lam)
+
+
+def dropout_list(text: str) -> list[float]:
+    """``--dlae``: comma-separated dropout probabilities, each in [0, 1)."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = [-1.0]
+    if not values or not all(0.0 <= v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected probabilities in [0, 1) separated by commas, got {text!r}")
+    return values
+
+
 def number_list(text: str) -> list[float]:
     """``--pop-penalty``: comma-separated finite numbers, each >= 0."""
     try:
@@ -182,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--later-last", type=positive_int, default=200, help="the last start position of a later episode")
     parser.add_argument("--rp3beta", type=number_pairs, default=[], help="comma-separated β:c pairs of RP3beta rows, alone and added with weight c (e.g. 0.7:1,0.5:0.3)")
     parser.add_argument("--pop-penalty", type=number_list, default=[], help="comma-separated weights d of rows with d·log(1 + ratings) subtracted (e.g. 0.1,0.3)")
+    parser.add_argument("--dlae", type=dropout_list, default=[], help="comma-separated dropout probabilities p of EDLAE rows, alone and in place of EASE in the combined matrix (e.g. 0.5,0.9)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -201,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
         kept = np.flatnonzero(matrix.sum(0) > 0)
         position = np.full(n_items, -1, dtype=np.int64)
         position[kept] = np.arange(len(kept))
-        ease = EASEBaseline.closed_form(matrix[:, kept].T @ matrix[:, kept], args.ease_lambda)
+        gram = matrix[:, kept].T @ matrix[:, kept]
+        ease = EASEBaseline.closed_form(gram, args.ease_lambda)
         fit_positives = [positives[int(u)] for u in fit_users if int(u) in positives]
         x, y = onboarding.episodes(fit_positives, position)
         w, mean = onboarding.ridge(x, y, args.lam)
@@ -282,6 +311,12 @@ def main(argv: list[str] | None = None) -> None:
                 models[f"onboarding + {weight:g}·RP3beta (β={beta:g}), γ=0.5"] = scorer(lambda rows, m=blended: m[rows], 0.5, bias_of=bias / spread)
             for penalty in args.pop_penalty:
                 models[f"onboarding − {penalty:g}·log(1 + ratings), γ=0.5"] = scorer(lambda rows: combined[rows] / spread, 0.5, bias_of=bias / spread - penalty * log_count)
+        for dropout in args.dlae:
+            denoising = edlae(gram, args.ease_lambda, dropout)
+            models[f"EDLAE (p={dropout:g}), γ=1"] = scorer(lambda rows, m=denoising: m[rows], 1.0, with_bias=False)
+            denoising_combined, denoising_bias = onboarding.combine(denoising, w, mean, x, args.weight)
+            models[f"onboarding with EDLAE (p={dropout:g}), γ=0.5"] = scorer(lambda rows, m=denoising_combined: m[rows], 0.5, bias_of=denoising_bias)
+        del gram
         cases = {k: make_cases(dataset, held_out, k) for k in KS}
         candidates = draw_candidates(cases[max(KS)], MODES, popularity)
         for name, score in models.items():

@@ -507,3 +507,36 @@ def test_rp3beta_is_the_two_step_walk_and_vanishing_blends_are_the_exact_rows(be
     for bad in ("-1", "x", "", "nan", "inf"):
         with pytest.raises(argparse.ArgumentTypeError):
             cv.number_list(bad)
+
+
+def test_edlae_is_ease_with_a_dropout_emphasised_diagonal_and_p_zero_is_ease(benchmark_script, tmp_path, capsys):
+    """`onboarding_cv.py --dlae p`: EDLAE's column j is the ridge of item j on the other items with
+    per-item penalties λ + p/(1 − p)·G_ii (checked column by column against a direct solve); p = 0 is
+    EASE, so its rows equal the EASE and exact γ = 0.5 rows, and p = 0.9 moves them; bad p refused."""
+    cv = benchmark_script("onboarding_cv")
+    rng = np.random.default_rng(6)
+    matrix = (rng.random((40, 9)) < 0.35).astype(np.float32)
+    gram = matrix.T @ matrix
+    lam, p = 2.0, 0.6
+    weights = cv.edlae(gram, lam, p)
+    penalty = lam + p / (1 - p) * np.diag(gram).astype(np.float64)
+    for j in range(9):
+        others = np.flatnonzero(np.arange(9) != j)
+        system = gram[np.ix_(others, others)].astype(np.float64) + np.diag(penalty[others])
+        np.testing.assert_allclose(weights[others, j], np.linalg.solve(system, gram[others, j]), atol=1e-5)
+        assert weights[j, j] == 0.0
+    np.testing.assert_array_equal(cv.edlae(gram, lam, 0.0), cv.EASEBaseline.closed_form(gram, lam))
+
+    _tiny_ml100k(tmp_path, items=200, users=80, per_user=30)
+    cv.main(["--data", str(tmp_path), "--folds", "2", "--ease-lambda", "5", "--lam", "1", "--dlae", "0,0.9"])
+    out = capsys.readouterr().out
+    table = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ") and not line.startswith("| model")}
+    numbers = {name: np.array([float(v) for cell in cells for v in cell.split("/")]) for name, cells in table.items()}
+    np.testing.assert_array_equal(numbers["EDLAE (p=0), γ=1"], numbers["EASE (λ=5)"])
+    np.testing.assert_allclose(numbers["onboarding with EDLAE (p=0), γ=0.5"], numbers["onboarding, exact, γ=0.5"], atol=1e-3)
+    assert np.abs(numbers["EDLAE (p=0.9), γ=1"] - numbers["EASE (λ=5)"]).max() > 0.005
+    assert np.abs(numbers["onboarding with EDLAE (p=0.9), γ=0.5"] - numbers["onboarding, exact, γ=0.5"]).max() > 0.005
+    assert cv.dropout_list("0,0.5") == [0.0, 0.5]
+    for bad in ("1", "-0.1", "x", "", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cv.dropout_list(bad)
