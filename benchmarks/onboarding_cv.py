@@ -139,17 +139,6 @@ def edlae(gram: np.ndarray, lam: float, dropout: float) -> np.ndarray:
     return EASEBaseline.closed_form(emphasised, lam)
 
 
-def dropout_list(text: str) -> list[float]:
-    """``--dlae``: comma-separated dropout probabilities, each in [0, 1)."""
-    try:
-        values = [float(part) for part in text.split(",")]
-    except ValueError:
-        values = [-1.0]
-    if not values or not all(0.0 <= v < 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected probabilities in [0, 1) separated by commas, got {text!r}")
-    return values
-
-
 def number_list(text: str) -> list[float]:
     """``--pop-penalty``: comma-separated finite numbers, each >= 0."""
     try:
@@ -158,6 +147,14 @@ def number_list(text: str) -> list[float]:
         values = [-1.0]
     if not values or not all(math.isfinite(v) and v >= 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected numbers >= 0 separated by commas, got {text!r}")
+    return values
+
+
+def dropout_list(text: str) -> list[float]:
+    """``--dlae``: comma-separated dropout probabilities, each in [0, 1) (:func:`number_list`, below 1)."""
+    values = number_list(text)
+    if max(values) >= 1.0:
+        raise argparse.ArgumentTypeError(f"expected probabilities in [0, 1) separated by commas, got {text!r}")
     return values
 
 
