@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -10,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pmeta.data import SAMPLE_DIR, load_sample, read_movielens
 from pmeta.errors import InvalidData
@@ -72,6 +77,57 @@ def raises_one_line(match: str):
 
 
 # ---------------------------------------------------------------------------------------- good files
+def _titles(fmt: str):
+    """Titles each format can hold: latin-1 without its separator or a line end for the two
+    separated formats (ml-1m: no "::" and no colon at either end, which would move the separator);
+    any text but NUL for the quoted CSV of ml-latest. The reader strips titles; blank ones are refused."""
+    if fmt == "ml-latest":
+        chars = st.characters(exclude_categories=("Cs",), exclude_characters="\x00")
+    else:
+        chars = st.characters(max_codepoint=255, exclude_characters="\x00\n\r" + ("|" if fmt == "ml-100k" else ""))
+    titles = st.text(chars, min_size=1, max_size=20).filter(lambda t: t.strip())
+    if fmt == "ml-1m":
+        titles = titles.filter(lambda t: "::" not in t and not t.startswith(":") and not t.endswith(":"))
+    return titles
+
+
+def _movies_bytes(fmt: str, rows: list[tuple[str, str]]) -> bytes:
+    if fmt == "ml-latest":
+        out = io.StringIO(newline="")
+        writer = csv.writer(out)  # rows end in "\r\n", so titles holding "\r" or "\n" are quoted
+        writer.writerow(["movieId", "title", "genres"])
+        writer.writerows((item_id, title, "Drama|Comedy") for item_id, title in rows)
+        return out.getvalue().encode("utf-8")
+    if fmt == "ml-1m":
+        return "".join(f"{item_id}::{title}::Drama|Comedy\n" for item_id, title in rows).encode("latin-1")
+    return "".join(f"{item_id}|{title}|01-Jan-1995||http://x|{genre_flags(8)}\n" for item_id, title in rows).encode("latin-1")
+
+
+@pytest.mark.parametrize("fmt", sorted(WRITERS))
+def test_every_title_a_format_can_hold_reads_back(fmt):
+    """Property: a well-formed movies file is read back exactly, whatever its titles hold (commas,
+    quotes and line breaks in quoted CSV; latin-1's U+0085 and form feed in the separated formats,
+    which str.splitlines used to treat as line ends), with line ends \\n, \\r\\n or \\r."""
+
+    @given(st.lists(_titles(fmt), min_size=1, max_size=6), st.sampled_from(["\n", "\r\n", "\r"]))
+    @settings(max_examples=150, deadline=None)
+    def check(titles, line_end):
+        rows = [(str(i + 1), title) for i, title in enumerate(titles)]
+        movies = _movies_bytes(fmt, rows)
+        if fmt != "ml-latest":  # the CSV writer quotes line breaks inside titles; only the row ends change
+            movies = movies.replace(b"\n", line_end.encode())
+        ratings = {"ml-latest": "userId,movieId,rating,timestamp\n1,1,4.0,100\n", "ml-1m": "1::1::4::100\n", "ml-100k": "1\t1\t4\t100\n"}[fmt]
+        with tempfile.TemporaryDirectory() as folder:
+            Path(folder, MOVIES_FILES[fmt]).write_bytes(movies)
+            Path(folder, RATINGS_FILES[fmt]).write_text(ratings)
+            dataset = read_movielens(folder)
+        assert dataset.catalog.item_ids == [item_id for item_id, _ in rows]
+        assert dataset.catalog.titles == [title.strip() for _, title in rows]
+        assert len(dataset.ratings) == 1
+
+    check()
+
+
 @pytest.mark.parametrize("fmt", sorted(WRITERS))
 def test_each_layout_is_detected_and_read(tmp_path, fmt):
     directory = WRITERS[fmt](tmp_path / f"my-{fmt}")
@@ -132,6 +188,23 @@ def test_ml_latest_small_alias_and_utf8_bom(tmp_path):
     directory = write_ml_latest(tmp_path / "d")
     (directory / "ratings.csv").write_bytes(b"\xef\xbb\xbfuserId,movieId,rating,timestamp\n1,1,4.0,1\n")
     assert len(read_movielens(directory, "ml-latest-small").ratings) == 1
+
+
+@pytest.mark.parametrize("fmt", ["ml-1m", "ml-100k"])
+def test_a_latin1_layout_saved_as_utf8_with_a_byte_order_mark_is_read_as_utf8(tmp_path, fmt):
+    """Read as latin-1, the mark became part of the first id ("ï»¿1", its ratings dropped with a
+    misleading warning) and "é" became "Ã©"."""
+    directory = WRITERS[fmt](tmp_path / "d")
+    for name in (MOVIES_FILES[fmt], RATINGS_FILES[fmt]):
+        path = directory / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().decode("latin-1").encode("utf-8"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dataset = read_movielens(directory)
+    expected = read_movielens(WRITERS[fmt](tmp_path / "plain"))
+    assert dataset.catalog.item_ids == expected.catalog.item_ids and dataset.catalog.titles == expected.catalog.titles
+    assert dataset.ratings.user_ids == expected.ratings.user_ids and len(dataset.ratings) == len(expected.ratings)
+    assert any("é" in title for title in dataset.catalog.titles)
 
 
 def test_ratings_of_unlisted_items_are_dropped_and_counted(tmp_path):

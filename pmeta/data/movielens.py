@@ -13,6 +13,7 @@ file (and the line, for a malformed line).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import warnings
@@ -146,6 +147,10 @@ def _read_text(path: Path, encoding: str) -> str:
         raise InvalidData(f"Cannot read {path}: {error.strerror or error}.") from None
     if b"\0" in data:
         raise InvalidData(f"{path} is a binary file, not MovieLens text.")
+    if data.startswith(codecs.BOM_UTF8):
+        # a latin-1 file re-saved by an editor that marks UTF-8: read as what the mark says, not as
+        # latin-1 (which would turn the mark into a first id "ï»¿1" and "é" into "Ã©")
+        data, encoding = data[len(codecs.BOM_UTF8) :], "utf-8"
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as error:
@@ -162,7 +167,9 @@ def _rows(path: Path, encoding: str, separator: str | None, columns: int, header
     if separator is None:
         yield from _csv_rows(path, text, columns, header)
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n", "\r\n" or "\r" only: str.splitlines would also cut at characters a title may
+    # hold (latin-1's U+0085, form feed, U+2028), and the line numbers would stop matching the file's.
+    for number, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
         if not line.strip():
             continue
         fields = line.split(separator)
