@@ -278,3 +278,26 @@ def test_bfloat16_precision_ranks_like_float32(tiny_bank, opened_bank):
     assert opened_bank.model.precision == "float32"  # opening another handle changes nothing here
     with pytest.raises(pmeta.errors.InvalidConfig, match="precision"):
         pmeta.Bank.open(tiny_bank, precision="fp8")
+
+
+def test_a_catalogue_too_small_for_99_negatives_builds_with_choices_on_full_ranking():
+    """80 films leave no user the 99 never-rated candidates uni99 and pop99 draw: EASE's λ, the time
+    prior and the anchors' bias are then chosen on full ranking (the build used to stop there)."""
+    from pmeta import load_config
+    from pmeta.bank.build import build_model
+    from pmeta.data.types import Catalog, Dataset, Ratings
+
+    rng = np.random.default_rng(0)
+    items = [rng.choice(80, size=25, replace=False) for _ in range(60)]
+    catalog = Catalog([str(i) for i in range(80)], [f"Film {i} ({1980 + i % 30})" for i in range(80)], [["Drama"]] * 80)
+    ratings = Ratings(
+        user=np.repeat(np.arange(60), 25), item=np.concatenate(items), rating=rng.choice([3.0, 4.0, 5.0], size=60 * 25).astype(np.float32),
+        timestamp=np.concatenate([1_000_000 + 86_400 * (np.arange(25) + 30 * u) for u in range(60)]), user_ids=[str(u) for u in range(60)],
+    )  # fmt: skip
+    config = load_config("tiny", overrides={"cf_init": "onboarding", "tower_steps": 0, "global_steps": 0, "anchor_steps": 0, "stack_steps": 0})
+    model, record = build_model(Dataset("small", "test", catalog, ratings, "0" * 64), config)
+    chosen = record["collaborative_init"]
+    assert chosen["ease_lambda"] in (50.0, 100.0, 200.0, 500.0, 1000.0)
+    for choice in (chosen["time_prior"], chosen["anchor_bias"]):
+        assert all(set(row) == {"full", "mean"} for row in choice["validation_ndcg"].values())
+    assert model is not None

@@ -261,3 +261,17 @@ def test_per_user_lora_below_the_prompt_layer_changes_scores_exactly_as_a_full_p
         zero_below = every.final_scores(user, {k: (torch.zeros_like(v) if k.endswith(".B") and k not in top_only else v) for k, v in lora.items()})
     assert not torch.allclose(full, restricted)  # the lower-layer LoRA does something
     torch.testing.assert_close(zero_below, restricted, atol=1e-4, rtol=1e-4)  # and nothing else differs
+
+
+def test_cli_eval_refuses_a_dataset_with_nothing_to_evaluate_before_building_a_bank(tmp_path):
+    data = tmp_path / "few"
+    data.mkdir()
+    (data / "movies.csv").write_text("movieId,title,genres\n" + "".join(f"{i},Movie {i} (1995),Drama\n" for i in range(1, 21)))
+    # ten users with five positives each: no test user has the six a cold-start case needs
+    (data / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},5.0,{100 * u + i}\n" for u in range(1, 11) for i in range(1, 6)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pmeta", "--threads", "1", "eval", "movielens", "--data", str(data), "--out", str(out), "--quiet"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["pmeta: error: none of the 2 test users of few has the 6 positive ratings (at least 4 stars) a cold-start case needs, so there is nothing to evaluate"]
+    assert not (out / "bank").exists()  # refused before the bank build, which takes minutes

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pmeta.data.types import Catalog, Dataset, Ratings
-from pmeta.errors import InvalidConfig
+from pmeta.errors import InvalidConfig, InvalidData
 from pmeta.eval import (
     BASELINES,
     ColdStartCase,
@@ -216,6 +216,58 @@ def test_candidates_do_not_depend_on_k_and_modes_are_checked():
         candidate_negatives(case, "uni42", case_rng(0, case, "uni99"), popularity)
     with pytest.raises(InvalidConfig):
         case_rng(0, case, "uni42")
+
+
+def test_a_run_without_cases_or_candidates_is_refused_before_anything_is_fitted():
+    from pmeta.eval.protocol import check_cases
+    from pmeta.eval.runner import run_movielens
+
+    # five users with five positives each: no cold-start case (a report of NaNs before this check)
+    few = make_dataset([(f"u{j}", str(i), 5.0, i) for j in range(5) for i in range(5)], n_items=200)
+    with pytest.raises(InvalidData, match="none of the 1 test users of tiny has the 6 positive ratings"):
+        check_cases(few, split_users(few)[1], ("full",))
+    with pytest.raises(InvalidData, match="nothing to evaluate"):
+        run_movielens(few, None, ["popularity"], (1,), ("full",))
+    # user "u" leaves 80 never-rated items of 110: full ranking works, uni99 and pop99 cannot draw 99
+    rows = [("u", str(i), 5.0 if i < 20 else 1.0, i) for i in range(30)] + [("v", str(i), 3.0, 1) for i in range(110)]
+    small = make_dataset(rows, n_items=110)
+    user = [small.ratings.user_ids.index("u")]
+    assert check_cases(small, user, ("full",)) == 1
+    for mode in ("uni99", "pop99"):
+        with pytest.raises(InvalidData, match=f"user u has rated all but 80 of the 110 items, fewer than the 99 negatives {mode} draws; evaluate this dataset with --mode full"):
+            check_cases(small, user, ("full", mode))
+    # 370 never-rated items, 270 of them without a rating: uni99 can draw, pop99 cannot
+    rows = [("u", str(i), 5.0 if i < 20 else 1.0, i) for i in range(30)] + [("v", str(i), 3.0, 1) for i in range(100)]
+    unrated = make_dataset(rows, n_items=400)
+    user = [unrated.ratings.user_ids.index("u")]
+    assert check_cases(unrated, user, ("uni99", "full")) == 1
+    with pytest.raises(InvalidData, match="only 70 of the items user u never rated have ratings"):
+        check_cases(unrated, user, ("pop99",))
+    (case,) = make_cases(unrated, user, k=1)
+    with pytest.raises(InvalidData, match="only 70"):  # the draw itself says the same
+        candidate_negatives(case, "pop99", case_rng(0, case, "pop99"), item_rating_counts(unrated))
+
+
+def test_choices_on_validation_users_score_on_the_modes_the_catalogue_can_draw():
+    from pmeta.eval.protocol import drawable_modes
+
+    case, popularity = candidate_case()  # 370 never-rated items, 270 of them rated by someone
+    assert drawable_modes([case], ("uni99", "pop99", "full"), popularity) == ("uni99", "pop99", "full")
+    assert drawable_modes([case], ("pop99", "uni99"), popularity) == ("pop99", "uni99")  # the order given
+    popularity[100:] = 0  # now only 70 of its never-rated items have ratings
+    assert drawable_modes([case], ("uni99", "pop99", "full"), popularity) == ("uni99", "full")
+    assert drawable_modes([case], ("pop99",), popularity) == ("full",)  # full ranking always draws
+    # EASE tunes λ on pop99, or on full ranking when the catalogue is too small for 99 negatives
+    small = random_dataset(n_users=60, n_items=80, seed=0)
+    ease = EASEBaseline(lambdas=(50.0, 500.0)).fit(small, split_users(small)[0])
+    assert ease.validation_mode == "full" and ease.chosen_lam in (50.0, 500.0)
+    assert all(np.isfinite(list(ease.validation_scores.values())))
+    large = random_dataset(n_users=60, n_items=400, seed=0)
+    assert EASEBaseline(lambdas=(50.0, 500.0)).fit(large, split_users(large)[0]).validation_mode == "pop99"
+    # no validation user with a case: every score is NaN, and the tie rule takes the largest λ
+    few = make_dataset([(f"u{j}", str(i), 5.0, i) for j in range(10) for i in range(5)], n_items=200)
+    ease = EASEBaseline(lambdas=(50.0, 500.0, 100.0)).fit(few, split_users(few)[0])
+    assert all(np.isnan(list(ease.validation_scores.values()))) and ease.chosen_lam == 500.0
 
 
 # ---------------------------------------------------------------- metrics

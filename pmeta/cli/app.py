@@ -303,7 +303,7 @@ def eval_movielens(
     from ..data import load_sample
     from ..errors import InvalidConfig
     from ..eval.output import check_out_dir
-    from ..eval.runner import DEFAULT_METHODS, REPTILE_METHODS, check_request, run_movielens, write_report
+    from ..eval.runner import DEFAULT_METHODS, REPTILE_METHODS, check_request, evaluation_users, run_movielens, write_report
     from ..eval.significance import BOOTSTRAP_RESAMPLES
 
     try:
@@ -321,10 +321,13 @@ def eval_movielens(
     check_out_dir(out)
     dataset = _load_dataset(data, format)
     progress = _progress(quiet)
-    if bank is None:
+    opened = None if bank is None else Bank.open(bank, db)
+    config = load_config(preset, overrides={"seed": seed}) if opened is None else opened.config
+    evaluation_users(dataset, modes, seed, config.test_fraction, users)  # a dataset with nothing to evaluate fails before a bank is built
+    if opened is None:
         bank = out / "bank"
-        build_bank(dataset, bank, load_config(preset, overrides={"seed": seed}), db_url=db, progress=progress)
-    opened = Bank.open(bank, db)
+        build_bank(dataset, bank, config, db_url=db, progress=progress)
+        opened = Bank.open(bank, db)
     opened_reptile = None
     if REPTILE_METHODS & set(method_list):
         if reptile_bank is None:

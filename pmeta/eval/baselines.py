@@ -21,7 +21,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from pmeta.config import MAX_SEED
 from pmeta.data.types import Dataset
 from pmeta.errors import InvalidConfig
-from pmeta.eval.protocol import evaluate
+from pmeta.eval.protocol import drawable_modes, evaluate, item_rating_counts, make_cases
 
 # Option types of the methods' constructors: ``--method-option`` values are validated against them
 # (:func:`check_options`), so that a value out of range is a config error before anything runs.
@@ -255,7 +255,8 @@ class EASEBaseline:
     positives contribute nothing. ``chosen_lam`` is the λ in use. When ``lam`` is None,
     :meth:`fit` tunes λ over ``lambdas``: it carves ``validation_fraction`` of the train users (fixed
     ``validation_seed``), fits on the rest, scores each λ with the protocol itself (``pop99``, K=3,
-    nDCG@10 on the validation users) and refits the best λ on all train users.
+    nDCG@10 on the validation users; ``full`` on a catalogue too small for 99 negatives, named by
+    ``validation_mode``) and refits the best λ on all train users.
     """
 
     def __init__(
@@ -272,6 +273,7 @@ class EASEBaseline:
         self.validation_fraction = validation_fraction
         self.validation_seed = validation_seed
         self.validation_scores: dict[float, float] = {}
+        self.validation_mode = "pop99"
         self.n_items = 0
         self.chosen_lam = lam
         self.kept_items = np.zeros(0, dtype=np.int64)
@@ -308,12 +310,15 @@ class EASEBaseline:
         if self.lam is None:
             fit_users, validation_users = self.validation_split(train_users)
             self.validation_scores = {}
+            # pop99, or full ranking on a catalogue too small for pop99's 99 negatives
+            (self.validation_mode,) = drawable_modes(make_cases(dataset, validation_users, 3), ("pop99",), item_rating_counts(dataset))
             for lam in self.lambdas:
                 self._fit_fixed(dataset, fit_users, lam)
-                (row,) = evaluate(self, dataset, validation_users, ks=(3,), modes=("pop99",), seed=self.validation_seed)
+                (row,) = evaluate(self, dataset, validation_users, ks=(3,), modes=(self.validation_mode,), seed=self.validation_seed)
                 self.validation_scores[lam] = row["ndcg@10"]
-            # Best validation nDCG@10; on a tie the stronger regularization.
-            self.chosen_lam = max(self.lambdas, key=lambda lam: (self.validation_scores[lam], lam))
+            # Best validation nDCG@10; on a tie the stronger regularization (also when no validation
+            # user has the 6 positives a case needs: every score is NaN then, and NaN never compares).
+            self.chosen_lam = max(self.lambdas, key=lambda lam: (np.nan_to_num(self.validation_scores[lam], nan=-np.inf), lam))
         else:
             self.chosen_lam = float(self.lam)
         self._fit_fixed(dataset, train_users, self.chosen_lam)

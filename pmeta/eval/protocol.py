@@ -27,8 +27,8 @@ from typing import Protocol
 
 import numpy as np
 
-from pmeta.data.types import Dataset
-from pmeta.errors import InvalidConfig, TrainingDiverged
+from pmeta.data.types import POSITIVE_RATING, Dataset
+from pmeta.errors import InvalidConfig, InvalidData, TrainingDiverged
 
 PROTOCOL_NAME = "coldstart-v1"
 MODES = ("uni99", "pop99", "full")
@@ -181,24 +181,72 @@ def candidate_negatives(
 
     Rows are drawn one query positive after the other from ``rng``.
     """
-    n_items = len(item_popularity)
-    never_rated = np.setdiff1d(np.arange(n_items, dtype=np.int64), case.rated, assume_unique=True)
+    never_rated, weights = _candidate_pool(case, mode, item_popularity)
     n_query = len(case.query)
     if mode == "full":
         return np.broadcast_to(never_rated, (n_query, len(never_rated)))
-    if mode == "uni99":
-        weights = None
-    elif mode == "pop99":
-        weights = np.asarray(item_popularity, dtype=np.float64)[never_rated]
-        if np.count_nonzero(weights) < SAMPLED_NEGATIVES:
-            raise InvalidConfig(f"pop99 needs {SAMPLED_NEGATIVES} never-rated items with ratings; user {case.user_id} has fewer")
-        weights = weights / weights.sum()
-    else:
-        raise InvalidConfig(f"unknown candidate mode {mode!r}; expected one of {', '.join(MODES)}")
-    if len(never_rated) < SAMPLED_NEGATIVES:
-        raise InvalidConfig(f"user {case.user_id} has fewer than {SAMPLED_NEGATIVES} never-rated items")
     rows = [rng.choice(never_rated, size=SAMPLED_NEGATIVES, replace=False, p=weights) for _ in range(n_query)]
     return np.stack(rows) if rows else np.empty((0, SAMPLED_NEGATIVES), dtype=np.int64)
+
+
+def _candidate_pool(case: ColdStartCase, mode: str, item_popularity: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the user's never-rated items, pop99's sampling probabilities over them or None). Raises
+    InvalidData when a sampled mode cannot draw its 99 negatives for this user."""
+    n_items = len(item_popularity)
+    never_rated = np.setdiff1d(np.arange(n_items, dtype=np.int64), case.rated, assume_unique=True)
+    if mode not in _MODE_STREAM:
+        raise InvalidConfig(f"unknown candidate mode {mode!r}; expected one of {', '.join(MODES)}")
+    if mode == "full":
+        return never_rated, None
+    if len(never_rated) < SAMPLED_NEGATIVES:
+        raise InvalidData(
+            f"user {case.user_id} has rated all but {len(never_rated)} of the {n_items} items, fewer than the "
+            f"{SAMPLED_NEGATIVES} negatives {mode} draws; evaluate this dataset with --mode full"
+        )
+    if mode == "uni99":
+        return never_rated, None
+    weights = np.asarray(item_popularity, dtype=np.float64)[never_rated]
+    rated = np.count_nonzero(weights)
+    if rated < SAMPLED_NEGATIVES:
+        raise InvalidData(
+            f"only {rated} of the items user {case.user_id} never rated have ratings, fewer than the "
+            f"{SAMPLED_NEGATIVES} negatives pop99 draws (in proportion to their ratings); evaluate this dataset with --mode uni99,full"
+        )
+    return never_rated, weights / weights.sum()
+
+
+def check_cases(dataset: Dataset, test_users: Iterable[int], modes: Sequence[str]) -> int:
+    """How many of ``test_users`` make a cold-start case (:func:`make_cases`). Raises InvalidData when
+    none does (a report would hold no number) or when a sampled mode cannot draw its negatives for one
+    of them: the checks :func:`evaluate` would fail on, made before any model is fitted."""
+    test_users = [int(u) for u in test_users]
+    cases = make_cases(dataset, test_users, 1)
+    if not cases:
+        raise InvalidData(
+            f"none of the {len(test_users)} test users of {dataset.name} has the {MIN_POSITIVES} positive ratings "
+            f"(at least {POSITIVE_RATING:g} stars) a cold-start case needs, so there is nothing to evaluate"
+        )
+    popularity = item_rating_counts(dataset)
+    for case in cases:
+        for mode in modes:
+            _candidate_pool(case, mode, popularity)
+    return len(cases)
+
+
+def drawable_modes(cases: Iterable[ColdStartCase], modes: Sequence[str], item_popularity: np.ndarray) -> tuple[str, ...]:
+    """The ``modes``, in their order, that can draw candidates for every case; ``("full",)`` when
+    none can. What a choice made on validation users (EASE's λ, the time prior, the anchors' bias)
+    scores on: every mode on MovieLens, full ranking alone on a catalogue too small for 99 negatives."""
+    cases = list(cases)
+    drawable = []
+    for mode in modes:
+        try:
+            for case in cases:
+                _candidate_pool(case, mode, item_popularity)
+        except InvalidData:
+            continue
+        drawable.append(mode)
+    return tuple(drawable) or ("full",)
 
 
 def rank_positives(scores: np.ndarray, positives: np.ndarray, negatives: np.ndarray) -> np.ndarray:

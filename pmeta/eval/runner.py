@@ -32,7 +32,7 @@ from ..config import MAX_SEED
 from .baselines import BASELINES, EvalContext, check_options
 from .output import remove_stale, write_text
 from .plots import PLOT_FILES
-from .protocol import MIN_POSITIVES, PROTOCOL_NAME, check_grid, evaluate, split_users
+from .protocol import PROTOCOL_NAME, check_cases, check_grid, evaluate, split_users
 from .significance import BOOTSTRAP_RESAMPLES, compare_methods, markdown_lines
 from .transfer import transfer_model
 
@@ -96,6 +96,17 @@ def check_request(methods, ks, modes, options: dict[str, dict] | None = None, se
     return {method: check_options(method, values) for method, values in (options or {}).items()}
 
 
+def evaluation_users(dataset: Dataset, modes: tuple[str, ...], seed: int = 0, test_fraction: float = 0.2, max_users: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_users, test_users)`` of a run (the seed's split, the first ``max_users`` test users),
+    after :func:`~pmeta.eval.protocol.check_cases`: InvalidData when no test user makes a case or a
+    sampled mode cannot draw its negatives. The CLI calls it before it builds a bank."""
+    train_users, test_users = split_users(dataset, seed=seed, test_fraction=test_fraction)
+    if max_users is not None:
+        test_users = np.asarray(test_users)[:max_users]
+    check_cases(dataset, test_users, modes)
+    return train_users, test_users
+
+
 def run_movielens(
     dataset: Dataset,
     bank: Bank | None,
@@ -125,14 +136,11 @@ def run_movielens(
     if reptile_bank is None and REPTILE_METHODS & set(methods):
         raise InvalidConfig("method pmeta-reptile needs a Reptile bank (--reptile-bank)")
     test_fraction = bank.config.test_fraction if bank is not None else 0.2
-    train_users, test_users = split_users(dataset, seed=seed, test_fraction=test_fraction)
-    if max_users is not None:
-        test_users = np.asarray(test_users)[:max_users]
+    train_users, test_users = evaluation_users(dataset, modes, seed, test_fraction, max_users)
     model, transfer = model_for(bank, dataset, seed, progress) if bank is not None else (None, None)
     reptile_model, _ = model_for(reptile_bank, dataset, seed, progress) if reptile_bank is not None else (None, None)
     context = EvalContext(dataset, train_users, seed=seed, model=model, reptile_model=reptile_model, options=options, progress=progress)
-    positives = dataset.positives_by_user()
-    cases = sum(1 for u in test_users if len(positives.get(int(u), ())) >= MIN_POSITIVES)
+    cases = check_cases(dataset, test_users, modes)
     results, cells = [], {}
     for method in methods:
         torch.manual_seed(seed)

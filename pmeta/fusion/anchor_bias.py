@@ -102,10 +102,10 @@ def choose(base_scores, cases: list, keys, centroids: np.ndarray, ratio: np.ndar
     are retrieved and fused as serving does (:func:`offsets`), at the build's initial τ (the stack
     stage learns it afterwards). Ties go to the smaller γ. Returns (γ, every grid point's nDCG@10
     per mode and their mean)."""
-    from ..eval.protocol import MODES, draw_candidates, mean_ndcg
+    from ..eval.protocol import MODES, draw_candidates, drawable_modes, mean_ndcg
     from ..tasks.time_prior import supports
 
-    modes = MODES if modes is None else modes
+    modes = drawable_modes([case for case, _ in cases], MODES if modes is None else modes, popularity)  # all three on MovieLens
     candidates = draw_candidates([case for case, _ in cases], modes, popularity, seed)
     rows = list(supports(cases, ks))
     queries = np.stack([keys(support) for _, support, _, _ in rows])

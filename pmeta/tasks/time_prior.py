@@ -131,11 +131,13 @@ def choose(base_scores, cases: list, events: tuple[np.ndarray, np.ndarray], n_it
     counts are ``pop99``'s sampling weights here. All three modes by default: the prior is a
     popularity term, and the modes pull its weight in opposite directions (``uni99``'s negatives
     are mostly obscure items, ``pop99``'s popular ones), so choosing on one of them picks a point
-    of that trade-off blindly. Ties go to the smaller β. Returns (h in days, β, every grid point's
+    of that trade-off blindly (a catalogue too small for 99 negatives keeps the modes that can draw
+    them, :func:`~pmeta.eval.protocol.drawable_modes`). Ties go to the smaller β. Returns (h in days, β, every grid point's
     nDCG@10 per mode and their mean)."""
-    from ..eval.protocol import draw_candidates, mean_ndcg
+    from ..eval.protocol import draw_candidates, drawable_modes, mean_ndcg
 
     popularity = np.bincount(np.asarray(events[0], dtype=np.int64), minlength=n_items).astype(np.float64)
+    modes = drawable_modes([case for case, _ in cases], modes, popularity)  # all three on MovieLens
     candidates = draw_candidates([case for case, _ in cases], modes, popularity, seed)
     prepared = [(user, base_scores(support), t, query) for user, support, t, query in supports(cases, ks)]
     scores: dict[tuple[float, float], dict[str, float]] = {}

@@ -1,4 +1,4 @@
-"""The history parser's fuzz target (pmeta.fuzz), in-process and as the script users run."""
+"""The fuzz targets (pmeta.fuzz): history.json and a MovieLens folder, in-process and as the script users run."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -59,6 +60,24 @@ def test_the_fuzz_script_runs():
 
 def test_the_fuzz_command_line(capsys):
     assert main(["--list"]) == 0
-    assert "history" in capsys.readouterr().out and set(TARGETS) >= {"history"}
+    assert "history" in capsys.readouterr().out and set(TARGETS) == {"history", "movielens"}
     assert main(["nope"]) == 2
     assert "unknown target" in capsys.readouterr().err
+
+
+def test_the_movielens_target_reads_refuses_and_evaluates():
+    report = run("movielens", examples=300, seed=1)
+    assert set(report["outcomes"]) <= {"rejected", "refused", "evaluated"}
+    assert all(report["outcomes"].get(outcome, 0) > 0 for outcome in ("rejected", "refused", "evaluated")), report
+
+
+def test_the_movielens_target_catches_a_report_of_nans(monkeypatch):
+    """Without the up-front case check a dataset with no test case gave report.json NaNs."""
+    from pmeta.eval import runner
+    from pmeta.fuzz.movielens import fuzz_movielens
+
+    one_user = ("ml-latest", "auto", b"movieId,title,genres\n95,Heat (1995),Drama\n", b"userId,movieId,rating,timestamp\n495,95,1,0\n")
+    assert fuzz_movielens(one_user) == "refused"
+    monkeypatch.setattr(runner, "check_cases", lambda dataset, users, modes: 0)
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        fuzz_movielens(one_user)
