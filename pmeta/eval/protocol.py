@@ -179,7 +179,8 @@ def candidate_negatives(
     - ``pop99``: 99 items without replacement, ``P(item) ∝ item_popularity[item]``;
     - ``full``: every never-rated item (the same row for every query; a read-only broadcast view).
 
-    Rows are drawn one query positive after the other from ``rng``.
+    Rows are drawn one query positive after the other from ``rng``. InvalidData when a sampled mode
+    cannot draw 99 for this user (:func:`check_cases` says so before a run fits anything).
     """
     never_rated, weights = _candidate_pool(case, mode, item_popularity)
     n_query = len(case.query)

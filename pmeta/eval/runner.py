@@ -96,15 +96,15 @@ def check_request(methods, ks, modes, options: dict[str, dict] | None = None, se
     return {method: check_options(method, values) for method, values in (options or {}).items()}
 
 
-def evaluation_users(dataset: Dataset, modes: tuple[str, ...], seed: int = 0, test_fraction: float = 0.2, max_users: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(train_users, test_users)`` of a run (the seed's split, the first ``max_users`` test users),
-    after :func:`~pmeta.eval.protocol.check_cases`: InvalidData when no test user makes a case or a
-    sampled mode cannot draw its negatives. The CLI calls it before it builds a bank."""
+def evaluation_users(dataset: Dataset, modes: tuple[str, ...], seed: int = 0, test_fraction: float = 0.2, max_users: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(train_users, test_users, cases)`` of a run (the seed's split, the first ``max_users`` test
+    users, how many of them make a case), checked by :func:`~pmeta.eval.protocol.check_cases`:
+    InvalidData when no test user makes a case or a sampled mode cannot draw its negatives. The CLI
+    calls it before it builds a bank."""
     train_users, test_users = split_users(dataset, seed=seed, test_fraction=test_fraction)
     if max_users is not None:
         test_users = np.asarray(test_users)[:max_users]
-    check_cases(dataset, test_users, modes)
-    return train_users, test_users
+    return train_users, test_users, check_cases(dataset, test_users, modes)
 
 
 def run_movielens(
@@ -136,11 +136,10 @@ def run_movielens(
     if reptile_bank is None and REPTILE_METHODS & set(methods):
         raise InvalidConfig("method pmeta-reptile needs a Reptile bank (--reptile-bank)")
     test_fraction = bank.config.test_fraction if bank is not None else 0.2
-    train_users, test_users = evaluation_users(dataset, modes, seed, test_fraction, max_users)
+    train_users, test_users, cases = evaluation_users(dataset, modes, seed, test_fraction, max_users)
     model, transfer = model_for(bank, dataset, seed, progress) if bank is not None else (None, None)
     reptile_model, _ = model_for(reptile_bank, dataset, seed, progress) if reptile_bank is not None else (None, None)
     context = EvalContext(dataset, train_users, seed=seed, model=model, reptile_model=reptile_model, options=options, progress=progress)
-    cases = check_cases(dataset, test_users, modes)
     results, cells = [], {}
     for method in methods:
         torch.manual_seed(seed)
