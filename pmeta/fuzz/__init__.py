@@ -44,6 +44,13 @@ def target(name: str, strategy: Callable[[], Any], description: str):
     return register
 
 
+def one_line(error: BaseException) -> None:
+    """Fail the target unless ``error``'s message is one non-empty line (what the CLI prints)."""
+    message = str(error)
+    if not message or "\n" in message or "\r" in message:
+        raise AssertionError(f"{type(error).__name__} message is not one line: {message!r}") from None
+
+
 # ------------------------------------------------------------------------------------------ runner
 def run(name: str, examples: int, seed: int) -> dict[str, Any]:
     """Run target ``name`` on ``examples`` generated inputs; return counts. Raises the first bug."""

@@ -7,7 +7,7 @@ import os
 import tempfile
 from typing import Any
 
-from . import target
+from . import one_line, target
 
 HISTORY_KEYS = ["user_id", "items", "item_id", "text", "rating", "timestamp", "extra"]
 
@@ -56,9 +56,7 @@ def fuzz_history(value: Any) -> str:
         else:
             result = parse_history(value)
     except InvalidHistory as error:
-        message = str(error)
-        if not message or "\n" in message:
-            raise AssertionError(f"InvalidHistory message is not one line: {message!r}") from None
+        one_line(error)
         return "rejected"
     if not isinstance(result, UserHistory):
         raise AssertionError(f"returned {type(result).__name__}, not a UserHistory")
