@@ -1,4 +1,5 @@
-"""The fuzz targets (pmeta.fuzz): history.json and a MovieLens folder, in-process and as the script users run."""
+"""The fuzz targets (pmeta.fuzz): history.json, a MovieLens folder and a dataset through the bank
+build and every method, in-process and as the script users run."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -60,7 +62,7 @@ def test_the_fuzz_script_runs():
 
 def test_the_fuzz_command_line(capsys):
     assert main(["--list"]) == 0
-    assert "history" in capsys.readouterr().out and set(TARGETS) == {"history", "movielens"}
+    assert "history" in capsys.readouterr().out and set(TARGETS) == {"history", "movielens", "evaluation"}
     assert main(["nope"]) == 2
     assert "unknown target" in capsys.readouterr().err
 
@@ -89,3 +91,40 @@ def test_the_movielens_target_catches_a_report_of_nans(monkeypatch):
     monkeypatch.setattr(runner, "check_cases", lambda dataset, users, modes: 0)
     with pytest.raises(ValueError, match="not JSON compliant"):
         fuzz_movielens(one_user)
+
+
+SHAPE = {"seed": 3, "items": 150, "users": 40, "most_rated": 30, "positives": "most", "times": "spread", "titles": "distinct"}
+BANK = {"cf_init": "onboarding", "cf_rank": 4, "meta": "maml", "anchors": 2, "top_k": 3, "key_space": "collaborative", "fusion": "cat", "inner_steps": 1, "crossfit_folds": 0, "tower_steps": 2, "global_steps": 2, "anchor_steps": 2, "stack_steps": 2}
+
+
+def test_the_evaluation_target_builds_evaluates_transfers_and_refuses():
+    from pmeta.fuzz.evaluation import fuzz_evaluation
+
+    assert fuzz_evaluation((SHAPE, BANK, False)) == "evaluated"
+    # 30 films: full ranking alone; text keys and a text-only bank (rank 0), SVD fusion, Reptile,
+    # served on another catalogue whose first half of titles are the bank's second half
+    small = {**SHAPE, "items": 30, "titles": "repeated"}
+    text_only = {**BANK, "cf_init": "puresvd", "cf_rank": 0, "key_space": "text", "fusion": "svd", "meta": "reptile"}
+    assert fuzz_evaluation((small, text_only, True)) == "transfer-evaluated-full"
+    assert fuzz_evaluation(({**SHAPE, "positives": "few", "users": 4}, BANK, False)) == "refused"  # no test case
+
+
+def test_the_evaluation_target_catches_a_diverged_build(monkeypatch):
+    """SVD fusion used to differentiate torch.linalg.svd of the dense ΔW, whose repeated zero
+    singular values gave NaN gradients: a fusion=svd build diverged (or, with early stopping, kept
+    its init). A diverged build is a bug to the target, not a refusal."""
+    from pmeta.errors import TrainingDiverged
+    from pmeta.fusion import fuse
+    from pmeta.fuzz.evaluation import fuzz_evaluation
+
+    def dense_svd(anchors, indexes, weights, rank):
+        exact = fuse.fuse_cat(anchors, indexes, weights)
+        out = {"prompt": exact["prompt"]}
+        for key in [k for k in exact if k.endswith(".A")]:
+            u, s, vh = torch.linalg.svd(exact[key[:-2] + ".B"] @ exact[key], full_matrices=False)
+            out[key[:-2] + ".B"], out[key] = u[..., :rank] * s[..., None, :rank], vh[..., :rank, :]
+        return out
+
+    monkeypatch.setattr(fuse, "fuse_svd", dense_svd)
+    with pytest.raises(TrainingDiverged):
+        fuzz_evaluation((SHAPE, {**BANK, "fusion": "svd"}, False))

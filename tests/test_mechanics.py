@@ -62,6 +62,37 @@ def test_svd_fusion_is_best_low_rank_and_exact_at_full_rank():
     torch.testing.assert_close(err, s[1:].square().sum().sqrt(), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("zero_b", [False, True])
+def test_svd_fusion_gives_finite_gradients_that_train_the_anchors(zero_b):
+    """ΔW of rank k·r = 2 < d = 32 has repeated zero singular values, where SVD's derivative is
+    undefined: meta-training through the old fusion (SVD of the dense ΔW) got NaN gradients, so a
+    ``fusion = "svd"`` build diverged, or early stopping silently kept its init. Anchors whose B
+    starts at zero (every singular value zero) must train too, and the kept subspace must turn:
+    training reaches the best rank-1 fit of the target."""
+    anchors = random_anchors(n=2, rank=1, d_in=32, d_out=32)
+    if zero_b:
+        anchors = {key: torch.zeros_like(value) if key.endswith(".B") else value for key, value in anchors.items()}
+    anchors = {key: value.clone().requires_grad_(True) for key, value in anchors.items()}
+    logits = torch.tensor([[0.4, -0.2]], requires_grad=True)
+    idx = torch.tensor([[0, 1]])
+    target = torch.randn(32, 32, generator=torch.Generator().manual_seed(3))
+
+    def loss() -> torch.Tensor:
+        fused = fuse_svd(anchors, idx, torch.softmax(logits, -1), rank=1)
+        return (delta_weight(fused, "t1")[0] - target).square().sum()
+
+    optimizer = torch.optim.Adam([*anchors.values(), logits], lr=0.05)
+    for step in range(300):
+        optimizer.zero_grad()
+        value = loss()
+        value.backward()
+        assert all(torch.isfinite(p.grad).all() for p in [anchors["t1.A"], anchors["t1.B"], logits]), step
+        assert step > 0 or anchors["t1.B"].grad.abs().sum() > 0
+        optimizer.step()
+    best = torch.linalg.svdvals(target)[1:].square().sum().item()  # what the best rank-1 fit leaves
+    assert best - 1e-2 < loss().item() < 1.005 * best
+
+
 def test_stacking_prompt_and_lora_is_exact():
     g = torch.Generator().manual_seed(1)
     targets = [("t", 5, 4)]

@@ -8,6 +8,10 @@ For a user with retrieved anchors j = 1..k and weights w_j (softmax of similarit
   so B_cat A_cat = Σ_j w_j B_j A_j with no cross terms (unlike PEFT's ``linear`` merge, which
   scales both factors by √w_j).
 * ``svd``: the same ΔW truncated to rank r by SVD (B = U_r Σ_r, A = V_rᵀ), the compact option.
+  The SVD runs on the small (k·r, k·r) core of the factors, and the backward pass projects onto
+  the tangent space of the rank-r matrices (:func:`fuse_svd`) instead of differentiating the SVD:
+  SVD's derivative is undefined where singular values repeat, and a ΔW of rank k·r < d has
+  d − k·r singular values at zero (meta-training through it got NaN gradients).
 """
 
 from __future__ import annotations
@@ -42,18 +46,41 @@ def fuse_cat(anchors: Adapter, indexes: torch.Tensor, weights: torch.Tensor) -> 
     return out
 
 
+def truncated_svd(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``rank`` singular triplets (U_r (…, d_out, r), σ (…, r), V_r (…, d_in, r)) of ΔW =
+    ``b`` @ ``a``, from the SVD of the small core: b = Q_b R_b and aᵀ = Q_a R_a give
+    ΔW = Q_b (R_b R_aᵀ) Q_aᵀ (the (d_out, d_in) ΔW is never formed)."""
+    q_b, r_b = torch.linalg.qr(b)
+    q_a, r_a = torch.linalg.qr(a.transpose(-1, -2))
+    u, s, vh = torch.linalg.svd(r_b @ r_a.transpose(-1, -2))
+    return q_b @ u[..., :rank], s[..., :rank], q_a @ vh[..., :rank, :].transpose(-1, -2)
+
+
 def fuse_svd(anchors: Adapter, indexes: torch.Tensor, weights: torch.Tensor, rank: int) -> Adapter:
-    """Fusion truncated to ``rank`` by SVD of the exact ΔW (best rank-r approximation in Frobenius norm)."""
+    """Fusion truncated to ``rank`` by SVD of the exact ΔW = b a (best rank-r approximation in
+    Frobenius norm): B = ΔW V_r = U_r Σ_r and A = V_rᵀ in value.
+
+    Gradients: with U_r, V_r and Σ_r⁺ held constant, A = V_rᵀ + Σ_r⁺ U_rᵀ ΔW (I − V_r V_rᵀ) has the
+    same value (U_rᵀ ΔW lies in V_r's span), and d(BA) = dΔW V_r V_rᵀ + U_r U_rᵀ dΔW (I − V_r V_rᵀ):
+    the projection onto the tangent space of the rank-r matrices at BA, the derivative of the
+    truncation when ΔW has rank ≤ r, which lets the kept subspace turn. (It leaves out the terms
+    that couple kept and dropped singular values, which grow as 1/(σ_r − σ_{r+1}).) Directions with
+    σ = 0 get no U-side term, so anchors whose B starts at zero still train through dΔW V_r V_rᵀ.
+    """
     exact = fuse_cat(anchors, indexes, weights)
     out: Adapter = {"prompt": exact["prompt"]}
     for key in exact:
         if not key.endswith(".A"):
             continue
         target = key[:-2]
-        delta = exact[target + ".B"] @ exact[target + ".A"]  # (U, d_out, d_in)
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        out[target + ".B"] = u[..., :rank] * s[..., None, :rank]
-        out[target + ".A"] = vh[..., :rank, :]
+        b, a = exact[target + ".B"], exact[target + ".A"]  # (U, d_out, k·r), (U, k·r, d_in)
+        with torch.no_grad():
+            u, s, v = truncated_svd(b, a, rank)
+            kept = s > 1e-6 * s.amax(dim=-1, keepdim=True)  # zero where ΔW = 0 (every σ at zero)
+            inverse = torch.where(kept, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))
+        a_v = a @ v  # (U, k·r, r)
+        out[target + ".B"] = b @ a_v
+        out[target + ".A"] = v.transpose(-1, -2) + (inverse[..., :, None] * (u.transpose(-1, -2) @ b)) @ (a - a_v @ v.transpose(-1, -2))
     return out
 
 

@@ -1,14 +1,16 @@
-"""Fuzz targets for pmeta's readers, runnable as a script (hypothesis drives them).
+"""Fuzz targets for what users hand pmeta, runnable as a script (hypothesis drives them).
 
     python -m pmeta.fuzz history                  # 10,000 generated inputs, seed 0
     python -m pmeta.fuzz history --examples 200000 --seed 7
+    python -m pmeta.fuzz evaluation               # 200 inputs: each builds a bank (seconds)
     python -m pmeta.fuzz --list
 
 A target takes one generated input and must either return normally (a valid result) or raise
 the reader's typed error; anything else is a bug, reported with the smallest input hypothesis
 finds. Targets register themselves in :data:`TARGETS` with :func:`target`, one module each
 (``history``: history.json; ``movielens``: a MovieLens folder through ``pmeta eval movielens``'s
-reader and classical evaluation). hypothesis is a test dependency: ``pip install hypothesis``.
+reader and classical evaluation; ``evaluation``: a small dataset through the rest of that command,
+the bank build and every method). hypothesis is a test dependency: ``pip install hypothesis``.
 """
 
 from __future__ import annotations
@@ -28,17 +30,18 @@ class Target:
     run: Callable[[Any], str]  # returns an outcome label ("valid", "rejected", ...)
     strategy: Callable[[], Any]  # builds the hypothesis strategy (imported lazily)
     description: str
+    examples: int = 10_000  # inputs a run generates unless told
     counts: dict[str, int] = field(default_factory=dict)
 
 
 TARGETS: dict[str, Target] = {}
 
 
-def target(name: str, strategy: Callable[[], Any], description: str):
+def target(name: str, strategy: Callable[[], Any], description: str, examples: int = 10_000):
     """Register ``function(input) -> outcome label`` as the fuzz target ``name``."""
 
     def register(function: Callable[[Any], str]) -> Callable[[Any], str]:
-        TARGETS[name] = Target(name, function, strategy, description)
+        TARGETS[name] = Target(name, function, strategy, description, examples)
         return function
 
     return register
@@ -74,7 +77,7 @@ def run(name: str, examples: int, seed: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pmeta.fuzz", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", nargs="?", help="target name (see --list)")
-    parser.add_argument("--examples", type=int, default=10_000, help="inputs to generate (default 10000)")
+    parser.add_argument("--examples", type=int, default=None, help="inputs to generate (default: the target's, 10000 for the readers)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--list", action="store_true", help="list the targets")
     args = parser.parse_args(argv)
@@ -90,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("pmeta.fuzz: error: the fuzz targets need hypothesis (pip install hypothesis)", file=sys.stderr)
         return 2
-    report = run(args.target, args.examples, args.seed)
+    report = run(args.target, TARGETS[args.target].examples if args.examples is None else args.examples, args.seed)
     print(json.dumps(report))
     return 0
 
 
 # The targets register themselves in TARGETS when their modules are imported.
-from . import history, movielens  # noqa: E402, F401
+from . import evaluation, history, movielens  # noqa: E402, F401
 from .history import fuzz_history, history_inputs  # noqa: E402, F401  (the names the tests use)
