@@ -102,8 +102,8 @@ def test_the_evaluation_target_builds_evaluates_transfers_and_refuses():
 
     assert fuzz_evaluation((SHAPE, BANK, False)) == "evaluated"
     # 30 films: full ranking alone; text keys and a text-only bank (rank 0), SVD fusion, Reptile,
-    # served on another catalogue whose first half of titles are the bank's second half
-    small = {**SHAPE, "items": 30, "titles": "repeated"}
+    # served on another catalogue whose first 15 titles are the bank's last 15 (matched by title)
+    small = {**SHAPE, "items": 30}
     text_only = {**BANK, "cf_init": "puresvd", "cf_rank": 0, "key_space": "text", "fusion": "svd", "meta": "reptile"}
     assert fuzz_evaluation((small, text_only, True)) == "transfer-evaluated-full"
     assert fuzz_evaluation(({**SHAPE, "positives": "few", "users": 4}, BANK, False)) == "refused"  # no test case
@@ -111,8 +111,9 @@ def test_the_evaluation_target_builds_evaluates_transfers_and_refuses():
 
 def test_the_evaluation_target_catches_a_diverged_build(monkeypatch):
     """SVD fusion used to differentiate torch.linalg.svd of the dense ΔW, whose repeated zero
-    singular values gave NaN gradients: a fusion=svd build diverged (or, with early stopping, kept
-    its init). A diverged build is a bug to the target, not a refusal."""
+    singular values gave NaN gradients: a fusion=svd build diverged (or, with early stopping, ended
+    the stage meta-trained through fusion at its first step). A diverged build is a bug to the
+    target, not a refusal."""
     from pmeta.errors import TrainingDiverged
     from pmeta.fusion import fuse
     from pmeta.fuzz.evaluation import fuzz_evaluation

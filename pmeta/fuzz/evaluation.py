@@ -159,4 +159,7 @@ def fuzz_evaluation(value: Any) -> str:
         if row["method"] in PMETA_METHODS:
             assert row["bytes_per_user"] == 0, f"{row['method']} stores {row['bytes_per_user']} bytes per user"
     assert (report["config"]["transfer"] is not None) == transfer
+    if transfer:  # every target title the bank's catalogue holds is matched (none has another name)
+        shared = sum(title in set(source.catalog.titles) for title in dataset.catalog.titles)
+        assert report["config"]["transfer"]["matched_items"] == shared, (shared, report["config"]["transfer"])
     return ("transfer-" if transfer else "") + ("evaluated" if len(modes) == 3 else "evaluated-full")
