@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import BankBusy, BankIntegrityError, BankNotFound, BankUnavailable, InvalidConfig, InvalidData, InvalidHistory, InvalidRequest, PmetaError, TrainingDiverged
+from .errors import BankBusy, BankIntegrityError, BankNotFound, BankUnavailable, InvalidConfig, InvalidData, InvalidHistory, InvalidRequest, ModesUnavailable, PmetaError, TrainingDiverged
 from .lazy import lazy_names
 
 # The public names that need torch, FAISS or transformers are imported on first use (PEP 562), so
@@ -53,6 +53,7 @@ __all__ = [
     "InvalidData",
     "InvalidHistory",
     "InvalidRequest",
+    "ModesUnavailable",
     "Personalization",
     "PmetaError",
     "Recommendation",

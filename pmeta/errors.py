@@ -25,6 +25,19 @@ class InvalidData(PmetaError, ValueError):
     """A dataset directory or file is missing, unreadable or not in the announced format."""
 
 
+class ModesUnavailable(InvalidData):
+    """A sampled candidate mode (uni99, pop99) cannot draw its 99 negatives for a test user of this
+    dataset. ``modes`` holds the modes it can still be evaluated in; the message ends with the advice
+    to pass them (``evaluate this dataset with --mode uni99,full``), so a caller can retry with them."""
+
+    def __init__(self, reason: str, modes: tuple[str, ...]):
+        self.reason, self.modes = reason, tuple(modes)
+        super().__init__(f"{reason}; evaluate this dataset with --mode {','.join(self.modes)}")
+
+    def __reduce__(self):  # keep ``reason`` and ``modes`` through pickling (the default passes the message alone)
+        return type(self), (self.reason, self.modes)
+
+
 class InvalidConfig(PmetaError, ValueError):
     """A configuration file or option has a wrong name, type or value."""
 

@@ -67,17 +67,43 @@ def test_the_fuzz_command_line(capsys):
     assert "unknown target" in capsys.readouterr().err
 
 
+def test_a_refusal_is_retried_in_the_modes_it_advises_until_none_is_left():
+    from pmeta.errors import ModesUnavailable
+    from pmeta.fuzz import in_advised_modes
+
+    calls = []
+
+    def evaluate(modes):
+        calls.append(modes)
+        if "pop99" in modes:
+            raise ModesUnavailable("pop99 cannot draw", ("uni99", "full"))
+        if "uni99" in modes:
+            raise ModesUnavailable("uni99 cannot draw", ("full",))
+        return "report"
+
+    assert in_advised_modes(evaluate, ("uni99", "pop99", "full")) == ("report", ("full",))
+    assert calls == [("uni99", "pop99", "full"), ("uni99", "full"), ("full",)]
+
+    def refuse(modes):
+        raise ModesUnavailable("cannot draw", ("full",))
+
+    for modes in (("full",), ("pop99",)):  # advises the same modes again, or none of those asked for
+        with pytest.raises(ModesUnavailable):
+            in_advised_modes(refuse, modes)
+
+
 def test_the_movielens_target_reads_refuses_and_evaluates():
     from pmeta.fuzz.movielens import _render, fuzz_movielens
 
     report = run("movielens", examples=300, seed=1)
-    assert set(report["outcomes"]) <= {"rejected", "refused", "evaluated", "evaluated-full"}
+    assert set(report["outcomes"]) <= {"rejected", "refused", "evaluated", "evaluated-uni99,full", "evaluated-full"}
     # most generated folders are refused by the reader; some reach an evaluation (refusals after
     # reading are rare, under 1%: the four outcomes are checked one by one below)
     assert report["outcomes"].get("rejected", 0) > 0 and report["outcomes"].get("evaluated", 0) + report["outcomes"].get("evaluated-full", 0) > 0, report
-    wide, narrow = (_render((fmt, "auto", block, [], [], True, ("none",))) for fmt, block in (("ml-1m", "wide"), ("ml-100k", "narrow")))
+    wide, narrow, sparse = (_render((fmt, "auto", block, [], [], True, ("none",))) for fmt, block in (("ml-1m", "wide"), ("ml-100k", "narrow"), ("ml-latest", "sparse")))
     assert fuzz_movielens(wide) == "evaluated"  # 150 films: every mode draws its candidates
     assert fuzz_movielens(narrow) == "evaluated-full"  # 10 films: full ranking alone, as advised
+    assert fuzz_movielens(sparse) == "evaluated-uni99,full"  # 40 of 150 films rated: pop99 cannot draw 99
     assert fuzz_movielens(("ml-latest", "auto", b"\x00\x01", b"")) == "rejected"
 
 

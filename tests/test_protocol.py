@@ -248,6 +248,31 @@ def test_a_run_without_cases_or_candidates_is_refused_before_anything_is_fitted(
         candidate_negatives(case, "pop99", case_rng(0, case, "pop99"), item_rating_counts(unrated))
 
 
+def test_a_refusal_advises_the_modes_every_case_can_draw_and_holds_them():
+    import copy
+
+    from pmeta.errors import ModesUnavailable
+    from pmeta.eval.protocol import MODES, check_cases
+
+    # "u" rated 300 of 400 items, "w" the same 300 and 20 more: u keeps 100 never-rated items (uni99
+    # draws) but only 20 of them have a rating (pop99 cannot); w keeps 80 (neither sampled mode can)
+    rows = [(user, str(i), 5.0 if i < 20 else 1.0, i) for user, n in (("u", 300), ("w", 320)) for i in range(n)]
+    data = make_dataset(rows, n_items=400)
+    u, w = (data.ratings.user_ids.index(user) for user in ("u", "w"))
+    assert check_cases(data, [u], ("uni99", "full")) == 1
+    with pytest.raises(ModesUnavailable, match="only 20 of the items user u never rated .* draws .*; evaluate this dataset with --mode uni99,full$"):
+        check_cases(data, [u], MODES)
+    # u's case fails first (pop99), but the advice covers w too: full ranking alone
+    with pytest.raises(ModesUnavailable) as raised:
+        check_cases(data, [u, w], MODES)
+    error = raised.value
+    assert str(error).startswith("only 20 of the items user u never rated") and str(error).endswith("; evaluate this dataset with --mode full")
+    assert error.modes == ("full",) and isinstance(error, InvalidData)
+    assert check_cases(data, [u, w], error.modes) == 2  # what it advises works
+    clone = copy.deepcopy(error)  # through __reduce__, as pickling across processes does
+    assert (type(clone), str(clone), clone.modes, clone.reason) == (ModesUnavailable, str(error), error.modes, error.reason)
+
+
 def test_choices_on_validation_users_score_on_the_modes_the_catalogue_can_draw():
     from pmeta.eval.protocol import drawable_modes
 

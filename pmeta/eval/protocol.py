@@ -28,7 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from pmeta.data.types import POSITIVE_RATING, Dataset
-from pmeta.errors import InvalidConfig, InvalidData, TrainingDiverged
+from pmeta.errors import InvalidConfig, InvalidData, ModesUnavailable, TrainingDiverged
 
 PROTOCOL_NAME = "coldstart-v1"
 MODES = ("uni99", "pop99", "full")
@@ -192,7 +192,8 @@ def candidate_negatives(
 
 def _candidate_pool(case: ColdStartCase, mode: str, item_popularity: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """(the user's never-rated items, pop99's sampling probabilities over them or None). Raises
-    InvalidData when a sampled mode cannot draw its 99 negatives for this user."""
+    ModesUnavailable (advising the modes this user can draw) when a sampled mode cannot draw its 99
+    negatives for this user."""
     n_items = len(item_popularity)
     never_rated = np.setdiff1d(np.arange(n_items, dtype=np.int64), case.rated, assume_unique=True)
     if mode not in _MODE_STREAM:
@@ -200,26 +201,29 @@ def _candidate_pool(case: ColdStartCase, mode: str, item_popularity: np.ndarray)
     if mode == "full":
         return never_rated, None
     if len(never_rated) < SAMPLED_NEGATIVES:
-        raise InvalidData(
+        raise ModesUnavailable(
             f"user {case.user_id} has rated all but {len(never_rated)} of the {n_items} items, fewer than the "
-            f"{SAMPLED_NEGATIVES} negatives {mode} draws; evaluate this dataset with --mode full"
+            f"{SAMPLED_NEGATIVES} negatives {mode} draws",
+            ("full",),
         )
     if mode == "uni99":
         return never_rated, None
     weights = np.asarray(item_popularity, dtype=np.float64)[never_rated]
     rated = np.count_nonzero(weights)
     if rated < SAMPLED_NEGATIVES:
-        raise InvalidData(
+        raise ModesUnavailable(
             f"only {rated} of the items user {case.user_id} never rated have ratings, fewer than the "
-            f"{SAMPLED_NEGATIVES} negatives pop99 draws (in proportion to their ratings); evaluate this dataset with --mode uni99,full"
+            f"{SAMPLED_NEGATIVES} negatives pop99 draws (in proportion to their ratings)",
+            ("uni99", "full"),
         )
     return never_rated, weights / weights.sum()
 
 
 def check_cases(dataset: Dataset, test_users: Iterable[int], modes: Sequence[str]) -> int:
     """How many of ``test_users`` make a cold-start case (:func:`make_cases`). Raises InvalidData when
-    none does (a report would hold no number) or when a sampled mode cannot draw its negatives for one
-    of them: the checks :func:`evaluate` would fail on, made before any model is fitted."""
+    none does (a report would hold no number), and :class:`~pmeta.errors.ModesUnavailable` when a
+    sampled mode cannot draw its negatives for one of them, advising the modes every case can draw:
+    the checks :func:`evaluate` would fail on, made before any model is fitted."""
     test_users = [int(u) for u in test_users]
     cases = make_cases(dataset, test_users, 1)
     if not cases:
@@ -230,7 +234,10 @@ def check_cases(dataset: Dataset, test_users: Iterable[int], modes: Sequence[str
     popularity = item_rating_counts(dataset)
     for case in cases:
         for mode in modes:
-            _candidate_pool(case, mode, popularity)
+            try:
+                _candidate_pool(case, mode, popularity)
+            except ModesUnavailable as error:  # advise what every case can draw, not this case alone
+                raise ModesUnavailable(error.reason, drawable_modes(cases, MODES, popularity)) from None
     return len(cases)
 
 
@@ -244,7 +251,7 @@ def drawable_modes(cases: Iterable[ColdStartCase], modes: Sequence[str], item_po
         try:
             for case in cases:
                 _candidate_pool(case, mode, item_popularity)
-        except InvalidData:
+        except ModesUnavailable:
             continue
         drawable.append(mode)
     return tuple(drawable) or ("full",)

@@ -54,6 +54,25 @@ def one_line(error: BaseException) -> None:
         raise AssertionError(f"{type(error).__name__} message is not one line: {message!r}") from None
 
 
+def in_advised_modes(evaluate: Callable[[tuple[str, ...]], Any], modes: tuple[str, ...]) -> tuple[Any, tuple[str, ...]]:
+    """``(evaluate(modes), modes)``, retried with what a :class:`~pmeta.errors.ModesUnavailable`
+    advises (the requested modes it names) until ``evaluate`` returns: what a user does with the
+    message. Re-raises it when it names no requested mode or no fewer of them; its message must be
+    one line and end with the advice its ``modes`` hold."""
+    from pmeta.errors import ModesUnavailable
+
+    while True:
+        try:
+            return evaluate(modes), modes
+        except ModesUnavailable as error:
+            one_line(error)
+            assert str(error).endswith(f"--mode {','.join(error.modes)}") and "full" in error.modes, f"advice {error.modes} vs message {error}"
+            usable = tuple(mode for mode in modes if mode in error.modes)
+            if not usable or usable == modes:
+                raise
+            modes = usable
+
+
 # ------------------------------------------------------------------------------------------ runner
 def run(name: str, examples: int, seed: int) -> dict[str, Any]:
     """Run target ``name`` on ``examples`` generated inputs; return counts. Raises the first bug."""

@@ -10,8 +10,8 @@ steps and cross-fitting drawn. The dataset itself comes from the input's seed, s
 shrinks the shape, not thousands of ratings. Half of the inputs are served on another catalogue
 whose first half of titles are the bank's second half.
 
-The target does what the command does: checks the cases (retrying with full ranking alone when
-the error advises it), builds the bank, opens it and runs every method of a full report. The case
+The target does what the command does: checks the cases (retrying with the modes the error
+advises: uni99 and full, or full alone), builds the bank, opens it and runs every method of a full report. The case
 check and the build may refuse the data with a one-line :class:`~pmeta.errors.InvalidData`, and a
 refused build must leave no bank folder; everything after them must succeed. A report must be
 standard JSON, render as report.md, score every method on the same users with metrics in [0, 1],
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from . import one_line, target
+from . import in_advised_modes, one_line, target
 
 #: Every method of a full report, with options that keep the rivals' training to a few steps.
 METHOD_OPTIONS = {"prompt-maml": {"outer_steps": 2, "inner_steps": 1}, "per-user-lora": {"steps": 2, "rank": 2}}
@@ -104,19 +104,16 @@ def make_dataset(shape: dict, name: str = "fuzz", id_prefix: str = "", title_off
 
 
 def _cases(dataset, config) -> tuple[str, ...] | str:
-    """The modes the run evaluates, or ``"refused"``: what the CLI checks before it builds a bank."""
+    """The modes the run evaluates (all three, or those the case check advises), or ``"refused"``:
+    what the CLI checks before it builds a bank."""
     from pmeta.errors import InvalidData
     from pmeta.eval.runner import evaluation_users
 
-    for modes in (("uni99", "pop99", "full"), ("full",)):
-        try:
-            evaluation_users(dataset, modes, config.seed, config.test_fraction)
-            return modes
-        except InvalidData as error:
-            one_line(error)
-            if "with --mode full" not in str(error):
-                return "refused"
-    return "refused"
+    try:
+        return in_advised_modes(lambda modes: evaluation_users(dataset, modes, config.seed, config.test_fraction), ("uni99", "pop99", "full"))[1]
+    except InvalidData as error:
+        one_line(error)
+        return "refused"
 
 
 @target("evaluation", evaluation_inputs, "a small dataset: bank build, then every method of eval movielens (in-domain or transferred)", examples=200)
@@ -165,4 +162,4 @@ def fuzz_evaluation(value: Any) -> str:
         bank_titles = set(source.catalog.titles)
         shared = sum(title in bank_titles for title in dataset.catalog.titles)
         assert report["config"]["transfer"]["matched_items"] == shared, (shared, report["config"]["transfer"])
-    return ("transfer-" if transfer else "") + ("evaluated" if len(modes) == 3 else "evaluated-full")
+    return ("transfer-" if transfer else "") + ("evaluated" if len(modes) == 3 else "evaluated-" + ",".join(modes))

@@ -12,8 +12,8 @@ The reader must return a :class:`~pmeta.data.types.Dataset` whose arrays agree w
 raise :class:`~pmeta.errors.InvalidData` with a one-line message. A dataset it returns is then split
 and evaluated with the classical methods under all three modes (``run_movielens``, a few bootstrap
 resamples) and rendered as report.md; that must succeed with metrics in [0, 1] or raise a one-line
-:class:`~pmeta.errors.PmetaError` (when the error advises ``--mode full``, full ranking alone must
-then succeed or raise one). Anything else (another exception, a warning other than the
+:class:`~pmeta.errors.PmetaError` (when it advises other modes, ``--mode uni99,full`` or
+``--mode full``, the evaluation in those must then succeed or raise one). Anything else (another exception, a warning other than the
 reader's count of dropped ratings, a NaN in a report) is a bug.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from . import one_line, target
+from . import in_advised_modes, one_line, target
 
 FORMATS = ("ml-latest", "ml-1m", "ml-100k")
 FILES = {"ml-latest": ("movies.csv", "ratings.csv"), "ml-1m": ("movies.dat", "ratings.dat"), "ml-100k": ("u.item", "u.data")}
@@ -58,7 +58,7 @@ def movielens_inputs():
     plain_rating = st.tuples(st.integers(495, 515).map(str), st.integers(95, 240).map(str), st.sampled_from(["1", "3", "4", "4.5", "5", "0.5"]), st.integers(0, 2**31).map(str))
     movie = st.one_of(plain_movie, plain_movie, hostile_movie)
     rating = st.one_of(plain_rating, plain_rating, hostile_rating)
-    block = st.sampled_from(["none", "narrow", "wide"])  # well-formed ratings: none, 10 movies, 150 movies
+    block = st.sampled_from(["none", "narrow", "wide", "sparse"])  # well-formed ratings: none, 10, 150 movies, 40 of 150 rated
     layout = st.sampled_from(FORMATS)
     passed = st.sampled_from(["auto", "right", "wrong"])
     mutation = st.one_of(
@@ -76,13 +76,15 @@ def movielens_inputs():
 
 def _block(kind: str) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str, str]]]:
     """Well-formed rows: ``narrow`` is 8 users x 10 movies; ``wide`` 12 users over 150 movies, so
-    that every user keeps 99 never-rated candidates and pop99 has rated ones to draw."""
-    n_movies, n_users, per_user = {"none": (0, 0, 0), "narrow": (10, 8, 10), "wide": (150, 12, 30)}[kind]
+    that every user keeps 99 never-rated candidates and pop99 has rated ones to draw; ``sparse`` the
+    same users over the first 40 of 150 movies: 99 never-rated candidates but not 99 rated ones."""
+    n_movies, n_users, per_user = {"none": (0, 0, 0), "narrow": (10, 8, 10), "wide": (150, 12, 30), "sparse": (150, 12, 30)}[kind]
+    n_rated = 40 if kind == "sparse" else n_movies
     movies = [(str(100 + i), f"Movie {i} ({1990 + i % 20})", "Drama|Comedy" if i % 2 else "Action") for i in range(n_movies)]
     ratings = []
     for u in range(n_users):
         for j in range(per_user):
-            item = (u * 11 + j * 3) % n_movies
+            item = (u * 11 + j * 3) % n_rated
             ratings.append((str(500 + u), str(100 + item), "5" if (u + j) % 3 else "4", str(1_000_000 + 86_400 * (u + 7 * j))))
     return movies, ratings
 
@@ -160,19 +162,12 @@ def fuzz_movielens(value: Any) -> str:
             one_line(error)
             return "rejected"
         _check_dataset(dataset)
-        outcome = "evaluated"
-        try:
-            report = run_movielens(dataset, None, METHODS, (1, 3, 5), ("uni99", "pop99", "full"), seed=0, resamples=20)
+        try:  # a catalogue too small for 99 (rated) negatives: retried in the modes the message advises
+            report, modes = in_advised_modes(lambda modes: run_movielens(dataset, None, METHODS, (1, 3, 5), modes, seed=0, resamples=20), ("uni99", "pop99", "full"))
         except PmetaError as error:
             one_line(error)
-            if "with --mode full" not in str(error):
-                return "refused"
-            try:  # a catalogue too small for 99 negatives: what the message advises
-                report = run_movielens(dataset, None, METHODS, (1, 3, 5), ("full",), seed=0, resamples=20)
-            except PmetaError as error:
-                one_line(error)
-                return "refused"
-            outcome = "evaluated-full"
+            return "refused"
+        outcome = "evaluated" if len(modes) == 3 else "evaluated-" + ",".join(modes)
         json.dumps(report, allow_nan=False)  # report.json must be standard JSON: raises on a NaN
         markdown(report)
         for warning in caught:
