@@ -62,7 +62,7 @@ def test_the_fuzz_script_runs():
 
 def test_the_fuzz_command_line(capsys):
     assert main(["--list"]) == 0
-    assert "history" in capsys.readouterr().out and set(TARGETS) == {"history", "movielens", "evaluation"}
+    assert "history" in capsys.readouterr().out and set(TARGETS) == {"history", "movielens", "evaluation", "serving"}
     assert main(["nope"]) == 2
     assert "unknown target" in capsys.readouterr().err
 
@@ -155,3 +155,31 @@ def test_the_evaluation_target_catches_a_diverged_build(monkeypatch):
     monkeypatch.setattr(fuse, "fuse_svd", dense_svd)
     with pytest.raises(TrainingDiverged):
         fuzz_evaluation((SHAPE, {**BANK, "fusion": "svd"}, False))
+
+
+# one history of every kind of item (catalogue positions are taken modulo the catalogue's size),
+# candidates with a repeat, two of them as JSON integers; and a history naming an unknown id alone
+EVERY_KIND = [("id", 0, "x", 5.0, 1_000_000), ("int-id", 1, "x", None, None), ("title", 2, "x", 4.0, None), ("recased-title", 3, "x", 1.0, 5), ("id+text", 4, "Some film", 3.5, None), ("unknown+text", 5, "Not a catalogue title", 5.0, 7), ("text", 6, "Heat (1995)", None, None)]
+UNKNOWN = [("unknown", 9, "x", 5.0, None)]
+
+
+def test_the_serving_target_personalizes_ranks_and_refuses(opened_bank, monkeypatch):
+    from pmeta.fuzz import serving
+
+    monkeypatch.setitem(serving._BANK, "bank", opened_bank)
+    report = run("serving", examples=12, seed=1)
+    assert set(report["outcomes"]) <= {"personalized", "refused"} and report["outcomes"].get("personalized", 0) > 0, report
+    candidates = ([10, 11, 11, 0, 12], False, [1, 3])
+    assert serving.fuzz_serving(([EVERY_KIND, [], EVERY_KIND[:2]], False, None, 2, 5, candidates)) == "personalized"
+    assert serving.fuzz_serving(([EVERY_KIND[:3], UNKNOWN], False, 1, 1, 3, None)) == "refused"
+    assert serving.fuzz_serving(([EVERY_KIND[:3], UNKNOWN], True, 0, 3, 3, (candidates[0], True, []))) == "personalized"
+
+
+def test_the_serving_target_catches_a_history_item_left_in_the_ranking(opened_bank, monkeypatch):
+    """A title matched only in its stored case would leave a re-cased title's film rankable."""
+    from pmeta.data import history
+    from pmeta.fuzz import serving
+
+    monkeypatch.setattr(history, "_title_index", lambda catalog: {title: i for i, title in reversed(list(enumerate(catalog.titles)))})
+    with pytest.raises(AssertionError, match="-inf scores are not the history's items"):
+        serving.fuzz_serving(([EVERY_KIND], False, None, 1, 5, None), served=opened_bank)

@@ -3,6 +3,7 @@
     python -m pmeta.fuzz history                  # 10,000 generated inputs, seed 0
     python -m pmeta.fuzz history --examples 200000 --seed 7
     python -m pmeta.fuzz evaluation               # 200 inputs: each builds a bank (seconds)
+    python -m pmeta.fuzz serving                  # 300 inputs through one bank (built first, a minute)
     python -m pmeta.fuzz --list
 
 A target takes one generated input and must either return normally (a valid result) or raise
@@ -10,7 +11,8 @@ the reader's typed error; anything else is a bug, reported with the smallest inp
 finds. Targets register themselves in :data:`TARGETS` with :func:`target`, one module each
 (``history``: history.json; ``movielens``: a MovieLens folder through ``pmeta eval movielens``'s
 reader and classical evaluation; ``evaluation``: a small dataset through the rest of that command,
-the bank build and every method). hypothesis is a test dependency: ``pip install hypothesis``.
+the bank build and every method; ``serving``: histories through an opened bank's personalization
+and ranking, batched and one by one). hypothesis is a test dependency: ``pip install hypothesis``.
 """
 
 from __future__ import annotations
@@ -118,5 +120,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # The targets register themselves in TARGETS when their modules are imported.
-from . import evaluation, history, movielens  # noqa: E402, F401
+from . import evaluation, history, movielens, serving  # noqa: E402, F401
 from .history import fuzz_history, history_inputs  # noqa: E402, F401  (the names the tests use)
