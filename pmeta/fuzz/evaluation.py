@@ -11,9 +11,10 @@ shrinks the shape, not thousands of ratings. Half of the inputs are served on an
 whose first half of titles are the bank's second half.
 
 The target does what the command does: checks the cases (retrying with the modes the error
-advises: uni99 and full, or full alone), builds the bank, opens it and runs every method of a full report. The case
-check and the build may refuse the data with a one-line :class:`~pmeta.errors.InvalidData`, and a
-refused build must leave no bank folder; everything after them must succeed. A report must be
+advises: uni99 and full, or full alone), builds the bank, opens it and runs every method of a full
+report. The case check and the build may refuse the data with a one-line
+:class:`~pmeta.errors.InvalidData`, and a refused build must leave no bank folder; everything after
+them must succeed. A report must be
 standard JSON, render as report.md, score every method on the same users with metrics in [0, 1],
 store zero bytes per user for pmeta's rows and, on another catalogue, match every title the two
 catalogues share. Anything else (another exception, a diverged build: the tiny preset has no early

@@ -13,8 +13,8 @@ raise :class:`~pmeta.errors.InvalidData` with a one-line message. A dataset it r
 and evaluated with the classical methods under all three modes (``run_movielens``, a few bootstrap
 resamples) and rendered as report.md; that must succeed with metrics in [0, 1] or raise a one-line
 :class:`~pmeta.errors.PmetaError` (when it advises other modes, ``--mode uni99,full`` or
-``--mode full``, the evaluation in those must then succeed or raise one). Anything else (another exception, a warning other than the
-reader's count of dropped ratings, a NaN in a report) is a bug.
+``--mode full``, the evaluation in those must then succeed or raise one). Anything else (another
+exception, a warning other than the reader's count of dropped ratings, a NaN in a report) is a bug.
 """
 
 from __future__ import annotations
