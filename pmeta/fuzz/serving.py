@@ -17,7 +17,8 @@ What must hold, each checked against what the input says rather than what pmeta 
   finite elsewhere; its adapter and anchor weights are finite, the weights a distribution over
   distinct anchors of the bank;
 * a batched pass, a ``vmap`` pass with another batch size and one-by-one calls agree to 1e-4 in
-  every score (float rounding only), and repeating a call gives the same scores bit for bit;
+  every score (float rounding only), and the one-by-one calls repeated from two threads at once
+  give the same scores bit for bit;
 * ``rank(top)`` returns ``min(top, rankable)`` distinct items, best first, none from the history,
   starting at the best score; with candidates, only candidates, and an unknown candidate is one
   :class:`~pmeta.errors.InvalidRequest` line.
@@ -32,6 +33,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +150,10 @@ def fuzz_serving(value: Any, served=None) -> str:
     assert [p.user_id for p in batched] == [h["user_id"] for h in histories]
     vmapped = served.personalize_many(histories, steps=steps, ignore_unknown=ignore_unknown, batch_size=batch_size % 4 + 1, method="vmap")
     single = [served.personalize(h, steps=steps, ignore_unknown=ignore_unknown) for h in histories]
-    again = served.personalize(histories[-1], steps=steps, ignore_unknown=ignore_unknown)
-    assert np.array_equal(again.scores, single[-1].scores), "the same call gave other scores"
+    with ThreadPoolExecutor(2) as pool:  # the same calls from two threads at once: the serial scores, bit for bit
+        threaded = list(pool.map(lambda h: served.personalize(h, steps=steps, ignore_unknown=ignore_unknown), histories))
+    for p, q in zip(single, threaded):
+        assert np.array_equal(p.scores, q.scores), "the same call gave other scores (repeated, from two threads)"
     n_anchors = int(served.model.t.anchor_keys.shape[0])
     for p, q, r, items in zip(batched, vmapped, single, named):
         history_items = np.zeros(len(catalog.item_ids), dtype=bool)
