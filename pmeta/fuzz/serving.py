@@ -97,7 +97,7 @@ def render(value: tuple, catalog) -> tuple[list[dict], list[set[int]], bool]:
             row: dict[str, Any] = {}
             if kind in ("id", "int-id", "id+text"):
                 item_id = catalog.item_ids[index]
-                row["item_id"] = int(item_id) if kind == "int-id" and item_id.isdigit() and item_id == str(int(item_id)) else item_id
+                row["item_id"] = _as_json_integer(item_id) if kind == "int-id" else item_id
                 if kind == "id+text":
                     row["text"] = free_text
             elif kind in ("title", "recased-title"):
@@ -172,7 +172,7 @@ def fuzz_serving(value: Any, served=None) -> str:
         if candidates is not None:
             positions, unknown_candidate, as_ints = candidates
             chosen: list[Any] = [catalog.item_ids[position % len(catalog.item_ids)] for position in positions]
-            chosen = [int(c) if i in as_ints and c.isdigit() and c == str(int(c)) else c for i, c in enumerate(chosen)]
+            chosen = [_as_json_integer(c) if i in as_ints else c for i, c in enumerate(chosen)]
             if unknown_candidate:
                 try:
                     p.rank(top, chosen + ["unknown-candidate"])
@@ -183,6 +183,11 @@ def fuzz_serving(value: Any, served=None) -> str:
             else:
                 _check_rank(p, top, chosen, history_items)
     return "personalized"
+
+
+def _as_json_integer(item_id: str) -> int | str:
+    """A catalogue id as the JSON integer a caller may send instead (when it reads back the same)."""
+    return int(item_id) if item_id.isdigit() and item_id == str(int(item_id)) else item_id
 
 
 def _check_rank(p, top: int, candidates: list | None, history_items: np.ndarray) -> None:
