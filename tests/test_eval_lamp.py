@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from lamp_tiny import tiny_llama, write_lamp
+from pmeta.fuzz.lamp_tiny import tiny_llama, write_lamp
 from typer.testing import CliRunner
 
 from pmeta.cli import app

@@ -62,7 +62,7 @@ def test_the_fuzz_script_runs():
 
 def test_the_fuzz_command_line(capsys):
     assert main(["--list"]) == 0
-    assert "history" in capsys.readouterr().out and set(TARGETS) == {"history", "movielens", "evaluation", "serving"}
+    assert "history" in capsys.readouterr().out and set(TARGETS) == {"history", "movielens", "evaluation", "serving", "text"}
     assert main(["nope"]) == 2
     assert "unknown target" in capsys.readouterr().err
 
@@ -183,3 +183,62 @@ def test_the_serving_target_catches_a_history_item_left_in_the_ranking(opened_ba
     monkeypatch.setattr(history, "_title_index", lambda catalog: {title: i for i, title in reversed(list(enumerate(catalog.titles)))})
     with pytest.raises(AssertionError, match="-inf scores are not the history's items"):
         serving.fuzz_serving(([EVERY_KIND], False, None, 1, 5, None), served=opened_bank)
+
+
+# LaMP profiles for the text target: (id kind, number, free text, field kinds, score, date kind,
+# (year, month, day, hour, number), extra key?); their dates put the second item first
+PROFILE = [
+    ("str", 1, "great strings", ["text", "text"], "5", "ymd", (2015, 1, 2, 0, 0), False),
+    ("int", 2, "noisy cable", ["text", "text"], 1, "ymd", (2014, 3, 4, 0, 0), True),
+    ("padded", 3, "", ["empty", "empty"], " 4 ", "ymd", (2016, 5, 6, 0, 0), False),
+]
+PLAIN = ((None, False), (None, False), (None, False), ("prefixed", "works fine"))
+
+
+@pytest.fixture(scope="module")
+def text_banks(tmp_path_factory):
+    """Tiny LaMP-3 (rating) and LaMP-4 (generation) text banks on one tiny random Llama."""
+    from pmeta.fuzz.lamp_tiny import tiny_llama, write_lamp
+    from pmeta.text import TextBank, build_text_bank, load_text_config
+
+    root = tmp_path_factory.mktemp("fuzz-text")
+    lm = tiny_llama(root / "llama")
+    banks = {}
+    for task in ("LaMP-3", "LaMP-4"):
+        build_text_bank(write_lamp(root / task, task=task), root / f"bank-{task}", load_text_config("tiny", overrides={"task": task, "lm": str(lm)}))
+        banks[task] = TextBank.open(root / f"bank-{task}")
+    return banks
+
+
+@pytest.mark.parametrize("task", ["LaMP-3", "LaMP-4"])
+def test_the_text_target_personalizes_prompts_predicts_and_refuses(text_banks, task, monkeypatch):
+    from pmeta.fuzz import text
+
+    monkeypatch.setitem(text._BANK, "bank", text_banks[task])
+    report = run("text", examples=12, seed=1)
+    assert set(report["outcomes"]) <= {"personalized", "refused", "refused-request"} and report["outcomes"].get("personalized", 0) > 0, report
+    served = text_banks[task]
+    histories = [("object", "str", 7, PROFILE), ("list", "absent", 0, []), ("object", "int", 9, PROFILE[:1])]
+    assert text.fuzz_text((histories, *PLAIN), served) == "personalized"
+    _, expected = text.render((histories, *PLAIN), served.model.spec)
+    assert expected == [("user-7", ["2", "r1", " r3 "]), ("anonymous", []), ("9", ["r1"])]  # by date
+    one_kept = (histories, (1, False), (1, False), (2, False), ("surrogate", ""))  # a lone surrogate in the input: refused per call
+    assert text.render(one_kept, served.model.spec)[1][0] == ("user-7", [" r3 "])
+    assert text.fuzz_text(one_kept, served) == "personalized"
+    repeated = PROFILE + [("repeat-retyped", 4, "x", ["text", "text"], "3", "absent", (2000, 1, 1, 0, 0), False)]
+    assert text.fuzz_text(([("object", "str", 1, PROFILE[:2])], *PLAIN), served) == "personalized"  # an int id, then...
+    assert text.fuzz_text(([("object", "str", 1, repeated[1:2] + repeated[-1:])], *PLAIN), served) == "refused"  # ...its digits again
+    assert text.fuzz_text(([("object", "bool", 1, PROFILE)], *PLAIN), served) == "refused"
+    assert text.fuzz_text(([("list", "bool", 1, PROFILE)], *PLAIN), served) == "personalized"  # a bare list: no user id to break
+    assert text.fuzz_text(([("object", "str", 1, PROFILE)], (True, True), *PLAIN[1:]), served) == "refused-request"
+
+
+def test_the_text_target_catches_a_profile_left_in_file_order(text_banks, monkeypatch):
+    """Profiles are served in time order when every date orders: with the sort taken out, the
+    target sees the history's items in the order given."""
+    from pmeta.data import lamp
+    from pmeta.fuzz import text
+
+    monkeypatch.setattr(lamp, "_time_ordered", lambda profile: profile)
+    with pytest.raises(AssertionError, match="not the history's items in time order"):
+        text.fuzz_text(([("object", "str", 7, PROFILE)], *PLAIN), text_banks["LaMP-3"])

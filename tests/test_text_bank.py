@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lamp_tiny import RATING_PREFIX, tiny_llama, write_lamp
+from pmeta.fuzz.lamp_tiny import RATING_PREFIX, tiny_llama, write_lamp
 from typer.testing import CliRunner
 
 from pmeta.cli import app

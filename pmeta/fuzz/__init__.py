@@ -4,6 +4,7 @@
     python -m pmeta.fuzz history --examples 200000 --seed 7
     python -m pmeta.fuzz evaluation               # 200 inputs: each builds a bank (seconds)
     python -m pmeta.fuzz serving                  # 300 inputs through one bank (built first, a minute)
+    python -m pmeta.fuzz text                     # 300 LaMP profiles through one text bank
     python -m pmeta.fuzz --list
 
 A target takes one generated input and must either return normally (a valid result) or raise
@@ -12,7 +13,8 @@ finds. Targets register themselves in :data:`TARGETS` with :func:`target`, one m
 (``history``: history.json; ``movielens``: a MovieLens folder through ``pmeta eval movielens``'s
 reader and classical evaluation; ``evaluation``: a small dataset through the rest of that command,
 the bank build and every method; ``serving``: histories through an opened bank's personalization
-and ranking, batched and one by one). hypothesis is a test dependency: ``pip install hypothesis``.
+and ranking, batched and one by one; ``text``: LaMP profiles through an opened text bank's
+personalization, prompts and predictions). hypothesis is a test dependency: ``pip install hypothesis``.
 """
 
 from __future__ import annotations
@@ -120,5 +122,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # The targets register themselves in TARGETS when their modules are imported.
-from . import evaluation, history, movielens, serving  # noqa: E402, F401
+from . import evaluation, history, movielens, serving, text  # noqa: E402, F401
 from .history import fuzz_history, history_inputs  # noqa: E402, F401  (the names the tests use)
