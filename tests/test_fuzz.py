@@ -204,8 +204,8 @@ def text_banks(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz-text")
     lm = tiny_llama(root / "llama")
     banks = {}
-    for task in ("LaMP-3", "LaMP-4"):
-        build_text_bank(write_lamp(root / task, task=task), root / f"bank-{task}", load_text_config("tiny", overrides={"task": task, "lm": str(lm)}))
+    for task, top_k in (("LaMP-3", 2), ("LaMP-4", 1)):  # top 1 of 2 anchors: the zero-history prior fuses a wider rank
+        build_text_bank(write_lamp(root / task, task=task), root / f"bank-{task}", load_text_config("tiny", overrides={"task": task, "lm": str(lm), "top_k": top_k}))
         banks[task] = TextBank.open(root / f"bank-{task}")
     return banks
 
@@ -222,6 +222,10 @@ def test_the_text_target_personalizes_prompts_predicts_and_refuses(text_banks, t
     assert text.fuzz_text((histories, *PLAIN), served) == "personalized"
     _, expected = text.render((histories, *PLAIN), served.model.spec)
     assert expected == [("user-7", ["2", "r1", " r3 "]), ("anonymous", []), ("9", ["r1"])]  # by date
+    if task == "LaMP-4":  # a batch with an empty profile pads the others' fused rank with zeros: same B @ A
+        rendered = text.render((histories, *PLAIN), served.model.spec)[0]
+        key = next(k for k in served.personalize(rendered[0]).adapter if k.endswith(".A"))
+        assert served.personalize_many(rendered)[0].adapter[key].shape[0] > served.personalize(rendered[0]).adapter[key].shape[0]
     one_kept = (histories, (1, False), (1, False), (2, False), ("surrogate", ""))  # a lone surrogate in the input: refused per call
     assert text.render(one_kept, served.model.spec)[1][0] == ("user-7", [" r3 "])
     assert text.fuzz_text(one_kept, served) == "personalized"
