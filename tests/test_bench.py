@@ -43,7 +43,8 @@ def test_vmap_and_bucketed_batches_equal_one_by_one(opened_bank):
             finite = np.isfinite(single.scores)
             assert np.array_equal(finite, np.isfinite(b.scores))
             np.testing.assert_allclose(b.scores[finite], single.scores[finite], rtol=1e-4, atol=1e-4)
-            # the adapter itself: prompt and every ΔW = B A (a batch may pad LoRA ranks with zeros)
+            # the adapter itself: the same shapes whoever else is in the batch, the same prompt and ΔW = B A
+            assert {k: v.shape for k, v in b.adapter.items()} == {k: v.shape for k, v in single.adapter.items()}
             np.testing.assert_allclose(b.adapter["prompt"].numpy(), single.adapter["prompt"].numpy(), rtol=1e-4, atol=1e-5)
             for key in (k for k in single.adapter if k.endswith(".A")):
                 target = key[:-2]

@@ -10,7 +10,7 @@ from torch.func import vmap
 from pmeta.adapt.inner import adapt
 from pmeta.adapt.strategies import get_strategy
 from pmeta.fusion.fuse import fuse_cat, fuse_svd, fusion_weights
-from pmeta.models.personal import delta_weight, expand_users, init_adapter, stack
+from pmeta.models.personal import delta_weight, expand_users, init_adapter, select_rows, stack, user_row
 
 
 def random_anchors(n=5, rank=2, d_in=7, d_out=6, length=3, hidden=4, seed=0):
@@ -101,6 +101,28 @@ def test_stacking_prompt_and_lora_is_exact():
     s = stack(a, b)
     torch.testing.assert_close(s["prompt"], a["prompt"] + b["prompt"])
     torch.testing.assert_close(delta_weight(s, "t"), delta_weight(a, "t") + delta_weight(b, "t"))
+
+
+def test_mixed_rows_pad_exactly_and_each_user_gets_back_its_own_factors():
+    """Users with a key fuse their top 2 anchors (rank 4), the others the zero-history prior of
+    all 5 (rank 10): the batch pads the narrower rows with zeros, and ``user_row`` takes each
+    user's padding back out of the stack, so a user's factors do not depend on the batch."""
+    anchors = random_anchors()
+    weights = fusion_weights(torch.tensor([[0.9, 0.5], [0.3, 0.2], [0.1, 0.7]]), 0.3)
+    top = fuse_cat(anchors, torch.tensor([[0, 3], [2, 1], [4, 0]]), weights)
+    prior = fuse_cat(anchors, torch.arange(5).expand(3, 5), torch.full((3, 5), 0.2))
+    keep = torch.tensor([True, False, True])
+    mixed, ranks = select_rows(keep, top, prior)
+    assert mixed["t1.A"].shape == (3, 10, 7) and ranks["t1.A"] == (10, [4, 10, 4]) and ranks["t2.B"] == (10, [4, 10, 4])
+    own = expand_users(init_adapter([("t1", 7, 6), ("t2", 7, 6)], 1, 3, 4, torch.Generator().manual_seed(3), b_std=1.0), 3)
+    stacked = stack(mixed, own)
+    for u, chosen in enumerate([top, prior, top]):
+        alone = stack({k: v[u] for k, v in chosen.items()}, {k: v[u] for k, v in own.items()})
+        row = user_row(stacked, u, ranks)
+        assert {k: v.shape for k, v in row.items()} == {k: v.shape for k, v in alone.items()}
+        for key in alone:
+            assert torch.equal(row[key], alone[key]), key
+    assert user_row(stacked, 0)["t1.A"].shape == (11, 7)  # without the ranks: the padded batch row
 
 
 def quadratic_loss(target):

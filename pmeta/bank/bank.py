@@ -27,6 +27,7 @@ from ..data.history import UserHistory, load_history, parse_history, resolve_his
 from ..data.types import POSITIVE_RATING, Catalog
 from ..errors import BankIntegrityError, InvalidConfig, InvalidHistory, InvalidRequest
 from ..fusion.index import AnchorIndex
+from ..models.personal import user_row
 from ..models.device import resolve_device
 from ..models.encoder import PRECISIONS, FunctionalEncoder, resolve_model_path
 from ..models.fingerprint import check_fingerprint
@@ -304,7 +305,7 @@ class Bank:
                         anchors.append({"anchor": int(position), "weight": round(float(weight), 6)})
                 out[index] = Personalization(
                     user_id=parsed[index].user_id,
-                    adapter={k: v[row].clone() for k, v in personal.items()},
+                    adapter=user_row(personal, row, details["fused_ranks"]),
                     anchors=anchors,
                     timing_ms=dict(timings) if len(rows) == 1 else {k: v / len(rows) for k, v in timings.items()},
                     scores=scores[row],

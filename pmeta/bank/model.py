@@ -21,7 +21,7 @@ from ..fusion import anchor_bias
 from ..fusion.fuse import fuse, fusion_weights
 from ..fusion.index import AnchorIndex
 from ..models.encoder import FunctionalEncoder
-from ..models.personal import Adapter, expand_users, stack
+from ..models.personal import Adapter, expand_users, select_rows, stack
 from ..tasks import ranking, time_prior
 from .crossfit import CrossFit
 
@@ -233,11 +233,11 @@ class PmetaModel:
         sims, idx = self.retrieve(keys)
         t_retrieve = time.perf_counter()
         has_key = self.has_key(keys)
+        fused_ranks = None
         with torch.no_grad():
             fused = self.fused_adapter(sims, idx)
             if not bool(has_key.all()):
-                prior = self.prior_adapter(len(users))
-                fused = _select_rows(has_key, fused, prior)
+                fused, fused_ranks = select_rows(has_key, fused, self.prior_adapter(len(users)))
             batch.prior = ranking.add_prior(batch.prior, self.anchor_offset(keys, sims, idx))
         t_fuse = time.perf_counter()
         init = {k: v.detach().clone().requires_grad_(True) for k, v in expand_users(self.t.stack_init, len(users)).items()}
@@ -257,6 +257,7 @@ class PmetaModel:
             "anchors": idx.tolist(),
             "weights": fusion_weights(sims, self.temperature()).tolist(),
             "has_key": has_key.tolist(),
+            "fused_ranks": fused_ranks,  # for personal.user_row: drops a user's padding
         }
         if timings is not None:
             timings.update(embed_ms=(t_embed - clock) * 1e3, retrieve_fuse_ms=(t_fuse - t_embed) * 1e3, retrieve_ms=(t_retrieve - t_embed) * 1e3, fuse_ms=(t_fuse - t_retrieve) * 1e3, adapt_ms=(t_adapt - t_fuse) * 1e3)
@@ -268,25 +269,3 @@ class PmetaModel:
         scores = self.scores(batch, personal)
         return scores.masked_fill(batch.exclude, float("-inf"))
 
-
-def _select_rows(keep: torch.Tensor, a: Adapter, b: Adapter) -> Adapter:
-    """Row-wise choice between two batched adapters whose LoRA ranks may differ (pads with zeros: exact)."""
-    out: Adapter = {"prompt": torch.where(keep[:, None, None], a["prompt"], b["prompt"])}
-    for key in a:
-        if key == "prompt":
-            continue
-        x, y = a[key], b[key]
-        axis = -2 if key.endswith(".A") else -1
-        width = max(x.shape[axis], y.shape[axis])
-        x, y = _pad_rank(x, width, axis), _pad_rank(y, width, axis)
-        out[key] = torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x, y)
-    return out
-
-
-def _pad_rank(x: torch.Tensor, width: int, axis: int) -> torch.Tensor:
-    missing = width - x.shape[axis]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[axis] = missing
-    return torch.cat([x, x.new_zeros(shape)], dim=axis)

@@ -17,8 +17,9 @@ What must hold, each checked against what the input says rather than what pmeta 
   finite elsewhere; its adapter and anchor weights are finite, the weights a distribution over
   distinct anchors of the bank;
 * a batched pass, a ``vmap`` pass with another batch size and one-by-one calls agree to 1e-4 in
-  every score (float rounding only), and the one-by-one calls repeated from two threads at once
-  give the same scores bit for bit;
+  every score (float rounding only) and give each user adapters of the same shapes, whoever else
+  is in the batch, doing the same (soft prompt and each LoRA pair's ``B @ A`` to 1e-4); the
+  one-by-one calls repeated from two threads at once give the same scores bit for bit;
 * ``rank(top)`` returns ``min(top, rankable)`` distinct items, best first, none from the history,
   starting at the best score; with candidates, only candidates, and an unknown candidate is one
   :class:`~pmeta.errors.InvalidRequest` line.
@@ -160,6 +161,7 @@ def fuzz_serving(value: Any, served=None) -> str:
         history_items[sorted(items)] = True
         for other in (q, r):
             assert np.array_equal(np.isneginf(other.scores), np.isneginf(p.scores))
+            _check_same_adapter(p.adapter, other.adapter)
             assert np.abs(other.scores[~history_items] - p.scores[~history_items]).max(initial=0.0) <= TOLERANCE, "batched, vmap and one-by-one scores differ"
         assert np.array_equal(np.isneginf(p.scores), history_items), "-inf scores are not the history's items"
         assert np.isfinite(p.scores[~history_items]).all(), "a non-finite score outside the history"
@@ -188,6 +190,19 @@ def fuzz_serving(value: Any, served=None) -> str:
 def _as_json_integer(item_id: str) -> int | str:
     """A catalogue id as the JSON integer a caller may send instead (when it reads back the same)."""
     return int(item_id) if item_id.isdigit() and item_id == str(int(item_id)) else item_id
+
+
+def _check_same_adapter(adapter: dict, other: dict) -> None:
+    """Same factor shapes (no padding from the batch) and the same effect: the soft prompt and each
+    LoRA pair's ``B @ A`` (an SVD-fused bank's factors are defined up to sign)."""
+    import torch
+
+    assert {k: v.shape for k, v in adapter.items()} == {k: v.shape for k, v in other.items()}, "adapter shapes depend on the batch"
+    for key in adapter:
+        if key.endswith(".B"):
+            continue
+        x, y = (a[key] if key == "prompt" else a[key[:-2] + ".B"] @ a[key] for a in (adapter, other))
+        assert torch.allclose(x, y, atol=TOLERANCE, rtol=TOLERANCE), f"batched, vmap and one-by-one adapters differ in {key}"
 
 
 def _check_rank(p, top: int, candidates: list | None, history_items: np.ndarray) -> None:

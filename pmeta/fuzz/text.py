@@ -20,11 +20,12 @@ what pmeta computes:
   otherwise every history gets a personalization, in the input order, for its user;
 * its profile is the history's items in time order (by date when every date orders, of one
   shape; else as given), the ``max_items`` most recent kept;
-* it has anchors exactly when that profile is not empty, a distribution over distinct anchors of
-  the bank; its adapter is finite, with the same shapes for every user;
-* a batch and one-by-one calls agree to 1e-4 in what the adapter does (its soft prompt and each
-  LoRA pair's ``B @ A``: a mixed batch pads the fused rank with zeros), and the one-by-one calls
-  repeated from two threads at once give the same values bit for bit;
+* it has anchors exactly when that profile is not empty, ``min(top_k, anchors)`` of them, a
+  distribution over distinct anchors of the bank; its adapter is finite, each LoRA factor of rank
+  (anchor rank × its anchors, or × every anchor for the zero-history prior) + the stack's rank,
+  whoever else is in the batch;
+* a batch and one-by-one calls agree to 1e-4 in every factor, and the one-by-one calls repeated
+  from two threads at once give the same values bit for bit;
 * a prompt without retrieval is the same for every user; with retrieval it holds at most
   ``retrieve`` items, each one of this user's kept profile items (nothing from another user of
   the batch, nothing ``max_items`` cut); an empty input or a lone surrogate in it is one
@@ -241,35 +242,36 @@ def fuzz_text(value: Any, served=None) -> str:
     with ThreadPoolExecutor(2) as pool:  # the same calls from two threads at once: the serial values, bit for bit
         threaded = list(pool.map(lambda h: served.personalize(h, steps=steps, max_items=max_items), histories))
     n_anchors = int(served.model.t.anchor_keys.shape[0])
-    shapes = {k: v.shape for k, v in batched[0].adapter.items()}
+    t = served.model.t
     for p, one, again, (user_id, kept) in zip(batched, single, threaded, expected):
         assert p.user_id == one.user_id == user_id, (p.user_id, user_id)
         assert [str(item["id"]) for item in p.profile] == kept == [str(item["id"]) for item in one.profile], "not the history's items in time order, the most recent kept"
         assert bool(p.anchors) == bool(kept) == bool(one.anchors), "anchors without a profile, or none with one"
         if p.anchors:
             weights = [a["weight"] for a in p.anchors]
+            assert len(p.anchors) == min(served.config.top_k, n_anchors), f"{len(p.anchors)} anchors retrieved"
             assert len({a["anchor"] for a in p.anchors}) == len(p.anchors) and all(0 <= a["anchor"] < n_anchors for a in p.anchors)
             assert all(w >= 0 for w in weights) and abs(sum(weights) - 1) < 1e-4, weights
-        assert {k: v.shape for k, v in p.adapter.items()} == shapes, "adapters of other shapes"
+        fused = len(p.anchors) if kept else n_anchors  # the zero-history prior fuses every anchor
         for key, tensor in p.adapter.items():
+            assert tensor.shape == _expected_shape(t, key, fused), f"{key} has shape {tuple(tensor.shape)} with {fused} anchors fused"
             assert bool(tensor.isfinite().all()), f"a non-finite adapter value in {key}"
             assert torch.equal(one.adapter[key], again.adapter[key]), "the same call gave other values (repeated, from two threads)"
-        batch_effect, own_effect = _effect(p.adapter), _effect(one.adapter)
-        for key, tensor in batch_effect.items():
-            assert torch.allclose(tensor, own_effect[key], atol=TOLERANCE, rtol=TOLERANCE), f"a batch and one-by-one differ in {key}"
+            assert one.adapter[key].shape == tensor.shape, f"{key} is {tuple(tensor.shape)} in the batch, {tuple(one.adapter[key].shape)} alone"
+            assert torch.allclose(tensor, one.adapter[key], atol=TOLERANCE, rtol=TOLERANCE), f"a batch and one-by-one differ in {key}"
     _check_queries(batched, query_text(input_kind, free, served.config.input_prefix), retrieve, served.config, task, profile_text, RETRIEVED_HEADER)
     return "personalized"
 
 
-def _effect(adapter: dict) -> dict:
-    """What an adapter does: its soft prompt and each LoRA pair's ``B @ A``. A batch that mixes
-    users with and without a profile pads the fused rank with zero rows (exact,
-    ``bank.model._select_rows``), so a user's factors may be wider in a batch than alone."""
-    out = {"prompt": adapter["prompt"]} if "prompt" in adapter else {}
-    for key in adapter:
-        if key.endswith(".A"):
-            out[key[:-2]] = adapter[key[:-2] + ".B"].float() @ adapter[key].float()
-    return out
+def _expected_shape(tensors, key: str, fused: int) -> tuple[int, ...]:
+    """A user's factor shape: the fused anchors' ranks, then the stack's (cat fusion is exact)."""
+    anchor, own = tensors.anchors[key].shape[1:], tensors.stack_init[key].shape
+    if key == "prompt":
+        return tuple(own)
+    axis = 0 if key.endswith(".A") else 1
+    shape = list(own)
+    shape[axis] = fused * anchor[axis] + own[axis]
+    return tuple(shape)
 
 
 def _check_queries(personalized, text: Any, option: tuple[Any, bool], config, task, profile_text, header: str) -> None:

@@ -63,6 +63,56 @@ def stack(*adapters: Adapter) -> Adapter:
     return out
 
 
+Ranks = dict[str, tuple[int, list[int]]]
+"""Per LoRA key of a batched adapter: (padded rank width, each user's real rank), see :func:`select_rows`."""
+
+
+def select_rows(keep: torch.Tensor, a: Adapter, b: Adapter) -> tuple[Adapter, Ranks]:
+    """Row-wise choice between two batched adapters: user ``u`` gets ``a``'s row where ``keep[u]``,
+    else ``b``'s. Their LoRA ranks may differ; the narrower is padded with zero rank components
+    (exact: ``B A`` is unchanged). Also returns each LoRA key's padded width and every user's real
+    rank, so :func:`user_row` can drop a user's padding."""
+    out: Adapter = {"prompt": torch.where(keep[:, None, None], a["prompt"], b["prompt"])}
+    ranks: Ranks = {}
+    chosen = keep.tolist()
+    for key in a:
+        if key == "prompt":
+            continue
+        x, y = a[key], b[key]
+        axis = -2 if key.endswith(".A") else -1
+        width = max(x.shape[axis], y.shape[axis])
+        ranks[key] = (width, [x.shape[axis] if row else y.shape[axis] for row in chosen])
+        x, y = _pad_rank(x, width, axis), _pad_rank(y, width, axis)
+        out[key] = torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x, y)
+    return out, ranks
+
+
+def _pad_rank(x: torch.Tensor, width: int, axis: int) -> torch.Tensor:
+    missing = width - x.shape[axis]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[axis] = missing
+    return torch.cat([x, x.new_zeros(shape)], dim=axis)
+
+
+def user_row(adapter: Adapter, row: int, leading: Ranks | None = None) -> Adapter:
+    """User ``row``'s adapter (no user axis, a copy) from a batched one. ``leading``: the ranks of
+    the part that leads each LoRA factor (:func:`select_rows` of the fused anchors, which
+    :func:`stack` puts first); the user's zero padding there is dropped, so a user's factors are
+    the same whoever else was in the batch."""
+    out: Adapter = {}
+    for key, value in adapter.items():
+        width, real = leading.get(key, (0, None)) if leading else (0, None)
+        if real is None or real[row] == width:
+            out[key] = value[row].clone()
+            continue
+        axis = -2 if key.endswith(".A") else -1
+        kept = torch.cat([torch.arange(real[row]), torch.arange(width, value.shape[axis])]).to(value.device)
+        out[key] = value[row].index_select(axis, kept)
+    return out
+
+
 def expand_users(adapter: Adapter, users: int) -> Adapter:
     """Add a user dimension by broadcasting (no copy; gradients flow back to the shared tensor)."""
     return {k: v.unsqueeze(0).expand(users, *v.shape) for k, v in adapter.items()}

@@ -27,6 +27,7 @@ from ..errors import BankIntegrityError, InvalidRequest
 from ..fusion.index import AnchorIndex
 from ..models.device import resolve_device
 from ..models.fingerprint import check_fingerprint
+from ..models.personal import user_row
 from ..storage import BankStore
 from .build import BUILD_FILE, INDEX_FILE, TENSORS_FILE, load_lm
 from .config import TextConfig
@@ -158,7 +159,7 @@ class TextBank:
             if details["has_key"][row]:
                 anchors = [{"anchor": int(a), "weight": round(float(w), 6)} for a, w in zip(details["anchors"][row], details["weights"][row])]
             share = 1 if len(parsed) == 1 else len(parsed)
-            out.append(TextPersonalization(history.user_id, profiles[row], {k: v[row].clone() for k, v in personal.items()}, anchors,
+            out.append(TextPersonalization(history.user_id, profiles[row], user_row(personal, row, details["fused_ranks"]), anchors,
                                            {k: v / share for k, v in timings.items()}, self))  # fmt: skip
         return out
 

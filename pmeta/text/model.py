@@ -19,7 +19,7 @@ from ..adapt.inner import adapt
 from ..data.lamp import profile_text, task_spec
 from ..fusion.fuse import fuse, fusion_weights
 from ..fusion.index import AnchorIndex
-from ..models.personal import Adapter, expand_users, stack
+from ..models.personal import Adapter, expand_users, select_rows, stack
 from ..retrieval.bm25 import bm25_top_k
 from .config import TextConfig
 from .prompts import Pair, PromptBuilder, support_pair
@@ -214,15 +214,14 @@ class TextModel:
         weights = fusion_weights(sims, self.temperature())
         fused = fuse(self.t.anchors, idx, weights, "cat")
         has_key = np.linalg.norm(keys, axis=1) > 0
+        fused_ranks = None
         if not has_key.all():
             count = self.t.anchor_sizes.shape[0]
             prior_w = (self.t.anchor_sizes / self.t.anchor_sizes.sum()).float()
             all_idx = torch.arange(count).expand(len(keys), count)
             prior = fuse(self.t.anchors, all_idx, prior_w.expand(len(keys), count), "cat")
-            from ..bank.model import _select_rows
-
-            fused = _select_rows(torch.from_numpy(has_key), fused, prior)
-        return fused, {"anchors": idx.tolist(), "weights": weights.tolist(), "has_key": has_key.tolist()}
+            fused, fused_ranks = select_rows(torch.from_numpy(has_key), fused, prior)
+        return fused, {"anchors": idx.tolist(), "weights": weights.tolist(), "has_key": has_key.tolist(), "fused_ranks": fused_ranks}
 
     def personalize(self, profiles: list[list[dict]], steps: int | None = None, timings: dict | None = None) -> tuple[Adapter, dict]:
         """Personal parameters (user axis) of each profile: retrieve, fuse, inner steps on the stack."""
