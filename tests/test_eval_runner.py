@@ -275,3 +275,27 @@ def test_cli_eval_refuses_a_dataset_with_nothing_to_evaluate_before_building_a_b
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["pmeta: error: none of the 2 test users of few has the 6 positive ratings (at least 4 stars) a cold-start case needs, so there is nothing to evaluate"]
     assert not (out / "bank").exists()  # refused before the bank build, which takes minutes
+
+
+def test_cli_eval_mode_auto_keeps_the_modes_every_test_user_can_draw_without_a_bank_for_baselines(tmp_path):
+    from pmeta.data import read_movielens
+    from pmeta.eval.runner import drawable_run_modes
+
+    data = tmp_path / "small"
+    data.mkdir()
+    # 400 movies, ten users who all rated the same 30: 370 never-rated items (uni99 draws 99 of them)
+    # of which none has a rating (pop99, which draws in proportion to ratings, cannot)
+    (data / "movies.csv").write_text("movieId,title,genres\n" + "".join(f"{i},Movie {i} (1995),Drama\n" for i in range(1, 401)))
+    (data / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{5.0 if i % 3 else 2.0},{100 * u + i}\n" for u in range(1, 11) for i in range(1, 31)))
+    modes, reason = drawable_run_modes(read_movielens(data))
+    assert modes == ("uni99", "full") and "pop99" in reason
+    out = tmp_path / "out"
+    base = [sys.executable, "-m", "pmeta", "--threads", "1", "eval", "movielens", "--data", str(data), "--methods", "random,popularity", "--k", "1", "--no-plots", "--quiet"]
+    refused = subprocess.run([*base, "--out", str(tmp_path / "refused"), "--mode", "pop99"], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and refused.stderr.strip().endswith("evaluate this dataset with --mode uni99,full")
+    result = subprocess.run([*base, "--out", str(out), "--mode", "auto"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == [f"pmeta: --mode auto evaluates uni99,full, not pop99: {reason}"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["modes"] == ["uni99", "full"] and {row["mode"] for row in report["results"]} == {"uni99", "full"}
+    assert report["config"]["bank"] is None and not (out / "bank").exists()  # the baselines need no bank

@@ -286,7 +286,7 @@ def eval_movielens(
     reptile_bank: Optional[Path] = typer.Option(None, "--reptile-bank", help="Bank meta-trained with Reptile for pmeta-reptile; without it one is built with the --bank's config (or --preset) and meta=reptile into OUT/bank-reptile."),
     preset: str = typer.Option("tiny", "--preset", help="Preset of the banks built when --bank / --reptile-bank are not given."),
     k: str = typer.Option("1,3,5", "--k", help="Support sizes K."),
-    mode: str = typer.Option("uni99,pop99,full", "--mode", help="Candidate modes."),
+    mode: str = typer.Option("uni99,pop99,full", "--mode", help="Candidate modes, or auto: every mode all test users can draw (a small catalogue may not hold 99 sampled negatives; full ranking always works)."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods; default: every method of a full report (pmeta.eval.runner.DEFAULT_METHODS)."),
     method_option: list[str] = typer.Option([], "--method-option", help="METHOD.KEY=VALUE passed to a method's class, e.g. per-user-lora.steps=10 (repeatable)."),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the test-user split (the bank's), candidates and bootstrap."),
@@ -303,7 +303,8 @@ def eval_movielens(
     from ..data import load_sample
     from ..errors import InvalidConfig
     from ..eval.output import check_out_dir
-    from ..eval.runner import DEFAULT_METHODS, REPTILE_METHODS, check_request, evaluation_users, run_movielens, write_report
+    from ..eval.protocol import MODES
+    from ..eval.runner import BANK_METHODS, DEFAULT_METHODS, REPTILE_METHODS, check_request, drawable_run_modes, evaluation_users, run_movielens, write_report
     from ..eval.significance import BOOTSTRAP_RESAMPLES
 
     try:
@@ -311,6 +312,10 @@ def eval_movielens(
     except ValueError:
         raise InvalidConfig(f"--k must be comma-separated integers, got {k!r}") from None
     modes = tuple(m.strip() for m in mode.split(",") if m.strip())
+    auto = modes == ("auto",)
+    if "auto" in modes and not auto:
+        raise InvalidConfig(f"--mode auto chooses the modes itself; give it alone, got {mode!r}")
+    modes = MODES if auto else modes
     method_list = list(DEFAULT_METHODS) if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
     if not method_list:
         raise InvalidConfig("--methods names no method")
@@ -323,8 +328,16 @@ def eval_movielens(
     progress = _progress(quiet)
     opened = None if bank is None else Bank.open(bank, db)
     config = load_config(preset, overrides={"seed": seed}) if opened is None else opened.config
-    evaluation_users(dataset, modes, seed, config.test_fraction, users)  # a dataset with nothing to evaluate fails before a bank is built
-    if opened is None:
+    # a dataset with nothing to evaluate fails before a bank is built
+    if auto:
+        modes, reason = drawable_run_modes(dataset, seed, config.test_fraction, users)
+        if reason is not None:
+            left_out = ", ".join(m for m in MODES if m not in modes)
+            typer.echo(f"pmeta: --mode auto evaluates {','.join(modes)}, not {left_out}: {reason}", err=True)
+    else:
+        evaluation_users(dataset, modes, seed, config.test_fraction, users)
+    needs_bank = bool(BANK_METHODS & set(method_list)) or (bool(REPTILE_METHODS & set(method_list)) and reptile_bank is None)
+    if opened is None and needs_bank:  # the classical baselines need none (a build takes minutes)
         bank = out / "bank"
         build_bank(dataset, bank, config, db_url=db, progress=progress)
         opened = Bank.open(bank, db)

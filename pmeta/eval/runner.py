@@ -25,14 +25,14 @@ import torch
 from ..bank.bank import Bank
 from ..bank.build import bank_training_priors
 from ..data.types import Dataset
-from ..errors import InvalidConfig
+from ..errors import InvalidConfig, ModesUnavailable
 from ..progress import Progress
 from . import neural, oppu, prompt_maml  # noqa: F401  (register the bank-based methods)
 from ..config import MAX_SEED
 from .baselines import BASELINES, EvalContext, check_options
 from .output import remove_stale, write_text
 from .plots import PLOT_FILES
-from .protocol import PROTOCOL_NAME, check_cases, check_grid, evaluate, split_users
+from .protocol import MODES, PROTOCOL_NAME, check_cases, check_grid, evaluate, split_users
 from .significance import BOOTSTRAP_RESAMPLES, compare_methods, markdown_lines
 from .transfer import transfer_model
 
@@ -105,6 +105,20 @@ def evaluation_users(dataset: Dataset, modes: tuple[str, ...], seed: int = 0, te
     if max_users is not None:
         test_users = np.asarray(test_users)[:max_users]
     return train_users, test_users, check_cases(dataset, test_users, modes)
+
+
+def drawable_run_modes(dataset: Dataset, seed: int = 0, test_fraction: float = 0.2, max_users: int | None = None) -> tuple[tuple[str, ...], str | None]:
+    """``--mode auto``: the candidate modes of :data:`~pmeta.eval.protocol.MODES` that every test
+    user of the run can draw, and why the others cannot (None when all can). A small catalogue
+    cannot draw 99 sampled negatives for a user who rated most of it; full ranking always works.
+    InvalidData when no test user makes a case, as :func:`evaluation_users`."""
+    try:
+        evaluation_users(dataset, MODES, seed, test_fraction, max_users)
+    except ModesUnavailable as error:
+        modes = tuple(mode for mode in MODES if mode in error.modes)
+        evaluation_users(dataset, modes, seed, test_fraction, max_users)
+        return modes, error.reason
+    return MODES, None
 
 
 def run_movielens(
