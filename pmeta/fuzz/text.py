@@ -123,6 +123,9 @@ def bank():
 
 
 # ----------------------------------------------------------------------------------------- oracle
+_ABSENT = object()  # a key the generated input leaves out
+
+
 def _date(kind: str, parts: tuple, free: str) -> tuple[Any, tuple | None]:
     """``(the date value or a missing marker, its order key or None)``, from the LaMP date rules."""
     year, month, day, hour, number = parts
@@ -138,8 +141,6 @@ def _date(kind: str, parts: tuple, free: str) -> tuple[Any, tuple | None]:
         return f"{free} soon", None  # never a date: letters after it
     return {"null": None, "float": 1.5, "bool": False, "list": [2014], "absent": _ABSENT}[kind], None
 
-
-_ABSENT = object()
 
 
 def _score_ok(score: Any) -> bool:
@@ -183,7 +184,7 @@ def render(value: tuple, task) -> tuple[list[Any], list[tuple[str, list[str]] | 
             if extra:
                 row["source"] = "fuzz"  # an extra key: kept, never read
             good_id = isinstance(item_id, (str, int)) and not isinstance(item_id, bool) and str(item_id).strip() != "" and "\udfff" not in str(item_id)
-            broken |= not good_id or (good_id and str(item_id) in ids)
+            broken |= not good_id or str(item_id) in ids
             profile.append(row)
             ids.append(str(item_id) if good_id else "")
             keys.append(key)
