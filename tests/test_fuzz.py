@@ -175,6 +175,21 @@ def test_the_serving_target_personalizes_ranks_and_refuses(opened_bank, monkeypa
     assert serving.fuzz_serving(([EVERY_KIND[:3], UNKNOWN], True, 0, 3, 3, (candidates[0], True, []))) == "personalized"
 
 
+def test_the_serving_target_serves_a_bank_opened_in_bfloat16(tiny_bank, monkeypatch):
+    """``$PMETA_FUZZ_PRECISION=bfloat16``: the encoder passes run under bf16 autocast and the
+    batched, vmap and one-by-one passes are held to bf16's precision (2⁻⁸), not float32's 1e-4."""
+    from pmeta.fuzz import serving
+
+    monkeypatch.setenv("PMETA_FUZZ_BANK", str(tiny_bank))
+    monkeypatch.setenv("PMETA_FUZZ_PRECISION", "bfloat16")
+    monkeypatch.setattr(serving, "_BANK", {})
+    served = serving.bank()
+    assert served.model.precision == "bfloat16" and serving.TOLERANCES["bfloat16"] == (2**-8, 2**-8)
+    report = run("serving", examples=6, seed=2)
+    assert set(report["outcomes"]) <= {"personalized", "refused"} and report["outcomes"].get("personalized", 0) > 0, report
+    assert serving.fuzz_serving(([EVERY_KIND, [], EVERY_KIND[:2]], False, None, 2, 5, ([10, 11, 0], False, [1]))) == "personalized"
+
+
 def test_the_serving_target_catches_a_history_item_left_in_the_ranking(opened_bank, monkeypatch):
     """A title matched only in its stored case would leave a re-cased title's film rankable."""
     from pmeta.data import history
