@@ -281,14 +281,12 @@ def test_cli_eval_mode_auto_keeps_the_modes_every_test_user_can_draw_without_a_b
     from pmeta.data import read_movielens
     from pmeta.eval.runner import drawable_run_modes
 
-    data = tmp_path / "small"
-    data.mkdir()
-    # 400 movies, ten users who all rated the same 30: 370 never-rated items (uni99 draws 99 of them)
-    # of which none has a rating (pop99, which draws in proportion to ratings, cannot)
-    (data / "movies.csv").write_text("movieId,title,genres\n" + "".join(f"{i},Movie {i} (1995),Drama\n" for i in range(1, 401)))
-    (data / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{5.0 if i % 3 else 2.0},{100 * u + i}\n" for u in range(1, 11) for i in range(1, 31)))
+    data = _same_thirty_films(tmp_path)
     modes, reason = drawable_run_modes(read_movielens(data))
     assert modes == ("uni99", "full") and "pop99" in reason
+    # 110 films: 80 never rated, neither sampled mode can draw 99; each says why
+    modes, reasons = drawable_run_modes(read_movielens(_same_thirty_films(tmp_path, 110)))
+    assert modes == ("full",) and [r.endswith(f"{m} draws") for r, m in zip(reasons.split("; "), ("uni99", "pop99"))] == [True, True]
     out = tmp_path / "out"
     base = [sys.executable, "-m", "pmeta", "--threads", "1", "eval", "movielens", "--data", str(data), "--methods", "random,popularity", "--k", "1", "--no-plots", "--quiet"]
     refused = subprocess.run([*base, "--out", str(tmp_path / "refused"), "--mode", "pop99"], capture_output=True, text=True, timeout=600)
@@ -299,3 +297,54 @@ def test_cli_eval_mode_auto_keeps_the_modes_every_test_user_can_draw_without_a_b
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["modes"] == ["uni99", "full"] and {row["mode"] for row in report["results"]} == {"uni99", "full"}
     assert report["config"]["bank"] is None and not (out / "bank").exists()  # the baselines need no bank
+
+
+def _same_thirty_films(tmp_path, films: int = 400):
+    """``films`` movies, ten users who all rated the same 30: with 400, 370 never-rated items (uni99
+    draws 99 of them) of which none has a rating (pop99, which draws in proportion to ratings, cannot)."""
+    data = tmp_path / f"small-{films}"
+    data.mkdir()
+    (data / "movies.csv").write_text("movieId,title,genres\n" + "".join(f"{i},Movie {i} (1995),Drama\n" for i in range(1, films + 1)))
+    (data / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{5.0 if i % 3 else 2.0},{100 * u + i}\n" for u in range(1, 11) for i in range(1, 31)))
+    return data
+
+
+def test_exactly_the_methods_outside_bank_methods_get_ready_without_a_bank(tmp_path):
+    """The CLI builds no bank when every method is outside BANK_METHODS / REPTILE_METHODS: a method
+    registered later that needs one must be listed there, or it would fail late without a bank."""
+    from pmeta.data import read_movielens
+    from pmeta.errors import InvalidConfig
+    from pmeta.eval.baselines import BASELINES, EvalContext
+    from pmeta.eval.protocol import split_users
+    from pmeta.eval.runner import BANK_METHODS, REPTILE_METHODS
+
+    dataset = read_movielens(_same_thirty_films(tmp_path))
+    context = EvalContext(dataset, split_users(dataset)[0])
+    assert (BANK_METHODS | REPTILE_METHODS) < set(BASELINES)
+    for name, method in BASELINES.items():
+        if name in BANK_METHODS | REPTILE_METHODS:
+            with pytest.raises(InvalidConfig, match="needs a"):
+                method.create(context)
+        else:
+            assert method.create(context).score(np.array([0, 1]), 2).shape == (len(dataset.catalog),), name
+
+
+def test_the_runs_test_users_follow_the_given_banks_held_out_fraction(tiny_bank, opened_bank):
+    """A Reptile bank held out 10% of the users: run alone, its fraction is the run's (the 20%
+    default would score it on users it trained on); beside a 20% MAML bank it is refused."""
+    import copy
+
+    from pmeta import Bank
+    from pmeta.data import load_sample
+    from pmeta.errors import InvalidConfig
+    from pmeta.eval.protocol import split_users
+
+    dataset = load_sample()
+    reptile = Bank.open(tiny_bank)
+    reptile.config = reptile.config.model_copy(update={"test_fraction": 0.1})
+    reptile.record = copy.deepcopy(reptile.record)
+    reptile.record["held_out_users"] = [dataset.ratings.user_ids[int(u)] for u in split_users(dataset, 0, 0.1)[1]]
+    report = run_movielens(dataset, None, ["popularity", "pmeta-reptile"], (1,), ("full",), reptile_bank=reptile, max_users=2, resamples=10)
+    assert report["config"]["test_fraction"] == 0.1
+    with pytest.raises(InvalidConfig, match="held-out users differ"):
+        run_movielens(dataset, opened_bank, ["pmeta", "pmeta-reptile"], (1,), ("full",), reptile_bank=reptile, max_users=2, resamples=10)

@@ -103,17 +103,21 @@ def test_stacking_prompt_and_lora_is_exact():
     torch.testing.assert_close(delta_weight(s, "t"), delta_weight(a, "t") + delta_weight(b, "t"))
 
 
-def test_mixed_rows_pad_exactly_and_each_user_gets_back_its_own_factors():
-    """Users with a key fuse their top 2 anchors (rank 4), the others the zero-history prior of
-    all 5 (rank 10): the batch pads the narrower rows with zeros, and ``user_row`` takes each
-    user's padding back out of the stack, so a user's factors do not depend on the batch."""
+@pytest.mark.parametrize("fusion", ["cat", "svd"])
+def test_mixed_rows_pad_exactly_and_each_user_gets_back_its_own_factors(fusion):
+    """Users with a key fuse their top 2 anchors (rank 4 by ``cat``, 3 by ``svd``), the others the
+    zero-history prior of all 5 (rank 10): the batch pads the narrower rows with zeros, and
+    ``user_row`` takes each user's padding back out of the stack, so a user's factors do not depend
+    on the batch."""
     anchors = random_anchors()
     weights = fusion_weights(torch.tensor([[0.9, 0.5], [0.3, 0.2], [0.1, 0.7]]), 0.3)
-    top = fuse_cat(anchors, torch.tensor([[0, 3], [2, 1], [4, 0]]), weights)
+    indexes = torch.tensor([[0, 3], [2, 1], [4, 0]])
+    top = fuse_cat(anchors, indexes, weights) if fusion == "cat" else fuse_svd(anchors, indexes, weights, 3)
     prior = fuse_cat(anchors, torch.arange(5).expand(3, 5), torch.full((3, 5), 0.2))
     keep = torch.tensor([True, False, True])
     mixed, ranks = select_rows(keep, top, prior)
-    assert mixed["t1.A"].shape == (3, 10, 7) and ranks["t1.A"] == (10, [4, 10, 4]) and ranks["t2.B"] == (10, [4, 10, 4])
+    rank = 4 if fusion == "cat" else 3
+    assert mixed["t1.A"].shape == (3, 10, 7) and ranks["t1.A"] == (10, [rank, 10, rank]) and ranks["t2.B"] == (10, [rank, 10, rank])
     own = expand_users(init_adapter([("t1", 7, 6), ("t2", 7, 6)], 1, 3, 4, torch.Generator().manual_seed(3), b_std=1.0), 3)
     stacked = stack(mixed, own)
     for u, chosen in enumerate([top, prior, top]):
@@ -123,6 +127,7 @@ def test_mixed_rows_pad_exactly_and_each_user_gets_back_its_own_factors():
         for key in alone:
             assert torch.equal(row[key], alone[key]), key
     assert user_row(stacked, 0)["t1.A"].shape == (11, 7)  # without the ranks: the padded batch row
+    assert user_row(stacked, 0, ranks)["t1.A"].shape == (rank + 1, 7)
 
 
 def quadratic_loss(target):

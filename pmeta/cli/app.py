@@ -282,7 +282,7 @@ def eval_movielens(
     out: Path = typer.Option(..., "--out", help="Directory for report.json, report.md and the PNG plots."),
     data: Optional[Path] = typer.Option(None, "--data", help="MovieLens directory (default: the shipped sample)."),
     format: str = typer.Option("auto", "--format"),
-    bank: Optional[Path] = typer.Option(None, "--bank", help="A bank built on this dataset's train users, or on another MovieLens release (transfer: items matched by title or its other names); without it one is built with --preset."),
+    bank: Optional[Path] = typer.Option(None, "--bank", help="A bank built on this dataset's train users, or on another MovieLens release (transfer: items matched by title or its other names); without it one is built with --preset when --methods holds a bank-based method (the classical baselines need none)."),
     reptile_bank: Optional[Path] = typer.Option(None, "--reptile-bank", help="Bank meta-trained with Reptile for pmeta-reptile; without it one is built with the --bank's config (or --preset) and meta=reptile into OUT/bank-reptile."),
     preset: str = typer.Option("tiny", "--preset", help="Preset of the banks built when --bank / --reptile-bank are not given."),
     k: str = typer.Option("1,3,5", "--k", help="Support sizes K."),
@@ -327,23 +327,26 @@ def eval_movielens(
     dataset = _load_dataset(data, format)
     progress = _progress(quiet)
     opened = None if bank is None else Bank.open(bank, db)
-    config = load_config(preset, overrides={"seed": seed}) if opened is None else opened.config
+    opened_reptile = None if reptile_bank is None else Bank.open(reptile_bank, db)
+    # a given bank's held-out fraction is the run's (run_movielens), also for a bank built here
+    held_out = {} if opened_reptile is None else {"test_fraction": opened_reptile.config.test_fraction}
+    config = load_config(preset, overrides={"seed": seed, **held_out}) if opened is None else opened.config
+    test_fraction = config.test_fraction
     # a dataset with nothing to evaluate fails before a bank is built
     if auto:
-        modes, reason = drawable_run_modes(dataset, seed, config.test_fraction, users)
+        modes, reason = drawable_run_modes(dataset, seed, test_fraction, users)
         if reason is not None:
             left_out = ", ".join(m for m in MODES if m not in modes)
             typer.echo(f"pmeta: --mode auto evaluates {','.join(modes)}, not {left_out}: {reason}", err=True)
     else:
-        evaluation_users(dataset, modes, seed, config.test_fraction, users)
-    needs_bank = bool(BANK_METHODS & set(method_list)) or (bool(REPTILE_METHODS & set(method_list)) and reptile_bank is None)
+        evaluation_users(dataset, modes, seed, test_fraction, users)
+    needs_bank = bool(BANK_METHODS & set(method_list)) or (bool(REPTILE_METHODS & set(method_list)) and opened_reptile is None)
     if opened is None and needs_bank:  # the classical baselines need none (a build takes minutes)
         bank = out / "bank"
         build_bank(dataset, bank, config, db_url=db, progress=progress)
         opened = Bank.open(bank, db)
-    opened_reptile = None
     if REPTILE_METHODS & set(method_list):
-        if reptile_bank is None:
+        if opened_reptile is None:
             # Same config as the MAML bank, only meta=reptile, on the dataset the MAML bank was built on.
             source = dataset
             if opened.record.get("dataset_fingerprint") != dataset.fingerprint:
@@ -353,7 +356,9 @@ def eval_movielens(
             reptile_bank = out / "bank-reptile"
             config = BankConfig(**{**opened.config.model_dump(), "meta": "reptile"})
             build_bank(source, reptile_bank, config, db_url=db, progress=progress)
-        opened_reptile = Bank.open(reptile_bank, db)
+            opened_reptile = Bank.open(reptile_bank, db)
+    else:
+        opened_reptile = None
     bootstrap = {} if resamples is None else {"resamples": resamples}
     report = run_movielens(dataset, opened, method_list, ks, modes, seed=seed, max_users=users, progress=progress, reptile_bank=opened_reptile, options=options, **bootstrap)
     write_report(report, out, plots=not no_plots)

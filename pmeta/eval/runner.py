@@ -45,14 +45,16 @@ REPTILE_METHODS = {"pmeta-reptile"}
 MAX_RESAMPLES = 100_000
 
 
-def model_for(bank: Bank, dataset: Dataset, seed: int, progress: Progress) -> tuple[object, dict | None]:
+def model_for(bank: Bank, dataset: Dataset, seed: int, progress: Progress, test_fraction: float | None = None) -> tuple[object, dict | None]:
     """The bank's model for ``dataset``'s catalogue and, for another catalogue, the transfer summary.
 
     In-domain (same catalogue), the bank's held-out users must be this dataset's test users for this
-    seed, so that no method is evaluated on users the bank trained on.
+    seed and the run's ``test_fraction`` (default: the bank's), so that no method is evaluated on
+    users the bank trained on.
     """
     if bank.catalog.item_ids == dataset.catalog.item_ids:
-        _, test_users = split_users(dataset, seed=seed, test_fraction=bank.config.test_fraction)
+        fraction = bank.config.test_fraction if test_fraction is None else test_fraction
+        _, test_users = split_users(dataset, seed=seed, test_fraction=fraction)
         held_out = set(bank.record.get("held_out_users", []))
         ids = dataset.ratings.user_ids
         if held_out and {ids[int(u)] for u in test_users} != held_out:
@@ -109,16 +111,18 @@ def evaluation_users(dataset: Dataset, modes: tuple[str, ...], seed: int = 0, te
 
 def drawable_run_modes(dataset: Dataset, seed: int = 0, test_fraction: float = 0.2, max_users: int | None = None) -> tuple[tuple[str, ...], str | None]:
     """``--mode auto``: the candidate modes of :data:`~pmeta.eval.protocol.MODES` that every test
-    user of the run can draw, and why the others cannot (None when all can). A small catalogue
-    cannot draw 99 sampled negatives for a user who rated most of it; full ranking always works.
-    InvalidData when no test user makes a case, as :func:`evaluation_users`."""
-    try:
-        evaluation_users(dataset, MODES, seed, test_fraction, max_users)
-    except ModesUnavailable as error:
-        modes = tuple(mode for mode in MODES if mode in error.modes)
-        evaluation_users(dataset, modes, seed, test_fraction, max_users)
-        return modes, error.reason
-    return MODES, None
+    user of the run can draw, and why each of the others cannot (None when all can). A small
+    catalogue cannot draw 99 sampled negatives for a user who rated most of it; full ranking always
+    works. InvalidData when no test user makes a case, as :func:`evaluation_users`."""
+    modes, reasons = [], []
+    for mode in MODES:
+        try:
+            evaluation_users(dataset, (mode,), seed, test_fraction, max_users)
+        except ModesUnavailable as error:
+            reasons.append(error.reason)
+        else:
+            modes.append(mode)
+    return tuple(modes), "; ".join(reasons) or None
 
 
 def run_movielens(
@@ -149,10 +153,11 @@ def run_movielens(
         raise InvalidConfig(f"methods {', '.join(sorted(BANK_METHODS & set(methods)))} need a bank (--bank)")
     if reptile_bank is None and REPTILE_METHODS & set(methods):
         raise InvalidConfig("method pmeta-reptile needs a Reptile bank (--reptile-bank)")
-    test_fraction = bank.config.test_fraction if bank is not None else 0.2
+    # the banks' held-out fraction (coldstart-v1's 0.2 without one); each bank is checked against it
+    test_fraction = next((b.config.test_fraction for b in (bank, reptile_bank) if b is not None), 0.2)
     train_users, test_users, cases = evaluation_users(dataset, modes, seed, test_fraction, max_users)
-    model, transfer = model_for(bank, dataset, seed, progress) if bank is not None else (None, None)
-    reptile_model, _ = model_for(reptile_bank, dataset, seed, progress) if reptile_bank is not None else (None, None)
+    model, transfer = model_for(bank, dataset, seed, progress, test_fraction) if bank is not None else (None, None)
+    reptile_model, _ = model_for(reptile_bank, dataset, seed, progress, test_fraction) if reptile_bank is not None else (None, None)
     context = EvalContext(dataset, train_users, seed=seed, model=model, reptile_model=reptile_model, options=options, progress=progress)
     results, cells = [], {}
     for method in methods:
@@ -176,7 +181,7 @@ def run_movielens(
             "modes": list(modes),
             "methods": list(methods),
             "max_users": max_users,
-            "test_fraction": test_fraction,  # the bank's; coldstart-v1 is 0.2
+            "test_fraction": test_fraction,  # the banks'; coldstart-v1 is 0.2
             "method_options": options,
             "bank": _bank_summary(bank),
             "reptile_bank": _bank_summary(reptile_bank),
