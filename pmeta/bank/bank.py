@@ -27,10 +27,10 @@ from ..data.history import UserHistory, load_history, parse_history, resolve_his
 from ..data.types import POSITIVE_RATING, Catalog
 from ..errors import BankIntegrityError, InvalidConfig, InvalidHistory, InvalidRequest
 from ..fusion.index import AnchorIndex
-from ..models.personal import user_row
 from ..models.device import resolve_device
 from ..models.encoder import PRECISIONS, FunctionalEncoder, resolve_model_path
 from ..models.fingerprint import check_fingerprint
+from ..models.personal import user_row
 from ..storage import BankStore
 from .model import PmetaModel, Tensors, UserInput
 

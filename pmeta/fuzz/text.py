@@ -142,7 +142,6 @@ def _date(kind: str, parts: tuple, free: str) -> tuple[Any, tuple | None]:
     return {"null": None, "float": 1.5, "bool": False, "list": [2014], "absent": _ABSENT}[kind], None
 
 
-
 def _score_ok(score: Any) -> bool:
     if isinstance(score, str):
         return score.strip() in ("1", "2", "3", "4", "5")

@@ -103,7 +103,7 @@ def user_row(adapter: Adapter, row: int, leading: Ranks | None = None) -> Adapte
     the same whoever else was in the batch."""
     out: Adapter = {}
     for key, value in adapter.items():
-        width, real = leading.get(key, (0, None)) if leading else (0, None)
+        width, real = (leading or {}).get(key, (0, None))
         if real is None or real[row] == width:
             out[key] = value[row].clone()
             continue
