@@ -66,7 +66,7 @@ class Scorer:
             keys = model.user_keys([user])
             sims, idx = model.retrieve(keys)
             with torch.no_grad():
-                fused = model.fused_adapter(sims, idx)
+                fused, _ = model.fused_adapter(sims, idx, model.has_key(keys))
                 batch.prior = add_prior(batch.prior, model.anchor_offset(keys, sims, idx))
             init = {k: v.detach().clone().requires_grad_(True) for k, v in fused.items()}
             targets, mask = model.targets_of([user], model.config.max_history_items)

@@ -18,10 +18,10 @@ import torch
 from ..adapt.inner import adapt
 from ..config import BankConfig
 from ..fusion import anchor_bias
-from ..fusion.fuse import fuse, fusion_weights
+from ..fusion.fuse import fuse_users, fusion_weights
 from ..fusion.index import AnchorIndex
 from ..models.encoder import FunctionalEncoder
-from ..models.personal import Adapter, expand_users, select_rows, stack
+from ..models.personal import Adapter, Ranks, expand_users, stack
 from ..tasks import ranking, time_prior
 from .crossfit import CrossFit
 
@@ -166,9 +166,11 @@ class PmetaModel:
         device = self.t.item_text.device
         return torch.from_numpy(sims).to(device), torch.from_numpy(idx).long().to(device)
 
-    def fused_adapter(self, sims: torch.Tensor, idx: torch.Tensor) -> Adapter:
+    def fused_adapter(self, sims: torch.Tensor, idx: torch.Tensor, has_key: torch.Tensor) -> tuple[Adapter, Ranks | None]:
+        """The users' fused anchors, and the ranks padded where the batch mixes users without a key
+        (who get the zero-history prior) with users with one (:func:`pmeta.fusion.fuse.fuse_users`)."""
         weights = fusion_weights(sims, self.temperature())
-        return fuse(self.t.anchors, idx, weights, self.config.fusion, self.config.anchor_rank)
+        return fuse_users(self.t.anchors, idx, weights, has_key, self.t.anchor_sizes, self.config.fusion, self.config.anchor_rank)
 
     def has_key(self, keys: np.ndarray) -> torch.Tensor:
         """(U,) bool on the bank's device: users whose key is not zero (they have something to retrieve with)."""
@@ -181,13 +183,6 @@ class PmetaModel:
         if self.t.anchor_bias is None:
             return None
         return anchor_bias.fused(self.t.anchor_bias, idx, fusion_weights(sims, self.temperature()), self.has_key(keys), self.t.anchor_sizes)
-
-    def prior_adapter(self, users: int) -> Adapter:
-        """The zero-history prior: every anchor fused with weights proportional to its train users."""
-        count = self.t.anchor_sizes.shape[0]
-        weights = (self.t.anchor_sizes / self.t.anchor_sizes.sum()).float()
-        idx = torch.arange(count, device=weights.device).expand(users, count)
-        return fuse(self.t.anchors, idx, weights.expand(users, count), "cat")
 
     # ------------------------------------------------------------------ scores and losses
     def scores(self, batch: ranking.UserBatch, personal: Adapter, head: ranking.HeadParams | None = None) -> torch.Tensor:
@@ -233,11 +228,8 @@ class PmetaModel:
         sims, idx = self.retrieve(keys)
         t_retrieve = time.perf_counter()
         has_key = self.has_key(keys)
-        fused_ranks = None
         with torch.no_grad():
-            fused = self.fused_adapter(sims, idx)
-            if not bool(has_key.all()):
-                fused, fused_ranks = select_rows(has_key, fused, self.prior_adapter(len(users)))
+            fused, fused_ranks = self.fused_adapter(sims, idx, has_key)
             batch.prior = ranking.add_prior(batch.prior, self.anchor_offset(keys, sims, idx))
         t_fuse = time.perf_counter()
         init = {k: v.detach().clone().requires_grad_(True) for k, v in expand_users(self.t.stack_init, len(users)).items()}

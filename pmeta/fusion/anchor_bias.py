@@ -23,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .fuse import prior_weights
+
 #: Share of the global distribution mixed into each anchor's.
 MIX = 0.1
 EPSILON = 1e-7
@@ -68,7 +70,7 @@ def fused(bias: torch.Tensor, indexes: torch.Tensor, weights: torch.Tensor, has_
     the zero-history prior adapter does."""
     out = torch.einsum("uk,ukn->un", weights.to(bias.dtype), bias[indexes])
     if not bool(has_key.all()):
-        everyone = (sizes / sizes.sum()).to(bias.dtype) @ bias
+        everyone = prior_weights(sizes).to(bias.dtype) @ bias
         out = torch.where(has_key[:, None], out, everyone[None, :])
     return out
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ..models.personal import Adapter
+from ..models.personal import Adapter, Ranks, select_rows
+
 
 def fusion_weights(similarities: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
     """Softmax of similarity / τ over the retrieved anchors: (U, k) -> (U, k)."""
@@ -90,3 +91,27 @@ def fuse(anchors: Adapter, indexes: torch.Tensor, weights: torch.Tensor, method:
     if method == "svd":
         return fuse_svd(anchors, indexes, weights, rank)
     raise ValueError(f"unknown fusion {method!r}; choose cat or svd")
+
+
+def prior_weights(sizes: torch.Tensor) -> torch.Tensor:
+    """The zero-history prior's anchor weights (N,): each anchor's share of the train users."""
+    return sizes / sizes.sum()
+
+
+def fuse_prior(anchors: Adapter, sizes: torch.Tensor, users: int) -> Adapter:
+    """The zero-history prior for ``users`` users: every anchor fused exactly (by concatenation)
+    with :func:`prior_weights` of its train users ``sizes`` (N,)."""
+    count = sizes.shape[0]
+    weights = prior_weights(sizes).float().expand(users, count)
+    return fuse_cat(anchors, torch.arange(count, device=sizes.device).expand(users, count), weights)
+
+
+def fuse_users(anchors: Adapter, indexes: torch.Tensor, weights: torch.Tensor, has_key: torch.Tensor, sizes: torch.Tensor, method: str = "cat", rank: int = 2) -> tuple[Adapter, Ranks | None]:
+    """Each user's fused anchors: the retrieved ``indexes`` at ``weights`` (U, k) for users with a
+    retrieval key (``has_key`` (U,) bool), the zero-history prior (:func:`fuse_prior`) for the
+    others. Returns the batched adapter and, when the batch mixes the two, the ranks
+    :func:`~pmeta.models.personal.select_rows` padded (``None`` when no row was padded)."""
+    fused = fuse(anchors, indexes, weights, method, rank)
+    if bool(has_key.all()):
+        return fused, None
+    return select_rows(has_key, fused, fuse_prior(anchors, sizes, len(has_key)))

@@ -17,9 +17,9 @@ import torch
 
 from ..adapt.inner import adapt
 from ..data.lamp import profile_text, task_spec
-from ..fusion.fuse import fuse, fusion_weights
+from ..fusion.fuse import fuse_users, fusion_weights
 from ..fusion.index import AnchorIndex
-from ..models.personal import Adapter, expand_users, select_rows, stack
+from ..models.personal import Adapter, expand_users, stack
 from ..retrieval.bm25 import bm25_top_k
 from .config import TextConfig
 from .prompts import Pair, PromptBuilder, support_pair
@@ -212,15 +212,8 @@ class TextModel:
         """Fused anchors per user (the zero-history prior for users with a zero key)."""
         sims, idx = self.retrieve(keys)
         weights = fusion_weights(sims, self.temperature())
-        fused = fuse(self.t.anchors, idx, weights, "cat")
         has_key = np.linalg.norm(keys, axis=1) > 0
-        fused_ranks = None
-        if not has_key.all():
-            count = self.t.anchor_sizes.shape[0]
-            prior_w = (self.t.anchor_sizes / self.t.anchor_sizes.sum()).float()
-            all_idx = torch.arange(count).expand(len(keys), count)
-            prior = fuse(self.t.anchors, all_idx, prior_w.expand(len(keys), count), "cat")
-            fused, fused_ranks = select_rows(torch.from_numpy(has_key), fused, prior)
+        fused, fused_ranks = fuse_users(self.t.anchors, idx, weights, torch.from_numpy(has_key), self.t.anchor_sizes)
         return fused, {"anchors": idx.tolist(), "weights": weights.tolist(), "has_key": has_key.tolist(), "fused_ranks": fused_ranks}
 
     def personalize(self, profiles: list[list[dict]], steps: int | None = None, timings: dict | None = None) -> tuple[Adapter, dict]:
