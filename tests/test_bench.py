@@ -31,7 +31,7 @@ def test_top_indexes_equals_a_stable_full_sort():
         np.testing.assert_array_equal(top_indexes(scores, top, sub), sub[np.argsort(-scores[sub], kind="stable")[:top]])
 
 
-def test_vmap_and_bucketed_batches_equal_one_by_one(opened_bank):
+def test_vmap_and_bucketed_batches_equal_one_by_one(opened_bank, monkeypatch):
     ids = opened_bank.catalog.item_ids
     users = [history(f"u{n}", items) for n, items in enumerate([[ids[3], ids[9], ids[30]], ["2571"], [], ids[100:105], [ids[7]], ids[200:204]])]
     users.append({"user_id": "free", "items": [{"text": "a space adventure with robots", "rating": 5}]})
@@ -52,6 +52,17 @@ def test_vmap_and_bucketed_batches_equal_one_by_one(opened_bank):
                 np.testing.assert_allclose(delta(b.adapter), delta(single.adapter), rtol=1e-4, atol=1e-5)
     with pytest.raises(InvalidRequest):
         opened_bank.personalize_many(users, method="threads")
+    # the empty history (the zero-history prior, rank over every anchor) runs in a pass of its own
+    passes = []
+    original = opened_bank.model.personalize
+
+    def recording(inputs, *args, **kwargs):
+        passes.append([bool(u.liked_items or u.free_texts) for u in inputs])
+        return original(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(opened_bank.model, "personalize", recording)
+    opened_bank.personalize_many(users, batch_size=4)
+    assert passes == [[False], [True] * 4, [True] * 2]
 
 
 def test_bench_smoke_report(tiny_bank, monkeypatch):

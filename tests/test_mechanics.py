@@ -9,6 +9,7 @@ from torch.func import vmap
 
 from pmeta.adapt.inner import adapt
 from pmeta.adapt.strategies import get_strategy
+from pmeta.errors import BankIntegrityError
 from pmeta.fusion.fuse import fuse_cat, fuse_svd, fuse_users, fusion_weights
 from pmeta.models.personal import delta_weight, expand_users, init_adapter, select_rows, stack, user_row
 
@@ -131,17 +132,20 @@ def test_mixed_rows_pad_exactly_and_each_user_gets_back_its_own_factors(fusion):
 
 
 @pytest.mark.parametrize("fusion", ["cat", "svd"])
-def test_users_without_a_key_get_every_anchor_weighted_by_its_train_users(fusion):
+@pytest.mark.parametrize(("d_in", "d_out", "prior_rank"), [(12, 11, 10), (7, 6, 6), (5, 9, 5)])
+def test_users_without_a_key_get_every_anchor_weighted_by_its_train_users(fusion, d_in, d_out, prior_rank):
     """``fuse_users``: a user with a key gets its retrieved anchors fused as ``fuse`` does (bit for
     bit, under either fusion), a user without one the zero-history prior, ΔW = Σ_j (n_j / Σ n) B_j A_j
-    and P = Σ_j (n_j / Σ n) P_j over every anchor; a batch of users with keys pads nothing."""
-    anchors = random_anchors()
+    and P = Σ_j (n_j / Σ n) P_j over every anchor, at rank N·r = 10, or min(d_in, d_out) where that
+    is smaller; a batch of users with keys pads nothing."""
+    anchors = random_anchors(d_in=d_in, d_out=d_out)
     sizes = torch.tensor([10.0, 1.0, 4.0, 0.0, 5.0])
     weights = fusion_weights(torch.tensor([[0.9, 0.5], [0.3, 0.2], [0.1, 0.7]]), 0.3)
     indexes = torch.tensor([[0, 3], [2, 1], [4, 0]])
     top = fuse_cat(anchors, indexes, weights) if fusion == "cat" else fuse_svd(anchors, indexes, weights, 3)
     fused, ranks = fuse_users(anchors, indexes, weights, torch.tensor([True, False, True]), sizes, fusion, 3)
-    assert ranks is not None and ranks["t1.A"][1] == [4 if fusion == "cat" else 3, 10, 4 if fusion == "cat" else 3]
+    rank = 4 if fusion == "cat" else 3
+    assert ranks is not None and ranks["t1.A"] == (max(rank, prior_rank), [rank, prior_rank, rank])
     for u in (0, 2):
         row = user_row(fused, u, ranks)
         for key in top:
@@ -150,10 +154,20 @@ def test_users_without_a_key_get_every_anchor_weighted_by_its_train_users(fusion
     prior = user_row(fused, 1, ranks)
     torch.testing.assert_close(prior["prompt"], torch.einsum("n,nld->ld", share, anchors["prompt"]))
     for target in ("t1", "t2"):
+        assert prior[f"{target}.A"].shape == (prior_rank, d_in) and prior[f"{target}.B"].shape == (d_out, prior_rank)
         want = sum(share[j] * anchors[f"{target}.B"][j] @ anchors[f"{target}.A"][j] for j in range(5))
         torch.testing.assert_close(prior[f"{target}.B"] @ prior[f"{target}.A"], want)
     alone, none = fuse_users(anchors, indexes, weights, torch.ones(3, dtype=torch.bool), sizes, fusion, 3)
     assert none is None and all(torch.equal(alone[key], top[key]) for key in top)
+
+
+def test_the_prior_follows_the_anchors_dtype_and_refuses_sizes_without_train_users():
+    anchors = {k: v.double() for k, v in random_anchors().items()}
+    weights = torch.full((2, 2), 0.5, dtype=torch.float64)
+    fused, _ = fuse_users(anchors, torch.tensor([[0, 1], [2, 3]]), weights, torch.tensor([False, True]), torch.tensor([3, 1, 1, 2, 3]))
+    assert all(v.dtype == torch.float64 for v in fused.values())
+    with pytest.raises(BankIntegrityError, match="sum to 0.0"):
+        fuse_users(anchors, torch.tensor([[0, 1]]), weights[:1], torch.tensor([False]), torch.zeros(5))
 
 
 def quadratic_loss(target):

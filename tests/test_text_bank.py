@@ -122,6 +122,33 @@ def test_empty_profile_gets_the_prior(opened):
     assert 1.0 <= float(p.predict(f"{RATING_PREFIX} works fine", retrieve=2)) <= 5.0
 
 
+def test_empty_profiles_are_personalized_apart_and_returned_in_input_order(setup, opened, monkeypatch):
+    """The prior's rank spans every anchor, so empty profiles go in their own pass: the profiled
+    users' inner steps run at their own rank. Results come back in the input order, each user's
+    factors the same as alone."""
+    _, first = _profile(setup["data"], row=0)
+    _, second = _profile(setup["data"], row=1)
+    empty = {"user_id": "new", "profile": []}
+    passes = []
+    original = opened.model.personalize
+
+    def recording(profiles, *args, **kwargs):
+        passes.append([len(p) > 0 for p in profiles])
+        return original(profiles, *args, **kwargs)
+
+    monkeypatch.setattr(opened.model, "personalize", recording)
+    mixed = opened.personalize_many([first, empty, second])
+    assert passes == [[True, True], [False]]
+    assert [p.user_id for p in mixed] == [first["user_id"], "new", second["user_id"]]
+    assert [bool(p.anchors) for p in mixed] == [True, False, True]
+    for history, p in zip([first, empty, second], mixed):
+        alone = opened.personalize(history)
+        assert {k: v.shape for k, v in p.adapter.items()} == {k: v.shape for k, v in alone.adapter.items()}
+        for key, value in p.adapter.items():
+            torch.testing.assert_close(value, alone.adapter[key], atol=1e-4, rtol=1e-4)
+    assert all(v >= 0 for v in mixed[0].timing_ms.values()) and mixed[0].timing_ms == mixed[2].timing_ms
+
+
 @pytest.mark.parametrize(
     "history, message",
     [

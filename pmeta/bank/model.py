@@ -215,8 +215,9 @@ class PmetaModel:
     def personalize(self, users: list[UserInput], steps: int | None = None, timings: dict | None = None, adapt_fn=None) -> tuple[Adapter, ranking.UserBatch, dict]:
         """Personal adapters for a batch of users: retrieve, fuse, inner steps on the stacked adapter.
 
-        Users without liked catalogue items get no inner steps (nothing to fit); users with an empty
-        history get the zero-history prior. Returns (full adapter with user axis, batch, details).
+        Users without liked catalogue items get no inner steps (nothing to fit); users without a
+        retrieval key (an empty history, or one whose items all have zero key rows, see
+        :meth:`user_keys`) get the zero-history prior. Returns (full adapter with user axis, batch, details).
         ``adapt_fn(model, batch, targets, target_mask, init, fused, steps)`` replaces the batched
         inner loop (serving uses it for the ``torch.func.vmap`` variant, see ``bank.adapt_vmap``).
         """

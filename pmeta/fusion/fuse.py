@@ -94,23 +94,49 @@ def fuse(anchors: Adapter, indexes: torch.Tensor, weights: torch.Tensor, method:
 
 
 def prior_weights(sizes: torch.Tensor) -> torch.Tensor:
-    """The zero-history prior's anchor weights (N,): each anchor's share of the train users."""
-    return sizes / sizes.sum()
+    """The zero-history prior's anchor weights (N,): each anchor's share of the train users.
+    Raises BankIntegrityError when the sizes do not sum to a positive number (no pmeta build
+    writes such a bank; the prior would be NaN)."""
+    total = sizes.sum()
+    if not bool(total > 0):
+        from ..errors import BankIntegrityError
+
+        raise BankIntegrityError(f"the bank's anchor sizes sum to {float(total)}: the zero-history prior needs anchors with train users")
+    return sizes / total
 
 
 def fuse_prior(anchors: Adapter, sizes: torch.Tensor, users: int) -> Adapter:
-    """The zero-history prior for ``users`` users: every anchor fused exactly (by concatenation)
-    with :func:`prior_weights` of its train users ``sizes`` (N,)."""
+    """The zero-history prior for ``users`` users: every anchor fused exactly with
+    :func:`prior_weights` of its train users ``sizes`` (N,), built once and shared by the users.
+
+    By concatenation its LoRA rank is N·r, which grows with the bank; where N·r exceeds
+    m = min(d_in, d_out), ΔW = Σ_j w_j B_j A_j is kept instead as rank m factors with an identity on
+    the narrower side (``A = I``, ``B = ΔW`` when d_in ≤ d_out, else ``B = I``, ``A = ΔW``): the
+    same ΔW up to float rounding, at a rank bounded by the layer's width."""
+    ref = anchors["prompt"]
     count = sizes.shape[0]
-    weights = prior_weights(sizes).float().expand(users, count)
-    return fuse_cat(anchors, torch.arange(count, device=sizes.device).expand(users, count), weights)
+    weights = prior_weights(sizes).to(ref.device, ref.dtype)[None]
+    one = fuse_cat(anchors, torch.arange(count, device=ref.device)[None], weights)
+    for key in [k for k in one if k.endswith(".A")]:
+        target = key[:-2]
+        b, a = one[target + ".B"], one[key]  # (1, d_out, N·r), (1, N·r, d_in)
+        d_out, d_in = b.shape[-2], a.shape[-1]
+        if a.shape[-2] <= min(d_in, d_out):
+            continue
+        delta = b @ a
+        if d_in <= d_out:
+            one[target + ".B"], one[key] = delta, torch.eye(d_in, dtype=a.dtype, device=a.device)[None]
+        else:
+            one[target + ".B"], one[key] = torch.eye(d_out, dtype=b.dtype, device=b.device)[None], delta
+    return {k: v.expand(users, *v.shape[1:]) for k, v in one.items()}
 
 
 def fuse_users(anchors: Adapter, indexes: torch.Tensor, weights: torch.Tensor, has_key: torch.Tensor, sizes: torch.Tensor, method: str = "cat", rank: int = 2) -> tuple[Adapter, Ranks | None]:
     """Each user's fused anchors: the retrieved ``indexes`` at ``weights`` (U, k) for users with a
     retrieval key (``has_key`` (U,) bool), the zero-history prior (:func:`fuse_prior`) for the
-    others. Returns the batched adapter and, when the batch mixes the two, the ranks
-    :func:`~pmeta.models.personal.select_rows` padded (``None`` when no row was padded)."""
+    others. Returns the batched adapter and, unless every user has a key, each LoRA key's width and
+    every user's real rank (:func:`~pmeta.models.personal.select_rows`), for
+    :func:`~pmeta.models.personal.user_row` to drop a user's padding (``None`` when every user has a key)."""
     fused = fuse(anchors, indexes, weights, method, rank)
     if bool(has_key.all()):
         return fused, None

@@ -22,7 +22,8 @@ what pmeta computes:
   shape; else as given), the ``max_items`` most recent kept;
 * it has anchors exactly when that profile is not empty, ``min(top_k, anchors)`` of them, a
   distribution over distinct anchors of the bank; its adapter is finite, each LoRA factor of rank
-  (anchor rank × its anchors, or × every anchor for the zero-history prior) + the stack's rank,
+  (anchor rank × its anchors, or × every anchor for the zero-history prior, at most
+  min(d_in, d_out) there) + the stack's rank,
   whoever else is in the batch;
 * a batch and one-by-one calls agree to 1e-4 in every factor, and the one-by-one calls repeated
   from two threads at once give the same values bit for bit;
@@ -254,7 +255,7 @@ def fuzz_text(value: Any, served=None) -> str:
             assert all(w >= 0 for w in weights) and abs(sum(weights) - 1) < 1e-4, weights
         fused = len(p.anchors) if kept else n_anchors  # the zero-history prior fuses every anchor
         for key, tensor in p.adapter.items():
-            assert tensor.shape == _expected_shape(t, key, fused), f"{key} has shape {tuple(tensor.shape)} with {fused} anchors fused"
+            assert tensor.shape == _expected_shape(t, key, fused, not kept), f"{key} has shape {tuple(tensor.shape)} with {fused} anchors fused"
             assert bool(tensor.isfinite().all()), f"a non-finite adapter value in {key}"
             assert torch.equal(one.adapter[key], again.adapter[key]), "the same call gave other values (repeated, from two threads)"
             assert one.adapter[key].shape == tensor.shape, f"{key} is {tuple(tensor.shape)} in the batch, {tuple(one.adapter[key].shape)} alone"
@@ -263,15 +264,19 @@ def fuzz_text(value: Any, served=None) -> str:
     return "personalized"
 
 
-def _expected_shape(tensors, key: str, fused: int) -> tuple[int, ...]:
-    """A user's factor shape: the fused anchors' ranks, then the stack's (cat fusion is exact)."""
-    anchor, own = tensors.anchors[key].shape[1:], tensors.stack_init[key].shape
+def _expected_shape(tensors, key: str, fused: int, prior: bool) -> tuple[int, ...]:
+    """A user's factor shape: the fused anchors' ranks, then the stack's (cat fusion is exact; the
+    zero-history ``prior`` keeps its ΔW at rank ≤ min(d_in, d_out))."""
+    own = tuple(tensors.stack_init[key].shape)
     if key == "prompt":
-        return tuple(own)
-    axis = 0 if key.endswith(".A") else 1
-    shape = list(own)
-    shape[axis] = fused * anchor[axis] + own[axis]
-    return tuple(shape)
+        return own
+    target, side = key.rsplit(".", 1)
+    d_out, anchor_rank = tensors.anchors[target + ".B"].shape[1:]
+    d_in = tensors.anchors[target + ".A"].shape[2]
+    rank = fused * anchor_rank
+    if prior:
+        rank = min(rank, d_in, d_out)
+    return (rank + own[0], d_in) if side == "A" else (d_out, rank + own[1])
 
 
 def _check_queries(personalized, text: Any, option: tuple[Any, bool], config, task, profile_text, header: str) -> None:

@@ -27,7 +27,7 @@ from ..errors import BankIntegrityError, InvalidRequest
 from ..fusion.index import AnchorIndex
 from ..models.device import resolve_device
 from ..models.fingerprint import check_fingerprint
-from ..models.personal import user_row
+from ..models.personal import Adapter, user_row
 from ..storage import BankStore
 from .build import BUILD_FILE, INDEX_FILE, TENSORS_FILE, load_lm
 from .config import TextConfig
@@ -151,17 +151,24 @@ class TextBank:
         profiles = [p if max_items is None else p[-max_items:] if max_items > 0 else [] for _, p in parsed]
         clock = time.perf_counter()
         timings: dict[str, float] = {}
-        personal, details = self.model.personalize(profiles, steps, timings)
+        rows: dict[int, tuple[Adapter, list[dict]]] = {}
+        # empty profiles (the zero-history prior, whose rank spans every anchor) apart from the others,
+        # so the others' inner steps do not run at the prior's padded rank
+        for group in ([r for r, p in enumerate(profiles) if p], [r for r, p in enumerate(profiles) if not p]):
+            if not group:
+                continue
+            part: dict[str, float] = {}
+            personal, details = self.model.personalize([profiles[r] for r in group], steps, part)
+            for key, value in part.items():
+                timings[key] = timings.get(key, 0.0) + value
+            for i, row in enumerate(group):
+                anchors = []
+                if details["has_key"][i]:
+                    anchors = [{"anchor": int(a), "weight": round(float(w), 6)} for a, w in zip(details["anchors"][i], details["weights"][i])]
+                rows[row] = (user_row(personal, i, details["fused_ranks"]), anchors)
         timings["total_ms"] = (time.perf_counter() - clock) * 1e3
-        out = []
-        for row, (history, _) in enumerate(parsed):
-            anchors = []
-            if details["has_key"][row]:
-                anchors = [{"anchor": int(a), "weight": round(float(w), 6)} for a, w in zip(details["anchors"][row], details["weights"][row])]
-            share = 1 if len(parsed) == 1 else len(parsed)
-            out.append(TextPersonalization(history.user_id, profiles[row], user_row(personal, row, details["fused_ranks"]), anchors,
-                                           {k: v / share for k, v in timings.items()}, self))  # fmt: skip
-        return out
+        share = max(len(parsed), 1)
+        return [TextPersonalization(history.user_id, profiles[row], *rows[row], {k: v / share for k, v in timings.items()}, self) for row, (history, _) in enumerate(parsed)]
 
     def info(self) -> dict[str, Any]:
         return {"version": self.version, "kind": "text", "task": self.task, "lm": self.config.lm, "anchors": int(self.model.t.anchor_keys.shape[0]), "config": self.config.model_dump()}
