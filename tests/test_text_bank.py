@@ -149,6 +149,22 @@ def test_empty_profiles_are_personalized_apart_and_returned_in_input_order(setup
     assert all(v >= 0 for v in mixed[0].timing_ms.values()) and mixed[0].timing_ms == mixed[2].timing_ms
 
 
+def test_meta_training_fuses_the_anchors_serving_does(opened):
+    """The stack stage's fixed part is what serving fuses: the retrieved anchors for a user with a
+    key, the zero-history prior for one without (a zero key row)."""
+    import numpy as np
+
+    from pmeta.text.build import Episode, _stage_stack
+
+    keys = opened.model.user_keys([[{"id": "1", "text": "works fine", "score": "4"}], []])
+    assert np.linalg.norm(keys, axis=1).tolist()[1] == 0
+    _, fixed, _ = _stage_stack(opened.model)(Episode(users=[0, 1], support=[[], []], query=[[], []], keys=keys))
+    served, details = opened.model.fused(keys)
+    assert details["fused_ranks"] is not None
+    for key, value in served.items():
+        assert torch.equal(fixed[key], value), key
+
+
 @pytest.mark.parametrize(
     "history, message",
     [

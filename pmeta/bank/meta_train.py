@@ -32,7 +32,7 @@ import torch
 from ..adapt.inner import adapt
 from ..adapt.strategies import Strategy
 from ..errors import TrainingDiverged
-from ..fusion.fuse import fuse, fusion_weights
+from ..fusion.fuse import fuse_users, fusion_weights
 from ..models.personal import Adapter, expand_users, stack
 from ..tasks import ranking
 from . import distributed
@@ -139,7 +139,9 @@ def stack_stage(model: PmetaModel, config) -> Stage:
         keys = m.user_keys(episode.support)
         sims, idx = m.retrieve(keys)
         weights = fusion_weights(sims, m.temperature())
-        fixed = fuse(t.anchors, idx, weights, config.fusion, config.anchor_rank)
+        # users without a key get the zero-history prior, as in serving (no build has any: every
+        # episode user has liked items with collaborative rows)
+        fixed, _ = fuse_users(t.anchors, idx, weights, m.has_key(keys), t.anchor_sizes, config.fusion, config.anchor_rank)
         # the retrieved anchors' fused item bias, as in serving (counted without the user's fold when cross-fitted)
         if m.crossfit is not None:
             offset = m.crossfit.fused_bias(episode.users, idx, weights, m.has_key(keys), t.anchor_sizes)

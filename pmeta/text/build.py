@@ -31,7 +31,7 @@ from ..bank.build import _unit, choose_anchors
 from ..bank.meta_train import _optimize
 from ..data.lamp import LampExample, load_split, task_spec, truncate_profile
 from ..errors import InvalidConfig, InvalidData
-from ..fusion.fuse import fuse, fusion_weights
+from ..fusion.fuse import fuse_users, fusion_weights
 from ..models.personal import Adapter, expand_users, stack
 from ..progress import Progress
 from .config import TextConfig
@@ -157,7 +157,8 @@ def _stage_anchors(model: TextModel, assignment: np.ndarray):
 def _stage_stack(model: TextModel):
     def build(episode: Episode):
         sims, idx = model.retrieve(episode.keys)
-        fixed = fuse(model.t.anchors, idx, fusion_weights(sims, model.temperature()), "cat")
+        has_key = torch.from_numpy(np.linalg.norm(episode.keys, axis=1) > 0)  # an empty profile: the prior, as in serving
+        fixed, _ = fuse_users(model.t.anchors, idx, fusion_weights(sims, model.temperature()), has_key, model.t.anchor_sizes)
         init = {k: v for k, v in expand_users(model.t.stack_init, len(episode.users)).items()}
         return init, fixed, model.t.stack_step_sizes
 
