@@ -157,8 +157,8 @@ def _stage_anchors(model: TextModel, assignment: np.ndarray):
 def _stage_stack(model: TextModel):
     def build(episode: Episode):
         sims, idx = model.retrieve(episode.keys)
-        has_key = torch.from_numpy(np.linalg.norm(episode.keys, axis=1) > 0)  # an empty profile: the prior, as in serving
-        fixed, _ = fuse_users(model.t.anchors, idx, fusion_weights(sims, model.temperature()), has_key, model.t.anchor_sizes)
+        weights = fusion_weights(sims, model.temperature())
+        fixed, _ = fuse_users(model.t.anchors, idx, weights, model.has_key(episode.keys), model.t.anchor_sizes)  # the prior for an empty profile, as in serving
         init = {k: v for k, v in expand_users(model.t.stack_init, len(episode.users)).items()}
         return init, fixed, model.t.stack_step_sizes
 

@@ -212,9 +212,14 @@ class TextModel:
         """Fused anchors per user (the zero-history prior for users with a zero key)."""
         sims, idx = self.retrieve(keys)
         weights = fusion_weights(sims, self.temperature())
-        has_key = np.linalg.norm(keys, axis=1) > 0
-        fused, fused_ranks = fuse_users(self.t.anchors, idx, weights, torch.from_numpy(has_key), self.t.anchor_sizes)
+        has_key = self.has_key(keys)
+        fused, fused_ranks = fuse_users(self.t.anchors, idx, weights, has_key, self.t.anchor_sizes)
         return fused, {"anchors": idx.tolist(), "weights": weights.tolist(), "has_key": has_key.tolist(), "fused_ranks": fused_ranks}
+
+    @staticmethod
+    def has_key(keys: np.ndarray) -> torch.Tensor:
+        """(U,) bool: users whose key is not zero (an empty profile has none: the zero-history prior)."""
+        return torch.from_numpy(np.linalg.norm(keys, axis=1) > 0)
 
     def personalize(self, profiles: list[list[dict]], steps: int | None = None, timings: dict | None = None) -> tuple[Adapter, dict]:
         """Personal parameters (user axis) of each profile: retrieve, fuse, inner steps on the stack."""
