@@ -6,8 +6,10 @@ A user with nothing to retrieve with gets every anchor fused (weighted by its tr
 concatenation that is rank anchors × rank, and a batch that mixes such a user with others pads every
 user to it. :func:`pmeta.fusion.fuse.fuse_prior` keeps ΔW at rank ≤ min(d_in, d_out) instead. For
 random anchors on ``--targets`` square ``--width`` layers this times :func:`fuse_users` for a batch of
-``--users`` with and without one keyless user, beside the plain concatenation of every anchor (the
-old prior), and prints the fused width, the fused tensors' size and the time, with the machine.
+``--users`` with and without one keyless user, with the prior built per call or kept by a
+:class:`~pmeta.fusion.fuse.PriorCache` (as an opened bank keeps it), beside the plain concatenation
+of every anchor (the old prior), and prints the fused width, the fused tensors' size and the time,
+with the machine.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 
 import torch
 
-from pmeta.fusion.fuse import fuse_cat, fuse_users, prior_weights
+from pmeta.fusion.fuse import PriorCache, fuse_cat, fuse_users, prior_weights
 
 
 def random_bank(anchors: int, rank: int, width: int, targets: int, prompt: int = 20) -> dict[str, torch.Tensor]:
@@ -65,14 +67,17 @@ def main() -> None:
         mixed = keyed.clone()
         mixed[0] = False
         every = torch.arange(count).expand(args.users, count)
+        cache = PriorCache()
+        cache.get(bank, sizes)  # an opened bank has built it once
         rows = {
             "every user with a key": lambda: fuse_users(bank, idx, weights, keyed, sizes)[0],
             "one keyless user": lambda: fuse_users(bank, idx, weights, mixed, sizes)[0],
+            "one keyless user, prior cached": lambda: fuse_users(bank, idx, weights, mixed, sizes, prior=cache)[0],
             "every anchor by concatenation (the prior before)": lambda: fuse_cat(bank, every, prior_weights(sizes).expand(args.users, count)),
         }
         for name, call in rows.items():
             fused, ms = timed(call)
-            print(json.dumps({"anchors": count, "case": name, "fused_rank": fused["t0.A"].shape[1], "fused_mb": round(megabytes(fused), 3), "ms": round(ms, 1)}))
+            print(json.dumps({"anchors": count, "case": name, "fused_rank": fused["t0.A"].shape[1], "fused_mb": round(megabytes(fused), 3), "ms": round(ms, 3)}))
 
 
 if __name__ == "__main__":

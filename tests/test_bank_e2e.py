@@ -115,6 +115,10 @@ def test_empty_history_gets_the_zero_history_prior(opened_bank):
     p = opened_bank.personalize({"user_id": "new", "items": []})
     assert p.anchors == []
     assert len(p.rank(5)) == 5
+    builds = opened_bank.model.prior_cache.builds
+    again = opened_bank.personalize({"user_id": "again", "items": []})  # the opened bank's prior is kept
+    assert opened_bank.model.prior_cache.builds == builds >= 1
+    assert again.rank(5) == p.rank(5)
 
 
 def test_free_text_only_history(opened_bank):

@@ -10,7 +10,7 @@ from torch.func import vmap
 from pmeta.adapt.inner import adapt
 from pmeta.adapt.strategies import get_strategy
 from pmeta.errors import BankIntegrityError
-from pmeta.fusion.fuse import fuse_cat, fuse_svd, fuse_users, fusion_weights
+from pmeta.fusion.fuse import PriorCache, fuse_cat, fuse_svd, fuse_users, fusion_weights, prior_row
 from pmeta.models.personal import delta_weight, expand_users, init_adapter, select_rows, stack, user_row
 
 
@@ -168,6 +168,61 @@ def test_the_prior_follows_the_anchors_dtype_and_refuses_sizes_without_train_use
     assert all(v.dtype == torch.float64 for v in fused.values())
     with pytest.raises(BankIntegrityError, match="sum to 0.0"):
         fuse_users(anchors, torch.tensor([[0, 1]]), weights[:1], torch.tensor([False]), torch.zeros(5))
+
+
+def test_the_prior_cache_builds_once_and_rebuilds_when_the_anchors_change():
+    """``PriorCache``: the same prior as without it; built once while the anchors are the same,
+    unchanged tensors; rebuilt after an in-place write (an optimizer step), a replaced tensor or new
+    sizes; never kept where autograd records through the anchors, or in inference mode."""
+    anchors, sizes = random_anchors(), torch.tensor([3.0, 1.0, 1.0, 2.0, 3.0])
+    idx, weights, keys = torch.tensor([[0, 1], [2, 3]]), torch.full((2, 2), 0.5), torch.tensor([False, True])
+    cache = PriorCache()
+    plain, _ = fuse_users(anchors, idx, weights, keys, sizes)
+    for _ in range(3):
+        cached, _ = fuse_users(anchors, idx, weights, keys, sizes, prior=cache)
+        assert all(torch.equal(cached[k], plain[k]) for k in plain)
+    assert cache.builds == 1
+
+    def delta(prior):
+        return prior["t1.B"][0] @ prior["t1.A"][0]
+
+    anchors["t1.B"].mul_(2.0)  # in place, as an optimizer step writes
+    torch.testing.assert_close(delta(cache.get(anchors, sizes)), delta(prior_row(anchors, sizes)))
+    assert cache.builds == 2
+    anchors["t1.A"] = anchors["t1.A"] + 1.0  # a new tensor
+    torch.testing.assert_close(delta(cache.get(anchors, sizes)), delta(prior_row(anchors, sizes)))
+    sizes = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0])
+    torch.testing.assert_close(delta(cache.get(anchors, sizes)), anchors["t1.B"][4] @ anchors["t1.A"][4])
+    assert cache.builds == 4
+    cache.get(anchors, sizes)
+    assert cache.builds == 4
+    with torch.inference_mode():
+        cache.get(anchors, sizes)
+    trained = {k: v.clone().requires_grad_(True) for k, v in anchors.items()}
+    prior = cache.get(trained, sizes)
+    delta(prior).sum().backward()  # the prior's gradient reaches the anchors, as meta-training needs
+    assert trained["t1.B"].grad is not None and cache.builds == 4
+    with torch.no_grad():
+        cache.get(trained, sizes)
+    assert cache.builds == 5
+
+
+def test_the_prior_cache_builds_once_under_concurrent_callers():
+    import threading
+
+    anchors, sizes = random_anchors(n=40, d_in=6, d_out=6), torch.rand(40) + 0.1
+    cache, results, barrier = PriorCache(), [], threading.Barrier(6)
+
+    def call():
+        barrier.wait()
+        results.append(cache.get(anchors, sizes))
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert cache.builds == 1 and len(results) == 6 and all(r is results[0] for r in results)
 
 
 def quadratic_loss(target):

@@ -120,6 +120,11 @@ def test_empty_profile_gets_the_prior(opened):
     p = opened.personalize({"user_id": "new", "profile": []})
     assert p.anchors == []
     assert 1.0 <= float(p.predict(f"{RATING_PREFIX} works fine", retrieve=2)) <= 5.0
+    builds = opened.model.prior_cache.builds
+    again = opened.personalize({"user_id": "again", "profile": []})  # the opened bank's prior is kept
+    assert opened.model.prior_cache.builds == builds >= 1
+    for key, value in p.adapter.items():
+        assert torch.equal(again.adapter[key], value), key
 
 
 def test_empty_profiles_are_personalized_apart_and_returned_in_input_order(setup, opened, monkeypatch):

@@ -18,7 +18,7 @@ import torch
 from ..adapt.inner import adapt
 from ..config import BankConfig
 from ..fusion import anchor_bias
-from ..fusion.fuse import fuse_users, fusion_weights
+from ..fusion.fuse import PriorCache, fuse_users, fusion_weights
 from ..fusion.index import AnchorIndex
 from ..models.encoder import FunctionalEncoder
 from ..models.personal import Adapter, Ranks, expand_users, stack
@@ -104,6 +104,7 @@ class PmetaModel:
         self.t = tensors
         self.precision = "float32"  # or "bfloat16": the encoder passes under bf16 autocast (see FunctionalEncoder.autocast)
         self.crossfit: CrossFit | None = None  # set by the build for meta-training only (pmeta.bank.crossfit); never stored
+        self.prior_cache = PriorCache()  # the zero-history prior, rebuilt only when the anchors change
         self.index = index if index is not None else AnchorIndex.build(tensors.anchor_keys.detach().cpu().numpy(), kind=config.index, flat_below=config.index_flat_below, seed=config.seed)
 
     # ------------------------------------------------------------------ inputs
@@ -170,7 +171,7 @@ class PmetaModel:
         """The users' fused anchors, and the ranks padded where the batch mixes users without a key
         (who get the zero-history prior) with users with one (:func:`pmeta.fusion.fuse.fuse_users`)."""
         weights = fusion_weights(sims, self.temperature())
-        return fuse_users(self.t.anchors, idx, weights, has_key, self.t.anchor_sizes, self.config.fusion, self.config.anchor_rank)
+        return fuse_users(self.t.anchors, idx, weights, has_key, self.t.anchor_sizes, self.config.fusion, self.config.anchor_rank, self.prior_cache)
 
     def has_key(self, keys: np.ndarray) -> torch.Tensor:
         """(U,) bool on the bank's device: users whose key is not zero (they have something to retrieve with)."""

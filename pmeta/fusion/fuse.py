@@ -16,6 +16,9 @@ For a user with retrieved anchors j = 1..k and weights w_j (softmax of similarit
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 
 from ..models.personal import Adapter, Ranks, select_rows
@@ -105,14 +108,21 @@ def prior_weights(sizes: torch.Tensor) -> torch.Tensor:
     return sizes / total
 
 
-def fuse_prior(anchors: Adapter, sizes: torch.Tensor, users: int) -> Adapter:
+def fuse_prior(anchors: Adapter, sizes: torch.Tensor, users: int, cache: PriorCache | None = None) -> Adapter:
     """The zero-history prior for ``users`` users: every anchor fused exactly with
-    :func:`prior_weights` of its train users ``sizes`` (N,), built once and shared by the users.
+    :func:`prior_weights` of its train users ``sizes`` (N,), built once and shared by the users
+    (taken from ``cache`` when it holds the prior of these anchors, see :class:`PriorCache`).
 
     By concatenation its LoRA rank is N·r, which grows with the bank; where N·r exceeds
     m = min(d_in, d_out), ΔW = Σ_j w_j B_j A_j is kept instead as rank m factors with an identity on
     the narrower side (``A = I``, ``B = ΔW`` when d_in ≤ d_out, else ``B = I``, ``A = ΔW``): the
     same ΔW up to float rounding, at a rank bounded by the layer's width."""
+    one = prior_row(anchors, sizes) if cache is None else cache.get(anchors, sizes)
+    return {k: v.expand(users, *v.shape[1:]) for k, v in one.items()}
+
+
+def prior_row(anchors: Adapter, sizes: torch.Tensor) -> Adapter:
+    """The zero-history prior of :func:`fuse_prior` for one user (leading axis 1)."""
     ref = anchors["prompt"]
     count = sizes.shape[0]
     weights = prior_weights(sizes).to(ref.device, ref.dtype)[None]
@@ -128,16 +138,59 @@ def fuse_prior(anchors: Adapter, sizes: torch.Tensor, users: int) -> Adapter:
             one[target + ".B"], one[key] = delta, torch.eye(d_in, dtype=a.dtype, device=a.device)[None]
         else:
             one[target + ".B"], one[key] = torch.eye(d_out, dtype=b.dtype, device=b.device)[None], delta
-    return {k: v.expand(users, *v.shape[1:]) for k, v in one.items()}
+    return one
 
 
-def fuse_users(anchors: Adapter, indexes: torch.Tensor, weights: torch.Tensor, has_key: torch.Tensor, sizes: torch.Tensor, method: str = "cat", rank: int = 2) -> tuple[Adapter, Ranks | None]:
+class PriorCache:
+    """The zero-history prior (:func:`prior_row`) of the anchors it was last asked for, reused while
+    they are the same tensors, unchanged: one per opened bank, so that serving does not rebuild the
+    prior (O(anchors) work) for every batch that holds a user without a key.
+
+    The key is every anchor tensor and the sizes, held by weak reference, with the version counter
+    that each in-place write bumps (``Tensor._version``: an optimizer step, ``copy_``), shape, dtype
+    and device; anchors replaced or written in place rebuild the prior. Nothing is cached where
+    autograd would record through the anchors (meta-training needs the prior's gradient) or in
+    inference mode (an inference tensor cannot join a later autograd graph). Thread-safe: one lock
+    around the lookup and the build, so concurrent callers build the prior once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: list[tuple] | None = None
+        self._prior: Adapter | None = None
+        self.builds = 0  # how many times the prior was built (for tests and benchmarks)
+
+    @staticmethod
+    def _key_of(anchors: Adapter, sizes: torch.Tensor) -> list[tuple]:
+        return [(name, weakref.ref(t), t._version, t.shape, t.dtype, t.device) for name, t in sorted(anchors.items())] + [("sizes", weakref.ref(sizes), sizes._version, sizes.shape, sizes.dtype, sizes.device)]
+
+    @staticmethod
+    def _same(key: list[tuple], anchors: Adapter, sizes: torch.Tensor) -> bool:
+        tensors = [t for _, t in sorted(anchors.items())] + [sizes]
+        if len(key) != len(tensors):
+            return False
+        return all(ref() is t and (version, shape, dtype, device) == (t._version, t.shape, t.dtype, t.device) for (_, ref, version, shape, dtype, device), t in zip(key, tensors))
+
+    def get(self, anchors: Adapter, sizes: torch.Tensor) -> Adapter:
+        """The prior of ``anchors`` and ``sizes`` for one user (leading axis 1), built once while they do not change."""
+        if torch.is_inference_mode_enabled() or (torch.is_grad_enabled() and any(t.requires_grad for t in [*anchors.values(), sizes])):
+            return prior_row(anchors, sizes)
+        with self._lock:
+            if self._key is None or self._prior is None or not self._same(self._key, anchors, sizes):
+                self._prior = prior_row(anchors, sizes)
+                self._key = self._key_of(anchors, sizes)
+                self.builds += 1
+            return self._prior
+
+
+def fuse_users(anchors: Adapter, indexes: torch.Tensor, weights: torch.Tensor, has_key: torch.Tensor, sizes: torch.Tensor, method: str = "cat", rank: int = 2, prior: PriorCache | None = None) -> tuple[Adapter, Ranks | None]:
     """Each user's fused anchors: the retrieved ``indexes`` at ``weights`` (U, k) for users with a
     retrieval key (``has_key`` (U,) bool), the zero-history prior (:func:`fuse_prior`) for the
     others. Returns the batched adapter and, unless every user has a key, each LoRA key's width and
     every user's real rank (:func:`~pmeta.models.personal.select_rows`), for
-    :func:`~pmeta.models.personal.user_row` to drop a user's padding (``None`` when every user has a key)."""
+    :func:`~pmeta.models.personal.user_row` to drop a user's padding (``None`` when every user has a key).
+    ``prior``: a :class:`PriorCache` to take the prior from (serving keeps one per opened bank)."""
     fused = fuse(anchors, indexes, weights, method, rank)
     if bool(has_key.all()):
         return fused, None
-    return select_rows(has_key, fused, fuse_prior(anchors, sizes, len(has_key)))
+    return select_rows(has_key, fused, fuse_prior(anchors, sizes, len(has_key), prior))

@@ -17,7 +17,7 @@ import torch
 
 from ..adapt.inner import adapt
 from ..data.lamp import profile_text, task_spec
-from ..fusion.fuse import fuse_users, fusion_weights
+from ..fusion.fuse import PriorCache, fuse_users, fusion_weights
 from ..fusion.index import AnchorIndex
 from ..models.personal import Adapter, expand_users, stack
 from ..retrieval.bm25 import bm25_top_k
@@ -89,6 +89,7 @@ class TextModel:
         self.labels = list(self.spec.labels or ())
         self._formatted: dict[str, str] = {}
         self.key_cache: dict[str, torch.Tensor] | None = None  # see embed()
+        self.prior_cache = PriorCache()  # the zero-history prior, rebuilt only when the anchors change
 
     def _count_tokens(self):
         tokenizer = getattr(self.lm, "tokenizer", None)
@@ -213,7 +214,7 @@ class TextModel:
         sims, idx = self.retrieve(keys)
         weights = fusion_weights(sims, self.temperature())
         has_key = self.has_key(keys)
-        fused, fused_ranks = fuse_users(self.t.anchors, idx, weights, has_key, self.t.anchor_sizes)
+        fused, fused_ranks = fuse_users(self.t.anchors, idx, weights, has_key, self.t.anchor_sizes, prior=self.prior_cache)
         return fused, {"anchors": idx.tolist(), "weights": weights.tolist(), "has_key": has_key.tolist(), "fused_ranks": fused_ranks}
 
     @staticmethod
