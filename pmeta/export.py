@@ -13,15 +13,20 @@
 * ``pmeta_export.json`` and ``README.md``.
 
 The directory appears atomically (written to a temporary sibling, then renamed); an existing
-export at ``out_dir`` is replaced, any other non-empty directory is refused.
+export at ``out_dir`` (a folder holding only an export's own files) is replaced, any other non-empty
+directory is refused. A failed final rename puts the previous export back; concurrent exports to
+one folder each land whole, the last one wins.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import re
 import shutil
+import stat
 import uuid
 from pathlib import Path
 
@@ -33,6 +38,8 @@ from .models.causal_lm import CausalLM
 from .storage.tensor_file import save_tensors
 
 MARKER = "pmeta_export.json"
+#: The files an export writes: a folder holding only these (and the marker) is a previous export.
+EXPORT_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "soft_prompt.safetensors", MARKER, "README.md"})
 
 README = """# pmeta personalization, exported as a PEFT LoRA adapter
 
@@ -74,6 +81,60 @@ still applies the user's adaptation, but outputs then differ from pmeta's.
 """
 
 
+README_PREDICT = """
+## Predictions as pmeta makes them (task {task})
+
+pmeta's prompt for an input is `TextPersonalization.prompt(input)`: the task's instruction, the
+{retrieve} best BM25 items of the user's own profile (`prediction.retrieve` in `pmeta_export.json`;
+0: none) and the input, in the LM's chat format; a prompt longer than {max_length} tokens keeps its
+BOS and its last tokens. With `text` that prompt, and `model`, `tokenizer` and the soft prompt
+`prompt` loaded as above:
+
+{rule}
+"""
+
+RULE_OPTIONS = """```python
+import json
+
+meta = json.load(open("{dirname}/pmeta_export.json"))
+labels, label_prior = meta["prediction"]["labels"], meta.get("label_prior", {{}})
+bos = tokenizer.bos_token
+prompt_ids = tokenizer(text, return_tensors="pt", add_special_tokens=not (bos and text.startswith(bos))).input_ids
+
+
+def score(label):  # log p(label | prompt), summed over the label's tokens
+    label_ids = tokenizer(label, add_special_tokens=False).input_ids
+    ids = torch.cat([prompt_ids, torch.tensor([label_ids])], dim=1)
+    embeds = model.get_input_embeddings()(ids)
+    at = {at_rule}
+    embeds = torch.cat([embeds[:, :at], prompt[None].to(embeds.dtype), embeds[:, at:]], dim=1)
+    start = prompt_ids.shape[1] - 1 + prompt.shape[0]  # the soft prompt shifts every position by its length
+    with torch.no_grad():
+        logp = torch.log_softmax(model(inputs_embeds=embeds).logits[0, start : start + len(label_ids)], -1)
+    return logp[torch.arange(len(label_ids)), label_ids].sum()
+
+
+scores = torch.stack([score(label) for label in labels]) + torch.tensor([label_prior.get(label, 0.0) for label in labels])
+{decode}
+```"""
+
+DECODE_ARGMAX = "prediction = labels[int(scores.argmax())]  # decode: argmax"
+DECODE_EXPECTED = ('prediction = f"{float(torch.softmax(scores, 0) @ torch.tensor([float(label) for label in labels])):.3f}"'
+                   "  # decode: expected (the expected rating)")
+RULE_GENERATE = ("Greedy decoding (`prediction.decode`: greedy) of at most {max_new_tokens} new tokens "
+                 "(`prediction.max_new_tokens`), with the soft prompt spliced in as above, stopping at the "
+                 "tokenizer's EOS; the text is stripped of surrounding white space.")
+
+
+def prediction_readme(prediction: dict, dirname: str, at_rule: str) -> str:
+    """The export README's section on how pmeta turns the adapted LM into a prediction (tests run its code)."""
+    if prediction["decode"] == "greedy":
+        rule = RULE_GENERATE.format(max_new_tokens=prediction["max_new_tokens"])
+    else:
+        rule = RULE_OPTIONS.format(dirname=dirname, at_rule=at_rule, decode=DECODE_EXPECTED if prediction["decode"] == "expected" else DECODE_ARGMAX)
+    return README_PREDICT.format(task=prediction["task"], retrieve=prediction["retrieve"], max_length=prediction["max_length"], rule=rule)
+
+
 def splice_soft_prompt(
     embeds: torch.Tensor, input_ids: torch.Tensor, prompt: torch.Tensor, bos_token_id: int | None, after_bos: bool = True
 ) -> torch.Tensor:
@@ -85,14 +146,27 @@ def splice_soft_prompt(
     return torch.stack(rows)
 
 
-def export_peft(lm: CausalLM, adapter: dict[str, torch.Tensor], out_dir, base_model_name_or_path: str, label_prior: dict[str, float] | None = None) -> Path:
+def export_peft(lm: CausalLM, adapter: dict[str, torch.Tensor], out_dir, base_model_name_or_path: str, label_prior: dict[str, float] | None = None,
+                prediction: dict | None = None) -> Path:
     """Write one user's adapter (no user axis) as a PEFT LoRA directory plus its soft prompt; returns the path.
 
     ``label_prior`` (label → offset), for banks of classification / rating tasks, is recorded in
-    ``pmeta_export.json``: pmeta adds it to log p(label | prompt) before choosing a label."""
+    ``pmeta_export.json``: pmeta adds it to log p(label | prompt) before choosing a label.
+    ``prediction`` (``task``, ``kind``, ``labels``, ``decode``: argmax / expected / greedy,
+    ``max_new_tokens``, ``retrieve``, ``max_length``), from a text bank, is recorded there too, and
+    the README shows how pmeta turns scores into a prediction with it."""
     from peft import LoraConfig
 
     out = as_path(out_dir, "export folder", InvalidRequest)
+    if not isinstance(base_model_name_or_path, str) or not base_model_name_or_path:
+        raise InvalidRequest("base_model_name_or_path must be a non-empty string (the base model's id or folder)")
+    for key, value in adapter.items():
+        if not isinstance(value, torch.Tensor):
+            raise InvalidRequest(f"adapter[{key!r}] must be a tensor, not {type(value).__name__}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise InvalidRequest(f"adapter[{key!r}] holds NaN or infinite values")
+    if label_prior is not None and not all(isinstance(v, (int, float)) and math.isfinite(v) for v in label_prior.values()):
+        raise InvalidRequest("label_prior must map labels to finite numbers")
     keys = [k[:-2] for k in adapter if k.endswith(".A")]
     if not keys:
         raise InvalidRequest("the adapter has no LoRA factors to export")
@@ -130,8 +204,9 @@ def export_peft(lm: CausalLM, adapter: dict[str, torch.Tensor], out_dir, base_mo
     length = 0 if prompt is None else int(prompt.shape[0])
 
     try:
-        _check_target(out)
-        _write(out, config, tensors, prompt, length, lm, base_model_name_or_path, rank, target_modules, label_prior)
+        target = out.resolve() if out.is_symlink() else out  # a link to an export: the export it points to is replaced
+        _check_target(target)
+        _write(target, config, tensors, prompt, length, lm, base_model_name_or_path, rank, target_modules, label_prior, prediction)
     except OSError as error:  # a name too long, a read-only or virtual file system, no permission
         if not is_path_error(error):
             raise  # a full disk, an I/O error: the machine's state, not a bad request
@@ -139,53 +214,112 @@ def export_peft(lm: CausalLM, adapter: dict[str, torch.Tensor], out_dir, base_mo
     return out
 
 
-def _check_target(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise InvalidRequest(f"{out} is a file, not a directory; choose an empty or new directory")
+def _check_target(out: Path, tries: int = 8) -> None:
+    """Refuse a target that is not new, empty or a previous export (a folder holding only an
+    export's own files). Safe beside a concurrent export to the same folder: a listing counts only
+    when the folder at ``out`` is the same before and after it (a folder being swapped out and
+    removed lists a part of its files), and a folder moved away reads as absent."""
     if not out.parent.is_dir():
         raise InvalidRequest(f"cannot export to {out}: {out.parent} is not a directory")
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise InvalidRequest(f"{out} exists and is not a pmeta export; choose an empty or new directory")
+    resolved, here = out.resolve(), Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise InvalidRequest(f"cannot export to {out}: it is the current directory or holds it (an export replaces its folder); choose a new or empty directory below it")
+    for _ in range(tries):
+        try:
+            before = os.stat(out)
+            if not stat.S_ISDIR(before.st_mode):
+                raise InvalidRequest(f"{out} is a file, not a directory; choose an empty or new directory")
+            with os.scandir(out) as listing:
+                entries = {e.name: e.is_file(follow_symlinks=False) for e in listing}
+            after = os.stat(out)
+        except FileNotFoundError:  # not there, or just moved aside by a concurrent export
+            return
+        if (before.st_dev, before.st_ino) == (after.st_dev, after.st_ino):
+            break
+    if entries:
+        foreign = sorted(name for name, regular in entries.items() if name not in EXPORT_FILES or not regular)
+        if foreign or not entries.get(MARKER):
+            what = f"holds {', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}, which a pmeta export does not write" if foreign else "is not a pmeta export"
+            raise InvalidRequest(f"{out} exists and {what}; choose an empty or new directory")
 
 
 def _write(out: Path, config, tensors: dict[str, torch.Tensor], prompt: torch.Tensor | None, length: int, lm: CausalLM,
-           base_model_name_or_path: str, rank: int, target_modules: list[str], label_prior: dict[str, float] | None) -> None:
+           base_model_name_or_path: str, rank: int, target_modules: list[str], label_prior: dict[str, float] | None,
+           prediction: dict | None = None) -> None:
     """The export's files in a temporary sibling, then renamed into place (an existing export is replaced)."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
         config.save_pretrained(str(tmp))
         save_tensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        if length:
-            save_tensors({"prompt": prompt.detach().float().cpu().contiguous()}, tmp / "soft_prompt.safetensors",
-                         metadata={"insert": "after_bos" if lm.prompt_after_bos else "start", "bos_token_id": str(lm.bos_id)})
         after_bos = lm.prompt_after_bos and lm.bos_id is not None
+        if length:
+            metadata = {"insert": "after_bos" if after_bos else "start", **({"bos_token_id": str(lm.bos_id)} if after_bos else {})}
+            save_tensors({"prompt": prompt.detach().float().cpu().contiguous()}, tmp / "soft_prompt.safetensors", metadata=metadata)
         (tmp / MARKER).write_text(json.dumps({
             "base_model_name_or_path": base_model_name_or_path, "rank": rank, "targets": target_modules,
             "soft_prompt_length": length, "soft_prompt_insert": "after_bos" if after_bos else "start",
             "bos_token_id": lm.bos_id,
             **({"label_prior": label_prior} if label_prior else {}),
+            **({"prediction": prediction} if prediction else {}),
         }, indent=2))
         readme = README.format(base=base_model_name_or_path, rank=rank, targets=", ".join(target_modules), dirname=out.name)
+        at_rule = f"1 if ids[0, 0] == {lm.bos_id} else 0" if after_bos else "0"
         if length:
             readme += README_PROMPT.format(
                 dirname=out.name, length=length, hidden=lm.hidden_size,
                 where=f"right after the first token when it is the BOS token (id {lm.bos_id}), else before everything" if after_bos else "before every token",
-                at_rule=f"1 if ids[0, 0] == {lm.bos_id} else 0" if after_bos else "0",
+                at_rule=at_rule,
             )
-        if label_prior:
+        if prediction and length:  # a text bank's personalization always carries its soft prompt
+            readme += prediction_readme(prediction, out.name, at_rule)
+        elif label_prior:
             readme += ("\n## Label prior\n\npmeta scores each label as `log p(label | prompt) + label_prior[label]` "
                        "(the offsets are in `pmeta_export.json`) and predicts from those scores.\n")
         (tmp / "README.md").write_text(readme)
         for file in tmp.iterdir():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, out: Path, tries: int = 8) -> None:
+    """Rename the finished ``tmp`` to ``out``, moving a previous export aside and removing it after.
+
+    If the final rename fails, the previous export is put back before the error propagates. Another
+    export landing at ``out`` meanwhile (a concurrent export to the same folder: the rename then
+    finds ``out`` not empty) is moved aside in turn, after the same check as before the write, so
+    every export lands whole and the last one wins."""
+    for attempt in range(tries):
+        old = None
+        if out.exists():
+            _check_target(out)
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(out, old)
+            except FileNotFoundError:  # another export moved it aside first
+                old = None
+        try:
+            os.rename(tmp, out)
+        except OSError as error:
+            if old is not None:
+                try:
+                    os.rename(old, out)  # put the previous export back
+                except OSError:  # another export is there now: the previous one is stale
+                    _remove(old)
+            if error.errno in (errno.ENOTEMPTY, errno.EEXIST) and attempt + 1 < tries:
+                continue  # another export landed between the two renames
+            raise
+        if old is not None:
+            _remove(old)
+        return
+
+
+def _remove(path: Path) -> None:
+    """Remove a moved-aside export (a link, should one have been swapped in, is unlinked, not followed)."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)

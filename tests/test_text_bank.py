@@ -372,6 +372,56 @@ def test_export_peft_roundtrip(setup, opened, tmp_path):
     assert not torch.allclose(ours, lm.logits(ids, mask, None), atol=1e-4)  # the adapter does change the model
 
 
+@pytest.mark.parametrize("decode", ["argmax", "expected"])
+def test_an_export_folder_alone_reproduces_the_prediction(setup, opened, tmp_path, monkeypatch, decode):
+    """The exported README's code, run as written (load with PEFT, splice the soft prompt, score the
+    labels, add the label prior, decode as ``pmeta_export.json`` says), gives pmeta's prediction."""
+    import re
+
+    monkeypatch.setattr(opened.model, "config", opened.model.config.model_copy(update={"rating_decode": decode}))
+    question, history = _profile(setup["data"])
+    p = opened.personalize(history)
+    assert any(bool(v.abs().sum() > 0) for k, v in p.adapter.items() if k.endswith(".B"))
+    out = p.export_peft(tmp_path / "adapter")
+    meta = json.loads((out / "pmeta_export.json").read_text())
+    assert meta["prediction"] == {
+        "task": "LaMP-3", "kind": "rating", "labels": opened.model.labels, "decode": decode, "max_new_tokens": None,
+        "retrieve": opened.config.retrieve, "max_length": opened.model.lm.max_length,
+    }
+    blocks = re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S)
+    assert len(blocks) == 3 and f"# decode: {decode}" in blocks[2]
+    monkeypatch.chdir(tmp_path)
+    scope = {"text": p.prompt(question["input"])}
+    for block in blocks:
+        exec(block, scope)  # noqa: S102 - the README's own code
+    ours = p.predict(question["input"])
+    if decode == "argmax":
+        assert scope["prediction"] == ours
+    else:
+        assert "." in scope["prediction"] and float(scope["prediction"]) == pytest.approx(float(ours), abs=1.1e-3)  # a rating, not a label
+
+
+def test_the_prompt_token_counter_holds_the_lm_tokenizer_lock(opened, monkeypatch):
+    """Every call into the LM's (fast, not thread-safe) tokenizer holds its lock, the prompt builder's too."""
+    import threading
+
+    entered = []
+
+    class Recording:
+        def __init__(self):
+            self.lock = threading.Lock()
+
+        def __enter__(self):
+            entered.append(self.lock.acquire())
+
+        def __exit__(self, *exc):
+            self.lock.release()
+
+    monkeypatch.setattr(opened.model.lm, "_tokenizer_lock", Recording())
+    count = opened.model._count_tokens()
+    assert count("a short review") > 0 and entered == [True]
+
+
 def test_cli_adapt_and_export(setup, tmp_path):
     question, history = _profile(setup["data"])
     path = tmp_path / "h.json"

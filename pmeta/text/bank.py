@@ -78,13 +78,21 @@ class TextPersonalization:
         return self.bank.model.predict([prompt], self._batched())[0]
 
     def export_peft(self, out_dir: str | Path) -> Path:
-        """Write the fused + stacked LoRA as a PEFT adapter folder; the soft prompt goes beside it."""
+        """Write the fused + stacked LoRA as a PEFT adapter folder; the soft prompt goes beside it, and
+        ``pmeta_export.json`` / README.md record how pmeta predicts (labels, label prior, decode rule)."""
         from ..export import export_peft
 
         model = self.bank.model
         bias = model.t.label_bias
         prior = {label: round(float(b), 6) for label, b in zip(model.labels, bias.tolist())} if bias is not None and model.labels else None
-        return export_peft(model.lm, self.adapter, out_dir, str(model.lm.path), label_prior=prior)
+        spec, config = model.spec, model.config  # what model.predict and prompt() read
+        decode = "greedy" if spec.kind == "generation" else (config.rating_decode if spec.kind == "rating" else "argmax")
+        prediction = {
+            "task": spec.name, "kind": spec.kind, "labels": list(model.labels) or None, "decode": decode,
+            "max_new_tokens": config.max_new_tokens if spec.kind == "generation" else None,
+            "retrieve": self.bank.config.retrieve, "max_length": model.lm.max_length,
+        }
+        return export_peft(model.lm, self.adapter, out_dir, str(model.lm.path), label_prior=prior, prediction=prediction)
 
     def to_dict(self) -> dict[str, Any]:
         return {"user_id": self.user_id, "anchors": self.anchors, "timing_ms": {k: round(v, 3) for k, v in self.timing_ms.items()}}

@@ -9,6 +9,7 @@ Serving and meta-training share every method here:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -95,7 +96,13 @@ class TextModel:
         tokenizer = getattr(self.lm, "tokenizer", None)
         if tokenizer is None:
             return None
-        return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        lock = getattr(self.lm, "_tokenizer_lock", None) or contextlib.nullcontext()  # as every LM tokenizer call
+
+        def count(text: str) -> int:
+            with lock:
+                return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        return count
 
     # ------------------------------------------------------------------ texts
     def profile_texts(self, profile: list[dict]) -> list[str]:
