@@ -36,13 +36,17 @@ def test_rating_report(lamp):
         assert set(row) >= {"method", "k_profile", "mae", "rmse", "users", "adapt_ms_p50", "adapt_ms_p95", "bytes_per_user"}
         assert 0 <= row["mae"] <= 4 and row["mae"] <= row["rmse"] + 1e-9 and row["rmse"] <= 4
         assert row["adapt_ms_p95"] >= row["adapt_ms_p50"] >= 0
+    assert report["data"]["split"] == "test" and len(report["data"]["fingerprint"]) == 64 and len(report["data"]["user_ids"]) == 2
+    assert {r["profile_items"] for r in report["results"] if r["k_profile"] == 1} == {1.0}
+    assert all(0 <= r["prompt_items"] <= min(1, int(r["method"][-1])) for r in report["results"] if r["k_profile"] == 1 and r["method"].startswith("retrieval"))
+    assert rows[("retrieval-k2", 3)]["prompt_items"] <= 2 and rows[("pmeta", 3)]["prompt_items"] == 0 and rows[("pmeta", 3)]["profile_items"] == 3.0
     assert rows[("per-user-lora", 3)]["bytes_per_user"] > 0  # a per-user LoRA is stored per user
     assert rows[("pmeta", 3)]["bytes_per_user"] == 0 and rows[("pmeta", 3)]["adapt_ms_p50"] > 0
     assert rows[("backbone", 1)]["mae"] == rows[("backbone", 3)]["mae"]  # the backbone never reads the profile
     # retrieval of k > K items is retrieval of all K items
     assert rows[("retrieval-k4", 1)]["mae"] == rows[("retrieval-k1", 1)]["mae"]
     md = (out / "report.md").read_text()
-    assert "## mae (lower is better)" in md and "| pmeta+retrieval |" in md
+    assert "## mae (lower is better)" in md and "| pmeta+retrieval |" in md and md.startswith("# LaMP-3: 2 test users")
     assert (out / "mae.png").stat().st_size > 1000 and (out / "rmse.png").is_file()
     from pmeta.data.lamp import read_outputs
 
@@ -105,6 +109,38 @@ def test_bank_of_another_task(lamp):
         pytest.skip("needs the bank of test_rating_report")
     result = runner.invoke(app, ["eval", "lamp", "--data", str(lamp["title"]), "--task", "LaMP-4", "--bank", str(bank), "--out", str(lamp["root"] / "x"), "--quiet"])
     assert result.exit_code == 2 and "serves LaMP-3, not LaMP-4" in result.output
+
+
+def test_k_zero_stores_nothing_and_a_k_above_every_profile_is_noted(lamp):
+    bank = lamp["root"] / "report3" / "bank"
+    if not bank.exists():
+        pytest.skip("needs the bank of test_rating_report")
+    out = lamp["root"] / "k0"
+    result = runner.invoke(app, ["eval", "lamp", "--data", str(lamp["rating"]), "--task", "LaMP-3", "--bank", str(bank), "--users", "1", "--k-profile", "0,10",
+                                 "--methods", "per-user-lora,retrieval-k2", "--out", str(out), "--quiet"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "K = 10 is above every evaluated profile's length (at most 4)" in result.output
+    rows = {(r["method"], r["k_profile"]): r for r in json.loads((out / "report.json").read_text())["results"]}
+    assert rows[("per-user-lora", 0)]["bytes_per_user"] == 0 and rows[("per-user-lora", 10)]["bytes_per_user"] > 0  # nothing trained at K = 0
+    assert rows[("retrieval-k2", 10)]["profile_items"] == 4.0 and rows[("retrieval-k2", 0)]["prompt_items"] == 0
+
+
+def test_lm_with_bank_and_a_gold_the_metrics_refuse_fail_before_any_work(lamp, tmp_path):
+    bank = lamp["root"] / "report3" / "bank"
+    if not bank.exists():
+        pytest.skip("needs the bank of test_rating_report")
+    result = runner.invoke(app, ["eval", "lamp", "--data", str(lamp["rating"]), "--task", "LaMP-3", "--bank", str(bank), "--lm", "other", "--out", str(tmp_path / "a"), "--quiet"])
+    assert result.exit_code == 2 and "--bank serves with its own LM: leave --lm out" in result.output, result.output
+    bad = tmp_path / "bad-gold"
+    bad.mkdir()
+    for path in lamp["rating"].iterdir():
+        (bad / path.name).write_text(path.read_text())
+    outputs = json.loads((bad / "test_outputs.json").read_text())
+    outputs["golds"][0]["output"] = "five"
+    (bad / "test_outputs.json").write_text(json.dumps(outputs))
+    result = runner.invoke(app, ["eval", "lamp", "--data", str(bad), "--task", "LaMP-3", "--preset", "tiny", "--lm", str(lamp["lm"]), "--out", str(tmp_path / "b"), "--quiet"])
+    assert result.exit_code == 2 and "'five'" in result.output, result.output
+    assert not (tmp_path / "b").exists()  # no bank built, nothing written
 
 
 def test_a_rerun_into_the_same_folder_leaves_only_its_own_files(lamp):

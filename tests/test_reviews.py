@@ -339,7 +339,9 @@ def test_conversion_invariants(tmp_path, case):
             seen.add(example.id)
             history = sorted(usable[example.id], key=lambda r: r["unixReviewTime"])  # stable: ties keep file order
             assert example.output == str(int(history[-1]["overall"]))
-            assert [item["asin"] for item in example.profile] == [r["asin"] for r in history[:-1]][-(k_max if split != "train" else 100) :]
+            earlier = [r for r in history[:-1] if " ".join(r["reviewText"].split()) != " ".join(history[-1]["reviewText"].split())]  # copies of its own text left out
+            assert [item["asin"] for item in example.profile] == [r["asin"] for r in earlier][-(k_max if split != "train" else 100) :]
+            assert not any(item["text"] == " ".join(history[-1]["reviewText"].split()) for item in example.profile)
             if split != "train":
-                assert len(example.profile) == k_max
+                assert len(example.profile) == min(k_max, len(earlier))
     assert seen == {user for user, reviews in usable.items() if len(reviews) >= 2} and counts["users"] == len(seen)

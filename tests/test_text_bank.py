@@ -483,9 +483,13 @@ def test_prompt_budget_and_template():
     text = roomy.text(f"{RATING_PREFIX} short one", items)
     assert text.startswith(RETRIEVED_HEADER) and text.count("\n- ") == 3 and text.endswith("short one")
     assert all(len(line) <= 2 + 60 for line in text.splitlines()[1:4])  # each item cut to item_chars
+    assert roomy.text_and_items(f"{RATING_PREFIX} short one", items) == (text, 3)
+    middle = PromptBuilder("LaMP-3", max_tokens=roomy.count(text) - 5, item_chars=60)
+    assert middle.text_and_items(f"{RATING_PREFIX} short one", items)[1] == 2  # the least relevant item dropped, and counted
     tight = PromptBuilder("LaMP-3", max_tokens=60, item_chars=60)
     text = tight.text(f"{RATING_PREFIX} " + "a very long review " * 100, items)
     assert text.startswith(RATING_PREFIX) and tight.count(text) <= 60  # items dropped, review cut, instruction kept
+    assert tight.text_and_items(f"{RATING_PREFIX} " + "a very long review " * 100, items) == (text, 0)
 
 
 def test_training_questions_carry_retrieval(setup, opened):

@@ -133,6 +133,8 @@ def eval_lamp(
     if not ks or min(ks) < 0:
         raise InvalidConfig(f"--k-profile must be non-negative integers, got {k_profile!r}")
     check_preset(preset, TEXT_PRESETS)  # also with --bank (then it is not used), so that a typo is never silently ignored
+    if bank is not None and lm is not None:
+        raise InvalidConfig("--lm names the LM of the bank built when --bank is not given; --bank serves with its own LM: leave --lm out")
     build_config = load_text_config(preset, overrides={"task": spec.name, "seed": seed, "lm": lm}) if bank is None else None  # before torch loads
     from ..text.bank import TextBank  # torch, and transformers on first use: after the checks above
     from ..text.build import build_text_bank, dataset_fingerprint
@@ -145,6 +147,10 @@ def eval_lamp(
     examples = choose_users(load_split(data, spec.name, split), users, seed)
     if not examples:
         raise InvalidConfig(f"{data}: the {split} split has no question with a gold output to evaluate")
+    from ..eval.lamp_metrics import score
+
+    golds = {e.id: e.output for e in examples}
+    score(spec.name, dict(golds), golds)  # a gold the metrics refuse fails here, before a bank is built or a prediction made
     if bank is None:
         bank = out / "bank"
         build_text_bank(data, bank, build_config, db_url=db, progress=_progress(quiet))
@@ -162,9 +168,13 @@ def eval_lamp(
             f"(built on {opened.record.get('dataset_name')}, other files than {data}): if they are other users that only share ids, "
             "pass --allow-id-overlap"
         )
+    longest = max(len(e.profile) for e in examples)
+    if max(ks) > longest:
+        typer.echo(f"note: K = {max(ks)} is above every evaluated profile's length (at most {longest}): it keeps whole profiles, as K = {longest} does", err=True)
     progress = _progress(quiet)
     with progress.task("evaluating", len(examples)) as bar:
         report = run_lamp(opened.model, examples, method_list, ks, seed=seed, on_user=lambda: bar.advance(1), out=out)
     report["bank"] = {"path": str(bank), "version": opened.version}
+    report["data"] = {"path": str(data), "split": split, "fingerprint": dataset_fingerprint(data), "user_ids": [e.id for e in examples]}
     write_lamp_report(report, out)
     typer.echo((out / "report.md").read_text())

@@ -15,8 +15,11 @@ and the test users, then the dev users, are the first ``round(fraction · n_user
 users with at least ``k_max + 1`` reviews (so every cold-start user has exactly ``k_max`` profile items);
 everyone else trains. For each user the **last** review by time (ties: file order) is the example and the
 earlier ones are the profile, oldest first (a user's repeated reviews of one product count once, the
-earliest, so a question's own review can never be in its profile; ``meta.json`` counts the dropped ones). Test and dev users keep only their ``k_max`` most recent
-profile items (evaluation truncates further to K = 1, 3, 5); train users keep up to ``max_profile``.
+earliest, and an earlier review with the question's own text, which Amazon copies to a product's
+variants under other ids, is left out of the profile, so a question's own review can never be in its
+profile; ``meta.json`` counts both kinds of dropped reviews). Test and dev users keep only their ``k_max`` most recent
+profile items (evaluation truncates further to K = 1, 3, 5; a user with such a copy has one item fewer);
+train users keep up to ``max_profile``.
 """
 
 from __future__ import annotations
@@ -212,13 +215,20 @@ def _profile_item(task: str, user: str, position: int, review: Review, max_text_
     return item
 
 
-def _question(task: str, user: str, reviews: list[Review], profile_cap: int, max_text_chars: int) -> tuple[dict, dict]:
+def _question(task: str, user: str, reviews: list[Review], profile_cap: int, max_text_chars: int) -> tuple[dict, dict, int]:
+    """The user's question (the last review), gold and profile (the earlier reviews, the most recent
+    ``profile_cap``), and how many earlier reviews were dropped as copies of the question's own text
+    (as the files carry it: clipped to ``max_text_chars``): Amazon copies a review to the variants of
+    a product (other ids), which would put the question's text, and its gold, into its profile."""
     *history, last = reviews
-    profile = [_profile_item(task, user, i, review, max_text_chars) for i, review in enumerate(history)][-profile_cap:]
+
+    own = _clip(last.text, max_text_chars)  # the text as the files carry it: white space collapsed, clipped
+    kept = [review for review in history if _clip(review.text, max_text_chars) != own]
+    profile = [_profile_item(task, user, i, review, max_text_chars) for i, review in enumerate(kept)][-profile_cap:]
     text = _clip(last.text, max_text_chars)
     prompt = RATING_PROMPT if task == "rating" else TITLE_PROMPT
     output = str(last.stars) if task == "rating" else " ".join(last.summary.split())
-    return {"id": user, "input": prompt.format(text=text), "profile": profile}, {"id": user, "output": output}
+    return {"id": user, "input": prompt.format(text=text), "profile": profile}, {"id": user, "output": output}, len(history) - len(kept)
 
 
 def _usable(task: str, review: Review) -> bool:
@@ -304,13 +314,14 @@ def reviews_to_lamp(
 
     files: dict[str, Any] = {}
     counts: dict[str, Any] = {"task": task, "lamp_task": TASK_NAMES[task], "reviews_read": len(reviews), "reviews_unusable": dropped,
-                              "reviews_repeated": repeated, "splits": {}}  # fmt: skip
+                              "reviews_repeated": repeated, "reviews_copying_the_question": 0, "splits": {}}  # fmt: skip
     official = TASK_NAMES[task].replace("-", "_")
     for split, users in splits.items():
         cap = max_profile if split == "train" else k_max
         questions, golds = [], []
         for user in sorted(users):
-            question, gold = _question(task, user, by_user[user], cap, max_text_chars)
+            question, gold, copies = _question(task, user, by_user[user], cap, max_text_chars)
+            counts["reviews_copying_the_question"] += copies
             questions.append(question)
             golds.append(gold)
         files[f"{split}_questions.json"] = questions

@@ -14,7 +14,10 @@ Baselines score labels under the LM alone; pmeta's variants add the bank's learn
 * ``pmeta+retrieval``: the same adapter with the bank's ``retrieve`` BM25 items in the prompt.
 
 ``adapt_ms`` is the per-user preparation time before the prediction (BM25 for retrieval, training for
-per-user LoRA, retrieve + fuse + inner steps for pmeta), measured per user.
+per-user LoRA, retrieve + fuse + inner steps for pmeta), measured per user. Each row also gives the
+mean number of profile items its users kept (``profile_items``: fewer than K where profiles are
+shorter) and of retrieved items in their prompts (``prompt_items``: fewer than asked where the
+profile is shorter or the prompt's token budget drops the least relevant; 0 without retrieval).
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ def per_user_lora(model: TextModel, profile: list[dict], seed: int):
             model.pairs_loss([pairs], personal, prior=False).backward()
             optimizer.step()
     personal = {"prompt": torch.zeros(1, 0, model.lm.hidden_size), **{k: v.detach().unsqueeze(0) for k, v in params.items()}}
-    return personal, num_bytes({k: v.detach() for k, v in params.items()})
+    # nothing to train on (K = 0): the adapter is its seeded init, B = 0, the backbone: nothing to store
+    return personal, num_bytes({k: v.detach() for k, v in params.items()}) if pairs else 0
 
 
 def run_lamp(model: TextModel, examples: list[LampExample], methods: list[str], ks: list[int], seed: int = 0,
@@ -81,14 +85,17 @@ def run_lamp(model: TextModel, examples: list[LampExample], methods: list[str], 
     spec = task_spec(model.config.task)
     torch.manual_seed(seed)
     golds = {e.id: e.output for e in examples}
+    score(spec.name, dict(golds), golds)  # a gold the metrics refuse fails now, not after every prediction
     preds: dict[tuple[str, int], dict[str, str]] = {}
     times: dict[tuple[str, int], list[float]] = {}
     sizes: dict[tuple[str, int], list[int]] = {}
+    items: dict[tuple[str, int], list[tuple[int, int]]] = {}  # (profile items, retrieved items in the prompt)
 
-    def record(method: str, k: int, example: LampExample, prediction: str, ms: float, nbytes: int = 0) -> None:
+    def record(method: str, k: int, example: LampExample, profile: list[dict], prediction: str, ms: float, nbytes: int = 0, in_prompt: int = 0) -> None:
         preds.setdefault((method, k), {})[example.id] = prediction
         times.setdefault((method, k), []).append(ms)
         sizes.setdefault((method, k), []).append(nbytes)
+        items.setdefault((method, k), []).append((len(profile), in_prompt))
 
     backbone: dict[str, str] = {}
     if "backbone" in methods:
@@ -100,28 +107,28 @@ def run_lamp(model: TextModel, examples: list[LampExample], methods: list[str], 
         for k in ks:
             profile = truncate_profile(example.profile, k)
             if "backbone" in methods:
-                record("backbone", k, example, backbone[example.id], 0.0)
+                record("backbone", k, example, profile, backbone[example.id], 0.0)
             for method in methods:
                 if method.startswith("retrieval-k"):
                     clock = time.perf_counter()
-                    prompt = model.query_prompt(example.input, profile, int(method.rsplit("k", 1)[1]))
+                    prompt, kept = model.query_prompt_and_items(example.input, profile, int(method.rsplit("k", 1)[1]))
                     ms = (time.perf_counter() - clock) * 1e3
-                    record(method, k, example, model.predict([prompt], None, prior=False)[0], ms)
+                    record(method, k, example, profile, model.predict([prompt], None, prior=False)[0], ms, in_prompt=kept)
             if "per-user-lora" in methods:
                 clock = time.perf_counter()
                 personal, nbytes = per_user_lora(model, profile, seed * 100_003 + index)
                 ms = (time.perf_counter() - clock) * 1e3
-                record("per-user-lora", k, example, model.predict([model.query_prompt(example.input)], personal, prior=False)[0], ms, nbytes)
+                record("per-user-lora", k, example, profile, model.predict([model.query_prompt(example.input)], personal, prior=False)[0], ms, nbytes)
             if "pmeta" in methods or "pmeta+retrieval" in methods:
                 timings: dict[str, float] = {}
                 personal, _ = model.personalize([profile], timings=timings)
                 if "pmeta" in methods:
-                    record("pmeta", k, example, model.predict([model.query_prompt(example.input)], personal)[0], timings["total_ms"])
+                    record("pmeta", k, example, profile, model.predict([model.query_prompt(example.input)], personal)[0], timings["total_ms"])
                 if "pmeta+retrieval" in methods:
                     clock = time.perf_counter()
-                    prompt = model.query_prompt(example.input, profile, model.config.retrieve)
+                    prompt, kept = model.query_prompt_and_items(example.input, profile, model.config.retrieve)
                     ms = timings["total_ms"] + (time.perf_counter() - clock) * 1e3
-                    record("pmeta+retrieval", k, example, model.predict([prompt], personal)[0], ms)
+                    record("pmeta+retrieval", k, example, profile, model.predict([prompt], personal)[0], ms, in_prompt=kept)
         if on_user is not None:
             on_user()
     results = []
@@ -131,7 +138,9 @@ def run_lamp(model: TextModel, examples: list[LampExample], methods: list[str], 
                 continue
             metrics = score(spec.name, preds[(method, k)], golds)
             t = np.asarray(times[(method, k)])
+            used = np.asarray(items[(method, k)], dtype=float)
             results.append({"method": method, "k_profile": k, **{m: round(v, 4) for m, v in metrics.items()}, "users": len(examples),
+                            "profile_items": round(float(used[:, 0].mean()), 2), "prompt_items": round(float(used[:, 1].mean()), 2),
                             "adapt_ms_p50": round(float(np.percentile(t, 50)), 1), "adapt_ms_p95": round(float(np.percentile(t, 95)), 1),
                             "bytes_per_user": int(np.mean(sizes[(method, k)]))})  # fmt: skip
             if out is not None:
@@ -148,16 +157,19 @@ def write_lamp_report(report: dict, out: Path) -> list[Path]:
     report_json = write_text(out / "report.json", json.dumps(report, indent=2))
     ks = report["k_profile"]
     cell = {(r["method"], r["k_profile"]): r for r in report["results"]}
-    lines = [f"# {report['task']}: {report['users']} test users, LM {report['lm']}", ""]
+    data = report.get("data") or {}
+    lines = [f"# {report['task']}: {report['users']} {data.get('split', 'test')} users, LM {report['lm']}", ""]
     for metric in report["metrics"]:
         better = "lower is better" if metric in ("mae", "rmse") else "higher is better"
         lines += [f"## {metric} ({better})", "", "| method | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
         for method in report["methods"]:
             lines.append(f"| {method} | " + " | ".join(f"{cell[(method, k)][metric]:.4f}" if (method, k) in cell else "" for k in ks) + " |")
         lines.append("")
-    lines += ["## per-user cost", "", "| method | K | adapt ms p50 | adapt ms p95 | bytes per user |", "|---|---|---|---|---|"]
+    lines += ["## per-user cost and inputs", "", "profile items: the mean number each user kept (fewer than K where profiles are shorter); "
+              "items in prompt: the mean number of retrieved items the prompt held (the token budget drops the least relevant).", "",
+              "| method | K | adapt ms p50 | adapt ms p95 | bytes per user | profile items | items in prompt |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["results"]:
-        lines.append(f"| {r['method']} | {r['k_profile']} | {r['adapt_ms_p50']:.0f} | {r['adapt_ms_p95']:.0f} | {r['bytes_per_user']} |")
+        lines.append(f"| {r['method']} | {r['k_profile']} | {r['adapt_ms_p50']:.0f} | {r['adapt_ms_p95']:.0f} | {r['bytes_per_user']} | {r['profile_items']:.2f} | {r['prompt_items']:.2f} |")
     written = [report_json, write_text(out / "report.md", "\n".join(lines) + "\n")]
     import matplotlib
 

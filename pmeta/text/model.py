@@ -136,7 +136,13 @@ class TextModel:
 
     def query_prompt(self, input_text: str, profile: list[dict] | None = None, retrieve: int = 0) -> str:
         """The formatted prompt of an input, with the ``retrieve`` best BM25 profile items when asked."""
-        return self.lm.format_prompt(self.prompts.text(input_text, self.retrieved(input_text, profile, retrieve)))
+        return self.query_prompt_and_items(input_text, profile, retrieve)[0]
+
+    def query_prompt_and_items(self, input_text: str, profile: list[dict] | None = None, retrieve: int = 0) -> tuple[str, int]:
+        """:meth:`query_prompt`, and how many retrieved items it holds (fewer than asked when the
+        profile is shorter or the prompt's token budget drops the least relevant)."""
+        text, kept = self.prompts.text_and_items(input_text, self.retrieved(input_text, profile, retrieve))
+        return self.lm.format_prompt(text), kept
 
     # ------------------------------------------------------------------ losses
     def option_scores(self, prompts: list[str], personal: Adapter | None, prior: bool = True) -> torch.Tensor:

@@ -118,18 +118,22 @@ class PromptBuilder:
         Retrieved items (best first) come first, each cut to ``item_chars`` characters; then the input.
         Over budget, items are dropped from the least relevant on, then the input's free text is cut.
         """
+        return self.text_and_items(input_text, retrieved)[0]
+
+    def text_and_items(self, input_text: str, retrieved: list[dict] | None = None) -> tuple[str, int]:
+        """:meth:`text`, and how many of the retrieved items it kept within the budget."""
         items = [profile_text(self.spec.name, item, self.item_chars) for item in (retrieved or [])]
         body = input_text
         while True:
             text = self._join(items, body)
             if self.count(text) <= self.max_tokens:
-                return text
+                return text, len(items)
             if items:
                 items = items[:-1]
                 continue
             query = query_text(self.spec.name, body)
             if len(query) < 16:
-                return text  # nothing sensible left to cut: the instruction alone is over budget
+                return text, 0  # nothing sensible left to cut: the instruction alone is over budget
             excess = self.count(text) - self.max_tokens
             keep = max(8, len(query) - max(16, int(excess * 4.5)))
             body = cut_input(self.spec, body, keep)
