@@ -40,6 +40,8 @@ def test_rating_report(lamp):
     assert {r["profile_items"] for r in report["results"] if r["k_profile"] == 1} == {1.0}
     assert all(0 <= r["prompt_items"] <= min(1, int(r["method"][-1])) for r in report["results"] if r["k_profile"] == 1 and r["method"].startswith("retrieval"))
     assert rows[("retrieval-k2", 3)]["prompt_items"] <= 2 and rows[("pmeta", 3)]["prompt_items"] == 0 and rows[("pmeta", 3)]["profile_items"] == 3.0
+    assert {(c["method"], c["k_profile"], c["metric"]) for c in report["comparisons"]} == {(m, k, x) for m in ("pmeta", "pmeta+retrieval") for k in (1, 3) for x in ("mae", "rmse")}
+    assert all(c["versus"] not in ("pmeta", "pmeta+retrieval") and 0 <= c["p"] <= c["p_holm"] <= 1 and c["ci_low"] <= c["ci_high"] for c in report["comparisons"])
     assert rows[("per-user-lora", 3)]["bytes_per_user"] > 0  # a per-user LoRA is stored per user
     assert rows[("pmeta", 3)]["bytes_per_user"] == 0 and rows[("pmeta", 3)]["adapt_ms_p50"] > 0
     assert rows[("backbone", 1)]["mae"] == rows[("backbone", 3)]["mae"]  # the backbone never reads the profile
@@ -47,6 +49,7 @@ def test_rating_report(lamp):
     assert rows[("retrieval-k4", 1)]["mae"] == rows[("retrieval-k1", 1)]["mae"]
     md = (out / "report.md").read_text()
     assert "## mae (lower is better)" in md and "| pmeta+retrieval |" in md and md.startswith("# LaMP-3: 2 test users")
+    assert "## pmeta against the best baseline of each cell" in md
     assert (out / "mae.png").stat().st_size > 1000 and (out / "rmse.png").is_file()
     from pmeta.data.lamp import read_outputs
 
@@ -178,3 +181,22 @@ def test_other_files_with_the_banks_users_need_a_flag(lamp, tmp_path):
     result = runner.invoke(app, base)
     assert result.exit_code == 2 and "have the ids of users that trained or validated bank" in result.output, result.output
     assert runner.invoke(app, [*base, "--allow-id-overlap"]).exit_code == 0
+
+
+def test_comparisons_by_paired_bootstrap_on_hand_made_predictions():
+    """pmeta better than every baseline for every user: the interval excludes 0 and p is 0; the same
+    predictions as the best baseline: difference 0, p 1; Holm never lowers a p-value."""
+    from pmeta.text.evaluate import compare
+
+    golds = {f"u{i}": "5" for i in range(30)}
+    preds = {("backbone", 1): {u: "1" for u in golds}, ("retrieval-k1", 1): {u: "3" for u in golds},
+             ("pmeta", 1): {u: "4" for u in golds}, ("pmeta+retrieval", 1): {u: "3" for u in golds}}  # fmt: skip
+    results = [{"method": m, "k_profile": 1, "mae": {"backbone": 4.0, "retrieval-k1": 2.0, "pmeta": 1.0, "pmeta+retrieval": 2.0}[m],
+                "rmse": {"backbone": 4.0, "retrieval-k1": 2.0, "pmeta": 1.0, "pmeta+retrieval": 2.0}[m]} for m, _ in preds]  # fmt: skip
+    rows = {(c["method"], c["metric"]): c for c in compare("LaMP-3", preds, golds, results, seed=0)}
+    assert set(rows) == {(m, metric) for m in ("pmeta", "pmeta+retrieval") for metric in ("mae", "rmse")}
+    better = rows[("pmeta", "mae")]
+    assert better["versus"] == "retrieval-k1" and better["difference"] == -1.0 and better["ci_high"] < 0 and better["p"] == 0.0
+    same = rows[("pmeta+retrieval", "rmse")]
+    assert same["difference"] == 0.0 and same["ci_low"] == same["ci_high"] == 0.0 and same["p"] == 1.0
+    assert all(c["p_holm"] >= c["p"] and c["users"] == 30 for c in rows.values())

@@ -71,3 +71,23 @@ def test_rouge_partial_overlap():
 def test_invalid_inputs_raise_invalid_data(task, predictions, golds, message):
     with pytest.raises(InvalidData, match=message):
         score(task, predictions, golds)
+
+
+@pytest.mark.parametrize(
+    "task, predictions, golds",
+    [
+        ("LaMP-1", {"a": "[1]", "b": "[1]", "c": "x", "d": "[2]"}, {"a": "[1]", "b": "[2]", "c": "[1]", "d": "[2]"}),
+        ("LaMP-3", {"a": "4", "b": "five", "c": "2.5", "d": "1"}, {"a": "5", "b": "3", "c": "1", "d": "1"}),
+        ("LaMP-4", {"a": "great strings", "b": "", "c": "the amp hums", "d": "ok"}, {"a": "great strings here", "b": "fine", "c": "amp hums loudly", "d": "ok"}),
+    ],
+)
+def test_per_user_terms_aggregate_to_the_scores(task, predictions, golds):
+    """``per_user`` gives one term per user (sorted ids) whose ``aggregate`` is ``score``'s value, for
+    every metric but macro-F1 (a function of the whole confusion matrix)."""
+    from pmeta.eval.lamp_metrics import aggregate, per_user
+
+    ids, terms = per_user(task, predictions, golds)
+    scores = score(task, predictions, golds)
+    assert ids == sorted(golds) and set(terms) == set(scores) - {"f1"}
+    for metric, values in terms.items():
+        assert values.shape == (4,) and aggregate(metric, values) == pytest.approx(scores[metric])

@@ -32,6 +32,34 @@ def score(task: str, predictions: dict[str, str], golds: dict[str, str]) -> dict
     Raises InvalidData when the two id sets differ, when there are no golds, or when a gold is not one of
     the task's labels (LaMP-1/2) or not a number (LaMP-3).
     """
+    spec, _, predicted, gold = _checked(task, predictions, golds)
+    if spec.kind == "classification":
+        return _classification(spec.name, spec.labels or (), predicted, gold)
+    return {metric: aggregate(metric, terms) for metric, terms in _terms(spec, predicted, gold).items()}
+
+
+def per_user(task: str, predictions: dict[str, str], golds: dict[str, str]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Each user's term of every metric that is an aggregate of per-user terms, in sorted id order:
+    accuracy (0 or 1), the absolute error (MAE), the squared error (RMSE), ROUGE-1 and ROUGE-L.
+    :func:`aggregate` of a metric's terms is :func:`score`'s value; macro-F1, a function of the
+    whole confusion matrix, has none. For paired bootstraps over users."""
+    spec, ids, predicted, gold = _checked(task, predictions, golds)
+    if spec.kind == "classification":
+        index = {label: i for i, label in enumerate(spec.labels or ())}
+        bad = [g for g in gold if g.strip() not in index]
+        if bad:
+            raise InvalidData(f"{spec.name} gold {bad[0][:40]!r} is not one of the task's labels.")
+        return ids, {"accuracy": np.asarray([float(index.get(p.strip(), -1) == index[g.strip()]) for p, g in zip(predicted, gold)])}
+    return ids, _terms(spec, predicted, gold)
+
+
+def aggregate(metric: str, terms: np.ndarray) -> float:
+    """A metric from its per-user terms (:func:`per_user`): RMSE is √ of the mean squared error, the others means."""
+    value = float(np.mean(terms))
+    return math.sqrt(value) if metric == "rmse" else value
+
+
+def _checked(task: str, predictions: dict[str, str], golds: dict[str, str]):
     spec = task_spec(task)
     if set(predictions) != set(golds):
         missing, extra = sorted(set(golds) - set(predictions)), sorted(set(predictions) - set(golds))
@@ -40,13 +68,11 @@ def score(task: str, predictions: dict[str, str], golds: dict[str, str]) -> dict
     if not golds:
         raise InvalidData(f"No {spec.name} golds to score.")
     ids = sorted(golds)
-    predicted = [str(predictions[i]) for i in ids]
-    gold = [str(golds[i]) for i in ids]
-    if spec.kind == "classification":
-        return _classification(spec.name, spec.labels or (), predicted, gold)
-    if spec.kind == "rating":
-        return _rating(predicted, gold)
-    return _rouge(predicted, gold)
+    return spec, ids, [str(predictions[i]) for i in ids], [str(golds[i]) for i in ids]
+
+
+def _terms(spec, predicted: list[str], gold: list[str]) -> dict[str, np.ndarray]:
+    return _rating(predicted, gold) if spec.kind == "rating" else _rouge(predicted, gold)
 
 
 def _classification(name: str, labels: tuple[str, ...], predicted: list[str], gold: list[str]) -> dict[str, float]:
@@ -72,7 +98,7 @@ def _number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _rating(predicted: list[str], gold: list[str]) -> dict[str, float]:
+def _rating(predicted: list[str], gold: list[str]) -> dict[str, np.ndarray]:
     true = []
     for g in gold:
         value = _number(g)
@@ -84,10 +110,10 @@ def _rating(predicted: list[str], gold: list[str]) -> dict[str, float]:
         value = _number(p)
         pred.append(value if value is not None else (1.0 if abs(1 - t) > abs(5 - t) else 5.0))
     errors = np.asarray(pred, dtype=np.float64) - np.asarray(true, dtype=np.float64)
-    return {"mae": float(np.mean(np.abs(errors))), "rmse": float(np.sqrt(np.mean(errors**2)))}
+    return {"mae": np.abs(errors), "rmse": errors**2}  # per-user terms: see aggregate
 
 
-def _rouge(predicted: list[str], gold: list[str]) -> dict[str, float]:
+def _rouge(predicted: list[str], gold: list[str]) -> dict[str, np.ndarray]:
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
@@ -96,4 +122,4 @@ def _rouge(predicted: list[str], gold: list[str]) -> dict[str, float]:
         result = scorer.score_multi([g.strip()], p.strip())
         ones.append(result["rouge1"].fmeasure)
         ells.append(result["rougeL"].fmeasure)
-    return {"rouge-1": float(np.mean(ones)), "rouge-L": float(np.mean(ells))}
+    return {"rouge-1": np.asarray(ones, dtype=np.float64), "rouge-L": np.asarray(ells, dtype=np.float64)}

@@ -18,6 +18,8 @@ per-user LoRA, retrieve + fuse + inner steps for pmeta), measured per user. Each
 mean number of profile items its users kept (``profile_items``: fewer than K where profiles are
 shorter) and of retrieved items in their prompts (``prompt_items``: fewer than asked where the
 profile is shorter or the prompt's token budget drops the least relevant; 0 without retrieval).
+``comparisons`` (:func:`compare`): each pmeta method against the best baseline of each (K, metric)
+cell by a paired bootstrap over the users, with Holm-adjusted p-values.
 """
 
 from __future__ import annotations
@@ -33,11 +35,18 @@ import torch
 from ..data.lamp import TASKS, LampExample, task_spec, truncate_profile, write_predictions
 from ..eval.output import remove_stale, replaced, write_text
 from ..errors import InvalidConfig
-from ..eval.lamp_metrics import score
+from ..eval.lamp_metrics import aggregate, per_user, score
 from ..models.personal import num_bytes
 from .model import TextModel, lora_targets
 
 METHODS = ("backbone", "retrieval-k1", "retrieval-k2", "retrieval-k3", "retrieval-k4", "per-user-lora", "pmeta", "pmeta+retrieval")
+#: The methods compared with the best baseline of each (K, metric) cell, and the baselines.
+PMETA_METHODS = ("pmeta", "pmeta+retrieval")
+BASELINES = tuple(m for m in METHODS if m not in PMETA_METHODS)
+#: Lower is better for these metrics; higher for the others.
+LOWER_IS_BETTER = ("mae", "rmse")
+#: Resamples of users per comparison.
+BOOTSTRAP_RESAMPLES = 2000
 DEFAULT_METHODS = ",".join(METHODS)
 
 
@@ -145,9 +154,50 @@ def run_lamp(model: TextModel, examples: list[LampExample], methods: list[str], 
                             "bytes_per_user": int(np.mean(sizes[(method, k)]))})  # fmt: skip
             if out is not None:
                 write_predictions(out / "predictions" / f"{method}-k{k}.json", spec.name, preds[(method, k)])
+    comparisons = compare(spec.name, preds, golds, results, seed)
     return {"task": spec.name, "metrics": list(spec.metrics), "users": len(examples), "k_profile": ks, "methods": methods, "seed": seed,
+            "comparisons": comparisons,
             "lm": model.config.lm, "rating_decode": model.config.rating_decode if spec.kind == "rating" else None,
             "inner_steps": model.config.inner_steps, "torch_threads": torch.get_num_threads(), "results": results}  # fmt: skip
+
+
+def compare(task: str, preds: dict[tuple[str, int], dict[str, str]], golds: dict[str, str], results: list[dict], seed: int = 0,
+            resamples: int = BOOTSTRAP_RESAMPLES) -> list[dict]:  # fmt: skip
+    """Each pmeta method against the best baseline of each (K, metric) cell (by the point estimate),
+    by a paired bootstrap over the users: ``difference`` = method − baseline (for MAE and RMSE a
+    negative difference is better), its 95% percentile interval, a two-sided bootstrap p-value and
+    its Holm adjustment over every cell and metric of that pmeta method. Macro-F1 has no per-user
+    terms and is not compared."""
+    from ..eval.significance import holm
+
+    cells = {(r["method"], r["k_profile"]): r for r in results}
+    ks = sorted({k for _, k in cells})
+    out: list[dict] = []
+    for method in PMETA_METHODS:
+        family: list[dict] = []
+        for k in ks:
+            if (method, k) not in cells:
+                continue
+            _, mine = per_user(task, preds[(method, k)], golds)
+            for metric in mine:
+                rivals = [b for b in BASELINES if (b, k) in cells]
+                if not rivals:
+                    continue
+                sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+                best = max(rivals, key=lambda b: sign * cells[(b, k)][metric])
+                _, theirs = per_user(task, preds[(best, k)], golds)
+                a, b = mine[metric], theirs[metric]
+                rows = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+                sampled = np.array([aggregate(metric, a[r]) - aggregate(metric, b[r]) for r in rows])
+                p = min(1.0, 2 * min(float(np.mean(sampled <= 0)), float(np.mean(sampled >= 0))))
+                low, high = np.percentile(sampled, [2.5, 97.5])
+                family.append({"method": method, "versus": best, "k_profile": k, "metric": metric, "users": len(a),
+                               "difference": round(aggregate(metric, a) - aggregate(metric, b), 4),
+                               "ci_low": round(float(low), 4), "ci_high": round(float(high), 4), "p": round(p, 4)})  # fmt: skip
+        for row, adjusted in zip(family, holm([row["p"] for row in family])):
+            row["p_holm"] = round(adjusted, 4)
+        out += family
+    return out
 
 
 def write_lamp_report(report: dict, out: Path) -> list[Path]:
@@ -164,6 +214,15 @@ def write_lamp_report(report: dict, out: Path) -> list[Path]:
         lines += [f"## {metric} ({better})", "", "| method | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
         for method in report["methods"]:
             lines.append(f"| {method} | " + " | ".join(f"{cell[(method, k)][metric]:.4f}" if (method, k) in cell else "" for k in ks) + " |")
+        lines.append("")
+    if report.get("comparisons"):
+        lines += ["## pmeta against the best baseline of each cell", "",
+                  f"Paired bootstrap over the users ({BOOTSTRAP_RESAMPLES:,} resamples): difference = pmeta method − baseline "
+                  "(lower is better for mae and rmse), its 95% interval, and the two-sided p-value, Holm-adjusted over "
+                  "every cell and metric of the method.", "",
+                  "| method | K | metric | versus | difference [95% CI] | p (Holm) |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for c in report["comparisons"]:
+            lines.append(f"| {c['method']} | {c['k_profile']} | {c['metric']} | {c['versus']} | {c['difference']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] | {c['p']:.3f} ({c['p_holm']:.3f}) |")
         lines.append("")
     lines += ["## per-user cost and inputs", "", "profile items: the mean number each user kept (fewer than K where profiles are shorter); "
               "items in prompt: the mean number of retrieved items the prompt held (the token budget drops the least relevant).", "",
