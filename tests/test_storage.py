@@ -444,3 +444,242 @@ def test_kill_9_of_a_builder_leaves_the_bank_usable(store: BankStore, moment: st
     assert store.open().id == second
     assert tmp_dirs(store) == []
     assert [v["id"] for v in store.versions()] == [first, second]
+
+
+# ------------------------------------------------------------- races and interruptions (review at stop 45)
+
+
+def fill(writer, seed: int = 0) -> None:
+    writer.write_json("catalog.json", {"seed": seed})
+
+
+def publish(writer, seed: int = 0) -> str:
+    return writer.publish(config={"seed": seed}, dataset_name="toy", dataset_fingerprint=f"fp-{seed}", anchors=[{"n_users": 1}], held_out_users=["u1"])
+
+
+def test_a_lock_file_replaced_while_a_build_takes_it_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """A build that opened the lock file of a bank folder being removed (by a failed first build)
+    and got its lock once the file was gone does not hold the lock of the bank at that path."""
+    lock_path = tmp_path / ".lock"
+    lock_path.write_bytes(b"")
+    real_flock = store_module.fcntl.flock
+
+    def replaced_meanwhile(fd, operation):
+        lock_path.unlink()
+        lock_path.write_bytes(b"")  # a new bank's lock file, another inode
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(store_module.fcntl, "flock", replaced_meanwhile)
+    with pytest.raises(BankBusy, match="removed .* while this one started"):
+        store_module._acquire_lock(lock_path, tmp_path)
+    monkeypatch.undo()
+    lock_path.unlink()
+    with pytest.raises(BankBusy, match="removed .* while this one started"):  # the folder went
+        store_module._acquire_lock(tmp_path / "gone" / ".lock", tmp_path / "gone")
+    store_module._release_lock(store_module._acquire_lock(lock_path, tmp_path))  # a lock file that stays: taken
+
+
+def test_a_failed_first_build_never_removes_a_bank_built_meanwhile(tmp_path: Path, monkeypatch) -> None:
+    """The failed first build renames its folder away before removing it: a build that starts at the
+    path in between makes its own bank there, which the removal leaves alone."""
+    path = tmp_path / "bank"
+    real_remove = store_module._remove
+    built: list[str] = []
+
+    def remove(target: Path) -> None:
+        if target.parent == tmp_path and target.name.startswith(".bank.removing-"):
+            assert not path.exists()  # renamed away first
+            built.append(build(BankStore(path), seed=3))  # another builder, meanwhile
+        real_remove(target)
+
+    monkeypatch.setattr(store_module, "_remove", remove)
+    with pytest.raises(RuntimeError, match="training failed"):
+        with BankStore(path).new_version() as writer:
+            fill(writer)
+            raise RuntimeError("training failed")
+    assert len(built) == 1 and BankStore(path).open().id == built[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank"]
+
+
+def _at_revision_0001(bank: Path) -> None:
+    import sqlite3
+
+    connection = sqlite3.connect(bank / "bank.db")
+    connection.execute("ALTER TABLE bank_versions DROP COLUMN record_sha256")
+    connection.execute("UPDATE alembic_version SET version_num = '0001'")
+    connection.commit()
+    connection.close()
+
+
+def _columns(bank: Path) -> tuple[list[str], list[str]]:
+    import sqlite3
+
+    connection = sqlite3.connect(bank / "bank.db")
+    try:
+        columns = [row[1] for row in connection.execute("PRAGMA table_info(bank_versions)")]
+        return columns, [row[0] for row in connection.execute("SELECT version_num FROM alembic_version")]
+    finally:
+        connection.close()
+
+
+def test_an_interrupted_schema_upgrade_on_sqlite_leaves_the_database_as_it_was(tmp_path: Path, monkeypatch) -> None:
+    """The upgrade's ALTER TABLE and its revision bump commit together or not at all."""
+    from pmeta.storage import migrate
+
+    first = build(BankStore(tmp_path / "bank"))
+    _at_revision_0001(tmp_path / "bank")
+    real_upgrade = migrate.command.upgrade
+
+    def upgrade_then_die(config, revision):
+        real_upgrade(config, revision)
+        raise KeyboardInterrupt  # Ctrl-C after the DDL, before the commit
+
+    monkeypatch.setattr(migrate.command, "upgrade", upgrade_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        BankStore(tmp_path / "bank").open()
+    monkeypatch.undo()
+    columns, revision = _columns(tmp_path / "bank")
+    assert "record_sha256" not in columns and revision == ["0001"]  # rolled back whole
+    with BankStore(tmp_path / "bank") as store:
+        assert store.open().id == first and store.verify()["ok"]
+    columns, revision = _columns(tmp_path / "bank")
+    assert "record_sha256" in columns and revision == [store_module.migrate.head()]
+
+
+def test_concurrent_upgrades_of_an_outdated_bank_run_one_after_the_other(tmp_path: Path) -> None:
+    """Processes opening an outdated bank at once each open it; one upgrades, the others wait for it."""
+    first = build(BankStore(tmp_path / "bank"))
+    _at_revision_0001(tmp_path / "bank")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO_ROOT)!r})
+        from pmeta.storage import BankStore
+        print(BankStore({str(tmp_path / 'bank')!r}).open().id)
+    """)
+    children = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [child.communicate(timeout=120) for child in children]
+    assert [out.strip() for out, _ in results] == [first] * 4, [err[-400:] for _, err in results]
+
+
+def test_an_error_after_the_commit_keeps_the_new_version_and_its_folder(store: BankStore, monkeypatch) -> None:
+    import sqlalchemy.orm
+
+    build(store)
+    real_close = sqlalchemy.orm.Session.close
+    calls = []
+
+    def close_then_interrupt(self):
+        real_close(self)
+        if not calls:
+            calls.append(1)
+            raise KeyboardInterrupt  # Ctrl-C once the commit is done
+
+    writer = store.new_version()
+    fill(writer, 1)
+    monkeypatch.setattr(sqlalchemy.orm.Session, "close", close_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        publish(writer, 1)
+    monkeypatch.undo()
+    writer.close()
+    assert store.open().id == writer.id and store.verify(all_versions=True)["ok"]
+
+
+@pytest.mark.parametrize("landed", [True, False])
+def test_a_failed_commit_keeps_the_folder_exactly_when_the_version_was_recorded(tmp_path: Path, landed: bool) -> None:
+    """A commit whose acknowledgement is lost (it landed) keeps the new version; one that did not land
+    leaves the previous version active and no folder behind."""
+    import sqlite3
+
+    store = BankStore(tmp_path / "bank")
+    first = build(store)
+    writer = store.new_version()
+    fill(writer, 1)
+    dialect = store._get_engine().dialect
+    real_commit = dialect.do_commit
+
+    def fail(dbapi_connection) -> None:
+        dialect.do_commit = real_commit
+        if landed:
+            real_commit(dbapi_connection)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    dialect.do_commit = fail
+    with pytest.raises(BankIntegrityError, match="disk I/O error"):
+        publish(writer, 1)
+    dialect.do_commit = real_commit
+    writer.close()
+    assert store.open().id == (writer.id if landed else first)
+    assert sorted(p.name for p in store.versions_dir.iterdir()) == sorted({first, writer.id} if landed else {first})
+    store.close()
+
+
+def test_two_first_builds_into_one_shared_database_cannot_both_publish(tmp_path: Path) -> None:
+    """Both pass the owner check when they start (neither has published); the publish checks again."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    a, b = BankStore(tmp_path / "a", url), BankStore(tmp_path / "b", url)
+    writer_a, writer_b = a.new_version(), b.new_version()
+    fill(writer_a), fill(writer_b, 1)
+    first = publish(writer_a)
+    with pytest.raises(InvalidConfig, match="already holds another bank"):
+        publish(writer_b, 1)
+    writer_a.close(), writer_b.close()
+    assert a.open().id == first and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    ("statement", "message"),
+    [
+        ("INSERT INTO alembic_version VALUES ('0001')", "unusable schema revision record: .*more than one head"),
+        ("DELETE FROM alembic_version", "its alembic_version table holds no revision"),
+    ],
+)
+def test_a_broken_revision_table_is_a_typed_error(tmp_path: Path, statement: str, message: str) -> None:
+    import sqlite3
+
+    from typer.testing import CliRunner
+
+    from pmeta.cli import app
+
+    build(BankStore(tmp_path / "bank"))
+    connection = sqlite3.connect(tmp_path / "bank" / "bank.db")
+    connection.execute(statement)
+    connection.commit()
+    connection.close()
+    with pytest.raises(BankIntegrityError, match=message):
+        BankStore(tmp_path / "bank").open()
+    result = CliRunner().invoke(app, ["bank", "verify", str(tmp_path / "bank")])
+    assert result.exit_code == 2 and "Traceback" not in result.output and re.search(message, result.output), result.output
+
+
+def test_a_config_that_is_not_an_object_is_refused_even_with_a_matching_checksum(tmp_path: Path) -> None:
+    from sqlalchemy.orm import Session
+
+    store = BankStore(tmp_path / "bank")
+    version_id = build(store)
+    with Session(store._get_engine()) as session, session.begin():
+        row = session.get(store_module.BankVersion, version_id)
+        row.config_json = "[]"
+        anchors = list(session.scalars(store_module.select(store_module.Anchor).where(store_module.Anchor.version_id == version_id)))
+        row.record_sha256 = store_module._record_sha256(row, anchors, ["u1", "u2"])
+    with pytest.raises(BankIntegrityError, match="config is a JSON list"):
+        store.open()
+    store.close()
+
+
+def test_an_unwritable_versions_folder_is_a_typed_error(store: BankStore, monkeypatch) -> None:
+    import errno
+
+    from pmeta.errors import InvalidRequest
+
+    first = build(store)
+
+    def denied(_versions_dir):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(store_module, "_new_version_id", denied)
+    with pytest.raises(InvalidRequest, match="cannot write into .*versions: Permission denied"):
+        store.new_version()
+    monkeypatch.undo()
+    assert store.open().id == first
+    with store.new_version():  # the lock was released
+        pass

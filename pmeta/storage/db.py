@@ -25,6 +25,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from pmeta.errors import InvalidConfig
 
 ACTIVE = "active"
+#: Execution option of :func:`for_writing`.
+WRITE_OPTION = "pmeta_write"
 
 
 class Base(DeclarativeBase):
@@ -77,10 +79,11 @@ TABLE_NAMES = tuple(Base.metadata.tables)
 
 
 def make_engine(url: str) -> Engine:
-    """Create an engine for ``url``. On SQLite, foreign keys are enforced and writers wait for
-    locks up to 30 s; other backends get SQLAlchemy's defaults plus a 10 s connect timeout and a
-    liveness check of pooled connections. Connecting is lazy: nothing is created until the engine
-    is first used. Raises :class:`~pmeta.errors.InvalidConfig` for a malformed URL or a backend
+    """Create an engine for ``url``. On SQLite, foreign keys are enforced, writers wait for locks
+    up to 30 s, and every transaction is a real one, DDL included (:func:`for_writing` gives one
+    that takes the write lock first); other backends get SQLAlchemy's defaults plus a 10 s connect
+    timeout and a liveness check of pooled connections. Connecting is lazy: nothing is created
+    until the engine is first used. Raises :class:`~pmeta.errors.InvalidConfig` for a malformed URL or a backend
     whose driver is not installed."""
     try:
         backend = make_url(url).get_backend_name()
@@ -97,12 +100,26 @@ def make_engine(url: str) -> Engine:
     if is_sqlite:
 
         @event.listens_for(engine, "connect")
-        def _enforce_foreign_keys(dbapi_connection, _record) -> None:  # pragma: no cover - trivial
+        def _on_connect(dbapi_connection, _record) -> None:
+            # Python's sqlite3 opens a transaction only before INSERT/UPDATE/DELETE, so DDL (a schema
+            # upgrade's ALTER TABLE) would commit on its own; pmeta issues BEGIN itself (below).
+            dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
+        @event.listens_for(engine, "begin")
+        def _on_begin(connection) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if connection.get_execution_options().get(WRITE_OPTION) else "BEGIN")
+
     return engine
+
+
+def for_writing(engine: Engine) -> Engine:
+    """``engine`` whose transactions take SQLite's write lock when they begin (``BEGIN IMMEDIATE``),
+    so that what a transaction reads before it writes cannot change under it; other backends are
+    unchanged (pmeta serialises their writers with advisory locks)."""
+    return engine.execution_options(**{WRITE_OPTION: True})
 
 
 def _hide_password(url: str) -> str:

@@ -4,9 +4,11 @@
 table, a bank made before pmeta used Alembic (the tables of revision 0001 and no
 ``alembic_version``) is stamped at 0001 and upgraded, and a current one is left alone. Builders
 call it under the bank's build lock; readers call :func:`schema_state` and only upgrade an
-out-of-date bank. On PostgreSQL the upgrade holds a transaction-scoped advisory lock, so that
-processes sharing one server never migrate at the same time; on SQLite the DDL runs in one
-transaction (SQLite's DDL is transactional).
+out-of-date bank. The whole upgrade, DDL included, is one transaction: an upgrade killed half
+way leaves the database as it was. On PostgreSQL it holds a transaction-scoped advisory lock, so
+that processes sharing one server never migrate at the same time; on SQLite it begins with
+``BEGIN IMMEDIATE`` (:func:`pmeta.storage.db.for_writing`, on engines made by
+:func:`pmeta.storage.db.make_engine`), so a second upgrader waits, then finds the schema current.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect, text
 
+from pmeta.storage.db import for_writing
+
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: The revision whose tables banks made before Alembic already have.
 BASELINE = "0001"
@@ -27,6 +31,16 @@ BASELINE = "0001"
 BASELINE_TABLES = frozenset({"bank_versions", "anchors", "held_out_users", "active_version"})
 #: PostgreSQL advisory lock key of schema upgrades ("pmeta-mg").
 MIGRATION_LOCK_KEY = 0x706D6574612D6D67
+#: The version table Alembic keeps the revision in.
+VERSION_TABLE = "alembic_version"
+
+
+class SchemaError(RuntimeError):
+    """A database :func:`upgrade` will not touch; ``state`` is its :func:`schema_state`."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__(state)
+        self.state = state
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -52,8 +66,9 @@ def known_revisions() -> frozenset[str]:
 def schema_state(connection: Connection) -> str:
     """``"current"``, ``"outdated"`` (a known older revision, or a pre-Alembic bank), ``"empty"``
     (no bank table; other applications' tables may exist), ``"partial"`` (some bank tables but
-    not all, and no revision) or ``"unknown:<rev>"`` (a revision this pmeta does not know, e.g.
-    written by a newer pmeta)."""
+    not all, and no revision), ``"no-revision"`` (bank tables beside an empty ``alembic_version``)
+    or ``"unknown:<rev>"`` (a revision this pmeta does not know, e.g. written by a newer pmeta).
+    Raises Alembic's ``CommandError`` where ``alembic_version`` holds several revisions."""
     revision = MigrationContext.configure(connection).get_current_revision()
     if revision == head():
         return "current"
@@ -61,23 +76,24 @@ def schema_state(connection: Connection) -> str:
         return "outdated" if revision in known_revisions() else f"unknown:{revision}"
     tables = set(inspect(connection).get_table_names())
     if BASELINE_TABLES <= tables:
-        return "outdated"
+        # pmeta made alembic_version and stamped it in one transaction: an empty one is not pre-Alembic
+        return "no-revision" if VERSION_TABLE in tables else "outdated"
     return "partial" if tables & BASELINE_TABLES else "empty"
 
 
 def upgrade(engine: Engine) -> str:
     """Bring the database to :func:`head` in one transaction; return the state found before.
 
-    Raises ``RuntimeError`` for a database with only some of the bank tables or an unknown revision (the
-    storage layer turns these into typed errors)."""
-    with engine.begin() as connection:
+    Raises :class:`SchemaError` for a database with only some of the bank tables, an empty
+    ``alembic_version`` or an unknown revision (the storage layer turns these into typed errors)."""
+    with for_writing(engine).begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         state = schema_state(connection)
         if state == "current":
             return state
-        if state == "partial" or state.startswith("unknown:"):
-            raise RuntimeError(state)
+        if state in ("partial", "no-revision") or state.startswith("unknown:"):
+            raise SchemaError(state)
         config = alembic_config(connection)
         if state == "outdated" and MigrationContext.configure(connection).get_current_revision() is None:
             command.stamp(config, BASELINE)

@@ -9,20 +9,22 @@ Layout::
 
 Publishing is crash-safe: files are written into a private temporary folder, fsynced, listed in a
 checksummed manifest, renamed into place, and only then recorded and made active in one database
-transaction. Until that commit the previous active version stays active; a killed builder leaves
-at most a ``.tmp-*`` folder (removed by the next build) or, if killed between the rename and the
-commit, an unrecorded folder that :meth:`BankStore.info` reports under ``orphans`` and nothing
-ever opens. Readers take no lock: a published folder never changes, and every open verifies it.
+transaction, which checks again that the database holds no other bank. Until that commit the
+previous active version stays active; a killed builder leaves at most a ``.tmp-*`` folder (removed
+by the next build) or, if killed between the rename and the commit, an unrecorded folder that
+:meth:`BankStore.info` reports under ``orphans`` and nothing ever opens. Readers take no lock: a
+published folder never changes, and every open verifies it.
 
 The metadata database's schema is managed by Alembic (:mod:`pmeta.storage.migrate`): a build
 brings it to the newest revision under the build lock, and opening an out-of-date bank upgrades
-it. One database holds one bank: a build refuses a database whose recorded versions all live in
-another bank directory. On PostgreSQL a build also holds a session advisory lock, so two builds
-into one database exclude each other even where the bank folder's ``flock`` does not reach (two
-machines sharing the bank folder). Each version's database record (its row,
-anchors and held-out users) carries a sha256 that every open checks; database errors surface as
-typed errors: :class:`BankIntegrityError` for a corrupt database, :class:`BankUnavailable` for
-one that cannot be reached, :class:`BankBusy` for one locked too long.
+it (the one time a reader writes: one transaction, which concurrent upgraders wait for). One
+database holds one bank: a build refuses a database whose recorded versions all live in another
+bank directory. On PostgreSQL a build also holds a session advisory lock, so two builds into one
+database exclude each other even where the bank folder's ``flock`` does not reach (two machines
+sharing the bank folder). Each version's database record (its row, anchors and held-out users)
+carries a sha256 that every open checks; database errors surface as typed errors:
+:class:`BankIntegrityError` for a corrupt database, :class:`BankUnavailable` for one that cannot
+be reached, :class:`BankBusy` for one locked too long.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from alembic.util.exc import CommandError
 from sqlalchemy import Connection, Engine, make_url, select, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -46,7 +49,7 @@ from sqlalchemy.orm import Session
 from pmeta.checks import as_path, is_path_error, os_error_message
 from pmeta.errors import BankBusy, BankIntegrityError, BankNotFound, BankUnavailable, InvalidConfig, InvalidRequest, PmetaError
 from pmeta.storage import migrate
-from pmeta.storage.db import ACTIVE, ActiveVersion, Anchor, BankVersion, HeldOutUser, make_engine
+from pmeta.storage.db import ACTIVE, ActiveVersion, Anchor, BankVersion, HeldOutUser, for_writing, make_engine
 from pmeta.storage.manifest import MANIFEST_NAME, check_dir, list_files, verified_entries, write_manifest
 from pmeta.storage.tensor_file import save_tensors
 
@@ -126,9 +129,11 @@ class BankStore:
             db_lock = _acquire_db_lock(self._get_engine(), self)
         try:
             self._check_database_owner()
-            created_bank = not self.path.exists() and not self.path.is_symlink()
             try:
-                self.path.mkdir(parents=True, exist_ok=True)
+                self.path.mkdir(parents=True)
+                created_bank = True  # by this build: a first build that fails removes it
+            except FileExistsError:
+                created_bank = False
             except OSError as error:  # a read-only or virtual file system, no permission
                 if not is_path_error(error):
                     raise  # a full disk, an I/O error
@@ -143,12 +148,17 @@ class BankStore:
                 if state.startswith("unknown:"):
                     raise BankIntegrityError(_unknown_revision(self, state))
             self._schema_seen = True
-            self.versions_dir.mkdir(exist_ok=True)
-            for stale in self.versions_dir.glob(TMP_PREFIX + "*"):
-                _remove(stale)
-            version_id = _new_version_id(self.versions_dir)
-            tmp_dir = self.versions_dir / (TMP_PREFIX + version_id)
-            tmp_dir.mkdir()
+            try:
+                self.versions_dir.mkdir(exist_ok=True)
+                for stale in self.versions_dir.glob(TMP_PREFIX + "*"):
+                    _remove(stale)
+                version_id = _new_version_id(self.versions_dir)
+                tmp_dir = self.versions_dir / (TMP_PREFIX + version_id)
+                tmp_dir.mkdir()
+            except OSError as error:
+                if not is_path_error(error):
+                    raise  # a full disk, an I/O error
+                raise InvalidRequest(f"cannot write into {self.versions_dir}: {os_error_message(error)}") from None
         except BaseException:
             _release_db_lock(db_lock)
             _release_lock(lock)
@@ -161,6 +171,8 @@ class BankStore:
         Versions record folder names only, so a second bank directory publishing into the same
         database would move the first one's active pointer to a folder it does not have. The bank's
         own ``bank.db`` is owned by construction and not read here (it may not exist yet).
+        :meth:`VersionWriter.publish` checks again in its transaction: two first builds sharing a
+        database that is not PostgreSQL (whose builds exclude each other) both pass this check.
         """
         if _sqlite_file(self.db_url) == self.path / DB_NAME:
             return
@@ -171,7 +183,13 @@ class BankStore:
             if state in ("empty", "partial") or state.startswith("unknown:"):
                 return  # a new database (or one the upgrade below refuses)
             with Session(engine) as session:
-                recorded = list(session.scalars(select(BankVersion.id)))
+                self._check_owner_in(session)
+
+    def _check_owner_in(self, session: Session) -> None:
+        """The owner check on ``session``'s view of the database; the bank's own ``bank.db`` passes."""
+        if _sqlite_file(self.db_url) == self.path / DB_NAME:
+            return
+        recorded = list(session.scalars(select(BankVersion.id)))
         if recorded and not any((self.versions_dir / version).is_dir() for version in recorded):
             raise InvalidConfig(
                 f"database {self._db_label()} already holds another bank: none of its {len(recorded)} version(s) "
@@ -358,6 +376,8 @@ class BankStore:
                     raise BankNotFound(f"not a pmeta bank: {self.path} (its database has no bank tables)")
                 if state.startswith("unknown:"):
                     raise BankIntegrityError(_unknown_revision(self, state))
+                if state == "no-revision":
+                    raise BankIntegrityError(_no_revision(self))
                 if state == "outdated":
                     _upgrade(engine, self)
             self._schema_seen = True
@@ -381,6 +401,8 @@ class BankStore:
             raise _typed_db_error(error, self) from None
         except SQLAlchemyError as error:
             raise BankIntegrityError(f"bank database {self._db_label()} cannot be read: {_first_line(error)}") from None
+        except CommandError as error:  # Alembic: e.g. several rows in alembic_version
+            raise BankIntegrityError(f"bank database {self._db_label()} has an unusable schema revision record: {_first_line(error)}") from None
         except (ValueError, TypeError, OverflowError) as error:  # a stored value that no longer parses
             raise BankIntegrityError(f"bank database {self._db_label()} holds an unreadable value: {_first_line(error)}") from None
 
@@ -408,7 +430,7 @@ class VersionWriter:
         self._store = store
         self._lock: IO[bytes] | None = lock
         self._db_lock = db_lock
-        self._state = "open"  # open -> published | discarded | failed
+        self._state = "open"  # open -> published | discarded | failed | uncertain (a commit that may have landed)
 
     def __repr__(self) -> str:
         return f"VersionWriter({self.id!r}, {self._state})"
@@ -424,15 +446,16 @@ class VersionWriter:
 
         If this build created the bank folder and publishes nothing, the whole folder goes (lock
         file and SQLite database included, while the lock is still held): a failed first build
-        leaves no empty bank behind."""
+        leaves no empty bank behind. The folder is first renamed away, so a build that starts
+        meanwhile makes a bank of its own at the path, which this removal never touches."""
         try:
             if self._state == "open":
                 _remove(self.dir)
                 self._state = "discarded"
-            if self._created_bank and self._state != "published":
+            if self._created_bank and self._state in ("discarded", "failed"):
                 self._created_bank = False
                 self._store.close()
-                _remove(self._store.path)
+                _remove_bank_folder(self._store.path)
         finally:
             _release_db_lock(self._db_lock)
             self._db_lock = None
@@ -498,12 +521,17 @@ class VersionWriter:
         users, and points ``active`` at it.
 
         If anything fails before the commit, the folder is removed, the previous active version
-        stays active, and the error propagates (:class:`InvalidConfig` for a config JSON cannot
-        hold, ``ValueError``/``TypeError`` for malformed anchors, database errors as raised).
+        stays active, and the error propagates. If the commit itself fails, the folder stays unless
+        a fresh connection shows the version unrecorded (a lost acknowledgement can hide a commit
+        that happened); after the commit, an error (say, closing the session) still propagates,
+        but the new version stays published and active with its folder. Errors propagate as
+        :class:`InvalidConfig` for a config JSON cannot hold, ``ValueError``/``TypeError`` for
+        malformed anchors, database errors as raised.
         """
         self._check_open()
         final = self._store.versions_dir / self.id
         created: Path = self.dir
+        committing = committed = False
         try:
             try:
                 config_json = _to_json(dict(config), sort_keys=True)
@@ -534,15 +562,32 @@ class VersionWriter:
             )
             held_out = [HeldOutUser(version_id=self.id, user_id=user) for user in users]
             version.record_sha256 = _record_sha256(version, anchor_rows, users)
-            with self._store._db_errors(), Session(self._store._get_engine()) as session, session.begin():
-                _record_version(session, version, anchor_rows, held_out)
+            with self._store._db_errors(), Session(for_writing(self._store._get_engine())) as session:
+                with session.begin():
+                    self._store._check_owner_in(session)
+                    _record_version(session, version, anchor_rows, held_out)
+                    committing = True  # leaving this block commits: a failure from here may follow a commit
+                committed = True
         except BaseException:
-            _remove(created)
-            self._state = "failed"
+            recorded = committed or (committing and self._recorded() is not False)
+            if recorded:  # the version is, or may be, recorded and active: its folder stays
+                self.dir = final
+                self._state = "published" if committed or self._recorded() else "uncertain"
+            else:
+                _remove(created)
+                self._state = "failed"
             raise
         self.dir = final
         self._state = "published"
         return self.id
+
+    def _recorded(self) -> bool | None:
+        """Whether this version's row is in the database, asked on a fresh connection (None: cannot tell)."""
+        try:
+            with Session(self._store._get_engine()) as session:
+                return session.get(BankVersion, self.id) is not None
+        except Exception:  # noqa: BLE001 - an unreachable database: unknown
+            return None
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -639,10 +684,14 @@ def _load_record(session: Session, version_id: str, db_label: str = DB_NAME) -> 
             select(HeldOutUser.user_id).where(HeldOutUser.version_id == version_id).order_by(HeldOutUser.user_id)
         )
     )
+    # NULL: published before schema revision 0002. The checksum guards against damage, not against
+    # someone who can write the database (who could as well recompute it).
     if row.record_sha256 is not None and row.record_sha256 != _record_sha256(row, anchor_rows, held_out):
         raise BankIntegrityError(f"bank database {db_label}: the record of version {version_id} does not match its checksum")
     try:
         config = json.loads(row.config_json)
+        if not isinstance(config, dict):
+            raise TypeError(f"its config is a JSON {type(config).__name__}, not an object")
         anchors = [
             {"position": a.position, "n_users": a.n_users, "label": a.label, **json.loads(a.attrs_json or "{}")}
             for a in anchor_rows
@@ -695,16 +744,21 @@ def _upgrade(engine: Engine, store: BankStore) -> str:
     """Run the migrations; a concurrent upgrade that won the race is fine."""
     try:
         return migrate.upgrade(engine)
-    except RuntimeError as error:
-        state = str(error)
-        if state.startswith("unknown:"):
-            raise BankIntegrityError(_unknown_revision(store, state)) from None
+    except migrate.SchemaError as error:
+        if error.state.startswith("unknown:"):
+            raise BankIntegrityError(_unknown_revision(store, error.state)) from None
+        if error.state == "no-revision":
+            raise BankIntegrityError(_no_revision(store)) from None
         raise BankNotFound(f"not a pmeta bank: {store.path} (its database has only some of the bank tables)") from None
     except DBAPIError:
         with engine.connect() as connection:
             if migrate.schema_state(connection) == "current":
                 return "current"
         raise
+
+
+def _no_revision(store: BankStore) -> str:
+    return f"bank database {store._db_label()} is corrupt: it has the bank tables but its {migrate.VERSION_TABLE} table holds no revision"
 
 
 def _unknown_revision(store: BankStore, state: str) -> str:
@@ -823,7 +877,16 @@ def _sqlite_file(db_url: str) -> Path | None:
 
 
 def _acquire_lock(lock_path: Path, bank: Path) -> IO[bytes]:
-    handle = open(lock_path, "ab")
+    """An exclusive lock on ``lock_path``, held by the returned open file.
+
+    The lock counts only while the file is still the one at ``lock_path``: a failed first build
+    removes the bank folder, lock file included, and a build that opened the old file (or found
+    the folder gone) must not go on as if it held the new bank's lock."""
+    moved = BankBusy(f"another build removed {bank} while this one started; try again")
+    try:
+        handle = open(lock_path, "ab")
+    except FileNotFoundError:
+        raise moved from None
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -832,6 +895,17 @@ def _acquire_lock(lock_path: Path, bank: Path) -> IO[bytes]:
     except BaseException:
         handle.close()
         raise
+    try:
+        held, there = os.fstat(handle.fileno()), os.stat(lock_path)
+        same = (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+    except FileNotFoundError:
+        same = False
+    except BaseException:
+        _release_lock(handle)
+        raise
+    if not same:
+        _release_lock(handle)
+        raise moved
     return handle
 
 
@@ -848,6 +922,16 @@ def _new_version_id(versions_dir: Path) -> str:
         version_id = f"{stamp}-{secrets.token_hex(3)}"
         if not (versions_dir / version_id).exists() and not (versions_dir / (TMP_PREFIX + version_id)).exists():
             return version_id
+
+
+def _remove_bank_folder(path: Path) -> None:
+    """Rename ``path`` to a hidden sibling, then remove that (see :meth:`VersionWriter.close`)."""
+    doomed = path.with_name(f".{path.name}.removing-{secrets.token_hex(4)}")
+    try:
+        os.rename(path, doomed)
+    except OSError:
+        return  # left as it is: a bank folder without a version, which a later build reuses
+    _remove(doomed)
 
 
 def _remove(path: Path) -> None:
