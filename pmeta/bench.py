@@ -197,17 +197,17 @@ def bench_rank(bank: Bank, sizes: tuple[int, ...], repeats: int = 20) -> list[di
     out = []
     for n in sizes:
         g = torch.Generator().manual_seed(n)
-        rows = torch.randint(len(bank.catalog), (n,), generator=g)
+        rows = torch.randint(len(bank.catalog), (n,), generator=g).to(model.t.item_text.device)
         head = dict(model.t.head)
         head["item_bias"] = head["item_bias"][rows]
         if "item_embedding" in head:
             head["item_embedding"] = head["item_embedding"][rows].contiguous()
-        item_text = F.normalize(torch.randn(n, model.t.item_text.shape[1], generator=g), dim=1)
+        item_text = F.normalize(torch.randn(n, model.t.item_text.shape[1], generator=g), dim=1).to(model.t.item_text.device)
         seen = np.array(user.seen_items, dtype=np.int64) % n
 
         def once() -> None:
             with torch.inference_mode():
-                scores = ranking.logits(head, item_text, vectors, None if batch.prior is None else batch.prior[:, rows])[0].numpy()
+                scores = ranking.logits(head, item_text, vectors, None if batch.prior is None else batch.prior[:, rows])[0].float().cpu().numpy()
             scores[seen] = -np.inf
             top_indexes(scores, 10)
 
@@ -267,7 +267,7 @@ def bench_retrieval(sizes: tuple[int, ...], queries: int = 100, k: int = 10, hns
             del index
         skipped = [kind for kind in ("hnsw",) if kind not in kinds]
         for kind in skipped:
-            rows.append({"keys": n, "index": kind, "skipped": f"building HNSW over {n:,} keys takes ~{n / 100_000 * 80 / 60:.0f} min on one core; auto uses IVF above 200k"})
+            rows.append({"keys": n, "index": kind, "skipped": f"building HNSW over {n:,} keys would take an estimated ~{n / 100_000 * 80 / 60:.0f} min on one core (80 s per 100k keys measured once); auto uses IVF above 200k"})
         del keys
     return rows
 
@@ -322,8 +322,7 @@ def bench_per_user_lora(bank: Bank, users: int, k: int = 5) -> dict:
         "k": k,
         **recipes["all"],
         "pmeta_personalize_and_rank_ms": _percentiles(pmeta_ms[1:]),
-        "pmeta_bytes_per_user": 0,
-        "pmeta_layers": bank.config.prompt_layer,
+        "pmeta_first_layer": bank.config.prompt_layer,  # pmeta personalizes this layer and the ones above
         "restricted_to_pmeta_layers": recipes["bank"],
     }
 
@@ -344,7 +343,7 @@ sys.exit(code)
 """
 
 
-def adapt_process_rss(bank_path: Path, history: dict) -> float:
+def adapt_process_rss(bank_path: Path, history: dict, db_url: str | None = None) -> float:
     """Peak RSS (MB) of a fresh ``pmeta adapt`` process: the kernel's high-water mark (VmHWM) read
     by the process itself at exit. (``RUSAGE_CHILDREN`` would also count the forked copy of this
     benchmark process before ``exec``.)"""
@@ -352,9 +351,11 @@ def adapt_process_rss(bank_path: Path, history: dict) -> float:
         path = Path(tmp) / "history.json"
         path.write_text(json.dumps(history))
         args = ["--threads", str(torch.get_num_threads()), "adapt", "--bank", str(bank_path), "--history", str(path), "--json"]
+        args += ["--db", db_url] if db_url is not None else []
         result = subprocess.run([sys.executable, "-c", _PEAK_RSS_WRAPPER, *args], capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"pmeta adapt failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+        said = [line for line in result.stderr.strip().splitlines() if line.strip() and not line.startswith("PEAK_RSS_KB")]
+        raise PmetaError(f"the `pmeta adapt` process measured for peak RSS failed: {said[-1].strip() if said else f'exit code {result.returncode}'}")
     kib = next(line.split()[1] for line in result.stderr.splitlines() if line.startswith("PEAK_RSS_KB"))
     return int(kib) / 1024.0
 
@@ -416,14 +417,22 @@ def _count_users(bank: Bank, counted: dict[str, int]) -> None:
 
 def _run(paths: list[Path], quick: bool, db_url: str | None, retrieval_sizes, built_tiny: bool, smoke: bool = False, device: str = "cpu") -> dict:
     count = 3 if smoke else 15 if quick else 100
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        if p.resolve() in seen:
+            raise InvalidRequest(f"--bank {p} is given twice (as {seen[p.resolve()]}): give each bank once")
+        seen[p.resolve()] = p
+    before = [tree_state(p) for p in paths]  # before opening: an open may upgrade an old bank's schema
     opened = [Bank.open(p, db_url, device=device) for p in paths]
     counted = {"users": 0}  # every user personalized through the banks, counted as it happens
     for bank in opened:
         _count_users(bank, counted)
-    before = [tree_state(p) for p in paths]
+    # first the `pmeta adapt` process (one more user): a failure there costs no measurement
+    peak_rss = adapt_process_rss(paths[0], sample_histories(opened[0], 5, 1)[0], db_url)
     by_bank, bank_info = {}, []
-    for path, bank in zip(paths, opened):
-        name = bank.config.meta if bank.config.meta not in by_bank else f"{bank.config.meta}:{path.name}"
+    metas = [bank.config.meta for bank in opened]
+    for number, (path, bank) in enumerate(zip(paths, opened), 1):
+        name = bank.config.meta if metas.count(bank.config.meta) == 1 else f"{bank.config.meta}:{number}"
         by_bank[name] = {f"k{k}": bench_personalize(bank, k, count) for k in (1, 3, 5)}
         try:
             build = json.loads((Path(bank.store.open().dir) / BUILD_FILE).read_text())
@@ -440,9 +449,13 @@ def _run(paths: list[Path], quick: bool, db_url: str | None, retrieval_sizes, bu
     retrieval = bench_retrieval(retrieval_sizes or ((1_000, 10_000) if quick else (1_000, 100_000, 1_000_000)), queries=30 if quick else 100)
     versus = bench_per_user_lora(main, 1 if smoke else 3 if quick else 10)
     gflop = personalize_flops(main)
-    peak_rss = adapt_process_rss(paths[0], sample_histories(main, 5, 1)[0])  # one more user, in a `pmeta adapt` process
-    users_personalized = counted["users"] + versus["users"] + 1
+    # the banks' personalize calls (the per-user LoRA section's pmeta users among them), bench_rank's
+    # user (model.personalize, under the bank) and the `pmeta adapt` process's
+    users_personalized = counted["users"] + 1 + 1
     after = [tree_state(p) for p in paths]
+    grown = sum(size for _, size, _ in sum(after, [])) - sum(size for _, size, _ in sum(before, []))
+    stored = 0 if before == after else max(grown, 0) / users_personalized
+    versus["pmeta_bytes_per_user"] = stored
     return {
         "machine": machine(),
         "banks": bank_info,
@@ -452,7 +465,8 @@ def _run(paths: list[Path], quick: bool, db_url: str | None, retrieval_sizes, bu
         "peak_rss_mb": peak_rss,
         "retrieval": retrieval,
         "vs_per_user_lora": versus,
-        "bytes_stored_per_user": 0 if before == after else None,
+        "bytes_stored_per_user": stored,  # measured: the banks' files compared before and after
+        "banks_unchanged": before == after,
         "users_personalized": users_personalized,
     }
 
@@ -487,7 +501,7 @@ def format_table(report: dict) -> str:
         auto = " (auto)" if r["auto_choice"] else ""
         lines.append(f"  {r['keys']:>9,} keys  {r['index']:<5}{auto:<7} p50 {r['ms_per_query']['p50']:8.3f} ms  p95 {r['ms_per_query']['p95']:8.3f} ms  recall@10 {r['recall@10']:.3f}  build {r['build_s']:.1f} s")
     v = report["vs_per_user_lora"]
-    lines += ["", f"vs per-user LoRA (OPPU recipe; {v['users']} users, K={v['k']}; pmeta personalize+rank p50 {v['pmeta_personalize_and_rank_ms']['p50']:.0f} ms, 0 bytes per user):"]
+    lines += ["", f"vs per-user LoRA (OPPU recipe; {v['users']} users, K={v['k']}; pmeta personalize+rank p50 {v['pmeta_personalize_and_rank_ms']['p50']:.0f} ms, {v['pmeta_bytes_per_user']:g} bytes per user):"]
     for label, r in (("as published", v), ("restricted to pmeta's layers", v["restricted_to_pmeta_layers"])):
         lines += [
             f"  {label}: {r['recipe']}",
@@ -497,6 +511,6 @@ def format_table(report: dict) -> str:
     lines += [
         "",
         f"peak RSS of `pmeta adapt`: {report['peak_rss_mb']:.0f} MB",
-        f"bytes stored per user: {report['bytes_stored_per_user']} (banks unchanged after {report['users_personalized']} users)",
+        f"bytes stored per user: {report['bytes_stored_per_user']:g} (banks {'unchanged' if report['banks_unchanged'] else 'CHANGED'} after {report['users_personalized']} users)",
     ]
     return "\n".join(lines)

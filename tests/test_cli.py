@@ -71,6 +71,7 @@ def test_help_and_a_bad_history_are_answered_without_loading_torch(tmp_path):
     code = (
         "import sys\nfrom pmeta.cli import app\n"
         f"for argv in (['--help'], ['adapt', '--bank', {str(tmp_path / 'bank')!r}, '--history', {str(bad)!r}], ['bank', 'build', '--preset', 'nope', '--out', {str(tmp_path / 'b')!r}],\n"
+        f"             ['adapt', '--bank', {str(tmp_path / 'bank')!r}, '--history', {str(EXAMPLE)!r}, '--precision', 'fp16'],\n"
         f"             ['bank', 'build', '--format', 'lamp', '--task', 'LaMP-3', '--data', {str(tmp_path)!r}, '--preset', 'nope', '--out', {str(tmp_path / 't')!r}],\n"
         f"             ['bank', 'build', '--format', 'lamp', '--task', 'LaMP-3', '--data', {str(tmp_path / 'none')!r}, '--out', {str(tmp_path / 't')!r}],\n"
         f"             ['eval', 'lamp', '--task', 'LaMP-3', '--data', {str(tmp_path)!r}, '--k-profile', 'x', '--out', {str(tmp_path / 'r')!r}],\n"
@@ -82,6 +83,7 @@ def test_help_and_a_bad_history_are_answered_without_loading_torch(tmp_path):
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
     assert "JSON" in result.stderr and result.stderr.count("unknown preset") == 3
     assert "none is not a folder" in result.stderr and "--k-profile must be" in result.stderr
+    assert "precision must be one of float32, bfloat16, got 'fp16'" in result.stderr
     # the library's heavy names still resolve on first use
     code = "import pmeta\nprint(pmeta.Bank.__module__, pmeta.TextBank.__name__, 'build_bank' in dir(pmeta))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split() == ["pmeta.bank.bank", "TextBank", "True"]
@@ -193,6 +195,25 @@ def test_a_negative_seed_is_a_usage_error(tmp_path):
     result = pmeta("bank", "build", "--preset", "tiny", "--seed", "-1", "--out", str(tmp_path / "bank"))
     assert result.returncode == 2 and "Traceback" not in result.stderr and "--seed" in result.stderr
     assert not (tmp_path / "bank").exists()
+
+
+def test_user_option_names_the_user_of_a_file_without_one_and_is_checked_as_the_option(tiny_bank, tmp_path):
+    history = tmp_path / "h.json"
+    history.write_text(json.dumps({"items": json.loads(EXAMPLE.read_text())["items"]}))
+    result = pmeta("adapt", "--bank", str(tiny_bank), "--history", str(history), "--user", "u9", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["user_id"] == "u9"
+    assert_one_line_error(pmeta("adapt", "--bank", str(tiny_bank), "--history", str(history), "--user", "a/b"), "--user: must not be a path")
+    assert_one_line_error(pmeta("adapt", "--bank", str(tiny_bank), "--history", str(history)), "user_id: this required field is missing")
+
+
+def test_each_kind_of_bank_opened_as_the_other_is_the_callers_error(tiny_bank):
+    from pmeta import Bank, TextBank
+    from pmeta.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="is not a text bank"):
+        TextBank.open(tiny_bank)
+    Bank.open(tiny_bank)  # a ranking bank opens as one
 
 
 def test_adapt_precision_option(tiny_bank):

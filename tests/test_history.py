@@ -127,6 +127,12 @@ def test_the_item_limit_is_enforced_and_overridable():
     assert MAX_ITEMS == 10_000 and MAX_BYTES == 10 * 1024 * 1024
     with pytest.raises(InvalidHistory, match="limit of 10000"):
         parse_history({"user_id": "u", "items": [{"text": "t"}] * (MAX_ITEMS + 1)})
+    # any other iterable is read one past the limit at most: a generator is limited too, a huge range refused at once
+    with pytest.raises(InvalidHistory, match="items: more than the limit of 10 items"):
+        parse_history({"user_id": "u", "items": iter(items)}, max_items=10)
+    with pytest.raises(InvalidHistory, match="more than the limit of 10000"):
+        parse_history({"user_id": "u", "items": range(10**12)})
+    assert len(parse_history({"user_id": "u", "items": (item for item in items)}).items) == 11
 
 
 # ---------------------------------------------------------------------------------------- files

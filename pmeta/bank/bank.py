@@ -22,13 +22,13 @@ import torch
 from pydantic import ValidationError
 
 from ..checks import request_bool, request_int
-from ..config import MAX_INNER_STEPS, BankConfig
+from ..config import MAX_INNER_STEPS, BankConfig, check_precision
 from ..data.history import UserHistory, load_history, parse_history, resolve_history
 from ..data.types import POSITIVE_RATING, Catalog
-from ..errors import BankIntegrityError, InvalidConfig, InvalidHistory, InvalidRequest
+from ..errors import BankIntegrityError, InvalidHistory, InvalidRequest
 from ..fusion.index import AnchorIndex
 from ..models.device import resolve_device
-from ..models.encoder import PRECISIONS, FunctionalEncoder, resolve_model_path
+from ..models.encoder import FunctionalEncoder, resolve_model_path
 from ..models.fingerprint import check_fingerprint
 from ..models.personal import user_row
 from ..storage import BankStore
@@ -199,8 +199,7 @@ class Bank:
         Raises BankNotFound when ``path`` is not a bank, BankIntegrityError when a file was altered,
         InvalidConfig for an unknown precision or a device this machine does not have.
         """
-        if precision not in PRECISIONS:
-            raise InvalidConfig(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        check_precision(precision)
         resolve_device(device)
         store = BankStore(path, db_url)
         reader = store.open(version)

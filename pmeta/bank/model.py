@@ -140,7 +140,9 @@ class PmetaModel:
 
         Key rows are the bank's ``item_keys`` (the collaborative history factors, see
         :func:`pmeta.bank.build.anchor_keys`) or, in a bank without them, the sentence embeddings of
-        the items' texts. Free texts are encoded on the fly (and projected by ``key_projection``).
+        the items' texts. Free texts are encoded on the fly (and projected by ``key_projection``):
+        the last ``max_history_items`` of them, as many as the user tower reads at most (encoding
+        every one of a 10,000-item history of free texts took minutes and gigabytes).
         A user with no liked items, or only items whose rows are zero, gets a zero key (and the
         zero-history prior).
         """
@@ -151,7 +153,7 @@ class PmetaModel:
             if user.liked_items:
                 parts.append(rows[torch.tensor(user.liked_items)])
             if user.free_texts:
-                texts = self.encoder.sentence_embeddings(user.free_texts)
+                texts = self.encoder.sentence_embeddings(user.free_texts[-self.config.max_history_items :])
                 parts.append(texts if self.t.key_projection is None else texts.to(self.t.key_projection.dtype) @ self.t.key_projection)
             if parts:
                 mean = torch.cat(parts).mean(0)

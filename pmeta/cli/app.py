@@ -242,10 +242,12 @@ def adapt(
     precision: str = typer.Option("float32", "--precision", help="float32, or bfloat16 (encoder passes under bf16 autocast: ~1.7x the batched throughput measured on a CPU with AVX512-BF16; slower on CPUs without bf16 instructions)."),
 ) -> None:
     """Personalize one user from their history and print the top items not in it (a text bank: the prediction for --input)."""
+    from ..config import check_precision
     from ..data.history import load_history, parse_history
-    from ..errors import InvalidRequest
+    from ..errors import InvalidHistory, InvalidRequest
     from .text import adapt_text, is_text_bank
 
+    check_precision(precision)  # before torch and the bank load
     if is_text_bank(bank, db):
         if precision != "float32":
             raise InvalidRequest("--precision applies to ranking banks; a text bank runs its causal LM in float32")
@@ -256,9 +258,12 @@ def adapt(
         raise InvalidRequest(f"{'--input' if input is not None else '--retrieve'} applies to text banks; {bank} is a ranking bank (it ranks its catalogue)")
     top = 10 if top is None else top
 
-    parsed = load_history(history)  # a bad history is reported before torch and the bank load
-    if user is not None:  # validated like the file's own user_id
-        parsed = parse_history({**parsed.model_dump(), "user_id": user})
+    if user is not None:  # validated like a file's user_id, and named as the option
+        try:
+            parse_history({"user_id": user})
+        except InvalidHistory as error:
+            raise InvalidRequest(f"--user: {str(error).split('user_id: ', 1)[-1]}") from None
+    parsed = load_history(history, user_id=user)  # a bad history is reported before torch and the bank load
     from ..bank.bank import Bank
 
     opened = Bank.open(bank, db, precision=precision)
@@ -397,7 +402,13 @@ def bench(
     from .. import bench as benchmark
     from ..models.device import resolve_device
 
+    from ..errors import InvalidRequest
+    from .text import is_text_bank
+
     resolve_device(device)
     banks = list(bank or []) + ([reptile_bank] if reptile_bank is not None else [])
+    for path in banks:
+        if is_text_bank(path, db):
+            raise InvalidRequest(f"{path} is a text bank; pmeta bench measures ranking (MovieLens) banks")
     report = benchmark.run(banks, quick=quick, db_url=db, device=device)
     typer.echo(json.dumps(report, indent=2) if as_json else benchmark.format_table(report))

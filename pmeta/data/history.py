@@ -14,8 +14,10 @@ and where: the file (or ``history``) and the JSON path, e.g. ``h.json: items[3].
 
 from __future__ import annotations
 
+import itertools
 import math
 import unicodedata
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -160,6 +162,11 @@ class UserHistory(BaseModel):
     @classmethod
     def _within_limit(cls, value: Any, info: ValidationInfo) -> Any:
         limit = (info.context or {}).get("max_items", MAX_ITEMS)
+        if not isinstance(value, (list, tuple, str, bytes, bytearray, Mapping)) and isinstance(value, Iterable):
+            # another iterable (a generator, a range): read at most one past the limit, never all of it
+            value = list(itertools.islice(value, limit + 1))
+            if len(value) > limit:
+                raise ValueError(f"more than the limit of {limit} items")
         if isinstance(value, (list, tuple)) and len(value) > limit:
             raise ValueError(f"{len(value)} items is more than the limit of {limit}")
         return value
@@ -188,8 +195,8 @@ def parse_history(obj: Any, *, max_items: int = MAX_ITEMS) -> UserHistory:
     return _validate(obj, request_int(max_items, "max_items", 0), source="history")
 
 
-def load_history(path: str | Path, *, max_items: int = MAX_ITEMS, max_bytes: int = MAX_BYTES) -> UserHistory:
-    """Read and validate a history.json file.
+def load_history(path: str | Path, *, max_items: int = MAX_ITEMS, max_bytes: int = MAX_BYTES, user_id: str | None = None) -> UserHistory:
+    """Read and validate a history.json file (``user_id``, when given, replaces the file's, which may then be absent).
 
     Raises InvalidHistory (one line, naming the file) when the file is missing, not a regular file,
     larger than ``max_bytes``, not UTF-8, not JSON (with line and column), or not a valid history;
@@ -198,6 +205,8 @@ def load_history(path: str | Path, *, max_items: int = MAX_ITEMS, max_bytes: int
     max_items, max_bytes = request_int(max_items, "max_items", 0), request_int(max_bytes, "max_bytes", 0)
     path = as_path(path, "History file", InvalidHistory)
     obj = load_history_json(path, max_bytes, InvalidHistory, "user_id and items")
+    if user_id is not None and isinstance(obj, dict):
+        obj = {**obj, "user_id": user_id}
     return _validate(obj, max_items, source=str(path))
 
 

@@ -27,12 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import DEFAULT_ENCODER
+from ..config import DEFAULT_ENCODER, PRECISIONS, check_precision  # noqa: F401 - PRECISIONS re-exported
 from ..errors import InvalidConfig
 from .device import resolve_device
 from .fingerprint import PREFIX as FINGERPRINT_SCHEME, weights_fingerprint
 
-PRECISIONS = ("float32", "bfloat16")
 
 
 def bundled_encoder_path() -> Path:
@@ -166,8 +165,7 @@ class FunctionalEncoder:
         products under bf16 autocast; both passes still return float32, so ranking heads and scores
         stay float32). bf16 gave ~1.7× the batched throughput on a CPU with AVX512-BF16 (README), and is
         slower on CPUs without it. Per call, not per encoder: banks share one encoder."""
-        if precision not in PRECISIONS:
-            raise InvalidConfig(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        check_precision(precision)
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
     # ------------------------------------------------------------------ tokens

@@ -113,8 +113,9 @@ class TextBank:
     def open(cls, path: str | Path, db_url: str | None = None, version: str | None = None, device: str = "cpu", lm=None) -> "TextBank":
         """Open the active (or a given) version; every file is checked against its sha256 first.
 
-        Raises BankNotFound when ``path`` is not a bank, BankIntegrityError when a file was altered
-        or the version is not a text bank, InvalidConfig for a device this machine does not have.
+        Raises BankNotFound when ``path`` is not a bank, BankIntegrityError when a file was altered,
+        InvalidRequest when the version is not a text bank (the caller's mistake, as
+        :meth:`pmeta.Bank.open` of a text bank), InvalidConfig for a device this machine does not have.
         """
         from ..bank.bank import shared_encoder
 
@@ -123,7 +124,7 @@ class TextBank:
         reader = store.open(version)
         raw = reader.record["config"]
         if raw.get("kind") != "text":
-            raise BankIntegrityError(f"bank {path} version {reader.id} is not a text bank (use pmeta.Bank.open for MovieLens banks)")
+            raise InvalidRequest(f"bank {path} version {reader.id} is not a text bank (use pmeta.Bank.open for MovieLens banks)")
         try:
             config = TextConfig(**{**raw, "device": device})
         except ValidationError as exc:
