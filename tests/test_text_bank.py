@@ -549,3 +549,17 @@ def test_label_prior(setup, opened, tmp_path):
     out = opened.personalize(history).export_peft(tmp_path / "adapter")
     recorded = json.loads((out / "pmeta_export.json").read_text())["label_prior"]
     assert list(recorded) == model.labels and recorded["5"] == pytest.approx(float(bias[model.labels.index("5")]), abs=1e-5)
+
+
+def test_a_history_of_the_other_kind_of_bank_says_so():
+    from pmeta.data.history import parse_history
+    from pmeta.text.history import parse_text_history
+
+    with pytest.raises(InvalidHistory, match=r"this is a ranking bank's history \("):
+        parse_text_history({"user_id": "u", "items": [{"item_id": "1"}]}, "LaMP-3")
+    with pytest.raises(InvalidHistory, match=r"this is a text bank's history \("):
+        parse_history({"user_id": "u", "profile": [{"id": "1", "text": "t", "score": "4"}]})
+    # a user id pydantic refuses reads as our own clause, without pydantic's "Value error, " prefix
+    with pytest.raises(InvalidHistory) as info:
+        parse_text_history({"user_id": "a/b", "profile": []}, "LaMP-3", "--user")
+    assert str(info.value).startswith("--user: user_id: ") and "Value error" not in str(info.value)

@@ -213,6 +213,8 @@ def load_history(path: str | Path, *, max_items: int = MAX_ITEMS, max_bytes: int
 def _validate(obj: Any, max_items: int, source: str) -> UserHistory:
     if not isinstance(obj, dict):
         raise InvalidHistory(f"{source}: a history must be a JSON object with user_id and items, not {_describe(obj)}.")
+    if "profile" in obj and "items" not in obj:
+        raise InvalidHistory(f"{source}: this is a text bank's history (\"profile\"); a ranking bank reads items: {{\"user_id\", \"items\": [...]}}.")
     try:
         return UserHistory.model_validate(obj, context={"max_items": max_items})
     except ValidationError as error:

@@ -52,12 +52,15 @@ def parse_text_history(data: Any, task: str, source: str = "history") -> tuple[T
         data = {"profile": data}
     if not isinstance(data, dict):
         raise InvalidHistory(f"{source}: expected a JSON object {{\"user_id\", \"profile\": [...]}}, found {type(data).__name__}")
+    if "items" in data and "profile" not in data:
+        raise InvalidHistory(f"{source}: this is a ranking bank's history (\"items\"); a text bank reads a profile: {{\"user_id\", \"profile\": [...]}}")
     try:
         history = TextHistory(**data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "history"
-        raise InvalidHistory(f"{source}: {where}: {first['msg']}") from None
+        message = (first["msg"].splitlines() or [""])[0].removeprefix("Value error, ")
+        raise InvalidHistory(f"{source}: {where}: {message}") from None
     except TypeError as exc:
         raise InvalidHistory(f"{source}: {exc}") from None
     try:
