@@ -289,6 +289,38 @@ def test_maml_outer_gradient_matches_finite_differences_and_differs_from_first_o
     torch.testing.assert_close(grad_fo, expected)
 
 
+def test_the_softmax_loss_has_finite_second_derivatives_at_any_score_gap():
+    """torch.logaddexp's double backward is NaN once its arguments differ by more than ~88 (float32),
+    and torch.where differentiates the unused branch too: second-order MAML on a bank whose
+    collaborative scale had grown large got NaN gradients from a finite loss. log_add_exp is
+    logaddexp bit for bit (value and gradient) within the gap, and stable beyond it."""
+    from pmeta.tasks.ranking import LOGADDEXP_GAP, log_add_exp, softmax_loss
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(400, generator=generator) * 8).requires_grad_(True), torch.randn(400, generator=generator) * 8
+    within = (a - b).abs() <= LOGADDEXP_GAP
+    assert within.all()
+    ours, theirs = log_add_exp(a, b), torch.logaddexp(a, b)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(torch.autograd.grad(ours.sum(), a)[0], torch.autograd.grad(theirs.sum(), a)[0])
+    for gap in (10.0, 100.0, 1e4):
+        x = torch.tensor([0.0, gap / 2], requires_grad=True)
+        value = log_add_exp(x[:1], x[:1] + gap) + log_add_exp(x[1:] + gap, x[1:])
+        (first,) = torch.autograd.grad(value.sum(), x, create_graph=True)
+        (second,) = torch.autograd.grad(first.sum(), x)
+        assert torch.isfinite(value).all() and torch.isfinite(first).all() and torch.isfinite(second).all()
+        torch.testing.assert_close(value, torch.logsumexp(torch.stack([x[:1], x[:1] + gap]), 0) + torch.logsumexp(torch.stack([x[1:] + gap, x[1:]]), 0))
+    # the loss itself: scores spread by 1e3, targets excluded (the inner loop's case) and not
+    scores = (torch.randn(3, 50, generator=generator) * 1e3).requires_grad_(True)
+    targets = torch.tensor([[1, 2], [3, 0], [4, 5]])
+    exclude = torch.zeros(3, 50, dtype=torch.bool)
+    exclude[0, 1] = exclude[2, :10] = True
+    loss = softmax_loss(scores, targets, torch.ones(3, 2), exclude)
+    (grad,) = torch.autograd.grad(loss, scores, create_graph=True)
+    (second,) = torch.autograd.grad((grad * torch.randn(3, 50, generator=generator)).sum(), scores)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and torch.isfinite(second).all()
+
+
 def test_reptile_gradient_is_init_minus_adapted():
     torch.manual_seed(4)
     x, y = torch.randn(2, 3), torch.randn(2, 3)

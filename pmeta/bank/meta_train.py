@@ -259,6 +259,8 @@ def _optimize(groups: list[dict], loss_fn: Callable[[], torch.Tensor], steps: in
             if not (np.isfinite(loss_value) and bool(torch.isfinite(norm))):
                 if best is not None:  # early stopping: end the stage at its best checkpoint (restored below)
                     break
+                if np.isfinite(loss_value):
+                    raise TrainingDiverged(f"meta-training produced a non-finite gradient at step {step + 1} (the loss, {loss_value:.4g}, is finite); lower the learning rates or inner_lr, or enable early_stopping")
                 raise TrainingDiverged(f"meta-training diverged (loss {loss_value}); lower the learning rates or inner_lr, or enable early_stopping")
             optimizer.step()
             losses.append(loss_value)

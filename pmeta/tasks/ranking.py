@@ -115,6 +115,24 @@ def add_prior(prior: torch.Tensor | None, extra: torch.Tensor | None) -> torch.T
     return extra if prior is None else prior + extra
 
 
+#: Largest |a - b| at which :func:`log_add_exp` uses ``torch.logaddexp`` (whose double backward is
+#: NaN past a gap of about 88 in float32: its second derivative overflows ``exp``).
+LOGADDEXP_GAP = 60.0
+
+
+def log_add_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``log(exp(a) + exp(b))`` with finite derivatives of every order.
+
+    Where ``|a - b| <= LOGADDEXP_GAP`` it is ``torch.logaddexp`` bit for bit (value and gradients,
+    so training is unchanged wherever it did not fail); beyond, ``logsumexp`` of the pair. Each
+    branch gets inputs it is finite on (second-order MAML differentiates both: ``torch.where``
+    multiplies the unused branch's NaN by a zero gradient, which stays NaN)."""
+    near = (a - b).abs() <= LOGADDEXP_GAP
+    exact = torch.logaddexp(a, torch.where(near, b, a))
+    stable = torch.logsumexp(torch.stack([a, b]), dim=0)
+    return torch.where(near, exact, stable)
+
+
 def softmax_loss(scores: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of targets (U, Q) against all non-excluded items; the sum over users of per-user means.
 
@@ -123,7 +141,7 @@ def softmax_loss(scores: torch.Tensor, targets: torch.Tensor, target_mask: torch
     rest = torch.logsumexp(scores.masked_fill(exclude, float("-inf")), dim=-1, keepdim=True)  # (U, 1)
     target_scores = scores.gather(1, targets)  # (U, Q)
     target_excluded = exclude.gather(1, targets)
-    normaliser = torch.where(target_excluded, torch.logaddexp(target_scores, rest.expand_as(target_scores)), rest.expand_as(target_scores))
+    normaliser = torch.where(target_excluded, log_add_exp(target_scores, rest.expand_as(target_scores)), rest.expand_as(target_scores))
     per_target = (normaliser - target_scores) * target_mask
     return (per_target.sum(1) / target_mask.sum(1).clamp_min(1.0)).sum()
 
