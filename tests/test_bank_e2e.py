@@ -305,3 +305,22 @@ def test_a_catalogue_too_small_for_99_negatives_builds_with_choices_on_full_rank
     for choice in (chosen["time_prior"], chosen["anchor_bias"]):
         assert all(set(row) == {"full", "mean"} for row in choice["validation_ndcg"].values())
     assert model is not None
+
+
+def test_users_with_few_positives_build_with_finite_tensors_and_say_early_stopping_was_skipped():
+    """Three users with three positives each: no validation case (6 positives needed), no onboarding
+    episode, a collaborative scale that grows large. Second-order MAML got NaN gradients from a finite
+    loss there (torch.logaddexp's double backward, see ranking.log_add_exp) and the build failed."""
+    from pmeta import load_config
+    from pmeta.bank.build import build_model
+    from pmeta.data import load_sample
+    from pmeta.data.types import Dataset, Ratings
+
+    catalog = load_sample().catalog  # the shipped catalogue: the normaliser runs over ~9,700 items
+    ratings = Ratings(
+        user=np.repeat(np.arange(3), 3), item=np.arange(3, 12), rating=np.full(9, 4.0, dtype=np.float32),
+        timestamp=np.tile(np.arange(3), 3).astype(np.int64), user_ids=["1", "2", "3"],
+    )  # fmt: skip
+    model, record = build_model(Dataset("three", "test", catalog, ratings, "0" * 64), load_config("tiny", overrides={"cf_init": "puresvd", "early_stopping": True}))
+    assert all(torch.isfinite(v).all() for v in model.t.to_flat().values() if v.is_floating_point())
+    assert "no validation user" in record["validation"]["early_stopping"]["skipped"]

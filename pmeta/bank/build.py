@@ -282,9 +282,11 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     if config.early_stopping:
         measure = validation_ranking(model, val_sets, rated) if config.early_stopping_metric == "ndcg" else validation_loss(model, val_inputs, val_queries, rated, val_kept)
         checkpoint = Checkpoint(measure) if measure is not None else None
-    validation: dict[str, dict[str, float]] = {}
+    validation: dict[str, dict] = {}
     if checkpoint is not None:
         validation["early_stopping"] = {"metric": config.early_stopping_metric, "start": checkpoint()}
+    elif config.early_stopping:  # said in the build record, not silently skipped
+        validation["early_stopping"] = {"metric": config.early_stopping_metric, "skipped": "no validation user has the 6 positive ratings a validation case needs"}
     if config.validate_stages:
         validation["start"] = validate(model, val_inputs, val_queries, rated, val_kept)
     losses: dict[str, list[float]] = {}

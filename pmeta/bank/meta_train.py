@@ -128,7 +128,7 @@ def anchor_stage(model: PmetaModel, config, assignment: dict[int, int]) -> Stage
             offset = None if t.anchor_bias is None else t.anchor_bias[idx]  # each user's own anchor's item bias
         return {k: v[idx] for k, v in t.anchors.items()}, None, t.global_step_sizes, offset
 
-    pool = np.array(sorted(assignment), dtype=np.int64)
+    pool = distributed.shard(np.array(sorted(assignment), dtype=np.int64))  # this rank's part (all of them in one process)
     return Stage("anchors", build, [{"params": list(t.anchors.values()), "lr": config.outer_lr}], pool)
 
 
