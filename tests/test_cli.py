@@ -122,7 +122,7 @@ def test_bad_preset_is_one_line(tmp_path):
 
 @pytest.mark.parametrize(
     "args, fragment",
-    [(["--methods", ","], "names no method"), (["--mode", ","], "no candidate mode"), (["--mode", "auto,full"], "give it alone"), (["--k", "1,1"], "given twice"),
+    [(["--methods", ","], "names no method"), (["--mode", ","], "no candidate mode"), (["--mode", "auto,full"], "give it alone"), (["--mode", "uni"], "expected one of uni99, pop99, full, or auto alone"), (["--k", "1,1"], "given twice"),
      (["--method-option", "random.bogus=1"], "method 'random' has no option 'bogus'"), (["--method-option", "ease.lam=abc"], "ease.lam='abc'"),
      (["--method-option", "pmeta.steps=2"], "takes no options"), (["--resamples", "1000000"], "resamples must be"), (["--methods", "random,random"], "given twice")],
 )  # fmt: skip

@@ -563,3 +563,12 @@ def test_a_history_of_the_other_kind_of_bank_says_so():
     with pytest.raises(InvalidHistory) as info:
         parse_text_history({"user_id": "a/b", "profile": []}, "LaMP-3", "--user")
     assert str(info.value).startswith("--user: user_id: ") and "Value error" not in str(info.value)
+
+
+def test_the_shipped_example_profile_is_a_valid_lamp3_history():
+    from pathlib import Path
+
+    from pmeta.text.history import load_text_history
+
+    history, items = load_text_history(Path(__file__).resolve().parents[1] / "examples" / "profile.json", "LaMP-3")
+    assert history.user_id == "u1" and [item["id"] for item in items] == ["r1", "r2", "r3"]

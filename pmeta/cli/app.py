@@ -320,6 +320,9 @@ def eval_movielens(
     auto = modes == ("auto",)
     if "auto" in modes and not auto:
         raise InvalidConfig(f"--mode auto chooses the modes itself; give it alone, got {mode!r}")
+    unknown = [m for m in modes if m not in MODES and m != "auto"]
+    if unknown:
+        raise InvalidConfig(f"unknown candidate mode {unknown[0]!r}; expected one of {', '.join(MODES)}, or auto alone")
     modes = MODES if auto else modes
     method_list = list(DEFAULT_METHODS) if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
     if not method_list:

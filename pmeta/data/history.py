@@ -308,7 +308,7 @@ def resolve_history(history: UserHistory, catalog: Catalog, *, ignore_unknown: b
         shown = ", ".join(_short(item_id) for item_id in unknown[:UNKNOWN_IDS_SHOWN])
         others = f" and {len(unknown) - UNKNOWN_IDS_SHOWN} more" if len(unknown) > UNKNOWN_IDS_SHOWN else ""
         ids = "1 item id is" if len(unknown) == 1 else f"{len(unknown)} item ids are"
-        raise InvalidHistory(f"{ids} not in the catalogue and without text: {shown}{others} (ignore_unknown skips them).")
+        raise InvalidHistory(f"{ids} not in the catalogue and without text: {shown}{others} (--ignore-unknown, or ignore_unknown=True in the library, skips them).")
     entries.sort(key=lambda entry: (entry[3] is None, entry[3] or 0))
     catalogued = [entry for entry in entries if entry[0] is not None]
     free = [entry for entry in entries if entry[0] is None]
