@@ -422,8 +422,8 @@ def _run(paths: list[Path], quick: bool, db_url: str | None, retrieval_sizes, bu
         if p.resolve() in seen:
             raise InvalidRequest(f"--bank {p} is given twice (as {seen[p.resolve()]}): give each bank once")
         seen[p.resolve()] = p
-    before = [tree_state(p) for p in paths]  # before opening: an open may upgrade an old bank's schema
     opened = [Bank.open(p, db_url, device=device) for p in paths]
+    before = [tree_state(p) for p in paths]  # after opening: an open may upgrade an old bank's schema once, not per user
     counted = {"users": 0}  # every user personalized through the banks, counted as it happens
     for bank in opened:
         _count_users(bank, counted)

@@ -310,6 +310,13 @@ def test_the_softmax_loss_has_finite_second_derivatives_at_any_score_gap():
         (second,) = torch.autograd.grad(first.sum(), x)
         assert torch.isfinite(value).all() and torch.isfinite(first).all() and torch.isfinite(second).all()
         torch.testing.assert_close(value, torch.logsumexp(torch.stack([x[:1], x[:1] + gap]), 0) + torch.logsumexp(torch.stack([x[1:] + gap, x[1:]]), 0))
+    # -inf on either side (an excluded rest): the value and the gradients of torch.logaddexp (no NaN from the unused branch)
+    for pair in ((float("-inf"), 1.0), (1.0, float("-inf"))):
+        x, y = (torch.tensor([v], requires_grad=True) for v in pair)
+        ours, theirs = log_add_exp(x, y), torch.logaddexp(x, y)
+        assert torch.equal(ours, theirs)
+        assert all(torch.equal(g, h) for g, h in zip(torch.autograd.grad(ours.sum(), (x, y)), torch.autograd.grad(theirs.sum(), (x, y))))
+    assert log_add_exp(torch.zeros(2, 1), torch.ones(3)).shape == (2, 3)  # broadcasts as torch.logaddexp
     # the loss itself: scores spread by 1e3, targets excluded (the inner loop's case) and not
     scores = (torch.randn(3, 50, generator=generator) * 1e3).requires_grad_(True)
     targets = torch.tensor([[1, 2], [3, 0], [4, 5]])

@@ -487,7 +487,7 @@ def test_a_failed_first_build_never_removes_a_bank_built_meanwhile(tmp_path: Pat
     built: list[str] = []
 
     def remove(target: Path) -> None:
-        if target.parent == tmp_path and target.name.startswith(".bank.removing-"):
+        if target.parent == tmp_path and target.name.startswith(".pmeta-removing-"):
             assert not path.exists()  # renamed away first
             built.append(build(BankStore(path), seed=3))  # another builder, meanwhile
         real_remove(target)
@@ -585,9 +585,9 @@ def test_an_error_after_the_commit_keeps_the_new_version_and_its_folder(store: B
 
 
 @pytest.mark.parametrize("landed", [True, False])
-def test_a_failed_commit_keeps_the_folder_exactly_when_the_version_was_recorded(tmp_path: Path, landed: bool) -> None:
-    """A commit whose acknowledgement is lost (it landed) keeps the new version; one that did not land
-    leaves the previous version active and no folder behind."""
+def test_a_failed_commit_keeps_the_new_folder_active_exactly_when_the_version_was_recorded(tmp_path: Path, landed: bool) -> None:
+    """A commit whose acknowledgement is lost (it landed) keeps the new version active; one that did
+    not land leaves the previous version active and the new folder as an orphan."""
     import sqlite3
 
     store = BankStore(tmp_path / "bank")
@@ -609,7 +609,9 @@ def test_a_failed_commit_keeps_the_folder_exactly_when_the_version_was_recorded(
     dialect.do_commit = real_commit
     writer.close()
     assert store.open().id == (writer.id if landed else first)
-    assert sorted(p.name for p in store.versions_dir.iterdir()) == sorted({first, writer.id} if landed else {first})
+    # the folder stays either way (a commit may land after its connection dropped): unrecorded, an orphan
+    assert sorted(p.name for p in store.versions_dir.iterdir()) == sorted({first, writer.id})
+    assert store.info()["orphans"] == ([] if landed else [writer.id])
     store.close()
 
 
@@ -630,7 +632,6 @@ def test_two_first_builds_into_one_shared_database_cannot_both_publish(tmp_path:
     ("statement", "message"),
     [
         ("INSERT INTO alembic_version VALUES ('0001')", "unusable schema revision record: .*more than one head"),
-        ("DELETE FROM alembic_version", "its alembic_version table holds no revision"),
     ],
 )
 def test_a_broken_revision_table_is_a_typed_error(tmp_path: Path, statement: str, message: str) -> None:
@@ -683,3 +684,67 @@ def test_an_unwritable_versions_folder_is_a_typed_error(store: BankStore, monkey
     assert store.open().id == first
     with store.new_version():  # the lock was released
         pass
+
+
+@pytest.mark.parametrize("column", [True, False])
+def test_an_empty_revision_table_left_by_a_killed_older_upgrade_is_repaired(tmp_path: Path, column: bool) -> None:
+    """Before its DDL was transactional, an upgrade killed after Alembic created ``alembic_version``
+    left the bank tables beside an empty one; opening stamps the revision the tables show and upgrades."""
+    import sqlite3
+
+    first = build(BankStore(tmp_path / "bank"))
+    connection = sqlite3.connect(tmp_path / "bank" / "bank.db")
+    connection.execute("DELETE FROM alembic_version")
+    if not column:
+        connection.execute("ALTER TABLE bank_versions DROP COLUMN record_sha256")
+    connection.commit()
+    connection.close()
+    with BankStore(tmp_path / "bank") as store:
+        assert store.open().id == first and store.verify()["ok"]
+    columns, revision = _columns(tmp_path / "bank")
+    assert "record_sha256" in columns and revision == [store_module.migrate.head()]
+
+
+def test_a_broken_link_as_the_bank_path_is_not_a_bank(tmp_path: Path) -> None:
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(BankNotFound, match="a broken link or not a directory"):
+        BankStore(tmp_path / "link").new_version()
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_failed_first_build_removes_a_bank_folder_with_the_longest_name(tmp_path: Path) -> None:
+    path = tmp_path / ("b" * 250)
+    with pytest.raises(RuntimeError, match="boom"):
+        with BankStore(path).new_version() as writer:
+            fill(writer)
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_listing_versions_walks_their_folders_after_the_read_transaction(tmp_path: Path, monkeypatch) -> None:
+    """The folder sizes are summed outside the read transaction, whose SQLite shared lock would keep a
+    publish waiting for as long as the walk takes."""
+    import sqlite3
+
+    store = BankStore(tmp_path / "bank")
+    build(store)
+    real_tree_bytes = store_module._tree_bytes
+    outcomes = []
+
+    def probe(root: Path) -> int:
+        writer = sqlite3.connect(tmp_path / "bank" / "bank.db", timeout=0.2, isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")
+            writer.execute("UPDATE bank_versions SET notes = notes")
+            writer.execute("COMMIT")
+            outcomes.append("committed")
+        except sqlite3.OperationalError as error:
+            outcomes.append(str(error))
+        finally:
+            writer.close()
+        return real_tree_bytes(root)
+
+    monkeypatch.setattr(store_module, "_tree_bytes", probe)
+    assert len(store.versions()) == 1
+    assert outcomes == ["committed"]
+    store.close()

@@ -66,8 +66,8 @@ def known_revisions() -> frozenset[str]:
 def schema_state(connection: Connection) -> str:
     """``"current"``, ``"outdated"`` (a known older revision, or a pre-Alembic bank), ``"empty"``
     (no bank table; other applications' tables may exist), ``"partial"`` (some bank tables but
-    not all, and no revision), ``"no-revision"`` (bank tables beside an empty ``alembic_version``)
-    or ``"unknown:<rev>"`` (a revision this pmeta does not know, e.g. written by a newer pmeta).
+    not all, and no revision), ``"no-revision"`` (bank tables beside an empty ``alembic_version``,
+    which :func:`upgrade` repairs) or ``"unknown:<rev>"`` (a revision this pmeta does not know, e.g. written by a newer pmeta).
     Raises Alembic's ``CommandError`` where ``alembic_version`` holds several revisions."""
     revision = MigrationContext.configure(connection).get_current_revision()
     if revision == head():
@@ -76,7 +76,8 @@ def schema_state(connection: Connection) -> str:
         return "outdated" if revision in known_revisions() else f"unknown:{revision}"
     tables = set(inspect(connection).get_table_names())
     if BASELINE_TABLES <= tables:
-        # pmeta made alembic_version and stamped it in one transaction: an empty one is not pre-Alembic
+        # an empty alembic_version: an upgrade by a pmeta without transactional DDL on SQLite, killed
+        # after creating it (upgrade() stamps the revision the tables show)
         return "no-revision" if VERSION_TABLE in tables else "outdated"
     return "partial" if tables & BASELINE_TABLES else "empty"
 
@@ -84,18 +85,19 @@ def schema_state(connection: Connection) -> str:
 def upgrade(engine: Engine) -> str:
     """Bring the database to :func:`head` in one transaction; return the state found before.
 
-    Raises :class:`SchemaError` for a database with only some of the bank tables, an empty
-    ``alembic_version`` or an unknown revision (the storage layer turns these into typed errors)."""
+    Raises :class:`SchemaError` for a database with only some of the bank tables or an unknown revision (the storage layer turns these into typed errors)."""
     with for_writing(engine).begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         state = schema_state(connection)
         if state == "current":
             return state
-        if state in ("partial", "no-revision") or state.startswith("unknown:"):
+        if state == "partial" or state.startswith("unknown:"):
             raise SchemaError(state)
         config = alembic_config(connection)
-        if state == "outdated" and MigrationContext.configure(connection).get_current_revision() is None:
+        if state == "no-revision":  # an upgrade by an older pmeta killed after creating alembic_version
+            command.stamp(config, "0002" if "record_sha256" in {c["name"] for c in inspect(connection).get_columns("bank_versions")} else BASELINE)
+        elif state == "outdated" and MigrationContext.configure(connection).get_current_revision() is None:
             command.stamp(config, BASELINE)
         command.upgrade(config, "head")
         return state

@@ -134,6 +134,8 @@ class BankStore:
                 created_bank = True  # by this build: a first build that fails removes it
             except FileExistsError:
                 created_bank = False
+                if not self.path.is_dir():  # a link to nothing, or a file that appeared meanwhile
+                    raise BankNotFound(f"not a pmeta bank: {self.path} (a broken link or not a directory)") from None
             except OSError as error:  # a read-only or virtual file system, no permission
                 if not is_path_error(error):
                     raise  # a full disk, an I/O error
@@ -253,7 +255,7 @@ class BankStore:
         with self._db_errors(), Session(engine) as session:
             active = _active_id(session)
             rows = session.scalars(select(BankVersion).order_by(BankVersion.created_at, BankVersion.id))
-            return [
+            summaries = [
                 {
                     "id": row.id,
                     "created_at": _utc(row.created_at).isoformat(),
@@ -263,10 +265,12 @@ class BankStore:
                     "notes": row.notes,
                     "manifest_sha256": row.manifest_sha256,
                     "active": row.id == active,
-                    "bytes": _tree_bytes(self.versions_dir / row.id),
                 }
                 for row in rows
             ]
+        # the folders are walked after the read transaction ends: it holds SQLite's shared lock,
+        # which would keep a publish waiting for as long as the walk takes
+        return [{**summary, "bytes": _tree_bytes(self.versions_dir / summary["id"])} for summary in summaries]
 
     def info(self) -> dict[str, Any]:
         """Overview of the bank: path, db_url (password hidden), active version id (or None),
@@ -376,9 +380,7 @@ class BankStore:
                     raise BankNotFound(f"not a pmeta bank: {self.path} (its database has no bank tables)")
                 if state.startswith("unknown:"):
                     raise BankIntegrityError(_unknown_revision(self, state))
-                if state == "no-revision":
-                    raise BankIntegrityError(_no_revision(self))
-                if state == "outdated":
+                if state in ("outdated", "no-revision"):
                     _upgrade(engine, self)
             self._schema_seen = True
         return engine
@@ -521,10 +523,10 @@ class VersionWriter:
         users, and points ``active`` at it.
 
         If anything fails before the commit, the folder is removed, the previous active version
-        stays active, and the error propagates. If the commit itself fails, the folder stays unless
-        a fresh connection shows the version unrecorded (a lost acknowledgement can hide a commit
-        that happened); after the commit, an error (say, closing the session) still propagates,
-        but the new version stays published and active with its folder. Errors propagate as
+        stays active, and the error propagates. If the commit itself fails, the folder stays: it is
+        the new active version if the commit landed (a lost acknowledgement can hide one), else an
+        orphan that :meth:`BankStore.info` reports and nothing opens; after the commit, an error (say,
+        closing the session) still propagates, but the new version stays published and active. Errors propagate as
         :class:`InvalidConfig` for a config JSON cannot hold, ``ValueError``/``TypeError`` for
         malformed anchors, database errors as raised.
         """
@@ -569,8 +571,8 @@ class VersionWriter:
                     committing = True  # leaving this block commits: a failure from here may follow a commit
                 committed = True
         except BaseException:
-            recorded = committed or (committing and self._recorded() is not False)
-            if recorded:  # the version is, or may be, recorded and active: its folder stays
+            if committing:  # the commit may have landed, or may still (a server finishing it after the
+                # connection dropped): the folder stays, the active version if recorded, else an orphan
                 self.dir = final
                 self._state = "published" if committed or self._recorded() else "uncertain"
             else:
@@ -582,7 +584,8 @@ class VersionWriter:
         return self.id
 
     def _recorded(self) -> bool | None:
-        """Whether this version's row is in the database, asked on a fresh connection (None: cannot tell)."""
+        """Whether this version's row is in the database, asked on a fresh connection (None: cannot
+        tell); it decides the writer's state only, never whether the folder is removed."""
         try:
             with Session(self._store._get_engine()) as session:
                 return session.get(BankVersion, self.id) is not None
@@ -747,18 +750,12 @@ def _upgrade(engine: Engine, store: BankStore) -> str:
     except migrate.SchemaError as error:
         if error.state.startswith("unknown:"):
             raise BankIntegrityError(_unknown_revision(store, error.state)) from None
-        if error.state == "no-revision":
-            raise BankIntegrityError(_no_revision(store)) from None
         raise BankNotFound(f"not a pmeta bank: {store.path} (its database has only some of the bank tables)") from None
     except DBAPIError:
         with engine.connect() as connection:
             if migrate.schema_state(connection) == "current":
                 return "current"
         raise
-
-
-def _no_revision(store: BankStore) -> str:
-    return f"bank database {store._db_label()} is corrupt: it has the bank tables but its {migrate.VERSION_TABLE} table holds no revision"
 
 
 def _unknown_revision(store: BankStore, state: str) -> str:
@@ -926,7 +923,7 @@ def _new_version_id(versions_dir: Path) -> str:
 
 def _remove_bank_folder(path: Path) -> None:
     """Rename ``path`` to a hidden sibling, then remove that (see :meth:`VersionWriter.close`)."""
-    doomed = path.with_name(f".{path.name}.removing-{secrets.token_hex(4)}")
+    doomed = path.with_name(f".pmeta-removing-{secrets.token_hex(4)}")  # short: any bank name fits
     try:
         os.rename(path, doomed)
     except OSError:

@@ -127,8 +127,9 @@ def log_add_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     so training is unchanged wherever it did not fail); beyond, ``logsumexp`` of the pair. Each
     branch gets inputs it is finite on (second-order MAML differentiates both: ``torch.where``
     multiplies the unused branch's NaN by a zero gradient, which stays NaN)."""
+    a, b = torch.broadcast_tensors(a, b)
     near = (a - b).abs() <= LOGADDEXP_GAP
-    exact = torch.logaddexp(a, torch.where(near, b, a))
+    exact = torch.logaddexp(torch.where(near, a, 0.0), torch.where(near, b, 0.0))
     stable = torch.logsumexp(torch.stack([a, b]), dim=0)
     return torch.where(near, exact, stable)
 
