@@ -525,10 +525,10 @@ class VersionWriter:
         If anything fails before the commit, the folder is removed, the previous active version
         stays active, and the error propagates. If the commit itself fails, the folder stays: it is
         the new active version if the commit landed (a lost acknowledgement can hide one), else an
-        orphan that :meth:`BankStore.info` reports and nothing opens; after the commit, an error (say,
-        closing the session) still propagates, but the new version stays published and active. Errors propagate as
-        :class:`InvalidConfig` for a config JSON cannot hold, ``ValueError``/``TypeError`` for
-        malformed anchors, database errors as raised.
+        orphan that :meth:`BankStore.info` reports and nothing opens; after the commit, an error
+        (say, closing the session) still propagates, but the new version stays published and
+        active. Errors propagate as :class:`InvalidConfig` for a config JSON cannot hold,
+        ``ValueError``/``TypeError`` for malformed anchors, database errors as raised.
         """
         self._check_open()
         final = self._store.versions_dir / self.id
