@@ -243,7 +243,12 @@ def _problem_message(problem: dict[str, Any]) -> str:
         return f"unknown field (allowed: {fields})"
     if problem["type"] in _PYDANTIC_MESSAGES:
         return _PYDANTIC_MESSAGES[problem["type"]]
-    return (problem["msg"].splitlines() or [""])[0].removeprefix("Value error, ").rstrip(".")
+    return pydantic_clause(problem["msg"]).rstrip(".")
+
+
+def pydantic_clause(message: str) -> str:
+    """The first line of a pydantic error message, without the "Value error, " our validators get."""
+    return (message.splitlines() or [""])[0].removeprefix("Value error, ")
 
 
 def _json_path(loc: tuple[Any, ...]) -> str:

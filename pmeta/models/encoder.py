@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import DEFAULT_ENCODER, PRECISIONS, check_precision  # noqa: F401 - PRECISIONS re-exported
+from ..config import DEFAULT_ENCODER, check_precision
 from ..errors import InvalidConfig
 from .device import resolve_device
 from .fingerprint import PREFIX as FINGERPRINT_SCHEME, weights_fingerprint

@@ -83,8 +83,8 @@ def make_engine(url: str) -> Engine:
     up to 30 s, and every transaction is a real one, DDL included (:func:`for_writing` gives one
     that takes the write lock first); other backends get SQLAlchemy's defaults plus a 10 s connect
     timeout and a liveness check of pooled connections. Connecting is lazy: nothing is created
-    until the engine is first used. Raises :class:`~pmeta.errors.InvalidConfig` for a malformed URL or a backend
-    whose driver is not installed."""
+    until the engine is first used. Raises :class:`~pmeta.errors.InvalidConfig` for a malformed URL
+    or a backend whose driver is not installed."""
     try:
         backend = make_url(url).get_backend_name()
         is_sqlite = backend == "sqlite"

@@ -29,6 +29,8 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 BASELINE = "0001"
 #: Tables of the baseline revision.
 BASELINE_TABLES = frozenset({"bank_versions", "anchors", "held_out_users", "active_version"})
+#: The revision that added ``bank_versions.record_sha256``.
+CHECKSUM_REVISION = "0002"
 #: PostgreSQL advisory lock key of schema upgrades ("pmeta-mg").
 MIGRATION_LOCK_KEY = 0x706D6574612D6D67
 #: The version table Alembic keeps the revision in.
@@ -67,7 +69,8 @@ def schema_state(connection: Connection) -> str:
     """``"current"``, ``"outdated"`` (a known older revision, or a pre-Alembic bank), ``"empty"``
     (no bank table; other applications' tables may exist), ``"partial"`` (some bank tables but
     not all, and no revision), ``"no-revision"`` (bank tables beside an empty ``alembic_version``,
-    which :func:`upgrade` repairs) or ``"unknown:<rev>"`` (a revision this pmeta does not know, e.g. written by a newer pmeta).
+    which :func:`upgrade` repairs) or ``"unknown:<rev>"`` (a revision this pmeta does not know,
+    e.g. written by a newer pmeta).
     Raises Alembic's ``CommandError`` where ``alembic_version`` holds several revisions."""
     revision = MigrationContext.configure(connection).get_current_revision()
     if revision == head():
@@ -85,7 +88,8 @@ def schema_state(connection: Connection) -> str:
 def upgrade(engine: Engine) -> str:
     """Bring the database to :func:`head` in one transaction; return the state found before.
 
-    Raises :class:`SchemaError` for a database with only some of the bank tables or an unknown revision (the storage layer turns these into typed errors)."""
+    Raises :class:`SchemaError` for a database with only some of the bank tables or an unknown
+    revision (the storage layer turns these into typed errors)."""
     with for_writing(engine).begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
@@ -96,7 +100,8 @@ def upgrade(engine: Engine) -> str:
             raise SchemaError(state)
         config = alembic_config(connection)
         if state == "no-revision":  # an upgrade by an older pmeta killed after creating alembic_version
-            command.stamp(config, "0002" if "record_sha256" in {c["name"] for c in inspect(connection).get_columns("bank_versions")} else BASELINE)
+            columns = {column["name"] for column in inspect(connection).get_columns("bank_versions")}
+            command.stamp(config, CHECKSUM_REVISION if "record_sha256" in columns else BASELINE)
         elif state == "outdated" and MigrationContext.configure(connection).get_current_revision() is None:
             command.stamp(config, BASELINE)
         command.upgrade(config, "head")

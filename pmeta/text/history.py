@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..checks import as_path
+from ..data.history import pydantic_clause
 from ..data.jsonfile import load_history_json
 from ..data.lamp import parse_questions
 from ..errors import InvalidData, InvalidHistory
@@ -59,8 +60,7 @@ def parse_text_history(data: Any, task: str, source: str = "history") -> tuple[T
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "history"
-        message = (first["msg"].splitlines() or [""])[0].removeprefix("Value error, ")
-        raise InvalidHistory(f"{source}: {where}: {message}") from None
+        raise InvalidHistory(f"{source}: {where}: {pydantic_clause(first['msg'])}") from None
     except TypeError as exc:
         raise InvalidHistory(f"{source}: {exc}") from None
     try:
