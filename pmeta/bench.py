@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .bank.bank import BUILD_FILE, Bank, top_indexes
+from .bank.model import device_clock
 from .errors import InvalidRequest, PmetaError
 
 
@@ -284,6 +285,7 @@ def bench_per_user_lora(bank: Bank, users: int, k: int = 5) -> dict:
 
     histories = sample_histories(bank, k, users, seed=2)
     supports = [np.array(bank.user_input(bank.as_history(h)).liked_items, dtype=np.int64) for h in histories]
+    device = bank.model.t.item_text.device
     pmeta_ms = []
     for h in histories[:1] + histories:  # first call: warm-up
         start = time.perf_counter()
@@ -298,15 +300,15 @@ def bench_per_user_lora(bank: Bank, users: int, k: int = 5) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             oppu.fit(supports[0])  # warm-up
             for n, (h, support) in enumerate(zip(histories, supports)):
-                start = time.perf_counter()
+                start = device_clock(device)
                 lora = oppu.fit(support)
-                train_ms.append((time.perf_counter() - start) * 1e3)
+                train_ms.append((device_clock(device) - start) * 1e3)  # the GPU's queued steps included
                 path = Path(tmp) / f"user{n}.safetensors"
                 path.write_bytes(oppu.adapter_bytes(lora))
                 sizes.append(path.stat().st_size)
                 user = bank.user_input(bank.as_history(h))
                 start = time.perf_counter()
-                top_indexes(oppu.final_scores(user, load_file(str(path))).cpu().numpy(), 10)
+                top_indexes(oppu.final_scores(user, load_file(str(path), device=str(device))).cpu().numpy(), 10)
                 load_ms.append((time.perf_counter() - start) * 1e3)
         train, load = float(np.median(train_ms)), float(np.median(load_ms))
         recipes[layers] = {
@@ -343,15 +345,17 @@ sys.exit(code)
 """
 
 
-def adapt_process_rss(bank_path: Path, history: dict, db_url: str | None = None) -> float:
-    """Peak RSS (MB) of a fresh ``pmeta adapt`` process: the kernel's high-water mark (VmHWM) read
-    by the process itself at exit. (``RUSAGE_CHILDREN`` would also count the forked copy of this
-    benchmark process before ``exec``.)"""
+def adapt_process_rss(bank_path: Path, history: dict, db_url: str | None = None, device: str = "cpu") -> float:
+    """Peak RSS (MB) of a fresh ``pmeta adapt`` process on ``device``: the kernel's high-water mark
+    (VmHWM) read by the process itself at exit. (``RUSAGE_CHILDREN`` would also count the forked copy
+    of this benchmark process before ``exec``.) On a GPU it counts host memory only, the CUDA
+    libraries' among it."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "history.json"
         path.write_text(json.dumps(history))
         args = ["--threads", str(torch.get_num_threads()), "adapt", "--bank", str(bank_path), "--history", str(path), "--json"]
         args += ["--db", db_url] if db_url is not None else []
+        args += ["--device", str(device)]
         result = subprocess.run([sys.executable, "-c", _PEAK_RSS_WRAPPER, *args], capture_output=True, text=True)
     if result.returncode != 0:
         said = [line for line in result.stderr.strip().splitlines() if line.strip() and not line.startswith("PEAK_RSS_KB")]
@@ -428,7 +432,7 @@ def _run(paths: list[Path], quick: bool, db_url: str | None, retrieval_sizes, bu
     for bank in opened:
         _count_users(bank, counted)
     # first the `pmeta adapt` process (one more user): a failure there costs no measurement
-    peak_rss = adapt_process_rss(paths[0], sample_histories(opened[0], 5, 1)[0], db_url)
+    peak_rss = adapt_process_rss(paths[0], sample_histories(opened[0], 5, 1)[0], db_url, device)
     by_bank, bank_info = {}, []
     metas = [bank.config.meta for bank in opened]
     for number, (path, bank) in enumerate(zip(paths, opened), 1):
@@ -458,6 +462,7 @@ def _run(paths: list[Path], quick: bool, db_url: str | None, retrieval_sizes, bu
     versus["pmeta_bytes_per_user"] = stored
     return {
         "machine": machine(),
+        "device": str(opened[0].model.t.item_text.device),
         "banks": bank_info,
         "personalize_ms": {"k": 5, "steps": main.config.inner_steps, "bank": bank_info[0]["name"], "p50": headline["p50"], "p95": headline["p95"], "gflop": gflop, "by_bank": by_bank, "bfloat16_k5": bf16},
         "throughput_users_per_s": {f"batch{t['batch']}": t for t in throughput},
@@ -475,6 +480,7 @@ def format_table(report: dict) -> str:
     m = report["machine"]
     lines = [
         f"machine: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), torch {m['torch']} with {m['torch_threads']} threads, faiss {m['faiss_threads']} threads, GPU: {m['gpu'] or 'none'}, bf16 instructions: {', '.join(m.get('cpu_bf16') or []) or 'none'}, load {m['load_average_1min']}",
+        f"banks served on: {report.get('device', 'cpu')}",
     ]
     for b in report["banks"]:
         lines.append(f"bank {b['name']}: {b['path']} {b['version']} ({b['anchors']} anchors, {b['items']} items, {b['inner_steps']} inner steps), {b['bytes'] / 1e6:.1f} MB" + (" [tiny, built for --quick]" if b["tiny_for_quick"] else ""))

@@ -121,8 +121,8 @@ def test_the_peak_rss_process_reads_the_same_database_and_reports_its_own_error(
 
     monkeypatch.setattr(bench.subprocess, "run", child)
     with pytest.raises(PmetaError, match=r"peak RSS failed: pmeta: error: not a pmeta bank: b \(no bank.db\)$"):
-        bench.adapt_process_rss(tmp_path, history("u", ["1"]), "sqlite:///elsewhere.db")
-    assert calls[0][-2:] == ["--db", "sqlite:///elsewhere.db"]
+        bench.adapt_process_rss(tmp_path, history("u", ["1"]), "sqlite:///elsewhere.db", "cuda:1")
+    assert calls[0][-4:] == ["--db", "sqlite:///elsewhere.db", "--device", "cuda:1"]  # the bench's database and device
 
 
 def test_direct_encoder_load_matches_transformers_and_sentence_transformers():

@@ -223,6 +223,19 @@ def test_adapt_precision_option(tiny_bank):
     assert_one_line_error(pmeta("adapt", "--bank", str(tiny_bank), "--history", str(EXAMPLE), "--precision", "fp8"), "precision")
 
 
+def test_adapt_device_option(tiny_bank):
+    """`pmeta adapt --device` serves on that device (tests/test_cuda.py compares cuda with cpu where a
+    GPU is lent); an unknown device, or one this machine lacks, is one line."""
+    import torch
+
+    ok = pmeta("adapt", "--bank", str(tiny_bank), "--history", str(EXAMPLE), "--device", "cpu", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert len(json.loads(ok.stdout)["recommendations"]) == 10
+    assert_one_line_error(pmeta("adapt", "--bank", str(tiny_bank), "--history", str(EXAMPLE), "--device", "gpu0"), "unknown torch device 'gpu0'")
+    missing = f"cuda:{torch.cuda.device_count()}"
+    assert_one_line_error(pmeta("adapt", "--bank", str(tiny_bank), "--history", str(EXAMPLE), "--device", missing), "not available")
+
+
 @pytest.mark.parametrize("threads", ["-2", "100000", "2147483648"])
 def test_a_thread_count_out_of_range_is_a_usage_error(threads):
     """torch segfaults on 100000 threads and overflows on 2**31: refused by the parser (0 to 1024)."""

@@ -33,11 +33,17 @@ def test_a_cuda_index_beyond_the_machine_is_a_config_error():
         resolve_device(f"cuda:{torch.cuda.device_count()}")
 
 
-def test_the_encoder_checks_its_device_first():
-    from pmeta.models.encoder import FunctionalEncoder
+def test_the_encoder_checks_its_device_first(monkeypatch):
+    """Before it looks for the weights (a GPU machine without the encoder package got that error,
+    after a load of the weights where they were there)."""
+    from pmeta.models import encoder
 
+    def no_weights(name):
+        raise AssertionError("the weights were looked for before the device was checked")
+
+    monkeypatch.setattr(encoder, "resolve_model_path", no_weights)
     with pytest.raises(InvalidConfig, match="unknown torch device"):
-        FunctionalEncoder(device="gpu0")
+        encoder.FunctionalEncoder(device="gpu0")
 
 
 def test_seeds_and_inner_steps_are_bounded_alike_in_the_cli_and_the_configs():

@@ -58,7 +58,7 @@ def catalog_embeddings(encoder: FunctionalEncoder, texts: list[str], progress: P
     from ..storage.tensor_file import save_tensors
 
     digest = hashlib.sha256()
-    digest.update(encoder.weights["embeddings.word_embeddings.weight"].numpy().tobytes()[:1 << 20])
+    digest.update(encoder.weights["embeddings.word_embeddings.weight"].detach().cpu().numpy().tobytes()[:1 << 20])  # a GPU build holds it on the device
     digest.update(str(encoder.shape).encode())
     for text in texts:
         digest.update(text.encode())
@@ -72,7 +72,7 @@ def catalog_embeddings(encoder: FunctionalEncoder, texts: list[str], progress: P
         except Exception:  # a corrupt cache entry is recomputed, never trusted
             pass
     with progress.task("embedding catalogue", len(texts)) as bar:
-        embeddings = encoder.sentence_embeddings(texts, batch_size=128, progress=bar.advance)
+        embeddings = encoder.sentence_embeddings(texts, batch_size=128, progress=bar.advance).cpu()  # cached and returned on the CPU
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

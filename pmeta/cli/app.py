@@ -240,6 +240,7 @@ def adapt(
     input: Optional[str] = typer.Option(None, "--input", help="Text bank: the input to predict for."),
     retrieve: Optional[int] = typer.Option(None, "--retrieve", min=0, help="Text bank: BM25 profile items put in the prompt (default: the bank's)."),
     precision: str = typer.Option("float32", "--precision", help="float32, or bfloat16 (encoder passes under bf16 autocast: ~1.7x the batched throughput measured on a CPU with AVX512-BF16; slower on CPUs without bf16 instructions)."),
+    device: str = typer.Option("cpu", "--device", help="torch device for serving: cpu, cuda or cuda:N."),
 ) -> None:
     """Personalize one user from their history and print the top items not in it (a text bank: the prediction for --input)."""
     from ..config import check_precision
@@ -253,7 +254,7 @@ def adapt(
             raise InvalidRequest("--precision applies to ranking banks; a text bank runs its causal LM in float32")
         if top is not None or ignore_unknown:
             raise InvalidRequest(f"{'--top' if top is not None else '--ignore-unknown'} applies to ranking banks; {bank} is a text bank (it predicts for --input)")
-        return adapt_text(bank, history, input, retrieve, steps, as_json, user, db)
+        return adapt_text(bank, history, input, retrieve, steps, as_json, user, db, device)
     if input is not None or retrieve is not None:
         raise InvalidRequest(f"{'--input' if input is not None else '--retrieve'} applies to text banks; {bank} is a ranking bank (it ranks its catalogue)")
     top = 10 if top is None else top
@@ -266,7 +267,7 @@ def adapt(
     parsed = load_history(history, user_id=user)  # a bad history is reported before torch and the bank load
     from ..bank.bank import Bank
 
-    opened = Bank.open(bank, db, precision=precision)
+    opened = Bank.open(bank, db, device=device, precision=precision)
     personalization = opened.personalize(parsed, steps=steps, ignore_unknown=ignore_unknown)
     if as_json:
         typer.echo(json.dumps(personalization.to_dict(top)))

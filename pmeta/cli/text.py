@@ -51,7 +51,7 @@ def build_lamp_bank(out: Path, data: Optional[Path], task: Optional[str], config
     )
 
 
-def adapt_text(bank: Path, history: Path, input: Optional[str], retrieve: Optional[int], steps: Optional[int], as_json: bool, user: Optional[str], db: Optional[str]) -> None:
+def adapt_text(bank: Path, history: Path, input: Optional[str], retrieve: Optional[int], steps: Optional[int], as_json: bool, user: Optional[str], db: Optional[str], device: str = "cpu") -> None:
     from ..storage import BankStore
     from ..text.history import load_text_history, parse_text_history
 
@@ -63,7 +63,7 @@ def adapt_text(bank: Path, history: Path, input: Optional[str], retrieve: Option
         parsed, _ = parse_text_history({**parsed.model_dump(), "user_id": user}, task, "--user")
     from ..text.bank import TextBank  # torch and transformers: after the history is checked
 
-    opened = TextBank.open(bank, db)
+    opened = TextBank.open(bank, db, device=device)
     personalization = opened.personalize(parsed, steps=steps)
     k = opened.config.retrieve if retrieve is None else retrieve
     prediction = personalization.predict(input, retrieve=k)

@@ -95,6 +95,7 @@ class PerUserLoRA:
     def final_scores(self, user, lora: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scores (N,) with the user's history items at -inf, as pmeta's ``final_scores``."""
         batch = self.batch(user)
+        lora = {k: v.to(batch.hidden.device) for k, v in lora.items()}  # a stored adapter may load on the CPU
         return self.scores(batch, lora)[0].masked_fill(batch.exclude[0], float("-inf"))
 
     def score(self, support_items: np.ndarray, k: int, time: float | None = None) -> np.ndarray:

@@ -125,6 +125,7 @@ class FunctionalEncoder:
     """
 
     def __init__(self, name: str = DEFAULT_ENCODER, device: str | torch.device = "cpu") -> None:
+        self.device = resolve_device(device)  # before the weights load
         path = resolve_model_path(name)
         local = Path(path).exists()
         loaded = _load_local_bert(Path(path), name) if local else None
@@ -139,7 +140,6 @@ class FunctionalEncoder:
             self._fast_tokenizer = False
         self.name = name
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to call concurrently
-        self.device = resolve_device(device)
         self.shape = EncoderShape(
             layers=config["num_hidden_layers"],
             hidden=config["hidden_size"],
