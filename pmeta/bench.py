@@ -6,7 +6,7 @@ Every number comes from this run; ratios are only compared inside one run. Secti
 * ``personalize_ms``: one user at a time, K = 1, 3, 5 liked items (the first K positives of the
   bank's held-out users), split into embed / retrieve / fuse / inner steps / rank, per bank
   (MAML- and Reptile-trained when both are given);
-* ``throughput_users_per_s``: ``personalize_many`` at batch 1, 8, 16, 64 with the leading-user-axis
+* ``throughput_users_per_s``: ``personalize_many`` at batch 1, 8, 16, 64 (and the device's default batch, 128 on CUDA) with the leading-user-axis
   batching, with ``torch.func.vmap`` over users, and a Python loop of ``personalize``;
 * ``rank_ms``: scoring + top-10 against catalogues of 1k / 10k / 100k synthetic items of the bank's
   shapes through the bank's own ranking head;
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .bank.bank import BUILD_FILE, Bank, top_indexes
+from .bank.bank import BUILD_FILE, Bank, default_batch_size, top_indexes
 from .bank.model import device_clock
 from .errors import InvalidRequest, PmetaError
 
@@ -448,6 +448,8 @@ def _run(paths: list[Path], quick: bool, db_url: str | None, retrieval_sizes, bu
     with precision(main, "bfloat16"):
         bf16 = bench_personalize(main, 5, count)
     batches = (1, 4) if smoke else (1, 8, 16) if quick else (1, 8, 16, 64)
+    default = default_batch_size(main.model.t.item_text.device)
+    batches += () if smoke or default in batches else (default,)  # personalize_many's default on this device (128 on CUDA)
     throughput = [bench_throughput(main, b, users=4 if smoke else None) for b in batches]
     rank = bench_rank(main, (1_000,) if smoke else (1_000, 10_000) if quick else (1_000, 10_000, 100_000), repeats=3 if smoke else 5 if quick else 20)
     retrieval = bench_retrieval(retrieval_sizes or ((1_000, 10_000) if quick else (1_000, 100_000, 1_000_000)), queries=30 if quick else 100)
