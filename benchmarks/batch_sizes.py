@@ -45,8 +45,10 @@ def main() -> None:
             print(f"short tiny-preset build on {args.device}: {time.perf_counter() - started:.1f} s")
         bank = pmeta.Bank.open(path, device=args.device)
         histories = sample_histories(bank, args.k, args.users)
-        bank.personalize_many(histories[:32], batch_size=16)  # warm-up
-        gpu = torch.cuda.get_device_name(0) if bank.model.t.item_text.device.type == "cuda" else "none"
+        for method in ("batched", "vmap"):  # warm-up
+            bank.personalize_many(histories[:32], batch_size=16, method=method)
+        device = bank.model.t.item_text.device
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
         print(f"{platform.processor() or platform.machine()}, GPU {gpu}, torch {torch.__version__}, {args.threads} threads; {args.users} users, K={args.k}")
         for size in (int(s) for s in args.sizes.split(",")):
             rates = {}
@@ -56,7 +58,7 @@ def main() -> None:
                 rates[method] = args.users / (time.perf_counter() - started)
             print(f"  {size:>4} per pass: batched {rates['batched']:8.1f} users/s, vmap {rates['vmap']:8.1f}")
         if gpu != "none":
-            print(f"  GPU memory at most {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+            print(f"  GPU memory at most {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (the process's peak: the build's too, and every size's)")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ from .bank.model import device_clock
 from .errors import InvalidRequest, PmetaError
 
 
-def machine() -> dict:
+def machine(device: str | torch.device = "cpu") -> dict:
+    """The machine, and the GPU: the one ``device`` names when it is a CUDA device, else GPU 0 if any."""
     import faiss
 
     cpu = platform.processor() or platform.machine()
@@ -65,7 +66,7 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(),
         "faiss_threads": faiss.omp_get_max_threads(),
         "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name(torch.device(device) if torch.device(device).type == "cuda" else 0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "load_average_1min": load,
         "cpu_bf16": sorted(flags & {"avx512_bf16", "amx_bf16"}),  # bf16 matrix instructions (precision=bfloat16 pays off)
@@ -163,7 +164,8 @@ def bench_throughput(bank: Bank, batch: int, k: int = 5, users: int | None = Non
     """Users/s of ``personalize_many`` (leading-axis batching and vmap) and of a loop, same users."""
     users = users or max(batch, 8)
     histories = sample_histories(bank, k, users, seed=1)
-    bank.personalize_many(histories[:2])  # warm-up
+    for method in ("batched", "vmap"):  # warm-up of each (the first vmap call on a GPU pays a one-off cost)
+        bank.personalize_many(histories[:2], method=method)
     out = {"batch": batch, "users": users}
     for method in ("batched", "vmap"):
         start = time.perf_counter()
@@ -463,7 +465,7 @@ def _run(paths: list[Path], quick: bool, db_url: str | None, retrieval_sizes, bu
     stored = 0 if before == after else max(grown, 0) / users_personalized
     versus["pmeta_bytes_per_user"] = stored
     return {
-        "machine": machine(),
+        "machine": machine(opened[0].model.t.item_text.device),
         "device": str(opened[0].model.t.item_text.device),
         "banks": bank_info,
         "personalize_ms": {"k": 5, "steps": main.config.inner_steps, "bank": bank_info[0]["name"], "p50": headline["p50"], "p95": headline["p95"], "gflop": gflop, "by_bank": by_bank, "bfloat16_k5": bf16},

@@ -69,7 +69,7 @@ def test_the_default_batch_follows_the_device(opened_bank, monkeypatch):
     """16 users per pass on CPU, 128 on CUDA (an H200's throughput tripled from 16 to 128)."""
     import torch
 
-    from pmeta.bank.bank import default_batch_size
+    from pmeta.bank.bank import DEFAULT_BATCH_SIZE, default_batch_size
 
     assert default_batch_size(torch.device("cpu")) == 16 and default_batch_size("cuda:0") == 128 and default_batch_size("mps") == 16
     sizes = []
@@ -84,6 +84,10 @@ def test_the_default_batch_follows_the_device(opened_bank, monkeypatch):
     opened_bank.personalize_many(users)
     opened_bank.personalize_many(users, batch_size=None)
     assert sizes == [16, 4, 16, 4]
+    monkeypatch.setitem(DEFAULT_BATCH_SIZE, "cpu", 7)  # read from the table, by the bank's device
+    sizes.clear()
+    opened_bank.personalize_many(users)
+    assert sizes == [7, 7, 6]
     with pytest.raises(InvalidRequest, match="batch_size"):
         opened_bank.personalize_many(users, batch_size=0)
 
@@ -186,9 +190,15 @@ def test_serving_on_an_explicit_device_is_the_same(tiny_bank, opened_bank):
 def test_the_batch_size_benchmark_reports_every_size(tiny_bank, benchmark_script, monkeypatch, capsys):
     import sys
 
+    import torch
+
     module = benchmark_script("batch_sizes")
     monkeypatch.setattr(sys, "argv", ["batch_sizes.py", "--bank", str(tiny_bank), "--sizes", "2,4", "--users", "4", "--threads", "1"])
-    module.main()
+    threads = torch.get_num_threads()
+    try:
+        module.main()
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if "per pass" in line]
     assert [row.split()[0] for row in rows] == ["2", "4"] and "GPU none" in out

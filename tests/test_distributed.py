@@ -13,6 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # smaller than --preset tiny: seconds per build
@@ -116,3 +118,16 @@ def test_torchrun_build_matches_single_process(tmp_path):
     noise = math.sqrt(2 * max(p * (1 - p), 0.01) / a["users"])  # std of a difference of two HR estimates
     assert abs(a["hr@10"] - b["hr@10"]) <= 3 * noise, (a, b)
     assert b["hr@10"] > 0.02  # far above random (10 / 9,742 items ≈ 0.001)
+
+
+def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch):
+    """`--device cuda:N` under torchrun would put every rank on GPU N while NCCL binds rank r to GPU
+    LOCAL_RANK: refused before the process group is joined (no GPU needed to check it)."""
+    from pmeta.bank import distributed
+    from pmeta.errors import InvalidConfig
+
+    assert distributed.device_of("cuda:1") == "cuda:1"  # one process: any GPU
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for call in (distributed.init_from_env, distributed.device_of):
+        with pytest.raises(InvalidConfig, match="use --device cuda"):
+            call("cuda:1")

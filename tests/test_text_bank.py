@@ -312,6 +312,25 @@ def test_history_files_that_are_not_json_are_worded_like_ranking_histories(tmp_p
     assert "\n" not in text and "codec" not in text and "char " not in text and "recursion" not in text
 
 
+def test_text_banks_refuse_a_gpu_on_every_machine(setup, tmp_path):
+    """Their GPU path mixes devices (CPU tensors beside a GPU model) and was never run on a GPU:
+    refused in the same words whether or not this machine has one (the CLI cases: test_cli_errors)."""
+    from pmeta.errors import InvalidConfig
+    from pmeta.text import load_text_config
+    from pmeta.text.bank import TextBank
+    from pmeta.text.build import build_text_bank
+
+    for device in ("cuda", "cuda:1", "mps"):
+        with pytest.raises(InvalidConfig, match="text banks run on the CPU only"):
+            TextBank.open(setup["bank"], device=device)
+    config = load_text_config("tiny", overrides={"task": "LaMP-3", "lm": str(setup["lm"]), "device": "cuda"})
+    with pytest.raises(InvalidConfig, match="text banks run on the CPU only"):
+        build_text_bank(setup["data"], tmp_path / "b", config)
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(InvalidConfig, match="unknown torch device"):
+        TextBank.open(setup["bank"], device="gpu0")
+
+
 def test_a_text_build_under_torchrun_is_refused(setup, tmp_path):
     args = ["bank", "build", "--format", "lamp", "--task", "LaMP-3", "--data", str(setup["data"]), "--lm", str(setup["lm"]), "--out", str(tmp_path / "b")]
     result = runner.invoke(app, args, env={"WORLD_SIZE": "2"})
@@ -455,6 +474,8 @@ def test_cli_adapt_and_export(setup, tmp_path):
         (["bank", "build", "--format", "lamp", "--task", "LaMP-3", "--data", "{data}", "--lm", "{tmp}/no-lm", "--out", "{tmp}/b"], "not a local folder"),
         (["bank", "build", "--format", "lamp", "--task", "LaMP-3", "--data", "{data}", "--out", "{tmp}/x/y/b"], "does not exist"),
         (["export", "--bank", "{tmp}/none", "--history", "{history}", "--out", "{tmp}/x"], "not a pmeta bank"),
+        (["adapt", "--bank", "{bank}", "--history", "{history}", "--input", "x", "--device", "cuda"], "text banks run on the CPU only"),
+        (["bank", "build", "--format", "lamp", "--task", "LaMP-3", "--data", "{data}", "--device", "cuda:0", "--out", "{tmp}/b"], "text banks run on the CPU only"),
     ],
 )
 def test_cli_errors(setup, tmp_path, args, message):

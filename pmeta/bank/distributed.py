@@ -27,11 +27,19 @@ def requested() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _check_device(device: str) -> None:
+    if requested() and str(device).startswith("cuda:"):
+        from ..errors import InvalidConfig
+
+        raise InvalidConfig(f"--device {device} under torchrun: use --device cuda (each process takes the GPU of its LOCAL_RANK)")
+
+
 def init_from_env(device: str = "cpu") -> bool:
     """Join the process group described by torchrun's environment variables (idempotent).
 
     Returns True when running distributed. CUDA ranks use NCCL on ``cuda:LOCAL_RANK``.
     """
+    _check_device(device)
     if not requested() or not dist.is_available():
         return False
     if not dist.is_initialized():
@@ -59,7 +67,10 @@ def is_main() -> bool:
 
 
 def device_of(config_device: str) -> str:
-    """The device of this rank: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
+    """The device of this rank: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun. A numbered
+    ``cuda:N`` there is refused (InvalidConfig): every rank would train on that one GPU while NCCL
+    and ``init_from_env`` bind rank r to GPU LOCAL_RANK."""
+    _check_device(config_device)
     if active() and str(config_device) == "cuda":
         return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return str(config_device)

@@ -29,7 +29,8 @@ from .crossfit import CrossFit
 def device_clock(device: torch.device) -> float:
     """``time.perf_counter()`` once the device's queued work is done. CUDA kernels run
     asynchronously: without the sync a step's kernels are billed to whichever later step waits for
-    them (the inner steps' to the scoring's ``.cpu()``)."""
+    them (the inner steps' to the scoring's ``.cpu()``). The sync waits for every stream's work on
+    the device, so under concurrent threads a call's stage timings include the others' kernels."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()

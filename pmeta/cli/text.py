@@ -36,11 +36,11 @@ def build_lamp_bank(out: Path, data: Optional[Path], task: Optional[str], config
     cfg = load_text_config(preset, config, {"task": spec.name, "anchors": anchors, "meta": meta, "seed": seed, "device": device, "lm": lm})  # before torch loads
 
     from ..bank import distributed
-    from ..models.device import resolve_device
+    from ..models.device import cpu_only
 
     if distributed.requested():  # text meta-training has no multi-process path: N ranks would race for the bank
         fail("--format lamp builds run in one process; torchrun splits MovieLens bank builds only (run it without torchrun)")
-    resolve_device(cfg.device)  # before the bank folder is created
+    cpu_only(cfg.device, "text banks")  # before the bank folder is created
     from ..text.build import build_text_bank  # transformers: after every check above
 
     result = build_text_bank(data, out, cfg, db_url=db, progress=_progress(quiet))

@@ -59,7 +59,7 @@ class _BankScorer:
         saved, self.model.precision = self.model.precision, self.precision  # the model is shared by methods
         try:
             personal, batch, _ = self.model.personalize([support_input(self.model, support_items, time)], steps=self.steps)
-            scores = self.model.final_scores(batch, personal)[0].numpy().astype(np.float64)
+            scores = self.model.final_scores(batch, personal)[0].cpu().numpy().astype(np.float64)
         finally:
             self.model.precision = saved
         return floor_excluded(scores)
@@ -97,7 +97,7 @@ class BackboneZeroShot:
     sentence embedding of the support items' texts and every item's text embedding."""
 
     def __init__(self, item_text: torch.Tensor) -> None:
-        self.item_text = item_text.numpy().astype(np.float64)
+        self.item_text = item_text.cpu().numpy().astype(np.float64)
 
     @classmethod
     def create(cls, context: EvalContext):

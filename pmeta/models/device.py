@@ -25,3 +25,16 @@ def resolve_device(name: str | torch.device) -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise InvalidConfig(f"device {str(name)!r} is not supported; use cpu, cuda or cuda:N")
     return device
+
+
+def cpu_only(name: str | torch.device, what: str) -> torch.device:
+    """The CPU, checked as :func:`resolve_device` does, or :class:`~pmeta.errors.InvalidConfig` for
+    any other device (on every machine, whether it has that device or not), for the parts of pmeta
+    whose GPU path is not supported: ``what`` says which."""
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, TypeError, ValueError):
+        kind = None  # resolve_device words it
+    if kind not in (None, "cpu"):
+        raise InvalidConfig(f"{what} run on the CPU only in this version (device {str(name)!r}; use cpu): their GPU path mixes devices and was never run on a GPU")
+    return resolve_device(name)

@@ -25,7 +25,7 @@ from ..config import MAX_INNER_STEPS
 from ..data.jsonfile import is_unicode_text
 from ..errors import BankIntegrityError, InvalidRequest
 from ..fusion.index import AnchorIndex
-from ..models.device import resolve_device
+from ..models.device import cpu_only
 from ..models.fingerprint import check_fingerprint
 from ..models.personal import Adapter, user_row
 from ..storage import BankStore
@@ -115,11 +115,12 @@ class TextBank:
 
         Raises BankNotFound when ``path`` is not a bank, BankIntegrityError when a file was altered,
         InvalidRequest when the version is not a text bank (the caller's mistake, as
-        :meth:`pmeta.Bank.open` of a text bank), InvalidConfig for a device this machine does not have.
+        :meth:`pmeta.Bank.open` of a text bank), InvalidConfig for a device other than the CPU (text
+        banks run on the CPU only: see :func:`pmeta.models.device.cpu_only`).
         """
         from ..bank.bank import shared_encoder
 
-        resolve_device(device)
+        cpu_only(device, "text banks")
         store = BankStore(path, db_url)
         reader = store.open(version)
         raw = reader.record["config"]

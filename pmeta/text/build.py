@@ -32,6 +32,7 @@ from ..bank.meta_train import _optimize
 from ..data.lamp import LampExample, load_split, task_spec, truncate_profile
 from ..errors import InvalidConfig, InvalidData
 from ..fusion.fuse import fuse_users, fusion_weights
+from ..models.device import cpu_only
 from ..models.personal import Adapter, expand_users, stack
 from ..progress import Progress
 from .config import TextConfig
@@ -398,6 +399,7 @@ def build_text_bank(data: str | Path, out: str | Path, config: TextConfig, db_ur
 
     if not isinstance(config, TextConfig):
         raise InvalidConfig(f"config must be a TextConfig (pmeta.text.load_text_config(...)), not {type(config).__name__}")
+    cpu_only(config.device, "text banks")
     store = BankStore(out, db_url)  # checks the path's type and the URL; touches nothing on disk
     progress = progress or Progress(False)
     spec = task_spec(config.task)
