@@ -143,6 +143,20 @@ def test_personalize_many_equals_one_by_one(opened_bank):
         assert np.array_equal(finite, np.isfinite(b.scores))
 
 
+def test_personalize_inside_torch_inference_mode(opened_bank):
+    """A serving layer's `with torch.inference_mode():` used to make the inner steps fail ("element 0
+    of tensors does not require grad"): the same scores as outside it now, batched and vmapped."""
+    users = [history("a", ["2571", "260"]), history("b", ["1"]), history("c", [])]
+    outside = opened_bank.personalize_many(users)
+    with torch.inference_mode():
+        for method in ("batched", "vmap"):
+            inside = opened_bank.personalize_many(users, method=method)
+            for o, i in zip(outside, inside):
+                finite = np.isfinite(o.scores)
+                np.testing.assert_allclose(i.scores[finite], o.scores[finite], rtol=1e-4, atol=1e-4)
+        assert [r.item_id for r in opened_bank.personalize(users[0]).rank(10)] == [r.item_id for r in outside[0].rank(10)]
+
+
 def test_threads_give_the_serial_results(opened_bank):
     ids = opened_bank.catalog.item_ids
     users = [history(f"u{n}", [ids[n], ids[40 + n], ids[200 + n]]) for n in range(6)]

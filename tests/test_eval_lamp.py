@@ -82,6 +82,7 @@ def test_title_report(lamp):
     [
         (["--methods", "backbone,oracle"], "unknown method 'oracle'"),
         (["--k-profile", "1,x"], "--k-profile must be comma-separated integers"),
+        (["--k-profile", "1,99999999999999999999999"], "--k-profile values are at most 10,000"),
         (["--task", "LaMP-6"], "LaMP-6 is not public"),
         (["--split", "../x"], "plain name"),
         (["--split", "dev"], "--split dev needs --bank"),

@@ -103,6 +103,19 @@ def test_personalize_predict(setup, opened):
         assert torch.allclose(many[1].adapter[key], single.adapter[key], atol=1e-5)
 
 
+def test_personalize_inside_torch_inference_mode(setup, opened):
+    """A serving layer's `with torch.inference_mode():` used to make the inner steps fail (no autograd
+    there): the same adapter and prediction as outside it now."""
+    question, history = _profile(setup["data"])
+    outside = opened.personalize(history)
+    with torch.inference_mode():
+        inside = opened.personalize(history)
+        prediction = inside.predict(question["input"])
+    for key in outside.adapter:
+        assert torch.equal(inside.adapter[key], outside.adapter[key])
+    assert prediction == outside.predict(question["input"])
+
+
 def test_inner_steps_fit_the_support(setup, opened):
     """The inner steps lower the support loss from the fused start (with the bank's step sizes)."""
     _, history = _profile(setup["data"])
@@ -312,6 +325,50 @@ def test_history_files_that_are_not_json_are_worded_like_ranking_histories(tmp_p
     assert "\n" not in text and "codec" not in text and "char " not in text and "recursion" not in text
 
 
+def test_golds_outside_the_labels_are_refused_before_meta_training(setup, tmp_path):
+    """A train gold "4.0" matched no option and dropped out of every loss without a word (a bank
+    trained on nothing: validation loss 0.000 -> 0.000); a bad dev gold was refused only after the
+    whole meta-training. Golds are read as the labels spell them, or refused before the build starts."""
+    from pmeta.data.lamp import LAMP2_TAGS, LampExample
+    from pmeta.errors import InvalidData
+    from pmeta.text.build import checked_golds, read_train_dev
+
+    data = write_lamp(tmp_path / "lamp3")
+    path = data / "train_outputs.json"
+    outputs = json.loads(path.read_text())
+    outputs["golds"][0]["output"], outputs["golds"][1]["output"] = "4.0", " 2 "
+    path.write_text(json.dumps(outputs))
+    train, dev = read_train_dev(data, "LaMP-3")
+    assert {e.output for e in train + dev} <= {"1", "2", "3", "4", "5"}
+    assert (train[0].id, train[0].output, train[1].output) == (outputs["golds"][0]["id"], "4", "2")
+    path = data / "dev_outputs.json"
+    outputs = json.loads(path.read_text())
+    outputs["golds"][0]["output"] = "great"
+    path.write_text(json.dumps(outputs))
+    args = ["bank", "build", "--format", "lamp", "--task", "LaMP-3", "--data", str(data), "--lm", str(setup["lm"]), "--preset", "tiny", "--out", str(tmp_path / "b")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "dev_outputs.json at the output of question id" in result.output and "found 'great'" in result.output, result.output
+    assert not (tmp_path / "b").exists()
+    tagged = [LampExample("q1", "a film", [], f"  {LAMP2_TAGS[0]} "), LampExample("q2", "a film", [], "Comedy")]
+    with pytest.raises(InvalidData, match="LaMP-2 outputs are one of .* found 'Comedy'"):
+        checked_golds(tagged, tmp_path, "LaMP-2", "train")
+    assert tagged[0].output == LAMP2_TAGS[0]  # stripped as the labels spell it
+
+
+def test_the_lm_window_holds_the_prompt_budget(setup):
+    """max_prompt_tokens may be up to 4,096, but the LM took 512 tokens whatever the budget and cut a
+    longer prompt from the left, instruction first: the window now holds the budget and the answer."""
+    from pmeta.text import load_text_config
+    from pmeta.text.bank import shared_lm
+    from pmeta.text.build import lm_window
+
+    small = load_text_config("tiny", overrides={"task": "LaMP-3", "lm": str(setup["lm"])})
+    large = small.model_copy(update={"max_prompt_tokens": 2000})
+    assert lm_window(small) == 512 and lm_window(large) == 2256
+    a, b = shared_lm(small), shared_lm(large)
+    assert (a.max_length, b.max_length) == (512, 2256) and a is not b and shared_lm(large) is b
+
+
 def test_text_banks_refuse_a_gpu_on_every_machine(setup, tmp_path):
     """Their GPU path mixes devices (CPU tensors beside a GPU model) and was never run on a GPU:
     refused in the same words whether or not this machine has one (the CLI cases: test_cli_errors)."""
@@ -475,6 +532,7 @@ def test_cli_adapt_and_export(setup, tmp_path):
         (["bank", "build", "--format", "lamp", "--task", "LaMP-3", "--data", "{data}", "--out", "{tmp}/x/y/b"], "does not exist"),
         (["export", "--bank", "{tmp}/none", "--history", "{history}", "--out", "{tmp}/x"], "not a pmeta bank"),
         (["adapt", "--bank", "{bank}", "--history", "{history}", "--input", "x", "--device", "cuda"], "text banks run on the CPU only"),
+        (["adapt", "--bank", "{tmp}/none", "--history", "{history}", "--input", "x"], "not a pmeta bank"),
         (["bank", "build", "--format", "lamp", "--task", "LaMP-3", "--data", "{data}", "--device", "cuda:0", "--out", "{tmp}/b"], "text banks run on the CPU only"),
     ],
 )

@@ -51,3 +51,17 @@ def adapt(
 def with_grad(adapter: Adapter) -> Adapter:
     """A detached copy whose tensors require grad: the starting point of inner steps at serving time."""
     return {k: v.detach().clone().requires_grad_(True) for k, v in adapter.items()}
+
+
+def outside_inference_mode(method):
+    """``method`` run with torch's inference mode off: a serving layer that wraps its calls in
+    ``torch.inference_mode()`` forbade the inner steps' autograd ("element 0 of tensors does not
+    require grad"). Everything the call creates is then an ordinary tensor."""
+    import functools
+
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        with torch.inference_mode(False):
+            return method(*args, **kwargs)
+
+    return call

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
+from ..adapt.inner import outside_inference_mode
 from ..checks import request_bool, request_int
 from ..config import MAX_INNER_STEPS, BankConfig, check_precision
 from ..data.history import UserHistory, load_history, parse_history, resolve_history
@@ -267,6 +268,7 @@ class Bank:
         ``ignore_unknown``) and InvalidRequest for a bad ``steps`` or ``ignore_unknown``."""
         return self.personalize_many([history], steps=steps, ignore_unknown=ignore_unknown)[0]
 
+    @outside_inference_mode
     def personalize_many(self, histories: list, steps: int | None = None, ignore_unknown: bool = False, batch_size: int | None = None, method: str = "batched") -> list[Personalization]:
         """Personalize many users, ``batch_size`` at a time in one batched pass each.
 

@@ -256,6 +256,9 @@ def adapt(
             raise InvalidRequest(f"{'--top' if top is not None else '--ignore-unknown'} applies to ranking banks; {bank} is a text bank (it predicts for --input)")
         return adapt_text(bank, history, input, retrieve, steps, as_json, user, db, device)
     if input is not None or retrieve is not None:
+        from ..storage import BankStore
+
+        BankStore(bank, db).open()  # a missing or broken bank reports itself (it is no ranking bank either)
         raise InvalidRequest(f"{'--input' if input is not None else '--retrieve'} applies to text banks; {bank} is a ranking bank (it ranks its catalogue)")
     top = 10 if top is None else top
 

@@ -132,6 +132,10 @@ def eval_lamp(
         raise InvalidConfig(f"--k-profile must be comma-separated integers, got {k_profile!r}") from None
     if not ks or min(ks) < 0:
         raise InvalidConfig(f"--k-profile must be non-negative integers, got {k_profile!r}")
+    from ..text.history import MAX_PROFILE_ITEMS
+
+    if max(ks) > MAX_PROFILE_ITEMS:  # a huge K ran the whole evaluation, then broke the plots
+        raise InvalidConfig(f"--k-profile values are at most {MAX_PROFILE_ITEMS:,} (a profile's item limit), got {max(ks)}")
     check_preset(preset, TEXT_PRESETS)  # also with --bank (then it is not used), so that a typo is never silently ignored
     if bank is not None and lm is not None:
         raise InvalidConfig("--lm names the LM of the bank built when --bank is not given; --bank serves with its own LM: leave --lm out")

@@ -152,7 +152,7 @@ def date_key(value: Any) -> tuple | None:
     return (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second, moment.microsecond)
 
 
-def _score_label(value: Any, path: str | Path, where: str) -> str:
+def score_label(value: Any, path: str | Path, where: str) -> str:
     """LaMP-3 scores are published as strings "1".."5"; integers and integral floats are accepted too."""
     number: float | None = None
     if isinstance(value, bool):
@@ -184,7 +184,7 @@ def _profile_item(raw: Any, spec: TaskSpec, path: str | Path, where: str) -> dic
             fields = ", ".join(spec.profile_fields)
             raise InvalidData(f"{path} at {where}: missing field '{name}' ({spec.name} profile items need id, {fields}).")
         if name == "score" and spec.name == "LaMP-3":
-            item[name] = _score_label(raw[name], path, f"{where}.{name}")
+            item[name] = score_label(raw[name], path, f"{where}.{name}")
         else:
             _text_field(raw[name], path, f"{where}.{name}")
     if "date" in raw:

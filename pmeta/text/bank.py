@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from ..adapt.inner import outside_inference_mode
 from ..checks import request_int
 from ..config import MAX_INNER_STEPS
 from ..data.jsonfile import is_unicode_text
@@ -29,7 +30,7 @@ from ..models.device import cpu_only
 from ..models.fingerprint import check_fingerprint
 from ..models.personal import Adapter, user_row
 from ..storage import BankStore
-from .build import BUILD_FILE, INDEX_FILE, TENSORS_FILE, load_lm
+from .build import BUILD_FILE, INDEX_FILE, TENSORS_FILE, lm_window, load_lm
 from .config import TextConfig
 from .history import TextHistory, load_text_history, parse_text_history
 from .model import TextModel, TextTensors
@@ -39,8 +40,8 @@ _LMS_LOCK = threading.Lock()
 
 
 def shared_lm(config: TextConfig):
-    """One causal LM per (name, device, targets) per process."""
-    key = (config.lm, config.device, tuple(config.lora_targets))
+    """One causal LM per (name, device, targets, window) per process."""
+    key = (config.lm, config.device, tuple(config.lora_targets), lm_window(config))
     with _LMS_LOCK:
         if key not in _LMS:
             _LMS[key] = load_lm(config)
@@ -150,6 +151,7 @@ class TextBank:
         ``max_items`` keeps only the most recent profile items. Raises InvalidHistory on bad input."""
         return self.personalize_many([history], steps=steps, max_items=max_items)[0]
 
+    @outside_inference_mode
     def personalize_many(self, histories: list, steps: int | None = None, max_items: int | None = None) -> list[TextPersonalization]:
         from ..bank.bank import each_history
 

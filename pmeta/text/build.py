@@ -29,7 +29,7 @@ from ..adapt.inner import adapt
 from ..adapt.strategies import get_strategy
 from ..bank.build import _unit, choose_anchors
 from ..bank.meta_train import _optimize
-from ..data.lamp import LampExample, load_split, task_spec, truncate_profile
+from ..data.lamp import LampExample, load_split, score_label, task_spec, truncate_profile
 from ..errors import InvalidConfig, InvalidData
 from ..fusion.fuse import fuse_users, fusion_weights
 from ..models.device import cpu_only
@@ -61,10 +61,17 @@ class Episode:
     keys: np.ndarray  # (U, d) unit keys of the support items
 
 
+def lm_window(config: TextConfig) -> int:
+    """Tokens the causal LM takes per sequence: the prompt budget and room for the answer (256, the
+    bound of ``max_new_tokens``), at least 512. A fixed 512 cut a larger budget's prompts from the
+    left, instruction first."""
+    return max(512, config.max_prompt_tokens + 256)
+
+
 def load_lm(config: TextConfig):
     from ..models.causal_lm import CausalLM
 
-    return CausalLM(config.lm, device=config.device, targets=tuple(config.lora_targets))
+    return CausalLM(config.lm, device=config.device, targets=tuple(config.lora_targets), max_length=lm_window(config))
 
 
 def _split_prompt(adapter: Adapter) -> tuple[Adapter, Adapter]:
@@ -128,8 +135,9 @@ class Episodes:
 
 def query_with_retrieval(model: TextModel, example: LampExample) -> Pair:
     """A question as a query pair; with ``train_with_retrieval`` its prompt carries the ``retrieve`` best
-    BM25 items among the user's ``support_max`` most recent profile items, exactly what
-    ``pmeta+retrieval`` puts in the prompt at serving time."""
+    BM25 items among the user's ``support_max`` most recent profile items, what ``pmeta+retrieval``
+    puts in the prompt at serving time for a profile of at most ``support_max`` items (serving
+    searches a longer profile whole)."""
     c = model.config
     pair = query_pair(task_spec(c.task), example, c.support_chars, c.target_chars)
     if not (c.train_with_retrieval and c.retrieve > 0):
@@ -214,7 +222,8 @@ def validation_loss(model: TextModel, profiles, queries, steps: int | None = Non
 
 def read_train_dev(data: str | Path, task: str) -> tuple[list, list]:
     """The train questions with a gold output and at least 2 profile items, and the dev questions with
-    a gold output (none when the folder has no readable dev split). InvalidData when train has none."""
+    a gold output (none when the folder has no readable dev split). InvalidData when train has none,
+    or when a gold of either is not one of the task's labels (:func:`checked_golds`)."""
     train = [e for e in load_split(data, task, "train") if e.output is not None and len(e.profile) >= 2]
     if not train:
         raise InvalidData(f"{data}: the train split has no question with a gold output and at least 2 profile items")
@@ -222,7 +231,28 @@ def read_train_dev(data: str | Path, task: str) -> tuple[list, list]:
         dev = [e for e in load_split(data, task, "dev") if e.output is not None]
     except InvalidData:
         dev = []
-    return train, dev
+    return checked_golds(train, data, task, "train"), checked_golds(dev, data, task, "dev")
+
+
+def checked_golds(examples: list[LampExample], data: str | Path, task: str, split: str) -> list[LampExample]:
+    """The golds of a classification or rating task as its labels spell them (LaMP-3: "4.0" and 4 are
+    "4", as profile scores are read), before any meta-training. A gold outside the labels would match
+    no option: its pair would drop out of every loss and of the label prior without a word, and a dev
+    gold used to be refused only after the whole meta-training. InvalidData names the file and question."""
+    spec = task_spec(task)
+    if spec.labels is None:
+        return examples
+    path = Path(data) / f"{split}_outputs.json"
+    for e in examples:
+        where = f"the output of question id {e.id[:40]!r}"
+        if spec.kind == "rating":
+            e.output = score_label(e.output, path, where)
+        elif e.output.strip() in spec.labels:
+            e.output = e.output.strip()
+        else:
+            shown = ", ".join(spec.labels[:5]) + (", …" if len(spec.labels) > 5 else "")
+            raise InvalidData(f"{path} at {where}: {spec.name} outputs are one of {shown}, found {e.output[:40]!r}.")
+    return examples
 
 
 def build_text_model(data: str | Path, config: TextConfig, progress: Progress | None = None, lm=None, splits: tuple[list, list] | None = None) -> tuple[TextModel, dict]:
