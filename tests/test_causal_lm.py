@@ -389,3 +389,28 @@ def test_conversion_cache_is_published_atomically(tmp_path):
     assert _cached_conversion_is_current(target, gguf)
     gguf.write_bytes(b"x" * 11)  # another version of the package: convert again
     assert not _cached_conversion_is_current(target, gguf)
+
+
+def test_the_kv_cache_goes_under_the_name_this_transformers_takes(tiny_lm, monkeypatch):
+    """transformers 5.25 renamed `past_key_values` to `cache` and warned on every generation (`pmeta
+    adapt` on a generation bank printed the warning each time): the cache is passed as the model's
+    forward names it, and the output is the same."""
+    import inspect
+
+    prompts, options = [tiny_lm.format_prompt("a review")], ["great guitar", "bad strings"]  # multi-token: the shared cache
+    expected = tiny_lm.generate(["the"], None, max_new_tokens=4)
+    expected_options = tiny_lm.option_logprobs(prompts, options, None)
+    seen = []
+    for module in (tiny_lm.model, tiny_lm._base):
+        original = module.forward
+
+        def recording(*args, _original=original, **kwargs):
+            seen.append(set(kwargs))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, "forward", recording)
+    assert tiny_lm.generate(["the"], None, max_new_tokens=4) == expected
+    torch.testing.assert_close(tiny_lm.option_logprobs(prompts, options, None), expected_options)
+    new_name = "cache" in inspect.signature(type(tiny_lm.model).forward).parameters
+    passed = [keys for keys in seen if keys & {"cache", "past_key_values"}]
+    assert passed and all(("cache" in keys) == new_name and ("past_key_values" in keys) != new_name for keys in passed)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextvars
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -187,6 +188,12 @@ def resolve_lm(name: str) -> Path:
         ) from exc
 
 
+def kv_cache(out):
+    """The KV cache of a forward's output: ``cache`` from transformers 5.25, ``past_key_values`` before."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 # ---------------------------------------------------------------------------------------------- model
 class CausalLM:
     """Frozen causal LM whose passes take batched personal parameters (soft prompt + LoRA)."""
@@ -236,6 +243,9 @@ class CausalLM:
         if self.pad_id is None:
             self.pad_id = self.eos_id
         self._base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, model.base_model_prefix)
+        # transformers 5.25 renamed the KV-cache argument `past_key_values` to `cache` (the old name warns
+        # on every call and goes in 5.40); pass it under the name this version's forward takes
+        self._cache_arg = {name: "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values" for name, module in (("model", model), ("base", self._base))}
         self._embed = model.get_input_embeddings()
         self._head = model.get_output_embeddings()
         self._module_names: dict[str, str] = {}  # "layers.3.q_proj" -> "model.layers.3.self_attn.q_proj"
@@ -442,7 +452,7 @@ class CausalLM:
         embeds, full_mask, positions, keep = self._layout(ids, mask, prompt)
         with self._using(lora):
             out = self._base(inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions, use_cache=use_cache)
-        return out.last_hidden_state, full_mask, positions, keep, out.past_key_values if use_cache else None, lora
+        return out.last_hidden_state, full_mask, positions, keep, kv_cache(out) if use_cache else None, lora
 
     def lm_loss(self, prompts: list[str], targets: list[str], personal: dict | None = None, add_eos: bool = True) -> torch.Tensor:
         """Sum over users of the mean token NLL of ``targets[u]`` (+ EOS) given ``prompts[u]``.
@@ -516,7 +526,7 @@ class CausalLM:
         with self._using(lora):
             out = self._base(
                 inputs_embeds=self._embed(rest_ids), attention_mask=attention, position_ids=rest_positions,
-                past_key_values=cache, use_cache=True,
+                use_cache=True, **{self._cache_arg["base"]: cache},
             )
         row_of, at, labels, cols = [], [], [], []
         for u in range(users):
@@ -547,7 +557,7 @@ class CausalLM:
         produced: list[torch.Tensor] = []
         with self._using(lora):
             out = self.model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            cache = kv_cache(out)
             position = positions[:, -1:]
             for _ in range(max_new_tokens):
                 token = out.logits[:, -1].argmax(-1)
@@ -560,9 +570,9 @@ class CausalLM:
                 position = position + 1
                 out = self.model(
                     input_ids=token[:, None], attention_mask=full_mask, position_ids=position,
-                    past_key_values=cache, use_cache=True,
+                    use_cache=True, **{self._cache_arg["model"]: cache},
                 )
-                cache = out.past_key_values
+                cache = kv_cache(out)
         texts = []
         tokens = torch.stack(produced, 1).tolist() if produced else [[] for _ in range(users)]
         eos_set = set(self.eos_ids)
