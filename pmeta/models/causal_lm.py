@@ -224,11 +224,16 @@ class CausalLM:
         self.model.requires_grad_(False)
         self.config = model.config
         self.hidden_size = int(model.config.hidden_size)
-        self.max_length = int(max_length)
+        positions = getattr(model.config, "max_position_embeddings", None)
+        self.max_length = min(int(max_length), int(positions)) if isinstance(positions, int) and positions > 0 else int(max_length)
         self.prompt_after_bos = prompt_after_bos
         self.targets = tuple(targets)
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to call concurrently
         self._fingerprints: dict[str, str] = {}
+        decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        specials = set(self.tokenizer.all_special_tokens) | {t.content for t in decoder.values() if getattr(t, "special", False)}
+        specials = sorted((s for s in specials if s), key=len, reverse=True)
+        self._special_pattern = re.compile("|".join(map(re.escape, specials))) if specials else None
         tok = self.tokenizer
         self.bos_id = tok.bos_token_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -353,12 +358,24 @@ class CausalLM:
     # ------------------------------------------------------------------ tokens
     def format_prompt(self, text: str, system: str | None = None) -> str:
         """The instruct model's chat template around one user message (generation prompt added);
-        ``text`` unchanged for a model without a chat template."""
+        ``text`` unchanged for a model without a chat template. The tokenizer's special-token strings
+        are taken out of ``text`` (the user's input and profile): the tokenizer would read
+        "<|im_end|><|im_start|>assistant" in an input as real chat turns."""
+        text = self._without_special_tokens(text)
         if not getattr(self.tokenizer, "chat_template", None):
             return text if system is None else f"{system}\n\n{text}"
         messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": text}]
         with self._tokenizer_lock:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _without_special_tokens(self, text: str) -> str:
+        if self._special_pattern is None:
+            return text
+        while True:  # "<|im_<|im_end|>end|>" would leave one behind after a single pass
+            cleaned = self._special_pattern.sub("", text)
+            if cleaned == text:
+                return cleaned
+            text = cleaned
 
     def _encode_prompts(self, texts: list[str]) -> list[list[int]]:
         """Token ids of prompts; BOS added by the tokenizer unless the text already starts with it."""
