@@ -143,7 +143,7 @@ def test_personalize_many_equals_one_by_one(opened_bank):
         assert np.array_equal(finite, np.isfinite(b.scores))
 
 
-def test_personalize_inside_torch_inference_mode(opened_bank):
+def test_personalize_inside_torch_inference_mode(tiny_bank, opened_bank):
     """A serving layer's `with torch.inference_mode():` used to make the inner steps fail ("element 0
     of tensors does not require grad"): the same scores as outside it now, batched and vmapped."""
     users = [history("a", ["2571", "260"]), history("b", ["1"]), history("c", [])]
@@ -155,6 +155,15 @@ def test_personalize_inside_torch_inference_mode(opened_bank):
                 finite = np.isfinite(o.scores)
                 np.testing.assert_allclose(i.scores[finite], o.scores[finite], rtol=1e-4, atol=1e-4)
         assert [r.item_id for r in opened_bank.personalize(users[0]).rank(10)] == [r.item_id for r in outside[0].rank(10)]
+        opened_inside = pmeta.Bank.open(tiny_bank)  # loading inside it made inference tensors the inner steps could not use
+    for method in ("batched", "vmap"):
+        with torch.inference_mode():
+            inside = opened_inside.personalize_many(users, method=method)
+        again = opened_inside.personalize_many(users, method=method)
+        for o, i, a in zip(outside, inside, again):
+            finite = np.isfinite(o.scores)
+            np.testing.assert_allclose(i.scores[finite], o.scores[finite], rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(a.scores[finite], o.scores[finite], rtol=1e-4, atol=1e-4)
 
 
 def test_threads_give_the_serial_results(opened_bank):

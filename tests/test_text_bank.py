@@ -355,19 +355,27 @@ def test_golds_outside_the_labels_are_refused_before_meta_training(setup, tmp_pa
     assert tagged[0].output == LAMP2_TAGS[0]  # stripped as the labels spell it
 
 
-def test_the_lm_window_holds_the_prompt_budget(setup):
+def test_the_lm_window_holds_the_prompt_budget(setup, tmp_path):
     """max_prompt_tokens may be up to 4,096, but the LM took 512 tokens whatever the budget and cut a
-    longer prompt from the left, instruction first: the window now holds the budget and the answer."""
+    longer prompt from the left, instruction first: the window now holds the budget and the answer,
+    within the model's positions; banks of different budgets share one LM at the widest window."""
     from pmeta.text import load_text_config
     from pmeta.text.bank import shared_lm
     from pmeta.text.build import lm_window
 
-    small = load_text_config("tiny", overrides={"task": "LaMP-3", "lm": str(setup["lm"])})
+    wide = tmp_path / "llama-4096"  # the tiny Llama with 4,096 positions (RoPE: no weight depends on them)
+    shutil.copytree(setup["lm"], wide)
+    config = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
+    small = load_text_config("tiny", overrides={"task": "LaMP-3", "lm": str(wide)})
     large = small.model_copy(update={"max_prompt_tokens": 2000})
-    assert lm_window(small) == 512 and lm_window(large) == 2256
-    a, b = shared_lm(small), shared_lm(large)
-    assert a is not b and shared_lm(large) is b and a.max_length == 512
-    assert b.max_length == min(2256, b.config.max_position_embeddings)  # never beyond the LM's positions (512 here)
+    huge = small.model_copy(update={"max_prompt_tokens": 4096})
+    assert (lm_window(small), lm_window(large), lm_window(huge)) == (512, 2256, 4352)
+    lm = shared_lm(small)
+    assert lm.max_length == 512
+    assert shared_lm(large) is lm and lm.max_length == 2256  # one copy of the weights, widened
+    assert shared_lm(small) is lm and lm.max_length == 2256  # never narrowed again
+    assert shared_lm(huge) is lm and lm.max_length == 4096  # never beyond the model's positions
 
 
 def test_text_banks_refuse_a_gpu_on_every_machine(setup, tmp_path):

@@ -200,6 +200,7 @@ class Bank:
         self.build_record = build_record or {}  # build.json: the build's train users, choices and validation
 
     @classmethod
+    @outside_inference_mode  # tensors loaded inside a serving layer's inference mode could not join the inner steps' autograd
     def open(cls, path: str | Path, db_url: str | None = None, version: str | None = None, device: str = "cpu", precision: str = "float32") -> "Bank":
         """Open the active (or a given) version; every file is checked against its sha256 first.
 

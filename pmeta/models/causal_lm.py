@@ -224,8 +224,8 @@ class CausalLM:
         self.model.requires_grad_(False)
         self.config = model.config
         self.hidden_size = int(model.config.hidden_size)
-        positions = getattr(model.config, "max_position_embeddings", None)
-        self.max_length = min(int(max_length), int(positions)) if isinstance(positions, int) and positions > 0 else int(max_length)
+        self.max_length = 0
+        self.widen(max_length)
         self.prompt_after_bos = prompt_after_bos
         self.targets = tuple(targets)
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to call concurrently
@@ -271,6 +271,14 @@ class CausalLM:
         self._shapes.sort(key=lambda s: (int(s[0].split(".")[1]), self.targets.index(s[0].split(".")[2])))
 
     # ------------------------------------------------------------------ personal parameters
+    def widen(self, max_length: int) -> None:
+        """Let sequences of ``max_length`` tokens through (never narrower than now, never beyond the
+        model's ``max_position_embeddings``). A wider window changes nothing for prompts that fit the
+        narrower one, so LMs shared by banks of different prompt budgets take the widest."""
+        positions = getattr(self.config, "max_position_embeddings", None)
+        wanted = min(int(max_length), int(positions)) if isinstance(positions, int) and positions > 0 else int(max_length)
+        self.max_length = max(self.max_length, wanted)
+
     def fingerprint(self, scheme: str = FINGERPRINT_SCHEME) -> str:
         """A fingerprint of the frozen weights (:mod:`pmeta.models.fingerprint`), computed once per scheme."""
         if scheme not in self._fingerprints:

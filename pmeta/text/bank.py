@@ -40,11 +40,13 @@ _LMS_LOCK = threading.Lock()
 
 
 def shared_lm(config: TextConfig):
-    """One causal LM per (name, device, targets, window) per process."""
-    key = (config.lm, config.device, tuple(config.lora_targets), lm_window(config))
+    """One causal LM per (name, device, targets) per process, its window the widest its banks need
+    (:func:`pmeta.text.build.lm_window`; one copy of the weights, however many banks use it)."""
+    key = (config.lm, config.device, tuple(config.lora_targets))
     with _LMS_LOCK:
         if key not in _LMS:
             _LMS[key] = load_lm(config)
+        _LMS[key].widen(lm_window(config))
         return _LMS[key]
 
 
@@ -111,6 +113,7 @@ class TextBank:
         self.task = config.task
 
     @classmethod
+    @outside_inference_mode  # tensors loaded inside a serving layer's inference mode could not join the inner steps' autograd
     def open(cls, path: str | Path, db_url: str | None = None, version: str | None = None, device: str = "cpu", lm=None) -> "TextBank":
         """Open the active (or a given) version; every file is checked against its sha256 first.
 
