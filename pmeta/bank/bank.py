@@ -38,13 +38,16 @@ from .model import PmetaModel, Tensors, UserInput
 ADAPT_METHODS = ("batched", "vmap")
 # personalize_many's users per pass when none is given, by device type: on CPU wider passes outgrow
 # the caches (batch 64 ~35% slower than 16 on 2 cores, ~30% on 16); on an H200 the throughput grew
-# with the pass (K = 5: 424 users/s at 16, 1,155 at 64, 1,279 at 128, 1,818 at 256, 2.2 GB at 256).
-# 128 keeps a pass's memory near 1 GB for GPUs far smaller than that one.
+# with the pass (K = 5: 424 users/s at 16, 1,155 at 64, 1,279 at 128, 1,818 at 256; the process's
+# peak GPU memory over the whole sweep 2.2 GB). 128, not 256: a margin for GPUs far smaller than that
+# one (per-pass memory was not measured).
 DEFAULT_BATCH_SIZE = {"cpu": 16, "cuda": 128}
 
 
 def default_batch_size(device: torch.device) -> int:
     return DEFAULT_BATCH_SIZE.get(torch.device(device).type, 16)
+
+
 T = TypeVar("T")
 
 TENSORS_FILE = "tensors.safetensors"
