@@ -44,6 +44,7 @@ def machine(device: str | torch.device = "cpu") -> dict:
     import faiss
 
     cpu = platform.processor() or platform.machine()
+    gpu = torch.device(device) if torch.device(device).type == "cuda" else 0  # the bench's GPU, else the first
     flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -66,7 +67,7 @@ def machine(device: str | torch.device = "cpu") -> dict:
         "torch_threads": torch.get_num_threads(),
         "faiss_threads": faiss.omp_get_max_threads(),
         "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(torch.device(device) if torch.device(device).type == "cuda" else 0) if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name(gpu) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "load_average_1min": load,
         "cpu_bf16": sorted(flags & {"avx512_bf16", "amx_bf16"}),  # bf16 matrix instructions (precision=bfloat16 pays off)

@@ -34,6 +34,31 @@ def load_benchmark(name: str):
 
 
 @pytest.fixture(scope="session")
+def run_threads():
+    """``run(work, count)``: ``work(thread)`` for thread 0..count-1, all at once in their own threads;
+    fails with the first exceptions any of them raised (a bare thread's exception is only printed)."""
+    import threading
+
+    def run(work, count: int) -> None:
+        errors: list[BaseException] = []
+
+        def guarded(thread: int) -> None:
+            try:
+                work(thread)
+            except BaseException as error:  # noqa: BLE001 - reported in the calling thread below
+                errors.append(error)
+
+        threads = [threading.Thread(target=guarded, args=(t,)) for t in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors[:3]
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def benchmark_script():
     """``load_benchmark`` as a fixture: ``benchmark_script("seeds")`` is benchmarks/seeds.py, freshly loaded."""
     return load_benchmark

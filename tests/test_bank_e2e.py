@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -166,27 +165,19 @@ def test_personalize_inside_torch_inference_mode(tiny_bank, opened_bank):
             np.testing.assert_allclose(a.scores[finite], o.scores[finite], rtol=1e-4, atol=1e-4)
 
 
-def test_threads_give_the_serial_results(opened_bank):
+def test_threads_give_the_serial_results(opened_bank, run_threads):
     ids = opened_bank.catalog.item_ids
     users = [history(f"u{n}", [ids[n], ids[40 + n], ids[200 + n]]) for n in range(6)]
     serial = [opened_bank.personalize(h).rank(10) for h in users]
     results: dict[int, list] = {}
-    errors: list[BaseException] = []
 
     def worker(thread: int) -> None:
-        try:
-            for rep in range(3):
-                n = (thread + rep) % len(users)
-                results[(thread, rep)] = (n, opened_bank.personalize(users[n]).rank(10))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread below
-            errors.append(exc)
+        for rep in range(3):
+            n = (thread + rep) % len(users)
+            results[(thread, rep)] = (n, opened_bank.personalize(users[n]).rank(10))
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_threads(worker, 4)
+    assert len(results) == 12
     for n, recs in results.values():
         assert [r.item_id for r in recs] == [r.item_id for r in serial[n]]
 

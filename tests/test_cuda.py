@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -56,29 +55,22 @@ def test_cuda_serving_ranks_like_the_cpu(opened_bank, cuda_bank):
         assert_same_ranking(cpu, gpu)
 
 
-def test_cuda_batches_vmap_and_threads_equal_one_by_one(cuda_bank):
+def test_cuda_batches_vmap_and_threads_equal_one_by_one(cuda_bank, run_threads):
     users = [history(f"u{n}", items) for n, items in enumerate(USERS)]
     single = [cuda_bank.personalize(h) for h in users]
     for method in ("batched", "vmap"):
         for s, b in zip(single, cuda_bank.personalize_many(users, method=method)):
             finite = np.isfinite(s.scores)
             np.testing.assert_allclose(b.scores[finite], s.scores[finite], rtol=1e-3, atol=1e-3)
-    results, errors = {}, []
+    results = {}
 
     def worker(thread: int) -> None:
-        try:
-            for rep in range(3):
-                n = (thread + rep) % len(users)
-                results[(thread, rep)] = (n, [r.item_id for r in cuda_bank.personalize(users[n]).rank(10)])
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread below
-            errors.append(exc)
+        for rep in range(3):
+            n = (thread + rep) % len(users)
+            results[(thread, rep)] = (n, [r.item_id for r in cuda_bank.personalize(users[n]).rank(10)])
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_threads(worker, 4)
+    assert len(results) == 12
     for n, top in results.values():
         assert len(set(top) & {r.item_id for r in single[n].rank(10)}) >= 9
 

@@ -27,7 +27,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -463,7 +462,7 @@ def test_the_record_checksum_catches_a_changed_row(micro_bank, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- concurrency
-def test_8_threads_x_100_personalize_calls_equal_the_serial_run(micro_bank):
+def test_8_threads_x_100_personalize_calls_equal_the_serial_run(micro_bank, run_threads):
     bank = Bank.open(micro_bank)
     catalog = bank.catalog.item_ids
     rng = random.Random(3)
@@ -474,29 +473,20 @@ def test_8_threads_x_100_personalize_calls_equal_the_serial_run(micro_bank):
     serial = [bank.personalize(h) for h in histories]
 
     mismatches: list[str] = []
-    errors: list[BaseException] = []
     calls = [0] * 8
 
     def worker(thread: int) -> None:
-        try:
-            for call in range(100):
-                index = (thread * 7 + call) % len(histories)
-                got = bank.personalize(histories[index])
-                want = serial[index]
-                same = np.array_equal(got.scores, want.scores) and got.anchors == want.anchors
-                same = same and got.adapter.keys() == want.adapter.keys() and all(torch.equal(got.adapter[k], want.adapter[k]) for k in want.adapter)
-                if not same:
-                    mismatches.append(f"thread {thread} call {call} user {index}")
-                calls[thread] += 1
-        except BaseException as error:  # noqa: BLE001 - reported below
-            errors.append(error)
+        for call in range(100):
+            index = (thread * 7 + call) % len(histories)
+            got = bank.personalize(histories[index])
+            want = serial[index]
+            same = np.array_equal(got.scores, want.scores) and got.anchors == want.anchors
+            same = same and got.adapter.keys() == want.adapter.keys() and all(torch.equal(got.adapter[k], want.adapter[k]) for k in want.adapter)
+            if not same:
+                mismatches.append(f"thread {thread} call {call} user {index}")
+            calls[thread] += 1
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors[:3]
+    run_threads(worker, 8)
     assert sum(calls) == 800 and not mismatches, mismatches[:5]
 
 
