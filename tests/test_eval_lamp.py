@@ -201,3 +201,26 @@ def test_comparisons_by_paired_bootstrap_on_hand_made_predictions():
     same = rows[("pmeta+retrieval", "rmse")]
     assert same["difference"] == 0.0 and same["ci_low"] == same["ci_high"] == 0.0 and same["p"] == 1.0
     assert all(c["p_holm"] >= c["p"] and c["users"] == 30 for c in rows.values())
+
+
+def test_a_users_per_user_lora_does_not_depend_on_the_other_users_of_the_run(lamp, monkeypatch):
+    """The per-user LoRA's init seed comes from the question's id, not from the user's position in
+    the evaluated subset (evaluated alone or after another user, a user got another adapter)."""
+    bank = lamp["root"] / "report3" / "bank"
+    if not bank.exists():
+        pytest.skip("needs the bank of test_rating_report")
+    import pmeta.text.evaluate as evaluate
+    from pmeta.data.lamp import read_outputs, read_questions
+    from pmeta.text.bank import TextBank
+
+    seeds: list[int] = []
+    trained = evaluate.per_user_lora
+    monkeypatch.setattr(evaluate, "per_user_lora", lambda model, profile, seed: (seeds.append(seed), trained(model, profile, seed))[1])
+    golds = read_outputs(lamp["rating"] / "test_outputs.json")[1]
+    examples = [type(e)(e.id, e.input, e.profile, golds[e.id]) for e in read_questions(lamp["rating"] / "test_questions.json", "LaMP-3")]
+    model = TextBank.open(bank).model
+    every = evaluate.run_lamp(model, examples, ["per-user-lora"], [3])
+    alone = evaluate.run_lamp(model, examples[-1:], ["per-user-lora"], [3])
+    assert len(examples) >= 2 and len(seeds) == len(examples) + 1 and seeds[-1] == seeds[-2], seeds
+    assert len(set(seeds[:-1])) == len(examples)  # and each user has their own
+    assert every["results"][0]["users"] == len(examples) and alone["results"][0]["users"] == 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -65,6 +66,12 @@ def choose_users(examples: list[LampExample], count: int | None, seed: int) -> l
         return sorted(usable, key=lambda e: e.id)
     order = np.random.default_rng(seed).permutation(len(usable))[:count]
     return sorted((usable[i] for i in order), key=lambda e: e.id)
+
+
+def user_seed(seed: int, example_id: str) -> int:
+    """The per-user LoRA's init seed: from the run's seed and the question's id, so a user's adapter
+    (and prediction) is the same whichever subset of users a run evaluates."""
+    return seed * 1_000_003 + zlib.crc32(example_id.encode("utf-8"))
 
 
 def per_user_lora(model: TextModel, profile: list[dict], seed: int):
@@ -112,7 +119,7 @@ def run_lamp(model: TextModel, examples: list[LampExample], methods: list[str], 
         for start in range(0, len(prompts), 8):
             for e, p in zip(examples[start : start + 8], model.predict(prompts[start : start + 8], None, prior=False)):
                 backbone[e.id] = p
-    for index, example in enumerate(examples):
+    for example in examples:
         for k in ks:
             profile = truncate_profile(example.profile, k)
             if "backbone" in methods:
@@ -125,7 +132,7 @@ def run_lamp(model: TextModel, examples: list[LampExample], methods: list[str], 
                     record(method, k, example, profile, model.predict([prompt], None, prior=False)[0], ms, in_prompt=kept)
             if "per-user-lora" in methods:
                 clock = time.perf_counter()
-                personal, nbytes = per_user_lora(model, profile, seed * 100_003 + index)
+                personal, nbytes = per_user_lora(model, profile, user_seed(seed, example.id))
                 ms = (time.perf_counter() - clock) * 1e3
                 record("per-user-lora", k, example, profile, model.predict([model.query_prompt(example.input)], personal, prior=False)[0], ms, nbytes)
             if "pmeta" in methods or "pmeta+retrieval" in methods:
