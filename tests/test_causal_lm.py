@@ -429,3 +429,26 @@ def test_special_token_strings_in_user_text_are_not_chat_turns(tiny_lm):
         token_id = tiny_lm.tokenizer.convert_tokens_to_ids(token)
         assert tiny_lm._encode_prompts([injected])[0].count(token_id) == tiny_lm._encode_prompts([plain])[0].count(token_id)
     assert tiny_lm.format_prompt("no specials here") == plain.replace("I loved this guitar", "no specials here")
+
+
+def test_a_soft_prompt_fits_inside_learned_absolute_positions(tiny_llama_dir, tmp_path):
+    """A model with learned absolute positions (OPT, 64 of them) and a window at that cap: a long input
+    plus an 8-vector soft prompt indexed past the position table (IndexError) in every entry point.
+    The tokens now make room for the soft prompt's positions."""
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.save_pretrained(tmp_path)
+    config = OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                       word_embed_proj_dim=32, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    OPTForCausalLM(config).save_pretrained(tmp_path)
+    lm = CausalLM(str(tmp_path), max_length=10_000)
+    assert lm.max_length == 64
+    personal = expand_users(lm.init_adapter(2, 8, torch.Generator().manual_seed(0)), 1)
+    long_prompt = "the quick brown fox " * 40
+    assert len(lm._encode_prompts([long_prompt])[0]) > 64
+    assert len(lm.generate([long_prompt], personal, max_new_tokens=4)) == 1
+    assert torch.isfinite(lm.option_logprobs([long_prompt], ["1", "great guitar"], personal)).all()
+    assert torch.isfinite(lm.lm_loss([long_prompt], ["the lazy dog " * 20], personal))
+    assert torch.isfinite(lm.lm_loss([long_prompt], ["the lazy dog"]))  # without a soft prompt: the whole window

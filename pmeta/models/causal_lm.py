@@ -279,6 +279,17 @@ class CausalLM:
         wanted = min(int(max_length), int(positions)) if isinstance(positions, int) and positions > 0 else int(max_length)
         self.max_length = max(self.max_length, wanted)
 
+    def _room(self, personal: dict | None) -> int:
+        """Tokens a sequence may hold beside ``personal``'s soft prompt: the window, less the prompt's
+        positions where the window reaches the model's ``max_position_embeddings`` (a model with
+        learned absolute positions cannot index past them)."""
+        positions = getattr(self.config, "max_position_embeddings", None)
+        prompt = (personal or {}).get("prompt")
+        length = int(prompt.shape[1]) if prompt is not None and prompt.dim() >= 2 else 0
+        if isinstance(positions, int) and positions > 0:
+            return max(1, min(self.max_length, positions - length))
+        return self.max_length
+
     def fingerprint(self, scheme: str = FINGERPRINT_SCHEME) -> str:
         """A fingerprint of the frozen weights (:mod:`pmeta.models.fingerprint`), computed once per scheme."""
         if scheme not in self._fingerprints:
@@ -493,12 +504,13 @@ class CausalLM:
             raise InvalidRequest("lm_loss needs at least one prompt")
         prompt_ids = self._encode_prompts(prompts)
         target_ids = self._encode_pieces(targets)
+        room = self._room(personal)
         rows, spans = [], []
         for p, t in zip(prompt_ids, target_ids):
-            t = t[: max(1, self.max_length // 2)] + ([self.eos_id] if add_eos else [])
+            t = t[: max(1, room // 2)] + ([self.eos_id] if add_eos else [])
             if not t:
                 raise InvalidRequest("an empty target with add_eos=False has no tokens to score")
-            p = self._truncate(p, max(1, self.max_length - len(t)))
+            p = self._truncate(p, max(1, room - len(t)))
             if not p:
                 p = [self.bos_id if self.bos_id is not None else self.eos_id]
             spans.append((len(p), len(p) + len(t)))
@@ -532,7 +544,7 @@ class CausalLM:
             if not ids_:
                 raise InvalidRequest(f"option {text!r} has no tokens")
         longest = max(len(o) for o in option_ids)
-        prompt_ids = [self._truncate(p, max(1, self.max_length - longest)) or [self.eos_id] for p in self._encode_prompts(prompts)]
+        prompt_ids = [self._truncate(p, max(1, self._room(personal) - longest)) or [self.eos_id] for p in self._encode_prompts(prompts)]
         ids, mask = self._pad(prompt_ids, "left")
         hidden, full_mask, positions, _, cache, lora = self._hidden(ids, mask, personal, use_cache=longest > 1)
         first = torch.log_softmax(self._head_logits(hidden[:, -1]), dim=-1)  # (U, V)
@@ -573,7 +585,7 @@ class CausalLM:
         users = len(prompts)
         if users == 0:
             return []
-        prompt_ids = [self._truncate(p, max(1, self.max_length - max_new_tokens)) or [self.eos_id] for p in self._encode_prompts(prompts)]
+        prompt_ids = [self._truncate(p, max(1, self._room(personal) - max_new_tokens)) or [self.eos_id] for p in self._encode_prompts(prompts)]
         ids, mask = self._pad(prompt_ids, "left")
         prompt, lora = self._check(personal, users)
         embeds, full_mask, positions, _ = self._layout(ids, mask, prompt)
