@@ -116,6 +116,28 @@ def test_personalize_inside_torch_inference_mode(setup, opened):
     assert prediction == outside.predict(question["input"])
 
 
+def test_the_bank_keeps_no_users_text_after_the_call(setup, opened):
+    """Formatted support prompts (the user's own review text) were memoised on the opened bank for
+    every later request (up to 50,000 of them): now only within one personalize call, with the same
+    adapter as with a memo."""
+    question, history = _profile(setup["data"])
+    marker = "zqxj private note " + "".join(str(ord(c)) for c in "marker")
+    history["profile"] = [{**item, "text": f"{item['text']} {marker}"} for item in history["profile"]]
+    first = opened.personalize(history)
+    assert opened.model.prompt_cache is None
+    assert not any(marker in str(key) for key in vars(opened.model).get("_formatted", {}))
+    again = opened.personalize(history)
+    for key in first.adapter:
+        assert torch.equal(first.adapter[key], again.adapter[key])
+    opened.model.prompt_cache = {}  # a build's memo gives the same adapter
+    try:
+        memoised = opened.personalize(history)
+    finally:
+        opened.model.prompt_cache = None
+    for key in first.adapter:
+        assert torch.equal(first.adapter[key], memoised.adapter[key])
+
+
 def test_inner_steps_fit_the_support(setup, opened):
     """The inner steps lower the support loss from the fused start (with the bank's step sizes)."""
     _, history = _profile(setup["data"])
@@ -596,11 +618,9 @@ def test_training_questions_carry_retrieval(setup, opened):
     budget = model.prompts.max_tokens
     try:
         model.prompts.max_tokens = 4096  # the tiny preset's 96-token budget leaves no room for items
-        model._formatted.clear()
         assert RETRIEVED_HEADER in model.pair_prompt(pair) and RETRIEVED_HEADER not in model.pair_prompt(replace(pair, retrieved=()))
     finally:
         model.prompts.max_tokens = budget
-        model._formatted.clear()
     plain = model.config
     try:
         model.config = plain.model_copy(update={"train_with_retrieval": False})

@@ -279,7 +279,7 @@ def build_text_model(data: str | Path, config: TextConfig, progress: Progress | 
     lm = lm or load_lm(config)
     encoder = shared_encoder(config.encoder, config.device)
     model = TextModel(config, lm, encoder)
-    model.key_cache = {}
+    model.key_cache, model.prompt_cache = {}, {}  # the build's memos (the train and dev users' texts), dropped at its end
     texts = [model.profile_texts(e.profile) for e in train]
     flat = [t for group in texts for t in group]
     with progress.task("embedding profiles", len(flat)) as bar:
@@ -405,7 +405,7 @@ def build_text_model(data: str | Path, config: TextConfig, progress: Progress | 
         chosen["rating_decode"] = decoder
         chosen["rating_decode_validation"] = by_decoder
     model.config = config
-    model.key_cache = None
+    model.key_cache = model.prompt_cache = None
     record = {
         "kind": "text",
         "task": spec.name,

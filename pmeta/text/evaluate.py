@@ -84,11 +84,12 @@ def per_user_lora(model: TextModel, profile: list[dict], seed: int):
     lora = {k: v for k, v in fresh.items() if k != "prompt" and k[:-2] in wanted}
     params = {k: v.clone().requires_grad_(True) for k, v in lora.items()}
     if pairs:
+        prompts: dict = {}
         optimizer = torch.optim.Adam(list(params.values()), lr=c.lora_baseline_lr)
         for _ in range(c.lora_baseline_steps):
             optimizer.zero_grad(set_to_none=True)
             personal = {"prompt": torch.zeros(1, 0, model.lm.hidden_size), **{k: v.unsqueeze(0) for k, v in params.items()}}
-            model.pairs_loss([pairs], personal, prior=False).backward()
+            model.pairs_loss([pairs], personal, prior=False, cache=prompts).backward()
             optimizer.step()
     personal = {"prompt": torch.zeros(1, 0, model.lm.hidden_size), **{k: v.detach().unsqueeze(0) for k, v in params.items()}}
     # nothing to train on (K = 0): the adapter is its seeded init, B = 0, the backbone: nothing to store

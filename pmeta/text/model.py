@@ -88,7 +88,9 @@ class TextModel:
         self.index = index if index is not None or tensors is None else AnchorIndex.build(tensors.anchor_keys.numpy())
         self.prompts = PromptBuilder(self.spec.name, config.max_prompt_tokens, config.item_chars, self._count_tokens())
         self.labels = list(self.spec.labels or ())
-        self._formatted: dict[str, str] = {}
+        # memo of formatted prompts; a dict only in builds (as key_cache): a serving process keeps no
+        # user's text beyond the call that formats it (personalize memoises within the call)
+        self.prompt_cache: dict | None = None
         self.key_cache: dict[str, torch.Tensor] | None = None  # see embed()
         self.prior_cache = PriorCache()  # the zero-history prior, rebuilt only when the anchors change
 
@@ -114,15 +116,19 @@ class TextModel:
         items = profile[-c.support_max :] if c.support_max else []
         return [support_pair(self.spec, item, c.input_prefix, c.support_chars, c.target_chars) for item in items]
 
-    def pair_prompt(self, pair: Pair) -> str:
-        """The formatted prompt of a support or query pair (memoised: the inner steps reuse it)."""
+    def pair_prompt(self, pair: Pair, cache: dict | None = None) -> str:
+        """The formatted prompt of a support or query pair, memoised in ``cache`` (else in
+        ``prompt_cache`` when it is a dict; else not at all): the inner steps reuse it."""
+        cache = self.prompt_cache if cache is None else cache
+        if cache is None:
+            return self.lm.format_prompt(self.prompts.text(pair.input, list(pair.retrieved)))
         key = pair.input if not pair.retrieved else (pair.input, tuple(self.profile_texts(list(pair.retrieved))))
-        prompt = self._formatted.get(key)
+        prompt = cache.get(key)
         if prompt is None:
             prompt = self.lm.format_prompt(self.prompts.text(pair.input, list(pair.retrieved)))
-            if len(self._formatted) > 50_000:
-                self._formatted.clear()
-            self._formatted[key] = prompt
+            if len(cache) > 50_000:
+                cache.clear()
+            cache[key] = prompt
         return prompt
 
     def retrieved(self, input_text: str, profile: list[dict] | None, retrieve: int) -> list[dict]:
@@ -153,17 +159,17 @@ class TextModel:
         bias = self.t.label_bias if (prior and self.t is not None) else None
         return scores if bias is None else scores + bias.to(scores.dtype)
 
-    def pairs_loss(self, pairs: list[list[Pair]], personal: Adapter | None, prior: bool = True) -> torch.Tensor:
+    def pairs_loss(self, pairs: list[list[Pair]], personal: Adapter | None, prior: bool = True, cache: dict | None = None) -> torch.Tensor:
         """Sum over users of the mean loss of their pairs: cross-entropy over the task's labels for
         "options" pairs (with the learned label prior when ``prior``), mean token NLL of the output for
-        "text" pairs. ``personal`` has the user axis."""
+        "text" pairs. ``personal`` has the user axis; ``cache`` memoises prompts (:meth:`pair_prompt`)."""
         total = torch.zeros(())
         option_rows, option_prompts, option_targets, option_weights = [], [], [], []
         text_rows, text_prompts, text_targets, text_weights = [], [], [], []
         for user, user_pairs in enumerate(pairs):
             for pair in user_pairs:
                 weight = 1.0 / len(user_pairs)
-                prompt = self.pair_prompt(pair)
+                prompt = self.pair_prompt(pair, cache)
                 if pair.kind == "options" and pair.output in self.labels:
                     option_rows.append(user)
                     option_prompts.append(prompt)
@@ -247,8 +253,9 @@ class TextModel:
         pairs = [self.support_pairs(p) for p in profiles]
         init = inner_init(expand_users(self.t.stack_init, len(profiles)))
         if steps > 0 and any(pairs):
+            prompts: dict = {}  # this call's users' prompts, formatted once for every step, dropped on return
             with torch.enable_grad():
-                adapted = adapt(init, lambda full: self.pairs_loss(pairs, full), steps, self.t.stack_step_sizes, fixed=fused)
+                adapted = adapt(init, lambda full: self.pairs_loss(pairs, full, cache=prompts), steps, self.t.stack_step_sizes, fixed=fused)
         else:
             adapted = init
         personal = {k: v.detach() for k, v in stack(fused, adapted).items()}
