@@ -123,20 +123,62 @@ class PromptBuilder:
     def text_and_items(self, input_text: str, retrieved: list[dict] | None = None) -> tuple[str, int]:
         """:meth:`text`, and how many of the retrieved items it kept within the budget."""
         items = [profile_text(self.spec.name, item, self.item_chars) for item in (retrieved or [])]
-        body = input_text
         while True:
-            text = self._join(items, body)
-            if self.count(text) <= self.max_tokens:
+            text = self._join(items, input_text)
+            tokens = self.count(text)
+            if tokens <= self.max_tokens:
                 return text, len(items)
-            if items:
-                items = items[:-1]
-                continue
-            query = query_text(self.spec.name, body)
-            if len(query) < 16:
-                return text, 0  # nothing sensible left to cut: the instruction alone is over budget
-            excess = self.count(text) - self.max_tokens
-            keep = max(8, len(query) - max(16, int(excess * 4.5)))
-            body = cut_input(self.spec, body, keep)
+            if not items:
+                break
+            items = items[:-1]
+        query = query_text(self.spec.name, input_text)
+        if len(query) < 16:
+            return text, 0  # nothing sensible left to cut: the instruction alone is over budget
+        return self._fit_input(input_text, len(query), tokens), 0
+
+    def _fit_input(self, body: str, query_chars: int, tokens: int) -> str:
+        """``body`` with its free text cut (by :func:`cut_input`) to the longest length whose prompt fits
+        the budget; cut to the 8-character minimum when none does (the instruction alone is over budget).
+
+        The search starts from the cut that this input's own characters per token predict, gallops out
+        from it to bracket the longest fitting cut, then bisects: a logarithmic number of token counts,
+        exact whatever the text's characters per token (German, Japanese, digits, a small vocabulary).
+        Token counts grow with the kept characters (up to the tokenization of the cut's last word).
+        """
+        lowest = 8
+        fits: dict[int, tuple[bool, str]] = {}
+
+        def fit(keep: int) -> bool:
+            if keep not in fits:
+                text = cut_input(self.spec, body, keep)
+                fits[keep] = (self.count(text) <= self.max_tokens, text)
+            return fits[keep][0]
+
+        chars_per_token = len(body) / max(1, tokens)
+        guess = min(query_chars - 1, max(lowest, int(query_chars - (tokens - self.max_tokens) * chars_per_token)))
+        step = max(8, int(2 * chars_per_token))
+        if fit(guess):  # gallop up: ``good`` fits, ``bad`` does not (the whole input does not)
+            good, bad = guess, query_chars
+            while good + step < bad and fit(good + step):
+                good, step = good + step, step * 2
+            bad = min(bad, good + step)
+        else:  # gallop down to a cut that fits, or to the minimum
+            good, bad = None, guess
+            while good is None:
+                keep = max(lowest, bad - step)
+                if keep == bad:
+                    return fits[bad][1]  # even the minimal cut is over budget: the input is exhausted
+                if fit(keep):
+                    good = keep
+                else:
+                    bad, step = keep, step * 2
+        while bad - good > 1:
+            middle = (good + bad) // 2
+            if fit(middle):
+                good = middle
+            else:
+                bad = middle
+        return fits[good][1]
 
     @staticmethod
     def _join(items: list[str], body: str) -> str:
