@@ -12,21 +12,32 @@
   to feed it through ``inputs_embeds``;
 * ``pmeta_export.json`` and ``README.md``.
 
-The directory appears atomically (written to a temporary sibling, then renamed); an existing
-export at ``out_dir`` (a folder holding only an export's own files) is replaced, any other non-empty
-directory is refused. A failed final rename puts the previous export back; concurrent exports to
-one folder each land whole, the last one wins.
+The directory appears atomically (written to a temporary sibling, fsynced, then renamed); an
+existing export at ``out_dir`` (a folder holding only an export's own files) is replaced, any other
+non-empty directory is refused. On Linux the replacement is one atomic exchange (``renameat2`` with
+``RENAME_EXCHANGE``): at every moment ``out_dir`` holds the old or the new export, whole, even if
+the process is killed. Where that is unavailable (another system, an old glibc or kernel, a file
+system without it) the previous export is moved aside first, and a failed final rename puts it
+back. Concurrent exports to one folder each land whole, the last one wins.
+
+The files are byte-for-byte reproducible: the same adapter gives the same bytes in every process
+(``adapter_config.json`` with sorted keys and ``target_modules``, safetensors headers in a
+canonical order), whatever ``PYTHONHASHSEED``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import json
 import math
 import os
 import re
 import shutil
 import stat
+import struct
+import sys
 import uuid
 from pathlib import Path
 
@@ -87,14 +98,15 @@ README_PREDICT = """
 pmeta's prompt for an input is `TextPersonalization.prompt(input)`: the task's instruction, the
 {retrieve} best BM25 items of the user's own profile (`prediction.retrieve` in `pmeta_export.json`;
 0: none) and the input, in the LM's chat format; a prompt longer than {max_length} tokens keeps its
-BOS and its last tokens. With `text` that prompt, and `model`, `tokenizer` and the soft prompt
-`prompt` loaded as above:
+BOS and its last tokens. With `text` that prompt, and {loaded} loaded as above:
 
 {rule}
 """
 
 RULE_OPTIONS = """```python
 import json
+
+import torch
 
 meta = json.load(open("{dirname}/pmeta_export.json"))
 labels, label_prior = meta["prediction"]["labels"], meta.get("label_prior", {{}})
@@ -105,12 +117,7 @@ prompt_ids = tokenizer(text, return_tensors="pt", add_special_tokens=not (bos an
 def score(label):  # log p(label | prompt), summed over the label's tokens
     label_ids = tokenizer(label, add_special_tokens=False).input_ids
     ids = torch.cat([prompt_ids, torch.tensor([label_ids])], dim=1)
-    embeds = model.get_input_embeddings()(ids)
-    at = {at_rule}
-    embeds = torch.cat([embeds[:, :at], prompt[None].to(embeds.dtype), embeds[:, at:]], dim=1)
-    start = prompt_ids.shape[1] - 1 + prompt.shape[0]  # the soft prompt shifts every position by its length
-    with torch.no_grad():
-        logp = torch.log_softmax(model(inputs_embeds=embeds).logits[0, start : start + len(label_ids)], -1)
+{forward}
     return logp[torch.arange(len(label_ids)), label_ids].sum()
 
 
@@ -121,18 +128,30 @@ scores = torch.stack([score(label) for label in labels]) + torch.tensor([label_p
 DECODE_ARGMAX = "prediction = labels[int(scores.argmax())]  # decode: argmax"
 DECODE_EXPECTED = ('prediction = f"{float(torch.softmax(scores, 0) @ torch.tensor([float(label) for label in labels])):.3f}"'
                    "  # decode: expected (the expected rating)")
+FORWARD_PROMPT = """    embeds = model.get_input_embeddings()(ids)
+    at = {at_rule}
+    embeds = torch.cat([embeds[:, :at], prompt[None].to(embeds.dtype), embeds[:, at:]], dim=1)
+    start = prompt_ids.shape[1] - 1 + prompt.shape[0]  # the soft prompt shifts every position by its length
+    with torch.no_grad():
+        logp = torch.log_softmax(model(inputs_embeds=embeds).logits[0, start : start + len(label_ids)], -1)"""
+FORWARD_PLAIN = """    start = prompt_ids.shape[1] - 1
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, start : start + len(label_ids)], -1)"""
 RULE_GENERATE = ("Greedy decoding (`prediction.decode`: greedy) of at most {max_new_tokens} new tokens "
-                 "(`prediction.max_new_tokens`), with the soft prompt spliced in as above, stopping at the "
+                 "(`prediction.max_new_tokens`){spliced}, stopping at the "
                  "tokenizer's EOS; the text is stripped of surrounding white space.")
 
 
-def prediction_readme(prediction: dict, dirname: str, at_rule: str) -> str:
-    """The export README's section on how pmeta turns the adapted LM into a prediction (tests run its code)."""
+def prediction_readme(prediction: dict, dirname: str, at_rule: str, soft_prompt: bool = True) -> str:
+    """The export README's section on how pmeta turns the adapted LM into a prediction (tests run its
+    code); without a soft prompt (``prompt_length`` 0) the LM reads the token ids as they are."""
     if prediction["decode"] == "greedy":
-        rule = RULE_GENERATE.format(max_new_tokens=prediction["max_new_tokens"])
+        rule = RULE_GENERATE.format(max_new_tokens=prediction["max_new_tokens"], spliced=", with the soft prompt spliced in as above" if soft_prompt else "")
     else:
-        rule = RULE_OPTIONS.format(dirname=dirname, at_rule=at_rule, decode=DECODE_EXPECTED if prediction["decode"] == "expected" else DECODE_ARGMAX)
-    return README_PREDICT.format(task=prediction["task"], retrieve=prediction["retrieve"], max_length=prediction["max_length"], rule=rule)
+        forward = FORWARD_PROMPT.format(at_rule=at_rule) if soft_prompt else FORWARD_PLAIN
+        rule = RULE_OPTIONS.format(dirname=dirname, forward=forward, decode=DECODE_EXPECTED if prediction["decode"] == "expected" else DECODE_ARGMAX)
+    loaded = "`model`, `tokenizer` and the soft prompt `prompt`" if soft_prompt else "`model` and `tokenizer` (this export has no soft prompt)"
+    return README_PREDICT.format(task=prediction["task"], retrieve=prediction["retrieve"], max_length=prediction["max_length"], loaded=loaded, rule=rule)
 
 
 def splice_soft_prompt(
@@ -251,11 +270,14 @@ def _write(out: Path, config, tensors: dict[str, torch.Tensor], prompt: torch.Te
     try:
         tmp.mkdir()
         config.save_pretrained(str(tmp))
+        _canonical_config(tmp / "adapter_config.json")
         save_tensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        _canonical_safetensors(tmp / "adapter_model.safetensors")
         after_bos = lm.prompt_after_bos and lm.bos_id is not None
         if length:
             metadata = {"insert": "after_bos" if after_bos else "start", **({"bos_token_id": str(lm.bos_id)} if after_bos else {})}
             save_tensors({"prompt": prompt.detach().float().cpu().contiguous()}, tmp / "soft_prompt.safetensors", metadata=metadata)
+            _canonical_safetensors(tmp / "soft_prompt.safetensors")
         (tmp / MARKER).write_text(json.dumps({
             "base_model_name_or_path": base_model_name_or_path, "rank": rank, "targets": target_modules,
             "soft_prompt_length": length, "soft_prompt_insert": "after_bos" if after_bos else "start",
@@ -271,8 +293,8 @@ def _write(out: Path, config, tensors: dict[str, torch.Tensor], prompt: torch.Te
                 where=f"right after the first token when it is the BOS token (id {lm.bos_id}), else before everything" if after_bos else "before every token",
                 at_rule=at_rule,
             )
-        if prediction and length:  # a text bank's personalization always carries its soft prompt
-            readme += prediction_readme(prediction, out.name, at_rule)
+        if prediction:  # a text bank's personalization, with or without a soft prompt (prompt_length 0)
+            readme += prediction_readme(prediction, out.name, at_rule, soft_prompt=bool(length))
         elif label_prior:
             readme += ("\n## Label prior\n\npmeta scores each label as `log p(label | prompt) + label_prior[label]` "
                        "(the offsets are in `pmeta_export.json`) and predicts from those scores.\n")
@@ -280,26 +302,109 @@ def _write(out: Path, config, tensors: dict[str, torch.Tensor], prompt: torch.Te
         for file in tmp.iterdir():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
+        _fsync_dir(tmp)  # its entries are on disk before any name points at it
         _swap_in(tmp, out)
+        _fsync_dir(out.parent)  # the rename (or exchange) itself
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)  # a failed write's files, or the previous export the exchange left here
+
+
+def _canonical_config(path: Path) -> None:
+    """Rewrite PEFT's ``adapter_config.json`` the same in every process: PEFT keeps ``target_modules``
+    as a set (written in hash order, which varies with ``PYTHONHASHSEED``); here it is sorted, and
+    so are the keys."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _canonical_safetensors(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header canonically: sorted keys, compact separators, padded
+    with spaces to a multiple of 8 as ``safetensors`` pads it; the tensor bytes are kept as they are.
+    ``safetensors`` keeps ``__metadata__`` in a Rust ``HashMap``, whose order differs per process."""
+    data = path.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    if text != data[8 : 8 + size]:
+        path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size :])
+
+
+#: ``renameat2``'s flag that swaps two existing names atomically (linux/fs.h), and "relative to the working directory".
+RENAME_EXCHANGE, AT_FDCWD = 2, -100
+#: ``renameat2`` errors that mean "not here" (no such call in the kernel, a file system without
+#: exchange, a container's seccomp filter answering an unknown call with EPERM): the two-rename swap
+#: is used instead, and it meets any real error (a permission, a busy folder) again and raises it.
+NO_EXCHANGE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM})
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    """glibc's ``renameat2`` (Linux, glibc 2.28+), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the two existing names ``a`` and ``b`` in one atomic step; False (nothing done) where the
+    system cannot, an ``OSError`` for any other failure (nothing done either)."""
+    function = _renameat2()
+    if function is None:
+        return False
+    if function(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in NO_EXCHANGE:
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a folder's entries durable (where the system allows fsync on a folder)."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except PermissionError:  # a folder one may write to but not list: nothing to sync through
+        return
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _swap_in(tmp: Path, out: Path, tries: int = 8) -> None:
-    """Rename the finished ``tmp`` to ``out``, moving a previous export aside and removing it after.
+    """Put the finished ``tmp`` at ``out``: a plain rename when there is no previous export, else
+    one atomic exchange (Linux ``renameat2``), after which ``tmp`` holds the previous export for the
+    caller to remove. ``out`` then never goes missing, even if the process is killed.
 
-    If the final rename fails, the previous export is put back before the error propagates. Another
-    export landing at ``out`` meanwhile (a concurrent export to the same folder: the rename then
-    finds ``out`` not empty) is moved aside in turn, after the same check as before the write, so
-    every export lands whole and the last one wins."""
+    Without the exchange, the previous export is moved aside, ``tmp`` renamed, and the previous one
+    removed; if the final rename fails, the previous export is put back before the error
+    propagates. Another export landing at ``out`` meanwhile (a concurrent export to the same folder:
+    the rename then finds ``out`` not empty) is replaced in turn, after the same check as before
+    the write, so every export lands whole and the last one wins."""
     for attempt in range(tries):
         old = None
         if out.exists():
             _check_target(out)
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             try:
+                if _exchange(tmp, out):
+                    return
+                old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
                 os.rename(out, old)
-            except FileNotFoundError:  # another export moved it aside first
+            except FileNotFoundError:  # another export (swapping by two renames) moved it aside first
                 old = None
         try:
             os.rename(tmp, out)
