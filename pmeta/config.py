@@ -34,6 +34,10 @@ MAX_SEED = 2**32 - 1
 MAX_INNER_STEPS = 50
 
 
+#: Most users one training step may take (an episode batch is encoded at once).
+MAX_BATCH_USERS = 4096
+
+
 class BankConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -51,6 +55,7 @@ class BankConfig(BaseModel):
     onboarding_weight: float | None = Field(None, ge=0, description="Weight a of the onboarding regression against EASE (0 = EASE alone); None = chosen over 0, 0.5, 1, 2 on a split of the train users.")
     cf_pool_exponent: float | None = Field(None, ge=0, le=1, description="γ of the collaborative user vector Σ h_j / n^γ (1 = mean; 0.5 = FISM's normalisation) for cf_init = 'onboarding'; None = chosen over 1 and 0.5 with λ and a. The other inits use the mean.")
     time_prior_weight: float | None = Field(None, ge=0, description="Weight β of the time prior (pmeta.tasks.time_prior: what train users rated around the time of the user's latest interaction); 0 = off; None = chosen over 0, 0.5, 1, 2, 3, 5 with its bandwidth on a split of the train users, by nDCG@10 over the three candidate modes (cf_init = 'onboarding'; the other inits use it only when set).")
+    time_prior_causal: bool = Field(True, description="The time prior counts only ratings made at or before the user's time (pmeta.tasks.time_prior), as a deployed bank serving the user then would; false = the two-sided kernel of banks built before stop 47, which scores an evaluated user with train users' later ratings too (for comparison only).")
     time_prior_bandwidth: float | None = Field(None, gt=0, description="Bandwidth h of the time prior in days; None = chosen over 60, 180 and 365 (365 when β is set for an init without the grid).")
     text_log_scale: float = Field(0.0, description="Initial log weight of the towers' text part (learned). 0: the closed-form collaborative part leads at the start (on validation users the text part at its old start, 2.0, ranked worse than without it).")
     max_history_items: int = Field(10, ge=1, le=200, description="Most recent liked items the user tower reads.")
@@ -74,13 +79,13 @@ class BankConfig(BaseModel):
     support_max: int = Field(5, ge=1)
     query_size: int = Field(10, ge=1)
     episode_start: Literal["any", "first"] = Field("any", description="Training episodes: 'any' = K positives from a random start, query = the next ones; 'first' = the protocol's shape, support = the first K positives, query = positives 6..15.")
-    meta_batch_users: int = Field(12, ge=1, description="Users per outer step.")
+    meta_batch_users: int = Field(12, ge=1, le=MAX_BATCH_USERS, description="Users per outer step.")
     global_steps: int = Field(80, ge=0, description="Outer steps meta-training the global prior and the item tower.")
     anchor_steps: int = Field(40, ge=0, description="Outer steps meta-training the anchors.")
     stack_steps: int = Field(40, ge=0, description="Outer steps meta-training the stacked init, step sizes and τ.")
     outer_lr: float = Field(3e-3, gt=0, description="Adam learning rate of the adapters.")
     tower_steps: int = Field(1000, ge=0, description="Stage 0: outer steps fitting the ranking head with the encoder forward-only.")
-    tower_batch_users: int = Field(64, ge=1, description="Users per step in stage 0.")
+    tower_batch_users: int = Field(64, ge=1, le=MAX_BATCH_USERS, description="Users per step in stage 0.")
     tower_rounds: int = Field(4, ge=1, description="Stage 0 encodes this many episodes per train user once and fits the head on them.")
     head_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the learned item and history embeddings.")
     scalar_lr: float = Field(1e-2, gt=0, description="Adam learning rate of the item biases and the score scale.")

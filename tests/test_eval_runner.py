@@ -179,6 +179,7 @@ def test_method_options_parse_and_reject_malformed_pairs():
      ("ease", {"lam": "abc"}, "ease.lam='abc'"),
      ("per-user-lora", {"steps": 1.5}, "per-user-lora.steps=1.5"),
      ("per-user-lora", {"targets": "query"}, "per-user-lora.targets"),
+     ("prompt-maml", {"batch_users": 10**12}, "prompt-maml.batch_users=1000000000000"),  # was a MemoryError
      ("oracle", {"x": 1}, "unknown method 'oracle'")],
 )  # fmt: skip
 def test_method_options_are_checked_against_the_constructor(method, options, message):
@@ -348,3 +349,47 @@ def test_the_runs_test_users_follow_the_given_banks_held_out_fraction(tiny_bank,
     assert report["config"]["test_fraction"] == 0.1
     with pytest.raises(InvalidConfig, match="held-out users differ"):
         run_movielens(dataset, opened_bank, ["pmeta", "pmeta-reptile"], (1,), ("full",), reptile_bank=reptile, max_users=2, resamples=10)
+
+
+def test_reports_say_when_a_bank_has_a_two_sided_time_prior_or_the_reptile_bank_is_not_reptile(opened_bank, with_time_prior):
+    """A Reptile bank meta-trained with MAML gave a pmeta-reptile row without a word (the report's
+    config aside); a bank built before the causal time prior scores with later ratings. Both are
+    said in report.md and report.json's config.notes (and on stderr)."""
+    import copy
+
+    from pmeta.eval.runner import bank_notes, markdown
+
+    assert bank_notes(opened_bank, None) == []  # the tiny bank: no time prior, no Reptile bank
+    causal = copy.copy(opened_bank)
+    causal.model = with_time_prior(opened_bank.model, 1.0, 500)
+    assert "time_causal" in causal.model.t.head and bank_notes(causal, None) == []
+    two_sided = copy.copy(causal)
+    two_sided.model = copy.copy(causal.model)
+    two_sided.model.t = copy.copy(causal.model.t)
+    two_sided.model.t.head = {k: v for k, v in causal.model.t.head.items() if k != "time_causal"}
+    notes = bank_notes(two_sided, opened_bank)
+    assert len(notes) == 2 and "two-sided time prior" in notes[0] and "the pmeta-reptile row is not Reptile" in notes[1]
+    reptile = copy.copy(opened_bank)
+    reptile.config = opened_bank.config.model_copy(update={"meta": "reptile", "anchors": opened_bank.config.anchors + 1})
+    assert bank_notes(opened_bank, reptile) == ["the Reptile bank differs from the MAML bank in more than meta: anchors"]
+    from pmeta.data import load_sample
+
+    report = run_movielens(load_sample(), opened_bank, ["popularity", "pmeta-reptile"], (1,), ("full",), reptile_bank=opened_bank, max_users=2, resamples=10)
+    assert report["config"]["notes"] == [f"the Reptile bank (version {opened_bank.version}) was meta-trained with meta = 'maml': the pmeta-reptile row is not Reptile"]
+    assert "Note: the Reptile bank" in markdown(report)
+
+
+def test_option_values_that_failed_inside_the_method_are_typed_errors(opened_bank):
+    """A per-user LoRA rank of 10^12 failed allocating memory and an EASE λ of 1e-300 with numpy's
+    LinAlgError, as tracebacks: both are InvalidConfig now, naming the bound."""
+    from pmeta.errors import InvalidConfig
+    from pmeta.eval.baselines import EASEBaseline
+    from pmeta.eval.oppu import PerUserLoRA
+
+    with pytest.raises(InvalidConfig, match="per-user-lora.rank must be at most 384"):
+        PerUserLoRA(opened_bank.model, rank=10**12)
+    assert PerUserLoRA(opened_bank.model, rank=384).rank == 384
+    singular = np.ones((3, 3))  # rank 1: invertible only with a real ridge
+    with pytest.raises(InvalidConfig, match="choose a larger lam"):
+        EASEBaseline.closed_form(singular, 1e-300)
+    assert np.isfinite(EASEBaseline.closed_form(singular, 1.0)).all()

@@ -166,3 +166,27 @@ def test_unmatched_titles_match_through_their_names_within_the_year_and_only_whe
     assert match_items(hope, _catalog(["Star Wars (1977)", "Star Wars (1977)"])).tolist() == [0, 0]
     # an item an exact match has taken is not given to another target item by name
     assert match_items(_catalog(["Heat (1995)"]), _catalog(["Heat (1995)", "Heat (Heat) (1995)"])).tolist() == [0, -1]
+
+
+def test_the_banks_own_data_under_another_catalogue_is_not_a_transfer(opened_bank, tmp_path):
+    """The held-out check compared user ids only when the catalogue was the bank's: the shipped
+    sample with one unrated film added, evaluated with another seed, passed as a "transfer" whose
+    test users the bank had mostly trained on. Users are now matched by their histories
+    (pmeta.bank.build.history_keys), whatever the catalogue."""
+    import shutil
+
+    from pmeta.data import SAMPLE_DIR
+    from pmeta.errors import InvalidConfig
+
+    copy = tmp_path / "ml-plus-one"
+    shutil.copytree(SAMPLE_DIR, copy)
+    with open(copy / "movies.csv", "a", encoding="utf-8") as movies:
+        movies.write("999999,Unrated Placeholder (2019),Drama\n")
+    dataset = read_movielens(copy)
+    assert len(dataset.catalog) == len(opened_bank.catalog) + 1
+    with pytest.raises(InvalidConfig, match="test users have the rating history of one of the bank's train users"):
+        run_movielens(dataset, opened_bank, ["popularity", "pmeta-no-steps"], (1,), ("full",), seed=3, max_users=3)
+    # the bank's own seed: its held-out users, none of them trained on, evaluated as a transfer
+    report = run_movielens(dataset, opened_bank, ["popularity", "pmeta-no-steps"], (1,), ("full",), seed=0, max_users=3)
+    assert report["config"]["transfer"]["test_users_checked"] is True and report["config"]["transfer"]["unseen_items"] == 1
+    assert len(opened_bank.build_record["train_history_keys"]) == len(opened_bank.build_record["train_users"])

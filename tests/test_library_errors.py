@@ -254,3 +254,11 @@ except OSError as error:
     with pytest.raises(SafetensorError, match="not an os error"):  # anything else passes through untouched
         with as_os_error(tmp_path):
             raise SafetensorError("not an os error")
+
+
+def test_batch_sizes_beyond_any_machine_are_config_errors():
+    """meta_batch_users / tower_batch_users of 10^12 passed validation and failed allocating memory."""
+    for key in ("meta_batch_users", "tower_batch_users"):
+        with pytest.raises(InvalidConfig, match=key):
+            pmeta.load_config("tiny", overrides={key: 10**12})
+        assert getattr(pmeta.load_config("tiny", overrides={key: 4096}), key) == 4096

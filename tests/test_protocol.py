@@ -415,6 +415,22 @@ def test_baselines_score_the_whole_catalogue():
         assert scores.shape == (150,) and np.isfinite(scores).all(), name
 
 
+def test_random_scores_depend_on_the_users_own_support_and_k_only():
+    """One generator shared by the run made a user's random scores depend on which users and which
+    K were evaluated before them (README's K = 5 row was another run's K = 3 row)."""
+    dataset = random_dataset(n_users=40, n_items=150, seed=2)
+    train, test = split_users(dataset)
+    cases = make_cases(dataset, test, k=3)
+    model = BASELINES["random"]().fit(dataset, train)
+    alone = model.score(cases[-1].support, 3)
+    for case in cases:
+        for k in (1, 3):
+            model.score(case.support[:k], k)
+    np.testing.assert_array_equal(model.score(cases[-1].support, 3), alone)
+    assert not np.array_equal(model.score(cases[-1].support, 1), alone)
+    assert not np.array_equal(BASELINES["random"](seed=1).fit(dataset, train).score(cases[-1].support, 3), alone)
+
+
 def test_popularity_counts_train_positives_only():
     rows = [("1", "0", 5.0, 1), ("2", "0", 4.0, 1), ("3", "1", 3.0, 1), ("3", "2", 4.5, 1), ("4", "2", 5.0, 1)]
     dataset = make_dataset(rows, n_items=3, user_order=["1", "2", "3", "4"])

@@ -54,6 +54,8 @@ def test_table_follows_the_time_of_the_ratings():
     np.testing.assert_allclose(np.exp(table).sum(1), 1.0 + 4 * time_prior.EPSILON, rtol=1e-4)  # each row: log of a distribution
     early, late = time_prior.at(grid, table, [0.0, 1002 * DAY]).numpy()
     assert early.argmax() == 0 and late.argmax() == 1
+    middle = time_prior.at(grid, table, [999 * DAY]).numpy()[0]  # before item 1's ratings: item 2 (day 500) leads
+    assert middle.argmax() == 2
     assert early[3] == late[3] == pytest.approx(np.log(time_prior.EPSILON), abs=1e-3)  # never rated: the floor
     with pytest.raises(ValueError, match="at least one rating"):
         time_prior.table(np.zeros(0, dtype=np.int64), np.zeros(0), 4, 30)
@@ -62,8 +64,39 @@ def test_table_follows_the_time_of_the_ratings():
 def test_at_interpolates_and_clamps():
     grid = np.array([0.0, 10.0, 20.0])
     table = np.array([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]], dtype=np.float32)
-    rows = time_prior.at(grid, table, [0.0, 5.0, 10.0, 20.0, -7.0, 99.0, float("nan")]).numpy()
-    np.testing.assert_allclose(rows, [[0, 1], [1, 2], [2, 3], [4, 5], [0, 1], [4, 5], [4, 5]])
+    times = [0.0, 5.0, 10.0, 20.0, -7.0, 99.0, float("nan"), 19.999]
+    rows = time_prior.at(grid, table, times, causal=False).numpy()  # a two-sided table (banks before stop 47)
+    np.testing.assert_allclose(rows, [[0, 1], [1, 2], [2, 3], [4, 5], [0, 1], [4, 5], [4, 5], [3.9998, 4.9998]], rtol=1e-5)
+    causal = time_prior.at(grid, table, times).numpy()  # a causal table: the last grid point at or before t
+    np.testing.assert_allclose(causal, [[0, 1], [0, 1], [2, 3], [4, 5], [0, 1], [4, 5], [4, 5], [2, 3]])
+
+
+def test_the_prior_at_t_never_counts_a_rating_made_after_t():
+    """The two-sided kernel scored a user at t with train users' ratings up to ~2h after t, which a
+    bank serving that user at t could not have had. Now the prior at t is the half-Gaussian over the
+    ratings at or before the grid point it reads (itself at or before t), recomputed here directly;
+    the all-time mix aside (an all-time count, as every classical baseline's), ratings after t
+    change nothing."""
+    rng = np.random.default_rng(0)
+    items, times = rng.integers(0, 20, 600), rng.uniform(0, 1200, 600) * DAY
+    overall = np.bincount(items, minlength=20) / len(items)
+    for h in (30.0, 180.0):
+        grid, table = time_prior.table(items, times, 20, h)
+        for t in np.linspace(times.min(), times.max(), 41):
+            point = grid[np.searchsorted(grid, t, side="right") - 1]
+            keep = times <= point
+            assert point <= t
+            local = np.bincount(items[keep], weights=np.exp(-0.5 * ((times[keep] - point) / (h * DAY)) ** 2), minlength=20)
+            want = np.log((1 - time_prior.GLOBAL_MIX) * local / local.sum() + time_prior.GLOBAL_MIX * overall + time_prior.EPSILON)
+            np.testing.assert_allclose(time_prior.at(grid, table, [t]).numpy()[0], want, rtol=1e-4, atol=1e-4)
+        # the old kernel, for contrast: the ratings after 600 days move its prior at 590 days
+        early = times <= 600 * DAY
+        before = time_prior.at(*time_prior.table(items[early], times[early], 20, h, causal=False), [590 * DAY], causal=False)
+        after = time_prior.at(*time_prior.table(items, times, 20, h, causal=False), [590 * DAY], causal=False)
+        assert float((before - after).abs().max()) > 0.05
+    head = time_prior.head_entries(grid, table, 2.0)
+    assert "time_causal" in head and "time_causal" not in time_prior.head_entries(grid, table, 2.0, causal=False)
+    torch.testing.assert_close(time_prior.user_prior(head, [450 * DAY]), 2.0 * time_prior.at(grid, table, [450 * DAY]))
 
 
 def test_head_entries_and_user_prior():

@@ -161,6 +161,9 @@ def test_main_scores_the_target_train_users_as_pmeta_eval_does(parts, tiny_bank,
     dataset = read_movielens(target)
     train, test = split_users(dataset, seed=0)
     monkeypatch.setattr(runner, "split_users", lambda *args, **kwargs: (train, train))
+    # the target's train users are the bank's train users (pmeta.eval.synthetic), which an evaluation
+    # refuses to score (test_eval_transfer); the parts table scores them on purpose
+    monkeypatch.setitem(opened_bank.build_record, "train_history_keys", [])
     report = runner.run_movielens(dataset, opened_bank, ["pmeta-no-steps"], (1, 3, 5), ("uni99", "pop99", "full"), max_users=6, resamples=1)
     assert table["as served"] == cells(report["results"])
     assert not set(np.asarray(train)[:6]) & set(test)

@@ -220,7 +220,8 @@ class Bank:
         if reader.record["config"].get("kind") == "text":
             raise InvalidRequest(f"bank {path} is a text bank: open it with pmeta.TextBank.open")
         try:
-            config = BankConfig(**reader.record["config"])
+            # a stored config without time_prior_causal predates it: its time prior is two-sided
+            config = BankConfig(**{"time_prior_causal": False, **reader.record["config"]})
         except ValidationError as exc:
             raise BankIntegrityError(f"bank {path} version {reader.id} has a config this pmeta cannot read: {exc.errors()[0]['msg']}") from None
         catalog_data = reader.read_json(CATALOG_FILE)

@@ -195,6 +195,33 @@ def user_split(dataset: Dataset, config: BankConfig) -> tuple[np.ndarray, np.nda
     return np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val]), test_users
 
 
+#: Events of a user's history that :func:`history_keys` hashes (their earliest, by time).
+HISTORY_KEY_EVENTS = 8
+
+
+def history_keys(dataset: Dataset, users) -> list[str]:
+    """A key per user of ``users`` (in order) that does not depend on the catalogue: a hash of the
+    (timestamp, whole stars) pairs of their earliest :data:`HISTORY_KEY_EVENTS` ratings (whole stars:
+    a copy that floors half stars, as ml-100k's layout does, keeps its keys). The build record
+    keeps its train users' keys so that an evaluation on another catalogue (a transfer, or the same
+    data with one item added) can refuse test users the bank trained on; item ids and titles are
+    left out on purpose, since they change with the catalogue. Empty when the dataset has no
+    timestamps (all equal): rating values alone would not tell users apart."""
+    ratings = dataset.ratings
+    if len(ratings) == 0 or ratings.timestamp.min() == ratings.timestamp.max():
+        return []
+    order = np.lexsort((ratings.rating, ratings.timestamp, ratings.user))
+    users_sorted = ratings.user[order]
+    starts = np.searchsorted(users_sorted, np.asarray(users, dtype=np.int64))
+    keys = []
+    for user, start in zip(np.asarray(users, dtype=np.int64), starts):
+        rows = order[start : start + HISTORY_KEY_EVENTS]
+        rows = rows[ratings.user[rows] == user]
+        events = ",".join(f"{int(t)}:{int(np.floor(r))}" for t, r in zip(ratings.timestamp[rows], ratings.rating[rows]))
+        keys.append(hashlib.sha256(events.encode()).hexdigest()[:16])
+    return keys
+
+
 def with_positives(users: np.ndarray, positives: dict[int, np.ndarray], minimum: int) -> np.ndarray:
     """The ``users`` with at least ``minimum`` positives: the train users a build learns from."""
     return np.array([u for u in users if len(positives.get(int(u), ())) >= minimum], dtype=np.int64)
@@ -331,6 +358,7 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
         "collaborative_init": cf_record,
         "losses": {k: [float(np.mean(v[i : i + 10])) for i in range(0, len(v), 10)] for k, v in losses.items()},
         "train_users": [dataset.ratings.user_ids[int(u)] for u in train_users],
+        "train_history_keys": history_keys(dataset, train_users),
         "validation_users": [dataset.ratings.user_ids[int(u)] for u in val_users],
         "test_users": [dataset.ratings.user_ids[int(u)] for u in test_users],
         "anchors": [{"position": a, "n_users": int(sizes[a]), "label": medoids[a]} for a in range(n_anchors)],
@@ -375,7 +403,7 @@ def collaborative_init(dataset: Dataset, config: BankConfig, train_users: np.nda
             if cases and config.time_prior_weight != 0.0 and times is not None:
                 h, weight, grid = choose_time_prior(dataset, config, split.fit_users, cases, base)
                 entries = time_prior_entries(dataset, config, train_users, h, weight)
-                record["time_prior"] = {"bandwidth_days": h, "weight": weight, "validation_ndcg": grid}
+                record["time_prior"] = {"bandwidth_days": h, "weight": weight, "causal": config.time_prior_causal, "validation_ndcg": grid}
             if cases and config.anchor_bias_weight is None and item_text is not None:
                 gamma, grid = choose_anchor_bias(dataset, config, split.fit_users, cases, base, h, weight, [positives[int(u)] for u in split.fit_users], item_text)
                 record["anchor_bias"] = {"weight": gamma, "validation_ndcg": grid}
@@ -462,6 +490,7 @@ def training_priors(dataset: Dataset, config: BankConfig, train_with_pos: np.nda
         gamma,
         serving_prior=time_entries,
         serving_bias=bias_of_anchors,
+        causal=config.time_prior_causal,
     )
 
 
@@ -476,7 +505,7 @@ def bank_training_priors(model: PmetaModel, build_record: dict, dataset: Dataset
     train_with_pos = with_positives(np.array(sorted(ids[u] for u in build_record.get("train_users", []) if u in ids), dtype=np.int64), positives, config.min_positives)
     if len(train_with_pos) < config.crossfit_folds:
         raise InvalidData(f"the bank's build record lists {len(train_with_pos)} train users of this dataset, fewer than its {config.crossfit_folds} cross-fitting folds")
-    time_entries = {k: model.t.head[k].detach().cpu() for k in ("time_grid", "time_log_prior", "time_weight") if k in model.t.head}
+    time_entries = {k: model.t.head[k].detach().cpu() for k in ("time_grid", "time_log_prior", "time_weight", "time_causal") if k in model.t.head}
     return training_priors(dataset, config, train_with_pos, positives, build_record.get("collaborative_init", {}), time_entries, None, 0, 0.0)
 
 
@@ -485,8 +514,8 @@ def time_prior_entries(dataset: Dataset, config: BankConfig, users: np.ndarray, 
     if weight == 0.0:
         return {}
     items, stamps = time_prior.rating_events(dataset, users)
-    grid, log_prior = time_prior.table(items, stamps, len(dataset.catalog), bandwidth_days)
-    return time_prior.head_entries(grid, log_prior, weight)
+    grid, log_prior = time_prior.table(items, stamps, len(dataset.catalog), bandwidth_days, config.time_prior_causal)
+    return time_prior.head_entries(grid, log_prior, weight, config.time_prior_causal)
 
 
 class OnboardingScores:
@@ -524,7 +553,7 @@ def choose_time_prior(dataset: Dataset, config: BankConfig, fit_users, cases: li
     fitted on ``fit_users``, the prior counts ``fit_users``' ratings."""
     bandwidths = (config.time_prior_bandwidth,) if config.time_prior_bandwidth is not None else time_prior.BANDWIDTHS
     weights = (config.time_prior_weight,) if config.time_prior_weight is not None else time_prior.WEIGHTS
-    return time_prior.choose(base, cases, time_prior.rating_events(dataset, fit_users), len(dataset.catalog), bandwidths, weights)
+    return time_prior.choose(base, cases, time_prior.rating_events(dataset, fit_users), len(dataset.catalog), bandwidths, weights, causal=config.time_prior_causal)
 
 
 @dataclass
@@ -555,12 +584,12 @@ def anchor_bias_inputs(dataset: Dataset, config: BankConfig, fit_users, base: On
     ratio = anchor_bias.log_ratio(fit_positives, assignment, len(centroids), n_items)
     sizes = np.bincount(assignment, minlength=len(centroids)).astype(np.float64)
     events = time_prior.rating_events(dataset, fit_users)
-    prior = time_prior.table(events[0], events[1], n_items, h) if beta > 0 else None
+    prior = time_prior.table(events[0], events[1], n_items, h, config.time_prior_causal) if beta > 0 else None
 
     def scores(support: np.ndarray, t: float) -> np.ndarray:
         out = base(support)
         if prior is not None:
-            out = out + beta * time_prior.at(prior[0], prior[1], [t])[0].numpy().astype(np.float64)
+            out = out + beta * time_prior.at(prior[0], prior[1], [t], config.time_prior_causal)[0].numpy().astype(np.float64)
         return out
 
     def key(support: np.ndarray) -> np.ndarray:

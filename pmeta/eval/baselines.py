@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import typing
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -132,21 +133,21 @@ def validation_split(train_users: np.ndarray, fraction: float, seed: int, fold: 
 
 @register("random")
 class RandomBaseline:
-    """Uniform random scores. The generator is ``default_rng(seed)``, created by :meth:`fit`, so a run
-    that fits once and scores users in the same order is reproducible."""
+    """Uniform random scores, drawn from ``default_rng([seed, crc32(support), K])``: a user's scores
+    depend on the seed and their own support only, not on which other users, or which other K, a
+    run evaluates (one generator shared by the whole run made them depend on both)."""
 
     def __init__(self, seed: Seed = 0) -> None:
         self.seed = seed
         self.n_items = 0
-        self._rng = np.random.default_rng(seed)
 
     def fit(self, dataset: Dataset, train_users: np.ndarray) -> RandomBaseline:
         self.n_items = len(dataset.catalog)
-        self._rng = np.random.default_rng(self.seed)
         return self
 
     def score(self, support_items: np.ndarray, k: int) -> np.ndarray:
-        return self._rng.random(self.n_items)
+        support = zlib.crc32(np.ascontiguousarray(support_items, dtype=np.int64).tobytes())
+        return np.random.default_rng([self.seed, support, int(k)]).random(self.n_items)
 
 
 @register("popularity")
@@ -171,8 +172,9 @@ class PopularityBaseline:
 @register("popularity-time")
 class TimePopularityBaseline:
     """The time prior alone (:mod:`pmeta.tasks.time_prior`): ``score(i) = log p_i(t)``, the share of
-    the train users' ratings given to item i around the time t of the user's latest support
-    interaction (Gaussian kernel of bandwidth h days), ignoring which items the support holds.
+    the train users' ratings given to item i up to the time t of the user's latest support
+    interaction (half-Gaussian kernel of bandwidth h days; ``causal=False``: the two-sided kernel of
+    runs before stop 47, which also counts later ratings), ignoring which items the support holds.
 
     pmeta's banks add this prior to their scores; this row shows how much of their quality it
     explains. h is chosen over :data:`~pmeta.tasks.time_prior.BANDWIDTHS` by nDCG@10 over the
@@ -181,8 +183,8 @@ class TimePopularityBaseline:
 
     uses_time = True
 
-    def __init__(self, bandwidth_days: PositiveFloat | None = None, validation_fraction: Fraction = 0.1, validation_seed: Seed = 0, validation_modes: tuple[Literal["uni99", "pop99", "full"], ...] = ("uni99", "pop99", "full")) -> None:
-        self.bandwidth_days, self.validation_modes = bandwidth_days, tuple(validation_modes)
+    def __init__(self, bandwidth_days: PositiveFloat | None = None, validation_fraction: Fraction = 0.1, validation_seed: Seed = 0, validation_modes: tuple[Literal["uni99", "pop99", "full"], ...] = ("uni99", "pop99", "full"), causal: bool = True) -> None:
+        self.bandwidth_days, self.validation_modes, self.causal = bandwidth_days, tuple(validation_modes), causal
         self.validation_fraction, self.validation_seed = validation_fraction, validation_seed
         self.chosen_bandwidth: float | None = None
         self.grid = self.log_prior = None
@@ -195,15 +197,15 @@ class TimePopularityBaseline:
         if self.chosen_bandwidth is None:
             fit_users, validation_users = validation_split(train_users, self.validation_fraction, self.validation_seed)
             zeros = np.zeros(n_items)
-            self.chosen_bandwidth, _, _ = time_prior.choose(lambda support: zeros, time_prior.validation_cases(dataset, validation_users), time_prior.rating_events(dataset, fit_users), n_items, weights=(1.0,), modes=self.validation_modes)
+            self.chosen_bandwidth, _, _ = time_prior.choose(lambda support: zeros, time_prior.validation_cases(dataset, validation_users), time_prior.rating_events(dataset, fit_users), n_items, weights=(1.0,), modes=self.validation_modes, causal=self.causal)
         items, times = time_prior.rating_events(dataset, train_users)
-        self.grid, self.log_prior = time_prior.table(items, times, n_items, self.chosen_bandwidth)
+        self.grid, self.log_prior = time_prior.table(items, times, n_items, self.chosen_bandwidth, self.causal)
         return self
 
     def score(self, support_items: np.ndarray, k: int, time: float | None = None) -> np.ndarray:
         from pmeta.tasks import time_prior
 
-        return time_prior.at(self.grid, self.log_prior, [float("nan") if time is None else time])[0].numpy().astype(np.float64)
+        return time_prior.at(self.grid, self.log_prior, [float("nan") if time is None else time], self.causal)[0].numpy().astype(np.float64)
 
 
 @register("itemknn")
@@ -285,8 +287,13 @@ class EASEBaseline:
         """``B = I - P diag(1/diag P)`` with ``P = (G + λI)⁻¹``, computed in float64, returned as float32."""
         regularized = gram.astype(np.float64, copy=True)
         regularized[np.diag_indices_from(regularized)] += lam
-        weights = np.linalg.inv(regularized)  # P
+        try:
+            weights = np.linalg.inv(regularized)  # P
+        except np.linalg.LinAlgError:
+            raise InvalidConfig(f"EASE's item-item matrix is singular at λ = {lam:g}: choose a larger lam") from None
         del regularized
+        if not np.isfinite(weights).all():
+            raise InvalidConfig(f"EASE's item-item matrix is too ill-conditioned at λ = {lam:g}: choose a larger lam")
         weights /= -np.diag(weights)[None, :]  # -P_ij / P_jj, in place to keep one n² float64 buffer
         weights[np.diag_indices_from(weights)] = 0.0
         return weights.astype(np.float32)

@@ -44,6 +44,9 @@ class PerUserLoRA:
         self.rank, self.steps, self.lr, self.seed, self.layers = rank, steps, lr, seed, layers
         self.first_layer = 0 if layers == "all" else model.config.prompt_layer  # lowest layer carrying the LoRA
         self.targets = model.encoder.lora_targets(self.first_layer, tuple(targets))
+        widest = min(min(d_in, d_out) for _, d_in, d_out in self.targets)
+        if rank > widest:  # a LoRA wider than its layer is a full update, and a huge rank a huge allocation
+            raise InvalidConfig(f"per-user-lora.rank must be at most {widest} (the smallest targeted layer's width), got {rank}")
         self.base = model.t.global_adapter  # the bank's non-personalized prior, frozen
         self.bytes_per_user = len(save_safetensors(self._fresh(np.zeros(1, dtype=np.int64))))
 

@@ -16,19 +16,22 @@ cost ``l * d * 4`` bytes (30 KB for l = 20, d = 384).
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from ..adapt.inner import adapt
 from ..adapt.strategies import get_strategy
 from ..bank.build import prompt_from_text
 from ..bank.episodes import EpisodeSampler
 from ..bank.meta_train import Stage, meta_train
+from ..config import MAX_BATCH_USERS
 from ..data.types import Dataset
 from ..errors import InvalidConfig
 from ..progress import Progress
-from .baselines import Count, EvalContext, PositiveFloat, PositiveInt, Seed, register
+from .baselines import Count, EvalContext, PositiveFloat, Seed, register
 from .neural import floor_excluded, support_input
 
 
@@ -36,7 +39,7 @@ from .neural import floor_excluded, support_input
 class PromptMAML:
     uses_time = True  # the support's timestamp reaches the bank's head (its time prior), as for pmeta
 
-    def __init__(self, model, outer_steps: Count | None = None, inner_steps: Count | None = None, batch_users: PositiveInt | None = None, lr: PositiveFloat | None = None, seed: Seed = 0) -> None:
+    def __init__(self, model, outer_steps: Count | None = None, inner_steps: Count | None = None, batch_users: Annotated[int, Field(ge=1, le=MAX_BATCH_USERS)] | None = None, lr: PositiveFloat | None = None, seed: Seed = 0) -> None:
         if model is None:
             raise InvalidConfig("method 'prompt-maml' needs a bank (its frozen encoder and ranking head); pass --bank")
         config = model.config

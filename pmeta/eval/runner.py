@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..bank.bank import Bank
-from ..bank.build import bank_training_priors
+from ..bank.build import bank_training_priors, history_keys
 from ..data.types import Dataset
 from ..errors import InvalidConfig, ModesUnavailable
 from ..progress import Progress
@@ -50,7 +50,9 @@ def model_for(bank: Bank, dataset: Dataset, seed: int, progress: Progress, test_
 
     In-domain (same catalogue), the bank's held-out users must be this dataset's test users for this
     seed and the run's ``test_fraction`` (default: the bank's), so that no method is evaluated on
-    users the bank trained on.
+    users the bank trained on. On another catalogue no test user may have the history of one of the
+    bank's train users (:func:`~pmeta.bank.build.history_keys`; the same data with one item added
+    used to pass as a transfer, with most test users trained on).
     """
     if bank.catalog.item_ids == dataset.catalog.item_ids:
         fraction = bank.config.test_fraction if test_fraction is None else test_fraction
@@ -64,14 +66,46 @@ def model_for(bank: Bank, dataset: Dataset, seed: int, progress: Progress, test_
             # gets the same cross-fitted time prior as the build's stages (pmeta.bank.crossfit)
             bank.model.crossfit = bank_training_priors(bank.model, bank.build_record, dataset).to(bank.model.t.item_text.device)
         return bank.model, None
+    # another catalogue: the users are not matched by id (ids are per dataset), so by their histories
+    known = bank.build_record.get("train_history_keys")
+    if known is None:
+        progress.log(f"note: bank {bank.version} predates the check of test users against its train users across catalogues; evaluate it only on data it was not built from")
+    elif known:
+        fraction = bank.config.test_fraction if test_fraction is None else test_fraction
+        _, test_users = split_users(dataset, seed=seed, test_fraction=fraction)
+        seen = set(known) & set(history_keys(dataset, test_users))
+        if seen:
+            raise InvalidConfig(f"{len(seen)} of this run's {len(test_users)} test users have the rating history of one of the bank's train users (the bank's own data under another catalogue?); evaluate on users the bank never trained on")
     model, summary = transfer_model(bank.model, bank.catalog, dataset.catalog, progress)
-    return model, {"bank_dataset": bank.record.get("dataset_name"), **summary}
+    return model, {"bank_dataset": bank.record.get("dataset_name"), "test_users_checked": bool(known), **summary}
+
+
+def bank_notes(bank: Bank | None, reptile_bank: Bank | None) -> list[str]:
+    """What a reader of the report must know about the banks: a two-sided time prior (banks built
+    before stop 47 count train users' ratings after the test user's time), a Reptile bank that was
+    not meta-trained with Reptile (its row would be another method under that name) or that differs
+    from the MAML bank in more than ``meta``."""
+    notes = []
+    for label, opened in (("bank", bank), ("Reptile bank", reptile_bank)):
+        if opened is not None and "time_log_prior" in opened.model.t.head and "time_causal" not in opened.model.t.head:
+            notes.append(f"the {label} (version {opened.version}) has a two-sided time prior (built before stop 47, or with time_prior_causal = false): it scores each test user with train users' ratings made after the user's time as well")
+    if reptile_bank is not None:
+        if reptile_bank.config.meta != "reptile":
+            notes.append(f"the Reptile bank (version {reptile_bank.version}) was meta-trained with meta = {reptile_bank.config.meta!r}: the pmeta-reptile row is not Reptile")
+        elif bank is not None:
+            mine, theirs = bank.config.model_dump(), reptile_bank.config.model_dump()
+            differ = sorted(k for k in mine if k != "meta" and mine[k] != theirs.get(k))
+            if differ:
+                notes.append(f"the Reptile bank differs from the MAML bank in more than meta: {', '.join(differ)}")
+    return notes
 
 
 def _bank_summary(bank: Bank | None) -> dict | None:
     if bank is None:
         return None
-    return {"version": bank.version, "dataset": bank.record.get("dataset_name"), "config": bank.config.model_dump()}
+    head = bank.model.t.head
+    prior = "none" if "time_log_prior" not in head else ("causal" if "time_causal" in head else "two-sided")
+    return {"version": bank.version, "dataset": bank.record.get("dataset_name"), "time_prior": prior, "config": bank.config.model_dump()}
 
 
 def check_request(methods, ks, modes, options: dict[str, dict] | None = None, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, dict]:
@@ -153,6 +187,8 @@ def run_movielens(
         raise InvalidConfig(f"methods {', '.join(sorted(BANK_METHODS & set(methods)))} need a bank (--bank)")
     if reptile_bank is None and REPTILE_METHODS & set(methods):
         raise InvalidConfig("method pmeta-reptile needs a Reptile bank (--reptile-bank)")
+    for line in bank_notes(bank, reptile_bank):
+        progress.log(f"note: {line}")
     # the banks' held-out fraction (coldstart-v1's 0.2 without one); each bank is checked against it
     test_fraction = next((b.config.test_fraction for b in (bank, reptile_bank) if b is not None), 0.2)
     train_users, test_users, cases = evaluation_users(dataset, modes, seed, test_fraction, max_users)
@@ -186,6 +222,7 @@ def run_movielens(
             "bank": _bank_summary(bank),
             "reptile_bank": _bank_summary(reptile_bank),
             "transfer": transfer,
+            "notes": bank_notes(bank, reptile_bank),
             "bootstrap": {"resamples": resamples, "seed": seed},
             "environment": {
                 "platform": platform.platform(),
@@ -214,10 +251,13 @@ def markdown(report: dict) -> str:
     table = {(r["method"], r["k"], r["mode"]): r for r in rows}
     users = sorted({r["users"] for r in rows})
     lines = [f"# {report['protocol']} on {report['dataset']['name']} (seed {report['seed']})", ""]
+    for note in report["config"].get("notes", []):
+        lines += [f"Note: {note}.", ""]
     transfer = report["config"].get("transfer")
     if transfer:
         lines += [
-            f"Transfer: bank built on {transfer['bank_dataset']}; {transfer['matched_items']} of {transfer['target_items']} items matched by title or its other names, {transfer['unseen_items']} unseen (text only).",
+            f"Transfer: bank built on {transfer['bank_dataset']}; {transfer['matched_items']} of {transfer['target_items']} items matched by title or its other names, {transfer['unseen_items']} unseen (text only)."
+            + ("" if transfer.get("test_users_checked", True) else " The bank predates the check that no test user is one of its train users."),
             "",
         ]
     for mode in modes:

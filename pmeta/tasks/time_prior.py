@@ -4,17 +4,26 @@ A new user's first interactions say *when* they arrive, and what is watched (or 
 with time: a user who signs up in 1996 is offered, and rates, other films than one who signs up
 in 2016. The prior is an item score that depends only on that time:
 
-    prior_i(t) = log( (1 − μ) · p_i(t) + μ · p_i + ε ),   p_i(t) ∝ Σ_{ratings (j, i, τ)} exp(−(t − τ)² / 2h²)
+    prior_i(t) = log( (1 − μ) · p_i(t) + μ · p_i + ε ),   p_i(t) ∝ Σ_{ratings (j, i, τ), τ ≤ t} exp(−(t − τ)² / 2h²)
 
-over every rating of the bank's train users (at any rating), with ``p_i`` the item's share of all
-those ratings (μ = :data:`GLOBAL_MIX` keeps items rated at other times possible). The ranking score
-adds ``β · prior(t)`` (``head/time_weight``). The bandwidth h and β are chosen on validation users
-held out of the train users (:func:`choose`, β = 0 switches it off), never on test users.
+over the ratings of the bank's train users (at any rating) made *at or before* t, with ``p_i`` the
+item's share of all those ratings (μ = :data:`GLOBAL_MIX` keeps items rated at other times
+possible; an all-time count, like every classical baseline's). The ranking score adds
+``β · prior(t)`` (``head/time_weight``). The bandwidth h and β are chosen on validation users held
+out of the train users (:func:`choose`, β = 0 switches it off), never on test users.
+
+The prior is *causal*: a user at time t is scored with what was rated up to t, as a deployed bank
+serving them at t would have had. (Before stop 47 the kernel was two-sided, so an evaluated
+user at t was scored with train users' ratings up to about 2h after t as well, a signal no
+deployment has; ``causal=False`` / ``BankConfig.time_prior_causal = false`` rebuilds it that way
+for comparison.)
 
 It is stored as a table over a time grid (``head/time_grid`` (G,) in seconds, ``head/time_log_prior``
-(G, N)); a user's prior interpolates linearly between the two grid points around t. t is the
-timestamp of the user's latest history interaction; a history without timestamps, or a time outside
-the grid, takes the nearest end of the grid (for a new user today: the latest period the bank saw).
+(G, N)). A causal table (``head/time_causal`` present) gives a user at t the row of the last grid
+point at or before t, which counts ratings up to that point (a lag below the grid spacing, at most
+h / 4 unless the grid is capped); a two-sided table interpolates linearly between the two grid
+points around t. t is the timestamp of the user's latest history interaction; a history without timestamps, or a time outside the grid,
+takes the nearest end of the grid (for a new user today: the latest period the bank saw).
 Fixed at build time: meta-training never changes these tensors.
 """
 
@@ -40,8 +49,11 @@ GRID_STEP = 0.25
 MAX_GRID = 512
 
 
-def table(items: np.ndarray, times: np.ndarray, n_items: int, bandwidth_days: float) -> tuple[np.ndarray, np.ndarray]:
-    """(grid (G,) float64 seconds, log prior (G, N) float32) from rating events (item indexes, seconds)."""
+def table(items: np.ndarray, times: np.ndarray, n_items: int, bandwidth_days: float, causal: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(grid (G,) float64 seconds, log prior (G, N) float32) from rating events (item indexes, seconds).
+
+    ``causal``: row g counts the ratings at or before g (a half-Gaussian ending at g; read it with
+    ``at(..., causal=True)``); else the two-sided kernel around g of builds before stop 47."""
     if len(items) == 0:
         raise ValueError("the time prior needs at least one rating")
     times = np.asarray(times, dtype=np.float64)
@@ -54,7 +66,10 @@ def table(items: np.ndarray, times: np.ndarray, n_items: int, bandwidth_days: fl
     overall /= overall.sum()
     out = np.empty((count, n_items), dtype=np.float32)
     for row, point in enumerate(grid):
-        weights = np.exp(-0.5 * ((times - point) / h) ** 2)
+        if causal:
+            weights = np.where(times <= point, np.exp(-0.5 * ((times - point) / h) ** 2), 0.0)
+        else:
+            weights = np.exp(-0.5 * ((times - point) / h) ** 2)
         local = np.bincount(items, weights=weights, minlength=n_items)
         total = local.sum()
         local = local / total if total > 0 else overall
@@ -62,13 +77,17 @@ def table(items: np.ndarray, times: np.ndarray, n_items: int, bandwidth_days: fl
     return grid, out
 
 
-def at(grid: np.ndarray | torch.Tensor, log_prior: np.ndarray | torch.Tensor, times) -> torch.Tensor:
+def at(grid: np.ndarray | torch.Tensor, log_prior: np.ndarray | torch.Tensor, times, causal: bool = True) -> torch.Tensor:
     """Prior rows (U, N) at ``times`` (U,) seconds; NaN (no timestamp) and times outside the grid
-    take the nearest end of the grid."""
+    take the nearest end of the grid. ``causal``: the row of the last grid point at or before t (a
+    causal :func:`table`'s rows count nothing after their point); else linear interpolation between
+    the two grid points around t (a two-sided table)."""
     grid = torch.as_tensor(grid, dtype=torch.float64)
     log_prior = torch.as_tensor(log_prior)
     t = torch.as_tensor(times, dtype=torch.float64).reshape(-1).to(grid.device)
     t = torch.where(torch.isnan(t), grid[-1], t).clamp(float(grid[0]), float(grid[-1]))
+    if causal:
+        return log_prior[(torch.searchsorted(grid, t, right=True) - 1).clamp(0, len(grid) - 1)]
     upper = torch.searchsorted(grid, t).clamp(1, len(grid) - 1) if len(grid) > 1 else torch.zeros_like(t, dtype=torch.long)
     lower = (upper - 1).clamp_min(0)
     span = (grid[upper] - grid[lower]).clamp_min(1e-9)
@@ -76,22 +95,26 @@ def at(grid: np.ndarray | torch.Tensor, log_prior: np.ndarray | torch.Tensor, ti
     return (1.0 - frac) * log_prior[lower] + frac * log_prior[upper]
 
 
-def head_entries(grid: np.ndarray, log_prior: np.ndarray, weight: float) -> dict[str, torch.Tensor]:
-    """The head tensors of a time prior (nothing at all when β = 0)."""
+def head_entries(grid: np.ndarray, log_prior: np.ndarray, weight: float, causal: bool = True) -> dict[str, torch.Tensor]:
+    """The head tensors of a time prior (nothing at all when β = 0); ``time_causal`` marks a causal
+    table (banks built before stop 47 have two-sided tables and no such entry)."""
     if weight == 0.0:
         return {}
-    return {
+    entries = {
         "time_grid": torch.from_numpy(np.asarray(grid, dtype=np.float64)),
         "time_log_prior": torch.from_numpy(np.asarray(log_prior, dtype=np.float32)),
         "time_weight": torch.tensor(float(weight)),
     }
+    if causal:
+        entries["time_causal"] = torch.tensor(1.0)
+    return entries
 
 
 def user_prior(head: dict[str, torch.Tensor], times) -> torch.Tensor | None:
     """``β · prior(t)`` (U, N) for a head with a time prior, else None."""
     if "time_log_prior" not in head:
         return None
-    return head["time_weight"] * at(head["time_grid"], head["time_log_prior"], times)
+    return head["time_weight"] * at(head["time_grid"], head["time_log_prior"], times, causal="time_causal" in head)
 
 
 def rating_events(dataset, users) -> tuple[np.ndarray, np.ndarray]:
@@ -122,7 +145,7 @@ def supports(cases: list, ks: tuple[int, ...] = (1, 3, 5)):
             yield case.user, case.support[:k], float(times[k - 1]), case.query
 
 
-def choose(base_scores, cases: list, events: tuple[np.ndarray, np.ndarray], n_items: int, bandwidths=BANDWIDTHS, weights=WEIGHTS, ks: tuple[int, ...] = (1, 3, 5), modes: tuple[str, ...] = MODES, seed: int = 0) -> tuple[float, float, dict[str, dict[str, float]]]:
+def choose(base_scores, cases: list, events: tuple[np.ndarray, np.ndarray], n_items: int, bandwidths=BANDWIDTHS, weights=WEIGHTS, ks: tuple[int, ...] = (1, 3, 5), modes: tuple[str, ...] = MODES, seed: int = 0, causal: bool = True) -> tuple[float, float, dict[str, dict[str, float]]]:
     """Choose (h, β) on validation ``cases`` (:func:`validation_cases`) by nDCG@10 averaged over
     ``ks`` and the protocol's candidate ``modes``.
 
@@ -132,8 +155,8 @@ def choose(base_scores, cases: list, events: tuple[np.ndarray, np.ndarray], n_it
     popularity term, and the modes pull its weight in opposite directions (``uni99``'s negatives
     are mostly obscure items, ``pop99``'s popular ones), so choosing on one of them picks a point
     of that trade-off blindly (a catalogue too small for 99 negatives keeps the modes that can draw
-    them, :func:`~pmeta.eval.protocol.drawable_modes`). Ties go to the smaller β. Returns (h in days, β, every grid point's
-    nDCG@10 per mode and their mean)."""
+    them, :func:`~pmeta.eval.protocol.drawable_modes`). Ties go to the smaller β. ``causal``: as
+    :func:`table`. Returns (h in days, β, every grid point's nDCG@10 per mode and their mean)."""
     from ..eval.protocol import draw_candidates, drawable_modes, mean_ndcg
 
     popularity = np.bincount(np.asarray(events[0], dtype=np.int64), minlength=n_items).astype(np.float64)
@@ -142,8 +165,8 @@ def choose(base_scores, cases: list, events: tuple[np.ndarray, np.ndarray], n_it
     prepared = [(user, base_scores(support), t, query) for user, support, t, query in supports(cases, ks)]
     scores: dict[tuple[float, float], dict[str, float]] = {}
     for h in bandwidths:
-        grid, log_prior = table(events[0], events[1], n_items, h)
-        priors = at(grid, log_prior, np.array([p[2] for p in prepared])).numpy().astype(np.float64)
+        grid, log_prior = table(events[0], events[1], n_items, h, causal)
+        priors = at(grid, log_prior, np.array([p[2] for p in prepared]), causal).numpy().astype(np.float64)
         for weight in weights:
             if weight == 0.0 and (0.0, 0.0) in scores:
                 continue
