@@ -140,6 +140,7 @@ def test_personalize_many_equals_one_by_one(opened_bank):
         finite = np.isfinite(single.scores)
         np.testing.assert_allclose(b.scores[finite], single.scores[finite], rtol=1e-4, atol=1e-4)
         assert np.array_equal(finite, np.isfinite(b.scores))
+        assert b.scores.base is None  # its own row, not a view keeping the batch's (U, N) scores alive
 
 
 def test_personalize_inside_torch_inference_mode(tiny_bank, opened_bank):

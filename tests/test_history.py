@@ -242,6 +242,17 @@ def test_unknown_id_whose_text_is_a_title_maps_to_the_title_and_repeats_are_drop
     assert resolved.item_indexes == [0] and resolved.texts == [] and len(resolved.entries) == 1
 
 
+def test_an_item_given_by_id_and_by_title_counts_once_with_its_latest_rating_in_any_file_order():
+    """The first in the file won, whatever the timestamps: a disliked old rating and a liked new one
+    gave opposite users depending on JSON order."""
+    old, new = {"item_id": "1", "rating": 1, "timestamp": 100}, {"text": "Toy Story (1995)", "rating": 5, "timestamp": 200}
+    for items in ((old, new), (new, old)):
+        resolved = resolve_history(history(*items), CATALOG)
+        assert resolved.entries == [(0, None, 5.0, 200)], items
+    undated = resolve_history(history({"item_id": "1", "rating": 2}, {"text": "Toy Story (1995)", "rating": 5}), CATALOG)
+    assert undated.entries == [(0, None, 2.0, None)]  # neither is later: the first in the file
+
+
 def test_unknown_ids_without_text():
     unknown = [{"item_id": f"x{i}"} for i in range(7)]
     with pytest.raises(InvalidHistory, match=r"^7 item ids are not in the catalogue and without text: 'x0', 'x1', 'x2', 'x3', 'x4' and 2 more"):

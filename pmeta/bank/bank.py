@@ -329,7 +329,7 @@ class Bank:
                     adapter=user_row(personal, row, details["fused_ranks"]),
                     anchors=anchors,
                     timing_ms=dict(timings) if len(rows) == 1 else {k: v / len(rows) for k, v in timings.items()},
-                    scores=scores[row],
+                    scores=scores[row].copy(),  # a view would keep the whole batch's (U, N) array alive
                     bank=self,
                 )
         return out  # type: ignore[return-value]

@@ -288,13 +288,15 @@ def resolve_history(history: UserHistory, catalog: Catalog, *, ignore_unknown: b
 
     An item_id in the catalogue maps to its index. An item whose id is unknown (or absent) but has a
     text is a free-text item, unless the text equals a catalogue title (case-insensitive, stripped),
-    which maps to that title's first item. An item that repeats a catalogue item already resolved is
-    skipped. Raises InvalidHistory naming up to five unknown ids without text and their count,
+    which maps to that title's first item. An item that repeats a catalogue item already resolved
+    (by id once and by title once: a repeated id is refused earlier) counts once, with the later
+    timestamp's rating (the first in the file when neither is later), so the file's order does not
+    decide. Raises InvalidHistory naming up to five unknown ids without text and their count,
     unless ``ignore_unknown`` (then those items are skipped).
     """
     titles: dict[str, int] | None = None
     entries: list[Entry] = []
-    seen: set[int] = set()
+    seen: dict[int, int] = {}  # catalogue index -> its position in entries
     unknown: list[str] = []
     for item in history.items:
         index = catalog.index.get(item.item_id) if item.item_id is not None else None
@@ -306,8 +308,11 @@ def resolve_history(history: UserHistory, catalog: Catalog, *, ignore_unknown: b
             continue
         if index is not None:
             if index in seen:
+                earlier = entries[seen[index]]
+                if item.timestamp is not None and (earlier[3] is None or item.timestamp > earlier[3]):
+                    entries[seen[index]] = (index, None, item.rating, item.timestamp)
                 continue
-            seen.add(index)
+            seen[index] = len(entries)
         entries.append((index, item.text if index is None else None, item.rating, item.timestamp))
     if unknown and not ignore_unknown:
         shown = ", ".join(_short(item_id) for item_id in unknown[:UNKNOWN_IDS_SHOWN])
