@@ -57,11 +57,12 @@ MODES = ("uni99", "pop99", "full")
 KS = (1, 3, 5)
 
 
-def shrunk_prior(items: np.ndarray, times: np.ndarray, n_items: int, bandwidth_days: float, pseudo: float) -> tuple[np.ndarray, np.ndarray]:
+def shrunk_prior(items: np.ndarray, times: np.ndarray, n_items: int, bandwidth_days: float, pseudo: float, causal: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(grid, log prior) of :func:`pmeta.tasks.time_prior.table` with each period's distribution
     ``(Σ_r w_r·1[item_r = i] + m·p_i) / (Σ_r w_r + m)``: m = ``pseudo`` ratings of the all-time share
-    p_i added to the kernel-weighted counts (m = 0: the table; m = inf: p_i in every period)."""
-    grid, table = time_prior.table(items, times, n_items, bandwidth_days)
+    p_i added to the kernel-weighted counts (m = 0: the table; m = inf: p_i in every period);
+    ``causal``: the kernel counts only ratings at or before each grid point, as the bank's table."""
+    grid, table = time_prior.table(items, times, n_items, bandwidth_days, causal)
     if pseudo == 0:
         return grid, table
     times = np.asarray(times, dtype=np.float64)
@@ -74,6 +75,8 @@ def shrunk_prior(items: np.ndarray, times: np.ndarray, n_items: int, bandwidth_d
             local = overall
         else:
             weights = np.exp(-0.5 * ((times - point) / (bandwidth_days * time_prior.DAY)) ** 2)
+            if causal:
+                weights = np.where(times <= point, weights, 0.0)
             local = (np.bincount(items, weights=weights, minlength=n_items) + pseudo * overall) / (weights.sum() + pseudo)
         out[row] = np.log((1.0 - time_prior.GLOBAL_MIX) * local + time_prior.GLOBAL_MIX * overall + time_prior.EPSILON)
     return grid, out
@@ -144,15 +147,16 @@ def variants(bank: Bank, source, shrink: list[float]) -> dict[str, PmetaModel]:
         # the grid's choice (onboarding init), else the fixed bandwidth of the inits without the grid
         h = float(bank.build_record.get("collaborative_init", {}).get("time_prior", {}).get("bandwidth_days") or fixed_bandwidth(model.config))
         items, stamps = time_prior.rating_events(source, train)
-        grid, table = time_prior.table(items, stamps, len(source.catalog), h)
+        causal = "time_causal" in head  # banks before stop 47 hold a two-sided table
+        grid, table = time_prior.table(items, stamps, len(source.catalog), h, causal)
         stored_grid, stored_table = head["time_grid"].numpy(), head["time_log_prior"].numpy()
         # equal up to the last bits of exp/log, which may differ between the CPU that built the bank and this one
         if grid.shape != stored_grid.shape or not (np.allclose(grid, stored_grid, rtol=0, atol=1e-3) and np.allclose(table, stored_table, rtol=0, atol=1e-5)):
             raise SystemExit("the time prior rebuilt from --source-data differs from the bank's; pass the data the bank was built on")
         rows["no time prior"] = without(model, "time prior")
-        rows["all-time popularity"] = without(model, "prior", shrunk_prior(items, stamps, len(source.catalog), h, math.inf)[1])
+        rows["all-time popularity"] = without(model, "prior", shrunk_prior(items, stamps, len(source.catalog), h, math.inf, causal)[1])
         for pseudo in shrink:
-            rows[f"prior shrunk, m = {pseudo:g}"] = without(model, "prior", shrunk_prior(items, stamps, len(source.catalog), h, pseudo)[1])
+            rows[f"prior shrunk, m = {pseudo:g}"] = without(model, "prior", shrunk_prior(items, stamps, len(source.catalog), h, pseudo, causal)[1])
     if model.t.anchor_bias is not None:
         rows["no anchor bias"] = without(model, "anchor bias")
     rows["item bias at its median"] = without(model, "item bias")

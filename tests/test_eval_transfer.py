@@ -190,3 +190,18 @@ def test_the_banks_own_data_under_another_catalogue_is_not_a_transfer(opened_ban
     report = run_movielens(dataset, opened_bank, ["popularity", "pmeta-no-steps"], (1,), ("full",), seed=0, max_users=3)
     assert report["config"]["transfer"]["test_users_checked"] is True and report["config"]["transfer"]["unseen_items"] == 1
     assert len(opened_bank.build_record["train_history_keys"]) == len(opened_bank.build_record["train_users"])
+
+
+@pytest.mark.parametrize("keys, reason", [(None, "predates the check"), ([], "has no timestamps")])
+def test_a_transfer_that_could_not_check_its_test_users_says_why(target, opened_bank, monkeypatch, keys, reason):
+    from pmeta.eval.runner import markdown
+
+    directory, _ = target
+    if keys is None:
+        monkeypatch.delitem(opened_bank.build_record, "train_history_keys")
+    else:
+        monkeypatch.setitem(opened_bank.build_record, "train_history_keys", keys)
+    report = run_movielens(read_movielens(directory), opened_bank, ["popularity"], (1,), ("full",), max_users=2)
+    transfer = report["config"]["transfer"]
+    assert transfer["test_users_checked"] is False and reason in transfer["test_users_check"]
+    assert f"Not checked: {transfer['test_users_check']}." in markdown(report)

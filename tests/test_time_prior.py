@@ -97,6 +97,11 @@ def test_the_prior_at_t_never_counts_a_rating_made_after_t():
     head = time_prior.head_entries(grid, table, 2.0)
     assert "time_causal" in head and "time_causal" not in time_prior.head_entries(grid, table, 2.0, causal=False)
     torch.testing.assert_close(time_prior.user_prior(head, [450 * DAY]), 2.0 * time_prior.at(grid, table, [450 * DAY]))
+    # a bank built before stop 47 (no time_causal in its head) reads its two-sided table as it always did
+    old = time_prior.head_entries(*time_prior.table(items, times, 20, 30.0, causal=False), 2.0, causal=False)
+    ts = [450 * DAY, 451.3 * DAY, float("nan"), -5.0]
+    torch.testing.assert_close(time_prior.user_prior(old, ts), 2.0 * time_prior.at(old["time_grid"], old["time_log_prior"], ts, causal=False))
+    assert not torch.equal(time_prior.user_prior(old, ts), 2.0 * time_prior.at(old["time_grid"], old["time_log_prior"], ts))
 
 
 def test_head_entries_and_user_prior():

@@ -50,8 +50,8 @@ def test_shrunk_prior_is_the_table_at_zero_the_all_time_share_at_infinity_and_th
     _, flat = parts.shrunk_prior(items, times, n, h, math.inf)
     np.testing.assert_allclose(flat, np.broadcast_to(all_time, flat.shape), rtol=1e-6)
 
-    m, row = 50.0, len(grid) // 2  # by hand at one grid point
-    weights = np.exp(-0.5 * ((times - grid[row]) / (h * time_prior.DAY)) ** 2)
+    m, row = 50.0, len(grid) // 2  # by hand at one grid point (causal: the ratings at or before it)
+    weights = np.where(times <= grid[row], np.exp(-0.5 * ((times - grid[row]) / (h * time_prior.DAY)) ** 2), 0.0)
     local = (np.bincount(items, weights=weights, minlength=n) + m * overall) / (weights.sum() + m)
     _, shrunk = parts.shrunk_prior(items, times, n, h, m)
     np.testing.assert_allclose(shrunk[row], np.log((1 - time_prior.GLOBAL_MIX) * local + time_prior.GLOBAL_MIX * overall + time_prior.EPSILON), rtol=1e-5)

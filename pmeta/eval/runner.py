@@ -69,15 +69,21 @@ def model_for(bank: Bank, dataset: Dataset, seed: int, progress: Progress, test_
     # another catalogue: the users are not matched by id (ids are per dataset), so by their histories
     known = bank.build_record.get("train_history_keys")
     if known is None:
-        progress.log(f"note: bank {bank.version} predates the check of test users against its train users across catalogues; evaluate it only on data it was not built from")
-    elif known:
+        check = "the bank predates the check that no test user is one of its train users"
+    elif not known:
+        check = "the bank's data has no timestamps, so its train users carry no history keys and no test user could be checked against them"
+    else:
+        check = "checked"
+    if not known:
+        progress.log(f"note: bank {bank.version}: {check}; evaluate it only on data it was not built from")
+    else:
         fraction = bank.config.test_fraction if test_fraction is None else test_fraction
         _, test_users = split_users(dataset, seed=seed, test_fraction=fraction)
         seen = set(known) & set(history_keys(dataset, test_users))
         if seen:
             raise InvalidConfig(f"{len(seen)} of this run's {len(test_users)} test users have the rating history of one of the bank's train users (the bank's own data under another catalogue?); evaluate on users the bank never trained on")
     model, summary = transfer_model(bank.model, bank.catalog, dataset.catalog, progress)
-    return model, {"bank_dataset": bank.record.get("dataset_name"), "test_users_checked": bool(known), **summary}
+    return model, {"bank_dataset": bank.record.get("dataset_name"), "test_users_checked": check == "checked", "test_users_check": check, **summary}
 
 
 def bank_notes(bank: Bank | None, reptile_bank: Bank | None) -> list[str]:
@@ -257,7 +263,7 @@ def markdown(report: dict) -> str:
     if transfer:
         lines += [
             f"Transfer: bank built on {transfer['bank_dataset']}; {transfer['matched_items']} of {transfer['target_items']} items matched by title or its other names, {transfer['unseen_items']} unseen (text only)."
-            + ("" if transfer.get("test_users_checked", True) else " The bank predates the check that no test user is one of its train users."),
+            + ("" if transfer.get("test_users_checked", True) else f" Not checked: {transfer.get('test_users_check', 'the bank predates the check that no test user is one of its train users')}."),
             "",
         ]
     for mode in modes:

@@ -80,8 +80,9 @@ def table(items: np.ndarray, times: np.ndarray, n_items: int, bandwidth_days: fl
 def at(grid: np.ndarray | torch.Tensor, log_prior: np.ndarray | torch.Tensor, times, causal: bool = True) -> torch.Tensor:
     """Prior rows (U, N) at ``times`` (U,) seconds; NaN (no timestamp) and times outside the grid
     take the nearest end of the grid. ``causal``: the row of the last grid point at or before t (a
-    causal :func:`table`'s rows count nothing after their point); else linear interpolation between
-    the two grid points around t (a two-sided table)."""
+    causal :func:`table`'s rows count nothing after their point; a time before the first grid point,
+    the earliest rating the bank counts, reads the first row: the ratings of that one instant);
+    else linear interpolation between the two grid points around t (a two-sided table)."""
     grid = torch.as_tensor(grid, dtype=torch.float64)
     log_prior = torch.as_tensor(log_prior)
     t = torch.as_tensor(times, dtype=torch.float64).reshape(-1).to(grid.device)
