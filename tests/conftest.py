@@ -34,6 +34,28 @@ def load_benchmark(name: str):
 
 
 @pytest.fixture(scope="session")
+def readme_prediction():
+    """``run(readme_text, prompt_text, folder)`` -> (the README's python blocks, the scope they ran
+    in): an export README's code, run as written from ``folder`` with ``text`` = the prompt, for the
+    tests that check it reproduces pmeta's prediction (``scope["prediction"]``)."""
+    import re
+
+    def run(readme: str, text: str, folder: Path) -> tuple[list[str], dict]:
+        blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+        scope = {"text": text}
+        here = os.getcwd()
+        os.chdir(folder)
+        try:
+            for block in blocks:
+                exec(block, scope)  # noqa: S102 - the README's own code
+        finally:
+            os.chdir(here)
+        return blocks, scope
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def run_threads():
     """``run(work, count)``: ``work(thread)`` for thread 0..count-1, all at once in their own threads;
     fails with the first exceptions any of them raised (a bare thread's exception is only printed)."""

@@ -329,8 +329,14 @@ torch.set_num_threads(1)
 from pmeta.export import export_peft
 from pmeta.models.causal_lm import CausalLM
 
+from safetensors.torch import load_file
+
 lm = CausalLM(sys.argv[1])
-for name, adapter in torch.load(sys.argv[2]).items():
+adapters = {}
+for key, tensor in load_file(sys.argv[2]).items():  # "name/tensor key"
+    name, _, tensor_key = key.partition("/")
+    adapters.setdefault(name, {})[tensor_key] = tensor
+for name, adapter in adapters.items():
     export_peft(lm, adapter, f"{sys.argv[3]}/{name}", "base-model")
 """
 
@@ -347,12 +353,14 @@ def test_exports_are_byte_for_byte_reproducible_across_hash_seeds(tiny_lm, tiny_
     full = one_user(random_adapters(tiny_lm, 1, rank=2, seed=44))
     subset = {k: v for k, v in full.items() if not k.startswith("layers.0.q_proj")}
     subset["layers.1.v_proj.A"], subset["layers.1.v_proj.B"] = subset["layers.1.v_proj.A"][:1], subset["layers.1.v_proj.B"][:, :1]
-    torch.save({"full": full, "subset": subset}, tmp_path / "adapters.pt")
+    from safetensors.torch import save_file
+
+    save_file({f"{name}/{key}": tensor.clone().contiguous() for name, adapter in (("full", full), ("subset", subset)) for key, tensor in adapter.items()}, tmp_path / "adapters.safetensors")
     files = {}
     for seed in ("1", "3"):  # two seeds that order {"q_proj", "v_proj"} differently
         (tmp_path / seed).mkdir()
         env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
-        done = subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(tiny_llama_dir), str(tmp_path / "adapters.pt"), str(tmp_path / seed)],
+        done = subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(tiny_llama_dir), str(tmp_path / "adapters.safetensors"), str(tmp_path / seed)],
                               env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         files[seed] = {name: export_files(tmp_path / seed / name) for name in ("full", "subset")}
@@ -394,11 +402,9 @@ def promptless_bank(tmp_path_factory):
 
 
 @pytest.mark.parametrize("decode", ["argmax", "expected"])
-def test_an_export_without_a_soft_prompt_documents_and_reproduces_the_prediction(promptless_bank, tmp_path, monkeypatch, decode):
+def test_an_export_without_a_soft_prompt_documents_and_reproduces_the_prediction(promptless_bank, tmp_path, monkeypatch, decode, readme_prediction):
     """With ``prompt_length = 0`` the README still has "Predictions as pmeta makes them", worded
     without the soft prompt, and its code, run as written, gives pmeta's prediction."""
-    import re
-
     bank, data = promptless_bank
     monkeypatch.setattr(bank.model, "config", bank.model.config.model_copy(update={"rating_decode": decode}))
     question = json.loads((data / "test_questions.json").read_text())[0]
@@ -409,12 +415,8 @@ def test_an_export_without_a_soft_prompt_documents_and_reproduces_the_prediction
     readme = (out / "README.md").read_text()
     assert "## Predictions as pmeta makes them (task LaMP-3)" in readme and "this export has no soft prompt" in readme
     assert "soft_prompt" not in readme and "inputs_embeds" not in readme
-    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    blocks, scope = readme_prediction(readme, p.prompt(question["input"]), tmp_path)
     assert len(blocks) == 2 and f"# decode: {decode}" in blocks[1]
-    monkeypatch.chdir(tmp_path)
-    scope = {"text": p.prompt(question["input"])}
-    for block in blocks:
-        exec(block, scope)  # noqa: S102 - the README's own code
     ours = p.predict(question["input"])
     if decode == "argmax":
         assert scope["prediction"] == ours

@@ -480,11 +480,9 @@ def test_export_peft_roundtrip(setup, opened, tmp_path):
 
 
 @pytest.mark.parametrize("decode", ["argmax", "expected"])
-def test_an_export_folder_alone_reproduces_the_prediction(setup, opened, tmp_path, monkeypatch, decode):
+def test_an_export_folder_alone_reproduces_the_prediction(setup, opened, tmp_path, monkeypatch, decode, readme_prediction):
     """The exported README's code, run as written (load with PEFT, splice the soft prompt, score the
     labels, add the label prior, decode as ``pmeta_export.json`` says), gives pmeta's prediction."""
-    import re
-
     monkeypatch.setattr(opened.model, "config", opened.model.config.model_copy(update={"rating_decode": decode}))
     question, history = _profile(setup["data"])
     p = opened.personalize(history)
@@ -495,12 +493,8 @@ def test_an_export_folder_alone_reproduces_the_prediction(setup, opened, tmp_pat
         "task": "LaMP-3", "kind": "rating", "labels": opened.model.labels, "decode": decode, "max_new_tokens": None,
         "retrieve": opened.config.retrieve, "max_length": opened.model.lm.max_length,
     }
-    blocks = re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S)
+    blocks, scope = readme_prediction((out / "README.md").read_text(), p.prompt(question["input"]), tmp_path)
     assert len(blocks) == 3 and f"# decode: {decode}" in blocks[2]
-    monkeypatch.chdir(tmp_path)
-    scope = {"text": p.prompt(question["input"])}
-    for block in blocks:
-        exec(block, scope)  # noqa: S102 - the README's own code
     ours = p.predict(question["input"])
     if decode == "argmax":
         assert scope["prediction"] == ours

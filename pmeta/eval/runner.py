@@ -193,7 +193,8 @@ def run_movielens(
         raise InvalidConfig(f"methods {', '.join(sorted(BANK_METHODS & set(methods)))} need a bank (--bank)")
     if reptile_bank is None and REPTILE_METHODS & set(methods):
         raise InvalidConfig("method pmeta-reptile needs a Reptile bank (--reptile-bank)")
-    for line in bank_notes(bank, reptile_bank):
+    notes = bank_notes(bank, reptile_bank)
+    for line in notes:
         progress.log(f"note: {line}")
     # the banks' held-out fraction (coldstart-v1's 0.2 without one); each bank is checked against it
     test_fraction = next((b.config.test_fraction for b in (bank, reptile_bank) if b is not None), 0.2)
@@ -228,7 +229,7 @@ def run_movielens(
             "bank": _bank_summary(bank),
             "reptile_bank": _bank_summary(reptile_bank),
             "transfer": transfer,
-            "notes": bank_notes(bank, reptile_bank),
+            "notes": notes,
             "bootstrap": {"resamples": resamples, "seed": seed},
             "environment": {
                 "platform": platform.platform(),
