@@ -2,7 +2,7 @@
 
     python benchmarks/self_inclusion.py --bank BANK [--data DIR] [--users 40] [--seed 0] [--folds 5] [--threads 1]
 
-The time prior (``head/time_log_prior``) and the anchors' item bias (``anchor_bias``) are built from
+The time prior (``head/time_*``) and the anchors' item bias (``anchor_bias``) are built from
 every train user's ratings, and meta-training adds them to the scores of those same train users'
 episodes: a train user's query items are then partly predicted by that user's own ratings, which a
 held-out user's prior and bias never contain. This script recomputes both tensors from the bank's
@@ -42,23 +42,23 @@ from pmeta.tasks import time_prior
 QUERY = slice(5, 15)  # positives 6..15: the onboarding regression's targets and the protocol's window at K = 5
 
 
-def time_prior_inflation(dataset, train: np.ndarray, stored: np.ndarray, h: float, beta: float, users: int, seed: int, folds: int, fit_seed: int, causal: bool = True) -> dict:
-    """``causal``: the bank's table is causal (banks before stop 47: two-sided), and so are the ones rebuilt here."""
+def time_prior_inflation(dataset, train: np.ndarray, stored: dict[str, np.ndarray], h: float, beta: float, users: int, seed: int, folds: int, fit_seed: int, kind: str = "exponential") -> dict:
+    """``stored``: the bank's time prior tensors (their names without ``head/``); ``kind``: theirs
+    (:data:`pmeta.tasks.time_prior.KINDS`), and so are the ones rebuilt here."""
     positives, times, rated = dataset.positives_by_user(), dataset.positive_times_by_user(), dataset.rated_by_user()
     items, stamps = time_prior.rating_events(dataset, train)
     owner = dataset.ratings.user[np.isin(dataset.ratings.user, train)]  # rating_events keeps the file order
-    grid, log_prior = time_prior.table(items, stamps, len(dataset.catalog), h, causal)
-    difference = float(np.abs(stored - log_prior).max())
+    prior = time_prior.build(items, stamps, len(dataset.catalog), h, kind)
+    difference = max(float(np.abs(stored[k] - v.numpy()).max()) for k, v in prior.items() if k != "time_grid")
     eligible = [u for u in train if len(positives[u]) >= 6]
     sample = np.random.default_rng(seed).choice(eligible, min(users, len(eligible)), replace=False)
-    fit = crossfit.build(folds, fit_seed, train, (dataset.ratings.user, dataset.ratings.item, dataset.ratings.timestamp), [positives[u] for u in train], len(dataset.catalog), h, beta, None, 1, 0.0, causal=causal)
+    fit = crossfit.build(folds, fit_seed, train, (dataset.ratings.user, dataset.ratings.item, dataset.ratings.timestamp), [positives[u] for u in train], len(dataset.catalog), h, beta, None, 1, 0.0, kind=kind)
     inside, outside, crossed, ndcg_inside, ndcg_outside = [], [], [], [], []
     for user in sample:
         t, query = times[user][4], positives[user][QUERY]
         kept = owner != user
-        grid_out, log_out = time_prior.table(items[kept], stamps[kept], len(dataset.catalog), h, causal)
-        row_in = time_prior.at(grid, log_prior, [t], causal)[0].numpy().astype(np.float64)
-        row_out = time_prior.at(grid_out, log_out, [t], causal)[0].numpy().astype(np.float64)
+        row_in = time_prior.log_prior_at(prior, [t])[0].numpy().astype(np.float64)
+        row_out = time_prior.log_prior_at(time_prior.build(items[kept], stamps[kept], len(dataset.catalog), h, kind), [t])[0].numpy().astype(np.float64)
         inside.append(beta * row_in[query].mean())
         outside.append(beta * row_out[query].mean())
         crossed.append(float(fit.prior([int(user)], [t], "cpu")[0, query].double().mean()))
@@ -125,9 +125,10 @@ def main() -> None:
     report = {"bank": str(args.bank), "version": reader.id, "train_users": len(train), "folds": args.folds}
     fit_seed = int(reader.record["config"].get("seed", 0)) + 5  # as the build seeds its folds (pmeta.bank.build.training_priors)
     prior = chosen.get("time_prior", {})
+    stored = {k.removeprefix("head/"): v for k, v in tensors.items() if k.startswith("head/time_")}
     if prior.get("weight", 0.0) > 0:
         report["time_prior"] = {"bandwidth_days": prior["bandwidth_days"], "beta": prior["weight"],
-                                **time_prior_inflation(dataset, train, tensors["head/time_log_prior"], prior["bandwidth_days"], prior["weight"], args.users, args.seed, args.folds, fit_seed, "head/time_causal" in tensors)}  # fmt: skip
+                                **time_prior_inflation(dataset, train, stored, prior["bandwidth_days"], prior["weight"], args.users, args.seed, args.folds, fit_seed, time_prior.kind_of(stored))}  # fmt: skip
     bias = chosen.get("anchor_bias", {})
     if bias.get("weight", 0.0) > 0:
         report["anchor_bias"] = {"gamma": bias["weight"], **anchor_bias_inflation(dataset, train, tensors, bias["weight"], args.folds, fit_seed)}

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import sys
 import time
 from dataclasses import replace
 
@@ -82,16 +83,17 @@ def shrunk_prior(items: np.ndarray, times: np.ndarray, n_items: int, bandwidth_d
     return grid, out
 
 
-def without(model: PmetaModel, part: str, log_prior: np.ndarray | None = None) -> PmetaModel:
+def without(model: PmetaModel, part: str, prior: dict[str, torch.Tensor] | None = None) -> PmetaModel:
     """A copy of ``model`` with one part changed (the model itself untouched): ``"time prior"`` (β = 0),
-    ``"prior"`` (``log_prior`` instead of the stored table, same grid and β), ``"anchor bias"`` (zero),
+    ``"prior"`` (the time prior tensors ``prior`` (:func:`pmeta.tasks.time_prior.build`, any kind)
+    instead of the stored ones, same β), ``"anchor bias"`` (zero),
     ``"item bias"`` (every item at the median), ``"collaborative"`` (history and item embeddings zero),
     ``"keys"`` (each item's retrieval key projected from its text: ``item_text @ key_projection``)."""
     head, extra = dict(model.t.head), {}
     if part == "time prior":
         head["time_weight"] = torch.zeros_like(head["time_weight"])
     elif part == "prior":
-        head["time_log_prior"] = torch.as_tensor(log_prior, dtype=head["time_log_prior"].dtype)
+        head = {**{k: v for k, v in head.items() if not k.startswith("time_") or k == "time_weight"}, **prior}
     elif part == "anchor bias":
         extra["anchor_bias"] = torch.zeros_like(model.t.anchor_bias)
     elif part == "item bias":
@@ -142,21 +144,24 @@ def variants(bank: Bank, source, shrink: list[float]) -> dict[str, PmetaModel]:
     rows, the text-keys row only when its retrieval keys are collaborative (with a text projection)."""
     model, head = bank.model, bank.model.t.head
     rows = {"as served": model}
-    if "time_log_prior" in head:
+    kind = time_prior.kind_of(head)
+    if kind is not None:
         train = bank_train_users(bank, source)
         # the grid's choice (onboarding init), else the fixed bandwidth of the inits without the grid
         h = float(bank.build_record.get("collaborative_init", {}).get("time_prior", {}).get("bandwidth_days") or fixed_bandwidth(model.config))
         items, stamps = time_prior.rating_events(source, train)
-        causal = "time_causal" in head  # banks before stop 47 hold a two-sided table
-        grid, table = time_prior.table(items, stamps, len(source.catalog), h, causal)
-        stored_grid, stored_table = head["time_grid"].numpy(), head["time_log_prior"].numpy()
+        rebuilt = time_prior.build(items, stamps, len(source.catalog), h, kind)
         # equal up to the last bits of exp/log, which may differ between the CPU that built the bank and this one
-        if grid.shape != stored_grid.shape or not (np.allclose(grid, stored_grid, rtol=0, atol=1e-3) and np.allclose(table, stored_table, rtol=0, atol=1e-5)):
+        if any(head[k].shape != v.shape or not torch.allclose(head[k].double(), v.double(), rtol=1e-5, atol=1e-3 if k == "time_grid" else 1e-5) for k, v in rebuilt.items()):
             raise SystemExit("the time prior rebuilt from --source-data differs from the bank's; pass the data the bank was built on")
         rows["no time prior"] = without(model, "time prior")
-        rows["all-time popularity"] = without(model, "prior", shrunk_prior(items, stamps, len(source.catalog), h, math.inf, causal)[1])
-        for pseudo in shrink:
-            rows[f"prior shrunk, m = {pseudo:g}"] = without(model, "prior", shrunk_prior(items, stamps, len(source.catalog), h, pseudo, causal)[1])
+        flat = shrunk_prior(items, stamps, len(source.catalog), h, math.inf)[1][:1]
+        rows["all-time popularity"] = without(model, "prior", {"time_grid": torch.tensor([float(stamps.min()), float(stamps.max())], dtype=torch.float64), "time_log_prior": torch.from_numpy(np.repeat(flat, 2, axis=0)), "time_causal": torch.tensor(1.0)})
+        if kind == "exponential" and shrink:
+            print("prior shrunk rows: skipped, they shrink the gridded Gaussian tables of banks before stop 48 (this bank's prior is exponential)", file=sys.stderr)
+        for pseudo in shrink if kind != "exponential" else ():
+            table = shrunk_prior(items, stamps, len(source.catalog), h, pseudo, kind == "gaussian")[1]
+            rows[f"prior shrunk, m = {pseudo:g}"] = without(model, "prior", {**rebuilt, "time_log_prior": torch.from_numpy(table)})
     if model.t.anchor_bias is not None:
         rows["no anchor bias"] = without(model, "anchor bias")
     rows["item bias at its median"] = without(model, "item bias")

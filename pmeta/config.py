@@ -55,7 +55,8 @@ class BankConfig(BaseModel):
     onboarding_weight: float | None = Field(None, ge=0, description="Weight a of the onboarding regression against EASE (0 = EASE alone); None = chosen over 0, 0.5, 1, 2 on a split of the train users.")
     cf_pool_exponent: float | None = Field(None, ge=0, le=1, description="γ of the collaborative user vector Σ h_j / n^γ (1 = mean; 0.5 = FISM's normalisation) for cf_init = 'onboarding'; None = chosen over 1 and 0.5 with λ and a. The other inits use the mean.")
     time_prior_weight: float | None = Field(None, ge=0, description="Weight β of the time prior (pmeta.tasks.time_prior: what train users rated around the time of the user's latest interaction); 0 = off; None = chosen over 0, 0.5, 1, 2, 3, 5 with its bandwidth on a split of the train users, by nDCG@10 over the three candidate modes (cf_init = 'onboarding'; the other inits use it only when set).")
-    time_prior_causal: bool = Field(True, description="The time prior counts only ratings made at or before the user's time (pmeta.tasks.time_prior), as a deployed bank serving the user then would; false = the two-sided kernel of banks built before stop 47, which scores an evaluated user with train users' later ratings too (for comparison only).")
+    time_prior_kernel: Literal["exponential", "gaussian"] = Field("exponential", description="Kernel of the time prior (pmeta.tasks.time_prior): 'exponential' = exp(−(t − τ)/h) over the ratings up to the user's time, read exactly at that time (checkpoints plus the ratings since); 'gaussian' = the half-Gaussian table of stop 47, read at the last grid point before the user's time (it misses the ratings since, for comparison only).")
+    time_prior_causal: bool = Field(True, description="The time prior counts only ratings made at or before the user's time (pmeta.tasks.time_prior), as a deployed bank serving the user then would; false = the two-sided Gaussian of banks built before stop 47 (time_prior_kernel = 'gaussian' only), which scores an evaluated user with train users' later ratings too (for comparison only).")
     time_prior_bandwidth: float | None = Field(None, gt=0, description="Bandwidth h of the time prior in days; None = chosen over 60, 180 and 365 (365 when β is set for an init without the grid).")
     text_log_scale: float = Field(0.0, description="Initial log weight of the towers' text part (learned). 0: the closed-form collaborative part leads at the start (on validation users the text part at its old start, 2.0, ranked worse than without it).")
     max_history_items: int = Field(10, ge=1, le=200, description="Most recent liked items the user tower reads.")
@@ -111,7 +112,14 @@ class BankConfig(BaseModel):
             raise ValueError(f"min_positives must be >= support_min + 1 = {self.support_min + 1} (a train user's episode needs support_min support items and at least one query item)")
         if self.crossfit_folds == 1:
             raise ValueError("crossfit_folds must be 0 (off) or at least 2")
+        if not self.time_prior_causal and self.time_prior_kernel != "gaussian":
+            raise ValueError("time_prior_causal = false (the two-sided prior) needs time_prior_kernel = 'gaussian'")
         return self
+
+    @property
+    def time_prior_kind(self) -> str:
+        """The kind of time prior this config builds (:data:`pmeta.tasks.time_prior.KINDS`)."""
+        return "two-sided" if not self.time_prior_causal else self.time_prior_kernel
 
 
 PRESETS: dict[str, dict] = {

@@ -130,8 +130,9 @@ def opened_bank(tiny_bank):
 
 @pytest.fixture(scope="session")
 def with_time_prior():
-    """Factory: ``make(model, weight, events)`` -> a copy of a PmetaModel whose head also carries a
-    time prior (h = 365 days) built from ``events`` random ratings; the source model is untouched."""
+    """Factory: ``make(model, weight, events, kind="exponential")`` -> a copy of a PmetaModel whose head
+    also carries a time prior of ``kind`` (h = 365 days) built from ``events`` random ratings; the
+    source model is untouched."""
     from dataclasses import replace
 
     import numpy as np
@@ -139,11 +140,11 @@ def with_time_prior():
     from pmeta.bank.model import PmetaModel
     from pmeta.tasks import time_prior
 
-    def make(source, weight: float, events: int):
+    def make(source, weight: float, events: int, kind: str = "exponential"):
         n = len(source.item_texts)
         rng = np.random.default_rng(0)
-        grid, table = time_prior.table(rng.integers(0, n, events), rng.integers(0, 10**8, events), n, 365.0)
-        head = {**source.t.head, **time_prior.head_entries(grid, table, weight)}
+        prior = time_prior.build(rng.integers(0, n, events), rng.integers(0, 10**8, events), n, 365.0, kind)
+        head = {**source.t.head, **time_prior.head_entries(prior, weight)}
         return PmetaModel(source.config, source.encoder, source.item_texts, replace(source.t, head=head), index=source.index)
 
     return make

@@ -273,8 +273,8 @@ def test_onboarding_init_and_time_prior_rank_validation_users_better_than_ease()
     ids = {u: i for i, u in enumerate(dataset.ratings.user_ids)}
     users = np.array(sorted(ids[u] for u in record["validation_users"]))
     sets = validation_sets(dataset.positives_by_user(), users, model.item_texts, times=dataset.positive_times_by_user())
-    assert "time_causal" in model.t.head and prior["causal"] is True
-    for key in ("time_grid", "time_log_prior", "time_weight", "time_causal"):
+    assert time_prior.kind_of(model.t.head) == prior["kind"] == "exponential" and prior["causal"] is True
+    for key in [k for k in model.t.head if k.startswith("time_")]:
         del model.t.head[key]
     without = -validation_ranking(model, sets, dataset.rated_by_user())()
     assert without > 0.12, without

@@ -47,8 +47,8 @@ def test_a_users_time_prior_is_counted_over_the_other_folds_only():
     got = fit.prior(users, times, "cpu")
     for row, (u, t) in enumerate(zip(users, times)):
         others = np.isin(user, [v for v in train if fit.fold[int(v)] != fit.fold[u]])
-        grid, table = time_prior.table(item[others], stamp[others], N_ITEMS, 30.0)
-        want = 2.0 * time_prior.at(grid, table, [float("nan") if t is None else t])[0]
+        prior = time_prior.build(item[others], stamp[others], N_ITEMS, 30.0)
+        want = 2.0 * time_prior.log_prior_at(prior, [float("nan") if t is None else t])[0]
         torch.testing.assert_close(got[row], want.float())
     # moving user 0's own ratings changes nobody's prior in user 0's fold, and changes the other folds'
     moved = (user, np.where(user == 0, (item + 5) % N_ITEMS, item), stamp)
@@ -123,7 +123,9 @@ def test_a_cross_fitted_build_keeps_the_serving_tensors_and_trains_without_the_u
 
     model, _, dataset, train = cross_fitted
     serving = time_prior_entries(dataset, model.config, train, 30.0, 2.0)
-    torch.testing.assert_close(model.t.head["time_log_prior"], serving["time_log_prior"])
+    assert {k for k in model.t.head if k.startswith("time_")} == set(serving)
+    for key, value in serving.items():
+        torch.testing.assert_close(model.t.head[key], value)
     fit = model.crossfit
     assert fit is not None and fit.folds == 3 and set(fit.fold) == set(int(u) for u in train)
     assert all(float(p["time_weight"]) == float(model.t.head["time_weight"]) == 2.0 for p in fit.priors)
@@ -214,8 +216,7 @@ def test_an_opened_bank_rebuilds_the_builds_folds_for_prompt_maml(cross_fitted):
     fit = training_priors(dataset, model.config, train, dataset.positives_by_user(), {"time_prior": {"bandwidth_days": 90.0}}, {"time_weight": torch.tensor(1.0)}, None, 0, 0.0)
     user, item, stamp = dataset.ratings.user, dataset.ratings.item, dataset.ratings.timestamp
     keep = np.isin(user, [u for u in train if fit.fold[int(u)] != 0])
-    grid, table = time_prior.table(item[keep], stamp[keep], len(dataset.catalog), 90.0)
-    torch.testing.assert_close(fit.priors[0]["time_log_prior"], torch.from_numpy(table))
+    torch.testing.assert_close(fit.priors[0]["time_counts"], time_prior.build(item[keep], stamp[keep], len(dataset.catalog), 90.0)["time_counts"])
 
 
 def test_one_fold_is_refused():

@@ -360,13 +360,12 @@ def test_reports_say_when_a_bank_has_a_two_sided_time_prior_or_the_reptile_bank_
     from pmeta.eval.runner import bank_notes, markdown
 
     assert bank_notes(opened_bank, None) == []  # the tiny bank: no time prior, no Reptile bank
-    causal = copy.copy(opened_bank)
-    causal.model = with_time_prior(opened_bank.model, 1.0, 500)
-    assert "time_causal" in causal.model.t.head and bank_notes(causal, None) == []
-    two_sided = copy.copy(causal)
-    two_sided.model = copy.copy(causal.model)
-    two_sided.model.t = copy.copy(causal.model.t)
-    two_sided.model.t.head = {k: v for k, v in causal.model.t.head.items() if k != "time_causal"}
+    for kind in ("exponential", "gaussian"):  # causal priors: nothing to say
+        causal = copy.copy(opened_bank)
+        causal.model = with_time_prior(opened_bank.model, 1.0, 500, kind)
+        assert bank_notes(causal, None) == []
+    two_sided = copy.copy(opened_bank)
+    two_sided.model = with_time_prior(opened_bank.model, 1.0, 500, "two-sided")
     notes = bank_notes(two_sided, opened_bank)
     assert len(notes) == 2 and "two-sided time prior" in notes[0] and "the pmeta-reptile row is not Reptile" in notes[1]
     reptile = copy.copy(opened_bank)

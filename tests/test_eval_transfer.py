@@ -64,20 +64,28 @@ def test_items_match_by_title_and_unseen_items_are_text_only(target, opened_bank
 
 
 def test_transfer_carries_the_time_prior_columns(target, opened_bank, with_time_prior):
-    """A bank with a time prior: a matched item keeps its column, an unseen one gets each period's median."""
+    """A bank with a time prior: a matched item keeps its column, an unseen one gets the median of
+    the user's row (each kind of prior; the bank's own tensors are untouched)."""
+    from pmeta.tasks import time_prior
+
     directory, _ = target
     dataset = read_movielens(directory)
-    with_prior = with_time_prior(opened_bank.model, 1.5, 500)
-    head = with_prior.t.head
-    grid, table = head["time_grid"].numpy(), head["time_log_prior"].numpy()
-    model, _ = transfer_model(with_prior, opened_bank.catalog, dataset.catalog)
     matched = match_items(opened_bank.catalog, dataset.catalog)
-    moved = model.t.head["time_log_prior"]
-    assert moved.shape == (len(grid), len(dataset.catalog))
     known, unseen = np.flatnonzero(matched >= 0), np.flatnonzero(matched < 0)
-    assert torch.equal(moved[:, torch.from_numpy(known)], torch.from_numpy(table)[:, torch.from_numpy(matched[known])])
-    assert torch.equal(moved[:, torch.from_numpy(unseen)], torch.from_numpy(table).median(dim=1, keepdim=True).values.expand(-1, len(unseen)))
-    assert float(model.t.head["time_weight"]) == 1.5 and torch.equal(model.t.head["time_grid"], head["time_grid"])
+    assert len(known) and len(unseen)
+    for kind in time_prior.KINDS:
+        with_prior = with_time_prior(opened_bank.model, 1.5, 500, kind)
+        head = with_prior.t.head
+        model, _ = transfer_model(with_prior, opened_bank.catalog, dataset.catalog)
+        assert all(torch.equal(model.t.head[k], v) for k, v in head.items() if k.startswith("time_"))
+        times = [3e7, 9e7, float("nan")]
+        source_rows, moved = time_prior.user_prior(head, times), time_prior.user_prior(model.t.head, times)
+        assert moved.shape == (3, len(dataset.catalog))
+        assert torch.equal(moved[:, torch.from_numpy(known)], source_rows[:, torch.from_numpy(matched[known])])
+        assert torch.equal(moved[:, torch.from_numpy(unseen)], source_rows.median(dim=1, keepdim=True).values.expand(-1, len(unseen)))
+        # transferred again (onto the same catalogue): the maps compose
+        again, _ = transfer_model(model, dataset.catalog, dataset.catalog)
+        assert torch.equal(time_prior.user_prior(again.t.head, times)[:, torch.from_numpy(known)], moved[:, torch.from_numpy(known)])
 
 
 def test_transfer_eval_runs_every_bank_method(target, opened_bank):

@@ -71,47 +71,95 @@ def test_at_interpolates_and_clamps():
     np.testing.assert_allclose(causal, [[0, 1], [0, 1], [2, 3], [4, 5], [0, 1], [4, 5], [4, 5], [2, 3]])
 
 
-def test_the_prior_at_t_never_counts_a_rating_made_after_t():
-    """The two-sided kernel scored a user at t with train users' ratings up to ~2h after t, which a
-    bank serving that user at t could not have had. Now the prior at t is the half-Gaussian over the
-    ratings at or before the grid point it reads (itself at or before t), recomputed here directly;
-    the all-time mix aside (an all-time count, as every classical baseline's), ratings after t
-    change nothing."""
+def _exponential_by_hand(items, times, n, h, t):
+    """The exponential prior at t straight from its definition: every rating at or before t."""
+    overall = np.bincount(items, minlength=n) / len(items)
+    keep = times <= t
+    local = np.bincount(items[keep], weights=np.exp(-(t - times[keep]) / (h * DAY)), minlength=n)
+    local = local / local.sum() if local.sum() > 0 else overall
+    return np.log((1 - time_prior.GLOBAL_MIX) * local + time_prior.GLOBAL_MIX * overall + time_prior.EPSILON)
+
+
+def test_the_exponential_prior_is_exact_at_t_and_never_counts_a_rating_made_after_t():
+    """The prior of new banks (stop 48) at any t, recomputed from the ratings at or before t: between
+    checkpoints, at a checkpoint, at the first and last rating, before the first (nothing counted:
+    the all-time share), after the last and without a time (the latest). The stop-47 table read the
+    last grid point before t and missed the ratings since (up to h / 4); this one misses none."""
+    rng = np.random.default_rng(0)
+    items, times = rng.integers(0, 20, 600), np.round(rng.uniform(0, 1200, 600) * DAY)
+    times[10] = times[11]  # two ratings at one second
+    for h in (30.0, 180.0):
+        prior = time_prior.build(items, times, 20, h)
+        grid = prior["time_grid"].numpy()
+        assert grid[0] == times.min() and grid[-1] == times.max() and len(grid) <= time_prior.MAX_GRID
+        ts = [*np.linspace(times.min(), times.max(), 41), *grid[3:6], times[10], times.min() - DAY, times.max() + 30 * DAY, *rng.uniform(0, 1200, 20) * DAY]
+        rows = time_prior.log_prior_at(prior, ts).numpy()
+        for row, t in zip(rows, ts):
+            np.testing.assert_allclose(row, _exponential_by_hand(items, times, 20, h, t), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(time_prior.log_prior_at(prior, [float("nan")]).numpy()[0], _exponential_by_hand(items, times, 20, h, times.max()), rtol=1e-4, atol=1e-4)
+        # one user at a time or all at once: the same rows
+        torch.testing.assert_close(torch.cat([time_prior.log_prior_at(prior, [t]) for t in ts[:8]]), time_prior.log_prior_at(prior, ts[:8]))
+        # the ratings after 600 days change nothing at 590 days, but the all-time mix
+        early = times <= 600 * DAY
+        only_early = time_prior.build(items[early], times[early], 20, h)
+        mix = lambda x: np.exp(x.numpy())  # noqa: E731
+        overall_all = np.bincount(items, minlength=20) / len(items)
+        overall_early = np.bincount(items[early], minlength=20) / early.sum()
+        local_all = (mix(time_prior.log_prior_at(prior, [590 * DAY]))[0] - time_prior.EPSILON - time_prior.GLOBAL_MIX * overall_all) / (1 - time_prior.GLOBAL_MIX)
+        local_early = (mix(time_prior.log_prior_at(only_early, [590 * DAY]))[0] - time_prior.EPSILON - time_prior.GLOBAL_MIX * overall_early) / (1 - time_prior.GLOBAL_MIX)
+        np.testing.assert_allclose(local_all, local_early, atol=1e-5)
+    with pytest.raises(ValueError, match="at least one rating"):
+        time_prior.build(np.zeros(0, dtype=np.int64), np.zeros(0), 4, 30)
+    with pytest.raises(ValueError, match="unknown time prior kind"):
+        time_prior.build(items, times, 20, 30.0, "laplace")
+
+
+def test_the_stop_47_table_reads_the_last_grid_point_and_the_two_sided_one_looks_ahead():
+    """The Gaussian kinds banks built before stop 48 hold, read as they always were: the causal
+    table (stop 47) at the last grid point at or before t counts the half-Gaussian over the ratings
+    up to that point; the two-sided one (before stop 47) moves with ratings after t."""
     rng = np.random.default_rng(0)
     items, times = rng.integers(0, 20, 600), rng.uniform(0, 1200, 600) * DAY
     overall = np.bincount(items, minlength=20) / len(items)
     for h in (30.0, 180.0):
-        grid, table = time_prior.table(items, times, 20, h)
+        prior = time_prior.build(items, times, 20, h, "gaussian")
+        grid, table = prior["time_grid"].numpy(), prior["time_log_prior"].numpy()
+        assert time_prior.kind_of(prior) == "gaussian"
         for t in np.linspace(times.min(), times.max(), 41):
             point = grid[np.searchsorted(grid, t, side="right") - 1]
             keep = times <= point
             assert point <= t
             local = np.bincount(items[keep], weights=np.exp(-0.5 * ((times[keep] - point) / (h * DAY)) ** 2), minlength=20)
             want = np.log((1 - time_prior.GLOBAL_MIX) * local / local.sum() + time_prior.GLOBAL_MIX * overall + time_prior.EPSILON)
+            np.testing.assert_allclose(time_prior.log_prior_at(prior, [t]).numpy()[0], want, rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(time_prior.at(grid, table, [t]).numpy()[0], want, rtol=1e-4, atol=1e-4)
-        # the old kernel, for contrast: the ratings after 600 days move its prior at 590 days
         early = times <= 600 * DAY
-        before = time_prior.at(*time_prior.table(items[early], times[early], 20, h, causal=False), [590 * DAY], causal=False)
-        after = time_prior.at(*time_prior.table(items, times, 20, h, causal=False), [590 * DAY], causal=False)
+        before = time_prior.log_prior_at(time_prior.build(items[early], times[early], 20, h, "two-sided"), [590 * DAY])
+        after = time_prior.log_prior_at(time_prior.build(items, times, 20, h, "two-sided"), [590 * DAY])
         assert float((before - after).abs().max()) > 0.05
-    head = time_prior.head_entries(grid, table, 2.0)
-    assert "time_causal" in head and "time_causal" not in time_prior.head_entries(grid, table, 2.0, causal=False)
-    torch.testing.assert_close(time_prior.user_prior(head, [450 * DAY]), 2.0 * time_prior.at(grid, table, [450 * DAY]))
-    # a bank built before stop 47 (no time_causal in its head) reads its two-sided table as it always did
-    old = time_prior.head_entries(*time_prior.table(items, times, 20, 30.0, causal=False), 2.0, causal=False)
+    old = time_prior.head_entries(time_prior.build(items, times, 20, 30.0, "two-sided"), 2.0)
+    assert time_prior.kind_of(old) == "two-sided" and "time_causal" not in old
     ts = [450 * DAY, 451.3 * DAY, float("nan"), -5.0]
     torch.testing.assert_close(time_prior.user_prior(old, ts), 2.0 * time_prior.at(old["time_grid"], old["time_log_prior"], ts, causal=False))
     assert not torch.equal(time_prior.user_prior(old, ts), 2.0 * time_prior.at(old["time_grid"], old["time_log_prior"], ts))
 
 
-def test_head_entries_and_user_prior():
-    grid, table = np.array([0.0, 10.0]), np.array([[0.0, -1.0], [-1.0, 0.0]], dtype=np.float32)
-    assert time_prior.head_entries(grid, table, 0.0) == {}
-    assert time_prior.user_prior({"item_bias": torch.zeros(2)}, [1.0]) is None
-    head = time_prior.head_entries(grid, table, 2.0)
-    assert head["time_grid"].dtype == torch.float64
-    prior = time_prior.user_prior(head, [0.0, 10.0])
-    torch.testing.assert_close(prior, torch.tensor([[0.0, -2.0], [-2.0, 0.0]]))
+def test_head_entries_user_prior_and_a_transferred_column_map():
+    items, times = np.array([0, 1, 1, 2, 0]), np.array([0.0, 1.0, 2.0, 3.0, 4.0]) * DAY
+    prior = time_prior.build(items, times, 3, 30.0)
+    assert time_prior.head_entries(prior, 0.0) == {}
+    assert time_prior.user_prior({"item_bias": torch.zeros(2)}, [1.0]) is None and time_prior.kind_of({}) is None
+    head = time_prior.head_entries(prior, 2.0)
+    assert time_prior.kind_of(head) == "exponential" and time_prior.item_count(head) == 3
+    assert head["time_grid"].dtype == head["time_event_times"].dtype == torch.float64 and head["time_event_items"].dtype == torch.int64
+    ts = [0.5 * DAY, 3.5 * DAY]
+    rows = time_prior.log_prior_at(prior, ts)
+    torch.testing.assert_close(time_prior.user_prior(head, ts), 2.0 * rows)
+    # a catalogue of 4 items: item 0 is the bank's 2, item 2 its 0, items 1 and 3 unseen (the median of the row)
+    moved = time_prior.user_prior({**head, "time_columns": torch.tensor([2, -1, 0, -1])}, ts)
+    median = rows.median(dim=1).values
+    torch.testing.assert_close(moved, 2.0 * torch.stack([rows[:, 2], median, rows[:, 0], median], dim=1))
+    assert time_prior.item_count({**head, "time_columns": torch.tensor([2, -1, 0, -1])}) == 4
 
 
 def test_choose_takes_the_prior_when_time_predicts_and_not_when_it_misleads():
@@ -214,3 +262,21 @@ def test_a_bank_with_a_time_prior_scores_through_it_and_vmap_agrees(opened_bank,
     assert not torch.equal(scores[0], scores[1])  # same items, different times
     without, _, _ = source.personalize(users[:1])
     assert not torch.equal(scores[0], source.final_scores(source.user_batch(users[:1]), without)[0])
+
+
+def test_a_stored_config_reads_as_the_prior_it_was_built_with():
+    """Banks store their config; those built before stop 47 lack time_prior_causal (two-sided), those
+    of stop 47 lack time_prior_kernel (the gridded half-Gaussian); new ones build the exponential
+    prior, and an exponential two-sided prior is refused."""
+    from pmeta.bank.bank import stored_config
+    from pmeta.config import BankConfig
+
+    current = BankConfig().model_dump()
+    assert BankConfig().time_prior_kind == stored_config(current).time_prior_kind == "exponential"
+    stop47 = {k: v for k, v in current.items() if k != "time_prior_kernel"}
+    assert stored_config(stop47).time_prior_kind == "gaussian"
+    before47 = {k: v for k, v in stop47.items() if k != "time_prior_causal"}
+    assert stored_config(before47).time_prior_kind == "two-sided"
+    with pytest.raises(ValueError, match="time_prior_kernel = 'gaussian'"):
+        BankConfig(time_prior_causal=False)
+    assert BankConfig(time_prior_causal=False, time_prior_kernel="gaussian").time_prior_kind == "two-sided"

@@ -64,14 +64,14 @@ def test_shrunk_prior_is_the_table_at_zero_the_all_time_share_at_infinity_and_th
 
 
 def test_each_variant_changes_its_one_part_and_leaves_the_bank_untouched(parts, opened_bank, with_time_prior):
-    with_prior = with_time_prior(opened_bank.model, 2.0, 300)
+    with_prior = with_time_prior(opened_bank.model, 2.0, 300, "gaussian")
     generator = torch.Generator().manual_seed(0)
     n, d = with_prior.t.item_text.shape
     anchor_bias = torch.randn(3, n, generator=generator)
     keys, projection = torch.randn(n, 5, generator=generator), torch.randn(d, 5, generator=generator)
     source = PmetaModel(with_prior.config, with_prior.encoder, with_prior.item_texts, replace(with_prior.t, anchor_bias=anchor_bias, item_keys=keys, key_projection=projection), index=with_prior.index)
     before = {key: value.clone() for key, value in source.t.head.items()}
-    other_prior = torch.randn_like(source.t.head["time_log_prior"]).numpy()
+    other_prior = {**{k: v for k, v in source.t.head.items() if k.startswith("time_") and k != "time_weight"}, "time_log_prior": torch.randn_like(source.t.head["time_log_prior"])}
     changed = {
         "time prior": {"time_weight"},
         "prior": {"time_log_prior"},
@@ -88,7 +88,10 @@ def test_each_variant_changes_its_one_part_and_leaves_the_bank_untouched(parts, 
         assert torch.equal(model.t.item_keys, keys) == (part != "keys")
     torch.testing.assert_close(parts.without(source, "keys").t.item_keys, source.t.item_text.float() @ projection)
     assert float(parts.without(source, "time prior").t.head["time_weight"]) == 0.0
-    assert torch.equal(parts.without(source, "prior", other_prior).t.head["time_log_prior"], torch.as_tensor(other_prior))
+    assert torch.equal(parts.without(source, "prior", other_prior).t.head["time_log_prior"], other_prior["time_log_prior"])
+    # a prior of another kind replaces every time tensor but β
+    exponential = parts.without(source, "prior", time_prior.build(np.array([0, 1]), np.array([0.0, 1e6]), n, 30.0)).t.head
+    assert time_prior.kind_of(exponential) == "exponential" and "time_log_prior" not in exponential and torch.equal(exponential["time_weight"], before["time_weight"])
     assert torch.all(parts.without(source, "anchor bias").t.anchor_bias == 0)
     item_bias = parts.without(source, "item bias").t.head["item_bias"]
     assert torch.all(item_bias == before["item_bias"].median())
@@ -106,9 +109,8 @@ def test_prior_rows_need_the_banks_prior_rebuilt_from_the_source_data(parts, ope
     record_users = [sample.ratings.user_ids[i] for i in [*range(0, 200, 2), *few]]
     train = with_positives(np.array(sorted(ids[u] for u in record_users)), sample.positives_by_user(), opened_bank.model.config.min_positives)
     items, stamps = time_prior.rating_events(sample, train)
-    grid, table = time_prior.table(items, stamps, len(sample.catalog), 180.0)
     model = opened_bank.model
-    head = {**model.t.head, **time_prior.head_entries(grid, table, 3.0)}
+    head = {**model.t.head, **time_prior.head_entries(time_prior.build(items, stamps, len(sample.catalog), 180.0, "gaussian"), 3.0)}
     with_prior = PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head=head), index=model.index)
     record = {"train_users": record_users, "collaborative_init": {"time_prior": {"bandwidth_days": 180.0}}}
     bank = SimpleNamespace(model=with_prior, build_record=record, record={"dataset_fingerprint": sample.fingerprint})
@@ -119,10 +121,17 @@ def test_prior_rows_need_the_banks_prior_rebuilt_from_the_source_data(parts, ope
     flat = rows["all-time popularity"].t.head["time_log_prior"]
     assert torch.equal(flat, flat[:1].expand_as(flat))
     np.testing.assert_array_equal(rows["prior shrunk, m = 100"].t.head["time_log_prior"].numpy(), parts.shrunk_prior(items, stamps, len(sample.catalog), 180.0, 100.0)[1])
+    # an exponential prior (banks since stop 48): checked the same way; no shrunk rows (they shrink gridded tables)
+    exponential = PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head={**model.t.head, **time_prior.head_entries(time_prior.build(items, stamps, len(sample.catalog), 180.0), 3.0)}), index=model.index)
+    rows = parts.variants(SimpleNamespace(model=exponential, build_record=record, record=bank.record), sample, [100.0])
+    assert "prior shrunk, m = 100" not in rows and "all-time popularity" in rows
+    flat_rows = time_prior.user_prior(rows["all-time popularity"].t.head, [1e8, 1.5e9])
+    assert torch.equal(flat_rows[0], flat_rows[1]) and not torch.equal(*time_prior.user_prior(exponential.t.head, [1e8, 1.5e9]))
+    with pytest.raises(SystemExit):
+        parts.variants(SimpleNamespace(model=exponential, build_record={**record, "collaborative_init": {"time_prior": {"bandwidth_days": 365.0}}}, record=bank.record), sample, [])
 
     # an init without the grid (puresvd, ease) records no bandwidth: the build's fixed one (365 days here)
-    grid365, table365 = time_prior.table(items, stamps, len(sample.catalog), 365.0)
-    fixed = PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head={**model.t.head, **time_prior.head_entries(grid365, table365, 3.0)}), index=model.index)
+    fixed = PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head={**model.t.head, **time_prior.head_entries(time_prior.build(items, stamps, len(sample.catalog), 365.0, "gaussian"), 3.0)}), index=model.index)
     assert "no time prior" in parts.variants(SimpleNamespace(model=fixed, build_record={**record, "collaborative_init": {"kind": "puresvd"}}, record=bank.record), sample, [])
 
     for wrong in ({**record, "train_users": record_users[1:]}, {**record, "train_users": [*record_users, "no-such-user"]}, {**record, "collaborative_init": {"time_prior": {"bandwidth_days": 365.0}}}):

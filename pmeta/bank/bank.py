@@ -190,6 +190,13 @@ class Personalization:
         }
 
 
+def stored_config(stored: dict) -> BankConfig:
+    """The BankConfig of a stored bank version's config: one without ``time_prior_causal`` predates
+    it (stop 47; its time prior is two-sided), one without ``time_prior_kernel`` predates the
+    exponential kernel (stop 48; Gaussian), so they read as what they were built with."""
+    return BankConfig(**{"time_prior_causal": False, "time_prior_kernel": "gaussian", **stored})
+
+
 class Bank:
     """An opened, verified bank version."""
 
@@ -220,8 +227,7 @@ class Bank:
         if reader.record["config"].get("kind") == "text":
             raise InvalidRequest(f"bank {path} is a text bank: open it with pmeta.TextBank.open")
         try:
-            # a stored config without time_prior_causal predates it: its time prior is two-sided
-            config = BankConfig(**{"time_prior_causal": False, **reader.record["config"]})
+            config = stored_config(reader.record["config"])
         except ValidationError as exc:
             raise BankIntegrityError(f"bank {path} version {reader.id} has a config this pmeta cannot read: {exc.errors()[0]['msg']}") from None
         catalog_data = reader.read_json(CATALOG_FILE)

@@ -403,7 +403,7 @@ def collaborative_init(dataset: Dataset, config: BankConfig, train_users: np.nda
             if cases and config.time_prior_weight != 0.0 and times is not None:
                 h, weight, grid = choose_time_prior(dataset, config, split.fit_users, cases, base)
                 entries = time_prior_entries(dataset, config, train_users, h, weight)
-                record["time_prior"] = {"bandwidth_days": h, "weight": weight, "causal": config.time_prior_causal, "validation_ndcg": grid}
+                record["time_prior"] = {"bandwidth_days": h, "weight": weight, "kind": config.time_prior_kind, "causal": config.time_prior_causal, "validation_ndcg": grid}
             if cases and config.anchor_bias_weight is None and item_text is not None:
                 gamma, grid = choose_anchor_bias(dataset, config, split.fit_users, cases, base, h, weight, [positives[int(u)] for u in split.fit_users], item_text)
                 record["anchor_bias"] = {"weight": gamma, "validation_ndcg": grid}
@@ -490,7 +490,7 @@ def training_priors(dataset: Dataset, config: BankConfig, train_with_pos: np.nda
         gamma,
         serving_prior=time_entries,
         serving_bias=bias_of_anchors,
-        causal=config.time_prior_causal,
+        kind=config.time_prior_kind,
     )
 
 
@@ -505,7 +505,7 @@ def bank_training_priors(model: PmetaModel, build_record: dict, dataset: Dataset
     train_with_pos = with_positives(np.array(sorted(ids[u] for u in build_record.get("train_users", []) if u in ids), dtype=np.int64), positives, config.min_positives)
     if len(train_with_pos) < config.crossfit_folds:
         raise InvalidData(f"the bank's build record lists {len(train_with_pos)} train users of this dataset, fewer than its {config.crossfit_folds} cross-fitting folds")
-    time_entries = {k: model.t.head[k].detach().cpu() for k in ("time_grid", "time_log_prior", "time_weight", "time_causal") if k in model.t.head}
+    time_entries = {k: v.detach().cpu() for k, v in model.t.head.items() if k.startswith("time_")}
     return training_priors(dataset, config, train_with_pos, positives, build_record.get("collaborative_init", {}), time_entries, None, 0, 0.0)
 
 
@@ -514,8 +514,7 @@ def time_prior_entries(dataset: Dataset, config: BankConfig, users: np.ndarray, 
     if weight == 0.0:
         return {}
     items, stamps = time_prior.rating_events(dataset, users)
-    grid, log_prior = time_prior.table(items, stamps, len(dataset.catalog), bandwidth_days, config.time_prior_causal)
-    return time_prior.head_entries(grid, log_prior, weight, config.time_prior_causal)
+    return time_prior.head_entries(time_prior.build(items, stamps, len(dataset.catalog), bandwidth_days, config.time_prior_kind), weight)
 
 
 class OnboardingScores:
@@ -553,7 +552,7 @@ def choose_time_prior(dataset: Dataset, config: BankConfig, fit_users, cases: li
     fitted on ``fit_users``, the prior counts ``fit_users``' ratings."""
     bandwidths = (config.time_prior_bandwidth,) if config.time_prior_bandwidth is not None else time_prior.BANDWIDTHS
     weights = (config.time_prior_weight,) if config.time_prior_weight is not None else time_prior.WEIGHTS
-    return time_prior.choose(base, cases, time_prior.rating_events(dataset, fit_users), len(dataset.catalog), bandwidths, weights, causal=config.time_prior_causal)
+    return time_prior.choose(base, cases, time_prior.rating_events(dataset, fit_users), len(dataset.catalog), bandwidths, weights, kind=config.time_prior_kind)
 
 
 @dataclass
@@ -584,12 +583,12 @@ def anchor_bias_inputs(dataset: Dataset, config: BankConfig, fit_users, base: On
     ratio = anchor_bias.log_ratio(fit_positives, assignment, len(centroids), n_items)
     sizes = np.bincount(assignment, minlength=len(centroids)).astype(np.float64)
     events = time_prior.rating_events(dataset, fit_users)
-    prior = time_prior.table(events[0], events[1], n_items, h, config.time_prior_causal) if beta > 0 else None
+    prior = time_prior.build(events[0], events[1], n_items, h, config.time_prior_kind) if beta > 0 else None
 
     def scores(support: np.ndarray, t: float) -> np.ndarray:
         out = base(support)
         if prior is not None:
-            out = out + beta * time_prior.at(prior[0], prior[1], [t], config.time_prior_causal)[0].numpy().astype(np.float64)
+            out = out + beta * time_prior.log_prior_at(prior, [t])[0].numpy().astype(np.float64)
         return out
 
     def key(support: np.ndarray) -> np.ndarray:

@@ -68,7 +68,7 @@ class CrossFit:
         if not self.priors[0]:
             return None
         t = torch.tensor([float("nan") if x is None else float(x) for x in times], dtype=torch.float64)
-        out = torch.empty(len(users), self.priors[0]["time_log_prior"].shape[1])
+        out = torch.empty(len(users), time_prior.item_count(self.priors[0]))
         for f, rows in self._groups(users):
             out[rows] = time_prior.user_prior(self._prior_of(f), t[rows]).float()
         return out.to(device)
@@ -120,14 +120,14 @@ def build(
     gamma: float,
     serving_prior: dict[str, torch.Tensor] | None = None,
     serving_bias: torch.Tensor | None = None,
-    causal: bool = True,
+    kind: str = "exponential",
 ) -> CrossFit:
     """The per-fold priors of the train ``users`` (in the order of ``positives`` and ``assignment``):
     ``events`` = (user, item, timestamp) arrays of every rating, of which the train users' are counted;
     the time prior at ``time_bandwidth_days`` and β = ``time_weight`` (0: none); the anchors' bias
     at γ = ``gamma`` (0: none) over the anchors ``assignment``; ``serving_prior`` / ``serving_bias``:
-    the bank's own tensors, for users outside the folds (:class:`CrossFit`); ``causal``: as
-    :func:`pmeta.tasks.time_prior.table`."""
+    the bank's own tensors, for users outside the folds (:class:`CrossFit`); ``kind``: as
+    :func:`pmeta.tasks.time_prior.build`."""
     if folds < 2:
         raise ValueError("cross-fitting needs at least 2 folds")
     users = np.asarray(users, dtype=np.int64)
@@ -143,8 +143,7 @@ def build(
     for f in range(folds):
         if time_weight > 0:
             keep = in_train & (event_fold != f)
-            grid, log_prior = time_prior.table(event_items[keep], event_times[keep], n_items, float(time_bandwidth_days), causal)
-            priors.append(time_prior.head_entries(grid, log_prior, time_weight, causal))
+            priors.append(time_prior.head_entries(time_prior.build(event_items[keep], event_times[keep], n_items, float(time_bandwidth_days), kind), time_weight))
         else:
             priors.append({})
         if gamma > 0 and assignment is not None:

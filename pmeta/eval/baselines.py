@@ -173,8 +173,9 @@ class PopularityBaseline:
 class TimePopularityBaseline:
     """The time prior alone (:mod:`pmeta.tasks.time_prior`): ``score(i) = log p_i(t)``, the share of
     the train users' ratings given to item i up to the time t of the user's latest support
-    interaction (half-Gaussian kernel of bandwidth h days; ``causal=False``: the two-sided kernel of
-    runs before stop 47, which also counts later ratings), ignoring which items the support holds.
+    interaction (exponential kernel of time constant h days, read exactly at t; ``kind="gaussian"``:
+    the gridded half-Gaussian of stop 47, ``"two-sided"``: the kernel of runs before it, which also
+    counts later ratings), ignoring which items the support holds.
 
     pmeta's banks add this prior to their scores; this row shows how much of their quality it
     explains. h is chosen over :data:`~pmeta.tasks.time_prior.BANDWIDTHS` by nDCG@10 over the
@@ -183,11 +184,11 @@ class TimePopularityBaseline:
 
     uses_time = True
 
-    def __init__(self, bandwidth_days: PositiveFloat | None = None, validation_fraction: Fraction = 0.1, validation_seed: Seed = 0, validation_modes: tuple[Literal["uni99", "pop99", "full"], ...] = ("uni99", "pop99", "full"), causal: bool = True) -> None:
-        self.bandwidth_days, self.validation_modes, self.causal = bandwidth_days, tuple(validation_modes), causal
+    def __init__(self, bandwidth_days: PositiveFloat | None = None, validation_fraction: Fraction = 0.1, validation_seed: Seed = 0, validation_modes: tuple[Literal["uni99", "pop99", "full"], ...] = ("uni99", "pop99", "full"), kind: Literal["exponential", "gaussian", "two-sided"] = "exponential") -> None:
+        self.bandwidth_days, self.validation_modes, self.kind = bandwidth_days, tuple(validation_modes), kind
         self.validation_fraction, self.validation_seed = validation_fraction, validation_seed
         self.chosen_bandwidth: float | None = None
-        self.grid = self.log_prior = None
+        self.prior: dict = {}
 
     def fit(self, dataset: Dataset, train_users: np.ndarray) -> TimePopularityBaseline:
         from pmeta.tasks import time_prior
@@ -197,15 +198,15 @@ class TimePopularityBaseline:
         if self.chosen_bandwidth is None:
             fit_users, validation_users = validation_split(train_users, self.validation_fraction, self.validation_seed)
             zeros = np.zeros(n_items)
-            self.chosen_bandwidth, _, _ = time_prior.choose(lambda support: zeros, time_prior.validation_cases(dataset, validation_users), time_prior.rating_events(dataset, fit_users), n_items, weights=(1.0,), modes=self.validation_modes, causal=self.causal)
+            self.chosen_bandwidth, _, _ = time_prior.choose(lambda support: zeros, time_prior.validation_cases(dataset, validation_users), time_prior.rating_events(dataset, fit_users), n_items, weights=(1.0,), modes=self.validation_modes, kind=self.kind)
         items, times = time_prior.rating_events(dataset, train_users)
-        self.grid, self.log_prior = time_prior.table(items, times, n_items, self.chosen_bandwidth, self.causal)
+        self.prior = time_prior.build(items, times, n_items, self.chosen_bandwidth, self.kind)
         return self
 
     def score(self, support_items: np.ndarray, k: int, time: float | None = None) -> np.ndarray:
         from pmeta.tasks import time_prior
 
-        return time_prior.at(self.grid, self.log_prior, [float("nan") if time is None else time], self.causal)[0].numpy().astype(np.float64)
+        return time_prior.log_prior_at(self.prior, [float("nan") if time is None else time])[0].numpy().astype(np.float64)
 
 
 @register("itemknn")

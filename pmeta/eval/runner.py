@@ -34,6 +34,7 @@ from .output import remove_stale, write_text
 from .plots import PLOT_FILES
 from .protocol import MODES, PROTOCOL_NAME, check_cases, check_grid, evaluate, split_users
 from .significance import BOOTSTRAP_RESAMPLES, compare_methods, markdown_lines
+from ..tasks import time_prior
 from .transfer import transfer_model
 
 #: Every method of a full report, in table order.
@@ -93,7 +94,7 @@ def bank_notes(bank: Bank | None, reptile_bank: Bank | None) -> list[str]:
     from the MAML bank in more than ``meta``."""
     notes = []
     for label, opened in (("bank", bank), ("Reptile bank", reptile_bank)):
-        if opened is not None and "time_log_prior" in opened.model.t.head and "time_causal" not in opened.model.t.head:
+        if opened is not None and time_prior.kind_of(opened.model.t.head) == "two-sided":
             notes.append(f"the {label} (version {opened.version}) has a two-sided time prior (built before stop 47, or with time_prior_causal = false): it scores each test user with train users' ratings made after the user's time as well")
     if reptile_bank is not None:
         if reptile_bank.config.meta != "reptile":
@@ -110,7 +111,7 @@ def _bank_summary(bank: Bank | None) -> dict | None:
     if bank is None:
         return None
     head = bank.model.t.head
-    prior = "none" if "time_log_prior" not in head else ("causal" if "time_causal" in head else "two-sided")
+    prior = time_prior.kind_of(head) or "none"
     return {"version": bank.version, "dataset": bank.record.get("dataset_name"), "time_prior": prior, "config": bank.config.model_dump()}
 
 

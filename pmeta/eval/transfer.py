@@ -32,6 +32,7 @@ import torch
 from ..bank.model import PmetaModel
 from ..data.types import Catalog
 from ..progress import Progress
+from ..tasks import time_prior
 
 _SPACES = re.compile(r"\s+")
 _YEAR = re.compile(r"\s*\((\d{4})\)\s*$")
@@ -125,9 +126,11 @@ def transfer_model(model: PmetaModel, source: Catalog, target: Catalog, progress
     for key in ("history_embedding", "item_embedding"):
         if key in head:
             head[key] = torch.where(known[:, None], head[key][rows], torch.zeros(()))
-    if "time_log_prior" in head:  # the time prior's columns follow the items; an unseen item gets each period's median, as its bias
-        table = head["time_log_prior"]
-        head["time_log_prior"] = torch.where(known[None, :], table[:, rows], table.median(dim=1, keepdim=True).values)
+    if time_prior.kind_of(head) is not None:  # the time prior's columns follow the items; an unseen item gets the median of the user's row, as its bias
+        columns = torch.where(known, rows, -1)
+        if "time_columns" in head:  # a bank transferred twice: the first map, followed
+            columns = torch.where(columns >= 0, head["time_columns"][columns.clamp_min(0)], -1)
+        head["time_columns"] = columns
     extra = {}
     if model.t.item_keys is not None:  # collaborative keys: a matched item keeps its row, an unseen one is projected from its text
         projected = item_text.float() @ model.t.key_projection if model.t.key_projection is not None else torch.zeros(len(target), model.t.item_keys.shape[1])
