@@ -49,7 +49,8 @@ def time_prior_inflation(dataset, train: np.ndarray, stored: dict[str, np.ndarra
     items, stamps = time_prior.rating_events(dataset, train)
     owner = dataset.ratings.user[np.isin(dataset.ratings.user, train)]  # rating_events keeps the file order
     prior = time_prior.build(items, stamps, len(dataset.catalog), h, kind)
-    difference = max(float(np.abs(stored[k] - v.numpy()).max()) for k, v in prior.items() if k != "time_grid")
+    probe = np.linspace(float(stamps.min()), float(stamps.max()), 9)  # the stored and the rebuilt log prior at nine times
+    difference = float((time_prior.log_prior_at({k: torch.as_tensor(v) for k, v in stored.items()}, probe) - time_prior.log_prior_at(prior, probe)).abs().max())
     eligible = [u for u in train if len(positives[u]) >= 6]
     sample = np.random.default_rng(seed).choice(eligible, min(users, len(eligible)), replace=False)
     fit = crossfit.build(folds, fit_seed, train, (dataset.ratings.user, dataset.ratings.item, dataset.ratings.timestamp), [positives[u] for u in train], len(dataset.catalog), h, beta, None, 1, 0.0, kind=kind)

@@ -104,6 +104,14 @@ class BankConfig(BaseModel):
     crossfit_folds: int = Field(0, ge=0, le=100, description="Meta-training scores each train user with a time prior and anchors' item bias counted without that user's fold of the train users (pmeta.bank.crossfit), so training sees them as serving a new user does; 0 = off (training uses the serving tensors, which count the user's own ratings); else the number of folds (>= 2). The stored bank tensors are the same either way.")
     validate_stages: bool = Field(True, description="Report validation metrics after every stage (the final one is always reported).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _two_sided_is_gaussian(cls, data):
+        # time_prior_causal = false alone asks for the two-sided prior, which only the Gaussian kernel has
+        if isinstance(data, dict) and data.get("time_prior_causal") is False and "time_prior_kernel" not in data:
+            data = {**data, "time_prior_kernel": "gaussian"}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> "BankConfig":
         if self.support_max < self.support_min:

@@ -216,7 +216,7 @@ def test_an_opened_bank_rebuilds_the_builds_folds_for_prompt_maml(cross_fitted):
     fit = training_priors(dataset, model.config, train, dataset.positives_by_user(), {"time_prior": {"bandwidth_days": 90.0}}, {"time_weight": torch.tensor(1.0)}, None, 0, 0.0)
     user, item, stamp = dataset.ratings.user, dataset.ratings.item, dataset.ratings.timestamp
     keep = np.isin(user, [u for u in train if fit.fold[int(u)] != 0])
-    torch.testing.assert_close(fit.priors[0]["time_counts"], time_prior.build(item[keep], stamp[keep], len(dataset.catalog), 90.0)["time_counts"])
+    torch.testing.assert_close(fit.priors[0]["time_shares"], time_prior.build(item[keep], stamp[keep], len(dataset.catalog), 90.0)["time_shares"])
 
 
 def test_one_fold_is_refused():

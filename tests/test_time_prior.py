@@ -114,6 +114,29 @@ def test_the_exponential_prior_is_exact_at_t_and_never_counts_a_rating_made_afte
         time_prior.build(items, times, 20, 30.0, "laplace")
 
 
+def test_the_exponential_prior_holds_far_from_its_ratings_after_long_gaps_and_in_busy_periods(monkeypatch):
+    """Decayed counts underflow float32 after ~87 h: a user decades after the bank's last rating (an
+    ml-100k bank serving a history timestamped today), a gap of decades inside the ratings, and a
+    period so busy that one read would gather millions of ratings (read in chunks) all stay exact."""
+    rng = np.random.default_rng(1)
+    items = rng.integers(0, 20, 3000)
+    times = np.concatenate([rng.uniform(0, 400, 1500), rng.uniform(30 * 365, 30 * 365 + 400, 1500)]) * DAY  # a 29-year gap
+    prior = time_prior.build(items, times, 20, 60.0)
+    assert np.isfinite(prior["time_log_total"].numpy()).all() and np.isfinite(prior["time_shares"].numpy()).all()
+    far = [times.max() + years * 365 * DAY for years in (1, 16, 17, 20, 60)]
+    gap = [400 * DAY + years * 365 * DAY for years in (1, 16, 20, 28)]
+    for t, row in zip(far + gap, time_prior.log_prior_at(prior, far + gap).numpy()):
+        np.testing.assert_allclose(row, _exponential_by_hand(items, times, 20, 60.0, t), rtol=1e-4, atol=1e-4)
+    # a checkpoint every RATINGS_PER_CHECKPOINT ratings however short the span; chunked reads equal one read
+    busy = rng.uniform(0, 3 * DAY, 10000)
+    dense = time_prior.build(rng.integers(0, 20, 10000), busy, 20, 365.0)
+    assert len(dense["time_grid"]) >= 10000 // time_prior.RATINGS_PER_CHECKPOINT
+    ts = rng.uniform(0, 3 * DAY, 50)
+    whole = time_prior.log_prior_at(dense, ts)
+    monkeypatch.setattr(time_prior, "MAX_GATHERED", 100)
+    torch.testing.assert_close(time_prior.log_prior_at(dense, ts), whole)
+
+
 def test_the_stop_47_table_reads_the_last_grid_point_and_the_two_sided_one_looks_ahead():
     """The Gaussian kinds banks built before stop 48 hold, read as they always were: the causal
     table (stop 47) at the last grid point at or before t counts the half-Gaussian over the ratings
@@ -278,5 +301,6 @@ def test_a_stored_config_reads_as_the_prior_it_was_built_with():
     before47 = {k: v for k, v in stop47.items() if k != "time_prior_causal"}
     assert stored_config(before47).time_prior_kind == "two-sided"
     with pytest.raises(ValueError, match="time_prior_kernel = 'gaussian'"):
-        BankConfig(time_prior_causal=False)
+        BankConfig(time_prior_causal=False, time_prior_kernel="exponential")
+    assert BankConfig(time_prior_causal=False).time_prior_kind == "two-sided"  # alone: the two-sided Gaussian, as the docs say
     assert BankConfig(time_prior_causal=False, time_prior_kernel="gaussian").time_prior_kind == "two-sided"

@@ -15,7 +15,8 @@ held out of the train users (:func:`choose`, β = 0 switches it off), never on t
 The prior is *causal* and *exact* at t: a user at time t is scored with what was rated up to t,
 as a deployed bank serving them at t would have had, counted to the second. The exponential
 kernel is memoryless, so the bank stores the decayed counts at checkpoints (``head/time_grid``
-(G,) seconds, every h / 4; ``head/time_counts`` (G, N)) and the train ratings themselves
+(G,) seconds, every h / 4 and every :data:`RATINGS_PER_CHECKPOINT` ratings; ``head/time_shares``
+(G, N) normalised, ``head/time_log_total`` (G,) their log total) and the train ratings themselves
 (``head/time_event_times`` (E,), ``head/time_event_items`` (E,); 16 bytes a rating), and reads
 t as the last checkpoint's counts decayed to t plus the ratings between it and t
 (:func:`exact_at`). ``head/time_overall`` holds p_i, ``head/time_bandwidth`` h in seconds.
@@ -127,32 +128,57 @@ def build(items: np.ndarray, times: np.ndarray, n_items: int, bandwidth_days: fl
     return out
 
 
+#: The exponential prior also checkpoints every this many ratings (within :data:`MAX_GRID`), so a
+#: read adds at most about this many ratings per user however busy the period.
+RATINGS_PER_CHECKPOINT = 2048
+#: Most ratings one :func:`exact_at` call gathers at once (users are read in chunks below it).
+MAX_GATHERED = 1 << 22
+
+
+def checkpoints(times: np.ndarray, bandwidth_days: float) -> np.ndarray:
+    """The exponential prior's checkpoints over sorted rating ``times``: every ``GRID_STEP · h`` from
+    the first rating to the last, and every :data:`RATINGS_PER_CHECKPOINT` ratings; above
+    :data:`MAX_GRID` points, that many of them evenly by rank (the first and last kept)."""
+    low, high = float(times[0]), float(times[-1])
+    count = int(max(2, math.ceil((high - low) / (GRID_STEP * bandwidth_days * DAY)) + 1))
+    grid = np.unique(np.concatenate([np.linspace(low, high, min(count, 1 << 20)), times[RATINGS_PER_CHECKPOINT::RATINGS_PER_CHECKPOINT], [low, high]]))
+    if len(grid) > MAX_GRID:
+        grid = grid[np.unique(np.round(np.linspace(0, len(grid) - 1, MAX_GRID)).astype(np.int64))]
+    return grid
+
+
 def decayed(items: np.ndarray, times: np.ndarray, n_items: int, bandwidth_days: float) -> dict[str, torch.Tensor]:
-    """The exact causal prior's tensors (module docstring): checkpoints every ``GRID_STEP · h`` (at
-    most :data:`MAX_GRID`) from the first rating to the last, each holding the counts
-    ``Σ_{τ ≤ g} exp(−(g − τ) / h)`` per item, and the ratings sorted by time."""
+    """The exact causal prior's tensors (module docstring): at each of :func:`checkpoints` g, the
+    shares ``Σ_{τ ≤ g} exp(−(g − τ) / h)·1[item]`` normalised (``time_shares`` (G, N) float32) and
+    the log of their total (``time_log_total`` (G,) float64), so that neither underflows however
+    long the gaps; and the ratings sorted by time."""
     if len(items) == 0:
         raise ValueError("the time prior needs at least one rating")
     times = np.asarray(times, dtype=np.float64)
     order = np.argsort(times, kind="stable")
     items, times = np.asarray(items, dtype=np.int64)[order], times[order]
     h = bandwidth_days * DAY
-    low, high = float(times[0]), float(times[-1])
-    count = int(min(MAX_GRID, max(2, math.ceil((high - low) / (GRID_STEP * h)) + 1)))
-    grid = np.linspace(low, high, count)
-    grid[-1] = high  # the last checkpoint counts every rating
+    grid = checkpoints(times, bandwidth_days)
     ends = np.searchsorted(times, grid, side="right")
-    counts = np.empty((count, n_items), dtype=np.float32)
-    running, previous, start = np.zeros(n_items), low, 0
+    shares = np.empty((len(grid), n_items), dtype=np.float32)
+    log_total = np.empty(len(grid), dtype=np.float64)
+    running, log_running, previous, start = np.zeros(n_items), -math.inf, float(grid[0]), 0
     for row, point in enumerate(grid):
-        running *= math.exp(-(point - previous) / h)
+        log_running -= (point - previous) / h
         chunk = slice(start, int(ends[row]))
-        running += np.bincount(items[chunk], weights=np.exp(-(point - times[chunk]) / h), minlength=n_items)
-        counts[row], previous, start = running, point, int(ends[row])
+        added = np.bincount(items[chunk], weights=np.exp(-(point - times[chunk]) / h), minlength=n_items)  # each weight >= exp(-step / h)
+        total = added.sum()
+        if total > 0:
+            top = max(log_running, math.log(total))
+            old, new = math.exp(log_running - top), math.exp(-top)
+            mixed = running * old + added * new
+            running, log_running = mixed / mixed.sum(), top + math.log(old + total * new)
+        shares[row], log_total[row], previous, start = running, log_running, point, int(ends[row])
     overall = np.bincount(items, minlength=n_items).astype(np.float64)
     return {
         "time_grid": torch.from_numpy(grid),
-        "time_counts": torch.from_numpy(counts),
+        "time_shares": torch.from_numpy(shares),
+        "time_log_total": torch.from_numpy(log_total),
         "time_event_times": torch.from_numpy(times),
         "time_event_items": torch.from_numpy(items),
         "time_overall": torch.from_numpy((overall / overall.sum()).astype(np.float32)),
@@ -161,35 +187,58 @@ def decayed(items: np.ndarray, times: np.ndarray, n_items: int, bandwidth_days: 
 
 
 def exact_at(prior: dict[str, torch.Tensor], times) -> torch.Tensor:
-    """The exponential prior's log rows (U, N) at ``times`` (U,) seconds: the counts of the last
-    checkpoint at or before t, decayed to t, plus the ratings after it up to t; a time before the
-    first rating counts nothing (the all-time share alone), NaN reads the last checkpoint."""
-    grid, counts, overall = prior["time_grid"], prior["time_counts"], prior["time_overall"]
-    event_times, event_items, h = prior["time_event_times"], prior["time_event_items"], float(prior["time_bandwidth"])
+    """The exponential prior's log rows (U, N) at ``times`` (U,) seconds: the shares of the last
+    checkpoint at or before t, weighed by their total decayed to t, plus the ratings after it up to
+    t, each weight divided by the largest of them (in float64) so that nothing over- or underflows
+    however far t lies from the ratings; a time before the first rating counts nothing (the all-time
+    share alone), NaN reads the last checkpoint. Users are read in chunks of at most
+    :data:`MAX_GATHERED` gathered ratings."""
+    grid = prior["time_grid"]
     t = torch.as_tensor(times, dtype=torch.float64).reshape(-1).to(grid.device)
     t = torch.where(torch.isnan(t), grid[-1], t)
     point = torch.searchsorted(grid, t, right=True) - 1  # −1: before the first rating
     started = point >= 0
     point = point.clamp_min(0)
-    decay = torch.where(started, torch.exp(-(t - grid[point]) / h), torch.zeros_like(t))
-    local = counts[point] * decay.to(counts.dtype)[:, None]
+    event_times = prior["time_event_times"]
     low = torch.where(started, torch.searchsorted(event_times, grid[point], right=True), torch.zeros_like(point))
     high = torch.where(started, torch.searchsorted(event_times, t, right=True), torch.zeros_like(point))
+    lengths = (high - low).cpu()
+    rows, start, gathered = [], 0, 0
+    for end, length in enumerate(lengths.tolist(), 1):  # chunks of users below MAX_GATHERED ratings (one user may exceed it alone)
+        gathered += length
+        if gathered > MAX_GATHERED and end - 1 > start:
+            rows.append(_exact_rows(prior, t[start : end - 1], point[start : end - 1], started[start : end - 1], low[start : end - 1], high[start : end - 1]))
+            start, gathered = end - 1, length
+    rows.append(_exact_rows(prior, t[start:], point[start:], started[start:], low[start:], high[start:]))
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def _exact_rows(prior: dict[str, torch.Tensor], t, point, started, low, high) -> torch.Tensor:
+    grid, shares, overall = prior["time_grid"], prior["time_shares"], prior["time_overall"]
+    event_times, event_items, h = prior["time_event_times"], prior["time_event_items"], prior["time_bandwidth"]
     lengths = high - low
-    if int(lengths.sum()) > 0:
-        rows = torch.repeat_interleave(torch.arange(len(t), device=t.device), lengths)
-        offsets = torch.arange(int(lengths.sum()), device=t.device) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-        events = torch.repeat_interleave(low, lengths) + offsets
-        weights = torch.exp(-(t[rows] - event_times[events]) / h).to(local.dtype)
-        local.index_put_((rows, event_items[events]), weights, accumulate=True)
-    total = local.sum(1, keepdim=True)
-    shares = torch.where(total > 0, local / total.clamp_min(torch.finfo(local.dtype).tiny), overall[None, :])
-    return torch.log((1.0 - GLOBAL_MIX) * shares + GLOBAL_MIX * overall[None, :] + EPSILON)
+    total = int(lengths.sum())
+    # log weight of the checkpoint's part, and of the latest rating since (the largest of its weights)
+    log_old = torch.where(started, prior["time_log_total"][point] - (t - grid[point]) / h, torch.full_like(t, -math.inf))
+    latest = event_times[(high - 1).clamp_min(0)]
+    log_new = torch.where(lengths > 0, -(t - latest) / h, torch.full_like(t, -math.inf))
+    top = torch.maximum(log_old, log_new)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    local = shares[point] * torch.exp(log_old - top).to(shares.dtype)[:, None]
+    if total > 0:
+        users = torch.repeat_interleave(torch.arange(len(t), device=t.device), lengths, output_size=total)
+        offsets = torch.arange(total, device=t.device) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths, output_size=total)
+        events = torch.repeat_interleave(low, lengths, output_size=total) + offsets
+        weights = torch.exp(-(t[users] - event_times[events]) / h - top[users]).to(local.dtype)
+        local.index_put_((users, event_items[events]), weights, accumulate=True)
+    mass = local.sum(1, keepdim=True)
+    shares_at_t = torch.where(mass > 0, local / mass.clamp_min(torch.finfo(local.dtype).tiny), overall[None, :])
+    return torch.log((1.0 - GLOBAL_MIX) * shares_at_t + GLOBAL_MIX * overall[None, :] + EPSILON)
 
 
 def kind_of(head: dict[str, torch.Tensor]) -> str | None:
     """The kind (:data:`KINDS`) of the time prior among ``head``'s tensors; None without one."""
-    if "time_counts" in head:
+    if "time_shares" in head:
         return "exponential"
     if "time_log_prior" in head:
         return "gaussian" if "time_causal" in head else "two-sided"
@@ -200,7 +249,7 @@ def item_count(head: dict[str, torch.Tensor]) -> int:
     """The number of items the time prior in ``head`` scores (after a transfer's column map)."""
     if "time_columns" in head:
         return len(head["time_columns"])
-    return int(head["time_counts" if "time_counts" in head else "time_log_prior"].shape[1])
+    return int(head["time_shares" if "time_shares" in head else "time_log_prior"].shape[1])
 
 
 def log_prior_at(prior: dict[str, torch.Tensor], times) -> torch.Tensor:
