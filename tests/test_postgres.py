@@ -57,7 +57,8 @@ def test_the_migrations_build_exactly_the_models_schema(url):
 
 def test_a_bank_made_before_alembic_is_stamped_and_upgraded(tmp_path):
     """A bank with the original tables and no alembic_version (what pmeta wrote before its
-    migrations) opens, is stamped at 0001 and upgraded; its old version keeps no record checksum."""
+    migrations) opens, is stamped at 0001 and upgraded; its old version gets its record checksum
+    (revision 0003), the one a version published now would get."""
     store = BankStore(tmp_path / "bank")
     old = toy_version(store)
     store.close()
@@ -75,8 +76,45 @@ def test_a_bank_made_before_alembic_is_stamped_and_upgraded(tmp_path):
     with engine.connect() as connection:
         assert migrate.schema_state(connection) == "current"
         sums = dict(connection.execute(text("SELECT id, record_sha256 FROM bank_versions")).all())
-    assert sums[old] is None and len(sums[new]) == 64
+    assert len(sums[old]) == 64 and len(sums[new]) == 64
     engine.dispose()
+    with BankStore(tmp_path / "bank") as reopened:
+        assert reopened.verify(all_versions=True)["ok"]
+
+
+def test_revision_0003_fills_in_the_checksum_of_versions_published_before_0002(url, tmp_path):
+    """On either backend: a NULL checksum left by a pre-0002 version is filled in on the upgrade,
+    with the value publishing computes, and a row changed afterwards is caught."""
+    store = BankStore(tmp_path / "bank", url)
+    old, other = toy_version(store), toy_version(store, seed=1)
+    store.close()
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        expected = dict(connection.execute(text("SELECT id, record_sha256 FROM bank_versions")).all())
+        connection.execute(text("UPDATE bank_versions SET record_sha256 = NULL WHERE id = :id"), {"id": old})
+        connection.execute(text("UPDATE alembic_version SET version_num = '0002'"))
+    with BankStore(tmp_path / "bank", url) as reopened:
+        assert reopened.open().id == other and reopened.verify(all_versions=True)["ok"]
+    with engine.begin() as connection:
+        assert migrate.schema_state(connection) == "current"
+        assert dict(connection.execute(text("SELECT id, record_sha256 FROM bank_versions")).all()) == expected
+        connection.execute(text("UPDATE bank_versions SET notes = 'changed' WHERE id = :id"), {"id": old})
+    engine.dispose()
+    with pytest.raises(BankIntegrityError, match=f"the record of version {old} does not match its checksum"):
+        BankStore(tmp_path / "bank", url).open(old)
+
+
+def test_a_null_record_checksum_is_refused_once_the_schema_is_current(url, tmp_path):
+    """Since revision 0003 every version has a checksum: a NULL one is damage, not an old version."""
+    store = BankStore(tmp_path / "bank", url)
+    version = toy_version(store)
+    store.close()
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE bank_versions SET record_sha256 = NULL"))
+    engine.dispose()
+    with pytest.raises(BankIntegrityError, match=f"the record of version {version} has no checksum"):
+        BankStore(tmp_path / "bank", url).open()
 
 
 def test_an_unknown_schema_revision_is_refused(url, tmp_path):

@@ -661,7 +661,7 @@ def test_a_config_that_is_not_an_object_is_refused_even_with_a_matching_checksum
         row = session.get(store_module.BankVersion, version_id)
         row.config_json = "[]"
         anchors = list(session.scalars(store_module.select(store_module.Anchor).where(store_module.Anchor.version_id == version_id)))
-        row.record_sha256 = store_module._record_sha256(row, anchors, ["u1", "u2"])
+        row.record_sha256 = store_module.record_sha256(row, anchors, ["u1", "u2"])
     with pytest.raises(BankIntegrityError, match="config is a JSON list"):
         store.open()
     store.close()

@@ -15,8 +15,11 @@ schema equals these models.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Optional
+import hashlib
+import json
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from typing import Any, Optional
 
 from sqlalchemy import DateTime, Engine, ForeignKey, Integer, String, Text, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError
@@ -45,7 +48,8 @@ class BankVersion(Base):
     n_anchors: Mapped[int] = mapped_column(Integer)
     notes: Mapped[str] = mapped_column(Text, default="")
     # sha256 over the version's whole record (this row, its anchors and held-out users), checked
-    # on every open; NULL for versions published before schema revision 0002.
+    # on every open (:func:`record_sha256`). Revision 0002 added it and revision 0003 filled it in
+    # for the versions published before; since then NULL is damage and opening refuses it.
     record_sha256: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
 
 
@@ -127,3 +131,28 @@ def _hide_password(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - an unparsable URL is shown without its credentials part
         return url.split("@")[-1] if "@" in url else url
+
+
+def as_utc(moment: datetime) -> datetime:
+    """``moment`` with UTC as its zone where the backend returned it without one (SQLite)."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+
+
+def record_sha256(version: Any, anchors: Iterable[Any], held_out_users: Iterable[str]) -> str:
+    """sha256 of a canonical JSON form of a version's record: the row (its own checksum aside),
+    its anchors by position and its held-out users sorted. ``version`` and ``anchors`` are
+    :class:`BankVersion` and :class:`Anchor` rows, or any rows with their columns as attributes
+    (the migration that fills the checksum in reads them with SQLAlchemy Core)."""
+    record = {
+        "id": version.id,
+        "created_at": as_utc(version.created_at).astimezone(timezone.utc).isoformat(),
+        "config_json": version.config_json,
+        "dataset_name": version.dataset_name,
+        "dataset_fingerprint": version.dataset_fingerprint,
+        "manifest_sha256": version.manifest_sha256,
+        "n_anchors": version.n_anchors,
+        "notes": version.notes,
+        "anchors": sorted([a.position, a.n_users, a.label, a.attrs_json] for a in anchors),
+        "held_out_users": sorted(held_out_users),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True, ensure_ascii=True).encode()).hexdigest()

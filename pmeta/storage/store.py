@@ -49,7 +49,7 @@ from sqlalchemy.orm import Session
 from pmeta.checks import as_path, is_path_error, os_error_message
 from pmeta.errors import BankBusy, BankIntegrityError, BankNotFound, BankUnavailable, InvalidConfig, InvalidRequest, PmetaError
 from pmeta.storage import migrate
-from pmeta.storage.db import ACTIVE, ActiveVersion, Anchor, BankVersion, HeldOutUser, for_writing, make_engine
+from pmeta.storage.db import ACTIVE, ActiveVersion, Anchor, BankVersion, HeldOutUser, as_utc, for_writing, make_engine, record_sha256
 from pmeta.storage.manifest import MANIFEST_NAME, check_dir, list_files, verified_entries, write_manifest
 from pmeta.storage.tensor_file import save_tensors
 
@@ -258,7 +258,7 @@ class BankStore:
             summaries = [
                 {
                     "id": row.id,
-                    "created_at": _utc(row.created_at).isoformat(),
+                    "created_at": as_utc(row.created_at).isoformat(),
                     "dataset_name": row.dataset_name,
                     "dataset_fingerprint": row.dataset_fingerprint,
                     "n_anchors": row.n_anchors,
@@ -563,7 +563,7 @@ class VersionWriter:
                 notes=str(notes),
             )
             held_out = [HeldOutUser(version_id=self.id, user_id=user) for user in users]
-            version.record_sha256 = _record_sha256(version, anchor_rows, users)
+            version.record_sha256 = record_sha256(version, anchor_rows, users)
             with self._store._db_errors(), Session(for_writing(self._store._get_engine())) as session:
                 with session.begin():
                     self._store._check_owner_in(session)
@@ -687,9 +687,12 @@ def _load_record(session: Session, version_id: str, db_label: str = DB_NAME) -> 
             select(HeldOutUser.user_id).where(HeldOutUser.version_id == version_id).order_by(HeldOutUser.user_id)
         )
     )
-    # NULL: published before schema revision 0002. The checksum guards against damage, not against
-    # someone who can write the database (who could as well recompute it).
-    if row.record_sha256 is not None and row.record_sha256 != _record_sha256(row, anchor_rows, held_out):
+    # Revision 0003 filled in the checksum of every version published before 0002, so NULL is damage
+    # too. The checksum guards against damage, not against someone who can write the database (who
+    # could as well recompute it).
+    if row.record_sha256 is None:
+        raise BankIntegrityError(f"bank database {db_label}: the record of version {version_id} has no checksum")
+    if row.record_sha256 != record_sha256(row, anchor_rows, held_out):
         raise BankIntegrityError(f"bank database {db_label}: the record of version {version_id} does not match its checksum")
     try:
         config = json.loads(row.config_json)
@@ -703,7 +706,7 @@ def _load_record(session: Session, version_id: str, db_label: str = DB_NAME) -> 
         raise BankIntegrityError(f"bank version {version_id} has unreadable JSON in its database: {error}") from None
     return {
         "id": row.id,
-        "created_at": _utc(row.created_at).isoformat(),
+        "created_at": as_utc(row.created_at).isoformat(),
         "config": config,
         "dataset_name": row.dataset_name,
         "dataset_fingerprint": row.dataset_fingerprint,
@@ -713,24 +716,6 @@ def _load_record(session: Session, version_id: str, db_label: str = DB_NAME) -> 
         "anchors": anchors,
         "held_out_users": held_out,
     }
-
-
-def _record_sha256(version: BankVersion, anchors: Iterable[Anchor], held_out_users: Iterable[str]) -> str:
-    """sha256 of a canonical JSON form of a version's record: the row (its own checksum aside),
-    its anchors by position and its held-out users sorted."""
-    record = {
-        "id": version.id,
-        "created_at": _utc(version.created_at).astimezone(timezone.utc).isoformat(),
-        "config_json": version.config_json,
-        "dataset_name": version.dataset_name,
-        "dataset_fingerprint": version.dataset_fingerprint,
-        "manifest_sha256": version.manifest_sha256,
-        "n_anchors": version.n_anchors,
-        "notes": version.notes,
-        "anchors": sorted([a.position, a.n_users, a.label, a.attrs_json] for a in anchors),
-        "held_out_users": sorted(held_out_users),
-    }
-    return hashlib.sha256(json.dumps(record, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
 def _database_problems(session: Session, db_label: str) -> list[str]:
@@ -970,7 +955,3 @@ def _tree_bytes(root: Path) -> int:
             except FileNotFoundError:
                 pass
     return total
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
