@@ -182,8 +182,10 @@ def test_a_flipped_byte_in_any_file_is_named(store: BankStore, name: str) -> Non
         (lambda folder: (folder / "catalog.json").unlink(), "catalog.json is missing"),
         (lambda folder: os.truncate(folder / "anchors.faiss", 10), "anchors.faiss does not match its recorded size"),
         (lambda folder: (folder / "manifest.json").unlink(), "manifest.json is missing"),
+        (lambda folder: (folder / "extra").mkdir(), "extra/ is an empty folder"),
+        (lambda folder: (folder / "a" / "b").mkdir(parents=True), "a/ is an empty folder"),
     ],
-    ids=["extra-file", "missing-file", "truncated-file", "missing-manifest"],
+    ids=["extra-file", "missing-file", "truncated-file", "missing-manifest", "empty-folder", "nested-empty-folders"],
 )
 def test_added_missing_or_truncated_files_fail_verification(store: BankStore, damage, message: str) -> None:
     version_id = build(store)
@@ -191,6 +193,20 @@ def test_added_missing_or_truncated_files_fail_verification(store: BankStore, da
     with pytest.raises(BankIntegrityError, match=re.escape(f"versions/{version_id}/{message}")):
         store.open()
     assert not store.verify()["ok"]
+
+
+def test_empty_folders_are_found_below_files_and_links_are_not_emptiness(tmp_path: Path) -> None:
+    from pmeta.storage.manifest import empty_folders, write_manifest
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "c" / "d").mkdir(parents=True)
+    (tmp_path / "c" / "file").write_text("x")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "link").symlink_to(tmp_path / "c")
+    assert empty_folders(tmp_path) == ["a", "a/b", "c/d"]
+    with pytest.raises(ValueError, match="a is an empty folder"):
+        write_manifest(tmp_path, "v")
+    assert not (tmp_path / "manifest.json").exists()
 
 
 def test_verify_reports_every_version_without_raising(store: BankStore) -> None:

@@ -49,6 +49,24 @@ def list_files(directory: str | os.PathLike[str]) -> dict[str, Path]:
     return found
 
 
+def empty_folders(directory: str | os.PathLike[str]) -> list[str]:
+    """Folders below ``directory`` with no file anywhere inside them, by relative POSIX name.
+
+    A version's files imply its folders; a folder that holds no file is not part of any version
+    (a writer only makes folders to put files in), so a check reports it like an unlisted file.
+    """
+    root = Path(directory)
+    empty: list[str] = []
+    for current, dirnames, filenames in os.walk(root, topdown=False, followlinks=False):  # children first
+        here = Path(current)
+        if here == root or filenames:
+            continue
+        # os.walk lists a link to a folder among the folders; a link is something, not emptiness
+        if all(not (here / d).is_symlink() and (here / d).relative_to(root).as_posix() in empty for d in dirnames):
+            empty.append(here.relative_to(root).as_posix())
+    return sorted(empty)
+
+
 def write_manifest(directory: str | os.PathLike[str], version_id: str) -> str:
     """Write ``manifest.json`` listing every file in ``directory``; return the manifest's sha256.
 
@@ -60,6 +78,9 @@ def write_manifest(directory: str | os.PathLike[str], version_id: str) -> str:
     files = list_files(root)
     if MANIFEST_NAME in files:
         raise ValueError(f"{root} already has a {MANIFEST_NAME}")
+    empty = empty_folders(root)
+    if empty:
+        raise ValueError(f"{root / empty[0]} is an empty folder; a bank version holds files only")
     entries: dict[str, dict[str, object]] = {}
     for name, full in sorted(files.items()):
         info = full.lstat()
@@ -127,6 +148,8 @@ def check_dir(
             report[name] = None
     for name in sorted(set(present) - set(listed) - {MANIFEST_NAME}):
         report[name] = f"{where(name)} is not listed in the manifest"
+    for name in empty_folders(root):
+        report[name + "/"] = f"{where(name)}/ is an empty folder, not listed in the manifest"
     return report
 
 
