@@ -562,6 +562,76 @@ def test_an_interrupted_schema_upgrade_on_sqlite_leaves_the_database_as_it_was(t
     assert "record_sha256" in columns and revision == [store_module.migrate.head()]
 
 
+def _back_to_revision_0002(bank: Path, null_checksum_of: str, created_at: str | None = None) -> None:
+    """What a bank published before revision 0002 and upgraded to 0002 looks like: that version's
+    checksum NULL (and, to simulate damage, its ``created_at`` replaced)."""
+    import sqlite3
+
+    connection = sqlite3.connect(bank / "bank.db")
+    connection.execute("UPDATE bank_versions SET record_sha256 = NULL WHERE id = ?", (null_checksum_of,))
+    if created_at is not None:
+        connection.execute("UPDATE bank_versions SET created_at = ? WHERE id = ?", (created_at, null_checksum_of))
+    connection.execute("UPDATE alembic_version SET version_num = '0002'")
+    connection.commit()
+    connection.close()
+
+
+def test_a_read_only_bank_at_revision_0002_opens_as_before(tmp_path: Path) -> None:
+    """A bank that cannot be written stays at 0002 and is read as the pmeta that wrote it read it:
+    its versions from before 0002 open without the record check; the database is not touched."""
+    old, new = build(BankStore(tmp_path / "bank"), seed=1), build(BankStore(tmp_path / "bank"), seed=2)
+    _back_to_revision_0002(tmp_path / "bank", old)
+    before = (tmp_path / "bank" / "bank.db").read_bytes()
+    read_only = f"sqlite:///file:{tmp_path / 'bank' / 'bank.db'}?mode=ro&uri=true"
+    with BankStore(tmp_path / "bank", read_only) as store:
+        assert store.open().id == new and store.open(old).id == old
+        assert store.verify(all_versions=True)["ok"]
+    assert (tmp_path / "bank" / "bank.db").read_bytes() == before
+    assert _columns(tmp_path / "bank")[1] == ["0002"]
+    with BankStore(tmp_path / "bank") as store:  # writable: upgraded, the checksum filled in
+        assert store.open(old).id == old and store.verify(all_versions=True)["ok"]
+    assert _columns(tmp_path / "bank")[1] == [store_module.migrate.head()]
+
+
+def test_a_read_only_bank_at_revision_0003_still_refuses_a_null_checksum(tmp_path: Path) -> None:
+    import sqlite3
+
+    version = build(BankStore(tmp_path / "bank"))
+    connection = sqlite3.connect(tmp_path / "bank" / "bank.db")
+    connection.execute("UPDATE bank_versions SET record_sha256 = NULL")
+    connection.commit()
+    connection.close()
+    read_only = f"sqlite:///file:{tmp_path / 'bank' / 'bank.db'}?mode=ro&uri=true"
+    with pytest.raises(BankIntegrityError, match=f"the record of version {version} has no checksum"):
+        BankStore(tmp_path / "bank", read_only).open()
+
+
+def test_a_damaged_old_record_is_left_unfilled_and_refused_alone(tmp_path: Path) -> None:
+    """Revision 0003 cannot hash a row whose date no longer parses: it leaves that checksum NULL,
+    the upgrade goes through, the other versions open and verify reports the damaged one."""
+    old, new = build(BankStore(tmp_path / "bank"), seed=1), build(BankStore(tmp_path / "bank"), seed=2)
+    _back_to_revision_0002(tmp_path / "bank", old, created_at="garbage")
+    with BankStore(tmp_path / "bank") as store:
+        assert store.open().id == new
+        report = store.verify(all_versions=True)
+    by_id = {entry["id"]: entry for entry in report["versions"]}
+    assert by_id[new]["ok"] and not by_id[old]["ok"]
+    assert any(f"record of version {old} holds an unreadable value" in error for error in by_id[old]["errors"])
+    assert _columns(tmp_path / "bank")[1] == [store_module.migrate.head()]
+
+
+def test_revision_0003_refuses_to_run_offline(tmp_path: Path) -> None:
+    """It computes checksums from the stored rows, which an offline (SQL script) run cannot read."""
+    from alembic import command
+
+    from pmeta.storage import migrate
+
+    config = migrate.alembic_config()
+    config.set_main_option("sqlalchemy.url", f"sqlite:///{tmp_path / 'x.db'}")
+    with pytest.raises(RuntimeError, match="run it on a database"):
+        command.upgrade(config, "0002:0003", sql=True)
+
+
 def test_concurrent_upgrades_of_an_outdated_bank_run_one_after_the_other(tmp_path: Path) -> None:
     """Processes opening an outdated bank at once each open it; one upgrades, the others wait for it."""
     first = build(BankStore(tmp_path / "bank"))

@@ -49,7 +49,8 @@ class BankVersion(Base):
     notes: Mapped[str] = mapped_column(Text, default="")
     # sha256 over the version's whole record (this row, its anchors and held-out users), checked
     # on every open (:func:`record_sha256`). Revision 0002 added it and revision 0003 filled it in
-    # for the versions published before; since then NULL is damage and opening refuses it.
+    # for the versions published before; since then NULL is damage and opening refuses it (a
+    # read-only database left at 0002 is read as before).
     record_sha256: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
 
 

@@ -65,6 +65,11 @@ def known_revisions() -> frozenset[str]:
     return frozenset(script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions())
 
 
+def current_revision(connection: Connection) -> str | None:
+    """The revision recorded in ``alembic_version`` (None where there is none)."""
+    return MigrationContext.configure(connection).get_current_revision()
+
+
 def schema_state(connection: Connection) -> str:
     """``"current"``, ``"outdated"`` (a known older revision, or a pre-Alembic bank), ``"empty"``
     (no bank table; other applications' tables may exist), ``"partial"`` (some bank tables but
@@ -72,7 +77,7 @@ def schema_state(connection: Connection) -> str:
     which :func:`upgrade` repairs) or ``"unknown:<rev>"`` (a revision this pmeta does not know,
     e.g. written by a newer pmeta).
     Raises Alembic's ``CommandError`` where ``alembic_version`` holds several revisions."""
-    revision = MigrationContext.configure(connection).get_current_revision()
+    revision = current_revision(connection)
     if revision == head():
         return "current"
     if revision is not None:

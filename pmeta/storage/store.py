@@ -82,6 +82,9 @@ class BankStore:
             raise InvalidConfig(f"not a database URL: {_hide_url_password(self.db_url)} (expected e.g. postgresql+psycopg://user@host/db)") from None
         self._engine: Engine | None = None
         self._schema_seen = False
+        # True while the database stays at revision 0002 because it could not be upgraded (read-only):
+        # a NULL record checksum is then a version published before 0002, opened without the check.
+        self._unfilled_checksums = False
 
     def __repr__(self) -> str:
         return f"BankStore({str(self.path)!r})"
@@ -98,6 +101,7 @@ class BankStore:
             self._engine.dispose()
             self._engine = None
             self._schema_seen = False
+            self._unfilled_checksums = False
 
     @property
     def versions_dir(self) -> Path:
@@ -240,7 +244,7 @@ class BankStore:
                 version = _active_id(session)
                 if version is None:
                     raise BankNotFound(f"not a pmeta bank: {self.path} (no active version)")
-            record = _load_record(session, version, self._db_label())
+            record = _load_record(session, version, self._db_label(), self._unfilled_checksums)
             if record is None:
                 if wanted_active:
                     raise BankIntegrityError(f"bank database {self._db_label()} is corrupt: the active version {version!r} has no record")
@@ -308,10 +312,12 @@ class BankStore:
             record_errors: dict[str, str] = {}
             for row in rows:
                 try:
-                    if _load_record(session, row.id, self._db_label()) is None:
+                    if _load_record(session, row.id, self._db_label(), self._unfilled_checksums) is None:
                         record_errors[row.id] = f"bank database {self._db_label()} has no record of version {row.id}"
                 except BankIntegrityError as error:
                     record_errors[row.id] = str(error)
+                except (ValueError, TypeError, OverflowError) as error:  # e.g. a date that no longer parses
+                    record_errors[row.id] = f"bank database {self._db_label()}: the record of version {row.id} holds an unreadable value: {_first_line(error)}"
             if active is not None and active not in {row.id for row in rows}:
                 database_errors.append(f"bank database {self._db_label()} is corrupt: the active version {active!r} has no record")
         if not all_versions:
@@ -381,7 +387,14 @@ class BankStore:
                 if state.startswith("unknown:"):
                     raise BankIntegrityError(_unknown_revision(self, state))
                 if state in ("outdated", "no-revision"):
-                    _upgrade(engine, self)
+                    try:
+                        _upgrade(engine, self)
+                    except DBAPIError as error:
+                        # a read-only bank (file, mount or database role) at revision 0002 has the
+                        # current tables: read it as the pmeta that wrote it did
+                        if not _read_only(error) or not _at_checksum_revision(engine):
+                            raise
+                        self._unfilled_checksums = True
             self._schema_seen = True
         return engine
 
@@ -676,8 +689,12 @@ def _active_id(session: Session) -> str | None:
     return None if active is None else active.version_id
 
 
-def _load_record(session: Session, version_id: str, db_label: str = DB_NAME) -> dict[str, Any] | None:
-    """The version's record, after checking it against its ``record_sha256`` (when it has one)."""
+def _load_record(
+    session: Session, version_id: str, db_label: str = DB_NAME, unfilled_checksums: bool = False
+) -> dict[str, Any] | None:
+    """The version's record, after checking it against its ``record_sha256``. A NULL checksum is
+    damage, except with ``unfilled_checksums`` (a database left at revision 0002, see
+    :meth:`BankStore._engine_for_reading`), where it marks a version published before 0002."""
     row = session.get(BankVersion, version_id)
     if row is None:
         return None
@@ -690,9 +707,9 @@ def _load_record(session: Session, version_id: str, db_label: str = DB_NAME) -> 
     # Revision 0003 filled in the checksum of every version published before 0002, so NULL is damage
     # too. The checksum guards against damage, not against someone who can write the database (who
     # could as well recompute it).
-    if row.record_sha256 is None:
+    if row.record_sha256 is None and not unfilled_checksums:
         raise BankIntegrityError(f"bank database {db_label}: the record of version {version_id} has no checksum")
-    if row.record_sha256 != record_sha256(row, anchor_rows, held_out):
+    if row.record_sha256 is not None and row.record_sha256 != record_sha256(row, anchor_rows, held_out):
         raise BankIntegrityError(f"bank database {db_label}: the record of version {version_id} does not match its checksum")
     try:
         config = json.loads(row.config_json)
@@ -716,6 +733,22 @@ def _load_record(session: Session, version_id: str, db_label: str = DB_NAME) -> 
         "anchors": anchors,
         "held_out_users": held_out,
     }
+
+
+def _read_only(error: DBAPIError) -> bool:
+    """Whether a write failed because the database may only be read: a read-only SQLite file or
+    mount, a PostgreSQL role without write grants, a read-only transaction or replica."""
+    reason = str(error.orig if error.orig is not None else error).lower()
+    return any(mark in reason for mark in ("readonly", "read-only", "permission denied", "attempt to write"))
+
+
+def _at_checksum_revision(engine: Engine) -> bool:
+    """Whether the database is at revision 0002 (whose tables are the current ones)."""
+    try:
+        with engine.connect() as connection:
+            return migrate.current_revision(connection) == migrate.CHECKSUM_REVISION
+    except (DBAPIError, CommandError):
+        return False
 
 
 def _database_problems(session: Session, db_label: str) -> list[str]:
