@@ -14,8 +14,9 @@ every rating in the file, as the protocol defines), under the protocol's three m
 * ``all-time popularity``: the time prior replaced, in every period, by the all-time share of the
   bank's train users' ratings (the same β);
 * ``prior shrunk, m = …``: each period's distribution shrunk towards that share by m pseudo-ratings
-  (:func:`shrunk_prior`; m = 0 is the bank's prior), so that periods in which the bank's train users
-  rated little lean on the all-time share;
+  (m = 0 is the bank's prior), so that periods in which the bank's train users rated little lean on
+  the all-time share: for an exponential prior its exact read with ``head/time_pseudo_ratings``
+  (:mod:`pmeta.tasks.time_prior`), for the older Gaussian tables :func:`shrunk_prior`;
 * ``no anchor bias``, ``item bias at its median``, ``no collaborative embeddings`` (the towers'
   collaborative rows zero: text only), ``anchors retrieved by text keys`` (every item's retrieval key
   projected from its text, as an unmatched item's is, instead of its collaborative key row);
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import sys
 import time
 from dataclasses import replace
 
@@ -157,11 +157,12 @@ def variants(bank: Bank, source, shrink: list[float]) -> dict[str, PmetaModel]:
         rows["no time prior"] = without(model, "time prior")
         flat = shrunk_prior(items, stamps, len(source.catalog), h, math.inf)[1][:1]
         rows["all-time popularity"] = without(model, "prior", {"time_grid": torch.tensor([float(stamps.min()), float(stamps.max())], dtype=torch.float64), "time_log_prior": torch.from_numpy(np.repeat(flat, 2, axis=0)), "time_causal": torch.tensor(1.0)})
-        if kind == "exponential" and shrink:
-            print("prior shrunk rows: skipped, they shrink the gridded Gaussian tables of banks before stop 48 (this bank's prior is exponential)", file=sys.stderr)
-        for pseudo in shrink if kind != "exponential" else ():
-            table = shrunk_prior(items, stamps, len(source.catalog), h, pseudo, kind == "gaussian")[1]
-            rows[f"prior shrunk, m = {pseudo:g}"] = without(model, "prior", {**rebuilt, "time_log_prior": torch.from_numpy(table)})
+        for pseudo in shrink:
+            if kind == "exponential":  # read exactly with m pseudo-ratings (time_prior's head/time_pseudo_ratings)
+                shrunk = {**rebuilt, "time_pseudo_ratings": torch.tensor(float(pseudo), dtype=torch.float64)}
+            else:
+                shrunk = {**rebuilt, "time_log_prior": torch.from_numpy(shrunk_prior(items, stamps, len(source.catalog), h, pseudo, kind == "gaussian")[1])}
+            rows[f"prior shrunk, m = {pseudo:g}"] = without(model, "prior", shrunk)
     if model.t.anchor_bias is not None:
         rows["no anchor bias"] = without(model, "anchor bias")
     rows["item bias at its median"] = without(model, "item bias")

@@ -114,6 +114,27 @@ def test_the_exponential_prior_is_exact_at_t_and_never_counts_a_rating_made_afte
         time_prior.build(items, times, 20, 30.0, "laplace")
 
 
+def test_pseudo_ratings_of_the_all_time_share_follow_their_definition():
+    """``time_pseudo_ratings`` m: (decayed counts + m·p) / (decayed mass + m), read exactly at any t,
+    also decades after the last rating (mass far below m: the all-time share) and before the first."""
+    rng = np.random.default_rng(1)
+    items, times = rng.integers(0, 12, 300), np.round(rng.uniform(0, 900, 300) * DAY)
+    h = 60.0
+    overall = np.bincount(items, minlength=12) / len(items)
+    ts = [*rng.uniform(0, 900, 12) * DAY, times.min() - DAY, times.max() + 40 * 365 * DAY]
+    for m in (0.5, 7.0, 300.0):
+        prior = {**time_prior.build(items, times, 12, h), "time_pseudo_ratings": torch.tensor(m, dtype=torch.float64)}
+        rows = time_prior.log_prior_at(prior, ts).numpy()
+        for row, t in zip(rows, ts):
+            keep = times <= t
+            counts = np.bincount(items[keep], weights=np.exp(-(t - times[keep]) / (h * DAY)), minlength=12)
+            local = (counts + m * overall) / (counts.sum() + m)
+            expected = np.log((1 - time_prior.GLOBAL_MIX) * local + time_prior.GLOBAL_MIX * overall + time_prior.EPSILON)
+            np.testing.assert_allclose(row, expected, rtol=1e-4, atol=1e-4)
+    plain = time_prior.build(items, times, 12, h)
+    torch.testing.assert_close(time_prior.log_prior_at({**plain, "time_pseudo_ratings": torch.tensor(0.0)}, ts), time_prior.log_prior_at(plain, ts))
+
+
 def test_the_exponential_prior_holds_far_from_its_ratings_after_long_gaps_and_in_busy_periods(monkeypatch):
     """Decayed counts underflow float32 after ~87 h: a user decades after the bank's last rating (an
     ml-100k bank serving a history timestamped today), a gap of decades inside the ratings, and a

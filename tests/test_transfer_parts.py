@@ -121,10 +121,13 @@ def test_prior_rows_need_the_banks_prior_rebuilt_from_the_source_data(parts, ope
     flat = rows["all-time popularity"].t.head["time_log_prior"]
     assert torch.equal(flat, flat[:1].expand_as(flat))
     np.testing.assert_array_equal(rows["prior shrunk, m = 100"].t.head["time_log_prior"].numpy(), parts.shrunk_prior(items, stamps, len(sample.catalog), 180.0, 100.0)[1])
-    # an exponential prior (banks since stop 48): checked the same way; no shrunk rows (they shrink gridded tables)
+    # an exponential prior (banks since stop 48): checked the same way; its shrunk rows read it exactly with m pseudo-ratings
     exponential = PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head={**model.t.head, **time_prior.head_entries(time_prior.build(items, stamps, len(sample.catalog), 180.0), 3.0)}), index=model.index)
     rows = parts.variants(SimpleNamespace(model=exponential, build_record=record, record=bank.record), sample, [100.0])
-    assert "prior shrunk, m = 100" not in rows and "all-time popularity" in rows
+    assert "prior shrunk, m = 100" in rows and "all-time popularity" in rows
+    shrunk = rows["prior shrunk, m = 100"].t.head
+    assert float(shrunk["time_pseudo_ratings"]) == 100.0 and time_prior.kind_of(shrunk) == "exponential"
+    assert not torch.equal(time_prior.user_prior(shrunk, [1e8, 1.5e9]), time_prior.user_prior(exponential.t.head, [1e8, 1.5e9]))
     flat_rows = time_prior.user_prior(rows["all-time popularity"].t.head, [1e8, 1.5e9])
     assert torch.equal(flat_rows[0], flat_rows[1]) and not torch.equal(*time_prior.user_prior(exponential.t.head, [1e8, 1.5e9]))
     with pytest.raises(SystemExit):

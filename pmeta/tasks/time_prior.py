@@ -20,6 +20,10 @@ kernel is memoryless, so the bank stores the decayed counts at checkpoints (``he
 (``head/time_event_times`` (E,), ``head/time_event_items`` (E,); 16 bytes a rating), and reads
 t as the last checkpoint's counts decayed to t plus the ratings between it and t
 (:func:`exact_at`). ``head/time_overall`` holds p_i, ``head/time_bandwidth`` h in seconds.
+An optional ``head/time_pseudo_ratings`` m adds m ratings of the all-time share p_i to the decayed
+counts, ``p_i(t) = (Σ exp(−(t − τ)/h)·1[i] + m·p_i) / (Σ exp(−(t − τ)/h) + m)``, so that a time with
+few ratings behind it (a bank serving another catalogue's earlier users) leans on p_i; no build
+sets it yet (``benchmarks/transfer_parts.py --shrink`` measures it on a transferred bank).
 
 Older kinds, still read and rebuilt for comparison (``BankConfig.time_prior_kernel`` /
 ``time_prior_causal``; :data:`KINDS`):
@@ -233,6 +237,14 @@ def _exact_rows(prior: dict[str, torch.Tensor], t, point, started, low, high) ->
         local.index_put_((users, event_items[events]), weights, accumulate=True)
     mass = local.sum(1, keepdim=True)
     shares_at_t = torch.where(mass > 0, local / mass.clamp_min(torch.finfo(local.dtype).tiny), overall[None, :])
+    pseudo = prior.get("time_pseudo_ratings")
+    if pseudo is not None and float(pseudo) > 0:
+        # m pseudo-ratings of the all-time share beside the decayed mass M = mass · e^top (in ratings):
+        # (counts + m·p) / (M + m) = w·shares + (1 − w)·p with w = M / (M + m), in log space
+        log_mass = torch.log(mass[:, 0].double().clamp_min(torch.finfo(torch.float64).tiny)) + top
+        keep = torch.where(mass[:, 0] > 0, torch.sigmoid(log_mass - math.log(float(pseudo))), torch.zeros_like(log_mass))
+        keep = keep.to(shares_at_t.dtype)[:, None]
+        shares_at_t = keep * shares_at_t + (1.0 - keep) * overall[None, :]
     return torch.log((1.0 - GLOBAL_MIX) * shares_at_t + GLOBAL_MIX * overall[None, :] + EPSILON)
 
 
