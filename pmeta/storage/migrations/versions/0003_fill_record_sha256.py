@@ -2,9 +2,12 @@
 
 Those versions were opened without the record check; from this revision on every version has a
 checksum and opening refuses a NULL one. A row too damaged to hash (an unreadable date) keeps
-NULL, so that version alone is refused and the others still open. A database that cannot be
-written (read-only) stays at 0002 and is read as before (``BankStore._engine_for_reading``). The checksum is computed from the record as it stands at
-the upgrade, so it guards against damage from then on (as 0002's did for new versions).
+NULL, so that version alone is refused and the others still open; each row is read on its own for
+that reason. A database that cannot be written (read-only) stays at 0002 and is read as before
+(``BankStore._engine_for_reading``). The checksum is computed from the record as it stands at the
+upgrade, so it guards against damage from then on (as 0002's did for new versions). Its format is
+a frozen copy of :func:`pmeta.storage.db.record_sha256`, on purpose: a migration must not change
+with later code.
 
 Revision ID: 0003
 Revises: 0002
