@@ -268,9 +268,9 @@ def main() -> None:
     cases, base = split.validation_scorer(dataset, positives)
     if base is None:
         raise SystemExit("no validation user of EASE's split has 6 positives: nothing to score")
-    h, beta = (365.0, 0.0) if config.time_prior_weight == 0.0 else build.choose_time_prior(dataset, config, split.fit_users, cases, base)[:2]
+    h, beta, pseudo = (365.0, 0.0, 0.0) if config.time_prior_weight == 0.0 else build.choose_time_prior(dataset, config, split.fit_users, cases, base)[:3]
     fit_positives = [positives[int(u)] for u in split.fit_users]
-    inputs = build.anchor_bias_inputs(dataset, config, split.fit_users, base, h, beta, fit_positives, item_text)
+    inputs = build.anchor_bias_inputs(dataset, config, split.fit_users, base, h, beta, fit_positives, item_text, pseudo)
 
     rows = list(time_prior.supports(cases, KS))
     queries = np.stack([inputs.key(support) for _, support, _, _ in rows])

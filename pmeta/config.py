@@ -8,7 +8,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -58,6 +58,7 @@ class BankConfig(BaseModel):
     time_prior_kernel: Literal["exponential", "gaussian"] = Field("exponential", description="Kernel of the time prior (pmeta.tasks.time_prior): 'exponential' = exp(−(t − τ)/h) over the ratings up to the user's time, read exactly at that time (checkpoints plus the ratings since); 'gaussian' = the half-Gaussian table of stop 47, read at the last grid point before the user's time (it misses the ratings since, for comparison only).")
     time_prior_causal: bool = Field(True, description="The time prior counts only ratings made at or before the user's time (pmeta.tasks.time_prior), as a deployed bank serving the user then would; false = the two-sided Gaussian of banks built before stop 47 (time_prior_kernel = 'gaussian' only), which scores an evaluated user with train users' later ratings too (for comparison only).")
     time_prior_bandwidth: float | None = Field(None, gt=0, description="Bandwidth h of the time prior in days; None = chosen over 60, 180 and 365 (365 when β is set for an init without the grid).")
+    time_prior_pseudo_ratings: tuple[Annotated[float, Field(ge=0)], ...] = Field((0.0,), min_length=1, max_length=16, description="Pseudo-ratings m of the all-time share beside the exponential time prior's decayed counts (pmeta.tasks.time_prior), so that a time with few ratings behind it leans on the all-time popularity: the candidates, one of which is chosen with h and β on the same validation users (cf_init = 'onboarding'; the other inits take the first); (0,) = none, e.g. [0, 30, 300, 3000] = chosen. Exponential kernel only.")
     text_log_scale: float = Field(0.0, description="Initial log weight of the towers' text part (learned). 0: the closed-form collaborative part leads at the start (on validation users the text part at its old start, 2.0, ranked worse than without it).")
     max_history_items: int = Field(10, ge=1, le=200, description="Most recent liked items the user tower reads.")
     max_tokens: int = Field(192, ge=16, le=512, description="Token budget of the history text.")
@@ -122,6 +123,8 @@ class BankConfig(BaseModel):
             raise ValueError("crossfit_folds must be 0 (off) or at least 2")
         if not self.time_prior_causal and self.time_prior_kernel != "gaussian":
             raise ValueError("time_prior_causal = false (the two-sided prior) needs time_prior_kernel = 'gaussian'")
+        if any(self.time_prior_pseudo_ratings) and self.time_prior_kind != "exponential":
+            raise ValueError("time_prior_pseudo_ratings > 0 needs the exponential time prior (time_prior_kernel = 'exponential')")
         return self
 
     @property

@@ -244,7 +244,8 @@ def test_onboarding_init_and_time_prior_rank_validation_users_better_than_ease()
     the start. On the shipped sample, with these settings, the EASE init measures 0.095 there and
     the onboarding init without the prior 0.139 (0.12 lies between them); the time prior, chosen on
     EASE's split of the train users, must add at least 0.01 on these other users (measured, with
-    the anchors' item bias chosen too, γ = 1.5: 0.139 → 0.154; 0.157 with the prior alone)."""
+    the anchors' item bias chosen too, γ = 1.5: 0.139 → 0.154; 0.157 with the prior alone). The
+    prior's pseudo-ratings m are chosen over 0 and 30 with h and β, and stored when m > 0."""
     from pmeta import load_config
     from pmeta.bank.build import build_model, validation_ranking, validation_sets
     from pmeta.data.sample import load_sample
@@ -253,7 +254,7 @@ def test_onboarding_init_and_time_prior_rank_validation_users_better_than_ease()
     # tested on synthetic data in test_onboarding.py), so the build makes two EASE fits only; the
     # time prior's grid runs as in a default build
     fixed = {"ease_lambda": 500.0, "onboarding_lambda": 30.0, "onboarding_weight": 1.0, "cf_pool_exponent": 0.5}
-    config = load_config("tiny", overrides={"early_stopping": True, "cf_init": "onboarding", **fixed, "tower_steps": 0, "global_steps": 0, "anchor_steps": 0, "stack_steps": 0, "inner_steps": 0})
+    config = load_config("tiny", overrides={"early_stopping": True, "cf_init": "onboarding", **fixed, "time_prior_pseudo_ratings": [0, 30], "tower_steps": 0, "global_steps": 0, "anchor_steps": 0, "stack_steps": 0, "inner_steps": 0})
     dataset = load_sample()
     model, record = build_model(dataset, config)
     chosen = record["collaborative_init"]
@@ -261,9 +262,11 @@ def test_onboarding_init_and_time_prior_rank_validation_users_better_than_ease()
     assert float(model.t.head["cf_pool_exponent"]) == chosen["pool_exponent"] == 0.5
     prior = chosen["time_prior"]
     assert prior["weight"] > 0 and float(model.t.head["time_weight"]) == prior["weight"]
-    assert len(prior["validation_ndcg"]) == 1 + (len(time_prior.WEIGHTS) - 1) * len(time_prior.BANDWIDTHS)
+    assert len(prior["validation_ndcg"]) == 1 + 2 * (len(time_prior.WEIGHTS) - 1) * len(time_prior.BANDWIDTHS)
     assert all(set(row) == {"uni99", "pop99", "full", "mean"} for row in prior["validation_ndcg"].values())
-    best = prior["validation_ndcg"][f"h={prior['bandwidth_days']:g}d,beta={prior['weight']:g}"]
+    m = prior["pseudo_ratings"]
+    assert m in (0.0, 30.0) and (float(model.t.head["time_pseudo_ratings"]) if "time_pseudo_ratings" in model.t.head else 0.0) == m
+    best = prior["validation_ndcg"][f"h={prior['bandwidth_days']:g}d,beta={prior['weight']:g}" + (f",m={m:g}" if m else "")]
     assert best["mean"] == max(row["mean"] for row in prior["validation_ndcg"].values()) > prior["validation_ndcg"]["h=0d,beta=0"]["mean"]
     bias = chosen["anchor_bias"]  # γ chosen on the same split, after the prior; the grid's best point
     assert set(bias["validation_ndcg"]) == {f"gamma={w:g}" for w in anchor_bias.WEIGHTS}

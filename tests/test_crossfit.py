@@ -61,6 +61,19 @@ def test_a_users_time_prior_is_counted_over_the_other_folds_only():
     assert not torch.allclose(refit.prior(other, t, "cpu"), fit.prior(other, t, "cpu"))
 
 
+def test_fold_priors_carry_the_banks_pseudo_ratings():
+    events = _events()
+    train = np.arange(8)
+    fit = crossfit.build(3, 0, train, events, _positives(events, train), N_ITEMS, 30.0, 2.0, None, 1, 0.0, pseudo_ratings=300.0)
+    user, item, stamp = events
+    assert all(float(p["time_pseudo_ratings"]) == 300.0 for p in fit.priors)
+    others = np.isin(user, [v for v in train if fit.fold[int(v)] != fit.fold[0]])
+    want = 2.0 * time_prior.log_prior_at(time_prior.build(item[others], stamp[others], N_ITEMS, 30.0, pseudo_ratings=300.0), [50 * time_prior.DAY])[0]
+    torch.testing.assert_close(fit.prior([0], [50 * time_prior.DAY], "cpu")[0], want.float())
+    plain = crossfit.build(3, 0, train, events, _positives(events, train), N_ITEMS, 30.0, 2.0, None, 1, 0.0)
+    assert not torch.allclose(fit.prior([0], [50 * time_prior.DAY], "cpu"), plain.prior([0], [50 * time_prior.DAY], "cpu"))
+
+
 def test_no_time_prior_gives_none():
     events = _events()
     fit = crossfit.build(2, 0, np.arange(9), events, _positives(events, range(9)), N_ITEMS, 30.0, 0.0, None, 1, 0.0)

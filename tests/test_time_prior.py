@@ -214,8 +214,8 @@ def test_choose_takes_the_prior_when_time_predicts_and_not_when_it_misleads():
     events = time_prior.rating_events(dataset, fit)
     flat = np.zeros(60)
     # 60 items: too few for 99 sampled negatives, so full ranking only (the real-data test runs all three modes)
-    h, weight, grid = time_prior.choose(lambda support: flat, cases, events, 60, bandwidths=(30.0,), weights=(0.0, 1.0), modes=("full",))
-    assert (h, weight) == (30.0, 1.0) and grid["h=30d,beta=1"]["full"] > grid["h=0d,beta=0"]["full"] + 0.2
+    h, weight, m, grid = time_prior.choose(lambda support: flat, cases, events, 60, bandwidths=(30.0,), weights=(0.0, 1.0), modes=("full",))
+    assert (h, weight, m) == (30.0, 1.0, 0.0) and grid["h=30d,beta=1"]["full"] > grid["h=0d,beta=0"]["full"] + 0.2
     assert grid["h=30d,beta=1"]["mean"] == grid["h=30d,beta=1"]["full"]
 
     def knows_the_half(support):  # base scores that already know the user's half (ties broken by item index)
@@ -223,9 +223,50 @@ def test_choose_takes_the_prior_when_time_predicts_and_not_when_it_misleads():
         return np.where((np.arange(60) >= 30) == late, 10.0, 0.0) + 1e-3 * np.arange(60)
 
     swapped = (events[0], np.where(events[1] >= 1000 * DAY, events[1] - 1000 * DAY, events[1] + 1000 * DAY))  # eras swapped: a prior that points at the wrong half
-    h, weight, grid = time_prior.choose(knows_the_half, cases, swapped, 60, bandwidths=(30.0,), weights=(0.0, 100.0), modes=("full",))
+    h, weight, m, grid = time_prior.choose(knows_the_half, cases, swapped, 60, bandwidths=(30.0,), weights=(0.0, 100.0), modes=("full",), pseudo_ratings=(0.0, 30.0))
     assert grid["h=0d,beta=0"]["full"] > 0.1 and grid["h=30d,beta=100"]["full"] < grid["h=0d,beta=0"]["full"]
-    assert weight == 0.0
+    assert weight == 0.0 and m == 0.0 and set(grid) == {"h=0d,beta=0", "h=30d,beta=100", "h=30d,beta=100,m=30"}
+
+
+def test_choose_leans_on_all_time_popularity_when_the_users_time_has_few_ratings_behind_it():
+    """Validation users at day 1000 like items 0..9, which 2,000 ratings made popular in the first
+    month; the only ratings within a few bandwidths of day 1000 are 20 of items 50..59. The decayed
+    counts alone (m = 0) point at those; m pseudo-ratings of the all-time share bring items 0..9
+    back, so the grid takes m > 0 (and its scores are those of a prior built with that m)."""
+    rng = np.random.default_rng(0)
+    rows = [(f"v{u:02d}", str(item), 5.0, int(1000 * DAY + u * 3600 + n)) for u in range(20) for n, item in enumerate(rng.permutation(10)[:8])]
+    dataset = _dataset(rows, 60)
+    cases = time_prior.validation_cases(dataset, np.arange(20))
+    events = (np.concatenate([rng.integers(0, 10, 2000), np.arange(50, 60).repeat(2)]), np.concatenate([rng.uniform(0, 30, 2000), rng.uniform(990, 999, 20)]) * DAY)
+    flat = np.zeros(60)
+    h, weight, m, grid = time_prior.choose(lambda support: flat, cases, events, 60, bandwidths=(30.0,), weights=(0.0, 1.0), modes=("full",), pseudo_ratings=(0.0, 30.0, 3000.0))
+    assert weight == 1.0 and m > 0 and grid[f"h=30d,beta=1,m={m:g}"]["full"] > grid["h=30d,beta=1"]["full"] + 0.3
+    assert grid["h=30d,beta=1"]["full"] < 0.05  # the decayed counts alone rank items 0..9 below 50..59
+    shrunk = time_prior.build(events[0], events[1], 60, 30.0, pseudo_ratings=m)
+    assert float(shrunk["time_pseudo_ratings"]) == m and "time_pseudo_ratings" not in time_prior.build(events[0], events[1], 60, 30.0)
+    top = time_prior.log_prior_at(shrunk, [1000 * DAY]).numpy()[0].argsort()[::-1][:10]
+    assert set(top) == set(range(10))
+    # a prior that is not exponential tries m = 0 only
+    _, _, m_gaussian, grid_gaussian = time_prior.choose(lambda support: flat, cases, events, 60, bandwidths=(30.0,), weights=(0.0, 1.0), modes=("full",), kind="gaussian", pseudo_ratings=(0.0, 30.0))
+    assert m_gaussian == 0.0 and set(grid_gaussian) == {"h=0d,beta=0", "h=30d,beta=1"}
+
+
+def test_pseudo_ratings_are_refused_where_they_mean_nothing():
+    from pmeta import InvalidConfig, load_config
+
+    items, times = np.array([0, 1]), np.array([0.0, DAY])
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="pseudo-ratings"):
+            time_prior.build(items, times, 2, 30.0, pseudo_ratings=bad)
+    with pytest.raises(ValueError, match="exponential"):
+        time_prior.build(items, times, 2, 30.0, kind="gaussian", pseudo_ratings=30.0)
+    with pytest.raises(InvalidConfig, match="time_prior_pseudo_ratings"):
+        load_config("tiny", overrides={"time_prior_kernel": "gaussian", "time_prior_pseudo_ratings": [0.0, 30.0]})
+    for bad in ([-1.0], [], [float("nan")], 30.0):
+        with pytest.raises(InvalidConfig, match="time_prior_pseudo_ratings"):
+            load_config("tiny", overrides={"time_prior_pseudo_ratings": bad})
+    assert load_config("tiny", overrides={"time_prior_kernel": "gaussian", "time_prior_pseudo_ratings": [0]}).time_prior_pseudo_ratings == (0.0,)
+    assert load_config("tiny").time_prior_pseudo_ratings == (0.0,)
 
 
 def test_cases_carry_the_time_of_the_kth_positive():

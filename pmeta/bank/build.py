@@ -379,7 +379,7 @@ def collaborative_init(dataset: Dataset, config: BankConfig, train_users: np.nda
     train_positives = [positives[int(u)] for u in train_users]
 
     def fixed_prior() -> dict[str, torch.Tensor]:  # the other inits: a time prior only when β is set
-        return time_prior_entries(dataset, config, train_users, fixed_bandwidth(config), config.time_prior_weight or 0.0)
+        return time_prior_entries(dataset, config, train_users, fixed_bandwidth(config), config.time_prior_weight or 0.0, config.time_prior_pseudo_ratings[0])
 
     if config.cf_rank == 0:
         return None, 1.0, None, {"kind": "none"}, fixed_prior()
@@ -399,13 +399,13 @@ def collaborative_init(dataset: Dataset, config: BankConfig, train_users: np.nda
         entries, record["time_prior"] = {}, {"weight": 0.0}
         if config.time_prior_weight != 0.0 or config.anchor_bias_weight is None:
             cases, base = split.validation_scorer(dataset, positives)
-            h, weight = 365.0, 0.0
+            h, weight, pseudo = 365.0, 0.0, 0.0
             if cases and config.time_prior_weight != 0.0 and times is not None:
-                h, weight, grid = choose_time_prior(dataset, config, split.fit_users, cases, base)
-                entries = time_prior_entries(dataset, config, train_users, h, weight)
-                record["time_prior"] = {"bandwidth_days": h, "weight": weight, "kind": config.time_prior_kind, "causal": config.time_prior_causal, "validation_ndcg": grid}
+                h, weight, pseudo, grid = choose_time_prior(dataset, config, split.fit_users, cases, base)
+                entries = time_prior_entries(dataset, config, train_users, h, weight, pseudo)
+                record["time_prior"] = {"bandwidth_days": h, "weight": weight, "pseudo_ratings": pseudo, "kind": config.time_prior_kind, "causal": config.time_prior_causal, "validation_ndcg": grid}
             if cases and config.anchor_bias_weight is None and item_text is not None:
-                gamma, grid = choose_anchor_bias(dataset, config, split.fit_users, cases, base, h, weight, [positives[int(u)] for u in split.fit_users], item_text)
+                gamma, grid = choose_anchor_bias(dataset, config, split.fit_users, cases, base, h, weight, [positives[int(u)] for u in split.fit_users], item_text, pseudo)
                 record["anchor_bias"] = {"weight": gamma, "validation_ndcg": grid}
             del base
         del split, ease
@@ -470,7 +470,7 @@ def fixed_bandwidth(config: BankConfig) -> float:
 
 
 def training_priors(dataset: Dataset, config: BankConfig, train_with_pos: np.ndarray, positives: dict[int, np.ndarray], cf_record: dict, time_entries: dict, assignment: np.ndarray | None, n_anchors: int, gamma: float, bias_of_anchors: torch.Tensor | None = None) -> crossfit.CrossFit:
-    """The cross-fitted training priors (:mod:`pmeta.bank.crossfit`): the same time prior (h, β) and
+    """The cross-fitted training priors (:mod:`pmeta.bank.crossfit`): the same time prior (h, β, m) and
     anchors' bias (γ, anchors) as the bank's (``time_entries``, ``bias_of_anchors``), per fold of
     ``train_with_pos`` without that fold."""
     weight = float(time_entries["time_weight"]) if "time_weight" in time_entries else 0.0
@@ -491,6 +491,7 @@ def training_priors(dataset: Dataset, config: BankConfig, train_with_pos: np.nda
         serving_prior=time_entries,
         serving_bias=bias_of_anchors,
         kind=config.time_prior_kind,
+        pseudo_ratings=float(time_entries["time_pseudo_ratings"]) if "time_pseudo_ratings" in time_entries else 0.0,
     )
 
 
@@ -509,12 +510,13 @@ def bank_training_priors(model: PmetaModel, build_record: dict, dataset: Dataset
     return training_priors(dataset, config, train_with_pos, positives, build_record.get("collaborative_init", {}), time_entries, None, 0, 0.0)
 
 
-def time_prior_entries(dataset: Dataset, config: BankConfig, users: np.ndarray, bandwidth_days: float, weight: float) -> dict[str, torch.Tensor]:
-    """Head entries of a time prior built from ``users``' ratings ({} when β = 0)."""
+def time_prior_entries(dataset: Dataset, config: BankConfig, users: np.ndarray, bandwidth_days: float, weight: float, pseudo_ratings: float = 0.0) -> dict[str, torch.Tensor]:
+    """Head entries of a time prior built from ``users``' ratings ({} when β = 0), with m =
+    ``pseudo_ratings`` pseudo-ratings of the all-time share (exponential kind)."""
     if weight == 0.0:
         return {}
     items, stamps = time_prior.rating_events(dataset, users)
-    return time_prior.head_entries(time_prior.build(items, stamps, len(dataset.catalog), bandwidth_days, config.time_prior_kind), weight)
+    return time_prior.head_entries(time_prior.build(items, stamps, len(dataset.catalog), bandwidth_days, config.time_prior_kind, pseudo_ratings), weight)
 
 
 class OnboardingScores:
@@ -547,12 +549,12 @@ class OnboardingScores:
 
 
 def choose_time_prior(dataset: Dataset, config: BankConfig, fit_users, cases: list, base: OnboardingScores):
-    """(h, β, grid scores) of the time prior on EASE's validation split of the train users (``cases``,
+    """(h, β, m, grid scores) of the time prior on EASE's validation split of the train users (``cases``,
     :func:`pmeta.tasks.time_prior.validation_cases`): the base scores are the onboarding model
     fitted on ``fit_users``, the prior counts ``fit_users``' ratings."""
     bandwidths = (config.time_prior_bandwidth,) if config.time_prior_bandwidth is not None else time_prior.BANDWIDTHS
     weights = (config.time_prior_weight,) if config.time_prior_weight is not None else time_prior.WEIGHTS
-    return time_prior.choose(base, cases, time_prior.rating_events(dataset, fit_users), len(dataset.catalog), bandwidths, weights, kind=config.time_prior_kind)
+    return time_prior.choose(base, cases, time_prior.rating_events(dataset, fit_users), len(dataset.catalog), bandwidths, weights, kind=config.time_prior_kind, pseudo_ratings=config.time_prior_pseudo_ratings)
 
 
 @dataclass
@@ -571,10 +573,10 @@ class AnchorBiasInputs:
     popularity: np.ndarray
 
 
-def anchor_bias_inputs(dataset: Dataset, config: BankConfig, fit_users, base: OnboardingScores, h: float, beta: float, fit_positives: list[np.ndarray], item_text: torch.Tensor) -> AnchorBiasInputs:
+def anchor_bias_inputs(dataset: Dataset, config: BankConfig, fit_users, base: OnboardingScores, h: float, beta: float, fit_positives: list[np.ndarray], item_text: torch.Tensor, pseudo_ratings: float = 0.0) -> AnchorBiasInputs:
     """The fit users are clustered as the build clusters the train users (``config.anchors``
     spherical k-means in the ``config.key_space`` space, here from the fit users' own matrix, through
-    :func:`anchor_keys`); the base scores are the onboarding model plus the time prior (h, β)."""
+    :func:`anchor_keys`); the base scores are the onboarding model plus the time prior (h, β, m)."""
     n_items = len(dataset.catalog)
     key_rows, _ = anchor_keys(item_text, None if config.key_space == "text" else base.history_factors(config.cf_rank), config)
     rows = (item_text if key_rows is None else key_rows).float().numpy()
@@ -583,7 +585,7 @@ def anchor_bias_inputs(dataset: Dataset, config: BankConfig, fit_users, base: On
     ratio = anchor_bias.log_ratio(fit_positives, assignment, len(centroids), n_items)
     sizes = np.bincount(assignment, minlength=len(centroids)).astype(np.float64)
     events = time_prior.rating_events(dataset, fit_users)
-    prior = time_prior.build(events[0], events[1], n_items, h, config.time_prior_kind) if beta > 0 else None
+    prior = time_prior.build(events[0], events[1], n_items, h, config.time_prior_kind, pseudo_ratings) if beta > 0 else None
 
     def scores(support: np.ndarray, t: float) -> np.ndarray:
         out = base(support)
@@ -598,12 +600,12 @@ def anchor_bias_inputs(dataset: Dataset, config: BankConfig, fit_users, base: On
     return AnchorBiasInputs(scores, key, centroids, assignment, ratio, sizes, popularity)
 
 
-def choose_anchor_bias(dataset: Dataset, config: BankConfig, fit_users, cases: list, base: OnboardingScores, h: float, beta: float, fit_positives: list[np.ndarray], item_text: torch.Tensor) -> tuple[float, dict]:
+def choose_anchor_bias(dataset: Dataset, config: BankConfig, fit_users, cases: list, base: OnboardingScores, h: float, beta: float, fit_positives: list[np.ndarray], item_text: torch.Tensor, pseudo_ratings: float = 0.0) -> tuple[float, dict]:
     """(γ, grid scores) of the anchors' item bias on EASE's validation split of the train users:
     a validation user (``cases``) retrieves ``config.top_k`` of the fit users' anchors
     (:func:`anchor_bias_inputs`) at the initial temperature; ``pop99`` samples by the fit users'
     rating counts, as for the time prior."""
-    inputs = anchor_bias_inputs(dataset, config, fit_users, base, h, beta, fit_positives, item_text)
+    inputs = anchor_bias_inputs(dataset, config, fit_users, base, h, beta, fit_positives, item_text, pseudo_ratings)
     weights = (config.anchor_bias_weight,) if config.anchor_bias_weight is not None else anchor_bias.WEIGHTS
     return anchor_bias.choose(inputs.scores, cases, inputs.key, inputs.centroids, inputs.ratio, inputs.sizes, config.top_k, config.temperature, inputs.popularity, weights)
 

@@ -121,13 +121,14 @@ def build(
     serving_prior: dict[str, torch.Tensor] | None = None,
     serving_bias: torch.Tensor | None = None,
     kind: str = "exponential",
+    pseudo_ratings: float = 0.0,
 ) -> CrossFit:
     """The per-fold priors of the train ``users`` (in the order of ``positives`` and ``assignment``):
     ``events`` = (user, item, timestamp) arrays of every rating, of which the train users' are counted;
     the time prior at ``time_bandwidth_days`` and β = ``time_weight`` (0: none); the anchors' bias
     at γ = ``gamma`` (0: none) over the anchors ``assignment``; ``serving_prior`` / ``serving_bias``:
-    the bank's own tensors, for users outside the folds (:class:`CrossFit`); ``kind``: as
-    :func:`pmeta.tasks.time_prior.build`."""
+    the bank's own tensors, for users outside the folds (:class:`CrossFit`); ``kind`` and
+    ``pseudo_ratings``: as :func:`pmeta.tasks.time_prior.build`."""
     if folds < 2:
         raise ValueError("cross-fitting needs at least 2 folds")
     users = np.asarray(users, dtype=np.int64)
@@ -143,7 +144,7 @@ def build(
     for f in range(folds):
         if time_weight > 0:
             keep = in_train & (event_fold != f)
-            priors.append(time_prior.head_entries(time_prior.build(event_items[keep], event_times[keep], n_items, float(time_bandwidth_days), kind), time_weight))
+            priors.append(time_prior.head_entries(time_prior.build(event_items[keep], event_times[keep], n_items, float(time_bandwidth_days), kind, pseudo_ratings), time_weight))
         else:
             priors.append({})
         if gamma > 0 and assignment is not None:

@@ -198,7 +198,7 @@ class TimePopularityBaseline:
         if self.chosen_bandwidth is None:
             fit_users, validation_users = validation_split(train_users, self.validation_fraction, self.validation_seed)
             zeros = np.zeros(n_items)
-            self.chosen_bandwidth, _, _ = time_prior.choose(lambda support: zeros, time_prior.validation_cases(dataset, validation_users), time_prior.rating_events(dataset, fit_users), n_items, weights=(1.0,), modes=self.validation_modes, kind=self.kind)
+            self.chosen_bandwidth, _, _, _ = time_prior.choose(lambda support: zeros, time_prior.validation_cases(dataset, validation_users), time_prior.rating_events(dataset, fit_users), n_items, weights=(1.0,), modes=self.validation_modes, kind=self.kind)
         items, times = time_prior.rating_events(dataset, train_users)
         self.prior = time_prior.build(items, times, n_items, self.chosen_bandwidth, self.kind)
         return self

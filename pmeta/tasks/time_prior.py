@@ -22,8 +22,11 @@ t as the last checkpoint's counts decayed to t plus the ratings between it and t
 (:func:`exact_at`). ``head/time_overall`` holds p_i, ``head/time_bandwidth`` h in seconds.
 An optional ``head/time_pseudo_ratings`` m adds m ratings of the all-time share p_i to the decayed
 counts, ``p_i(t) = (Σ exp(−(t − τ)/h)·1[i] + m·p_i) / (Σ exp(−(t − τ)/h) + m)``, so that a time with
-few ratings behind it (a bank serving another catalogue's earlier users) leans on p_i; no build
-sets it yet (``benchmarks/transfer_parts.py --shrink`` measures it on a transferred bank).
+few ratings behind it (a bank serving another catalogue's earlier users) leans on p_i. A build
+chooses m with h and β among ``BankConfig.time_prior_pseudo_ratings`` (default (0,): none). On
+ml-latest-small's validation users (seeds 0, 1, 2) the grid 0 / 30 / 300 / 3,000 takes 30 / 0 / 30,
+each within 0.0004 mean nDCG@10 of m = 0, and m = 3,000 costs 0.005 to 0.010 (pop99 the most), so
+the default stays none (``benchmarks/transfer_parts.py --shrink`` measures m on a transferred bank).
 
 Older kinds, still read and rebuilt for comparison (``BankConfig.time_prior_kernel`` /
 ``time_prior_causal``; :data:`KINDS`):
@@ -118,13 +121,21 @@ def at(grid: np.ndarray | torch.Tensor, log_prior: np.ndarray | torch.Tensor, ti
 KINDS = ("exponential", "gaussian", "two-sided")
 
 
-def build(items: np.ndarray, times: np.ndarray, n_items: int, bandwidth_days: float, kind: str = "exponential") -> dict[str, torch.Tensor]:
+def build(items: np.ndarray, times: np.ndarray, n_items: int, bandwidth_days: float, kind: str = "exponential", pseudo_ratings: float = 0.0) -> dict[str, torch.Tensor]:
     """The tensors of a time prior of ``kind`` (:data:`KINDS`; no weight) from rating events (item
-    indexes, seconds): what :func:`log_prior_at` reads and :func:`head_entries` stores."""
+    indexes, seconds): what :func:`log_prior_at` reads and :func:`head_entries` stores.
+    ``pseudo_ratings`` m > 0 (exponential kind only) stores ``time_pseudo_ratings``."""
     if kind not in KINDS:
         raise ValueError(f"unknown time prior kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if pseudo_ratings < 0 or not math.isfinite(pseudo_ratings):
+        raise ValueError(f"the time prior's pseudo-ratings must be finite and >= 0, got {pseudo_ratings}")
+    if pseudo_ratings > 0 and kind != "exponential":
+        raise ValueError(f"pseudo-ratings need the exponential time prior, not {kind!r}")
     if kind == "exponential":
-        return decayed(items, times, n_items, bandwidth_days)
+        out = decayed(items, times, n_items, bandwidth_days)
+        if pseudo_ratings > 0:
+            out["time_pseudo_ratings"] = torch.tensor(float(pseudo_ratings), dtype=torch.float64)
+        return out
     grid, log_prior = table(items, times, n_items, bandwidth_days, causal=kind == "gaussian")
     out = {"time_grid": torch.from_numpy(np.asarray(grid, dtype=np.float64)), "time_log_prior": torch.from_numpy(np.asarray(log_prior, dtype=np.float32))}
     if kind == "gaussian":
@@ -320,9 +331,10 @@ def supports(cases: list, ks: tuple[int, ...] = (1, 3, 5)):
             yield case.user, case.support[:k], float(times[k - 1]), case.query
 
 
-def choose(base_scores, cases: list, events: tuple[np.ndarray, np.ndarray], n_items: int, bandwidths=BANDWIDTHS, weights=WEIGHTS, ks: tuple[int, ...] = (1, 3, 5), modes: tuple[str, ...] = MODES, seed: int = 0, kind: str = "exponential") -> tuple[float, float, dict[str, dict[str, float]]]:
-    """Choose (h, β) on validation ``cases`` (:func:`validation_cases`) by nDCG@10 averaged over
-    ``ks`` and the protocol's candidate ``modes``.
+def choose(base_scores, cases: list, events: tuple[np.ndarray, np.ndarray], n_items: int, bandwidths=BANDWIDTHS, weights=WEIGHTS, ks: tuple[int, ...] = (1, 3, 5), modes: tuple[str, ...] = MODES, seed: int = 0, kind: str = "exponential", pseudo_ratings=(0.0,)) -> tuple[float, float, float, dict[str, dict[str, float]]]:
+    """Choose (h, β, m) on validation ``cases`` (:func:`validation_cases`) by nDCG@10 averaged over
+    ``ks`` and the protocol's candidate ``modes``; m from ``pseudo_ratings`` (the exponential kind
+    only; others try m = 0 alone).
 
     ``base_scores(support) -> (N,)`` is the model without the prior; ``events`` are the (items,
     times) of the ratings the prior is built from (never the validation users' own), and their
@@ -330,22 +342,27 @@ def choose(base_scores, cases: list, events: tuple[np.ndarray, np.ndarray], n_it
     popularity term, and the modes pull its weight in opposite directions (``uni99``'s negatives
     are mostly obscure items, ``pop99``'s popular ones), so choosing on one of them picks a point
     of that trade-off blindly (a catalogue too small for 99 negatives keeps the modes that can draw
-    them, :func:`~pmeta.eval.protocol.drawable_modes`). Ties go to the smaller β. ``kind``: as
-    :func:`build`. Returns (h in days, β, every grid point's nDCG@10 per mode and their mean)."""
+    them, :func:`~pmeta.eval.protocol.drawable_modes`). Ties go to the smaller β, then the smaller
+    m. ``kind``: as :func:`build`. Returns (h in days, β, m, every grid point's nDCG@10 per mode and
+    their mean; the keys name m only where it is not 0)."""
     from ..eval.protocol import draw_candidates, drawable_modes, mean_ndcg
 
     popularity = np.bincount(np.asarray(events[0], dtype=np.int64), minlength=n_items).astype(np.float64)
     modes = drawable_modes([case for case, _ in cases], modes, popularity)  # all three on MovieLens
     candidates = draw_candidates([case for case, _ in cases], modes, popularity, seed)
     prepared = [(user, base_scores(support), t, query) for user, support, t, query in supports(cases, ks)]
-    scores: dict[tuple[float, float], dict[str, float]] = {}
+    pseudo_ratings = tuple(pseudo_ratings) if kind == "exponential" else (0.0,)
+    scores: dict[tuple[float, float, float], dict[str, float]] = {}
     for h in bandwidths:
-        prior = build(events[0], events[1], n_items, h, kind)
-        priors = log_prior_at(prior, np.array([p[2] for p in prepared])).numpy().astype(np.float64)
-        for weight in weights:
-            if weight == 0.0 and (0.0, 0.0) in scores:
-                continue
-            scored = ((user, base + weight * prior, query) for (user, base, _, query), prior in zip(prepared, priors))
-            scores[(0.0 if weight == 0.0 else h, weight)] = mean_ndcg(scored, candidates, modes)
-    h, weight = max(scores, key=lambda key: (scores[key]["mean"], -key[1]))
-    return h, weight, {f"h={key[0]:g}d,beta={key[1]:g}": value for key, value in scores.items()}
+        built = build(events[0], events[1], n_items, h, kind)
+        for m in pseudo_ratings:
+            prior = {**built, "time_pseudo_ratings": torch.tensor(float(m), dtype=torch.float64)} if m > 0 else built
+            priors = log_prior_at(prior, np.array([p[2] for p in prepared])).numpy().astype(np.float64)
+            for weight in weights:
+                if weight == 0.0 and (0.0, 0.0, 0.0) in scores:
+                    continue
+                scored = ((user, base + weight * prior, query) for (user, base, _, query), prior in zip(prepared, priors))
+                key = (0.0, 0.0, 0.0) if weight == 0.0 else (h, weight, float(m))
+                scores[key] = mean_ndcg(scored, candidates, modes)
+    h, weight, m = max(scores, key=lambda key: (scores[key]["mean"], -key[1], -key[2]))
+    return h, weight, m, {f"h={key[0]:g}d,beta={key[1]:g}" + (f",m={key[2]:g}" if key[2] else ""): value for key, value in scores.items()}
