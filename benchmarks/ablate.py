@@ -22,7 +22,8 @@ stage with each strategy on the same bank (each in a fresh subprocess).
 Build-time ablations rebuild a bank per value with ``--build-preset`` (on the train users only)
 and evaluate pmeta on it: ``--anchors``, ``--prompt-lengths``, ``--anchor-bias-weights``
 (γ fixed instead of chosen; 0 = a bank without the anchors' item bias) and
-``--time-prior-weights`` (β fixed instead of chosen with h; 0 = a bank without the time prior).
+``--time-prior-weights`` (β fixed instead of chosen with h; 0 = a bank without the time prior)
+and ``--time-prior-bandwidths`` (h fixed, in days, instead of chosen with β).
 
 Every row: HR@10 / nDCG@10 for each (mode, K) and adaptation p50 ms at the largest K. Choose
 settings on validation users, never on these test numbers; the table is for the README.
@@ -131,6 +132,7 @@ def main() -> None:
     parser.add_argument("--prompt-lengths", default="", help="comma-separated prompt lengths to rebuild with (empty: skip)")
     parser.add_argument("--anchor-bias-weights", default="", help="comma-separated γ of the anchors' item bias to rebuild with, 0 = none (empty: skip)")
     parser.add_argument("--time-prior-weights", default="", help="comma-separated β of the time prior to rebuild with, 0 = no prior (empty: skip)")
+    parser.add_argument("--time-prior-bandwidths", default="", help="comma-separated bandwidths h (days) of the time prior to rebuild with, β chosen (empty: skip)")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: steps,top_k,fusion,stacking,meta")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
@@ -182,7 +184,7 @@ def main() -> None:
             r["outer step s"] = f"{probe['s_per_outer_step']:.2f}"
             r["meta-train peak RSS MB"] = f"{probe['peak_rss_mb']:.0f}"
             rows.append(("MAML vs Reptile", r))
-    for field, values, kind in (("anchors", args.anchors, int), ("prompt_length", args.prompt_lengths, int), ("anchor_bias_weight", args.anchor_bias_weights, float), ("time_prior_weight", args.time_prior_weights, float)):
+    for field, values, kind in (("anchors", args.anchors, int), ("prompt_length", args.prompt_lengths, int), ("anchor_bias_weight", args.anchor_bias_weights, float), ("time_prior_weight", args.time_prior_weights, float), ("time_prior_bandwidth", args.time_prior_bandwidths, float)):
         for value in (kind(x) for x in values.split(",") if x):
             from pmeta.bank.build import build_bank
             from pmeta.config import load_config

@@ -209,6 +209,37 @@ def test_empty_folders_are_found_below_files_and_links_are_not_emptiness(tmp_pat
     assert not (tmp_path / "manifest.json").exists()
 
 
+def test_a_folder_that_cannot_be_listed_fails_verification(store: BankStore, monkeypatch) -> None:
+    """os.walk skips a folder it cannot list, and with it whatever the folder holds (an unlisted file
+    would pass): a check reports it instead. Tests run as root here, where permissions do not stop
+    a listing, so the refusal is simulated at os.scandir."""
+    from pmeta.storage.manifest import list_files, write_manifest
+
+    version_id = build(store)
+    hidden = store.versions_dir / version_id / "hidden"
+    hidden.mkdir()
+    (hidden / "payload.bin").write_bytes(b"x")
+    real_scandir = os.scandir
+
+    def scandir(path=".", *args):
+        if Path(path) == hidden:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path, *args)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(BankIntegrityError, match=re.escape(f"versions/{version_id}/hidden/ cannot be listed (Permission denied)")):
+        store.open()
+    report = store.verify()
+    assert not report["ok"] and any("hidden/ cannot be listed" in error for error in report["versions"][0]["errors"])
+    with pytest.raises(PermissionError):
+        list_files(hidden.parent)
+    with pytest.raises(PermissionError):
+        write_manifest(hidden.parent, "other")
+    monkeypatch.undo()
+    with pytest.raises(BankIntegrityError, match="hidden/payload.bin is not listed in the manifest"):
+        store.open()
+
+
 def test_verify_reports_every_version_without_raising(store: BankStore) -> None:
     first, second = build(store, seed=1), build(store, seed=2)
     flip_byte(store.versions_dir / first / "catalog.json")
@@ -515,6 +546,48 @@ def test_a_failed_first_build_never_removes_a_bank_built_meanwhile(tmp_path: Pat
             raise RuntimeError("training failed")
     assert len(built) == 1 and BankStore(path).open().id == built[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bank"]
+
+
+def test_a_failed_first_build_leaves_a_folder_replaced_while_it_ran_alone(tmp_path: Path) -> None:
+    """The bank folder of a first build is moved away by hand while it runs and another build makes a
+    bank at the path: the first build's failure removes neither (its lock file is no longer the one
+    at the path), and publishing into the replaced folder is refused."""
+    path, moved = tmp_path / "bank", tmp_path / "moved"
+    with pytest.raises(RuntimeError, match="training failed"):
+        with BankStore(path).new_version() as writer:
+            fill(writer)
+            path.rename(moved)
+            other = build(BankStore(path), seed=3)
+            raise RuntimeError("training failed")
+    assert BankStore(path).open().id == other and moved.is_dir()
+    with BankStore(path).new_version() as writer:
+        fill(writer)
+        path.rename(moved / "second")
+        again = build(BankStore(path), seed=4)
+        with pytest.raises(BankBusy, match="moved or replaced while this build ran"):
+            publish(writer)
+        assert repr(writer).endswith("failed)")
+    store = BankStore(path)
+    assert store.open().id == again and [v["id"] for v in store.versions()] == [again]
+
+
+def test_a_lock_file_replaced_under_a_running_build_refuses_its_publish(tmp_path: Path) -> None:
+    """Someone removes the lock file of a bank while a build holds it (a second build could then
+    lock the new file): the first build's publish is refused, its folder removed, and the active
+    version stays."""
+    path = tmp_path / "bank"
+    first = build(BankStore(path))
+    with BankStore(path).new_version() as writer:
+        fill(writer, seed=1)
+        (path / ".lock").unlink()
+        (path / ".lock").write_bytes(b"")
+        with pytest.raises(BankBusy, match="moved or replaced"):
+            publish(writer, seed=1)
+        assert not writer.dir.exists()
+    store = BankStore(path)
+    assert store.open().id == first and [v["id"] for v in store.versions()] == [first]
+    assert not [p for p in (path / "versions").iterdir() if p.name.startswith(".tmp-")]
+    assert build(store, seed=2) != first  # the new lock file serves the next build
 
 
 def _at_revision_0001(bank: Path) -> None:

@@ -38,11 +38,12 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def list_files(directory: str | os.PathLike[str]) -> dict[str, Path]:
     """Every entry below ``directory`` that is not a directory, keyed by its relative POSIX name.
 
-    Symbolic links are listed (not followed), so that a check can reject them.
+    Symbolic links are listed (not followed), so that a check can reject them. Raises ``OSError``
+    for a folder that cannot be listed (``os.walk`` would skip it, and what it holds with it).
     """
     root = Path(directory)
     found: dict[str, Path] = {}
-    for current, dirnames, filenames in os.walk(root, followlinks=False):
+    for current, dirnames, filenames in os.walk(root, followlinks=False, onerror=_raise):
         for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(current, d))]:
             full = Path(current) / name
             found[full.relative_to(root).as_posix()] = full
@@ -54,10 +55,11 @@ def empty_folders(directory: str | os.PathLike[str]) -> list[str]:
 
     A version's files imply its folders; a folder that holds no file is not part of any version
     (a writer only makes folders to put files in), so a check reports it like an unlisted file.
+    Raises ``OSError`` for a folder that cannot be listed.
     """
     root = Path(directory)
     empty: list[str] = []
-    for current, dirnames, filenames in os.walk(root, topdown=False, followlinks=False):  # children first
+    for current, dirnames, filenames in os.walk(root, topdown=False, followlinks=False, onerror=_raise):  # children first
         here = Path(current)
         if here == root or filenames:
             continue
@@ -65,6 +67,10 @@ def empty_folders(directory: str | os.PathLike[str]) -> list[str]:
         if all(not (here / d).is_symlink() and (here / d).relative_to(root).as_posix() in empty for d in dirnames):
             empty.append(here.relative_to(root).as_posix())
     return sorted(empty)
+
+
+def _raise(error: OSError) -> None:
+    raise error
 
 
 def write_manifest(directory: str | os.PathLike[str], version_id: str) -> str:
@@ -131,7 +137,11 @@ def check_dir(
         return {MANIFEST_NAME: f"{where(MANIFEST_NAME)} describes version {manifest.get('version')!r}"}
 
     report: dict[str, str | None] = {MANIFEST_NAME: None}
-    present = list_files(root)
+    try:
+        present, empty = list_files(root), empty_folders(root)
+    except OSError as error:  # a folder inside that cannot be listed: what it holds cannot be checked
+        name = Path(error.filename).relative_to(root).as_posix() if error.filename and Path(error.filename).is_relative_to(root) else "."
+        return {**report, name + "/": f"{where(name)}/ cannot be listed ({error.strerror or error}), so what it holds cannot be checked"}
     for name, entry in sorted(listed.items()):
         full = present.get(name)
         if full is None:
@@ -148,7 +158,7 @@ def check_dir(
             report[name] = None
     for name in sorted(set(present) - set(listed) - {MANIFEST_NAME}):
         report[name] = f"{where(name)} is not listed in the manifest"
-    for name in empty_folders(root):
+    for name in empty:
         report[name + "/"] = f"{where(name)}/ is an empty folder, not listed in the manifest"
     return report
 

@@ -462,7 +462,9 @@ class VersionWriter:
         If this build created the bank folder and publishes nothing, the whole folder goes (lock
         file and SQLite database included, while the lock is still held): a failed first build
         leaves no empty bank behind. The folder is first renamed away, so a build that starts
-        meanwhile makes a bank of its own at the path, which this removal never touches."""
+        meanwhile makes a bank of its own at the path, which this removal never touches; and it is
+        removed only while the lock this writer holds is still the lock file at the bank's path (a
+        folder moved or replaced by hand while the build ran is left alone)."""
         try:
             if self._state == "open":
                 _remove(self.dir)
@@ -470,7 +472,8 @@ class VersionWriter:
             if self._created_bank and self._state in ("discarded", "failed"):
                 self._created_bank = False
                 self._store.close()
-                _remove_bank_folder(self._store.path)
+                if self._lock is not None and _is_lock_at(self._lock, self._store.path / LOCK_NAME):
+                    _remove_bank_folder(self._store.path)
         finally:
             _release_db_lock(self._db_lock)
             self._db_lock = None
@@ -541,9 +544,15 @@ class VersionWriter:
         orphan that :meth:`BankStore.info` reports and nothing opens; after the commit, an error
         (say, closing the session) still propagates, but the new version stays published and
         active. Errors propagate as :class:`InvalidConfig` for a config JSON cannot hold,
-        ``ValueError``/``TypeError`` for malformed anchors, database errors as raised.
+        ``ValueError``/``TypeError`` for malformed anchors, :class:`BankBusy` when the bank folder
+        was moved or replaced while the build ran (its lock file is no longer the one this writer
+        holds), database errors as raised.
         """
         self._check_open()
+        if self._lock is not None and not _is_lock_at(self._lock, self._store.path / LOCK_NAME):
+            _remove(self.dir)
+            self._state = "failed"
+            raise BankBusy(f"the bank folder {self._store.path} was moved or replaced while this build ran; nothing was published, build again")
         final = self._store.versions_dir / self.id
         created: Path = self.dir
         committing = committed = False
@@ -911,10 +920,7 @@ def _acquire_lock(lock_path: Path, bank: Path) -> IO[bytes]:
         handle.close()
         raise
     try:
-        held, there = os.fstat(handle.fileno()), os.stat(lock_path)
-        same = (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
-    except FileNotFoundError:
-        same = False
+        same = _is_lock_at(handle, lock_path)
     except BaseException:
         _release_lock(handle)
         raise
@@ -922,6 +928,18 @@ def _acquire_lock(lock_path: Path, bank: Path) -> IO[bytes]:
         _release_lock(handle)
         raise moved
     return handle
+
+
+def _is_lock_at(handle: IO[bytes], lock_path: Path) -> bool:
+    """Whether the open lock file ``handle`` is still the file at ``lock_path`` (same device and
+    inode; False when nothing is there): a lock held on a file that was moved or removed, with the
+    folder around it, is not the lock of whatever bank is at the path now."""
+    held = os.fstat(handle.fileno())
+    try:
+        there = os.stat(lock_path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _release_lock(handle: IO[bytes]) -> None:
