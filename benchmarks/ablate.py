@@ -23,7 +23,8 @@ Build-time ablations rebuild a bank per value with ``--build-preset`` (on the tr
 and evaluate pmeta on it: ``--anchors``, ``--prompt-lengths``, ``--anchor-bias-weights``
 (γ fixed instead of chosen; 0 = a bank without the anchors' item bias) and
 ``--time-prior-weights`` (β fixed instead of chosen with h; 0 = a bank without the time prior)
-and ``--time-prior-bandwidths`` (h fixed, in days, instead of chosen with β).
+and ``--time-prior-bandwidths`` (h fixed, in days, with β chosen; only a preset whose
+``cf_init`` is ``onboarding`` chooses β, so the others are refused: ``--build-preset small``).
 
 Every row: HR@10 / nDCG@10 for each (mode, K) and adaptation p50 ms at the largest K. Choose
 settings on validation users, never on these test numbers; the table is for the README.
@@ -139,6 +140,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ks = tuple(int(k) for k in args.k.split(","))
+    if args.time_prior_bandwidths:
+        from pmeta.config import load_config
+
+        preset_init = load_config(args.build_preset).cf_init
+        if preset_init != "onboarding":  # β would be 0: every row a bank without the prior
+            parser.error(f"--time-prior-bandwidths needs a preset that chooses β (cf_init = 'onboarding'), not {args.build_preset!r} ({preset_init}); try --build-preset small")
     modes = tuple(args.mode.split(","))
     skip = set(filter(None, args.skip.split(",")))
     dataset = load_sample()

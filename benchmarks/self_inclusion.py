@@ -44,22 +44,24 @@ QUERY = slice(5, 15)  # positives 6..15: the onboarding regression's targets and
 
 def time_prior_inflation(dataset, train: np.ndarray, stored: dict[str, np.ndarray], h: float, beta: float, users: int, seed: int, folds: int, fit_seed: int, kind: str = "exponential") -> dict:
     """``stored``: the bank's time prior tensors (their names without ``head/``); ``kind``: theirs
-    (:data:`pmeta.tasks.time_prior.KINDS`), and so are the ones rebuilt here."""
+    (:data:`pmeta.tasks.time_prior.KINDS`), and so are the ones rebuilt here, with the bank's
+    pseudo-ratings m (``time_pseudo_ratings``, 0 without)."""
+    pseudo = float(stored["time_pseudo_ratings"]) if "time_pseudo_ratings" in stored else 0.0
     positives, times, rated = dataset.positives_by_user(), dataset.positive_times_by_user(), dataset.rated_by_user()
     items, stamps = time_prior.rating_events(dataset, train)
     owner = dataset.ratings.user[np.isin(dataset.ratings.user, train)]  # rating_events keeps the file order
-    prior = time_prior.build(items, stamps, len(dataset.catalog), h, kind)
+    prior = time_prior.build(items, stamps, len(dataset.catalog), h, kind, pseudo)
     probe = np.linspace(float(stamps.min()), float(stamps.max()), 9)  # the stored and the rebuilt log prior at nine times
     difference = float((time_prior.log_prior_at({k: torch.as_tensor(v) for k, v in stored.items()}, probe) - time_prior.log_prior_at(prior, probe)).abs().max())
     eligible = [u for u in train if len(positives[u]) >= 6]
     sample = np.random.default_rng(seed).choice(eligible, min(users, len(eligible)), replace=False)
-    fit = crossfit.build(folds, fit_seed, train, (dataset.ratings.user, dataset.ratings.item, dataset.ratings.timestamp), [positives[u] for u in train], len(dataset.catalog), h, beta, None, 1, 0.0, kind=kind)
+    fit = crossfit.build(folds, fit_seed, train, (dataset.ratings.user, dataset.ratings.item, dataset.ratings.timestamp), [positives[u] for u in train], len(dataset.catalog), h, beta, None, 1, 0.0, kind=kind, pseudo_ratings=pseudo)
     inside, outside, crossed, ndcg_inside, ndcg_outside = [], [], [], [], []
     for user in sample:
         t, query = times[user][4], positives[user][QUERY]
         kept = owner != user
         row_in = time_prior.log_prior_at(prior, [t])[0].numpy().astype(np.float64)
-        row_out = time_prior.log_prior_at(time_prior.build(items[kept], stamps[kept], len(dataset.catalog), h, kind), [t])[0].numpy().astype(np.float64)
+        row_out = time_prior.log_prior_at(time_prior.build(items[kept], stamps[kept], len(dataset.catalog), h, kind, pseudo), [t])[0].numpy().astype(np.float64)
         inside.append(beta * row_in[query].mean())
         outside.append(beta * row_out[query].mean())
         crossed.append(float(fit.prior([int(user)], [t], "cpu")[0, query].double().mean()))

@@ -27,6 +27,7 @@ from pmeta.bank import build
 from pmeta.config import load_config
 from pmeta.data.movielens import read_movielens
 from pmeta.data.sample import load_sample
+from pmeta.errors import InvalidConfig
 from pmeta.eval.baselines import EASEBaseline
 
 
@@ -81,11 +82,15 @@ def main() -> None:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    try:
+        configs = {seed: load_config(args.preset, overrides={"seed": seed, "cf_init": "onboarding", "time_prior_pseudo_ratings": list(args.pseudo_ratings)}) for seed in seeds}
+    except InvalidConfig as error:
+        parser.error(str(error))
     dataset = read_movielens(args.data, args.format) if args.data else load_sample()
     print(json.dumps({"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": args.threads, "data": dataset.name, "preset": args.preset}))
     results = {}
     for seed in seeds:
-        config = load_config(args.preset, overrides={"seed": seed, "cf_init": "onboarding", "time_prior_pseudo_ratings": list(args.pseudo_ratings)})
+        config = configs[seed]
         started = time.perf_counter()
         result = grid(dataset, config)
         results[seed] = result

@@ -221,12 +221,15 @@ def test_a_folder_that_cannot_be_listed_fails_verification(store: BankStore, mon
     (hidden / "payload.bin").write_bytes(b"x")
     real_scandir = os.scandir
 
-    def scandir(path=".", *args):
-        if Path(path) == hidden:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_scandir(path, *args)
+    def refusing(refused: Path):
+        def scandir(path=".", *args):
+            if Path(path) == refused:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_scandir(path, *args)
 
-    monkeypatch.setattr(os, "scandir", scandir)
+        return scandir
+
+    monkeypatch.setattr(os, "scandir", refusing(hidden))
     with pytest.raises(BankIntegrityError, match=re.escape(f"versions/{version_id}/hidden/ cannot be listed (Permission denied)")):
         store.open()
     report = store.verify()
@@ -235,6 +238,9 @@ def test_a_folder_that_cannot_be_listed_fails_verification(store: BankStore, mon
         list_files(hidden.parent)
     with pytest.raises(PermissionError):
         write_manifest(hidden.parent, "other")
+    monkeypatch.setattr(os, "scandir", refusing(hidden.parent))  # the version folder itself
+    with pytest.raises(BankIntegrityError, match=re.escape(f"bank folder versions/{version_id}/ cannot be listed (Permission denied)")):
+        store.open()
     monkeypatch.undo()
     with pytest.raises(BankIntegrityError, match="hidden/payload.bin is not listed in the manifest"):
         store.open()
@@ -569,6 +575,55 @@ def test_a_failed_first_build_leaves_a_folder_replaced_while_it_ran_alone(tmp_pa
         assert repr(writer).endswith("failed)")
     store = BankStore(path)
     assert store.open().id == again and [v["id"] for v in store.versions()] == [again]
+
+
+def test_a_lock_path_that_cannot_be_read_keeps_the_builds_own_error_and_the_folder(tmp_path: Path) -> None:
+    """``BANK/.lock`` turned into a link to itself while a first build runs: stat fails (a link
+    loop), which counts as "not our lock": the build's own error comes out, the folder stays, and
+    publishing is refused with BankBusy rather than an OSError."""
+    path = tmp_path / "bank"
+    with pytest.raises(RuntimeError, match="training failed"):
+        with BankStore(path).new_version() as writer:
+            fill(writer)
+            (path / ".lock").unlink()
+            (path / ".lock").symlink_to(path / ".lock")
+            raise RuntimeError("training failed")
+    assert path.is_dir() and (path / ".lock").is_symlink()
+    (path / ".lock").unlink()
+    with BankStore(path).new_version() as writer:
+        fill(writer)
+        (path / ".lock").unlink()
+        (path / ".lock").symlink_to(path / ".lock")
+        with pytest.raises(BankBusy, match="moved or replaced"):
+            publish(writer)
+
+
+def test_a_folder_replaced_while_publish_writes_its_files_records_nothing_in_the_new_bank(tmp_path: Path, monkeypatch) -> None:
+    """The bank folder is moved away after publish renamed the version into versions/ and another
+    bank is built at the path before the commit: the commit is refused (BankBusy) and the database
+    at the path, the other bank's, records nothing of it."""
+    path, moved = tmp_path / "bank", tmp_path / "moved"
+    first = build(BankStore(path))
+    real_fsync_dirs = store_module._fsync_dirs
+    other: list[str] = []
+    swapped: list[bool] = []
+
+    def fsync_dirs(root, recursive=True):
+        real_fsync_dirs(root, recursive)
+        if not recursive and not swapped:  # versions/, after the rename: the last step before the commit
+            swapped.append(True)
+            path.rename(moved)
+            other.append(build(BankStore(path), seed=7))
+
+    with BankStore(path).new_version() as writer:
+        fill(writer, seed=1)
+        monkeypatch.setattr(store_module, "_fsync_dirs", fsync_dirs)
+        with pytest.raises(BankBusy, match="moved or replaced"):
+            publish(writer, seed=1)
+        monkeypatch.undo()
+    store = BankStore(path)
+    assert [v["id"] for v in store.versions()] == other and store.open().id == other[0]
+    assert [v["id"] for v in BankStore(moved).versions()] == [first] and BankStore(moved).open().id == first
 
 
 def test_a_lock_file_replaced_under_a_running_build_refuses_its_publish(tmp_path: Path) -> None:

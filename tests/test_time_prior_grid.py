@@ -79,7 +79,7 @@ def test_main_prints_each_seeds_choice_and_writes_the_grid(script, tmp_path, cap
     assert set(saved) == {"0", "1"} and all(row["pseudo_ratings"] in (0.0, 300.0) for row in saved.values())
 
 
-@pytest.mark.parametrize("argv", [["--seeds", "a"], ["--pseudo-ratings", "x"], ["--pseudo-ratings", ","]])
+@pytest.mark.parametrize("argv", [["--seeds", "a"], ["--pseudo-ratings", "x"], ["--pseudo-ratings", ","], ["--pseudo-ratings=-1"], ["--pseudo-ratings=nan"], ["--preset", "tyni"]])
 def test_bad_arguments_end_in_one_line(script, argv, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["time_prior_grid.py", *argv])
     with pytest.raises(SystemExit) as exc:

@@ -141,7 +141,8 @@ def check_dir(
         present, empty = list_files(root), empty_folders(root)
     except OSError as error:  # a folder inside that cannot be listed: what it holds cannot be checked
         name = Path(error.filename).relative_to(root).as_posix() if error.filename and Path(error.filename).is_relative_to(root) else "."
-        return {**report, name + "/": f"{where(name)}/ cannot be listed ({error.strerror or error}), so what it holds cannot be checked"}
+        key, shown = ("./", f"bank folder {label}/") if name == "." else (name + "/", f"{where(name)}/")
+        return {**report, key: f"{shown} cannot be listed ({error.strerror or error}), so what it holds cannot be checked"}
     for name, entry in sorted(listed.items()):
         full = present.get(name)
         if full is None:

@@ -549,10 +549,10 @@ class VersionWriter:
         holds), database errors as raised.
         """
         self._check_open()
-        if self._lock is not None and not _is_lock_at(self._lock, self._store.path / LOCK_NAME):
+        if not self._lock_still_here():
             _remove(self.dir)
             self._state = "failed"
-            raise BankBusy(f"the bank folder {self._store.path} was moved or replaced while this build ran; nothing was published, build again")
+            raise self._moved()
         final = self._store.versions_dir / self.id
         created: Path = self.dir
         committing = committed = False
@@ -588,6 +588,8 @@ class VersionWriter:
             version.record_sha256 = record_sha256(version, anchor_rows, users)
             with self._store._db_errors(), Session(for_writing(self._store._get_engine())) as session:
                 with session.begin():
+                    if not self._lock_still_here():  # moved while the files were written: not this bank's database
+                        raise self._moved()
                     self._store._check_owner_in(session)
                     _record_version(session, version, anchor_rows, held_out)
                     committing = True  # leaving this block commits: a failure from here may follow a commit
@@ -604,6 +606,16 @@ class VersionWriter:
         self.dir = final
         self._state = "published"
         return self.id
+
+    def _lock_still_here(self) -> bool:
+        """Whether the lock this writer holds is still the lock file at the bank's path (no lock held:
+        nothing to compare, True)."""
+        return self._lock is None or _is_lock_at(self._lock, self._store.path / LOCK_NAME)
+
+    def _moved(self) -> BankBusy:
+        # the writer's folder moved with the bank's and is left there (removal acts at the path, which
+        # now holds another bank or nothing); a later build into the moved folder removes it as stale
+        return BankBusy(f"the bank folder {self._store.path} was moved or replaced while this build ran; nothing was published, build again")
 
     def _recorded(self) -> bool | None:
         """Whether this version's row is in the database, asked on a fresh connection (None: cannot
@@ -933,11 +945,12 @@ def _acquire_lock(lock_path: Path, bank: Path) -> IO[bytes]:
 def _is_lock_at(handle: IO[bytes], lock_path: Path) -> bool:
     """Whether the open lock file ``handle`` is still the file at ``lock_path`` (same device and
     inode; False when nothing is there): a lock held on a file that was moved or removed, with the
-    folder around it, is not the lock of whatever bank is at the path now."""
-    held = os.fstat(handle.fileno())
+    folder around it, is not the lock of whatever bank is at the path now.
+    Any error reading either (a link loop at the path, a stale NFS handle, no permission) counts as
+    not the same: the callers then leave the folder alone and refuse to publish."""
     try:
-        there = os.stat(lock_path)
-    except (FileNotFoundError, NotADirectoryError):
+        held, there = os.fstat(handle.fileno()), os.stat(lock_path)
+    except (OSError, ValueError):  # ValueError: a handle already closed
         return False
     return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
 
