@@ -25,7 +25,7 @@ counts, ``p_i(t) = (Σ exp(−(t − τ)/h)·1[i] + m·p_i) / (Σ exp(−(t − 
 few ratings behind it (a bank serving another catalogue's earlier users) leans on p_i. A build
 chooses m with h and β among ``BankConfig.time_prior_pseudo_ratings`` (default (0,): none). On
 ml-latest-small's validation users (seeds 0, 1, 2) the grid 0 / 30 / 300 / 3,000 takes 30 / 0 / 30,
-each within 0.0004 mean nDCG@10 of m = 0, and m = 3,000 costs 0.005 to 0.010 (pop99 the most), so
+each within 0.0005 mean nDCG@10 of m = 0, and m = 3,000 costs 0.005 to 0.010 (pop99 the most), so
 the default stays none (``benchmarks/transfer_parts.py --shrink`` measures m on a transferred bank).
 
 Older kinds, still read and rebuilt for comparison (``BankConfig.time_prior_kernel`` /
