@@ -44,13 +44,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import shutil
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
-
 from typing import NamedTuple
 
 from pmeta.data.movielens import ML100K_GENRES
@@ -130,7 +130,7 @@ def _stars_and_seconds(rating: str, timestamp: str, where: str, release: str) ->
         stars, seconds = float(rating), float(timestamp)
     except ValueError:
         stars = seconds = float("nan")
-    if not (stars in (1, 2, 3, 4, 5) and seconds == int(seconds) >= 0):  # NaN fails both
+    if not (stars in (1, 2, 3, 4, 5) and math.isfinite(seconds) and seconds == int(seconds) >= 0):  # NaN fails the first two
         raise ConversionError(f"{where}: rating {rating!r} / timestamp {timestamp!r} are not {release}'s whole 1-5 stars and seconds")
     return int(stars), int(seconds)
 

@@ -93,6 +93,8 @@ def test_the_written_layout_reads_back_with_the_same_ratings_titles_and_genres(s
         (INTER + "\n1\t2\t3\n", ITEM, "line 8: 3 fields, expected 4"),  # numbered as in the file, blank lines counted
         (INTER.replace("\t3\t891717742", "\t4.5\t891717742"), ITEM, "line 3: rating '4.5'"),
         (INTER.replace("881250949", "soon"), ITEM, "timestamp 'soon'"),
+        (INTER.replace("881250949", "nan"), ITEM, "timestamp 'nan'"),
+        (INTER.replace("881250949", "inf"), ITEM, "timestamp 'inf'"),
         (INTER, ITEM.replace("L.A. Confidential", "L.A. Confidential \u2603"), "item 302 'L.A. Confidential \u2603 (1997)' holds '\u2603', which latin-1"),
     ],
 )
