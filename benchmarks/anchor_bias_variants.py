@@ -80,7 +80,7 @@ from scipy import sparse
 from pmeta import load_config
 from pmeta.bank import build, onboarding
 from pmeta.data import load_sample, read_movielens
-from pmeta.eval.baselines import EASEBaseline, validation_split
+from pmeta.eval.baselines import validation_split
 from pmeta.eval.protocol import MODES, QUERY_START, QUERY_STOP, draw_candidates, mean_ndcg
 from pmeta.fusion import anchor_bias
 from pmeta.models.encoder import FunctionalEncoder
@@ -261,7 +261,7 @@ def main() -> None:
     train_users = build.with_positives(train_users, positives, config.min_positives)
     item_text = build.catalog_embeddings(FunctionalEncoder(config.encoder), dataset.catalog.texts(), Progress(False)).cpu()
 
-    ease = EASEBaseline(lam=config.ease_lambda).fit(dataset, train_users)
+    ease = build.fit_ease(dataset, config, train_users)
     if args.fold:  # after EASE's own λ tuning, which stays on fold 0
         ease.validation_split = lambda users: validation_split(users, ease.validation_fraction, ease.validation_seed, args.fold)
     split = build.fit_onboarding(dataset, config, ease, train_users, positives, rated)

@@ -43,6 +43,7 @@ def merge(reports: list[dict]) -> dict:
     for r in reports[1:]:
         config["reptile_bank"] = config.get("reptile_bank") or r["config"].get("reptile_bank")
         config["method_options"] = {**r["config"].get("method_options", {}), **config.get("method_options", {})}
+        config["tuned"] = {**r["config"].get("tuned", {}), **config.get("tuned", {})}
     order = {m: i for i, m in enumerate(DEFAULT_METHODS)}
     results = sorted((row for r in reports for row in r["results"]), key=lambda row: order.get(row["method"], len(order)))  # stable
     config["methods"] = sorted(config["methods"], key=lambda m: order.get(m, len(order)))

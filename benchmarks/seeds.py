@@ -14,6 +14,11 @@ Student-t interval over the seeds' own differences, which also carries the varia
     python benchmarks/seeds.py run --bank bank-s1 --seed 1 --out seeds/s1
     python benchmarks/seeds.py pool seeds/s0 seeds/s1 seeds/s2
     python benchmarks/seeds.py pool seeds/s5 seeds/s6 seeds/s7 --primary full:5:ndcg@10
+    python benchmarks/seeds.py run --bank bank-s1 --seed 1 --methods ease --out seeds/s1-ease
+    python benchmarks/seeds.py replace seeds/s1 seeds/s1-ease --out seeds/s1-new-ease
+
+``replace`` pools a method run again alone (after a change of its defaults, say) with a stored run's
+other methods: same seed, data and bank, the same users in every cell, so the pairs stay paired.
 
 ``--primary`` names comparisons fixed *before* the runs were read (a confirmatory test of what
 earlier seeds suggested): pmeta minus prompt-MAML and minus per-user LoRA in the named cells, with
@@ -62,6 +67,36 @@ def run(bank_path: Path, seed: int, out: Path, methods: list[str], threads: int,
     ]
     (out / "per_user.json").write_text(json.dumps({"seed": seed, "fingerprint": report["dataset"]["fingerprint"], "bank": report["config"]["bank"]["version"], "cells": cells}))
     print(f"wrote {out / 'report.md'} and {out / 'per_user.json'}")
+
+
+def replace(base_path: Path, part_path: Path, out: Path) -> str:
+    """A copy of run ``base_path`` whose cells of the methods in run ``part_path`` are ``part_path``'s:
+    a method run again alone (a changed default, say) pooled with the other methods' stored cells. Both
+    runs must be the same seed, data and bank, and every replaced cell must hold the same users in
+    the same order as ``base_path``'s cells, so the paired comparisons stay paired; ``part_path``'s
+    methods must cover every (K, mode) cell of ``base_path``. Writes ``out/per_user.json`` (with the
+    replacement recorded under ``replaced``) and returns a one-line summary."""
+    base, part = (json.loads((path / "per_user.json").read_text()) if (path / "per_user.json").is_file() else None for path in (base_path, part_path))
+    for path, found in ((base_path, base), (part_path, part)):
+        if found is None:
+            raise SystemExit(f"no per_user.json in {path}: give output directories of `run`")
+    for key in ("seed", "fingerprint", "bank"):
+        if base[key] != part[key]:
+            raise SystemExit(f"cannot replace: the runs differ in {key} ({base[key]!r} vs {part[key]!r})")
+    users = {(c["k"], c["mode"]): c["user"] for c in base["cells"]}
+    methods = list(dict.fromkeys(c["method"] for c in part["cells"]))
+    for method in methods:
+        cells = {(c["k"], c["mode"]): c for c in part["cells"] if c["method"] == method}
+        if set(cells) != set(users):
+            raise SystemExit(f"cannot replace: {part_path} holds {method} in other (K, mode) cells than {base_path}")
+        for key, cell in cells.items():
+            if cell["user"] != users[key]:
+                raise SystemExit(f"cannot replace: {method} at K = {key[0]} {key[1]} was measured on other users than {base_path}'s")
+    kept = [c for c in base["cells"] if c["method"] not in methods]
+    replaced = {**base, "cells": kept + part["cells"], "replaced": [*base.get("replaced", []), {"methods": methods, "from": str(part_path)}]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "per_user.json").write_text(json.dumps(replaced))
+    return f"wrote {out / 'per_user.json'}: {', '.join(methods)} from {part_path}, the other methods from {base_path}"
 
 
 def load_runs(paths: list[Path]) -> list[dict]:
@@ -322,6 +357,10 @@ def main() -> None:
     one.add_argument("--methods", default=",".join(RUN_METHODS))
     one.add_argument("--threads", type=int, default=1)
     one.add_argument("--users", type=int, default=None, help="only the first N test users (quick runs)")
+    swap = sub.add_parser("replace", help="a run with some methods' cells taken from another run of the same seed and bank")
+    swap.add_argument("base", type=Path, help="output directory of `run` (every method)")
+    swap.add_argument("part", type=Path, help="output directory of `run` of the methods to replace (e.g. --methods ease)")
+    swap.add_argument("--out", type=Path, required=True)
     many = sub.add_parser("pool", help="pool the runs' users and compare pmeta with its rivals")
     many.add_argument("runs", type=Path, nargs="+", help="output directories of `run`")
     many.add_argument("--resamples", type=int, default=2000)
@@ -337,6 +376,8 @@ def main() -> None:
     try:
         if args.command == "run":
             run(args.bank, args.seed, args.out, [m.strip() for m in args.methods.split(",") if m.strip()], args.threads, args.users, args.data, args.format)
+        elif args.command == "replace":
+            print(replace(args.base, args.part, args.out))
         else:
             print(pool(args.runs, args.resamples, None if args.primary is None else parse_primary(args.primary)))
     except PmetaError as error:

@@ -28,7 +28,6 @@ from pmeta.config import load_config
 from pmeta.data.movielens import read_movielens
 from pmeta.data.sample import load_sample
 from pmeta.errors import InvalidConfig
-from pmeta.eval.baselines import EASEBaseline
 
 
 def grid(dataset, config) -> dict:
@@ -37,7 +36,7 @@ def grid(dataset, config) -> dict:
     positives, rated = dataset.positives_by_user(), dataset.rated_by_user()
     train_users, _, _ = build.user_split(dataset, config)
     train_users = build.with_positives(train_users, positives, config.min_positives)
-    ease = EASEBaseline(lam=config.ease_lambda).fit(dataset, train_users)
+    ease = build.fit_ease(dataset, config, train_users)
     split = build.fit_onboarding(dataset, config, ease, train_users, positives, rated)
     cases, base = split.validation_scorer(dataset, positives)
     if base is None:

@@ -36,6 +36,9 @@ MAX_INNER_STEPS = 50
 
 #: Most users one training step may take (an episode batch is encoded at once).
 MAX_BATCH_USERS = 4096
+#: The grid of EASE's λ inside a bank's collaborative init (``BankConfig.ease_lambdas``); the ease
+#: baseline's own grid (pmeta.eval.baselines.EASE_LAMBDAS) reaches further.
+INIT_EASE_LAMBDAS = (50.0, 100.0, 200.0, 500.0, 1000.0)
 
 
 class BankConfig(BaseModel):
@@ -50,7 +53,8 @@ class BankConfig(BaseModel):
     stack_rank: int = Field(1, ge=1, le=16, description="LoRA rank of the per-user stacked adapter tuned by the inner steps.")
     cf_rank: int = Field(32, ge=0, le=512, description="Rank of the collaborative part of the towers (PureSVD-initialised item embeddings); 0 = text only.")
     cf_init: Literal["puresvd", "ease", "onboarding"] = Field("onboarding", description="Closed-form init of the collaborative part: 'onboarding' = EASE's item-item matrix plus the onboarding regression (a user's first K positives → their positives 6..15, fitted on train users; pmeta.bank.onboarding), factorised at cf_rank, with its item bias; 'ease' = EASE's matrix alone; 'puresvd' = PureSVD of the train users' positives.")
-    ease_lambda: float | None = Field(None, gt=0, description="EASE's L2 weight λ for cf_init = 'ease' or 'onboarding'; None = tuned over 50–1000 on a split of the train users.")
+    ease_lambda: float | None = Field(None, gt=0, description="EASE's L2 weight λ for cf_init = 'ease' or 'onboarding'; None = tuned over ease_lambdas on a split of the train users.")
+    ease_lambdas: tuple[Annotated[float, Field(gt=0)], ...] = Field(INIT_EASE_LAMBDAS, min_length=1, max_length=16, description="The grid EASE's λ of the collaborative init is tuned over when ease_lambda is None (by EASE's own validation score). Narrower than the ease baseline's (pmeta.eval.baselines.EASE_LAMBDAS, to 100,000): on train users the init gained nothing from λ above 1,000 on ml-latest-small, ml-100k or ml-1m (docs/movielens.md).")
     onboarding_lambda: float | None = Field(None, gt=0, description="Ridge weight λ of the onboarding regression; None = chosen over 3, 10, 30 on a split of the train users.")
     onboarding_weight: float | None = Field(None, ge=0, description="Weight a of the onboarding regression against EASE (0 = EASE alone); None = chosen over 0, 0.5, 1, 2 on a split of the train users.")
     cf_pool_exponent: float | None = Field(None, ge=0, le=1, description="γ of the collaborative user vector Σ h_j / n^γ (1 = mean; 0.5 = FISM's normalisation) for cf_init = 'onboarding'; None = chosen over 1 and 0.5 with λ and a. The other inits use the mean.")

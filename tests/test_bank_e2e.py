@@ -12,6 +12,7 @@ import torch
 
 import pmeta
 from pmeta.bank.bank import TENSORS_FILE
+from pmeta.config import INIT_EASE_LAMBDAS
 from pmeta.fusion import anchor_bias
 from pmeta.tasks import time_prior
 
@@ -322,7 +323,7 @@ def test_a_catalogue_too_small_for_99_negatives_builds_with_choices_on_full_rank
     config = load_config("tiny", overrides={"cf_init": "onboarding", "tower_steps": 0, "global_steps": 0, "anchor_steps": 0, "stack_steps": 0})
     model, record = build_model(Dataset("small", "test", catalog, ratings, "0" * 64), config)
     chosen = record["collaborative_init"]
-    assert chosen["ease_lambda"] in (50.0, 100.0, 200.0, 500.0, 1000.0)
+    assert config.ease_lambdas == INIT_EASE_LAMBDAS and chosen["ease_lambda"] in INIT_EASE_LAMBDAS
     for choice in (chosen["time_prior"], chosen["anchor_bias"]):
         assert all(set(row) == {"full", "mean"} for row in choice["validation_ndcg"].values())
     assert model is not None

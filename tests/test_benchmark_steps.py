@@ -12,6 +12,7 @@ only parts of one run."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -312,6 +313,7 @@ def test_merge_reports_orders_methods_and_refuses_parts_of_different_runs(benchm
     merged = merge_reports.merge([part(["pmeta"]), part(["popularity", "ease"])])
     assert [r["method"] for r in merged["results"]] == ["popularity", "ease", "pmeta"] and merged["config"]["methods"] == ["popularity", "ease", "pmeta"]
     assert merge_reports.merge([part(["pmeta"]), part(["ease"], bank=None)])["config"]["methods"] == ["ease", "pmeta"]  # a part without a bank
+    assert merge_reports.merge([part(["pmeta"]), part(["ease"], tuned={"ease": {"lambda": 30000.0}})])["config"]["tuned"] == {"ease": {"lambda": 30000.0}}  # kept from any part
     others = (part(["ease"], ks=[1, 3]), part(["ease"], modes=["pop99"]), part(["ease"], max_users=5), part(["ease"], test_fraction=0.1),
               part(["ease"], bank={"version": "v2"}), part(["ease"], reptile_bank={"version": "r2"}), part(["pmeta"]))  # fmt: skip
     for other in others:
@@ -540,3 +542,29 @@ def test_edlae_is_ease_with_a_dropout_emphasised_diagonal_and_p_zero_is_ease(ben
     for bad in ("1", "-0.1", "x", "", "nan"):
         with pytest.raises(argparse.ArgumentTypeError):
             cv.dropout_list(bad)
+
+
+def test_seeds_replace_swaps_a_methods_cells_only_between_runs_of_the_same_seed_bank_and_users(benchmark_script, tmp_path):
+    seeds = benchmark_script("seeds")
+    base = _write_run(tmp_path / "base", 3, [4, 7, 9], {"pmeta": [1.0, 1.0, 0.0], "ease": [0.0, 0.0, 0.0], "popularity": [0.0, 1.0, 0.0]})
+    part = _write_run(tmp_path / "part", 3, [4, 7, 9], {"ease": [1.0, 1.0, 1.0]})
+    print_line = seeds.replace(base, part, tmp_path / "new")
+    assert "ease from" in print_line
+    new = json.loads((tmp_path / "new" / "per_user.json").read_text())
+    cells = {c["method"]: c for c in new["cells"]}
+    assert cells["ease"]["hr@10"] == [1.0, 1.0, 1.0] and cells["pmeta"]["hr@10"] == [1.0, 1.0, 0.0] and len(new["cells"]) == 3
+    assert new["replaced"] == [{"methods": ["ease"], "from": str(part)}] and new["seed"] == 3 and new["bank"] == "b"
+    # The pooled table now takes the new EASE as the best classical: pmeta's margin turns negative.
+    assert "| full K = 1: pmeta over the best classical, HR@10 / nDCG@10 | -33.3% / -33.3% |" in seeds.pool([tmp_path / "new"], resamples=100)
+
+    other_users = _write_run(tmp_path / "users", 3, [4, 9, 7], {"ease": [1.0, 1.0, 1.0]})
+    other_seed = _write_run(tmp_path / "seed", 4, [4, 7, 9], {"ease": [1.0, 1.0, 1.0]})
+    for bad, message in [(other_users, "other users"), (other_seed, "differ in seed"), (tmp_path / "missing", "no per_user.json")]:
+        with pytest.raises(SystemExit, match=message):
+            seeds.replace(base, bad, tmp_path / "never")
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    (fewer / "per_user.json").write_text(json.dumps({"seed": 3, "fingerprint": "f", "bank": "b", "cells": [{"method": "ease", "k": 3, "mode": "full", "user": [4, 7, 9], "hr@10": [1, 1, 1], "ndcg@10": [1, 1, 1], "mrr": [1, 1, 1]}]}))
+    with pytest.raises(SystemExit, match="other \\(K, mode\\) cells"):
+        seeds.replace(base, fewer, tmp_path / "never")
+    assert not (tmp_path / "never").exists()

@@ -243,6 +243,11 @@ class ItemKNNBaseline:
         return similarity.sum(axis=0, dtype=np.float64) + self.tie_breaker
 
 
+#: EASE's default λ grid. It reaches 100,000: ml-1m's validation users choose 30,000, while
+#: ml-latest-small's and ml-100k's choose 1,000 or less (benchmarks/ease_grid.py; docs/movielens.md).
+EASE_LAMBDAS = (50.0, 100.0, 200.0, 500.0, 1000.0, 3000.0, 10000.0, 30000.0, 100000.0)
+
+
 @register("ease")
 class EASEBaseline:
     """EASE (Steck 2019): a closed-form item-item linear autoencoder with a zero diagonal.
@@ -265,7 +270,7 @@ class EASEBaseline:
     def __init__(
         self,
         lam: PositiveFloat | None = None,
-        lambdas: Sequence[PositiveFloat] = (50.0, 100.0, 200.0, 500.0, 1000.0),
+        lambdas: Sequence[PositiveFloat] = EASE_LAMBDAS,
         validation_fraction: Fraction = 0.2,
         validation_seed: Seed = 0,
     ) -> None:
@@ -331,6 +336,13 @@ class EASEBaseline:
             self.chosen_lam = float(self.lam)
         self._fit_fixed(dataset, train_users, self.chosen_lam)
         return self
+
+    @property
+    def tuned(self) -> dict:
+        """What :meth:`fit` chose, for a report: λ, and when tuned the grid's validation scores and mode."""
+        if self.lam is not None:
+            return {"lambda": self.chosen_lam}
+        return {"lambda": self.chosen_lam, "validation": f"{self.validation_mode} K = 3 nDCG@10", "scores": {f"{lam:g}": self.validation_scores.get(lam) for lam in self.lambdas}}
 
     def score(self, support_items: np.ndarray, k: int) -> np.ndarray:
         rows = self.kept_position[np.asarray(support_items, dtype=np.int64)]

@@ -203,7 +203,7 @@ def run_movielens(
     model, transfer = model_for(bank, dataset, seed, progress, test_fraction) if bank is not None else (None, None)
     reptile_model, _ = model_for(reptile_bank, dataset, seed, progress, test_fraction) if reptile_bank is not None else (None, None)
     context = EvalContext(dataset, train_users, seed=seed, model=model, reptile_model=reptile_model, options=options, progress=progress)
-    results, cells = [], {}
+    results, cells, tuned = [], {}, {}
     for method in methods:
         torch.manual_seed(seed)
         scorer = BASELINES[method].create(context)
@@ -214,6 +214,8 @@ def run_movielens(
             row["method"] = method
             row["bytes_per_user"] = int(scorer.bytes_per_user)
         results.extend(rows)
+        if getattr(scorer, "tuned", None):
+            tuned[method] = scorer.tuned
     if per_user is not None:
         per_user.update(cells)
     return {
@@ -227,6 +229,7 @@ def run_movielens(
             "max_users": max_users,
             "test_fraction": test_fraction,  # the banks'; coldstart-v1 is 0.2
             "method_options": options,
+            "tuned": tuned,  # what a method chose on the train users' own validation split (EASE's λ)
             "bank": _bank_summary(bank),
             "reptile_bank": _bank_summary(reptile_bank),
             "transfer": transfer,
@@ -261,6 +264,11 @@ def markdown(report: dict) -> str:
     lines = [f"# {report['protocol']} on {report['dataset']['name']} (seed {report['seed']})", ""]
     for note in report["config"].get("notes", []):
         lines += [f"Note: {note}.", ""]
+    for method, chosen in report["config"].get("tuned", {}).items():
+        if "lambda" in chosen:
+            grid = [float(lam) for lam in chosen.get("scores", {})]
+            how = f" (tuned over {min(grid):,g}–{max(grid):,g} by {chosen['validation']} on the train users' validation split)" if len(grid) > 1 else ""
+            lines += [f"{method}: λ = {chosen['lambda']:,g}{how}.", ""]
     transfer = report["config"].get("transfer")
     if transfer:
         lines += [
