@@ -261,7 +261,7 @@ def main() -> None:
     train_users = build.with_positives(train_users, positives, config.min_positives)
     item_text = build.catalog_embeddings(FunctionalEncoder(config.encoder), dataset.catalog.texts(), Progress(False)).cpu()
 
-    ease = build.fit_ease(dataset, config, train_users)
+    ease = build.init_ease(dataset, config, train_users)
     if args.fold:  # after EASE's own λ tuning, which stays on fold 0
         ease.validation_split = lambda users: validation_split(users, ease.validation_fraction, ease.validation_seed, args.fold)
     split = build.fit_onboarding(dataset, config, ease, train_users, positives, rated)

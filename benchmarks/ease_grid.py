@@ -31,7 +31,7 @@ from pmeta.bank import build
 from pmeta.config import load_config
 from pmeta.data.movielens import read_movielens
 from pmeta.data.sample import load_sample
-from pmeta.errors import InvalidConfig
+from pmeta.errors import InvalidConfig, PmetaError
 from pmeta.eval.baselines import EASE_LAMBDAS, EASEBaseline
 from pmeta.eval.protocol import split_users
 
@@ -45,10 +45,16 @@ def train_user_sets(dataset, config) -> dict[str, np.ndarray]:
 
 def grid(dataset, users: np.ndarray, lambdas: tuple[float, ...], shipped: tuple[float, ...]) -> dict:
     """EASE's validation score per λ of ``lambdas`` on ``users``, its choice on that grid and on
-    ``shipped`` (a subset of ``lambdas``: the grid this fit uses by default)."""
+    ``shipped`` (the λ of the grid this fit uses by default that ``lambdas`` holds; none: no choice)."""
     ease = EASEBaseline(lambdas=lambdas).fit(dataset, users)
     scores = ease.validation_scores
-    return {"chosen": ease.chosen_lam, "shipped": list(shipped), "shipped_choice": choice(scores, shipped), "mode": ease.validation_mode, "scores": {f"{lam:g}": scores[lam] for lam in lambdas}}
+    return {
+        "chosen": ease.chosen_lam,
+        "shipped": list(shipped),
+        "shipped_choice": choice(scores, shipped) if shipped else None,
+        "mode": ease.validation_mode,
+        "scores": {f"{lam:.12g}": scores[lam] for lam in lambdas},
+    }
 
 
 def choice(scores: dict[float, float], lambdas: tuple[float, ...]) -> float:
@@ -83,15 +89,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="write every seed's grids here (JSON)")
     args = parser.parse_args()
+    if args.threads < 1:
+        parser.error("--threads: expected a positive integer")
     torch.set_num_threads(args.threads)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    if not seeds:
+        parser.error("--seeds: expected at least one seed")
     try:
         configs = {seed: load_config(args.preset, overrides={"seed": seed}) for seed in seeds}
     except InvalidConfig as error:
         parser.error(str(error))
+    try:
+        run(args, seeds, configs)
+    except PmetaError as error:  # unreadable data, a λ too small for the item-item matrix
+        parser.error(str(error))
+
+
+def run(args: argparse.Namespace, seeds: list[int], configs: dict) -> None:
+    """Score both fits of every seed and print (and with ``--out`` write) them."""
     shipped = {"evaluation": EASE_LAMBDAS, "build": configs[seeds[0]].ease_lambdas}
     lambdas = args.lambdas or tuple(sorted(set(shipped["evaluation"]) | set(shipped["build"])))
     missing = sorted((set(shipped["evaluation"]) | set(shipped["build"])) - set(lambdas))
@@ -105,12 +123,13 @@ def main() -> None:
         results[seed] = {}
         for name, users in train_user_sets(dataset, configs[seed]).items():
             started = time.perf_counter()
-            grid_of_name = tuple(lam for lam in shipped[name] if lam in lambdas) or lambdas
+            grid_of_name = tuple(lam for lam in shipped[name] if lam in lambdas)
             row = results[seed][name] = grid(dataset, users, lambdas, grid_of_name)
-            where = edge(row["shipped_choice"], grid_of_name)
+            where = edge(row["shipped_choice"], grid_of_name) if grid_of_name else ""
+            shipped_choice = "—" if row["shipped_choice"] is None else f"{row['shipped_choice']:g}"
             scores = "  ".join(f"{v:8.4f}" for v in row["scores"].values())
             print(
-                f"{seed:>4}  {name:<10}  {row['shipped_choice']:>8g}{' (' + where + ' edge)' if where else '':<13}  {row['chosen']:>11g}  {scores}  ({row['mode']}, {time.perf_counter() - started:.0f} s)"
+                f"{seed:>4}  {name:<10}  {shipped_choice:>8}{' (' + where + ' edge)' if where else '':<13}  {row['chosen']:>11g}  {scores}  ({row['mode']}, {time.perf_counter() - started:.0f} s)"
             )
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

@@ -74,8 +74,11 @@ def replace(base_path: Path, part_path: Path, out: Path) -> str:
     a method run again alone (a changed default, say) pooled with the other methods' stored cells. Both
     runs must be the same seed, data and bank, and every replaced cell must hold the same users in
     the same order as ``base_path``'s cells, so the paired comparisons stay paired; ``part_path``'s
-    methods must cover every (K, mode) cell of ``base_path``. Writes ``out/per_user.json`` (with the
-    replacement recorded under ``replaced``) and returns a one-line summary."""
+    methods must be methods of ``base_path`` and cover every (K, mode) cell of it. Writes
+    ``out/per_user.json`` atomically (the replacement recorded under ``replaced``; the cells in
+    ``base_path``'s order), never into either input, and returns a one-line summary."""
+    from pmeta.eval.output import write_text
+
     base, part = (json.loads((path / "per_user.json").read_text()) if (path / "per_user.json").is_file() else None for path in (base_path, part_path))
     for path, found in ((base_path, base), (part_path, part)):
         if found is None:
@@ -83,8 +86,15 @@ def replace(base_path: Path, part_path: Path, out: Path) -> str:
     for key in ("seed", "fingerprint", "bank"):
         if base[key] != part[key]:
             raise SystemExit(f"cannot replace: the runs differ in {key} ({base[key]!r} vs {part[key]!r})")
+    if out.resolve() in (base_path.resolve(), part_path.resolve()):
+        raise SystemExit(f"cannot replace: --out {out} is one of the inputs; give a new folder")
     users = {(c["k"], c["mode"]): c["user"] for c in base["cells"]}
     methods = list(dict.fromkeys(c["method"] for c in part["cells"]))
+    if not methods:
+        raise SystemExit(f"cannot replace: {part_path} holds no cells")
+    unknown = [m for m in methods if m not in {c["method"] for c in base["cells"]}]
+    if unknown:
+        raise SystemExit(f"cannot replace: {base_path} has no {unknown[0]} cells to replace")
     for method in methods:
         cells = {(c["k"], c["mode"]): c for c in part["cells"] if c["method"] == method}
         if set(cells) != set(users):
@@ -92,10 +102,11 @@ def replace(base_path: Path, part_path: Path, out: Path) -> str:
         for key, cell in cells.items():
             if cell["user"] != users[key]:
                 raise SystemExit(f"cannot replace: {method} at K = {key[0]} {key[1]} was measured on other users than {base_path}'s")
-    kept = [c for c in base["cells"] if c["method"] not in methods]
-    replaced = {**base, "cells": kept + part["cells"], "replaced": [*base.get("replaced", []), {"methods": methods, "from": str(part_path)}]}
+    new = {(c["method"], c["k"], c["mode"]): c for c in part["cells"]}
+    cells = [new.get((c["method"], c["k"], c["mode"]), c) for c in base["cells"]]
+    replaced = {**base, "cells": cells, "replaced": [*base.get("replaced", []), {"methods": methods, "from": str(part_path)}]}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "per_user.json").write_text(json.dumps(replaced))
+    write_text(out / "per_user.json", json.dumps(replaced))
     return f"wrote {out / 'per_user.json'}: {', '.join(methods)} from {part_path}, the other methods from {base_path}"
 
 

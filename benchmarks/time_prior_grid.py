@@ -36,7 +36,7 @@ def grid(dataset, config) -> dict:
     positives, rated = dataset.positives_by_user(), dataset.rated_by_user()
     train_users, _, _ = build.user_split(dataset, config)
     train_users = build.with_positives(train_users, positives, config.min_positives)
-    ease = build.fit_ease(dataset, config, train_users)
+    ease = build.init_ease(dataset, config, train_users)
     split = build.fit_onboarding(dataset, config, ease, train_users, positives, rated)
     cases, base = split.validation_scorer(dataset, positives)
     if base is None:

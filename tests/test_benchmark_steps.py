@@ -553,15 +553,29 @@ def test_seeds_replace_swaps_a_methods_cells_only_between_runs_of_the_same_seed_
     new = json.loads((tmp_path / "new" / "per_user.json").read_text())
     cells = {c["method"]: c for c in new["cells"]}
     assert cells["ease"]["hr@10"] == [1.0, 1.0, 1.0] and cells["pmeta"]["hr@10"] == [1.0, 1.0, 0.0] and len(new["cells"]) == 3
+    assert [c["method"] for c in new["cells"]] == ["pmeta", "ease", "popularity"]  # the base's order
     assert new["replaced"] == [{"methods": ["ease"], "from": str(part)}] and new["seed"] == 3 and new["bank"] == "b"
     # The pooled table now takes the new EASE as the best classical: pmeta's margin turns negative.
     assert "| full K = 1: pmeta over the best classical, HR@10 / nDCG@10 | -33.3% / -33.3% |" in seeds.pool([tmp_path / "new"], resamples=100)
 
     other_users = _write_run(tmp_path / "users", 3, [4, 9, 7], {"ease": [1.0, 1.0, 1.0]})
     other_seed = _write_run(tmp_path / "seed", 4, [4, 7, 9], {"ease": [1.0, 1.0, 1.0]})
-    for bad, message in [(other_users, "other users"), (other_seed, "differ in seed"), (tmp_path / "missing", "no per_user.json")]:
+    absent = _write_run(tmp_path / "absent", 3, [4, 7, 9], {"itemknn": [1.0, 1.0, 1.0]})
+    empty = _write_run(tmp_path / "empty", 3, [4, 7, 9], {})
+    for bad, message in [(other_users, "other users"), (other_seed, "differ in seed"), (tmp_path / "missing", "no per_user.json"),
+                         (absent, "no itemknn cells"), (empty, "holds no cells")]:  # fmt: skip
         with pytest.raises(SystemExit, match=message):
             seeds.replace(base, bad, tmp_path / "never")
+    other_bank = json.loads((part / "per_user.json").read_text()) | {"bank": "other"}
+    (tmp_path / "bank").mkdir()
+    (tmp_path / "bank" / "per_user.json").write_text(json.dumps(other_bank))
+    with pytest.raises(SystemExit, match="differ in bank"):
+        seeds.replace(base, tmp_path / "bank", tmp_path / "never")
+    before = (base / "per_user.json").read_text()
+    for out in (base, part):  # never written over an input
+        with pytest.raises(SystemExit, match="is one of the inputs"):
+            seeds.replace(base, part, out)
+    assert (base / "per_user.json").read_text() == before
     fewer = tmp_path / "fewer"
     fewer.mkdir()
     (fewer / "per_user.json").write_text(json.dumps({"seed": 3, "fingerprint": "f", "bank": "b", "cells": [{"method": "ease", "k": 3, "mode": "full", "user": [4, 7, 9], "hr@10": [1, 1, 1], "ndcg@10": [1, 1, 1], "mrr": [1, 1, 1]}]}))

@@ -58,6 +58,8 @@ def test_a_build_tunes_its_init_over_the_configs_grid_and_ease_grid_reports_the_
     assert np.array_equal(users["evaluation"], split_users(dataset, seed=config.seed)[0])
     row = script.grid(dataset, users["build"], (7.0, 70.0, 700.0, 7000.0), config.ease_lambdas)
     assert row["shipped_choice"] == built and set(row["scores"]) == {"7", "70", "700", "7000"}
+    assert all(np.isfinite(v) for v in row["scores"].values())  # a real choice, not the all-NaN fallback
+    assert script.grid(dataset, users["build"], (7.0, 70.0), ())["shipped_choice"] is None  # no shipped λ scored: no choice
     fixed = load_config("tiny", overrides={"cf_init": "onboarding", "ease_lambda": 33.0, "ease_lambdas": [7.0], **NO_TRAINING})
     assert build_model(dataset, fixed)[1]["collaborative_init"]["ease_lambda"] == 33.0  # a fixed λ wins over the grid
 
@@ -92,7 +94,7 @@ def test_main_prints_both_fits_per_seed_and_writes_the_grids(script, tmp_path, c
         assert set(seed["build"]["scores"]) == {"100", "1000", "3000"}
 
 
-@pytest.mark.parametrize("argv", [["--seeds", "a"], ["--lambdas", "x"], ["--lambdas", ","], ["--lambdas=-1"], ["--lambdas=nan"], ["--lambdas=inf"], ["--preset", "tyni"]])
+@pytest.mark.parametrize("argv", [["--seeds", "a"], ["--seeds", ","], ["--threads", "0"], ["--data", "/nonexistent/ml"], ["--lambdas", "x"], ["--lambdas", ","], ["--lambdas=-1"], ["--lambdas=nan"], ["--lambdas=inf"], ["--preset", "tyni"]])
 def test_bad_arguments_end_in_one_line(script, argv, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["ease_grid.py", *argv])
     with pytest.raises(SystemExit) as exc:
@@ -110,3 +112,25 @@ def test_a_report_records_the_lambda_ease_chose_and_its_grid():
     assert set(tuned) == {"ease"} and tuned["ease"]["lambda"] in (5.0, 50.0, 5000.0) and set(tuned["ease"]["scores"]) == {"5", "50", "5000"}
     assert tuned["ease"]["scores"][f"{tuned['ease']['lambda']:g}"] == max(tuned["ease"]["scores"].values())
     assert f"ease: λ = {tuned['ease']['lambda']:,g} (tuned over 5–5,000 by " in markdown(report)
+    assert json.loads(json.dumps(report))["config"]["tuned"] == tuned  # as report.json keeps it
+
+
+def test_a_grid_no_validation_user_could_score_is_named_in_the_report():
+    from pmeta.eval.runner import markdown
+
+    def report(tuned):
+        return {"protocol": "coldstart-v1", "dataset": {"name": "x"}, "seed": 0, "config": {"tuned": {"ease": tuned}}, "results": []}
+
+    nan = float("nan")
+    assert "ease: λ = 5,000 (no validation user had a case to score the grid 5–5,000: its largest λ)." in markdown(report({"lambda": 5000.0, "validation": None, "scores": {"5": nan, "5000": nan}}))
+    assert "ease: λ = 50 (its grid's only value)." in markdown(report({"lambda": 50.0, "validation": "pop99 K = 3 nDCG@10", "scores": {"50": 0.2}}))
+    assert "ease: λ = 50 (fixed)." in markdown(report({"lambda": 50.0, "fixed": True}))
+
+
+def test_tuned_says_when_no_validation_user_scored_the_grid():
+    ease = EASEBaseline(lambdas=(5.0, 50.0))
+    ease.validation_scores, ease.chosen_lam = {5.0: float("nan"), 50.0: float("nan")}, 50.0
+    assert ease.tuned["validation"] is None and ease.tuned["lambda"] == 50.0
+    ease.validation_scores[5.0] = 0.3
+    assert ease.tuned["validation"] == "pop99 K = 3 nDCG@10" and set(ease.tuned["scores"]) == {"5", "50"}
+    assert EASEBaseline(lam=7.0).tuned == {"lambda": 7.0, "fixed": True}

@@ -63,9 +63,9 @@ def test_report_schema_and_ranges(reduced):
     lora = [r for r in rows if r["method"] == "per-user-lora"]
     assert all(r["bytes_per_user"] > 0 for r in lora)
     assert report["config"]["bank"]["config"]["meta"] == "maml" and report["config"]["transfer"] is None
-    assert report["config"]["tuned"] == {"ease": {"lambda": 200.0}}  # fixed by FAST: nothing tuned, the λ recorded
+    assert report["config"]["tuned"] == {"ease": {"lambda": 200.0, "fixed": True}}  # fixed by FAST: nothing tuned, the λ recorded
     md = (out / "report.md").read_text()
-    assert "ease: λ = 200.\n" in md
+    assert "ease: λ = 200 (fixed).\n" in md
     assert md.startswith("# coldstart-v1") and "## pop99" in md and "## full" in md and "| per-user-lora |" in md
     for name in ("quality_pop99.png", "quality_full.png", "latency.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -222,7 +222,7 @@ def history_keys(dataset: Dataset, users) -> list[str]:
     return keys
 
 
-def fit_ease(dataset: Dataset, config: BankConfig, train_users: np.ndarray) -> EASEBaseline:
+def init_ease(dataset: Dataset, config: BankConfig, train_users: np.ndarray) -> EASEBaseline:
     """EASE as the collaborative init takes it: ``config.ease_lambda``, else tuned over ``config.ease_lambdas``
     on EASE's own split of ``train_users``, then refitted on all of them."""
     return EASEBaseline(lam=config.ease_lambda, lambdas=config.ease_lambdas).fit(dataset, train_users)
@@ -394,7 +394,7 @@ def collaborative_init(dataset: Dataset, config: BankConfig, train_users: np.nda
         return factors, scale, None, {"kind": "puresvd"}, fixed_prior()
     with progress.task(f"collaborative init ({config.cf_init})", 1) as bar:
         # EASE's λ is tuned on a split of the train users (the baseline's own validation), then refit on all of them
-        ease = fit_ease(dataset, config, train_users)
+        ease = init_ease(dataset, config, train_users)
         record = {"kind": config.cf_init, "ease_lambda": ease.chosen_lam}
         if config.cf_init == "ease":
             factors, scale = ranking.ease_factors(train_positives, n_items, config.cf_rank, ease.weights, ease.kept_items)

@@ -243,8 +243,9 @@ class ItemKNNBaseline:
         return similarity.sum(axis=0, dtype=np.float64) + self.tie_breaker
 
 
-#: EASE's default λ grid. It reaches 100,000: ml-1m's validation users choose 30,000, while
-#: ml-latest-small's and ml-100k's choose 1,000 or less (benchmarks/ease_grid.py; docs/movielens.md).
+#: EASE's default λ grid. It reaches 100,000: ml-1m's validation users choose 30,000, ml-100k's up
+#: to 3,000 and ml-latest-small's 1,000 or less (benchmarks/ease_grid.py; docs/movielens.md).
+#: A bank's collaborative init tunes over a narrower grid (pmeta.config.INIT_EASE_LAMBDAS).
 EASE_LAMBDAS = (50.0, 100.0, 200.0, 500.0, 1000.0, 3000.0, 10000.0, 30000.0, 100000.0)
 
 
@@ -339,10 +340,17 @@ class EASEBaseline:
 
     @property
     def tuned(self) -> dict:
-        """What :meth:`fit` chose, for a report: λ, and when tuned the grid's validation scores and mode."""
+        """What :meth:`fit` chose, for a report: λ (``fixed`` when given), and when tuned every λ's
+        validation score and the criterion; ``validation`` is None when no validation user had a case
+        (every score NaN: the grid's largest λ was taken)."""
         if self.lam is not None:
-            return {"lambda": self.chosen_lam}
-        return {"lambda": self.chosen_lam, "validation": f"{self.validation_mode} K = 3 nDCG@10", "scores": {f"{lam:g}": self.validation_scores.get(lam) for lam in self.lambdas}}
+            return {"lambda": self.chosen_lam, "fixed": True}
+        scored = any(np.isfinite(v) for v in self.validation_scores.values())
+        return {
+            "lambda": self.chosen_lam,
+            "validation": f"{self.validation_mode} K = 3 nDCG@10" if scored else None,
+            "scores": {f"{lam:.12g}": self.validation_scores.get(lam) for lam in self.lambdas},
+        }
 
     def score(self, support_items: np.ndarray, k: int) -> np.ndarray:
         rows = self.kept_position[np.asarray(support_items, dtype=np.int64)]

@@ -229,7 +229,7 @@ def run_movielens(
             "max_users": max_users,
             "test_fraction": test_fraction,  # the banks'; coldstart-v1 is 0.2
             "method_options": options,
-            "tuned": tuned,  # what a method chose on the train users' own validation split (EASE's λ)
+            "tuned": tuned,  # EASE's λ (chosen on the train users' own validation split, or fixed)
             "bank": _bank_summary(bank),
             "reptile_bank": _bank_summary(reptile_bank),
             "transfer": transfer,
@@ -252,6 +252,19 @@ def _cell(row: dict | None) -> str:
     return "—" if row is None else f"{row['hr@10']:.3f} / {row['ndcg@10']:.3f} / {row['mrr']:.3f}"
 
 
+def _how_tuned(chosen: dict) -> str:
+    """How a ``tuned`` entry's λ came about, for report.md."""
+    grid = sorted(float(lam) for lam in chosen.get("scores", {}))
+    if chosen.get("fixed") or not grid:
+        return "fixed"
+    if len(grid) == 1:
+        return "its grid's only value"
+    span = f"{grid[0]:,g}–{grid[-1]:,g}"
+    if chosen.get("validation") is None:
+        return f"no validation user had a case to score the grid {span}: its largest λ"
+    return f"tuned over {span} by {chosen['validation']} on the train users' validation split"
+
+
 def markdown(report: dict) -> str:
     """One table per mode (method x K: HR@10 / nDCG@10 / MRR), latency and storage per method, then the
     paired differences of each pmeta method (:func:`pmeta.eval.significance.markdown_lines`)."""
@@ -266,9 +279,7 @@ def markdown(report: dict) -> str:
         lines += [f"Note: {note}.", ""]
     for method, chosen in report["config"].get("tuned", {}).items():
         if "lambda" in chosen:
-            grid = [float(lam) for lam in chosen.get("scores", {})]
-            how = f" (tuned over {min(grid):,g}–{max(grid):,g} by {chosen['validation']} on the train users' validation split)" if len(grid) > 1 else ""
-            lines += [f"{method}: λ = {chosen['lambda']:,g}{how}.", ""]
+            lines += [f"{method}: λ = {chosen['lambda']:,g} ({_how_tuned(chosen)}).", ""]
     transfer = report["config"].get("transfer")
     if transfer:
         lines += [
