@@ -63,9 +63,13 @@ def test_report_schema_and_ranges(reduced):
     lora = [r for r in rows if r["method"] == "per-user-lora"]
     assert all(r["bytes_per_user"] > 0 for r in lora)
     assert report["config"]["bank"]["config"]["meta"] == "maml" and report["config"]["transfer"] is None
-    assert report["config"]["tuned"] == {"ease": {"lambda": 200.0, "fixed": True}}  # fixed by FAST: nothing tuned, the λ recorded
+    tuned = report["config"]["tuned"]
+    assert tuned["ease"] == {"lambda": 200.0, "fixed": True} and set(tuned) == {"ease", "popularity-time"}  # EASE's λ fixed by FAST: recorded as such
+    h = tuned["popularity-time"]
+    assert h["bandwidth_days"] in (60.0, 180.0, 365.0) and set(h["scores"]) == {"60", "180", "365"}
+    assert h["scores"][f"{h['bandwidth_days']:g}"] == max(h["scores"].values())
     md = (out / "report.md").read_text()
-    assert "ease: λ = 200 (fixed).\n" in md
+    assert "ease: λ = 200 (fixed).\n" in md and f"popularity-time: h = {h['bandwidth_days']:g} days (tuned over 60–365 by nDCG@10 over K = 1, 3, 5 and " in md
     assert md.startswith("# coldstart-v1") and "## pop99" in md and "## full" in md and "| per-user-lora |" in md
     for name in ("quality_pop99.png", "quality_full.png", "latency.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -188,7 +188,17 @@ class TimePopularityBaseline:
         self.bandwidth_days, self.validation_modes, self.kind = bandwidth_days, tuple(validation_modes), kind
         self.validation_fraction, self.validation_seed = validation_fraction, validation_seed
         self.chosen_bandwidth: float | None = None
+        self.validation_scores: dict[str, dict[str, float]] = {}
         self.prior: dict = {}
+
+    @property
+    def tuned(self) -> dict:
+        """What :meth:`fit` chose, for a report: h in days (``fixed`` when given), and when tuned each
+        h's mean validation nDCG@10 over K = 1, 3, 5 and the modes."""
+        if self.bandwidth_days is not None:
+            return {"bandwidth_days": self.chosen_bandwidth, "fixed": True}
+        scores = {key.split(",")[0].removeprefix("h=").removesuffix("d"): row["mean"] for key, row in self.validation_scores.items() if key.endswith("beta=1")}
+        return {"bandwidth_days": self.chosen_bandwidth, "validation": f"nDCG@10 over K = 1, 3, 5 and {', '.join(self.validation_modes)}", "scores": scores}
 
     def fit(self, dataset: Dataset, train_users: np.ndarray) -> TimePopularityBaseline:
         from pmeta.tasks import time_prior
@@ -198,7 +208,7 @@ class TimePopularityBaseline:
         if self.chosen_bandwidth is None:
             fit_users, validation_users = validation_split(train_users, self.validation_fraction, self.validation_seed)
             zeros = np.zeros(n_items)
-            self.chosen_bandwidth, _, _, _ = time_prior.choose(lambda support: zeros, time_prior.validation_cases(dataset, validation_users), time_prior.rating_events(dataset, fit_users), n_items, weights=(1.0,), modes=self.validation_modes, kind=self.kind)
+            self.chosen_bandwidth, _, _, self.validation_scores = time_prior.choose(lambda support: zeros, time_prior.validation_cases(dataset, validation_users), time_prior.rating_events(dataset, fit_users), n_items, weights=(1.0,), modes=self.validation_modes, kind=self.kind)
         items, times = time_prior.rating_events(dataset, train_users)
         self.prior = time_prior.build(items, times, n_items, self.chosen_bandwidth, self.kind)
         return self

@@ -229,7 +229,7 @@ def run_movielens(
             "max_users": max_users,
             "test_fraction": test_fraction,  # the banks'; coldstart-v1 is 0.2
             "method_options": options,
-            "tuned": tuned,  # EASE's λ (chosen on the train users' own validation split, or fixed)
+            "tuned": tuned,  # EASE's λ, popularity-time's h (chosen on the train users' own validation split, or fixed)
             "bank": _bank_summary(bank),
             "reptile_bank": _bank_summary(reptile_bank),
             "transfer": transfer,
@@ -252,8 +252,8 @@ def _cell(row: dict | None) -> str:
     return "—" if row is None else f"{row['hr@10']:.3f} / {row['ndcg@10']:.3f} / {row['mrr']:.3f}"
 
 
-def _how_tuned(chosen: dict) -> str:
-    """How a ``tuned`` entry's λ came about, for report.md."""
+def _how_tuned(chosen: dict, name: str = "λ") -> str:
+    """How a ``tuned`` entry's value (``name``) came about, for report.md."""
     grid = sorted(float(lam) for lam in chosen.get("scores", {}))
     if chosen.get("fixed") or not grid:
         return "fixed"
@@ -261,7 +261,7 @@ def _how_tuned(chosen: dict) -> str:
         return "its grid's only value"
     span = f"{grid[0]:,g}–{grid[-1]:,g}"
     if chosen.get("validation") is None:
-        return f"no validation user had a case to score the grid {span}: its largest λ"
+        return f"no validation user had a case to score the grid {span}: its largest {name}"
     return f"tuned over {span} by {chosen['validation']} on the train users' validation split"
 
 
@@ -280,6 +280,8 @@ def markdown(report: dict) -> str:
     for method, chosen in report["config"].get("tuned", {}).items():
         if "lambda" in chosen:
             lines += [f"{method}: λ = {chosen['lambda']:,g} ({_how_tuned(chosen)}).", ""]
+        elif "bandwidth_days" in chosen:
+            lines += [f"{method}: h = {chosen['bandwidth_days']:,g} days ({_how_tuned(chosen, 'h')}).", ""]
     transfer = report["config"].get("transfer")
     if transfer:
         lines += [
