@@ -51,15 +51,10 @@ def grid(dataset, users: np.ndarray, lambdas: tuple[float, ...], shipped: tuple[
     return {
         "chosen": ease.chosen_lam,
         "shipped": list(shipped),
-        "shipped_choice": choice(scores, shipped) if shipped else None,
+        "shipped_choice": EASEBaseline.choose(scores, shipped) if shipped else None,
         "mode": ease.validation_mode,
         "scores": {f"{lam:.12g}": scores[lam] for lam in lambdas},
     }
-
-
-def choice(scores: dict[float, float], lambdas: tuple[float, ...]) -> float:
-    """The λ EASE chooses from ``scores`` restricted to ``lambdas``: best score, a tie (or all NaN) to the larger λ."""
-    return max(lambdas, key=lambda lam: (np.nan_to_num(scores[lam], nan=-np.inf), lam))
 
 
 def edge(chosen: float, lambdas: tuple[float, ...]) -> str:

@@ -65,14 +65,16 @@ def test_a_build_tunes_its_init_over_the_configs_grid_and_ease_grid_reports_the_
 
 
 def test_choice_on_a_subgrid_is_what_ease_chooses_on_it(script):
+    choose = EASEBaseline.choose  # what ease_grid.py reads a shipped grid's choice with
     dataset = eras()
     users = split_users(dataset)[0]
     wide = (10.0, 100.0, 1000.0, 10000.0)
     scores = EASEBaseline(lambdas=wide).fit(dataset, users).validation_scores
     for sub in [(10.0, 100.0), (1000.0, 10000.0), (10.0, 10000.0), (100.0,)]:
-        assert script.choice(scores, sub) == EASEBaseline(lambdas=sub).fit(dataset, users).chosen_lam
-    assert script.choice({1.0: 0.5, 2.0: 0.5, 3.0: 0.4}, (1.0, 2.0, 3.0)) == 2.0  # a tie goes to the larger λ
-    assert script.choice({1.0: float("nan"), 2.0: float("nan")}, (1.0, 2.0)) == 2.0
+        assert choose(scores, sub) == EASEBaseline(lambdas=sub).fit(dataset, users).chosen_lam
+        assert script.grid(dataset, users, wide, sub)["shipped_choice"] == choose(scores, sub)
+    assert choose({1.0: 0.5, 2.0: 0.5, 3.0: 0.4}, (1.0, 2.0, 3.0)) == 2.0  # a tie goes to the larger λ
+    assert choose({1.0: float("nan"), 2.0: float("nan")}, (1.0, 2.0)) == 2.0
     assert (script.edge(3.0, (1.0, 3.0)), script.edge(1.0, (1.0, 3.0)), script.edge(2.0, (1.0, 2.0, 3.0)), script.edge(1.0, (1.0,))) == ("top", "bottom", "", "")
 
 

@@ -340,13 +340,18 @@ class EASEBaseline:
                 self._fit_fixed(dataset, fit_users, lam)
                 (row,) = evaluate(self, dataset, validation_users, ks=(3,), modes=(self.validation_mode,), seed=self.validation_seed)
                 self.validation_scores[lam] = row["ndcg@10"]
-            # Best validation nDCG@10; on a tie the stronger regularization (also when no validation
-            # user has the 6 positives a case needs: every score is NaN then, and NaN never compares).
-            self.chosen_lam = max(self.lambdas, key=lambda lam: (np.nan_to_num(self.validation_scores[lam], nan=-np.inf), lam))
+            self.chosen_lam = self.choose(self.validation_scores, self.lambdas)
         else:
             self.chosen_lam = float(self.lam)
         self._fit_fixed(dataset, train_users, self.chosen_lam)
         return self
+
+    @staticmethod
+    def choose(scores: dict[float, float], lambdas: Sequence[float]) -> float:
+        """The λ of ``lambdas`` with the best validation score in ``scores``; on a tie the stronger
+        regularization (also when no validation user has the 6 positives a case needs: every score
+        is NaN then, and NaN never compares)."""
+        return max(lambdas, key=lambda lam: (np.nan_to_num(scores[lam], nan=-np.inf), lam))
 
     @property
     def tuned(self) -> dict:
