@@ -16,9 +16,11 @@ Student-t interval over the seeds' own differences, which also carries the varia
     python benchmarks/seeds.py pool seeds/s5 seeds/s6 seeds/s7 --primary full:5:ndcg@10
     python benchmarks/seeds.py run --bank bank-s1 --seed 1 --methods ease --out seeds/s1-ease
     python benchmarks/seeds.py replace seeds/s1 seeds/s1-ease --out seeds/s1-new-ease
+    python benchmarks/seeds.py replace seeds/s1 seeds/s1-lora --add --out seeds/s1-with-lora
 
 ``replace`` pools a method run again alone (after a change of its defaults, say) with a stored run's
-other methods: same seed, data and bank, the same users in every cell, so the pairs stay paired.
+other methods: same seed, data and bank, the same users in every cell, so the pairs stay paired;
+``--add`` also takes a method the stored run left out.
 
 ``--primary`` names comparisons fixed *before* the runs were read (a confirmatory test of what
 earlier seeds suggested): pmeta minus prompt-MAML and minus per-user LoRA in the named cells, with
@@ -69,12 +71,13 @@ def run(bank_path: Path, seed: int, out: Path, methods: list[str], threads: int,
     print(f"wrote {out / 'report.md'} and {out / 'per_user.json'}")
 
 
-def replace(base_path: Path, part_path: Path, out: Path) -> str:
+def replace(base_path: Path, part_path: Path, out: Path, add: bool = False) -> str:
     """A copy of run ``base_path`` whose cells of the methods in run ``part_path`` are ``part_path``'s:
     a method run again alone (a changed default, say) pooled with the other methods' stored cells. Both
     runs must be the same seed, data and bank, and every replaced cell must hold the same users in
     the same order as ``base_path``'s cells, so the paired comparisons stay paired; ``part_path``'s
-    methods must be methods of ``base_path`` and cover every (K, mode) cell of it. Writes
+    methods must cover every (K, mode) cell of ``base_path`` and be methods of it, unless ``add``: then a
+    method ``base_path`` lacks (one left out of its run for time, say) is added after its cells. Writes
     ``out/per_user.json`` atomically (the replacement recorded under ``replaced``; the cells in
     ``base_path``'s order), never into either input, and returns a one-line summary."""
     from pmeta.eval.output import write_text
@@ -93,8 +96,8 @@ def replace(base_path: Path, part_path: Path, out: Path) -> str:
     if not methods:
         raise SystemExit(f"cannot replace: {part_path} holds no cells")
     unknown = [m for m in methods if m not in {c["method"] for c in base["cells"]}]
-    if unknown:
-        raise SystemExit(f"cannot replace: {base_path} has no {unknown[0]} cells to replace")
+    if unknown and not add:
+        raise SystemExit(f"cannot replace: {base_path} has no {unknown[0]} cells to replace (--add adds a method it lacks)")
     for method in methods:
         cells = {(c["k"], c["mode"]): c for c in part["cells"] if c["method"] == method}
         if set(cells) != set(users):
@@ -104,10 +107,13 @@ def replace(base_path: Path, part_path: Path, out: Path) -> str:
                 raise SystemExit(f"cannot replace: {method} at K = {key[0]} {key[1]} was measured on other users than {base_path}'s")
     new = {(c["method"], c["k"], c["mode"]): c for c in part["cells"]}
     cells = [new.get((c["method"], c["k"], c["mode"]), c) for c in base["cells"]]
-    replaced = {**base, "cells": cells, "replaced": [*base.get("replaced", []), {"methods": methods, "from": str(part_path)}]}
+    cells += [c for c in part["cells"] if c["method"] in unknown]
+    entry = {"methods": methods, "from": str(part_path), **({"added": unknown} if unknown else {})}
+    replaced = {**base, "cells": cells, "replaced": [*base.get("replaced", []), entry]}
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "per_user.json", json.dumps(replaced))
-    return f"wrote {out / 'per_user.json'}: {', '.join(methods)} from {part_path}, the other methods from {base_path}"
+    added = f" (added: {', '.join(unknown)})" if unknown else ""
+    return f"wrote {out / 'per_user.json'}: {', '.join(methods)} from {part_path}{added}, the other methods from {base_path}"
 
 
 def load_runs(paths: list[Path]) -> list[dict]:
@@ -372,6 +378,7 @@ def main() -> None:
     swap.add_argument("base", type=Path, help="output directory of `run` (every method)")
     swap.add_argument("part", type=Path, help="output directory of `run` of the methods to replace (e.g. --methods ease)")
     swap.add_argument("--out", type=Path, required=True)
+    swap.add_argument("--add", action="store_true", help="also take methods the base run lacks (e.g. one left out of it for time)")
     many = sub.add_parser("pool", help="pool the runs' users and compare pmeta with its rivals")
     many.add_argument("runs", type=Path, nargs="+", help="output directories of `run`")
     many.add_argument("--resamples", type=int, default=2000)
@@ -388,7 +395,7 @@ def main() -> None:
         if args.command == "run":
             run(args.bank, args.seed, args.out, [m.strip() for m in args.methods.split(",") if m.strip()], args.threads, args.users, args.data, args.format)
         elif args.command == "replace":
-            print(replace(args.base, args.part, args.out))
+            print(replace(args.base, args.part, args.out, args.add))
         else:
             print(pool(args.runs, args.resamples, None if args.primary is None else parse_primary(args.primary)))
     except PmetaError as error:

@@ -582,3 +582,21 @@ def test_seeds_replace_swaps_a_methods_cells_only_between_runs_of_the_same_seed_
     with pytest.raises(SystemExit, match="other \\(K, mode\\) cells"):
         seeds.replace(base, fewer, tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+    # --add: a method the base lacks (left out of its run for time) joins after the base's cells, on the same users only.
+    print_line = seeds.replace(base, absent, tmp_path / "added", add=True)
+    assert "(added: itemknn)" in print_line
+    added = json.loads((tmp_path / "added" / "per_user.json").read_text())
+    assert [c["method"] for c in added["cells"]] == ["pmeta", "ease", "popularity", "itemknn"]
+    assert added["cells"][-1]["hr@10"] == [1.0, 1.0, 1.0] and added["cells"][0]["hr@10"] == [1.0, 1.0, 0.0]
+    assert added["replaced"] == [{"methods": ["itemknn"], "from": str(absent), "added": ["itemknn"]}]
+    assert "| full K = 1: pmeta over the best classical, HR@10 / nDCG@10 | -33.3% / -33.3% |" in seeds.pool([tmp_path / "added"], resamples=100)
+    mixed = _write_run(tmp_path / "mixed", 3, [4, 7, 9], {"ease": [1.0, 0.0, 0.0], "itemknn": [0.0, 0.0, 1.0]})
+    seeds.replace(base, mixed, tmp_path / "both", add=True)  # one replaced, one added
+    both = json.loads((tmp_path / "both" / "per_user.json").read_text())
+    assert [c["method"] for c in both["cells"]] == ["pmeta", "ease", "popularity", "itemknn"] and both["cells"][1]["hr@10"] == [1.0, 0.0, 0.0]
+    assert both["replaced"][0]["added"] == ["itemknn"]
+    absent_other_users = _write_run(tmp_path / "absent-users", 3, [9, 7, 4], {"itemknn": [1.0, 1.0, 1.0]})
+    with pytest.raises(SystemExit, match="other users"):
+        seeds.replace(base, absent_other_users, tmp_path / "never", add=True)
+    assert not (tmp_path / "never").exists()
