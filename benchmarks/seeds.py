@@ -14,6 +14,7 @@ Student-t interval over the seeds' own differences, which also carries the varia
     python benchmarks/seeds.py run --bank bank-s1 --seed 1 --out seeds/s1
     python benchmarks/seeds.py pool seeds/s0 seeds/s1 seeds/s2
     python benchmarks/seeds.py pool seeds/s5 seeds/s6 seeds/s7 --primary full:5:ndcg@10
+    python benchmarks/seeds.py pool seeds/s0 seeds/s1 --methods popularity,ease,prompt-maml,pmeta   # only these
     python benchmarks/seeds.py run --bank bank-s1 --seed 1 --methods ease --out seeds/s1-ease
     python benchmarks/seeds.py replace seeds/s1 seeds/s1-ease --out seeds/s1-new-ease
     python benchmarks/seeds.py replace seeds/s1 seeds/s1-lora --add --out seeds/s1-with-lora
@@ -116,18 +117,29 @@ def replace(base_path: Path, part_path: Path, out: Path, add: bool = False) -> s
     return f"wrote {out / 'per_user.json'}: {', '.join(methods)} from {part_path}{added}, the other methods from {base_path}"
 
 
-def load_runs(paths: list[Path]) -> list[dict]:
+def load_runs(paths: list[Path], methods: list[str] | None = None) -> list[dict]:
+    """The runs' ``per_user.json``, checked to be different seeds of one dataset holding the same cells;
+    with ``methods``, only those methods' cells are kept (each run must hold every one of them), so
+    runs that differ in a method left out of one of them for time can still be pooled over the rest."""
     missing = [str(path) for path in paths if not (path / "per_user.json").is_file()]
     if missing:
         raise SystemExit(f"no per_user.json in {', '.join(missing)}: give output directories of `seeds.py run`")
     runs = [json.loads((path / "per_user.json").read_text()) for path in paths]
+    if methods is not None:
+        if not methods:
+            raise SystemExit("--methods names no method")
+        for path, r in zip(paths, runs):
+            lacking = [m for m in methods if m not in {c["method"] for c in r["cells"]}]
+            if lacking:
+                raise SystemExit(f"{path} holds no {lacking[0]} cells")
+        runs = [{**r, "cells": [c for c in r["cells"] if c["method"] in methods]} for r in runs]
     seeds = [r["seed"] for r in runs]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"each run must be a different seed, got {seeds}")
     if len({r["fingerprint"] for r in runs}) != 1:
         raise SystemExit("the runs are on different datasets")
     if len({frozenset((c["method"], c["k"], c["mode"]) for c in r["cells"]) for r in runs}) != 1:
-        raise SystemExit("the runs evaluated different methods, K or modes: run them with the same --methods")
+        raise SystemExit("the runs evaluated different methods, K or modes: run them with the same --methods, or pool the methods they share with pool --methods")
     return runs
 
 
@@ -288,10 +300,10 @@ def primary_lines(family: list[dict]) -> list[str]:
     return lines
 
 
-def pool(paths: list[Path], resamples: int, primary: list[tuple[str, int, str]] | None = None) -> str:
+def pool(paths: list[Path], resamples: int, primary: list[tuple[str, int, str]] | None = None, methods: list[str] | None = None) -> str:
     """report.md-like text: pooled means, the issue's goals per seed, the ``primary`` comparisons when
-    named, and pmeta's paired differences."""
-    runs = load_runs(paths)
+    named, and pmeta's paired differences; over ``methods`` only when given (see :func:`load_runs`)."""
+    runs = load_runs(paths, methods)
     pooled = pooled_cells(runs)
     seeds = [r["seed"] for r in runs]
     any_cell = next(cell for cells in pooled.values() for cell in cells.values())
@@ -299,6 +311,7 @@ def pool(paths: list[Path], resamples: int, primary: list[tuple[str, int, str]] 
     lines = [
         f"# coldstart-v1 pooled over seeds {', '.join(map(str, seeds))} ({len(any_cell['user'])} test cases, {len(np.unique(any_cell['user']))} distinct users)",
         "",
+        *([f"Only {', '.join(methods)} (`--methods`); the runs' other methods are left out.", ""] if methods is not None else []),
         "## HR@10 / nDCG@10, mean over the pooled test users",
         "",
     ]
@@ -382,6 +395,7 @@ def main() -> None:
     many = sub.add_parser("pool", help="pool the runs' users and compare pmeta with its rivals")
     many.add_argument("runs", type=Path, nargs="+", help="output directories of `run`")
     many.add_argument("--resamples", type=int, default=2000)
+    many.add_argument("--methods", default=None, help="pool only these methods (e.g. to leave out one that a run lacks)")
     many.add_argument(
         "--primary",
         default=None,
@@ -397,7 +411,8 @@ def main() -> None:
         elif args.command == "replace":
             print(replace(args.base, args.part, args.out, args.add))
         else:
-            print(pool(args.runs, args.resamples, None if args.primary is None else parse_primary(args.primary)))
+            methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+            print(pool(args.runs, args.resamples, None if args.primary is None else parse_primary(args.primary), methods))
     except PmetaError as error:
         raise SystemExit(f"error: {error}") from None
 

@@ -249,6 +249,17 @@ def test_seeds_pool_concatenates_runs_and_resamples_users_within_their_seed(benc
     fewer = _write_run(tmp_path / "s2", 2, [1], {"pmeta": [1.0]})
     with pytest.raises(SystemExit, match="different methods"):
         seeds.load_runs([first, fewer])
+    # --methods: a run that left a method out (for time) pools with the others over the methods they share.
+    lacking = _write_run(tmp_path / "s3", 3, [6], {"pmeta": [1.0], "ease": [0.0]})
+    with pytest.raises(SystemExit, match="different methods"):
+        seeds.load_runs([first, lacking])
+    text = seeds.pool([first, lacking], resamples=100, methods=["pmeta", "ease"])
+    assert "Only pmeta, ease (`--methods`)" in text and "prompt-maml" not in text
+    assert "| pmeta | 1.000 / 1.000 |" in text and "| ease | 0.333 / 0.333 |" in text
+    assert "| full K = 1: pmeta over the best classical, HR@10 / nDCG@10 | +100.0% / +100.0% | — / — | +200.0% / +200.0% |" in text
+    for methods, message in [(["pmeta", "prompt-maml"], "s3 holds no prompt-maml cells"), ([], "names no method")]:
+        with pytest.raises(SystemExit, match=message):
+            seeds.load_runs([first, lacking], methods)
 
 
 def test_seeds_pool_adds_a_t_interval_over_the_seeds_from_three_seeds_on(benchmark_script, tmp_path):
