@@ -14,7 +14,7 @@ Student-t interval over the seeds' own differences, which also carries the varia
     python benchmarks/seeds.py run --bank bank-s1 --seed 1 --out seeds/s1
     python benchmarks/seeds.py pool seeds/s0 seeds/s1 seeds/s2
     python benchmarks/seeds.py pool seeds/s5 seeds/s6 seeds/s7 --primary full:5:ndcg@10
-    python benchmarks/seeds.py pool seeds/s0 seeds/s1 --methods popularity,ease,prompt-maml,pmeta   # only these
+    python benchmarks/seeds.py pool seeds/s0 seeds/s1 seeds/s2 --methods popularity,popularity-time,itemknn,ease,prompt-maml,pmeta-no-steps,pmeta
     python benchmarks/seeds.py run --bank bank-s1 --seed 1 --methods ease --out seeds/s1-ease
     python benchmarks/seeds.py replace seeds/s1 seeds/s1-ease --out seeds/s1-new-ease
     python benchmarks/seeds.py replace seeds/s1 seeds/s1-lora --add --out seeds/s1-with-lora
@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pmeta.eval.significance import FAMILY_ALPHA, best_classical, compare_methods, comparison_cell, holm, rival_label, signed
+from pmeta.eval.significance import CLASSICAL, FAMILY_ALPHA, best_classical, compare_methods, comparison_cell, holm, rival_label, signed
 
 RUN_METHODS = ("popularity", "popularity-time", "itemknn", "ease", "prompt-maml", "per-user-lora", "pmeta-no-steps", "pmeta")
 METRICS = ("hr@10", "ndcg@10")
@@ -96,6 +96,9 @@ def replace(base_path: Path, part_path: Path, out: Path, add: bool = False) -> s
     methods = list(dict.fromkeys(c["method"] for c in part["cells"]))
     if not methods:
         raise SystemExit(f"cannot replace: {part_path} holds no cells")
+    keys = [(c["method"], c["k"], c["mode"]) for c in part["cells"]]
+    if len(set(keys)) != len(keys):
+        raise SystemExit(f"cannot replace: {part_path} holds a (method, K, mode) cell twice")
     unknown = [m for m in methods if m not in {c["method"] for c in base["cells"]}]
     if unknown and not add:
         raise SystemExit(f"cannot replace: {base_path} has no {unknown[0]} cells to replace (--add adds a method it lacks)")
@@ -128,17 +131,29 @@ def load_runs(paths: list[Path], methods: list[str] | None = None) -> list[dict]
     if methods is not None:
         if not methods:
             raise SystemExit("--methods names no method")
+        if len(set(methods)) != len(methods):
+            raise SystemExit("--methods names a method twice")
         for path, r in zip(paths, runs):
             lacking = [m for m in methods if m not in {c["method"] for c in r["cells"]}]
             if lacking:
                 raise SystemExit(f"{path} holds no {lacking[0]} cells")
-        runs = [{**r, "cells": [c for c in r["cells"] if c["method"] in methods]} for r in runs]
+        # The goals and the "best classical" rows pick the best of the classical baselines present:
+        # leaving out one that every run holds would quietly change that reference.
+        dropped = [m for m in CLASSICAL if m not in methods and all(m in {c["method"] for c in r["cells"]} for r in runs)]
+        if dropped:
+            raise SystemExit(f"--methods leaves out {dropped[0]}, which every run holds: the best classical baseline would be chosen without it")
+        runs = [
+            {**r, "cells": [c for c in r["cells"] if c["method"] in methods], "left_out": list(dict.fromkeys(c["method"] for c in r["cells"] if c["method"] not in methods))}
+            for r in runs
+        ]
     seeds = [r["seed"] for r in runs]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"each run must be a different seed, got {seeds}")
     if len({r["fingerprint"] for r in runs}) != 1:
         raise SystemExit("the runs are on different datasets")
     if len({frozenset((c["method"], c["k"], c["mode"]) for c in r["cells"]) for r in runs}) != 1:
+        if methods is not None:
+            raise SystemExit(f"the runs hold {', '.join(methods)} in different K or modes")
         raise SystemExit("the runs evaluated different methods, K or modes: run them with the same --methods, or pool the methods they share with pool --methods")
     return runs
 
@@ -236,7 +251,7 @@ def _goal_cells(pooled: dict, seed: int | None) -> list[str]:
             margins = []
             for metric in METRICS:
                 best = best_classical(part, cell, metric)
-                reference = float(np.mean(part[best][cell][metric]))
+                reference = float(np.mean(part[best][cell][metric])) if best is not None else 0.0  # None: no classical baseline in the runs
                 margins.append("—" if reference == 0.0 else f"{(np.mean(mine[cell][metric]) / reference - 1) * 100:+.1f}%")  # no relative margin over 0
             column.append(" / ".join(margins))
     return column
@@ -303,7 +318,12 @@ def primary_lines(family: list[dict]) -> list[str]:
 def pool(paths: list[Path], resamples: int, primary: list[tuple[str, int, str]] | None = None, methods: list[str] | None = None) -> str:
     """report.md-like text: pooled means, the issue's goals per seed, the ``primary`` comparisons when
     named, and pmeta's paired differences; over ``methods`` only when given (see :func:`load_runs`)."""
+    if primary is not None and methods is not None:
+        absent = [m for m in ("pmeta", *PRIMARY_RIVALS) if m not in methods]
+        if absent:
+            raise SystemExit(f"--primary compares pmeta with {', '.join(PRIMARY_RIVALS)}: --methods must keep {absent[0]}")
     runs = load_runs(paths, methods)
+    left_out = list(dict.fromkeys(m for r in runs for m in r.get("left_out", [])))
     pooled = pooled_cells(runs)
     seeds = [r["seed"] for r in runs]
     any_cell = next(cell for cells in pooled.values() for cell in cells.values())
@@ -311,7 +331,7 @@ def pool(paths: list[Path], resamples: int, primary: list[tuple[str, int, str]] 
     lines = [
         f"# coldstart-v1 pooled over seeds {', '.join(map(str, seeds))} ({len(any_cell['user'])} test cases, {len(np.unique(any_cell['user']))} distinct users)",
         "",
-        *([f"Only {', '.join(methods)} (`--methods`); the runs' other methods are left out.", ""] if methods is not None else []),
+        *([f"Only {', '.join(methods)} (`--methods`); left out: {', '.join(left_out) or 'none'}.", ""] if methods is not None else []),
         "## HR@10 / nDCG@10, mean over the pooled test users",
         "",
     ]

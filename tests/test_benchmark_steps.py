@@ -254,12 +254,31 @@ def test_seeds_pool_concatenates_runs_and_resamples_users_within_their_seed(benc
     with pytest.raises(SystemExit, match="different methods"):
         seeds.load_runs([first, lacking])
     text = seeds.pool([first, lacking], resamples=100, methods=["pmeta", "ease"])
-    assert "Only pmeta, ease (`--methods`)" in text and "prompt-maml" not in text
+    assert "Only pmeta, ease (`--methods`); left out: prompt-maml." in text and "| prompt-maml |" not in text
     assert "| pmeta | 1.000 / 1.000 |" in text and "| ease | 0.333 / 0.333 |" in text
     assert "| full K = 1: pmeta over the best classical, HR@10 / nDCG@10 | +100.0% / +100.0% | — / — | +200.0% / +200.0% |" in text
-    for methods, message in [(["pmeta", "prompt-maml"], "s3 holds no prompt-maml cells"), ([], "names no method")]:
+    with_pop = _write_run(tmp_path / "s4", 4, [6], {"pmeta": [1.0], "ease": [0.0], "popularity": [1.0]})
+    partial = tmp_path / "s5"
+    partial.mkdir()
+    (partial / "per_user.json").write_text(json.dumps({"seed": 5, "fingerprint": "f", "bank": "b", "cells": [
+        {"method": m, "k": k, "mode": "full", "user": [6], "hr@10": [1.0], "ndcg@10": [1.0], "mrr": [1.0]} for m, k in (("pmeta", 1), ("ease", 1), ("ease", 3))]}))  # fmt: skip
+    for runs, methods, message in [
+        ([first, lacking], ["pmeta", "prompt-maml"], "s3 holds no prompt-maml cells"),
+        ([first, lacking], [], "names no method"),
+        ([first, lacking], ["pmeta", "ease", "pmeta"], "names a method twice"),
+        # leaving out a classical baseline every run holds would change the "best classical" reference
+        ([first, lacking], ["pmeta"], "leaves out ease, which every run holds"),
+        ([first, partial], ["pmeta", "ease"], "hold pmeta, ease in different K or modes"),
+    ]:
         with pytest.raises(SystemExit, match=message):
-            seeds.load_runs([first, lacking], methods)
+            seeds.load_runs(runs, methods)
+    # popularity is in one run only: it may be left out (the runs could not be pooled with it anyway)
+    assert "left out: prompt-maml, popularity." in seeds.pool([first, with_pop], resamples=50, methods=["pmeta", "ease"])
+    with pytest.raises(SystemExit, match="--methods must keep per-user-lora"):
+        seeds.pool([first, lacking], resamples=50, primary=[("full", 1, "hr@10")], methods=["pmeta", "ease", "prompt-maml"])
+    # runs without any classical baseline: the goals table shows "—" rather than failing
+    only_rivals = [_write_run(tmp_path / f"r{s}", s, [1, 2], {"pmeta": [1.0, 0.0], "prompt-maml": [0.0, 0.0]}) for s in (7, 8)]
+    assert "| full K = 1: pmeta over the best classical, HR@10 / nDCG@10 | — / — | — / — | — / — |" in seeds.pool(only_rivals, resamples=50)
 
 
 def test_seeds_pool_adds_a_t_interval_over_the_seeds_from_three_seeds_on(benchmark_script, tmp_path):
@@ -610,4 +629,10 @@ def test_seeds_replace_swaps_a_methods_cells_only_between_runs_of_the_same_seed_
     absent_other_users = _write_run(tmp_path / "absent-users", 3, [9, 7, 4], {"itemknn": [1.0, 1.0, 1.0]})
     with pytest.raises(SystemExit, match="other users"):
         seeds.replace(base, absent_other_users, tmp_path / "never", add=True)
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    cell = {"method": "itemknn", "k": 1, "mode": "full", "hr@10": [1, 1, 1], "ndcg@10": [1, 1, 1], "mrr": [1, 1, 1]}
+    (twice / "per_user.json").write_text(json.dumps({"seed": 3, "fingerprint": "f", "bank": "b", "cells": [cell | {"user": [9, 7, 4]}, cell | {"user": [4, 7, 9]}]}))
+    with pytest.raises(SystemExit, match="holds a \\(method, K, mode\\) cell twice"):
+        seeds.replace(base, twice, tmp_path / "never", add=True)
     assert not (tmp_path / "never").exists()
