@@ -133,18 +133,19 @@ def load_runs(paths: list[Path], methods: list[str] | None = None) -> list[dict]
             raise SystemExit("--methods names no method")
         if len(set(methods)) != len(methods):
             raise SystemExit("--methods names a method twice")
-        for path, r in zip(paths, runs):
-            lacking = [m for m in methods if m not in {c["method"] for c in r["cells"]}]
+        held = [list(dict.fromkeys(c["method"] for c in r["cells"])) for r in runs]
+        for path, names in zip(paths, held):
+            lacking = [m for m in methods if m not in names]
             if lacking:
                 raise SystemExit(f"{path} holds no {lacking[0]} cells")
         # The goals and the "best classical" rows pick the best of the classical baselines present:
         # leaving out one that every run holds would quietly change that reference.
-        dropped = [m for m in CLASSICAL if m not in methods and all(m in {c["method"] for c in r["cells"]} for r in runs)]
+        dropped = [m for m in CLASSICAL if m not in methods and all(m in names for names in held)]
         if dropped:
             raise SystemExit(f"--methods leaves out {dropped[0]}, which every run holds: the best classical baseline would be chosen without it")
         runs = [
-            {**r, "cells": [c for c in r["cells"] if c["method"] in methods], "left_out": list(dict.fromkeys(c["method"] for c in r["cells"] if c["method"] not in methods))}
-            for r in runs
+            {**r, "cells": [c for c in r["cells"] if c["method"] in methods], "left_out": [m for m in names if m not in methods]}
+            for r, names in zip(runs, held)
         ]
     seeds = [r["seed"] for r in runs]
     if len(set(seeds)) != len(seeds):
