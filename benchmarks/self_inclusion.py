@@ -42,10 +42,12 @@ from pmeta.tasks import time_prior
 QUERY = slice(5, 15)  # positives 6..15: the onboarding regression's targets and the protocol's window at K = 5
 
 
-def time_prior_inflation(dataset, train: np.ndarray, stored: dict[str, np.ndarray], h: float, beta: float, users: int, seed: int, folds: int, fit_seed: int, kind: str = "exponential") -> dict:
+def time_prior_inflation(dataset, train: np.ndarray, stored: dict[str, np.ndarray], h: float, beta: float | list[float], users: int, seed: int, folds: int, fit_seed: int, kind: str = "exponential") -> dict:
     """``stored``: the bank's time prior tensors (their names without ``head/``); ``kind``: theirs
     (:data:`pmeta.tasks.time_prior.KINDS`), and so are the ones rebuilt here, with the bank's
-    pseudo-ratings m (``time_pseudo_ratings``, 0 without)."""
+    pseudo-ratings m (``time_pseudo_ratings``, 0 without). ``beta``: one β, or one per history size
+    (each user here is read at their fifth positive, so β_5)."""
+    weights, beta = beta, float(time_prior.weight_of(torch.tensor(beta, dtype=torch.float64), [5])[0])
     pseudo = float(stored["time_pseudo_ratings"]) if "time_pseudo_ratings" in stored else 0.0
     positives, times, rated = dataset.positives_by_user(), dataset.positive_times_by_user(), dataset.rated_by_user()
     items, stamps = time_prior.rating_events(dataset, train)
@@ -55,7 +57,7 @@ def time_prior_inflation(dataset, train: np.ndarray, stored: dict[str, np.ndarra
     difference = float((time_prior.log_prior_at({k: torch.as_tensor(v) for k, v in stored.items()}, probe) - time_prior.log_prior_at(prior, probe)).abs().max())
     eligible = [u for u in train if len(positives[u]) >= 6]
     sample = np.random.default_rng(seed).choice(eligible, min(users, len(eligible)), replace=False)
-    fit = crossfit.build(folds, fit_seed, train, (dataset.ratings.user, dataset.ratings.item, dataset.ratings.timestamp), [positives[u] for u in train], len(dataset.catalog), h, beta, None, 1, 0.0, kind=kind, pseudo_ratings=pseudo)
+    fit = crossfit.build(folds, fit_seed, train, (dataset.ratings.user, dataset.ratings.item, dataset.ratings.timestamp), [positives[u] for u in train], len(dataset.catalog), h, weights, None, 1, 0.0, kind=kind, pseudo_ratings=pseudo)
     inside, outside, crossed, ndcg_inside, ndcg_outside = [], [], [], [], []
     for user in sample:
         t, query = times[user][4], positives[user][QUERY]
@@ -64,7 +66,7 @@ def time_prior_inflation(dataset, train: np.ndarray, stored: dict[str, np.ndarra
         row_out = time_prior.log_prior_at(time_prior.build(items[kept], stamps[kept], len(dataset.catalog), h, kind, pseudo), [t])[0].numpy().astype(np.float64)
         inside.append(beta * row_in[query].mean())
         outside.append(beta * row_out[query].mean())
-        crossed.append(float(fit.prior([int(user)], [t], "cpu")[0, query].double().mean()))
+        crossed.append(float(fit.prior([int(user)], [t], "cpu", [5])[0, query].double().mean()))
         never = np.setdiff1d(np.arange(len(dataset.catalog)), rated[user])
         negatives = np.broadcast_to(never, (len(query), len(never)))
         ndcg_inside.append(metrics_from_ranks(rank_positives(row_in, query, negatives))["ndcg@10"])
@@ -129,7 +131,7 @@ def main() -> None:
     fit_seed = int(reader.record["config"].get("seed", 0)) + 5  # as the build seeds its folds (pmeta.bank.build.training_priors)
     prior = chosen.get("time_prior", {})
     stored = {k.removeprefix("head/"): v for k, v in tensors.items() if k.startswith("head/time_")}
-    if prior.get("weight", 0.0) > 0:
+    if not time_prior.weights_off(prior.get("weight", 0.0)):
         report["time_prior"] = {"bandwidth_days": prior["bandwidth_days"], "beta": prior["weight"],
                                 **time_prior_inflation(dataset, train, stored, prior["bandwidth_days"], prior["weight"], args.users, args.seed, args.folds, fit_seed, time_prior.kind_of(stored))}  # fmt: skip
     bias = chosen.get("anchor_bias", {})

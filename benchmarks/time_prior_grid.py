@@ -42,7 +42,7 @@ def grid(dataset, config) -> dict:
     if base is None:
         raise SystemExit("no validation user of EASE's split has 6 positives: nothing to score")
     h, beta, m, scores = build.choose_time_prior(dataset, config, split.fit_users, cases, base)
-    return {"bandwidth_days": h, "weight": beta, "pseudo_ratings": m, "validation_users": len(cases), "validation_ndcg": scores}
+    return {"bandwidth_days": h, "weight": list(beta) if isinstance(beta, tuple) else beta, "pseudo_ratings": m, "validation_users": len(cases), "validation_ndcg": scores}
 
 
 def best_per_m(scores: dict[str, dict[str, float]]) -> dict[float, tuple[str, dict[str, float]]]:
@@ -93,9 +93,9 @@ def main() -> None:
         started = time.perf_counter()
         result = grid(dataset, config)
         results[seed] = result
-        print(f"seed {seed}: chosen h = {result['bandwidth_days']:g} days, beta = {result['weight']:g}, m = {result['pseudo_ratings']:g} ({result['validation_users']} validation users, {time.perf_counter() - started:.0f} s)")
+        print(f"seed {seed}: chosen h = {result['bandwidth_days']:g} days, beta = {' / '.join(f'{w:g}' for w in result['weight']) if isinstance(result['weight'], list) else format(result['weight'], 'g')}, m = {result['pseudo_ratings']:g} ({result['validation_users']} validation users, {time.perf_counter() - started:.0f} s)")
         for m, (key, value) in best_per_m(result["validation_ndcg"]).items():
-            print(f"  m = {m:g}: best {key}, nDCG@10 mean {value['mean']:.4f} (" + ", ".join(f"{mode} {v:.4f}" for mode, v in value.items() if mode != "mean") + ")")
+            print(f"  m = {m:g}: best {key}, nDCG@10 mean {value['mean']:.4f} (" + ", ".join(f"{mode} {v:.4f}" for mode, v in value.items() if mode not in ("mean", "by_k")) + ")")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

@@ -238,7 +238,8 @@ def test_early_stopping_never_leaves_the_validation_ranking_worse():
 
 
 
-def test_onboarding_init_and_time_prior_rank_validation_users_better_than_ease():
+@pytest.mark.parametrize("by_size", [False, True], ids=["one-beta", "beta-per-size"])
+def test_onboarding_init_and_time_prior_rank_validation_users_better_than_ease(by_size):
     """The onboarding init (EASE + the first-K → positives-6..15 regression, pmeta.bank.onboarding)
     and the time prior (pmeta.tasks.time_prior), untrained (no tower or meta steps), on the bank's
     own validation users: the full-ranking nDCG@10 over K = 1, 3, 5 that early stopping records at
@@ -246,7 +247,9 @@ def test_onboarding_init_and_time_prior_rank_validation_users_better_than_ease()
     the onboarding init without the prior 0.139 (0.12 lies between them); the time prior, chosen on
     EASE's split of the train users, must add at least 0.01 on these other users (measured, with
     the anchors' item bias chosen too, γ = 1.5: 0.139 → 0.154; 0.157 with the prior alone). The
-    prior's pseudo-ratings m are chosen over 0 and 30 with h and β, and stored when m > 0."""
+    prior's pseudo-ratings m are chosen over 0 and 30 with h and β, and stored when m > 0. With
+    ``by_size`` β is chosen per history size, non-increasing, and its
+    validation criterion is at least the best single β's (a constant β is one of its choices)."""
     from pmeta import load_config
     from pmeta.bank.build import build_model, validation_ranking, validation_sets
     from pmeta.data.sample import load_sample
@@ -255,20 +258,31 @@ def test_onboarding_init_and_time_prior_rank_validation_users_better_than_ease()
     # tested on synthetic data in test_onboarding.py), so the build makes two EASE fits only; the
     # time prior's grid runs as in a default build
     fixed = {"ease_lambda": 500.0, "onboarding_lambda": 30.0, "onboarding_weight": 1.0, "cf_pool_exponent": 0.5}
-    config = load_config("tiny", overrides={"early_stopping": True, "cf_init": "onboarding", **fixed, "time_prior_pseudo_ratings": [0, 30], "tower_steps": 0, "global_steps": 0, "anchor_steps": 0, "stack_steps": 0, "inner_steps": 0})
+    config = load_config("tiny", overrides={"early_stopping": True, "cf_init": "onboarding", **fixed, "time_prior_pseudo_ratings": [0, 30], "time_prior_weight_by_size": by_size, "tower_steps": 0, "global_steps": 0, "anchor_steps": 0, "stack_steps": 0, "inner_steps": 0})
     dataset = load_sample()
     model, record = build_model(dataset, config)
     chosen = record["collaborative_init"]
     assert chosen["kind"] == "onboarding" and chosen["onboarding_weight"] == 1.0 and set(chosen["onboarding_validation_ndcg"]) == {"lam=30,a=1,pool=0.5"}
     assert float(model.t.head["cf_pool_exponent"]) == chosen["pool_exponent"] == 0.5
     prior = chosen["time_prior"]
-    assert prior["weight"] > 0 and float(model.t.head["time_weight"]) == prior["weight"]
     assert len(prior["validation_ndcg"]) == 1 + 2 * (len(time_prior.WEIGHTS) - 1) * len(time_prior.BANDWIDTHS)
-    assert all(set(row) == {"uni99", "pop99", "full", "mean"} for row in prior["validation_ndcg"].values())
     m = prior["pseudo_ratings"]
     assert m in (0.0, 30.0) and (float(model.t.head["time_pseudo_ratings"]) if "time_pseudo_ratings" in model.t.head else 0.0) == m
-    best = prior["validation_ndcg"][f"h={prior['bandwidth_days']:g}d,beta={prior['weight']:g}" + (f",m={m:g}" if m else "")]
-    assert best["mean"] == max(row["mean"] for row in prior["validation_ndcg"].values()) > prior["validation_ndcg"]["h=0d,beta=0"]["mean"]
+    suffix = f",m={m:g}" if m else ""
+    if not by_size:
+        assert prior["weight"] > 0 and float(model.t.head["time_weight"]) == prior["weight"]
+        assert all(set(row) == {"uni99", "pop99", "full", "mean"} for row in prior["validation_ndcg"].values())
+        best = prior["validation_ndcg"][f"h={prior['bandwidth_days']:g}d,beta={prior['weight']:g}" + suffix]
+        assert best["mean"] == max(row["mean"] for row in prior["validation_ndcg"].values()) > prior["validation_ndcg"]["h=0d,beta=0"]["mean"]
+    else:
+        betas = prior["weight"]
+        assert len(betas) == 5 and all(a >= b for a, b in zip(betas, betas[1:])) and betas[0] > 0, betas
+        stored = model.t.head["time_weight"]
+        assert (stored.tolist() if stored.ndim else [float(stored)] * 5) == betas
+        assert all(set(row) == {"uni99", "pop99", "full", "mean", "by_k"} and set(row["by_k"]) == {"1", "2", "3", "4", "5"} for row in prior["validation_ndcg"].values())
+        grid = prior["validation_ndcg"]
+        chosen_total = np.mean([grid[f"h={prior['bandwidth_days']:g}d,beta={b:g}" + suffix if b else "h=0d,beta=0"]["by_k"][str(k)] for k, b in enumerate(betas, 1)])
+        assert chosen_total >= max(row["mean"] for row in grid.values()) - 1e-12 and chosen_total > grid["h=0d,beta=0"]["mean"]
     bias = chosen["anchor_bias"]  # γ chosen on the same split, after the prior; the grid's best point
     assert set(bias["validation_ndcg"]) == {f"gamma={w:g}" for w in anchor_bias.WEIGHTS}
     assert bias["validation_ndcg"][f"gamma={bias['weight']:g}"]["mean"] == max(row["mean"] for row in bias["validation_ndcg"].values())

@@ -230,6 +230,15 @@ def test_an_opened_bank_rebuilds_the_builds_folds_for_prompt_maml(cross_fitted):
     user, item, stamp = dataset.ratings.user, dataset.ratings.item, dataset.ratings.timestamp
     keep = np.isin(user, [u for u in train if fit.fold[int(u)] != 0])
     torch.testing.assert_close(fit.priors[0]["time_shares"], time_prior.build(item[keep], stamp[keep], len(dataset.catalog), 90.0)["time_shares"])
+    # a β per history size (stop 54) reaches every fold, and each user is weighted by their own history size
+    sized = training_priors(dataset, model.config, train, dataset.positives_by_user(), {"time_prior": {"bandwidth_days": 90.0}}, {"time_weight": torch.tensor([3.0, 2.0, 1.0, 1.0, 0.5])}, None, 0, 0.0)
+    assert all(p["time_weight"].tolist() == [3.0, 2.0, 1.0, 1.0, 0.5] for p in sized.priors)
+    users, times = [int(u) for u in train[:3]], [1e8, 2e8, 3e8]
+    got = sized.prior(users, times, "cpu", [1, 4, 9])
+    for row, (u, t, b) in enumerate(zip(users, times, (3.0, 1.0, 0.5))):
+        torch.testing.assert_close(got[row], (b * time_prior.log_prior_at(sized.priors[sized.fold[u]], [t])[0]).float())
+    with pytest.raises(ValueError, match="history sizes"):
+        sized.prior(users, times, "cpu")
 
 
 def test_one_fold_is_refused():

@@ -206,6 +206,86 @@ def test_head_entries_user_prior_and_a_transferred_column_map():
     assert time_prior.item_count({**head, "time_columns": torch.tensor([2, -1, 0, -1])}) == 4
 
 
+def test_a_weight_per_history_size_scales_each_users_prior_by_their_number_of_items():
+    items, times = np.array([0, 1, 1, 2, 0]), np.array([0.0, 1.0, 2.0, 3.0, 4.0]) * DAY
+    prior = time_prior.build(items, times, 3, 30.0)
+    assert time_prior.head_entries(prior, (0.0, 0.0)) == {} and time_prior.weights_off([0, 0]) and not time_prior.weights_off((1.0, 0.0))
+    assert time_prior.head_entries(prior, (2.0, 2.0, 2.0))["time_weight"].ndim == 0  # equal values: one β, as banks before stop 54 store it
+    head = time_prior.head_entries(prior, (3.0, 2.0, 1.0, 1.0, 0.5))
+    assert head["time_weight"].tolist() == [3.0, 2.0, 1.0, 1.0, 0.5]
+    # an empty history takes β_1, a longer one than five β_5
+    assert time_prior.weight_of(head["time_weight"], [0, 1, 2, 3, 5, 40]).tolist() == [3.0, 3.0, 2.0, 1.0, 0.5, 0.5]
+    ts = [0.5 * DAY, 3.5 * DAY, 4.0 * DAY]
+    rows = time_prior.log_prior_at(prior, ts)
+    torch.testing.assert_close(time_prior.user_prior(head, ts, [1, 3, 7]), torch.tensor([3.0, 1.0, 0.5], dtype=rows.dtype)[:, None] * rows)
+    with pytest.raises(ValueError, match="history sizes"):
+        time_prior.user_prior(head, ts)
+    one = time_prior.head_entries(prior, 2.0)  # one β: sizes change nothing, and are not needed
+    assert torch.equal(time_prior.user_prior(one, ts, [1, 3, 7]), time_prior.user_prior(one, ts)) and torch.equal(time_prior.user_prior(one, ts), 2.0 * rows)
+
+
+def test_the_non_increasing_choice_is_the_best_non_increasing_sequence():
+    import itertools
+
+    rng = np.random.default_rng(3)
+    weights = [2.0, 0.0, 5.0, 0.5]  # in any order
+    for _ in range(30):
+        scores = rng.random((5, 4)).round(2).tolist()  # rounded: ties happen
+        chosen, total = time_prior._non_increasing(scores, weights)
+        feasible = [seq for seq in itertools.product(range(4), repeat=5) if all(weights[a] >= weights[b] for a, b in zip(seq, seq[1:]))]
+        best = max(np.mean([scores[k][j] for k, j in enumerate(seq)]) for seq in feasible)
+        assert all(a >= b for a, b in zip(chosen, chosen[1:])) and np.isclose(total, best)
+        assert np.isclose(np.mean([scores[k][weights.index(b)] for k, b in enumerate(chosen)]), total)
+        ties = [seq for seq in feasible if np.isclose(np.mean([scores[k][j] for k, j in enumerate(seq)]), best)]
+        if len(ties) == 1:
+            assert chosen == [weights[j] for j in ties[0]]
+
+
+def test_choose_per_size_gives_the_prior_to_short_histories_only_when_longer_ones_know_better():
+    """Eras data: the prior tells the user's half of the catalogue. The base model knows nothing from
+    one or two items, and each user's own query items from three or more (an oracle keyed by the
+    first three items): β = 100 helps K = 1, 2 and buries the oracle at K = 3 … 5. One β for every
+    K must pick one of the two; one per size picks (100, 100, 0, 0, 0). Base scores that know only
+    from short histories (the reverse) may not give a longer history more weight."""
+    dataset = eras_dataset()
+    users = np.arange(len(dataset.ratings.user_ids))
+    fit, validation = users[:160], users[160:]
+    cases = time_prior.validation_cases(dataset, validation)
+    events = time_prior.rating_events(dataset, fit)
+    oracle = {tuple(case.support[:3].tolist()): case.query for case, _ in cases}
+
+    def late_oracle(support):
+        out = 1e-3 * np.arange(60)
+        if len(support) >= 3:
+            out[oracle[tuple(support[:3].tolist())]] += 10.0
+        return out
+
+    kwargs = dict(bandwidths=(30.0,), weights=(0.0, 100.0), ks=(1, 2, 3, 4, 5), modes=("full",))
+    h, weight, m, grid = time_prior.choose(late_oracle, cases, events, 60, per_size=True, **kwargs)
+    assert (h, weight, m) == (30.0, (100.0, 100.0, 0.0, 0.0, 0.0), 0.0)
+    assert set(grid["h=30d,beta=100"]["by_k"]) == {"1", "2", "3", "4", "5"} and grid["h=30d,beta=100"]["by_k"]["1"] > grid["h=0d,beta=0"]["by_k"]["1"] + 0.1
+    assert grid["h=30d,beta=100"]["by_k"]["5"] < grid["h=0d,beta=0"]["by_k"]["5"]
+    shared = time_prior.choose(late_oracle, cases, events, 60, **kwargs)[1]
+    assert shared in (0.0, 100.0)
+
+    first: dict[int, list[int]] = {}
+    for case, _ in cases:
+        first.setdefault(int(case.support[0]), []).extend(case.query.tolist())
+
+    def early_oracle(support):  # knows the query from one or two items, nothing from more
+        out = 1e-3 * np.arange(60)
+        if len(support) < 3:
+            out[first[int(support[0])]] += 10.0
+        return out
+
+    _, weight, _, grid = time_prior.choose(early_oracle, cases, events, 60, per_size=True, **kwargs)
+    on, off = grid["h=30d,beta=100"]["by_k"], grid["h=0d,beta=0"]["by_k"]
+    assert on["1"] < off["1"] and on["5"] > off["5"]  # freely chosen: (0, 0, 100, 100, 100)
+    assert len(set(weight)) == 1  # non-increasing: one β for every size after all
+    with pytest.raises(ValueError, match="ks = 1"):
+        time_prior.choose(late_oracle, cases, events, 60, per_size=True, bandwidths=(30.0,), weights=(0.0, 1.0), ks=(1, 3, 5), modes=("full",))
+
+
 def test_choose_takes_the_prior_when_time_predicts_and_not_when_it_misleads():
     dataset = eras_dataset()
     users = np.arange(len(dataset.ratings.user_ids))
@@ -349,6 +429,19 @@ def test_a_bank_with_a_time_prior_scores_through_it_and_vmap_agrees(opened_bank,
     assert not torch.equal(scores[0], source.final_scores(source.user_batch(users[:1]), without)[0])
 
 
+def test_a_bank_with_a_weight_per_history_size_weighs_each_user_by_their_history(opened_bank, with_time_prior):
+    from pmeta.eval.neural import support_input
+
+    model = with_time_prior(opened_bank.model, (3.0, 2.0, 1.0, 1.0, 0.5), 2000)
+    users = [support_input(model, [10, 20, 30], 1e6), support_input(model, [5], 1e6), support_input(model, list(range(40, 52)), 1e6)]
+    batch = model.user_batch(users)
+    rows = time_prior.log_prior_at(model.t.head, [1e6] * 3)[0]
+    for row, beta in enumerate((1.0, 3.0, 0.5)):
+        torch.testing.assert_close(batch.prior[row], (beta * rows).to(batch.prior.dtype))
+    looped, batch, _ = model.personalize(users)
+    assert torch.isfinite(model.final_scores(batch, looped)).any(dim=1).all()
+
+
 def test_a_stored_config_reads_as_the_prior_it_was_built_with():
     """Banks store their config; those built before stop 47 lack time_prior_causal (two-sided), those
     of stop 47 lack time_prior_kernel (the gridded half-Gaussian); new ones build the exponential
@@ -366,3 +459,6 @@ def test_a_stored_config_reads_as_the_prior_it_was_built_with():
         BankConfig(time_prior_causal=False, time_prior_kernel="exponential")
     assert BankConfig(time_prior_causal=False).time_prior_kind == "two-sided"  # alone: the two-sided Gaussian, as the docs say
     assert BankConfig(time_prior_causal=False, time_prior_kernel="gaussian").time_prior_kind == "two-sided"
+    # banks before stop 54 chose one β for every history size; a config without the field reads so
+    assert stored_config({**current, "time_prior_weight_by_size": True}).time_prior_weight_by_size
+    assert not stored_config({k: v for k, v in current.items() if k != "time_prior_weight_by_size"}).time_prior_weight_by_size

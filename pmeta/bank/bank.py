@@ -193,8 +193,9 @@ class Personalization:
 def stored_config(stored: dict) -> BankConfig:
     """The BankConfig of a stored bank version's config: one without ``time_prior_causal`` predates
     it (stop 47; its time prior is two-sided), one without ``time_prior_kernel`` predates the
-    exponential kernel (stop 48; Gaussian), so they read as what they were built with."""
-    return BankConfig(**{"time_prior_causal": False, "time_prior_kernel": "gaussian", **stored})
+    exponential kernel (stop 48; Gaussian), one without ``time_prior_weight_by_size`` chose one β for
+    every history size (before stop 54), so they read as what they were built with."""
+    return BankConfig(**{"time_prior_causal": False, "time_prior_kernel": "gaussian", "time_prior_weight_by_size": False, **stored})
 
 
 class Bank:

@@ -21,7 +21,7 @@ from ..config import BankConfig
 from ..data.types import Dataset
 from ..errors import InvalidConfig, InvalidData, InvalidRequest
 from ..eval.baselines import EASEBaseline, positive_matrix
-from ..eval.protocol import metrics_from_ranks, rank_positives, split_users
+from ..eval.protocol import QUERY_START, metrics_from_ranks, rank_positives, split_users
 from ..fusion import anchor_bias
 from ..fusion.index import AnchorIndex
 from ..models.encoder import FunctionalEncoder
@@ -409,7 +409,7 @@ def collaborative_init(dataset: Dataset, config: BankConfig, train_users: np.nda
             if cases and config.time_prior_weight != 0.0 and times is not None:
                 h, weight, pseudo, grid = choose_time_prior(dataset, config, split.fit_users, cases, base)
                 entries = time_prior_entries(dataset, config, train_users, h, weight, pseudo)
-                record["time_prior"] = {"bandwidth_days": h, "weight": weight, "pseudo_ratings": pseudo, "kind": config.time_prior_kind, "causal": config.time_prior_causal, "validation_ndcg": grid}
+                record["time_prior"] = {"bandwidth_days": h, "weight": list(weight) if isinstance(weight, tuple) else weight, "pseudo_ratings": pseudo, "kind": config.time_prior_kind, "causal": config.time_prior_causal, "validation_ndcg": grid}
             if cases and config.anchor_bias_weight is None and item_text is not None:
                 gamma, grid = choose_anchor_bias(dataset, config, split.fit_users, cases, base, h, weight, [positives[int(u)] for u in split.fit_users], item_text, pseudo)
                 record["anchor_bias"] = {"weight": gamma, "validation_ndcg": grid}
@@ -479,7 +479,7 @@ def training_priors(dataset: Dataset, config: BankConfig, train_with_pos: np.nda
     """The cross-fitted training priors (:mod:`pmeta.bank.crossfit`): the same time prior (h, β, m) and
     anchors' bias (γ, anchors) as the bank's (``time_entries``, ``bias_of_anchors``), per fold of
     ``train_with_pos`` without that fold."""
-    weight = float(time_entries["time_weight"]) if "time_weight" in time_entries else 0.0
+    weight = time_entries["time_weight"].tolist() if "time_weight" in time_entries else 0.0  # one β, or one per history size
     bandwidth = cf_record.get("time_prior", {}).get("bandwidth_days", fixed_bandwidth(config))  # the grid's choice, else the fixed one
     ratings = dataset.ratings
     return crossfit.build(
@@ -516,10 +516,10 @@ def bank_training_priors(model: PmetaModel, build_record: dict, dataset: Dataset
     return training_priors(dataset, config, train_with_pos, positives, build_record.get("collaborative_init", {}), time_entries, None, 0, 0.0)
 
 
-def time_prior_entries(dataset: Dataset, config: BankConfig, users: np.ndarray, bandwidth_days: float, weight: float, pseudo_ratings: float = 0.0) -> dict[str, torch.Tensor]:
+def time_prior_entries(dataset: Dataset, config: BankConfig, users: np.ndarray, bandwidth_days: float, weight: float | tuple[float, ...], pseudo_ratings: float = 0.0) -> dict[str, torch.Tensor]:
     """Head entries of a time prior built from ``users``' ratings ({} when β = 0), with m =
     ``pseudo_ratings`` pseudo-ratings of the all-time share (exponential kind)."""
-    if weight == 0.0:
+    if time_prior.weights_off(weight):
         return {}
     items, stamps = time_prior.rating_events(dataset, users)
     return time_prior.head_entries(time_prior.build(items, stamps, len(dataset.catalog), bandwidth_days, config.time_prior_kind, pseudo_ratings), weight)
@@ -557,10 +557,13 @@ class OnboardingScores:
 def choose_time_prior(dataset: Dataset, config: BankConfig, fit_users, cases: list, base: OnboardingScores):
     """(h, β, m, grid scores) of the time prior on EASE's validation split of the train users (``cases``,
     :func:`pmeta.tasks.time_prior.validation_cases`): the base scores are the onboarding model
-    fitted on ``fit_users``, the prior counts ``fit_users``' ratings."""
+    fitted on ``fit_users``, the prior counts ``fit_users``' ratings. With
+    ``config.time_prior_weight_by_size`` (and β not fixed) β is a tuple, one per history size 1 … 5."""
     bandwidths = (config.time_prior_bandwidth,) if config.time_prior_bandwidth is not None else time_prior.BANDWIDTHS
     weights = (config.time_prior_weight,) if config.time_prior_weight is not None else time_prior.WEIGHTS
-    return time_prior.choose(base, cases, time_prior.rating_events(dataset, fit_users), len(dataset.catalog), bandwidths, weights, kind=config.time_prior_kind, pseudo_ratings=config.time_prior_pseudo_ratings)
+    per_size = config.time_prior_weight_by_size and config.time_prior_weight is None
+    ks = tuple(range(1, QUERY_START + 1)) if per_size else (1, 3, 5)
+    return time_prior.choose(base, cases, time_prior.rating_events(dataset, fit_users), len(dataset.catalog), bandwidths, weights, ks=ks, kind=config.time_prior_kind, pseudo_ratings=config.time_prior_pseudo_ratings, per_size=per_size)
 
 
 @dataclass
@@ -579,7 +582,7 @@ class AnchorBiasInputs:
     popularity: np.ndarray
 
 
-def anchor_bias_inputs(dataset: Dataset, config: BankConfig, fit_users, base: OnboardingScores, h: float, beta: float, fit_positives: list[np.ndarray], item_text: torch.Tensor, pseudo_ratings: float = 0.0) -> AnchorBiasInputs:
+def anchor_bias_inputs(dataset: Dataset, config: BankConfig, fit_users, base: OnboardingScores, h: float, beta: float | tuple[float, ...], fit_positives: list[np.ndarray], item_text: torch.Tensor, pseudo_ratings: float = 0.0) -> AnchorBiasInputs:
     """The fit users are clustered as the build clusters the train users (``config.anchors``
     spherical k-means in the ``config.key_space`` space, here from the fit users' own matrix, through
     :func:`anchor_keys`); the base scores are the onboarding model plus the time prior (h, β, m)."""
@@ -591,12 +594,13 @@ def anchor_bias_inputs(dataset: Dataset, config: BankConfig, fit_users, base: On
     ratio = anchor_bias.log_ratio(fit_positives, assignment, len(centroids), n_items)
     sizes = np.bincount(assignment, minlength=len(centroids)).astype(np.float64)
     events = time_prior.rating_events(dataset, fit_users)
-    prior = time_prior.build(events[0], events[1], n_items, h, config.time_prior_kind, pseudo_ratings) if beta > 0 else None
+    prior = None if time_prior.weights_off(beta) else time_prior.build(events[0], events[1], n_items, h, config.time_prior_kind, pseudo_ratings)
+    betas = torch.tensor(beta, dtype=torch.float64)  # one β, or one per history size
 
     def scores(support: np.ndarray, t: float) -> np.ndarray:
         out = base(support)
         if prior is not None:
-            out = out + beta * time_prior.log_prior_at(prior, [t])[0].numpy().astype(np.float64)
+            out = out + float(time_prior.weight_of(betas, [len(support)])[0]) * time_prior.log_prior_at(prior, [t])[0].numpy().astype(np.float64)
         return out
 
     def key(support: np.ndarray) -> np.ndarray:
@@ -606,7 +610,7 @@ def anchor_bias_inputs(dataset: Dataset, config: BankConfig, fit_users, base: On
     return AnchorBiasInputs(scores, key, centroids, assignment, ratio, sizes, popularity)
 
 
-def choose_anchor_bias(dataset: Dataset, config: BankConfig, fit_users, cases: list, base: OnboardingScores, h: float, beta: float, fit_positives: list[np.ndarray], item_text: torch.Tensor, pseudo_ratings: float = 0.0) -> tuple[float, dict]:
+def choose_anchor_bias(dataset: Dataset, config: BankConfig, fit_users, cases: list, base: OnboardingScores, h: float, beta: float | tuple[float, ...], fit_positives: list[np.ndarray], item_text: torch.Tensor, pseudo_ratings: float = 0.0) -> tuple[float, dict]:
     """(γ, grid scores) of the anchors' item bias on EASE's validation split of the train users:
     a validation user (``cases``) retrieves ``config.top_k`` of the fit users' anchors
     (:func:`anchor_bias_inputs`) at the initial temperature; ``pop99`` samples by the fit users'

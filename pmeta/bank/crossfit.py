@@ -63,14 +63,15 @@ class CrossFit:
             raise ValueError("a user outside the folds needs the serving anchor bias, which this CrossFit lacks")
         return self.serving_bias if f < 0 else self.biases[f]
 
-    def prior(self, users: list[int], times: list[float | None], device: torch.device | str) -> torch.Tensor | None:
-        """``β · prior(t)`` (U, N) of train ``users`` at ``times`` (None: unknown), each from its fold's table; None without a time prior."""
+    def prior(self, users: list[int], times: list[float | None], device: torch.device | str, sizes: list[int] | None = None) -> torch.Tensor | None:
+        """``β · prior(t)`` (U, N) of train ``users`` at ``times`` (None: unknown), each from its fold's table; None without a time prior.
+        ``sizes``: the users' numbers of liked history items (for a β per history size)."""
         if not self.priors[0]:
             return None
         t = torch.tensor([float("nan") if x is None else float(x) for x in times], dtype=torch.float64)
         out = torch.empty(len(users), time_prior.item_count(self.priors[0]))
         for f, rows in self._groups(users):
-            out[rows] = time_prior.user_prior(self._prior_of(f), t[rows]).float()
+            out[rows] = time_prior.user_prior(self._prior_of(f), t[rows], None if sizes is None else [sizes[int(r)] for r in rows]).float()
         return out.to(device)
 
     def own_bias(self, users: list[int], anchors: torch.Tensor) -> torch.Tensor | None:
@@ -114,7 +115,7 @@ def build(
     positives: list[np.ndarray],
     n_items: int,
     time_bandwidth_days: float | None,
-    time_weight: float,
+    time_weight: float | list[float],
     assignment: np.ndarray | None,
     n_anchors: int,
     gamma: float,
@@ -125,7 +126,8 @@ def build(
 ) -> CrossFit:
     """The per-fold priors of the train ``users`` (in the order of ``positives`` and ``assignment``):
     ``events`` = (user, item, timestamp) arrays of every rating, of which the train users' are counted;
-    the time prior at ``time_bandwidth_days`` and β = ``time_weight`` (0: none); the anchors' bias
+    the time prior at ``time_bandwidth_days`` and β = ``time_weight`` (0: none; a list: one per history
+    size, :func:`pmeta.tasks.time_prior.weight_of`); the anchors' bias
     at γ = ``gamma`` (0: none) over the anchors ``assignment``; ``serving_prior`` / ``serving_bias``:
     the bank's own tensors, for users outside the folds (:class:`CrossFit`); ``kind`` and
     ``pseudo_ratings``: as :func:`pmeta.tasks.time_prior.build`."""
@@ -142,7 +144,7 @@ def build(
     priors: list[dict[str, torch.Tensor]] = []
     biases = []
     for f in range(folds):
-        if time_weight > 0:
+        if not time_prior.weights_off(time_weight):
             keep = in_train & (event_fold != f)
             priors.append(time_prior.head_entries(time_prior.build(event_items[keep], event_times[keep], n_items, float(time_bandwidth_days), kind, pseudo_ratings), time_weight))
         else:

@@ -164,7 +164,7 @@ def training_batch(model: PmetaModel, episode: Episode) -> ranking.UserBatch:
     (:mod:`pmeta.bank.crossfit`) its time prior is counted without each user's fold."""
     batch = model.user_batch(episode.support)
     if model.crossfit is not None:
-        batch.prior = model.crossfit.prior(episode.users, [u.time for u in episode.support], model.t.item_text.device)
+        batch.prior = model.crossfit.prior(episode.users, [u.time for u in episode.support], model.t.item_text.device, [len(u.liked_items) for u in episode.support])
     return batch
 
 

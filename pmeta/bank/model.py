@@ -142,7 +142,7 @@ class PmetaModel:
                 exclude[row, torch.tensor(user.seen_items, dtype=torch.long)] = True
         device = hidden.device
         times = [float("nan") if u.time is None else float(u.time) for u in users]
-        prior = time_prior.user_prior(self.t.head, times)
+        prior = time_prior.user_prior(self.t.head, times, [len(u.liked_items) for u in users])
         return ranking.UserBatch(hidden=hidden, mask=mask, history_items=history.to(device), history_mask=history_mask.to(device), exclude=exclude.to(device), prior=None if prior is None else prior.to(device))
 
     def user_keys(self, users: list[UserInput]) -> np.ndarray:

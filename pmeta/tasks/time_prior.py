@@ -289,18 +289,43 @@ def log_prior_at(prior: dict[str, torch.Tensor], times) -> torch.Tensor:
     return rows
 
 
-def head_entries(prior: dict[str, torch.Tensor], weight: float) -> dict[str, torch.Tensor]:
-    """The head tensors of a time prior (:func:`build`) at weight β (nothing at all when β = 0)."""
-    if weight == 0.0:
+def weights_off(weight) -> bool:
+    """Whether β (a number, or one per history size :func:`choose` gives with ``per_size``) is 0 throughout."""
+    return all(float(w) == 0.0 for w in np.atleast_1d(np.asarray(weight, dtype=np.float64)))
+
+
+def head_entries(prior: dict[str, torch.Tensor], weight) -> dict[str, torch.Tensor]:
+    """The head tensors of a time prior (:func:`build`) at weight β (nothing at all when β = 0).
+
+    ``weight``: one β, or one per history size (β_1 … β_S, :func:`choose` with ``per_size``),
+    stored as ``head/time_weight`` of shape () or (S,); equal values are stored as one."""
+    if weights_off(weight):
         return {}
-    return {**prior, "time_weight": torch.tensor(float(weight))}
+    values = np.atleast_1d(np.asarray(weight, dtype=np.float64))
+    if np.ndim(weight) == 0 or np.all(values == values[0]):
+        return {**prior, "time_weight": torch.tensor(float(values[0]))}
+    return {**prior, "time_weight": torch.tensor(values.tolist(), dtype=torch.float32)}
 
 
-def user_prior(head: dict[str, torch.Tensor], times) -> torch.Tensor | None:
-    """``β · prior(t)`` (U, N) for a head with a time prior, else None."""
+def weight_of(weight: torch.Tensor, sizes) -> torch.Tensor:
+    """β per user (U,) of ``head/time_weight`` for users with ``sizes`` liked items in their history:
+    a bank with one β gives it to everyone; one with β per size S gives a history of n items β_n,
+    an empty one β_1 and a longer one β_S. Raises ValueError when per-size weights get no sizes."""
+    if weight.ndim == 0:
+        return weight.reshape(1) if sizes is None else weight.expand(len(sizes))
+    if sizes is None:
+        raise ValueError("this time prior has one weight per history size: pass the users' history sizes")
+    index = torch.as_tensor(np.asarray(sizes, dtype=np.int64)).clamp(1, len(weight)) - 1
+    return weight[index.to(weight.device)]
+
+
+def user_prior(head: dict[str, torch.Tensor], times, sizes=None) -> torch.Tensor | None:
+    """``β · prior(t)`` (U, N) for a head with a time prior, else None; ``sizes`` (U,): each user's
+    number of liked history items (:func:`weight_of`; needed when β depends on it)."""
     if kind_of(head) is None:
         return None
-    return head["time_weight"] * log_prior_at(head, times)
+    rows = log_prior_at(head, times)
+    return weight_of(head["time_weight"], sizes).to(rows.dtype)[:, None] * rows if head["time_weight"].ndim else head["time_weight"] * rows
 
 
 def rating_events(dataset, users) -> tuple[np.ndarray, np.ndarray]:
@@ -331,7 +356,7 @@ def supports(cases: list, ks: tuple[int, ...] = (1, 3, 5)):
             yield case.user, case.support[:k], float(times[k - 1]), case.query
 
 
-def choose(base_scores, cases: list, events: tuple[np.ndarray, np.ndarray], n_items: int, bandwidths=BANDWIDTHS, weights=WEIGHTS, ks: tuple[int, ...] = (1, 3, 5), modes: tuple[str, ...] = MODES, seed: int = 0, kind: str = "exponential", pseudo_ratings=(0.0,)) -> tuple[float, float, float, dict[str, dict[str, float]]]:
+def choose(base_scores, cases: list, events: tuple[np.ndarray, np.ndarray], n_items: int, bandwidths=BANDWIDTHS, weights=WEIGHTS, ks: tuple[int, ...] = (1, 3, 5), modes: tuple[str, ...] = MODES, seed: int = 0, kind: str = "exponential", pseudo_ratings=(0.0,), per_size: bool = False) -> tuple[float, float | tuple[float, ...], float, dict[str, dict]]:
     """Choose (h, β, m) on validation ``cases`` (:func:`validation_cases`) by nDCG@10 averaged over
     ``ks`` and the protocol's candidate ``modes``; m from ``pseudo_ratings`` (the exponential kind
     only; others try m = 0 alone).
@@ -344,12 +369,22 @@ def choose(base_scores, cases: list, events: tuple[np.ndarray, np.ndarray], n_it
     of that trade-off blindly (a catalogue too small for 99 negatives keeps the modes that can draw
     them, :func:`~pmeta.eval.protocol.drawable_modes`). Ties go to the smaller β, then the smaller
     m. ``kind``: as :func:`build`. Returns (h in days, β, m, every grid point's nDCG@10 per mode and
-    their mean; the keys name m only where it is not 0)."""
+    their mean; the keys name m only where it is not 0).
+
+    ``per_size``: β is chosen for each history size K of ``ks`` on its own (the K-th support),
+    for each (h, m), under β_1 ≥ β_2 ≥ … (:func:`_non_increasing`), and (h, m) by the mean over K
+    of those; β is then the tuple (β_1 … β_max(ks)) (:func:`weight_of`; ``ks`` must be 1 … S). One
+    user's first item says less about them than five do, so the prior's weight should fall as the
+    history grows: on ml-1m's validation users (stop 54, seeds 0 and 2) the onboarding model plus
+    the prior at β = 2 beat β = 1 at K = 1 in every mode, and β = 0.5 beat β = 1 at K = 5; one β
+    for every K chose between them. Each grid point's value also holds ``"by_k"``: its mean per K."""
     from ..eval.protocol import draw_candidates, drawable_modes, mean_ndcg
 
     popularity = np.bincount(np.asarray(events[0], dtype=np.int64), minlength=n_items).astype(np.float64)
     modes = drawable_modes([case for case, _ in cases], modes, popularity)  # all three on MovieLens
     candidates = draw_candidates([case for case, _ in cases], modes, popularity, seed)
+    if per_size:
+        return _choose_per_size(base_scores, cases, events, n_items, bandwidths, weights, ks, modes, candidates, kind, pseudo_ratings)
     prepared = [(user, base_scores(support), t, query) for user, support, t, query in supports(cases, ks)]
     pseudo_ratings = tuple(pseudo_ratings) if kind == "exponential" else (0.0,)
     scores: dict[tuple[float, float, float], dict[str, float]] = {}
@@ -365,4 +400,76 @@ def choose(base_scores, cases: list, events: tuple[np.ndarray, np.ndarray], n_it
                 key = (0.0, 0.0, 0.0) if weight == 0.0 else (h, weight, float(m))
                 scores[key] = mean_ndcg(scored, candidates, modes)
     h, weight, m = max(scores, key=lambda key: (scores[key]["mean"], -key[1], -key[2]))
-    return h, weight, m, {f"h={key[0]:g}d,beta={key[1]:g}" + (f",m={key[2]:g}" if key[2] else ""): value for key, value in scores.items()}
+    return h, weight, m, {_grid_key(key): value for key, value in scores.items()}
+
+
+def _grid_key(key: tuple[float, float, float]) -> str:
+    return f"h={key[0]:g}d,beta={key[1]:g}" + (f",m={key[2]:g}" if key[2] else "")
+
+
+def _choose_per_size(base_scores, cases, events, n_items, bandwidths, weights, ks, modes, candidates, kind, pseudo_ratings):
+    """:func:`choose` with ``per_size``."""
+    from ..eval.protocol import mean_ndcg
+
+    ks = tuple(int(k) for k in ks)
+    if ks != tuple(range(1, len(ks) + 1)):
+        raise ValueError(f"a weight per history size needs ks = 1 … S, got {ks}")
+    prepared = {k: [(user, base_scores(support), t, query) for user, support, t, query in supports(cases, (k,))] for k in ks}
+    pseudo_ratings = tuple(pseudo_ratings) if kind == "exponential" else (0.0,)
+    scores: dict[tuple[float, float, float], dict[int, dict[str, float]]] = {}
+    for h in bandwidths:
+        built = build(events[0], events[1], n_items, h, kind)
+        for m in pseudo_ratings:
+            prior = {**built, "time_pseudo_ratings": torch.tensor(float(m), dtype=torch.float64)} if m > 0 else built
+            priors = {k: log_prior_at(prior, np.array([p[2] for p in rows])).numpy().astype(np.float64) for k, rows in prepared.items()}
+            for weight in weights:
+                key = (0.0, 0.0, 0.0) if weight == 0.0 else (h, weight, float(m))
+                if key in scores:
+                    continue
+                scores[key] = {k: mean_ndcg(((user, base + weight * p, query) for (user, base, _, query), p in zip(rows, priors[k])), candidates, modes) for k, rows in prepared.items()}
+    off = scores.get((0.0, 0.0, 0.0))
+    best = None
+    for h in bandwidths:
+        for m in pseudo_ratings:
+            points = [(key, value) for key, value in scores.items() if key[0] == h and key[2] == float(m)] + ([((0.0, 0.0, 0.0), off)] if off is not None else [])
+            if not points:
+                continue
+            chosen, total = _non_increasing([[value[k]["mean"] for _, value in points] for k in ks], [key[1] for key, _ in points])
+            if best is None or total > best[0] + 1e-12 or (abs(total - best[0]) <= 1e-12 and (sum(chosen), m) < (sum(best[3]), best[2])):
+                best = (total, h, float(m), chosen)
+    _, h, m, chosen = best
+    if not any(chosen):
+        h, m = 0.0, 0.0
+    grid = {}
+    for key, by_k in scores.items():
+        value = {mode: float(np.mean([by_k[k][mode] for k in ks])) for mode in by_k[ks[0]]}
+        value["by_k"] = {str(k): by_k[k]["mean"] for k in ks}
+        grid[_grid_key(key)] = value
+    return h, tuple(float(b) for b in chosen), m, grid
+
+
+def _non_increasing(scores: list[list[float]], weights: list[float]) -> tuple[list[float], float]:
+    """(β_1 ≥ β_2 ≥ … ≥ β_S from ``weights``, their mean score) maximising the mean over sizes of
+    ``scores[k][j]`` (size k + 1 at ``weights[j]``): a longer history never gets more prior weight than
+    a shorter one. Chosen freely, each size's β follows its own validation noise (on the shipped
+    sample's 30-odd validation users: 5, 3, 0, 5, 1). Dynamic programming over the sizes; ties go to
+    the smaller β."""
+    order = sorted(range(len(weights)), key=lambda j: weights[j])
+    values = [weights[j] for j in order]
+    table = [[row[j] for j in order] for row in scores]
+    best = [list(table[0])]  # best[k][i]: the best total of sizes 1 … k + 1 with β_{k+1} = values[i]
+    choice: list[list[int]] = []
+    for k in range(1, len(table)):
+        previous, row, picks = best[-1], [], []
+        for i in range(len(values)):
+            j = max(range(i, len(values)), key=lambda j: (previous[j], -j))  # β_k ≥ β_{k+1}; ties: the smaller
+            row.append(previous[j] + table[k][i])
+            picks.append(j)
+        best.append(row)
+        choice.append(picks)
+    i = max(range(len(values)), key=lambda i: (best[-1][i], -i))
+    total, path = best[-1][i], [i]
+    for picks in reversed(choice):
+        path.append(picks[path[-1]])
+    return [values[i] for i in reversed(path)], total / len(table)
+
