@@ -248,7 +248,7 @@ def test_onboarding_init_and_time_prior_rank_validation_users_better_than_ease(b
     EASE's split of the train users, must add at least 0.01 on these other users (measured, with
     the anchors' item bias chosen too, γ = 1.5: 0.139 → 0.154; 0.157 with the prior alone). The
     prior's pseudo-ratings m are chosen over 0 and 30 with h and β, and stored when m > 0. With
-    ``by_size`` β is chosen per history size, non-increasing, and its
+    ``by_size`` (the default since stop 54) β is chosen per history size, non-increasing, and its
     validation criterion is at least the best single β's (a constant β is one of its choices)."""
     from pmeta import load_config
     from pmeta.bank.build import build_model, validation_ranking, validation_sets
@@ -339,7 +339,8 @@ def test_a_catalogue_too_small_for_99_negatives_builds_with_choices_on_full_rank
     chosen = record["collaborative_init"]
     assert config.ease_lambdas == INIT_EASE_LAMBDAS and chosen["ease_lambda"] in INIT_EASE_LAMBDAS
     for choice in (chosen["time_prior"], chosen["anchor_bias"]):
-        assert all(set(row) == {"full", "mean"} for row in choice["validation_ndcg"].values())
+        assert all(set(row) - {"by_k"} == {"full", "mean"} for row in choice["validation_ndcg"].values())
+    assert all(set(row["by_k"]) == {"1", "2", "3", "4", "5"} for row in chosen["time_prior"]["validation_ndcg"].values())  # β per history size
     assert model is not None
 
 
