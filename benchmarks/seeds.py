@@ -18,10 +18,13 @@ Student-t interval over the seeds' own differences, which also carries the varia
     python benchmarks/seeds.py run --bank bank-s1 --seed 1 --methods ease --out seeds/s1-ease
     python benchmarks/seeds.py replace seeds/s1 seeds/s1-ease --out seeds/s1-new-ease
     python benchmarks/seeds.py replace seeds/s1 seeds/s1-lora --add --out seeds/s1-with-lora
+    python benchmarks/seeds.py versus --before seeds/s0 seeds/s1 --after seeds-new/s0 seeds-new/s1
 
 ``replace`` pools a method run again alone (after a change of its defaults, say) with a stored run's
 other methods: same seed, data and bank, the same users in every cell, so the pairs stay paired;
-``--add`` also takes a method the stored run left out.
+``--add`` also takes a method the stored run left out. ``versus`` reads the same seeds' users
+measured with two banks (one built after a change of the build's defaults): each method's after −
+before per cell, paired by user.
 
 ``--primary`` names comparisons fixed *before* the runs were read (a confirmatory test of what
 earlier seeds suggested): pmeta minus prompt-MAML and minus per-user LoRA in the named cells, with
@@ -42,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pmeta.eval.significance import CLASSICAL, FAMILY_ALPHA, best_classical, compare_methods, comparison_cell, holm, rival_label, signed
+from pmeta.eval.significance import CLASSICAL, FAMILY_ALPHA, best_classical, compare_methods, comparison_cell, holm, paired_bootstrap, rival_label, signed
 
 RUN_METHODS = ("popularity", "popularity-time", "itemknn", "ease", "prompt-maml", "per-user-lora", "pmeta-no-steps", "pmeta")
 METRICS = ("hr@10", "ndcg@10")
@@ -396,6 +399,77 @@ def pool(paths: list[Path], resamples: int, primary: list[tuple[str, int, str]] 
     return "\n".join(lines)
 
 
+def versus(before: list[Path], after: list[Path], methods: list[str], resamples: int) -> str:
+    """The same seeds' test users measured twice, with two banks (a changed default, say): each of
+    ``methods``' paired difference *after − before* per (K, mode) cell and metric, over the users of
+    every seed pooled, with a bootstrap stratified by seed and Holm's adjustment over each method's
+    cells and metrics. ``before`` and ``after`` are output directories of ``run`` matched by seed:
+    each pair must be the same seed and data and hold the same users in the same order per cell;
+    their banks may differ (that is the point), and are named in the text."""
+    if len(before) != len(after):
+        raise SystemExit(f"versus needs as many --after runs as --before runs, got {len(before)} and {len(after)}")
+    if not methods or len(set(methods)) != len(methods):
+        raise SystemExit("--methods must name each method once")
+    if resamples < 1:
+        raise SystemExit(f"--resamples must be at least 1, got {resamples}")
+    runs = [[json.loads((path / "per_user.json").read_text()) if (path / "per_user.json").is_file() else None for path in side] for side in (before, after)]
+    for side, found in zip((before, after), runs):
+        for path, run in zip(side, found):
+            if run is None:
+                raise SystemExit(f"no per_user.json in {path}: give output directories of `seeds.py run`")
+    pairs: dict[int, tuple[dict, dict]] = {}
+    for old in runs[0]:
+        if old["seed"] in pairs:
+            raise SystemExit(f"two --before runs are seed {old['seed']}")
+        pairs[old["seed"]] = (old, None)
+    for new in runs[1]:
+        if new["seed"] not in pairs or pairs[new["seed"]][1] is not None:
+            raise SystemExit(f"--after holds seed {new['seed']}, which no --before run matches once")
+        pairs[new["seed"]] = (pairs[new["seed"]][0], new)
+    if len({r["fingerprint"] for side in runs for r in side}) != 1:
+        raise SystemExit("the runs are on different datasets")
+    pooled: dict[str, dict[tuple[int, str], dict[str, list]]] = {"before": {}, "after": {}}
+    for seed, (old, new) in sorted(pairs.items()):
+        cells = [{(c["method"], c["k"], c["mode"]): c for c in run["cells"]} for run in (old, new)]
+        for method in methods:
+            keys = [sorted(k for k in found if k[0] == method) for found in cells]
+            if not keys[0] or keys[0] != keys[1]:
+                raise SystemExit(f"seed {seed}: {method} is not in both runs in the same (K, mode) cells")
+            for key in keys[0]:
+                if cells[0][key]["user"] != cells[1][key]["user"]:
+                    raise SystemExit(f"seed {seed}: {method} at K = {key[1]} {key[2]} was measured on other users in the two runs")
+                for label, found in (("before", cells[0]), ("after", cells[1])):
+                    cell = pooled[label].setdefault(method, {}).setdefault(key[1:], {"seed": [], **{m: [] for m in METRICS}})
+                    cell["seed"].extend([seed] * len(found[key]["user"]))
+                    for metric in METRICS:
+                        cell[metric].extend(found[key][metric])
+    seeds = sorted(pairs)
+    lines = [
+        f"# coldstart-v1: two banks on the same test users (seeds {', '.join(map(str, seeds))})",
+        "",
+        "Banks: " + "; ".join(f"seed {s}: before {pairs[s][0]['bank']}, after {pairs[s][1]['bank']}" for s in seeds) + ".",
+        "",
+        f"After minus before over the same users; 95% CI from {resamples} resamples of a bootstrap stratified by seed. **Bold**: the CI excludes 0. †: after Holm's adjustment over every cell and metric of that method (family-wise error rate {FAMILY_ALPHA:.0%}).",
+    ]
+    for method in methods:
+        rows = []
+        for metric in METRICS:
+            for key in sorted(pooled["after"][method], key=lambda key: (MODES.index(key[1]) if key[1] in MODES else len(MODES), key[0])):
+                old, new = pooled["before"][method][key], pooled["after"][method][key]
+                result = paired_bootstrap(new[metric], old[metric], resamples=resamples, seed=0, strata=new["seed"])
+                rows.append({"metric": metric, "k": key[0], "mode": key[1], "before": float(np.mean(old[metric])), "after": float(np.mean(new[metric])), **result})
+        for row, adjusted in zip(rows, holm([r["p_value"] for r in rows])):
+            row["p_holm"] = adjusted
+        for metric in METRICS:
+            mine = [r for r in rows if r["metric"] == metric]
+            ks = sorted({r["k"] for r in mine})
+            lines += ["", f"## {method}: {metric}, before → after, difference [95% CI]", "", "| mode | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+            for mode in dict.fromkeys(r["mode"] for r in mine):
+                cells = {r["k"]: r for r in mine if r["mode"] == mode}
+                lines.append(f"| {mode} | " + " | ".join(f"{cells[k]['before']:.3f} → {cells[k]['after']:.3f}: {comparison_cell({**cells[k], 'versus': ''})}" if k in cells else "—" for k in ks) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -413,6 +487,11 @@ def main() -> None:
     swap.add_argument("part", type=Path, help="output directory of `run` of the methods to replace (e.g. --methods ease)")
     swap.add_argument("--out", type=Path, required=True)
     swap.add_argument("--add", action="store_true", help="also take methods the base run lacks (e.g. one left out of it for time)")
+    pair = sub.add_parser("versus", help="the same seeds' users measured with two banks: each method's after − before")
+    pair.add_argument("--before", type=Path, nargs="+", required=True, help="output directories of `run` with the first banks")
+    pair.add_argument("--after", type=Path, nargs="+", required=True, help="output directories of `run` of the same seeds with the second banks")
+    pair.add_argument("--methods", default="pmeta,pmeta-no-steps", help="the methods to compare (default: pmeta, pmeta-no-steps)")
+    pair.add_argument("--resamples", type=int, default=2000)
     many = sub.add_parser("pool", help="pool the runs' users and compare pmeta with its rivals")
     many.add_argument("runs", type=Path, nargs="+", help="output directories of `run`")
     many.add_argument("--resamples", type=int, default=2000)
@@ -431,6 +510,8 @@ def main() -> None:
             run(args.bank, args.seed, args.out, [m.strip() for m in args.methods.split(",") if m.strip()], args.threads, args.users, args.data, args.format)
         elif args.command == "replace":
             print(replace(args.base, args.part, args.out, args.add))
+        elif args.command == "versus":
+            print(versus(args.before, args.after, [m.strip() for m in args.methods.split(",") if m.strip()], args.resamples))
         else:
             methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
             print(pool(args.runs, args.resamples, None if args.primary is None else parse_primary(args.primary), methods))

@@ -636,3 +636,32 @@ def test_seeds_replace_swaps_a_methods_cells_only_between_runs_of_the_same_seed_
     with pytest.raises(SystemExit, match="holds a \\(method, K, mode\\) cell twice"):
         seeds.replace(base, twice, tmp_path / "never", add=True)
     assert not (tmp_path / "never").exists()
+
+
+def test_seeds_versus_pairs_two_banks_runs_by_seed_and_user(benchmark_script, tmp_path):
+    seeds = benchmark_script("seeds")
+    old = [_write_run(tmp_path / f"old{s}", s, [4, 7, 9], {"pmeta": [0.0, 0.0, 1.0], "ease": [1.0, 0.0, 0.0]}) for s in (0, 1)]
+    new = [_write_run(tmp_path / f"new{s}", s, [4, 7, 9], {"pmeta": [1.0, 1.0, 1.0], "ease": [1.0, 0.0, 0.0]}) for s in (1, 0)]  # any order
+    for path in new:
+        run = json.loads((path / "per_user.json").read_text())
+        (path / "per_user.json").write_text(json.dumps(run | {"bank": "b2"}))
+    text = seeds.versus(old, new, ["pmeta", "ease"], resamples=200)
+    assert "seed 0: before b, after b2" in text and "seed 1: before b, after b2" in text
+    # pmeta gains 2 of 3 users on both seeds: +0.667, every resample above 0 (Holm too); ease is the same on both banks
+    assert text.count("| full | 0.333 → 1.000: **+0.667 [+0.3") == 2 and text.count(", +1.000]** † |") == 2
+    assert "| full | 0.333 → 0.333: +0.000 [+0.000, +0.000] |" in text
+    assert text.count("## pmeta: ") == 2 and text.count("## ease: ") == 2
+    shuffled = _write_run(tmp_path / "shuffled", 0, [9, 7, 4], {"pmeta": [1.0, 1.0, 1.0]})
+    lacking = _write_run(tmp_path / "lacking", 0, [4, 7, 9], {"ease": [1.0, 0.0, 0.0]})
+    other_data = _write_run(tmp_path / "data", 0, [4, 7, 9], {"pmeta": [1.0, 1.0, 1.0]})
+    (other_data / "per_user.json").write_text(json.dumps(json.loads((other_data / "per_user.json").read_text()) | {"fingerprint": "g"}))
+    for before, after, methods, message in [
+        ([old[0]], [shuffled], ["pmeta"], "other users"), ([old[0]], [lacking], ["pmeta"], "not in both runs"),
+        ([old[0]], [new[0]], ["pmeta"], "no --before run matches"), (old, [new[0]], ["pmeta"], "as many --after"),
+        ([old[0]], [other_data], ["pmeta"], "different datasets"), (old, new, ["pmeta", "pmeta"], "each method once"),
+        ([old[0], old[0]], new, ["pmeta"], "two --before runs"), ([old[0]], [tmp_path / "missing"], ["pmeta"], "no per_user.json"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            seeds.versus(before, after, methods, resamples=10)
+    with pytest.raises(SystemExit, match="resamples"):
+        seeds.versus(old, new, ["pmeta"], resamples=0)
