@@ -451,8 +451,8 @@ def _choose_per_size(base_scores, cases, events, n_items, bandwidths, weights, k
 def _non_increasing(scores: list[list[float]], weights: list[float]) -> tuple[list[float], float]:
     """(β_1 ≥ β_2 ≥ … ≥ β_S from ``weights``, their mean score) maximising the mean over sizes of
     ``scores[k][j]`` (size k + 1 at ``weights[j]``): a longer history never gets more prior weight than
-    a shorter one. Chosen freely, each size's β follows its own validation noise (on the shipped
-    sample's 30-odd validation users: 5, 3, 0, 5, 1). Dynamic programming over the sizes; ties go to
+    a shorter one. Chosen freely, each size's β follows its own validation noise (5, 3, 0, 5, 1 on
+    a small synthetic test set's few validation users). Dynamic programming over the sizes; ties go to
     the smaller β."""
     order = sorted(range(len(weights)), key=lambda j: weights[j])
     values = [weights[j] for j in order]
