@@ -248,7 +248,7 @@ def test_onboarding_init_and_time_prior_rank_validation_users_better_than_ease(b
     EASE's split of the train users, must add at least 0.01 on these other users (measured, with
     the anchors' item bias chosen too, γ = 1.5: 0.139 → 0.154; 0.157 with the prior alone). The
     prior's pseudo-ratings m are chosen over 0 and 30 with h and β, and stored when m > 0. With
-    ``by_size`` (the default since stop 54) β is chosen per history size, non-increasing, and its
+    ``by_size`` (an option since stop 54) β is chosen per history size, non-increasing, and its
     validation criterion is at least the best single β's (a constant β is one of its choices)."""
     from pmeta import load_config
     from pmeta.bank.build import build_model, validation_ranking, validation_sets
@@ -334,7 +334,7 @@ def test_a_catalogue_too_small_for_99_negatives_builds_with_choices_on_full_rank
         user=np.repeat(np.arange(60), 25), item=np.concatenate(items), rating=rng.choice([3.0, 4.0, 5.0], size=60 * 25).astype(np.float32),
         timestamp=np.concatenate([1_000_000 + 86_400 * (np.arange(25) + 30 * u) for u in range(60)]), user_ids=[str(u) for u in range(60)],
     )  # fmt: skip
-    config = load_config("tiny", overrides={"cf_init": "onboarding", "tower_steps": 0, "global_steps": 0, "anchor_steps": 0, "stack_steps": 0})
+    config = load_config("tiny", overrides={"cf_init": "onboarding", "time_prior_weight_by_size": True, "tower_steps": 0, "global_steps": 0, "anchor_steps": 0, "stack_steps": 0})
     model, record = build_model(Dataset("small", "test", catalog, ratings, "0" * 64), config)
     chosen = record["collaborative_init"]
     assert config.ease_lambdas == INIT_EASE_LAMBDAS and chosen["ease_lambda"] in INIT_EASE_LAMBDAS

@@ -460,5 +460,6 @@ def test_a_stored_config_reads_as_the_prior_it_was_built_with():
     assert BankConfig(time_prior_causal=False).time_prior_kind == "two-sided"  # alone: the two-sided Gaussian, as the docs say
     assert BankConfig(time_prior_causal=False, time_prior_kernel="gaussian").time_prior_kind == "two-sided"
     # banks before stop 54 chose one β for every history size; a config without the field reads so
-    assert BankConfig().time_prior_weight_by_size and stored_config(current).time_prior_weight_by_size  # the default since stop 54
+    assert not BankConfig().time_prior_weight_by_size and not stored_config(current).time_prior_weight_by_size  # an option since stop 54, off by default
+    assert stored_config({**current, "time_prior_weight_by_size": True}).time_prior_weight_by_size
     assert not stored_config({k: v for k, v in current.items() if k != "time_prior_weight_by_size"}).time_prior_weight_by_size
