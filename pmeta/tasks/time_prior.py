@@ -9,7 +9,8 @@ in 2016. The prior is an item score that depends only on that time:
 over the ratings of the bank's train users (at any rating) made *at or before* t, with ``p_i`` the
 item's share of all those ratings (μ = :data:`GLOBAL_MIX` keeps items rated at other times
 possible; an all-time count, like every classical baseline's). The ranking score adds
-``β · prior(t)`` (``head/time_weight``). The time constant h and β are chosen on validation users
+``β · prior(t)`` (``head/time_weight``; shape (5,) in a bank built with one β per history size,
+:func:`weight_of`). The time constant h and β are chosen on validation users
 held out of the train users (:func:`choose`, β = 0 switches it off), never on test users.
 
 The prior is *causal* and *exact* at t: a user at time t is scored with what was rated up to t,
@@ -377,7 +378,9 @@ def choose(base_scores, cases: list, events: tuple[np.ndarray, np.ndarray], n_it
     user's first item says less about them than five do, so the prior's weight should fall as the
     history grows: on ml-1m's validation users (stop 54, seeds 0 and 2) the onboarding model plus
     the prior at β = 2 beat β = 1 at K = 1 in every mode, and β = 0.5 beat β = 1 at K = 5; one β
-    for every K chose between them. Each grid point's value also holds ``"by_k"``: its mean per K."""
+    for every K chose between them. Each grid point's value also holds ``"by_k"``: its mean per K.
+    Builds use it only with ``BankConfig.time_prior_weight_by_size`` (off by default: read on test
+    users at stop 54 it lowered uni99 at K = 5 on every MovieLens release; docs/movielens.md)."""
     from ..eval.protocol import draw_candidates, drawable_modes, mean_ndcg
 
     popularity = np.bincount(np.asarray(events[0], dtype=np.int64), minlength=n_items).astype(np.float64)
