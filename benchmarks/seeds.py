@@ -86,10 +86,7 @@ def replace(base_path: Path, part_path: Path, out: Path, add: bool = False) -> s
     ``base_path``'s order), never into either input, and returns a one-line summary."""
     from pmeta.eval.output import write_text
 
-    base, part = (json.loads((path / "per_user.json").read_text()) if (path / "per_user.json").is_file() else None for path in (base_path, part_path))
-    for path, found in ((base_path, base), (part_path, part)):
-        if found is None:
-            raise SystemExit(f"no per_user.json in {path}: give output directories of `run`")
+    base, part = read_runs([base_path, part_path])
     for key in ("seed", "fingerprint", "bank"):
         if base[key] != part[key]:
             raise SystemExit(f"cannot replace: the runs differ in {key} ({base[key]!r} vs {part[key]!r})")
@@ -123,14 +120,20 @@ def replace(base_path: Path, part_path: Path, out: Path, add: bool = False) -> s
     return f"wrote {out / 'per_user.json'}: {', '.join(methods)} from {part_path}{added}, the other methods from {base_path}"
 
 
+def read_runs(paths: list[Path]) -> list[dict]:
+    """Each path's ``per_user.json`` (an output directory of ``run``), in order; SystemExit naming
+    every path without one."""
+    missing = [str(path) for path in paths if not (path / "per_user.json").is_file()]
+    if missing:
+        raise SystemExit(f"no per_user.json in {', '.join(missing)}: give output directories of `seeds.py run`")
+    return [json.loads((path / "per_user.json").read_text()) for path in paths]
+
+
 def load_runs(paths: list[Path], methods: list[str] | None = None) -> list[dict]:
     """The runs' ``per_user.json``, checked to be different seeds of one dataset holding the same cells;
     with ``methods``, only those methods' cells are kept (each run must hold every one of them), so
     runs that differ in a method left out of one of them for time can still be pooled over the rest."""
-    missing = [str(path) for path in paths if not (path / "per_user.json").is_file()]
-    if missing:
-        raise SystemExit(f"no per_user.json in {', '.join(missing)}: give output directories of `seeds.py run`")
-    runs = [json.loads((path / "per_user.json").read_text()) for path in paths]
+    runs = read_runs(paths)
     if methods is not None:
         if not methods:
             raise SystemExit("--methods names no method")
@@ -412,11 +415,7 @@ def versus(before: list[Path], after: list[Path], methods: list[str], resamples:
         raise SystemExit("--methods must name each method once")
     if resamples < 1:
         raise SystemExit(f"--resamples must be at least 1, got {resamples}")
-    runs = [[json.loads((path / "per_user.json").read_text()) if (path / "per_user.json").is_file() else None for path in side] for side in (before, after)]
-    for side, found in zip((before, after), runs):
-        for path, run in zip(side, found):
-            if run is None:
-                raise SystemExit(f"no per_user.json in {path}: give output directories of `seeds.py run`")
+    runs = [read_runs(before), read_runs(after)]
     pairs: dict[int, tuple[dict, dict]] = {}
     for old in runs[0]:
         if old["seed"] in pairs:
