@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -516,6 +518,9 @@ def main() -> None:
             print(pool(args.runs, args.resamples, None if args.primary is None else parse_primary(args.primary), methods))
     except PmetaError as error:
         raise SystemExit(f"error: {error}") from None
+    except BrokenPipeError:  # output piped into a reader that closed early (`| head`): stop quietly, as Python's docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush does not raise again
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +280,20 @@ def test_seeds_pool_concatenates_runs_and_resamples_users_within_their_seed(benc
     # runs without any classical baseline: the goals table shows "—" rather than failing
     only_rivals = [_write_run(tmp_path / f"r{s}", s, [1, 2], {"pmeta": [1.0, 0.0], "prompt-maml": [0.0, 0.0]}) for s in (7, 8)]
     assert "| full K = 1: pmeta over the best classical, HR@10 / nDCG@10 | — / — | — / — | — / — |" in seeds.pool(only_rivals, resamples=50)
+
+
+def test_seeds_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`seeds.py pool … | head -1`: the reader closes first; no traceback, exit code 1."""
+    import subprocess
+    import sys
+
+    runs = [_write_run(tmp_path / f"s{seed}", seed, [1, 2], {"pmeta": [1.0, 0.0], "ease": [0.0, 0.0]}) for seed in (0, 1)]
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "seeds.py"
+    read, write = os.pipe()
+    os.close(read)  # nobody will read: the first write fails with EPIPE
+    done = subprocess.run([sys.executable, str(script), "pool", *map(str, runs), "--resamples", "20"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    os.close(write)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and done.stderr.strip() == ""
 
 
 def test_seeds_pool_adds_a_t_interval_over_the_seeds_from_three_seeds_on(benchmark_script, tmp_path):
