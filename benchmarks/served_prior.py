@@ -1,7 +1,7 @@
 """The time-prior weight β read on the model a bank serves, on the bank's validation users only.
 
     python benchmarks/served_prior.py --bank BANK [--data DIR] [--format auto] [--weights 0,0.5,1,2,3,5]
-                                      [--users N] [--threads 1] [--out result.json]
+                                      [--against OTHER_BANK] [--users N] [--threads 1] [--out result.json]
 
 A build chooses β (:func:`pmeta.tasks.time_prior.choose`) on the closed-form onboarding model plus
 the prior, before meta-training, on EASE's split of the train users. This script reads what β does
@@ -15,8 +15,12 @@ It prints HR@10 / nDCG@10 per β, K and mode, the β each K prefers (nDCG@10 ave
 and a two-fold check: the validation users are cut in two seeded halves, β is chosen per K on one
 half and scored on the other, against the bank's own β on the same users, so that a choice is
 never credited with the users it was made on. At K = k only β for a history of k liked items
-matters, so a per-K choice is what a per-size weight could reach. ``--out`` keeps every per-user
-metric. It reads the bank and the data; it changes nothing.
+matters, so a per-K choice is what a per-size weight could reach.
+
+``--against OTHER_BANK`` also scores another bank built on the same data with the same seed (so the
+same validation users; a changed build setting, say) as it serves, and prints its differences from
+this bank user by user: what the other bank would change, read before any test user is. ``--out``
+keeps every per-user metric. It reads the banks and the data; it changes nothing.
 """
 
 from __future__ import annotations
@@ -80,11 +84,16 @@ def score_grid(model: PmetaModel, dataset, users: np.ndarray, weights: list[floa
     for name, weight in settings.items():
         key = json.dumps(weight)
         if key not in done:
-            cells: dict = {}
-            evaluate(PmetaMAML(with_weight(model, weight)), dataset, users, ks=KS, modes=modes, seed=seed, per_user=cells)
-            done[key] = {f"K={k} {mode}": {"user": cell["user"].tolist(), **{m: cell[m].tolist() for m in METRICS}} for (k, mode), cell in cells.items()}
+            done[key] = served(with_weight(model, weight), dataset, users, modes, seed)
         out[name] = done[key]
     return out
+
+
+def served(model: PmetaModel, dataset, users: np.ndarray, modes: tuple[str, ...], seed: int) -> dict[str, dict]:
+    """pmeta as ``model`` serves, under coldstart-v1 on ``users``: ``{"K=k mode": {"user", "hr@10", "ndcg@10"}}``."""
+    cells: dict = {}
+    evaluate(PmetaMAML(model), dataset, users, ks=KS, modes=modes, seed=seed, per_user=cells)
+    return {f"K={k} {mode}": {"user": cell["user"].tolist(), **{m: cell[m].tolist() for m in METRICS}} for (k, mode), cell in cells.items()}
 
 
 def preferred(grid: dict[str, dict], rows: np.ndarray, modes: tuple[str, ...], k: int) -> str:
@@ -117,6 +126,28 @@ def two_fold(grid: dict[str, dict], modes: tuple[str, ...], seed: int) -> dict:
                 for m in METRICS:
                     diffs[cell][m][score] = np.asarray(grid[name][cell][m])[score] - np.asarray(grid[BANK][cell][m])[score]
     return {"chosen": chosen, "difference": {cell: {m: v.tolist() for m, v in d.items()} for cell, d in diffs.items()}}
+
+
+def same_validation_users(bank: Bank, other: Bank) -> None:
+    """Refuse ``other`` unless it was built on the same data with the same validation users."""
+    if other.catalog.item_ids != bank.catalog.item_ids or other.record.get("dataset_fingerprint") != bank.record.get("dataset_fingerprint"):
+        raise SystemExit("error: --against is a bank of other data than --bank's")
+    if other.build_record.get("validation_users") != bank.build_record.get("validation_users"):
+        raise SystemExit("error: --against has other validation users than --bank (build it with the same seed and fractions)")
+
+
+def differences(row: dict, other: dict, modes: tuple[str, ...]) -> list[str]:
+    """Markdown rows: ``other`` minus ``row`` (two settings' cells on the same users), mean ± s.e."""
+    cells = [f"K={k} {mode}" for mode in modes for k in KS]
+    lines = ["| | " + " | ".join(cells) + " | mean |", "|---|" + "---|" * (len(cells) + 1)]
+    for m in METRICS:
+        per = []
+        for c in cells:
+            if other[c]["user"] != row[c]["user"]:
+                raise ValueError(f"{c}: the two settings were scored on different users")
+            per.append(np.asarray(other[c][m]) - np.asarray(row[c][m]))
+        lines.append(f"| {m} | " + " | ".join(_mean_se(v) for v in per) + f" | {_mean_se(np.mean(per, axis=0))} |")
+    return lines
 
 
 def _mean_se(values) -> str:
@@ -158,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=None, help="the MovieLens directory the bank was built on (default: the shipped sample)")
     parser.add_argument("--format", default="auto", choices=["auto", *FORMATS])
     parser.add_argument("--weights", type=number_list, default=list(time_prior.WEIGHTS), help="the β grid (default: the build's)")
+    parser.add_argument("--against", default=None, help="another bank of the same data and seed, scored as it serves and compared user by user")
     parser.add_argument("--users", type=int, default=None, help="score only the first N validation users (quick runs)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="write every per-user metric here (JSON)")
@@ -168,16 +200,23 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     try:
         bank = Bank.open(args.bank)
+        other = None if args.against is None else Bank.open(args.against)
         dataset = load_sample() if args.data is None else read_movielens(args.data, args.format)
     except PmetaError as error:  # a missing or damaged bank or dataset: one line, no traceback
         raise SystemExit(f"error: {error}") from None
     if time_prior.kind_of(bank.model.t.head) is None:
         raise SystemExit("error: the bank has no time prior")
+    if other is not None:
+        same_validation_users(bank, other)
     users = validation_users(bank, dataset)[: args.users]
     seed = bank.config.seed
     modes = drawable_modes(make_cases(dataset, users, max(KS)), time_prior.MODES, item_rating_counts(dataset))
     grid = score_grid(bank.model, dataset, users, args.weights, modes, seed)
     folds = two_fold(grid, modes, seed)
+    against = None
+    if other is not None:
+        weight = other.model.t.head.get("time_weight")
+        against = {"bank": other.version, "bank_weight": None if weight is None else weight.tolist(), "scores": served(other.model, dataset, users, modes, seed)}
     n = len(grid[BANK][f"K={KS[0]} {modes[0]}"]["user"])
     own = bank.model.t.head["time_weight"]
     print(
@@ -185,8 +224,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, {time.perf_counter() - started:.0f} s\n"
     )
     print("\n".join(report(grid, folds, modes)))
+    if against is not None:
+        print(f"\n--against bank {other.version} (its β {against['bank_weight']}) minus this bank, each as it serves, mean ± s.e. over users:\n")
+        print("\n".join(differences(grid[BANK], against["scores"], modes)))
     if args.out:
-        Path(args.out).write_text(json.dumps({"bank": bank.version, "seed": seed, "bank_weight": own.tolist(), "modes": list(modes), "grid": grid, "two_fold": folds}))
+        Path(args.out).write_text(json.dumps({"bank": bank.version, "seed": seed, "bank_weight": own.tolist(), "modes": list(modes), "grid": grid, "two_fold": folds, "against": against}))
 
 
 if __name__ == "__main__":

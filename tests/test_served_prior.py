@@ -32,6 +32,12 @@ def users(script, opened_bank):
     return script.validation_users(opened_bank, load_sample())[:5]
 
 
+def stand_in_for(opened_bank, model, **record):
+    """The opened tiny bank with another model (and build-record entries)."""
+    return SimpleNamespace(model=model, catalog=opened_bank.catalog, record=opened_bank.record, build_record={**opened_bank.build_record, **record}, config=opened_bank.config, version=f"v-{id(model)}")
+
+
+
 def scores(model, items, time=5e7):
     personal, batch, _ = model.personalize([support_input(model, np.array(items), time)])
     return model.final_scores(batch, personal)[0]
@@ -108,7 +114,7 @@ def test_two_fold_scores_each_user_by_the_choice_made_on_the_other_half(script):
 
 
 def test_main_prints_the_grid_and_writes_every_user(script, tiny_bank, opened_bank, timed, tmp_path, capsys, monkeypatch):
-    stand_in = SimpleNamespace(model=timed, catalog=opened_bank.catalog, record=opened_bank.record, build_record=opened_bank.build_record, config=opened_bank.config, version=opened_bank.version)
+    stand_in = stand_in_for(opened_bank, timed)
     monkeypatch.setattr(script.Bank, "open", lambda path: stand_in)
     out = tmp_path / "grid.json"
     script.main(["--bank", str(tiny_bank), "--users", "4", "--weights", "2,0,2", "--out", str(out)])
@@ -132,7 +138,36 @@ def test_bad_input_ends_in_one_line(script, tiny_bank, opened_bank, timed, tmp_p
         assert exit_info.value.code == 2, bad  # argparse's usage error, before anything is read
     other = tmp_path / "other"
     write_ml100k_like(load_sample(), other, users=30)
-    stand_in = SimpleNamespace(model=timed, catalog=opened_bank.catalog, record=opened_bank.record, build_record=opened_bank.build_record, config=opened_bank.config, version=opened_bank.version)
+    stand_in = stand_in_for(opened_bank, timed)
     monkeypatch.setattr(script.Bank, "open", lambda path: stand_in)
     with pytest.raises(SystemExit, match="not the data this bank was built on"):
         script.main(["--bank", str(tiny_bank), "--data", str(other)])
+
+
+def test_against_scores_the_other_bank_as_it_serves_on_the_same_users(script, tiny_bank, opened_bank, timed, tmp_path, capsys, monkeypatch):
+    off = script.with_weight(timed, 0.0)
+    banks = {"one": stand_in_for(opened_bank, timed), "other": stand_in_for(opened_bank, off)}
+    monkeypatch.setattr(script.Bank, "open", lambda path: banks[str(path)])
+    out = tmp_path / "against.json"
+    script.main(["--bank", "one", "--against", "other", "--users", "4", "--weights", "0", "--out", str(out)])
+    printed = capsys.readouterr().out
+    written = json.loads(out.read_text())
+    assert written["against"]["bank_weight"] == 0.0 and written["against"]["scores"] == written["grid"]["β=0"]
+    table = printed.split("--against bank")[1]
+    cells = [f"K={k} {mode}" for mode in written["modes"] for k in (1, 3, 5)]
+    ndcg_row = next(line for line in table.splitlines() if line.startswith("| ndcg@10"))
+    means = [float(cell.split("±")[0]) for cell in ndcg_row.split("|")[2:-2]]
+    expected = [np.mean(np.subtract(written["grid"]["β=0"][c]["ndcg@10"], written["grid"]["bank"][c]["ndcg@10"])) for c in cells]
+    assert means == pytest.approx(expected, abs=6e-5) and any(abs(v) > 1e-4 for v in expected)
+
+    banks["same"] = stand_in_for(opened_bank, timed)
+    script.main(["--bank", "one", "--against", "same", "--users", "4", "--weights", "2"])
+    table = capsys.readouterr().out.split("--against bank")[1]
+    assert all(cell.strip() == "+0.0000 ± 0.0000" for line in table.splitlines() if line.startswith(("| hr@10", "| ndcg@10")) for cell in line.split("|")[2:-1])
+
+    banks["moved"] = stand_in_for(opened_bank, timed, validation_users=opened_bank.build_record["validation_users"][1:])
+    with pytest.raises(SystemExit, match="other validation users"):
+        script.main(["--bank", "one", "--against", "moved"])
+    banks["elsewhere"] = SimpleNamespace(**{**vars(banks["same"]), "record": {**opened_bank.record, "dataset_fingerprint": "another"}})
+    with pytest.raises(SystemExit, match="other data"):
+        script.main(["--bank", "one", "--against", "elsewhere"])
