@@ -30,13 +30,13 @@ import json
 import math
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pmeta.bank.bank import Bank
+from pmeta.bank.calibrate import with_weight
 from pmeta.bank.model import PmetaModel
 from pmeta.data import load_sample
 from pmeta.data.movielens import LAYOUTS as FORMATS, read_movielens
@@ -48,14 +48,6 @@ from pmeta.tasks import time_prior
 KS = (1, 3, 5)
 METRICS = ("hr@10", "ndcg@10")
 BANK = "bank"  # the row of the bank's own β
-
-
-def with_weight(model: PmetaModel, weight) -> PmetaModel:
-    """A copy of ``model`` whose time prior has weight ``weight`` (one β, or one per history size);
-    every other tensor is shared, ``model`` is untouched."""
-    old = model.t.head["time_weight"]
-    head = {**model.t.head, "time_weight": torch.as_tensor(weight, dtype=old.dtype, device=old.device)}
-    return PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head=head), index=model.index)
 
 
 def validation_users(bank: Bank, dataset) -> np.ndarray:
@@ -180,7 +172,10 @@ def number_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
     if not values or any(not math.isfinite(v) or v < 0 for v in values):
         raise argparse.ArgumentTypeError("weights must be finite numbers >= 0")
-    return sorted(set(values))
+    values = sorted(set(values))
+    if len({f"{v:g}" for v in values}) < len(values):  # each is a row named β=<value:g>
+        raise argparse.ArgumentTypeError("weights must differ in their first 6 significant digits")
+    return values
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,7 @@ from ..models.encoder import FunctionalEncoder
 from ..models.personal import init_adapter
 from ..progress import Progress
 from ..tasks import ranking, time_prior
-from . import crossfit, distributed, onboarding
+from . import calibrate, crossfit, distributed, onboarding
 from .episodes import EpisodeSampler, fixed_episode, query_tensors
 from .meta_train import Checkpoint, anchor_stage, global_stage, meta_train, pretrain_towers, stack_stage
 from .model import PmetaModel, Tensors, UserInput
@@ -351,6 +351,14 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     validation["final"] = validate(model, val_inputs, val_queries, rated, val_kept)
     if checkpoint is not None:
         validation["early_stopping"]["final"] = checkpoint.known()  # never above "start": every stage keeps its best
+    if config.time_prior_weight_served:
+        with progress.task("time-prior weight on the served model", 1) as bar:
+            per_size, validation["time_prior_served"] = calibrate.choose_served(model, dataset, val_users, config.seed)
+            bar.advance(1)
+        if per_size is not None:
+            old = tensors.head["time_weight"]
+            value = per_size[0] if len(set(per_size)) == 1 else per_size  # equal values are stored as one, as time_prior.head_entries does
+            tensors.head["time_weight"] = torch.tensor(value, dtype=old.dtype, device=old.device)
 
     medoids = []
     for a in range(n_anchors):
