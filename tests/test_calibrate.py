@@ -65,6 +65,19 @@ def test_two_fold_scores_each_half_with_the_others_choice_and_the_guard_decides(
     weights = [0.0, 1.0, 2.0]
     clear = calibrate.two_fold(structured(noise=0.001), weights, 1.0, seed=3)
     assert clear["choices"] == [[2.0, 1.0, 1.0, 1.0, 1.0]] * 2 and clear["gain"] == pytest.approx(0.01, abs=1e-3) and clear["gain"] > calibrate.GUARD * clear["se"]
+    # half 0 (fold 0 fits on it) wants β = 2 at size 1, half 1 wants 0: fold 0 scores half 1 with
+    # (2, 0, 0, 0, 0), a loss of 0.1 at size 1 for each of its users, fold 1 scores half 0 with β = 0
+    # throughout, no change there; fitting on the scored half, or on everyone, gives other numbers
+    n = 12
+    order = np.random.default_rng(3).permutation(n)
+    first, second = order[: n // 2], order[n // 2 :]
+    split = np.full((3, 5, n), 0.3)
+    split[2, 0, first] += 0.1
+    split[2, 0, second] -= 0.1
+    split[0, 0, second] += 0.1
+    crossed = calibrate.two_fold(split, weights, 1.0, seed=3)
+    assert crossed["choices"] == [[2.0, 0.0, 0.0, 0.0, 0.0], [0.0] * 5]
+    assert crossed["gain"] == pytest.approx(-0.1 / 5 / 2)
     noise = np.random.default_rng(1).uniform(0, 1, (3, 5, 40))  # no structure: a choice fits one half's noise
     unclear = calibrate.two_fold(noise, weights, 1.0, seed=3)
     assert unclear["gain"] < calibrate.GUARD * unclear["se"]
@@ -114,6 +127,7 @@ def test_a_build_records_the_check_and_stores_what_it_adopted(grid, monkeypatch)
         assert stored.ndim == 0 and float(stored) == served["chosen"][0]
     else:
         assert stored.tolist() == served["chosen"]
+    assert set(record["validation"]) >= {"final", "final_one_weight"}  # "final" describes the bank as stored
     off, _ = build_model(eras(), config.model_copy(update={"time_prior_weight_served": False}))
     assert float(off.t.head["time_weight"]) == 2.0 and "time_prior_served" not in _["validation"]
     assert all(bool((off.t.head[k] == v).all()) for k, v in model.t.head.items() if k != "time_weight")  # only β moved
@@ -126,3 +140,20 @@ def test_off_by_default_and_in_banks_built_before_it(opened_bank):
     current = opened_bank.config.model_dump(mode="json")
     assert not BankConfig().time_prior_weight_served and not stored_config({k: v for k, v in current.items() if k != "time_prior_weight_served"}).time_prior_weight_served
     assert stored_config({**current, "time_prior_weight_served": True}).time_prior_weight_served
+
+
+def test_no_prior_at_any_size_is_stored_as_no_prior(monkeypatch):
+    """An adopted choice of β = 0 at every size leaves no time prior in the head (as a build that
+    chose β = 0 stores none), and the record's "final" is measured on that head."""
+    from pmeta import load_config
+    from pmeta.bank.build import build_model
+
+    from test_time_prior_grid import eras
+
+    monkeypatch.setattr(calibrate, "choose_served", lambda model, dataset, users, seed: ([0.0] * 5, {"adopted": True}))
+    fixed = {"ease_lambda": 500.0, "onboarding_lambda": 30.0, "onboarding_weight": 1.0, "cf_pool_exponent": 0.5, "time_prior_weight": 2.0, "time_prior_bandwidth": 180.0, "anchor_bias_weight": 0.0}
+    steps = {"tower_steps": 0, "global_steps": 0, "anchor_steps": 0, "stack_steps": 0, "inner_steps": 0}
+    config = load_config("tiny", overrides={"cf_init": "onboarding", **fixed, **steps, "validation_fraction": 0.3, "time_prior_weight_served": True})
+    model, record = build_model(eras(), config)
+    assert not [k for k in model.t.head if k.startswith("time_")]
+    assert record["validation"]["final"] != record["validation"]["final_one_weight"]

@@ -358,7 +358,15 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
         if per_size is not None:
             old = tensors.head["time_weight"]
             value = per_size[0] if len(set(per_size)) == 1 else per_size  # equal values are stored as one, as time_prior.head_entries does
-            tensors.head["time_weight"] = torch.tensor(value, dtype=old.dtype, device=old.device)
+            if value == 0.0:  # no prior at any size: none stored, as time_prior.head_entries does for β = 0
+                for key in [k for k in tensors.head if k.startswith("time_")]:
+                    del tensors.head[key]
+            else:
+                tensors.head["time_weight"] = torch.tensor(value, dtype=old.dtype, device=old.device)
+            # the record's "final" (and the build's printed validation HR@10) describe the bank as stored;
+            # collaborative_init.time_prior keeps the one β meta-training used
+            validation["final_one_weight"] = validation["final"]
+            validation["final"] = validate(model, val_inputs, val_queries, rated, val_kept)
 
     medoids = []
     for a in range(n_anchors):
