@@ -356,13 +356,11 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
             per_size, validation["time_prior_served"] = calibrate.choose_served(model, dataset, val_users, config.seed)
             bar.advance(1)
         if per_size is not None:
-            old = tensors.head["time_weight"]
-            value = per_size[0] if len(set(per_size)) == 1 else per_size  # equal values are stored as one, as time_prior.head_entries does
-            if value == 0.0:  # no prior at any size: none stored, as time_prior.head_entries does for β = 0
-                for key in [k for k in tensors.head if k.startswith("time_")]:
-                    del tensors.head[key]
-            else:
-                tensors.head["time_weight"] = torch.tensor(value, dtype=old.dtype, device=old.device)
+            # stored as a build stores a chosen β (time_prior.head_entries): equal values as one, 0 throughout as no prior
+            device = tensors.head["time_weight"].device
+            prior = {k: tensors.head.pop(k) for k in [k for k in tensors.head if k.startswith("time_")] if k != "time_weight"}
+            del tensors.head["time_weight"]
+            tensors.head.update({k: v.to(device) for k, v in time_prior.head_entries(prior, per_size).items()})
             # the record's "final" (and the build's printed validation HR@10) describe the bank as stored;
             # collaborative_init.time_prior keeps the one β meta-training used
             validation["final_one_weight"] = validation["final"]

@@ -54,10 +54,10 @@ def served_ndcg(model, dataset, users, weights: list[float], seed: int, batch: i
     modes = drawable_modes(cases, time_prior.MODES, popularity)
     candidates = draw_candidates(cases, modes, popularity, seed)
     out = np.zeros((len(weights), len(SIZES), len(cases)))
+    by_size = [make_cases(dataset, [c.user for c in cases], k) for k in SIZES]
     for w, weight in enumerate(weights):
         served = with_weight(model, float(weight))
-        for s, k in enumerate(SIZES):
-            rows = make_cases(dataset, [c.user for c in cases], k)
+        for s, rows in enumerate(by_size):
             for start in range(0, len(rows), batch):
                 chunk = rows[start : start + batch]
                 personal, user_batch, _ = served.personalize([support_input(served, c.support, c.support_time) for c in chunk])
