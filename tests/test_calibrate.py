@@ -157,3 +157,33 @@ def test_no_prior_at_any_size_is_stored_as_no_prior(monkeypatch):
     model, record = build_model(eras(), config)
     assert not [k for k in model.t.head if k.startswith("time_")]
     assert record["validation"]["final"] != record["validation"]["final_one_weight"]
+
+
+def _record(chosen, adopted, gain=0.0018, se=0.0004):
+    return {"weights": [0.0, 0.5, 1.0, 2.0, 3.0, 5.0], "one_weight": 1.0, "users": 483, "chosen": chosen, "guard": 2.0, "adopted": adopted, "two_fold": {"gain": gain, "se": se, "choices": [chosen, chosen]}}
+
+
+def test_the_build_says_in_one_line_what_the_check_did():
+    adopted = calibrate.describe(_record([5.0, 1.0, 0.5, 0.0, 0.0], True))
+    assert adopted == "time-prior weight on the served model: β 5 / 1 / 0.5 / 0 / 0 for histories of 1 … 5 items replaces β = 1 (two-fold gain +0.0018 ± 0.0004 nDCG@10 on 483 validation users, above the 2-s.e. guard)"
+    kept = calibrate.describe(_record([2.0, 2.0, 1.0, 1.0, 1.0], False, gain=0.0046, se=0.0041))
+    assert "β = 1 kept" in kept and "per size 2 / 2 / 1 / 1 / 1" in kept and "+0.0046 ± 0.0041" in kept and "not above the 2-s.e. guard" in kept
+    assert "β = 1 kept (the bank's β is the choice at every history size)" in calibrate.describe(_record([1.0] * 5, False))
+    assert calibrate.describe({"skipped": "3 validation users with >= 6 positives; 4 are needed"}).endswith("not read (3 validation users with >= 6 positives; 4 are needed)")
+    assert all("\n" not in line for line in (adopted, kept))
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["option-on", "option-off"])
+def test_bank_build_prints_the_checks_line_only_when_the_option_ran(served, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import pmeta.bank.build as build
+    from pmeta.cli.app import app
+
+    validation = {"final": {"hr@10": 0.23}, **({"time_prior_served": _record([5.0, 1.0, 0.5, 0.0, 0.0], True)} if served else {})}
+    monkeypatch.setattr(build, "build_bank", lambda *args, **kwargs: build.BuildResult("v1", 1.0, validation, 10, 2))
+    result = CliRunner().invoke(app, ["bank", "build", "--out", str(tmp_path / "bank"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("built bank version v1") and lines[0].endswith("0.230")
+    assert lines[1:] == ([calibrate.describe(validation["time_prior_served"])] if served else [])

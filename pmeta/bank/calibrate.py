@@ -117,3 +117,22 @@ def choose_served(model, dataset, users, seed: int, weights=None) -> tuple[list[
         "validation_ndcg": {"one": float(ndcg[grid.index(one)].mean()), "chosen": float(np.mean([ndcg[grid.index(b), s].mean() for s, b in enumerate(chosen)]))},
     }
     return (chosen if adopted else None), record
+
+
+def _weight(value: float) -> str:
+    return f"{value:g}"
+
+
+def describe(record: dict) -> str:
+    """One line for the build's output: what :func:`choose_served` did (``record``: its record, as
+    kept in the build record's ``validation.time_prior_served``)."""
+    if "skipped" in record:
+        return f"time-prior weight on the served model: not read ({record['skipped']})"
+    one, chosen, check = record["one_weight"], record["chosen"], record["two_fold"]
+    per_size = " / ".join(map(_weight, chosen))
+    measured = f"two-fold gain {check['gain']:+.4f} ± {check['se']:.4f} nDCG@10 on {record['users']} validation users"
+    if record["adopted"]:
+        return f"time-prior weight on the served model: β {per_size} for histories of 1 … {len(chosen)} items replaces β = {_weight(one)} ({measured}, above the {record['guard']:g}-s.e. guard)"
+    if all(b == one for b in chosen):
+        return f"time-prior weight on the served model: β = {_weight(one)} kept (the bank's β is the choice at every history size)"
+    return f"time-prior weight on the served model: β = {_weight(one)} kept (per size {per_size}: {measured}, not above the {record['guard']:g}-s.e. guard)"

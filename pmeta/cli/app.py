@@ -187,6 +187,10 @@ def bank_build(
         f"built bank version {result.version} in {result.seconds:.0f}s: {result.train_users} train users, "
         f"{result.test_users} held-out test users; validation HR@10 (full ranking, K=5) {final.get('hr@10', float('nan')):.3f}"
     )
+    if "time_prior_served" in result.validation:  # BankConfig.time_prior_weight_served
+        from ..bank.calibrate import describe
+
+        typer.echo(describe(result.validation["time_prior_served"]))
 
 
 @bank_app.command("info")
