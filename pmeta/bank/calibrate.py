@@ -13,7 +13,8 @@ two-fold check on the same users gains clearly: chosen on one seeded half and sc
 errors. A close relative of this check (``benchmarks/served_prior.py``: sizes 1, 3 and 5, each chosen
 freely) passed the same guard on ml-1m's three seeds (~480 validation users) and on none of six
 ml-100k / ml-latest-small banks (48–75 users), where a per-size choice mostly fits their noise; this
-check itself adopted on ml-1m seed 3 (docs/movielens.md, stop 55).
+check itself adopted on ml-1m seeds 3 and 4 and kept the one β on ml-100k seeds 3 and 4 and
+ml-latest-small seeds 10 and 11 (docs/movielens.md, stops 55 and 56).
 """
 
 from __future__ import annotations
