@@ -165,9 +165,11 @@ def _record(chosen, adopted, gain=0.0018, se=0.0004):
 
 def test_the_build_says_in_one_line_what_the_check_did():
     adopted = calibrate.describe(_record([5.0, 1.0, 0.5, 0.0, 0.0], True))
-    assert adopted == "time-prior weight on the served model: β 5 / 1 / 0.5 / 0 / 0 for histories of 1 … 5 items replaces β = 1 (two-fold gain +0.0018 ± 0.0004 nDCG@10 on 483 validation users, above the 2-s.e. guard)"
+    assert adopted == "time-prior weight on the served model: β 5 / 1 / 0.5 / 0 / 0 for histories of 1 … 5 items (longer ones: β_5) replaces β = 1 (two-fold gain +0.0018 ± 0.0004 nDCG@10 on 483 validation users, above the 2-s.e. guard)"
+    assert "model: no time prior replaces β = 1 (" in calibrate.describe(_record([0.0] * 5, True))  # stored as no prior
+    assert "model: β = 3 for every history size replaces β = 1 (" in calibrate.describe(_record([3.0] * 5, True))  # stored as one β
     kept = calibrate.describe(_record([2.0, 2.0, 1.0, 1.0, 1.0], False, gain=0.0046, se=0.0041))
-    assert "β = 1 kept" in kept and "per size 2 / 2 / 1 / 1 / 1" in kept and "+0.0046 ± 0.0041" in kept and "not above the 2-s.e. guard" in kept
+    assert kept == "time-prior weight on the served model: β = 1 kept (per size 2 / 2 / 1 / 1 / 1: two-fold gain +0.0046 ± 0.0041 nDCG@10 on 483 validation users, not above the 2-s.e. guard)"
     assert "β = 1 kept (the bank's β is the choice at every history size)" in calibrate.describe(_record([1.0] * 5, False))
     assert calibrate.describe({"skipped": "3 validation users with >= 6 positives; 4 are needed"}).endswith("not read (3 validation users with >= 6 positives; 4 are needed)")
     assert all("\n" not in line for line in (adopted, kept))

@@ -133,7 +133,11 @@ def describe(record: dict) -> str:
     per_size = " / ".join(map(_weight, chosen))
     measured = f"two-fold gain {check['gain']:+.4f} ± {check['se']:.4f} nDCG@10 on {record['users']} validation users"
     if record["adopted"]:
-        return f"time-prior weight on the served model: β {per_size} for histories of 1 … {len(chosen)} items replaces β = {_weight(one)} ({measured}, above the {record['guard']:g}-s.e. guard)"
+        if len(set(chosen)) == 1:  # stored as one number, or as no prior (time_prior.head_entries)
+            served = "no time prior" if chosen[0] == 0 else f"β = {_weight(chosen[0])} for every history size"
+        else:
+            served = f"β {per_size} for histories of 1 … {len(chosen)} items (longer ones: β_{len(chosen)})"
+        return f"time-prior weight on the served model: {served} replaces β = {_weight(one)} ({measured}, above the {record['guard']:g}-s.e. guard)"
     if all(b == one for b in chosen):
         return f"time-prior weight on the served model: β = {_weight(one)} kept (the bank's β is the choice at every history size)"
     return f"time-prior weight on the served model: β = {_weight(one)} kept (per size {per_size}: {measured}, not above the {record['guard']:g}-s.e. guard)"
