@@ -120,24 +120,20 @@ def choose_served(model, dataset, users, seed: int, weights=None) -> tuple[list[
     return (chosen if adopted else None), record
 
 
-def _weight(value: float) -> str:
-    return f"{value:g}"
-
-
 def describe(record: dict) -> str:
     """One line for the build's output: what :func:`choose_served` did (``record``: its record, as
     kept in the build record's ``validation.time_prior_served``)."""
     if "skipped" in record:
         return f"time-prior weight on the served model: not read ({record['skipped']})"
     one, chosen, check = record["one_weight"], record["chosen"], record["two_fold"]
-    per_size = " / ".join(map(_weight, chosen))
+    per_size = " / ".join(f"{b:g}" for b in chosen)
     measured = f"two-fold gain {check['gain']:+.4f} ± {check['se']:.4f} nDCG@10 on {record['users']} validation users"
     if record["adopted"]:
         if len(set(chosen)) == 1:  # stored as one number, or as no prior (time_prior.head_entries)
-            served = "no time prior" if chosen[0] == 0 else f"β = {_weight(chosen[0])} for every history size"
+            served = "no time prior" if chosen[0] == 0 else f"β = {chosen[0]:g} for every history size"
         else:
             served = f"β {per_size} for histories of 1 … {len(chosen)} items (longer ones: β_{len(chosen)})"
-        return f"time-prior weight on the served model: {served} replaces β = {_weight(one)} ({measured}, above the {record['guard']:g}-s.e. guard)"
+        return f"time-prior weight on the served model: {served} replaces β = {one:g} ({measured}, above the {record['guard']:g}-s.e. guard)"
     if all(b == one for b in chosen):
-        return f"time-prior weight on the served model: β = {_weight(one)} kept (the bank's β is the choice at every history size)"
-    return f"time-prior weight on the served model: β = {_weight(one)} kept (per size {per_size}: {measured}, not above the {record['guard']:g}-s.e. guard)"
+        return f"time-prior weight on the served model: β = {one:g} kept (the bank's β is the choice at every history size)"
+    return f"time-prior weight on the served model: β = {one:g} kept (per size {per_size}: {measured}, not above the {record['guard']:g}-s.e. guard)"
