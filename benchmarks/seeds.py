@@ -30,7 +30,9 @@ before per cell, paired by user.
 earlier seeds suggested): pmeta minus prompt-MAML and minus per-user LoRA in the named cells, with
 Holm's adjustment over that small family alone. Pool only seeds that did not suggest the hypothesis.
 
-On another MovieLens release, pass the same ``--data DIR`` to the builds and to every ``run``.
+On another MovieLens release, pass the same ``--data DIR`` to the builds and to every ``run``. A bank
+built on another release is transferred (:mod:`pmeta.eval.transfer`; ``--transfer-prior target`` counts
+its time prior on ``--data``'s train users), and ``versus`` pairs it with an in-domain bank's run.
 
 A user can be a test user of more than one seed (each seed draws 20% of them independently); the
 pooled rows count such a user once per run, as the runs are separate experiments with separate
@@ -55,7 +57,7 @@ PRIMARY_RIVALS = ("prompt-maml", "per-user-lora")  # the issue's personalization
 MODES = ("uni99", "pop99", "full")
 
 
-def run(bank_path: Path, seed: int, out: Path, methods: list[str], threads: int, users: int | None, data: Path | None = None, data_format: str = "auto") -> None:
+def run(bank_path: Path, seed: int, out: Path, methods: list[str], threads: int, users: int | None, data: Path | None = None, data_format: str = "auto", transfer_prior: str = "source") -> None:
     import torch
 
     from pmeta.bank.bank import Bank
@@ -66,7 +68,7 @@ def run(bank_path: Path, seed: int, out: Path, methods: list[str], threads: int,
     torch.set_num_threads(threads)
     per_user: dict = {}
     dataset = load_sample() if data is None else read_movielens(data, data_format)
-    report = run_movielens(dataset, Bank.open(bank_path), methods, (1, 3, 5), MODES, seed=seed, max_users=users, progress=Progress(), per_user=per_user)
+    report = run_movielens(dataset, Bank.open(bank_path), methods, (1, 3, 5), MODES, seed=seed, max_users=users, progress=Progress(), per_user=per_user, transfer_prior=transfer_prior)
     write_report(report, out, plots=False)
     cells = [
         {"method": method, "k": k, "mode": mode, **{key: np.asarray(values).tolist() for key, values in cell.items()}}
@@ -483,6 +485,7 @@ def main() -> None:
     one.add_argument("--methods", default=",".join(RUN_METHODS))
     one.add_argument("--threads", type=int, default=1)
     one.add_argument("--users", type=int, default=None, help="only the first N test users (quick runs)")
+    one.add_argument("--transfer-prior", default="source", choices=["source", "target"], help="a bank on another release: its time prior read through the title match (source) or counted on --data's train users (target)")
     swap = sub.add_parser("replace", help="a run with some methods' cells taken from another run of the same seed and bank")
     swap.add_argument("base", type=Path, help="output directory of `run` (every method)")
     swap.add_argument("part", type=Path, help="output directory of `run` of the methods to replace (e.g. --methods ease)")
@@ -508,7 +511,7 @@ def main() -> None:
 
     try:
         if args.command == "run":
-            run(args.bank, args.seed, args.out, [m.strip() for m in args.methods.split(",") if m.strip()], args.threads, args.users, args.data, args.format)
+            run(args.bank, args.seed, args.out, [m.strip() for m in args.methods.split(",") if m.strip()], args.threads, args.users, args.data, args.format, args.transfer_prior)
         elif args.command == "replace":
             print(replace(args.base, args.part, args.out, args.add))
         elif args.command == "versus":

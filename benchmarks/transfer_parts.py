@@ -20,6 +20,11 @@ every rating in the file, as the protocol defines), under the protocol's three m
 * ``no anchor bias``, ``item bias at its median``, ``no collaborative embeddings`` (the towers'
   collaborative rows zero: text only), ``anchors retrieved by text keys`` (every item's retrieval key
   projected from its text, as an unmatched item's is, instead of its collaborative key row);
+* ``prior counted on the target`` (``--target-prior``): the time prior counted again on the target's
+  own train users' ratings with the bank's h, m and β (:func:`pmeta.eval.transfer.recounted_prior`,
+  what ``pmeta eval movielens --transfer-prior target`` serves), in two folds so that no scored user's
+  ratings are counted: the train users are halved at random (``--seed``), each half is scored with
+  the prior counted on the other half's ratings, and the two halves' metrics are pooled by user;
 * and, for reference, no bank at all: EASE fitted on the bank's own train users of the source data
   (λ: the bank's choice, or ``--source-ease-lambda``) and read through the same title match
   (:class:`SourceEASE`): how much of the source's item-item structure holds on the target at all.
@@ -173,6 +178,28 @@ def variants(bank: Bank, source, shrink: list[float]) -> dict[str, PmetaModel]:
     return rows
 
 
+def target_prior_rows(bank: Bank, target, train: np.ndarray, users: np.ndarray, method: str, seed: int) -> list[dict]:
+    """``evaluate``'s rows for the bank transferred with its time prior counted on the target's train
+    users, in two folds: ``train`` halved at random (``seed``), the scored ``users`` of each half
+    ranked with the prior counted on the other half's ratings; HR@10 and nDCG@10 pooled by user."""
+    half = np.zeros(len(train), dtype=bool)
+    half[np.random.default_rng(seed).permutation(len(train))[: len(train) // 2]] = True
+    totals: dict[tuple, list[float]] = {}
+    for fold in (half, ~half):
+        counted, scored = np.asarray(train)[~fold], np.asarray(users)[np.isin(users, np.asarray(train)[fold])]
+        if len(scored) == 0:
+            continue
+        events = time_prior.rating_events(target, counted)
+        transferred, _ = transfer_model(bank.model, bank.catalog, target.catalog, prior_events=events)
+        scorer = BASELINES[method].create(EvalContext(target, train, seed=seed, model=transferred))
+        for row in evaluate(scorer, target, scored, ks=KS, modes=MODES, seed=seed):
+            total = totals.setdefault((row["k"], row["mode"]), [0.0, 0.0, 0])
+            total[0] += row["hr@10"] * row["users"]
+            total[1] += row["ndcg@10"] * row["users"]
+            total[2] += row["users"]
+    return [{"k": k, "mode": mode, "hr@10": hr / n, "ndcg@10": ndcg / n, "users": n} for (k, mode), (hr, ndcg, n) in totals.items()]
+
+
 def number_list(text: str) -> list[float]:
     """``--shrink``: comma-separated finite numbers > 0 (empty: none)."""
     try:
@@ -195,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--method", default="pmeta-no-steps", choices=["pmeta-no-steps", "pmeta"])
     parser.add_argument("--shrink", type=number_list, default=[300.0, 1000.0, 3000.0], help="pseudo-rating counts m of the shrunk-prior rows")
     parser.add_argument("--source-ease-lambda", type=float, default=None, help="λ of the source EASE row (default: the bank's EASE λ, else 500)")
+    parser.add_argument("--target-prior", action="store_true", help="add the row with the time prior counted on the target's train users (two folds)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.users is not None and args.users < 1 or args.threads < 1:
@@ -219,14 +247,21 @@ def main(argv: list[str] | None = None) -> None:
     lam = args.source_ease_lambda or float(bank.build_record.get("collaborative_init", {}).get("ease_lambda") or 500.0)
     scorers = dict(variants(bank, source, args.shrink))
     scorers[f"no bank: EASE (λ = {lam:g}) fitted on the bank's train users of the source"] = SourceEASE(EASEBaseline(lam=lam).fit(source, bank_train_users(bank, source)), match_items(bank.catalog, target.catalog))
+    if args.target_prior:
+        if time_prior.kind_of(bank.model.t.head) != "exponential":
+            raise SystemExit("--target-prior needs a bank with the exact (exponential) time prior")
+        scorers["prior counted on the target's train users (two folds)"] = "target prior"
     lines, scored = [], 0
     for name, model in scorers.items():
-        if isinstance(model, SourceEASE):
-            scorer = model
+        if isinstance(model, str):
+            rows = target_prior_rows(bank, target, train, users, args.method, args.seed)
         else:
-            transferred, summary = transfer_model(model, bank.catalog, target.catalog)
-            scorer = BASELINES[args.method].create(EvalContext(target, train, seed=args.seed, model=transferred))
-        rows = evaluate(scorer, target, users, ks=KS, modes=MODES, seed=args.seed)
+            if isinstance(model, SourceEASE):
+                scorer = model
+            else:
+                transferred, summary = transfer_model(model, bank.catalog, target.catalog)
+                scorer = BASELINES[args.method].create(EvalContext(target, train, seed=args.seed, model=transferred))
+            rows = evaluate(scorer, target, users, ks=KS, modes=MODES, seed=args.seed)
         cells = {(row["k"], row["mode"]): (row["hr@10"], row["ndcg@10"]) for row in rows}
         ndcg = [cells[(k, mode)][1] for mode in MODES for k in KS]
         lines.append(f"| {name} | " + " | ".join(f"{cells[(k, mode)][0]:.3f} / {cells[(k, mode)][1]:.3f}" for mode in MODES for k in KS) + f" | {np.mean(ndcg):.4f} | {np.mean(ndcg[-len(KS):]):.4f} |")

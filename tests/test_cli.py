@@ -124,7 +124,8 @@ def test_bad_preset_is_one_line(tmp_path):
     "args, fragment",
     [(["--methods", ","], "names no method"), (["--mode", ","], "no candidate mode"), (["--mode", "auto,full"], "give it alone"), (["--mode", "uni"], "expected one of uni99, pop99, full, or auto alone"), (["--k", "1,1"], "given twice"),
      (["--method-option", "random.bogus=1"], "method 'random' has no option 'bogus'"), (["--method-option", "ease.lam=abc"], "ease.lam='abc'"),
-     (["--method-option", "pmeta.steps=2"], "takes no options"), (["--resamples", "1000000"], "resamples must be"), (["--methods", "random,random"], "given twice")],
+     (["--method-option", "pmeta.steps=2"], "takes no options"), (["--resamples", "1000000"], "resamples must be"), (["--methods", "random,random"], "given twice"),
+     (["--transfer-prior", "both"], "--transfer-prior must be one of source, target")],
 )  # fmt: skip
 def test_bad_eval_requests_fail_before_any_data_or_bank(tmp_path, args, fragment):
     out = tmp_path / "report"
@@ -250,6 +251,10 @@ def test_flags_of_the_other_kind_of_bank_are_refused(tiny_bank, tmp_path):
     out = tmp_path / "report"
     assert_one_line_error(pmeta("eval", "movielens", "--bank", str(tiny_bank), "--preset", "huge", "--out", str(out)), "unknown preset 'huge'")
     assert not out.exists()
+    # --transfer-prior target is for a bank on another catalogue: refused in-domain, and without --bank before one is built
+    for bank in (["--bank", str(tiny_bank)], []):
+        assert_one_line_error(pmeta("eval", "movielens", *bank, "--transfer-prior", "target", "--out", str(out)), "needs a --bank built on another catalogue")
+        assert not out.exists()
 
 
 def test_a_closed_stdout_is_an_error_not_a_silent_success(tiny_bank):

@@ -88,6 +88,76 @@ def test_transfer_carries_the_time_prior_columns(target, opened_bank, with_time_
         assert torch.equal(time_prior.user_prior(again.t.head, times)[:, torch.from_numpy(known)], moved[:, torch.from_numpy(known)])
 
 
+def test_a_transfer_can_count_the_time_prior_on_the_targets_own_ratings(target, opened_bank, with_time_prior):
+    """prior_events: the prior is counted again on the target's ratings with the bank's h, m and β
+    (no column map, no source count kept), exactly as a prior built on them; the source model is
+    untouched; a bank without a prior or with an older kind, events outside the catalogue and events
+    without a timestamp are typed errors."""
+    from pmeta.errors import InvalidConfig, InvalidData
+    from pmeta.tasks import time_prior
+
+    directory, _ = target
+    dataset = read_movielens(directory)
+    train, _ = split_users(dataset, seed=0)
+    items, times = time_prior.rating_events(dataset, train)
+    source = with_time_prior(opened_bank.model, 1.5, 500)
+    source.t.head["time_pseudo_ratings"] = torch.tensor(30.0, dtype=torch.float64)
+    before = {k: v.clone() for k, v in source.t.head.items()}
+    model, info = transfer_model(source, opened_bank.catalog, dataset.catalog, prior_events=(items, times))
+    assert info["time_prior"] == "target" and "time_columns" not in model.t.head
+    assert all(torch.equal(source.t.head[k], v) for k, v in before.items())
+    expected = {**time_prior.decayed(items, times, len(dataset.catalog), 365.0), "time_pseudo_ratings": before["time_pseudo_ratings"]}
+    stamps = [float(np.median(times)), float(times.max()) + 1e6, float("nan")]
+    torch.testing.assert_close(time_prior.user_prior(model.t.head, stamps), 1.5 * time_prior.log_prior_at(expected, stamps), rtol=0, atol=0)
+    assert len(model.t.head["time_event_items"]) == len(items) < len(dataset.ratings.item)  # the train users' ratings only
+    assert transfer_model(source, opened_bank.catalog, dataset.catalog)[1]["time_prior"] == "source"
+    assert transfer_model(opened_bank.model, opened_bank.catalog, dataset.catalog)[1]["time_prior"] == ("none" if time_prior.kind_of(opened_bank.model.t.head) is None else "source")
+    for kind in ("gaussian", "two-sided"):
+        with pytest.raises(InvalidConfig, match=f"older '{kind}' kind"):
+            transfer_model(with_time_prior(opened_bank.model, 1.5, 500, kind), opened_bank.catalog, dataset.catalog, prior_events=(items, times))
+    bare = with_time_prior(opened_bank.model, 0.0, 500)  # β = 0 stores no prior at all
+    with pytest.raises(InvalidConfig, match="no time prior"):
+        transfer_model(bare, opened_bank.catalog, dataset.catalog, prior_events=(items, times))
+    with pytest.raises(InvalidData, match="outside the target"):
+        transfer_model(source, opened_bank.catalog, dataset.catalog, prior_events=(items + len(dataset.catalog), times))
+    with pytest.raises(InvalidData, match="no timestamped rating"):
+        transfer_model(source, opened_bank.catalog, dataset.catalog, prior_events=(items, np.full(len(times), np.nan)))
+
+
+def test_an_evaluation_counts_the_target_prior_on_its_train_users_only(target, tiny_bank, with_time_prior):
+    """run_movielens(transfer_prior="target"): the transferred bank's prior holds the seed's train
+    users' ratings and none of a test user's; the report says where the prior came from; in-domain it
+    is refused, and so is an unknown value."""
+    from pmeta.errors import InvalidConfig
+    from pmeta.eval.runner import model_for, write_report
+    from pmeta.progress import Progress
+    from pmeta.tasks import time_prior
+
+    from pmeta import Bank
+
+    directory, _ = target
+    dataset = read_movielens(directory)
+    opened_bank = Bank.open(tiny_bank)  # its own: the session's opened bank is shared
+    opened_bank.model = with_time_prior(opened_bank.model, 1.5, 500)
+    train, test = split_users(dataset, seed=0)
+    model, info = model_for(opened_bank, dataset, 0, Progress(False), transfer_prior="target")
+    assert info["time_prior"] == "target"
+    expected_items, expected_times = time_prior.rating_events(dataset, train)
+    order = np.argsort(expected_times, kind="stable")
+    assert np.array_equal(model.t.head["time_event_items"].numpy(), expected_items[order])
+    test_items, _ = time_prior.rating_events(dataset, test)
+    assert len(model.t.head["time_event_items"]) + len(test_items) == len(dataset.ratings.item)
+    report = run_movielens(dataset, opened_bank, ["pmeta-no-steps"], (1,), ("full",), max_users=3, transfer_prior="target")
+    assert report["config"]["transfer"]["time_prior"] == "target"
+    out = directory.parent / "target-prior-report"
+    write_report(report, out, plots=False)
+    assert "counted again on this dataset's train users" in (out / "report.md").read_text()
+    with pytest.raises(InvalidConfig, match="another catalogue"):
+        model_for(opened_bank, load_sample(), 0, Progress(False), transfer_prior="target")
+    with pytest.raises(InvalidConfig, match="must be one of source, target"):
+        model_for(opened_bank, dataset, 0, Progress(False), transfer_prior="both")
+
+
 def test_transfer_eval_runs_every_bank_method(target, opened_bank):
     directory, _ = target
     dataset = read_movielens(directory)

@@ -306,6 +306,7 @@ def eval_movielens(
     users: Optional[int] = typer.Option(None, "--users", min=1, help="Evaluate only the first N test users (quick runs)."),
     resamples: Optional[int] = typer.Option(None, "--resamples", min=1, help="Bootstrap resamples of the users for the paired CIs and p-values (default 2000)."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
+    transfer_prior: str = typer.Option("source", "--transfer-prior", help="A bank on another catalogue: source reads its time prior through the title match; target counts it again on --data's train users (those the ID baselines train on), with the bank's h and β."),
     db: Optional[str] = typer.Option(None, "--db"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
@@ -317,7 +318,7 @@ def eval_movielens(
     from ..errors import InvalidConfig
     from ..eval.output import check_out_dir
     from ..eval.protocol import MODES
-    from ..eval.runner import BANK_METHODS, DEFAULT_METHODS, REPTILE_METHODS, check_request, drawable_run_modes, evaluation_users, run_movielens, write_report
+    from ..eval.runner import BANK_METHODS, DEFAULT_METHODS, REPTILE_METHODS, TRANSFER_PRIORS, check_request, drawable_run_modes, evaluation_users, run_movielens, write_report
     from ..eval.significance import BOOTSTRAP_RESAMPLES
 
     try:
@@ -338,12 +339,16 @@ def eval_movielens(
     # everything checkable is checked before the dataset is read or a bank built
     options = check_request(method_list, ks, modes, _method_options(method_option), seed, BOOTSTRAP_RESAMPLES if resamples is None else resamples)
     check_preset(preset)  # also with --bank (then it is not used), so that a typo is never silently ignored
+    if transfer_prior not in TRANSFER_PRIORS:
+        raise InvalidConfig(f"--transfer-prior must be one of {', '.join(TRANSFER_PRIORS)}, got {transfer_prior!r}")
     _check_format(data, format)
     check_out_dir(out)
     dataset = _load_dataset(data, format)
     progress = _progress(quiet)
     opened = None if bank is None else Bank.open(bank, db)
     opened_reptile = None if reptile_bank is None else Bank.open(reptile_bank, db)
+    if transfer_prior == "target" and (opened is None or opened.catalog.item_ids == dataset.catalog.item_ids):
+        raise InvalidConfig("--transfer-prior target needs a --bank built on another catalogue than --data's (a transfer)")
     # a given bank's held-out fraction is the run's (run_movielens), also for a bank built here
     held_out = {} if opened_reptile is None else {"test_fraction": opened_reptile.config.test_fraction}
     config = load_config(preset, overrides={"seed": seed, **held_out}) if opened is None else opened.config
@@ -376,7 +381,7 @@ def eval_movielens(
     else:
         opened_reptile = None
     bootstrap = {} if resamples is None else {"resamples": resamples}
-    report = run_movielens(dataset, opened, method_list, ks, modes, seed=seed, max_users=users, progress=progress, reptile_bank=opened_reptile, options=options, **bootstrap)
+    report = run_movielens(dataset, opened, method_list, ks, modes, seed=seed, max_users=users, progress=progress, reptile_bank=opened_reptile, options=options, transfer_prior=transfer_prior, **bootstrap)
     write_report(report, out, plots=not no_plots)
     typer.echo((out / "report.md").read_text())
 

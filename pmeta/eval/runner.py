@@ -46,8 +46,16 @@ REPTILE_METHODS = {"pmeta-reptile"}
 MAX_RESAMPLES = 100_000
 
 
-def model_for(bank: Bank, dataset: Dataset, seed: int, progress: Progress, test_fraction: float | None = None) -> tuple[object, dict | None]:
+#: Where a bank on another catalogue takes its time prior from (:func:`model_for`).
+TRANSFER_PRIORS = ("source", "target")
+
+
+def model_for(bank: Bank, dataset: Dataset, seed: int, progress: Progress, test_fraction: float | None = None, transfer_prior: str = "source") -> tuple[object, dict | None]:
     """The bank's model for ``dataset``'s catalogue and, for another catalogue, the transfer summary.
+
+    ``transfer_prior`` (another catalogue only): ``"source"`` reads the bank's time prior through the
+    title match; ``"target"`` counts it again on ``dataset``'s train users of this seed
+    (:func:`~pmeta.eval.transfer.recounted_prior`), as its ID baselines are trained on them.
 
     In-domain (same catalogue), the bank's held-out users must be this dataset's test users for this
     seed and the run's ``test_fraction`` (default: the bank's), so that no method is evaluated on
@@ -55,7 +63,11 @@ def model_for(bank: Bank, dataset: Dataset, seed: int, progress: Progress, test_
     bank's train users (:func:`~pmeta.bank.build.history_keys`; the same data with one item added
     used to pass as a transfer, with most test users trained on).
     """
+    if transfer_prior not in TRANSFER_PRIORS:
+        raise InvalidConfig(f"transfer prior must be one of {', '.join(TRANSFER_PRIORS)}, got {transfer_prior!r}")
     if bank.catalog.item_ids == dataset.catalog.item_ids:
+        if transfer_prior != "source":
+            raise InvalidConfig("--transfer-prior target is for a bank built on another catalogue; this bank's time prior is already counted on this dataset's train users")
         fraction = bank.config.test_fraction if test_fraction is None else test_fraction
         _, test_users = split_users(dataset, seed=seed, test_fraction=fraction)
         held_out = set(bank.record.get("held_out_users", []))
@@ -77,13 +89,14 @@ def model_for(bank: Bank, dataset: Dataset, seed: int, progress: Progress, test_
         check = "checked"
     if not known:
         progress.log(f"note: bank {bank.version}: {check}; evaluate it only on data it was not built from")
-    else:
-        fraction = bank.config.test_fraction if test_fraction is None else test_fraction
-        _, test_users = split_users(dataset, seed=seed, test_fraction=fraction)
+    fraction = bank.config.test_fraction if test_fraction is None else test_fraction
+    train_users, test_users = split_users(dataset, seed=seed, test_fraction=fraction)
+    if known:
         seen = set(known) & set(history_keys(dataset, test_users))
         if seen:
             raise InvalidConfig(f"{len(seen)} of this run's {len(test_users)} test users have the rating history of one of the bank's train users (the bank's own data under another catalogue?); evaluate on users the bank never trained on")
-    model, summary = transfer_model(bank.model, bank.catalog, dataset.catalog, progress)
+    events = time_prior.rating_events(dataset, train_users) if transfer_prior == "target" else None
+    model, summary = transfer_model(bank.model, bank.catalog, dataset.catalog, progress, prior_events=events)
     return model, {"bank_dataset": bank.record.get("dataset_name"), "test_users_checked": check == "checked", "test_users_check": check, **summary}
 
 
@@ -105,6 +118,12 @@ def bank_notes(bank: Bank | None, reptile_bank: Bank | None) -> list[str]:
             if differ:
                 notes.append(f"the Reptile bank differs from the MAML bank in more than meta: {', '.join(differ)}")
     return notes
+
+
+_TRANSFER_PRIOR_LINES = {
+    "source": " Time prior: the bank's, read through the match (unmatched items at the median).",
+    "target": " Time prior: counted again on this dataset's train users, with the bank's h and β.",
+}
 
 
 def _bank_summary(bank: Bank | None) -> dict | None:
@@ -179,6 +198,7 @@ def run_movielens(
     options: dict[str, dict] | None = None,
     resamples: int = BOOTSTRAP_RESAMPLES,
     per_user: dict | None = None,
+    transfer_prior: str = "source",
 ) -> dict:
     """Evaluate every method on the test users of ``dataset`` (seed ``seed``); returns the report dict.
 
@@ -187,6 +207,8 @@ def run_movielens(
     ``resamples`` is the number of user resamples of each paired bootstrap (seeded with ``seed``).
     ``per_user``, if given, receives each method's per-user metrics (method -> the cells
     :func:`pmeta.eval.protocol.evaluate` fills), e.g. to pool several seeds' test users.
+    ``transfer_prior``: for banks on another catalogue, where their time prior comes from
+    (:func:`model_for`).
     """
     progress = progress or Progress(False)
     options = check_request(methods, ks, modes, options, seed, resamples)
@@ -200,8 +222,8 @@ def run_movielens(
     # the banks' held-out fraction (coldstart-v1's 0.2 without one); each bank is checked against it
     test_fraction = next((b.config.test_fraction for b in (bank, reptile_bank) if b is not None), 0.2)
     train_users, test_users, cases = evaluation_users(dataset, modes, seed, test_fraction, max_users)
-    model, transfer = model_for(bank, dataset, seed, progress, test_fraction) if bank is not None else (None, None)
-    reptile_model, _ = model_for(reptile_bank, dataset, seed, progress, test_fraction) if reptile_bank is not None else (None, None)
+    model, transfer = model_for(bank, dataset, seed, progress, test_fraction, transfer_prior) if bank is not None else (None, None)
+    reptile_model, _ = model_for(reptile_bank, dataset, seed, progress, test_fraction, transfer_prior) if reptile_bank is not None else (None, None)
     context = EvalContext(dataset, train_users, seed=seed, model=model, reptile_model=reptile_model, options=options, progress=progress)
     results, cells, tuned = [], {}, {}
     for method in methods:
@@ -286,6 +308,7 @@ def markdown(report: dict) -> str:
     if transfer:
         lines += [
             f"Transfer: bank built on {transfer['bank_dataset']}; {transfer['matched_items']} of {transfer['target_items']} items matched by title or its other names, {transfer['unseen_items']} unseen (text only)."
+            + _TRANSFER_PRIOR_LINES.get(transfer.get("time_prior", "source"), "")
             + ("" if transfer.get("test_users_checked", True) else f" Not checked: {transfer.get('test_users_check', 'the bank predates the check that no test user is one of its train users')}."),
             "",
         ]

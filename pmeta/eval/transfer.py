@@ -18,6 +18,12 @@ catalogue:
   text embedding (the bank's ``key_projection``) and no anchor item bias.
 
 In a bank with text retrieval keys, anchor retrieval needs no mapping at all.
+
+The time prior is a count, not something the bank learned: what the bank's train users rated up to
+a user's time. On another catalogue it can be counted again on that catalogue's own ratings
+(``prior_events``: the target's train users' ratings, what its ID baselines train on), with the
+bank's h, m and β: :func:`transfer_model` then keeps none of the source's counts. Without
+``prior_events`` the source's prior is read through the title match (the pure transfer).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 
 from ..bank.model import PmetaModel
 from ..data.types import Catalog
+from ..errors import InvalidConfig, InvalidData
 from ..progress import Progress
 from ..tasks import time_prior
 
@@ -111,14 +118,39 @@ def match_items(source: Catalog, target: Catalog) -> np.ndarray:
     return matched
 
 
-def transfer_model(model: PmetaModel, source: Catalog, target: Catalog, progress: Progress | None = None) -> tuple[PmetaModel, dict]:
-    """A PmetaModel that ranks ``target``'s items with ``model``'s bank; returns (model, match summary)."""
+def recounted_prior(head: dict[str, torch.Tensor], items: np.ndarray, times: np.ndarray, n_items: int) -> dict[str, torch.Tensor]:
+    """The time-prior tensors of ``head`` (an exact exponential prior) counted again on the rating
+    events (``items`` indexes into a catalogue of ``n_items``, ``times`` seconds) with its own h and m;
+    β stays the head's. Raises InvalidConfig for a head without a prior or with an older kind (whose
+    h the head does not store) and InvalidData without a timestamped rating."""
+    kind = time_prior.kind_of(head)
+    if kind != "exponential":
+        raise InvalidConfig("this bank has no time prior to count on the target" if kind is None else f"this bank's time prior is of the older {kind!r} kind, which cannot be counted again; rebuild the bank")
+    items, times = np.asarray(items, dtype=np.int64), np.asarray(times, dtype=np.float64)
+    keep = np.isfinite(times)
+    if not keep.any():
+        raise InvalidData("the target's train users have no timestamped rating to count the time prior on")
+    if items.size and (items.min() < 0 or items.max() >= n_items):
+        raise InvalidData(f"rating events name items outside the target's {n_items} items")
+    prior = time_prior.decayed(items[keep], times[keep], n_items, float(head["time_bandwidth"]) / time_prior.DAY)
+    if "time_pseudo_ratings" in head:
+        prior["time_pseudo_ratings"] = head["time_pseudo_ratings"]
+    return prior
+
+
+def transfer_model(model: PmetaModel, source: Catalog, target: Catalog, progress: Progress | None = None, prior_events: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[PmetaModel, dict]:
+    """A PmetaModel that ranks ``target``'s items with ``model``'s bank; returns (model, match summary).
+
+    ``prior_events``: (item indexes into ``target``, timestamps) of the ratings to count the time
+    prior on instead of reading the source's through the title match (:func:`recounted_prior`; the
+    caller passes the target's *train* users' ratings, never a scored user's)."""
     from ..bank.build import catalog_embeddings
 
     matched = match_items(source, target)
     texts = target.texts()
     item_text = catalog_embeddings(model.encoder, texts, progress or Progress(False))
     head = {k: v for k, v in model.t.head.items()}
+    kind = time_prior.kind_of(head)
     known = torch.from_numpy(matched >= 0)
     rows = torch.from_numpy(np.where(matched >= 0, matched, 0))
     bias = model.t.head["item_bias"]
@@ -126,7 +158,10 @@ def transfer_model(model: PmetaModel, source: Catalog, target: Catalog, progress
     for key in ("history_embedding", "item_embedding"):
         if key in head:
             head[key] = torch.where(known[:, None], head[key][rows], torch.zeros(()))
-    if time_prior.kind_of(head) is not None:  # the time prior's columns follow the items; an unseen item gets the median of the user's row, as its bias
+    if prior_events is not None:  # counted on the target's own ratings: every item has its column, none of the source's counts is kept
+        recounted = recounted_prior(head, *prior_events, len(target))
+        head = {**{k: v for k, v in head.items() if not k.startswith("time_") or k == "time_weight"}, **recounted}
+    elif time_prior.kind_of(head) is not None:  # the time prior's columns follow the items; an unseen item gets the median of the user's row, as its bias
         columns = torch.where(known, rows, -1)
         if "time_columns" in head:  # a bank transferred twice: the first map, followed
             columns = torch.where(columns >= 0, head["time_columns"][columns.clamp_min(0)], -1)
@@ -138,5 +173,5 @@ def transfer_model(model: PmetaModel, source: Catalog, target: Catalog, progress
     if model.t.anchor_bias is not None:  # an anchor's item bias follows matched items; unseen items get 0 (no evidence)
         extra["anchor_bias"] = torch.where(known[None, :], model.t.anchor_bias[:, rows], torch.zeros(()))
     tensors = replace(model.t, item_text=item_text, head=head, **extra)
-    summary = {"source_items": len(source), "target_items": len(target), "matched_items": int(known.sum()), "unseen_items": int((~known).sum())}
+    summary = {"source_items": len(source), "target_items": len(target), "matched_items": int(known.sum()), "unseen_items": int((~known).sum()), "time_prior": "none" if kind is None else "target" if prior_events is not None else "source"}
     return PmetaModel(model.config, model.encoder, texts, tensors, index=model.index), summary
