@@ -485,7 +485,7 @@ def main() -> None:
     one.add_argument("--methods", default=",".join(RUN_METHODS))
     one.add_argument("--threads", type=int, default=1)
     one.add_argument("--users", type=int, default=None, help="only the first N test users (quick runs)")
-    one.add_argument("--transfer-prior", default="source", choices=["source", "target"], help="a bank on another release: its time prior read through the title match (source) or counted on --data's train users (target)")
+    one.add_argument("--transfer-prior", default="source", choices=["source", "target", "tuned"], help="a bank on another release: its time prior read through the title match (source), counted on --data's train users (target), or also with h and β chosen on them (tuned)")
     swap = sub.add_parser("replace", help="a run with some methods' cells taken from another run of the same seed and bank")
     swap.add_argument("base", type=Path, help="output directory of `run` (every method)")
     swap.add_argument("part", type=Path, help="output directory of `run` of the methods to replace (e.g. --methods ease)")

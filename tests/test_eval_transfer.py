@@ -151,11 +151,69 @@ def test_an_evaluation_counts_the_target_prior_on_its_train_users_only(target, t
     assert report["config"]["transfer"]["time_prior"] == "target"
     out = directory.parent / "target-prior-report"
     write_report(report, out, plots=False)
-    assert "counted again on this dataset's train users" in (out / "report.md").read_text()
+    assert "counted again on this dataset's train users, with the bank's h and β" in (out / "report.md").read_text()
+    report = run_movielens(dataset, opened_bank, ["pmeta-no-steps"], (1,), ("full",), max_users=3, transfer_prior="tuned")
+    choice = report["config"]["transfer"]["time_prior_choice"]
+    write_report(report, out, plots=False)
+    assert f"chosen on {choice['validation_users']} of them held out as validation users" in (out / "report.md").read_text()
     with pytest.raises(InvalidConfig, match="another catalogue"):
         model_for(opened_bank, load_sample(), 0, Progress(False), transfer_prior="target")
     with pytest.raises(InvalidConfig, match="must be one of source, target"):
         model_for(opened_bank, dataset, 0, Progress(False), transfer_prior="both")
+
+
+def test_a_tuned_transfer_prior_is_chosen_on_validation_users_and_counted_on_all_train_users(target, opened_bank, with_time_prior, monkeypatch):
+    """tuned_prior: h and β come from time_prior.choose on EASE's validation split of the train users,
+    over the transferred model's scores without a prior, with the prior counted on the other train
+    users; the served prior is then counted on every train user at the chosen h, with the chosen β
+    (β = 0: no prior at all); the report names the choice; a bank without an exact prior is refused."""
+    from dataclasses import replace as dc_replace
+
+    from pmeta.bank.model import PmetaModel
+    from pmeta.errors import InvalidConfig
+    from pmeta.eval import transfer
+    from pmeta.eval.baselines import validation_split
+    from pmeta.eval.neural import PmetaNoSteps
+    from pmeta.tasks import time_prior
+
+    directory, _ = target
+    dataset = read_movielens(directory)
+    train, _ = split_users(dataset, seed=0)
+    source = with_time_prior(opened_bank.model, 5.0, 500)
+    moved, _ = transfer_model(source, opened_bank.catalog, dataset.catalog, prior_events=time_prior.rating_events(dataset, train))
+    seen = {}
+    real_choose = time_prior.choose
+
+    def spy(base_scores, cases, events, n_items, **kwargs):
+        seen.update(cases=cases, events=events, base=base_scores(cases[0][0].support[:1]))
+        return real_choose(base_scores, cases, events, n_items, **kwargs)
+
+    monkeypatch.setattr(time_prior, "choose", spy)
+    model, choice = transfer.tuned_prior(moved, dataset, train)
+    fit, validation = validation_split(train, 0.1, 0)
+    assert [case.user for case, _ in seen["cases"]] == [case.user for case, _ in time_prior.validation_cases(dataset, validation)]
+    assert np.array_equal(seen["events"][0], time_prior.rating_events(dataset, fit)[0])
+    assert choice["validation_users"] == len(seen["cases"]) > 0 and choice["bandwidth_days"] in time_prior.BANDWIDTHS and choice["weight"] in time_prior.WEIGHTS
+    assert len(choice["scores"]) >= 1 + 2 * (len(time_prior.WEIGHTS) - 1)
+    items, times = time_prior.rating_events(dataset, train)
+    if choice["weight"]:
+        expected = time_prior.decayed(items, times, len(dataset.catalog), choice["bandwidth_days"])
+        stamps = [float(np.median(times)), float("nan")]
+        torch.testing.assert_close(time_prior.user_prior(model.t.head, stamps), choice["weight"] * time_prior.log_prior_at(expected, stamps), rtol=0, atol=0)
+    else:
+        assert time_prior.kind_of(model.t.head) is None
+    # the base scores the choice saw carry no prior: the transferred model's scores with none
+    without = {k: v for k, v in moved.t.head.items() if not k.startswith("time_")}
+    bare = PmetaModel(moved.config, moved.encoder, moved.item_texts, dc_replace(moved.t, head=without), index=moved.index)
+    support = seen["cases"][0][0].support[:1]
+    np.testing.assert_allclose(seen["base"], PmetaNoSteps(bare).score(support, 1))
+    assert not np.allclose(seen["base"], PmetaNoSteps(moved).score(support, 1, time=float(times.max())))
+    # β = 0 chosen: no prior at all
+    monkeypatch.setattr(time_prior, "choose", lambda *a, **k: (180.0, 0.0, 0.0, {}))
+    none, chosen = transfer.tuned_prior(moved, dataset, train)
+    assert chosen["weight"] == 0 and time_prior.kind_of(none.t.head) is None
+    with pytest.raises(InvalidConfig, match="older 'gaussian' kind"):
+        transfer.tuned_prior(with_time_prior(opened_bank.model, 1.5, 500, "gaussian"), dataset, train)
 
 
 def test_transfer_eval_runs_every_bank_method(target, opened_bank):

@@ -306,7 +306,7 @@ def eval_movielens(
     users: Optional[int] = typer.Option(None, "--users", min=1, help="Evaluate only the first N test users (quick runs)."),
     resamples: Optional[int] = typer.Option(None, "--resamples", min=1, help="Bootstrap resamples of the users for the paired CIs and p-values (default 2000)."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
-    transfer_prior: str = typer.Option("source", "--transfer-prior", help="A bank on another catalogue: source reads its time prior through the title match; target counts it again on --data's train users (those the ID baselines train on), with the bank's h and β."),
+    transfer_prior: str = typer.Option("source", "--transfer-prior", help="A bank on another catalogue: source reads its time prior through the title match; target counts it again on --data's train users (those the ID baselines train on), with the bank's h and β; tuned also chooses h and β on a validation split of those users (as EASE's λ)."),
     db: Optional[str] = typer.Option(None, "--db"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
@@ -347,8 +347,8 @@ def eval_movielens(
     progress = _progress(quiet)
     opened = None if bank is None else Bank.open(bank, db)
     opened_reptile = None if reptile_bank is None else Bank.open(reptile_bank, db)
-    if transfer_prior == "target" and (opened is None or opened.catalog.item_ids == dataset.catalog.item_ids):
-        raise InvalidConfig("--transfer-prior target needs a --bank built on another catalogue than --data's (a transfer)")
+    if transfer_prior != "source" and (opened is None or opened.catalog.item_ids == dataset.catalog.item_ids):
+        raise InvalidConfig(f"--transfer-prior {transfer_prior} needs a --bank built on another catalogue than --data's (a transfer)")
     # a given bank's held-out fraction is the run's (run_movielens), also for a bank built here
     held_out = {} if opened_reptile is None else {"test_fraction": opened_reptile.config.test_fraction}
     config = load_config(preset, overrides={"seed": seed, **held_out}) if opened is None else opened.config

@@ -23,7 +23,9 @@ The time prior is a count, not something the bank learned: what the bank's train
 a user's time. On another catalogue it can be counted again on that catalogue's own ratings
 (``prior_events``: the target's train users' ratings, what its ID baselines train on), with the
 bank's h, m and β: :func:`transfer_model` then keeps none of the source's counts. Without
-``prior_events`` the source's prior is read through the title match (the pure transfer).
+``prior_events`` the source's prior is read through the title match (the pure transfer). The bank's
+β was chosen against the bank's other scores on the source; :func:`tuned_prior` chooses h and β
+again on a validation split of the target's train users, as EASE's λ and popularity-time's h are.
 """
 
 from __future__ import annotations
@@ -118,11 +120,12 @@ def match_items(source: Catalog, target: Catalog) -> np.ndarray:
     return matched
 
 
-def recounted_prior(head: dict[str, torch.Tensor], items: np.ndarray, times: np.ndarray, n_items: int) -> dict[str, torch.Tensor]:
+def recounted_prior(head: dict[str, torch.Tensor], items: np.ndarray, times: np.ndarray, n_items: int, bandwidth_days: float | None = None) -> dict[str, torch.Tensor]:
     """The time-prior tensors of ``head`` (an exact exponential prior) counted again on the rating
-    events (``items`` indexes into a catalogue of ``n_items``, ``times`` seconds) with its own h and m;
-    β stays the head's. Raises InvalidConfig for a head without a prior or with an older kind (whose
-    h the head does not store) and InvalidData without a timestamped rating."""
+    events (``items`` indexes into a catalogue of ``n_items``, ``times`` seconds) with its own m and
+    h (or ``bandwidth_days``); no weight (β stays the head's). Raises InvalidConfig for a head without
+    a prior or with an older kind (whose h the head does not store) and InvalidData without a
+    timestamped rating."""
     kind = time_prior.kind_of(head)
     if kind != "exponential":
         raise InvalidConfig("this bank has no time prior to count on the target" if kind is None else f"this bank's time prior is of the older {kind!r} kind, which cannot be counted again; rebuild the bank")
@@ -132,7 +135,8 @@ def recounted_prior(head: dict[str, torch.Tensor], items: np.ndarray, times: np.
         raise InvalidData("the target's train users have no timestamped rating to count the time prior on")
     if items.size and (items.min() < 0 or items.max() >= n_items):
         raise InvalidData(f"rating events name items outside the target's {n_items} items")
-    prior = time_prior.decayed(items[keep], times[keep], n_items, float(head["time_bandwidth"]) / time_prior.DAY)
+    h = float(head["time_bandwidth"]) / time_prior.DAY if bandwidth_days is None else bandwidth_days
+    prior = time_prior.decayed(items[keep], times[keep], n_items, h)
     if "time_pseudo_ratings" in head:
         prior["time_pseudo_ratings"] = head["time_pseudo_ratings"]
     return prior
@@ -175,3 +179,36 @@ def transfer_model(model: PmetaModel, source: Catalog, target: Catalog, progress
     tensors = replace(model.t, item_text=item_text, head=head, **extra)
     summary = {"source_items": len(source), "target_items": len(target), "matched_items": int(known.sum()), "unseen_items": int((~known).sum()), "time_prior": "none" if kind is None else "target" if prior_events is not None else "source"}
     return PmetaModel(model.config, model.encoder, texts, tensors, index=model.index), summary
+
+
+def tuned_prior(model: PmetaModel, dataset, train_users: np.ndarray, validation_fraction: float = 0.1, seed: int = 0) -> tuple[PmetaModel, dict]:
+    """``model`` (a bank transferred to ``dataset``'s catalogue, with an exponential prior) with its
+    time prior counted on ``train_users``' ratings at the h and β chosen on the target: the train
+    users are split as EASE's λ is tuned (:func:`~pmeta.eval.baselines.validation_split`), and
+    :func:`~pmeta.tasks.time_prior.choose` picks h of :data:`~pmeta.tasks.time_prior.BANDWIDTHS` and
+    β of :data:`~pmeta.tasks.time_prior.WEIGHTS` (β = 0: no prior) by nDCG@10 over K = 1, 3, 5 and the
+    modes on the validation users, over the transferred model's scores without the prior (no inner
+    steps) plus the prior counted on the other train users; m stays the bank's. Returns (model,
+    choice: h in days, β, m, the number of validation users and each grid point's mean nDCG@10).
+    Raises InvalidData when no validation user has the positives a case needs."""
+    from .baselines import validation_split
+    from .neural import PmetaNoSteps
+
+    head = model.t.head
+    recounted_prior(head, np.zeros(1, dtype=np.int64), np.zeros(1), 1)  # the kind check, before any scoring
+    fit_users, validation_users = validation_split(train_users, validation_fraction, seed)
+    cases = time_prior.validation_cases(dataset, validation_users)
+    if not cases:
+        raise InvalidData(f"none of the target's {len(validation_users)} validation users has the positives a case needs; the time prior cannot be tuned on it")
+    without = {k: v for k, v in head.items() if not k.startswith("time_")}
+    scorer = PmetaNoSteps(PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head=without), index=model.index))
+    m = float(head["time_pseudo_ratings"]) if "time_pseudo_ratings" in head else 0.0
+    events = time_prior.rating_events(dataset, fit_users)
+    h, beta, m, scores = time_prior.choose(lambda support: scorer.score(support, len(support)), cases, events, len(dataset.catalog), pseudo_ratings=(m,), seed=seed)
+    choice = {"bandwidth_days": h, "weight": beta, "pseudo_ratings": m, "validation_users": len(cases), "scores": {key: round(row["mean"], 6) for key, row in scores.items()}}
+    if time_prior.weights_off(beta):
+        return PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head=without), index=model.index), choice
+    items, times = time_prior.rating_events(dataset, train_users)
+    prior = recounted_prior(head, items, times, len(dataset.catalog), bandwidth_days=h)
+    tuned = {**without, **time_prior.head_entries(prior, beta)}
+    return PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head=tuned), index=model.index), choice
