@@ -232,3 +232,26 @@ def test_source_ease_reads_the_target_through_the_title_match(parts, opened_bank
     assert scores[unseen].max() < scores[known].min() and len(np.unique(scores[known])) > 50
     with pytest.raises(SystemExit, match="not the data this bank was built on"):
         parts.bank_train_users(SimpleNamespace(build_record={"train_users": ["no-such-user"]}, model=opened_bank.model, record=opened_bank.record), sample)
+
+
+def test_target_prior_rows_score_each_half_with_the_other_halfs_ratings(parts, opened_bank, target, with_time_prior, monkeypatch):
+    """--target-prior: the train users are halved; each half's scored users get a prior counted on the
+    other half's ratings only (never their own), and the rows pool both halves' users by count."""
+    from pmeta.data import read_movielens
+    from pmeta.eval.protocol import split_users
+
+    dataset = read_movielens(target)
+    train, _ = split_users(dataset, seed=0)
+    bank = SimpleNamespace(model=with_time_prior(opened_bank.model, 1.5, 500), catalog=opened_bank.catalog)
+    counted, scored = [], []
+    real_events, real_evaluate = time_prior.rating_events, parts.evaluate
+    monkeypatch.setattr(parts.time_prior, "rating_events", lambda data, users: counted.append(set(np.asarray(users).tolist())) or real_events(data, users))
+    monkeypatch.setattr(parts, "evaluate", lambda scorer, data, users, **kw: scored.append(set(np.asarray(users).tolist())) or real_evaluate(scorer, data, users, **kw))
+    users = np.asarray(train)[:10]
+    rows = parts.target_prior_rows(bank, dataset, train, users, "pmeta-no-steps", 0)
+    everyone = set(np.asarray(train).tolist())
+    assert len(counted) == len(scored) == 2 and not (counted[0] & counted[1]) and counted[0] | counted[1] == everyone
+    assert all(not (done & prior) for done, prior in zip(scored, counted)) and scored[0] | scored[1] == set(users.tolist())
+    assert {(row["k"], row["mode"]) for row in rows} == {(k, m) for k in parts.KS for m in parts.MODES}
+    cases = len(with_positives(users, dataset.positives_by_user(), 6))
+    assert all(row["users"] == cases for row in rows) and all(0 <= row["ndcg@10"] <= row["hr@10"] <= 1 for row in rows)
