@@ -680,3 +680,23 @@ def test_seeds_versus_pairs_two_banks_runs_by_seed_and_user(benchmark_script, tm
             seeds.versus(before, after, methods, resamples=10)
     with pytest.raises(SystemExit, match="resamples"):
         seeds.versus(old, new, ["pmeta"], resamples=0)
+
+
+def test_seeds_run_passes_the_transfer_prior_to_the_evaluation(benchmark_script, tiny_bank, monkeypatch, tmp_path):
+    """`seeds.py run --transfer-prior tuned` evaluates with that prior (the argument reaches run_movielens)."""
+    import pmeta.eval.runner as runner
+
+    seeds = benchmark_script("seeds")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(runner, "run_movielens", spy)
+    with pytest.raises(Stop):
+        seeds.run(tiny_bank, 0, tmp_path / "out", ["pmeta"], 1, 2, transfer_prior="tuned")
+    assert seen["transfer_prior"] == "tuned"

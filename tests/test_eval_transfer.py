@@ -124,7 +124,7 @@ def test_a_transfer_can_count_the_time_prior_on_the_targets_own_ratings(target, 
         transfer_model(source, opened_bank.catalog, dataset.catalog, prior_events=(items, np.full(len(times), np.nan)))
 
 
-def test_an_evaluation_counts_the_target_prior_on_its_train_users_only(target, tiny_bank, with_time_prior):
+def test_an_evaluation_counts_the_target_prior_on_its_train_users_only(target, tiny_bank, with_time_prior, monkeypatch):
     """run_movielens(transfer_prior="target"): the transferred bank's prior holds the seed's train
     users' ratings and none of a test user's; the report says where the prior came from; in-domain it
     is refused, and so is an unknown value."""
@@ -155,7 +155,12 @@ def test_an_evaluation_counts_the_target_prior_on_its_train_users_only(target, t
     report = run_movielens(dataset, opened_bank, ["pmeta-no-steps"], (1,), ("full",), max_users=3, transfer_prior="tuned")
     choice = report["config"]["transfer"]["time_prior_choice"]
     write_report(report, out, plots=False)
-    assert f"chosen on {choice['validation_users']} of them held out as validation users" in (out / "report.md").read_text()
+    assert f"chosen on {choice['validation_users']} of them held out as validation users ({choice['validation_cases']} with a case)" in (out / "report.md").read_text()
+    # a bank without an exact prior is refused before the target's catalogue is encoded
+    monkeypatch.setattr("pmeta.bank.build.catalog_embeddings", lambda *a, **k: pytest.fail("encoded the catalogue before refusing"))
+    for prior in ("target", "tuned"):
+        with pytest.raises(InvalidConfig, match="no time prior"):
+            model_for(Bank.open(tiny_bank), dataset, 0, Progress(False), transfer_prior=prior)
     with pytest.raises(InvalidConfig, match="another catalogue"):
         model_for(opened_bank, load_sample(), 0, Progress(False), transfer_prior="target")
     with pytest.raises(InvalidConfig, match="must be one of source, target"):
@@ -193,7 +198,8 @@ def test_a_tuned_transfer_prior_is_chosen_on_validation_users_and_counted_on_all
     fit, validation = validation_split(train, 0.1, 0)
     assert [case.user for case, _ in seen["cases"]] == [case.user for case, _ in time_prior.validation_cases(dataset, validation)]
     assert np.array_equal(seen["events"][0], time_prior.rating_events(dataset, fit)[0])
-    assert choice["validation_users"] == len(seen["cases"]) > 0 and choice["bandwidth_days"] in time_prior.BANDWIDTHS and choice["weight"] in time_prior.WEIGHTS
+    assert choice["validation_users"] == len(validation) and choice["validation_cases"] == len(seen["cases"]) > 0
+    assert choice["bandwidth_days"] in time_prior.BANDWIDTHS and choice["weight"] in time_prior.WEIGHTS
     assert len(choice["scores"]) >= 1 + 2 * (len(time_prior.WEIGHTS) - 1)
     items, times = time_prior.rating_events(dataset, train)
     if choice["weight"]:
@@ -341,3 +347,20 @@ def test_a_transfer_that_could_not_check_its_test_users_says_why(target, opened_
     transfer = report["config"]["transfer"]
     assert transfer["test_users_checked"] is False and reason in transfer["test_users_check"]
     assert f"Not checked: {transfer['test_users_check']}." in markdown(report)
+
+
+def test_the_cli_passes_the_transfer_prior_to_the_evaluation(target, tiny_bank):
+    """`pmeta eval movielens --transfer-prior tuned` reaches the evaluation: the tiny bank (no time
+    prior) is refused there, in one line, and no report is written; without the flag it transfers."""
+    import subprocess
+    import sys
+
+    directory, _ = target
+    out = directory.parent / "cli-transfer-prior"
+    base = [sys.executable, "-m", "pmeta", "--threads", "1", "eval", "movielens", "--data", str(directory), "--bank", str(tiny_bank), "--methods", "pmeta-no-steps", "--k", "1", "--mode", "full", "--users", "2", "--no-plots", "--quiet"]
+    refused = subprocess.run([*base, "--transfer-prior", "tuned", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "no time prior to count on the target" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr and not (out / "report.json").exists()
+    served = subprocess.run([*base, "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert served.returncode == 0, served.stderr
+    assert (out / "report.json").exists()

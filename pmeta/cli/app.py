@@ -306,7 +306,7 @@ def eval_movielens(
     users: Optional[int] = typer.Option(None, "--users", min=1, help="Evaluate only the first N test users (quick runs)."),
     resamples: Optional[int] = typer.Option(None, "--resamples", min=1, help="Bootstrap resamples of the users for the paired CIs and p-values (default 2000)."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
-    transfer_prior: str = typer.Option("source", "--transfer-prior", help="A bank on another catalogue: source reads its time prior through the title match; target counts it again on --data's train users (those the ID baselines train on), with the bank's h and β; tuned also chooses h and β on a validation split of those users (as EASE's λ)."),
+    transfer_prior: str = typer.Option("source", "--transfer-prior", help="A bank on another catalogue: source reads its time prior through the title match; target counts it again on --data's train users (those the ID baselines train on), with the bank's h and β; tuned also chooses h and β on a tenth of those users held out as validation users. Both need a bank with an exact time prior."),
     db: Optional[str] = typer.Option(None, "--db"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:

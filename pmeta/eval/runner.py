@@ -35,7 +35,7 @@ from .plots import PLOT_FILES
 from .protocol import MODES, PROTOCOL_NAME, check_cases, check_grid, evaluate, split_users
 from .significance import BOOTSTRAP_RESAMPLES, compare_methods, markdown_lines
 from ..tasks import time_prior
-from .transfer import transfer_model, tuned_prior
+from .transfer import require_exponential, transfer_model, tuned_prior
 
 #: Every method of a full report, in table order.
 DEFAULT_METHODS = ("random", "popularity", "popularity-time", "itemknn", "ease", "backbone", "prompt-maml", "per-user-lora", "pmeta-no-steps", "pmeta", "pmeta-reptile")
@@ -56,8 +56,9 @@ def model_for(bank: Bank, dataset: Dataset, seed: int, progress: Progress, test_
     ``transfer_prior`` (another catalogue only): ``"source"`` reads the bank's time prior through the
     title match; ``"target"`` counts it again on ``dataset``'s train users of this seed
     (:func:`~pmeta.eval.transfer.recounted_prior`), as its ID baselines are trained on them, with the
-    bank's h and β; ``"tuned"`` also chooses h and β on a validation split of those train users
-    (:func:`~pmeta.eval.transfer.tuned_prior`), as EASE's λ is chosen.
+    bank's h and β; ``"tuned"`` also chooses h and β on a tenth of those train users held out as
+    validation users (:func:`~pmeta.eval.transfer.tuned_prior`), as the baselines tune themselves.
+    Both need a bank with an exact time prior (checked before the catalogue is encoded).
 
     In-domain (same catalogue), the bank's held-out users must be this dataset's test users for this
     seed and the run's ``test_fraction`` (default: the bank's), so that no method is evaluated on
@@ -69,7 +70,7 @@ def model_for(bank: Bank, dataset: Dataset, seed: int, progress: Progress, test_
         raise InvalidConfig(f"transfer prior must be one of {', '.join(TRANSFER_PRIORS)}, got {transfer_prior!r}")
     if bank.catalog.item_ids == dataset.catalog.item_ids:
         if transfer_prior != "source":
-            raise InvalidConfig(f"--transfer-prior {transfer_prior} is for a bank built on another catalogue; this bank's time prior is already counted on this dataset's train users")
+            raise InvalidConfig(f"the transfer prior {transfer_prior!r} is for a bank built on another catalogue; this bank's time prior is already counted on this dataset's train users")
         fraction = bank.config.test_fraction if test_fraction is None else test_fraction
         _, test_users = split_users(dataset, seed=seed, test_fraction=fraction)
         held_out = set(bank.record.get("held_out_users", []))
@@ -97,9 +98,11 @@ def model_for(bank: Bank, dataset: Dataset, seed: int, progress: Progress, test_
         seen = set(known) & set(history_keys(dataset, test_users))
         if seen:
             raise InvalidConfig(f"{len(seen)} of this run's {len(test_users)} test users have the rating history of one of the bank's train users (the bank's own data under another catalogue?); evaluate on users the bank never trained on")
-    events = time_prior.rating_events(dataset, train_users) if transfer_prior != "source" else None
+    if transfer_prior != "source":
+        require_exponential(bank.model.t.head)
+    events = time_prior.rating_events(dataset, train_users) if transfer_prior == "target" else None
     model, summary = transfer_model(bank.model, bank.catalog, dataset.catalog, progress, prior_events=events)
-    if transfer_prior == "tuned":
+    if transfer_prior == "tuned":  # every time_ tensor of the mapped source prior is replaced
         with progress.task("choosing the time prior on the target's validation users", None):
             model, choice = tuned_prior(model, dataset, train_users, seed=seed)
         summary = {**summary, "time_prior": "tuned", "time_prior_choice": choice}
@@ -128,7 +131,7 @@ def bank_notes(bank: Bank | None, reptile_bank: Bank | None) -> list[str]:
 
 def _transfer_prior_line(transfer: dict) -> str:
     """Where a transferred bank's time prior came from, for report.md (nothing for a bank without one)."""
-    kind = transfer.get("time_prior", "source")
+    kind = transfer.get("time_prior")  # absent in reports before stop 57: nothing said
     if kind == "source":
         return " Time prior: the bank's, read through the match (unmatched items at the median)."
     if kind == "target":
@@ -136,7 +139,8 @@ def _transfer_prior_line(transfer: dict) -> str:
     if kind == "tuned":
         choice = transfer["time_prior_choice"]
         chosen = "none (β = 0)" if not choice["weight"] else f"h = {choice['bandwidth_days']:g} days, β = {choice['weight']:g}"
-        return f" Time prior: counted again on this dataset's train users; {chosen}, chosen on {choice['validation_users']} of them held out as validation users."
+        edge = " (the largest β tried)" if choice["weight"] == max(time_prior.WEIGHTS) else ""
+        return f" Time prior: counted again on this dataset's train users; {chosen}{edge}, chosen on {choice['validation_users']} of them held out as validation users ({choice['validation_cases']} with a case)."
     return ""
 
 

@@ -25,7 +25,8 @@ a user's time. On another catalogue it can be counted again on that catalogue's 
 bank's h, m and β: :func:`transfer_model` then keeps none of the source's counts. Without
 ``prior_events`` the source's prior is read through the title match (the pure transfer). The bank's
 β was chosen against the bank's other scores on the source; :func:`tuned_prior` chooses h and β
-again on a validation split of the target's train users, as EASE's λ and popularity-time's h are.
+again on a tenth of the target's train users held out as validation users, as the target's
+baselines tune themselves (popularity-time's h on a tenth, EASE's λ on a fifth).
 """
 
 from __future__ import annotations
@@ -120,15 +121,21 @@ def match_items(source: Catalog, target: Catalog) -> np.ndarray:
     return matched
 
 
+def require_exponential(head: dict[str, torch.Tensor]) -> None:
+    """InvalidConfig unless ``head`` holds an exact (exponential) time prior: the only kind that stores
+    its h, so the only one that can be counted again on another catalogue's ratings."""
+    kind = time_prior.kind_of(head)
+    if kind != "exponential":
+        raise InvalidConfig("this bank has no time prior to count on the target" if kind is None else f"this bank's time prior is of the older {kind!r} kind, which cannot be counted again; rebuild the bank")
+
+
 def recounted_prior(head: dict[str, torch.Tensor], items: np.ndarray, times: np.ndarray, n_items: int, bandwidth_days: float | None = None) -> dict[str, torch.Tensor]:
     """The time-prior tensors of ``head`` (an exact exponential prior) counted again on the rating
     events (``items`` indexes into a catalogue of ``n_items``, ``times`` seconds) with its own m and
     h (or ``bandwidth_days``); no weight (β stays the head's). Raises InvalidConfig for a head without
     a prior or with an older kind (whose h the head does not store) and InvalidData without a
     timestamped rating."""
-    kind = time_prior.kind_of(head)
-    if kind != "exponential":
-        raise InvalidConfig("this bank has no time prior to count on the target" if kind is None else f"this bank's time prior is of the older {kind!r} kind, which cannot be counted again; rebuild the bank")
+    require_exponential(head)
     items, times = np.asarray(items, dtype=np.int64), np.asarray(times, dtype=np.float64)
     keep = np.isfinite(times)
     if not keep.any():
@@ -163,6 +170,7 @@ def transfer_model(model: PmetaModel, source: Catalog, target: Catalog, progress
         if key in head:
             head[key] = torch.where(known[:, None], head[key][rows], torch.zeros(()))
     if prior_events is not None:  # counted on the target's own ratings: every item has its column, none of the source's counts is kept
+        require_exponential(head)
         recounted = recounted_prior(head, *prior_events, len(target))
         head = {**{k: v for k, v in head.items() if not k.startswith("time_") or k == "time_weight"}, **recounted}
     elif time_prior.kind_of(head) is not None:  # the time prior's columns follow the items; an unseen item gets the median of the user's row, as its bias
@@ -183,19 +191,21 @@ def transfer_model(model: PmetaModel, source: Catalog, target: Catalog, progress
 
 def tuned_prior(model: PmetaModel, dataset, train_users: np.ndarray, validation_fraction: float = 0.1, seed: int = 0) -> tuple[PmetaModel, dict]:
     """``model`` (a bank transferred to ``dataset``'s catalogue, with an exponential prior) with its
-    time prior counted on ``train_users``' ratings at the h and β chosen on the target: the train
-    users are split as EASE's λ is tuned (:func:`~pmeta.eval.baselines.validation_split`), and
+    time prior counted on ``train_users``' ratings at the h and β chosen on the target: a tenth of
+    the train users (``validation_fraction``, drawn with ``seed``: the run's) are held out as
+    validation users (:func:`~pmeta.eval.baselines.validation_split`, as the baselines tune), and
     :func:`~pmeta.tasks.time_prior.choose` picks h of :data:`~pmeta.tasks.time_prior.BANDWIDTHS` and
     β of :data:`~pmeta.tasks.time_prior.WEIGHTS` (β = 0: no prior) by nDCG@10 over K = 1, 3, 5 and the
     modes on the validation users, over the transferred model's scores without the prior (no inner
     steps) plus the prior counted on the other train users; m stays the bank's. Returns (model,
-    choice: h in days, β, m, the number of validation users and each grid point's mean nDCG@10).
-    Raises InvalidData when no validation user has the positives a case needs."""
+    choice: h in days, β, m, the validation users held out and those of them with a case (≥ 6
+    positives), each grid point's mean nDCG@10). Raises InvalidData when no validation user has the
+    positives a case needs."""
     from .baselines import validation_split
     from .neural import PmetaNoSteps
 
     head = model.t.head
-    recounted_prior(head, np.zeros(1, dtype=np.int64), np.zeros(1), 1)  # the kind check, before any scoring
+    require_exponential(head)  # before any scoring
     fit_users, validation_users = validation_split(train_users, validation_fraction, seed)
     cases = time_prior.validation_cases(dataset, validation_users)
     if not cases:
@@ -205,7 +215,7 @@ def tuned_prior(model: PmetaModel, dataset, train_users: np.ndarray, validation_
     m = float(head["time_pseudo_ratings"]) if "time_pseudo_ratings" in head else 0.0
     events = time_prior.rating_events(dataset, fit_users)
     h, beta, m, scores = time_prior.choose(lambda support: scorer.score(support, len(support)), cases, events, len(dataset.catalog), pseudo_ratings=(m,), seed=seed)
-    choice = {"bandwidth_days": h, "weight": beta, "pseudo_ratings": m, "validation_users": len(cases), "scores": {key: round(row["mean"], 6) for key, row in scores.items()}}
+    choice = {"bandwidth_days": h, "weight": beta, "pseudo_ratings": m, "validation_users": len(validation_users), "validation_cases": len(cases), "scores": {key: round(row["mean"], 6) for key, row in scores.items()}}
     if time_prior.weights_off(beta):
         return PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head=without), index=model.index), choice
     items, times = time_prior.rating_events(dataset, train_users)
