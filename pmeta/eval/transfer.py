@@ -170,10 +170,9 @@ def transfer_model(model: PmetaModel, source: Catalog, target: Catalog, progress
         if key in head:
             head[key] = torch.where(known[:, None], head[key][rows], torch.zeros(()))
     if prior_events is not None:  # counted on the target's own ratings: every item has its column, none of the source's counts is kept
-        require_exponential(head)
         recounted = recounted_prior(head, *prior_events, len(target))
         head = {**{k: v for k, v in head.items() if not k.startswith("time_") or k == "time_weight"}, **recounted}
-    elif time_prior.kind_of(head) is not None:  # the time prior's columns follow the items; an unseen item gets the median of the user's row, as its bias
+    elif kind is not None:  # the time prior's columns follow the items; an unseen item gets the median of the user's row, as its bias
         columns = torch.where(known, rows, -1)
         if "time_columns" in head:  # a bank transferred twice: the first map, followed
             columns = torch.where(columns >= 0, head["time_columns"][columns.clamp_min(0)], -1)
@@ -211,14 +210,18 @@ def tuned_prior(model: PmetaModel, dataset, train_users: np.ndarray, validation_
     if not cases:
         raise InvalidData(f"none of the target's {len(validation_users)} validation users has the positives a case needs; the time prior cannot be tuned on it")
     without = {k: v for k, v in head.items() if not k.startswith("time_")}
-    scorer = PmetaNoSteps(PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head=without), index=model.index))
+    scorer = PmetaNoSteps(_with_head(model, without))
     m = float(head["time_pseudo_ratings"]) if "time_pseudo_ratings" in head else 0.0
     events = time_prior.rating_events(dataset, fit_users)
     h, beta, m, scores = time_prior.choose(lambda support: scorer.score(support, len(support)), cases, events, len(dataset.catalog), pseudo_ratings=(m,), seed=seed)
     choice = {"bandwidth_days": h, "weight": beta, "pseudo_ratings": m, "validation_users": len(validation_users), "validation_cases": len(cases), "scores": {key: round(row["mean"], 6) for key, row in scores.items()}}
     if time_prior.weights_off(beta):
-        return PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head=without), index=model.index), choice
+        return _with_head(model, without), choice
     items, times = time_prior.rating_events(dataset, train_users)
     prior = recounted_prior(head, items, times, len(dataset.catalog), bandwidth_days=h)
-    tuned = {**without, **time_prior.head_entries(prior, beta)}
-    return PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head=tuned), index=model.index), choice
+    return _with_head(model, {**without, **time_prior.head_entries(prior, beta)}), choice
+
+
+def _with_head(model: PmetaModel, head: dict[str, torch.Tensor]) -> PmetaModel:
+    """``model`` with the head tensors ``head`` (the model itself untouched)."""
+    return PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head=head), index=model.index)
