@@ -98,7 +98,7 @@ def without(model: PmetaModel, part: str, prior: dict[str, torch.Tensor] | None 
     if part == "time prior":
         head["time_weight"] = torch.zeros_like(head["time_weight"])
     elif part == "prior":
-        head = {**{k: v for k, v in head.items() if not k.startswith("time_") or k == "time_weight"}, **prior}
+        head = {**time_prior.without_prior(head, keep_weight=True), **prior}
     elif part == "anchor bias":
         extra["anchor_bias"] = torch.zeros_like(model.t.anchor_bias)
     elif part == "item bias":

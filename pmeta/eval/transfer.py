@@ -171,7 +171,7 @@ def transfer_model(model: PmetaModel, source: Catalog, target: Catalog, progress
             head[key] = torch.where(known[:, None], head[key][rows], torch.zeros(()))
     if prior_events is not None:  # counted on the target's own ratings: every item has its column, none of the source's counts is kept
         recounted = recounted_prior(head, *prior_events, len(target))
-        head = {**{k: v for k, v in head.items() if not k.startswith("time_") or k == "time_weight"}, **recounted}
+        head = {**time_prior.without_prior(head, keep_weight=True), **recounted}
     elif kind is not None:  # the time prior's columns follow the items; an unseen item gets the median of the user's row, as its bias
         columns = torch.where(known, rows, -1)
         if "time_columns" in head:  # a bank transferred twice: the first map, followed
@@ -209,7 +209,7 @@ def tuned_prior(model: PmetaModel, dataset, train_users: np.ndarray, validation_
     cases = time_prior.validation_cases(dataset, validation_users)
     if not cases:
         raise InvalidData(f"none of the target's {len(validation_users)} validation users has the positives a case needs; the time prior cannot be tuned on it")
-    without = {k: v for k, v in head.items() if not k.startswith("time_")}
+    without = time_prior.without_prior(head)
     scorer = PmetaNoSteps(_with_head(model, without))
     m = float(head["time_pseudo_ratings"]) if "time_pseudo_ratings" in head else 0.0
     events = time_prior.rating_events(dataset, fit_users)

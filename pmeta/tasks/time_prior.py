@@ -290,6 +290,12 @@ def log_prior_at(prior: dict[str, torch.Tensor], times) -> torch.Tensor:
     return rows
 
 
+def without_prior(head: dict[str, torch.Tensor], keep_weight: bool = False) -> dict[str, torch.Tensor]:
+    """``head`` without the time prior's tensors (every ``time_*`` entry; ``keep_weight`` keeps
+    ``time_weight``, for a prior counted again under the same β)."""
+    return {k: v for k, v in head.items() if not k.startswith("time_") or (keep_weight and k == "time_weight")}
+
+
 def weights_off(weight) -> bool:
     """Whether β (a number, or one per history size :func:`choose` gives with ``per_size``) is 0 throughout."""
     return all(float(w) == 0.0 for w in np.atleast_1d(np.asarray(weight, dtype=np.float64)))
