@@ -190,7 +190,7 @@ def test_a_tuned_transfer_prior_is_chosen_on_validation_users_and_counted_on_all
     real_choose = time_prior.choose
 
     def spy(base_scores, cases, events, n_items, **kwargs):
-        seen.update(cases=cases, events=events, base=base_scores(cases[0][0].support[:1]))
+        seen.update(cases=cases, events=events, base=base_scores(cases[0][0].support[:1]), bandwidths=kwargs["bandwidths"], weights=kwargs["weights"])
         return real_choose(base_scores, cases, events, n_items, **kwargs)
 
     monkeypatch.setattr(time_prior, "choose", spy)
@@ -199,8 +199,12 @@ def test_a_tuned_transfer_prior_is_chosen_on_validation_users_and_counted_on_all
     assert [case.user for case, _ in seen["cases"]] == [case.user for case, _ in time_prior.validation_cases(dataset, validation)]
     assert np.array_equal(seen["events"][0], time_prior.rating_events(dataset, fit)[0])
     assert choice["validation_users"] == len(validation) and choice["validation_cases"] == len(seen["cases"]) > 0
-    assert choice["bandwidth_days"] in time_prior.BANDWIDTHS and choice["weight"] in time_prior.WEIGHTS
-    assert len(choice["scores"]) >= 1 + 2 * (len(time_prior.WEIGHTS) - 1)
+    # chosen on the transfer's grids, wider than the build's at both ends (stop 58)
+    assert seen["bandwidths"] == transfer.TUNED_BANDWIDTHS and seen["weights"] == transfer.TUNED_WEIGHTS
+    assert min(transfer.TUNED_BANDWIDTHS) < min(time_prior.BANDWIDTHS) and max(transfer.TUNED_WEIGHTS) > max(time_prior.WEIGHTS)
+    assert choice["bandwidth_days"] in transfer.TUNED_BANDWIDTHS and choice["weight"] in transfer.TUNED_WEIGHTS
+    assert (choice["bandwidths"], choice["weights"]) == (list(transfer.TUNED_BANDWIDTHS), list(transfer.TUNED_WEIGHTS))
+    assert len(choice["scores"]) == 1 + len(transfer.TUNED_BANDWIDTHS) * (len(transfer.TUNED_WEIGHTS) - 1)
     items, times = time_prior.rating_events(dataset, train)
     if choice["weight"]:
         expected = time_prior.decayed(items, times, len(dataset.catalog), choice["bandwidth_days"])
@@ -220,6 +224,26 @@ def test_a_tuned_transfer_prior_is_chosen_on_validation_users_and_counted_on_all
     assert chosen["weight"] == 0 and time_prior.kind_of(none.t.head) is None
     with pytest.raises(InvalidConfig, match="older 'gaussian' kind"):
         transfer.tuned_prior(with_time_prior(opened_bank.model, 1.5, 500, "gaussian"), dataset, train)
+
+
+def test_grid_edges_name_the_ends_of_the_grid_a_tuned_choice_sits_on():
+    """report.md flags a tuned choice at an end of the grid it was chosen on; a choice recorded
+    before the grids were (stop 57's reports) is read against the build's grids."""
+    from pmeta.eval.runner import _transfer_prior_line
+    from pmeta.eval.transfer import TUNED_BANDWIDTHS, TUNED_WEIGHTS, grid_edges
+
+    def choice(h, beta, **grids):
+        return {"bandwidth_days": h, "weight": beta, "validation_users": 75, "validation_cases": 70, **grids}
+
+    grids = {"bandwidths": list(TUNED_BANDWIDTHS), "weights": list(TUNED_WEIGHTS)}
+    assert grid_edges(choice(30.0, 50.0, **grids)) == ["the smallest h tried", "the largest β tried"]
+    assert grid_edges(choice(60.0, 5.0, **grids)) == []  # inside the wide grids
+    assert grid_edges(choice(365.0, 2.0, **grids)) == ["the largest h tried"]
+    assert grid_edges(choice(60.0, 5.0)) == ["the smallest h tried", "the largest β tried"]  # a stop-57 report
+    assert grid_edges(choice(30.0, 0.0, **grids)) == []  # β = 0: no prior, no h
+    line = _transfer_prior_line({"time_prior": "tuned", "time_prior_choice": choice(30.0, 50.0, **grids)})
+    assert "h = 30 days, β = 50 (the smallest h tried and the largest β tried), chosen on 75 of them" in line
+    assert "tried" not in _transfer_prior_line({"time_prior": "tuned", "time_prior_choice": choice(180.0, 3.0, **grids)})
 
 
 def test_transfer_eval_runs_every_bank_method(target, opened_bank):

@@ -35,7 +35,7 @@ from .plots import PLOT_FILES
 from .protocol import MODES, PROTOCOL_NAME, check_cases, check_grid, evaluate, split_users
 from .significance import BOOTSTRAP_RESAMPLES, compare_methods, markdown_lines
 from ..tasks import time_prior
-from .transfer import require_exponential, transfer_model, tuned_prior
+from .transfer import grid_edges, require_exponential, transfer_model, tuned_prior
 
 #: Every method of a full report, in table order.
 DEFAULT_METHODS = ("random", "popularity", "popularity-time", "itemknn", "ease", "backbone", "prompt-maml", "per-user-lora", "pmeta-no-steps", "pmeta", "pmeta-reptile")
@@ -139,7 +139,8 @@ def _transfer_prior_line(transfer: dict) -> str:
     if kind == "tuned":
         choice = transfer["time_prior_choice"]
         chosen = "none (β = 0)" if not choice["weight"] else f"h = {choice['bandwidth_days']:g} days, β = {choice['weight']:g}"
-        edge = " (the largest β tried)" if choice["weight"] == max(time_prior.WEIGHTS) else ""
+        edges = grid_edges(choice)
+        edge = f" ({' and '.join(edges)})" if edges else ""
         return f" Time prior: counted again on this dataset's train users; {chosen}{edge}, chosen on {choice['validation_users']} of them held out as validation users ({choice['validation_cases']} with a case)."
     return ""
 
