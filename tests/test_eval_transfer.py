@@ -199,9 +199,8 @@ def test_a_tuned_transfer_prior_is_chosen_on_validation_users_and_counted_on_all
     assert [case.user for case, _ in seen["cases"]] == [case.user for case, _ in time_prior.validation_cases(dataset, validation)]
     assert np.array_equal(seen["events"][0], time_prior.rating_events(dataset, fit)[0])
     assert choice["validation_users"] == len(validation) and choice["validation_cases"] == len(seen["cases"]) > 0
-    # chosen on the transfer's grids, wider than the build's at both ends (stop 58)
-    assert seen["bandwidths"] == transfer.TUNED_BANDWIDTHS and seen["weights"] == transfer.TUNED_WEIGHTS
-    assert min(transfer.TUNED_BANDWIDTHS) < min(time_prior.BANDWIDTHS) and max(transfer.TUNED_WEIGHTS) > max(time_prior.WEIGHTS)
+    # chosen on the transfer's grids (the build's; stop 58's wider ones were read and not kept), recorded
+    assert seen["bandwidths"] == tuple(transfer.TUNED_BANDWIDTHS) and seen["weights"] == tuple(transfer.TUNED_WEIGHTS)
     assert choice["bandwidth_days"] in transfer.TUNED_BANDWIDTHS and choice["weight"] in transfer.TUNED_WEIGHTS
     assert (choice["bandwidths"], choice["weights"]) == (list(transfer.TUNED_BANDWIDTHS), list(transfer.TUNED_WEIGHTS))
     assert len(choice["scores"]) == 1 + len(transfer.TUNED_BANDWIDTHS) * (len(transfer.TUNED_WEIGHTS) - 1)
@@ -218,6 +217,10 @@ def test_a_tuned_transfer_prior_is_chosen_on_validation_users_and_counted_on_all
     support = seen["cases"][0][0].support[:1]
     np.testing.assert_allclose(seen["base"], PmetaNoSteps(bare).score(support, 1))
     assert not np.allclose(seen["base"], PmetaNoSteps(moved).score(support, 1, time=float(times.max())))
+    # other grids, as stop 58's read of wider ones: passed through and recorded
+    _, wide = transfer.tuned_prior(moved, dataset, train, bandwidths=(30.0, 60.0), weights=(0.0, 5.0, 50.0))
+    assert (seen["bandwidths"], seen["weights"]) == ((30.0, 60.0), (0.0, 5.0, 50.0))
+    assert (wide["bandwidths"], wide["weights"]) == ([30.0, 60.0], [0.0, 5.0, 50.0]) and len(wide["scores"]) == 5
     # β = 0 chosen: no prior at all
     monkeypatch.setattr(time_prior, "choose", lambda *a, **k: (180.0, 0.0, 0.0, {}))
     none, chosen = transfer.tuned_prior(moved, dataset, train)
@@ -235,15 +238,16 @@ def test_grid_edges_name_the_ends_of_the_grid_a_tuned_choice_sits_on():
     def choice(h, beta, **grids):
         return {"bandwidth_days": h, "weight": beta, "validation_users": 75, "validation_cases": 70, **grids}
 
-    grids = {"bandwidths": list(TUNED_BANDWIDTHS), "weights": list(TUNED_WEIGHTS)}
-    assert grid_edges(choice(30.0, 50.0, **grids)) == ["the smallest h tried", "the largest β tried"]
-    assert grid_edges(choice(60.0, 5.0, **grids)) == []  # inside the wide grids
-    assert grid_edges(choice(365.0, 2.0, **grids)) == ["the largest h tried"]
-    assert grid_edges(choice(60.0, 5.0)) == ["the smallest h tried", "the largest β tried"]  # a stop-57 report
-    assert grid_edges(choice(30.0, 0.0, **grids)) == []  # β = 0: no prior, no h
-    line = _transfer_prior_line({"time_prior": "tuned", "time_prior_choice": choice(30.0, 50.0, **grids)})
+    wide = {"bandwidths": [30.0, 60.0, 180.0, 365.0], "weights": [0.0, 5.0, 10.0, 50.0]}
+    assert grid_edges(choice(30.0, 50.0, **wide)) == ["the smallest h tried", "the largest β tried"]
+    assert grid_edges(choice(60.0, 5.0, **wide)) == []  # inside the wide grids
+    assert grid_edges(choice(365.0, 2.0, **wide)) == ["the largest h tried"]
+    assert min(TUNED_BANDWIDTHS) == 60.0 and max(TUNED_WEIGHTS) == 5.0  # the build's grids
+    assert grid_edges(choice(60.0, 5.0)) == ["the smallest h tried", "the largest β tried"]  # a stop-57 report: the build's grids
+    assert grid_edges(choice(30.0, 0.0, **wide)) == []  # β = 0: no prior, no h
+    line = _transfer_prior_line({"time_prior": "tuned", "time_prior_choice": choice(30.0, 50.0, **wide)})
     assert "h = 30 days, β = 50 (the smallest h tried and the largest β tried), chosen on 75 of them" in line
-    assert "tried" not in _transfer_prior_line({"time_prior": "tuned", "time_prior_choice": choice(180.0, 3.0, **grids)})
+    assert "tried" not in _transfer_prior_line({"time_prior": "tuned", "time_prior_choice": choice(180.0, 3.0, **wide)})
 
 
 def test_transfer_eval_runs_every_bank_method(target, opened_bank):
