@@ -201,7 +201,7 @@ def test_a_tuned_transfer_prior_is_chosen_on_validation_users_and_counted_on_all
     assert choice["validation_users"] == len(validation) and choice["validation_cases"] == len(seen["cases"]) > 0
     # chosen on the transfer's grids (the build's; stop 58's wider ones were read and not kept), recorded
     assert seen["bandwidths"] == tuple(transfer.TUNED_BANDWIDTHS) and seen["weights"] == tuple(transfer.TUNED_WEIGHTS)
-    assert choice["bandwidth_days"] in transfer.TUNED_BANDWIDTHS and choice["weight"] in transfer.TUNED_WEIGHTS
+    assert choice["weight"] in transfer.TUNED_WEIGHTS and (choice["bandwidth_days"] in transfer.TUNED_BANDWIDTHS or choice["weight"] == 0)
     assert (choice["bandwidths"], choice["weights"]) == (list(transfer.TUNED_BANDWIDTHS), list(transfer.TUNED_WEIGHTS))
     assert len(choice["scores"]) == 1 + len(transfer.TUNED_BANDWIDTHS) * (len(transfer.TUNED_WEIGHTS) - 1)
     items, times = time_prior.rating_events(dataset, train)
@@ -248,6 +248,8 @@ def test_grid_edges_name_the_ends_of_the_grid_a_tuned_choice_sits_on():
     line = _transfer_prior_line({"time_prior": "tuned", "time_prior_choice": choice(30.0, 50.0, **wide)})
     assert "h = 30 days, β = 50 (the smallest h tried and the largest β tried), chosen on 75 of them" in line
     assert "tried" not in _transfer_prior_line({"time_prior": "tuned", "time_prior_choice": choice(180.0, 3.0, **wide)})
+    old = _transfer_prior_line({"time_prior": "tuned", "time_prior_choice": choice(60.0, 5.0)})  # a stop-57 report.json
+    assert "h = 60 days, β = 5 (the smallest h tried and the largest β tried)" in old
 
 
 def test_transfer_eval_runs_every_bank_method(target, opened_bank):
