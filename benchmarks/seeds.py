@@ -19,6 +19,7 @@ Student-t interval over the seeds' own differences, which also carries the varia
     python benchmarks/seeds.py replace seeds/s1 seeds/s1-ease --out seeds/s1-new-ease
     python benchmarks/seeds.py replace seeds/s1 seeds/s1-lora --add --out seeds/s1-with-lora
     python benchmarks/seeds.py versus --before seeds/s0 seeds/s1 --after seeds-new/s0 seeds-new/s1
+    python benchmarks/seeds.py versus --before in-domain/s3 --after transfer/s3 --methods pmeta --against popularity-time
 
 ``replace`` pools a method run again alone (after a change of its defaults, say) with a stored run's
 other methods: same seed, data and bank, the same users in every cell, so the pairs stay paired;
@@ -406,13 +407,15 @@ def pool(paths: list[Path], resamples: int, primary: list[tuple[str, int, str]] 
     return "\n".join(lines)
 
 
-def versus(before: list[Path], after: list[Path], methods: list[str], resamples: int) -> str:
+def versus(before: list[Path], after: list[Path], methods: list[str], resamples: int, against: str | None = None) -> str:
     """The same seeds' test users measured twice, with two banks (a changed default, say): each of
     ``methods``' paired difference *after − before* per (K, mode) cell and metric, over the users of
     every seed pooled, with a bootstrap stratified by seed and Holm's adjustment over each method's
     cells and metrics. ``before`` and ``after`` are output directories of ``run`` matched by seed:
     each pair must be the same seed and data and hold the same users in the same order per cell;
-    their banks may differ (that is the point), and are named in the text."""
+    their banks may differ (that is the point), and are named in the text. ``against``: the
+    *before* runs' method each of ``methods`` of the *after* runs is compared with (default: the
+    same method), e.g. a transferred bank's pmeta against the target's own ``popularity-time``."""
     if len(before) != len(after):
         raise SystemExit(f"versus needs as many --after runs as --before runs, got {len(before)} and {len(after)}")
     if not methods or len(set(methods)) != len(methods):
@@ -435,17 +438,19 @@ def versus(before: list[Path], after: list[Path], methods: list[str], resamples:
     for seed, (old, new) in sorted(pairs.items()):
         cells = [{(c["method"], c["k"], c["mode"]): c for c in run["cells"]} for run in (old, new)]
         for method in methods:
-            keys = [sorted(k for k in found if k[0] == method) for found in cells]
+            named = (against or method, method)  # the before run's method, the after run's
+            keys = [sorted(k[1:] for k in found if k[0] == name) for found, name in zip(cells, named)]
             if not keys[0] or keys[0] != keys[1]:
-                raise SystemExit(f"seed {seed}: {method} is not in both runs in the same (K, mode) cells")
+                said = method if against is None else f"{against} (before) and {method} (after)"
+                raise SystemExit(f"seed {seed}: {said} {'is' if against is None else 'are'} not in both runs in the same (K, mode) cells")
             for key in keys[0]:
-                if cells[0][key]["user"] != cells[1][key]["user"]:
-                    raise SystemExit(f"seed {seed}: {method} at K = {key[1]} {key[2]} was measured on other users in the two runs")
-                for label, found in (("before", cells[0]), ("after", cells[1])):
-                    cell = pooled[label].setdefault(method, {}).setdefault(key[1:], {"seed": [], **{m: [] for m in METRICS}})
-                    cell["seed"].extend([seed] * len(found[key]["user"]))
+                if cells[0][(named[0], *key)]["user"] != cells[1][(named[1], *key)]["user"]:
+                    raise SystemExit(f"seed {seed}: {method} at K = {key[0]} {key[1]} was measured on other users in the two runs")
+                for label, found, name in (("before", cells[0], named[0]), ("after", cells[1], named[1])):
+                    cell = pooled[label].setdefault(method, {}).setdefault(key, {"seed": [], **{m: [] for m in METRICS}})
+                    cell["seed"].extend([seed] * len(found[(name, *key)]["user"]))
                     for metric in METRICS:
-                        cell[metric].extend(found[key][metric])
+                        cell[metric].extend(found[(name, *key)][metric])
     seeds = sorted(pairs)
     lines = [
         f"# coldstart-v1: two banks on the same test users (seeds {', '.join(map(str, seeds))})",
@@ -466,7 +471,8 @@ def versus(before: list[Path], after: list[Path], methods: list[str], resamples:
         for metric in METRICS:
             mine = [r for r in rows if r["metric"] == metric]
             ks = sorted({r["k"] for r in mine})
-            lines += ["", f"## {method}: {metric}, before → after, difference [95% CI]", "", "| mode | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+            title = method if against is None else f"{method} (after) against {against} (before)"
+            lines += ["", f"## {title}: {metric}, before → after, difference [95% CI]", "", "| mode | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
             for mode in dict.fromkeys(r["mode"] for r in mine):
                 cells = {r["k"]: r for r in mine if r["mode"] == mode}
                 lines.append(f"| {mode} | " + " | ".join(f"{cells[k]['before']:.3f} → {cells[k]['after']:.3f}: {comparison_cell({**cells[k], 'versus': ''})}" if k in cells else "—" for k in ks) + " |")
@@ -496,6 +502,7 @@ def main() -> None:
     pair.add_argument("--after", type=Path, nargs="+", required=True, help="output directories of `run` of the same seeds with the second banks")
     pair.add_argument("--methods", default="pmeta,pmeta-no-steps", help="the methods to compare (default: pmeta, pmeta-no-steps)")
     pair.add_argument("--resamples", type=int, default=2000)
+    pair.add_argument("--against", default=None, help="compare each --methods of the --after runs with this method of the --before runs (default: the same method)")
     many = sub.add_parser("pool", help="pool the runs' users and compare pmeta with its rivals")
     many.add_argument("runs", type=Path, nargs="+", help="output directories of `run`")
     many.add_argument("--resamples", type=int, default=2000)
@@ -515,7 +522,7 @@ def main() -> None:
         elif args.command == "replace":
             print(replace(args.base, args.part, args.out, args.add))
         elif args.command == "versus":
-            print(versus(args.before, args.after, [m.strip() for m in args.methods.split(",") if m.strip()], args.resamples))
+            print(versus(args.before, args.after, [m.strip() for m in args.methods.split(",") if m.strip()], args.resamples, args.against))
         else:
             methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
             print(pool(args.runs, args.resamples, None if args.primary is None else parse_primary(args.primary), methods))

@@ -680,6 +680,18 @@ def test_seeds_versus_pairs_two_banks_runs_by_seed_and_user(benchmark_script, tm
             seeds.versus(before, after, methods, resamples=10)
     with pytest.raises(SystemExit, match="resamples"):
         seeds.versus(old, new, ["pmeta"], resamples=0)
+    # --against: the after runs' pmeta against the before runs' ease (a transfer against the target's own baseline)
+    domain = [_write_run(tmp_path / f"domain{s}", s, [4, 7, 9], {"pmeta": [0.0, 0.0, 0.0], "ease": [1.0, 0.0, 0.0]}) for s in (0, 1)]
+    moved = [_write_run(tmp_path / f"moved{s}", s, [4, 7, 9], {"pmeta": [1.0, 1.0, 0.0]}) for s in (0, 1)]
+    text = seeds.versus(domain, moved, ["pmeta"], resamples=200, against="ease")
+    assert text.count("## pmeta (after) against ease (before): ") == 2
+    assert text.count("| full | 0.333 → 0.667: +0.333 [") == 2  # ease 1, 0, 0 → pmeta 1, 1, 0 (not pmeta's 0, 0, 0)
+    assert text.count("| full | 0.000 → 0.667: ") == 0
+    same = seeds.versus(domain, moved, ["pmeta"], resamples=200, against="pmeta")
+    assert same.replace(" (after) against pmeta (before)", "") == seeds.versus(domain, moved, ["pmeta"], resamples=200)
+    assert same.count("| full | 0.000 → 0.667: **+0.667 [") == 2
+    with pytest.raises(SystemExit, match=r"popularity \(before\) and pmeta \(after\) are not in both runs"):
+        seeds.versus(domain, moved, ["pmeta"], resamples=10, against="popularity")
 
 
 def test_seeds_run_passes_the_transfer_prior_to_the_evaluation(benchmark_script, tiny_bank, monkeypatch, tmp_path):
