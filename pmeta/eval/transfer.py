@@ -202,8 +202,8 @@ TUNED_WEIGHTS = time_prior.WEIGHTS
 
 def grid_edges(choice: dict) -> list[str]:
     """The ends of the grid a :func:`tuned_prior` choice sits on ("the smallest h tried", "the
-    largest h tried", "the largest β tried"; none when β = 0). Choices recorded before the grids were (stop 57) are read
-    against the build's grids."""
+    largest h tried", "the largest β tried"; none when β = 0). Choices recorded before the grids
+    were (stop 57) are read against the build's grids."""
     if not choice.get("weight"):
         return []
     bandwidths = choice.get("bandwidths", time_prior.BANDWIDTHS)
@@ -224,12 +224,11 @@ def tuned_prior(model: PmetaModel, dataset, train_users: np.ndarray, validation_
     the train users (``validation_fraction``, drawn with ``seed``: the run's) are held out as
     validation users (:func:`~pmeta.eval.baselines.validation_split`, as the baselines tune), and
     :func:`~pmeta.tasks.time_prior.choose` picks h of ``bandwidths`` and β of ``weights`` (β = 0:
-    no prior) by nDCG@10 over K = 1, 3, 5 and the
-    modes on the validation users, over the transferred model's scores without the prior (no inner
-    steps) plus the prior counted on the other train users; m stays the bank's. Returns (model,
-    choice: h in days, β, m, the grids, the validation users held out and those of them with a
-    case (≥ 6 positives), each grid point's mean nDCG@10). Raises InvalidData when no validation user has the
-    positives a case needs."""
+    no prior) by nDCG@10 over K = 1, 3, 5 and the modes on the validation users, over the
+    transferred model's scores without the prior (no inner steps) plus the prior counted on the
+    other train users; m stays the bank's. Returns (model, choice: h in days, β, m, the grids, the
+    validation users held out and those of them with a case (≥ 6 positives), each grid point's mean
+    nDCG@10). Raises InvalidData when no validation user has the positives a case needs."""
     from .baselines import validation_split
     from .neural import PmetaNoSteps
 
