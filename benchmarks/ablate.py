@@ -1,8 +1,12 @@
-"""Ablations of pmeta under coldstart-v1 (ml-latest-small test users), written as one markdown table.
+"""Ablations of pmeta under coldstart-v1 on a bank's own held-out test users, written as one markdown table.
 
     python benchmarks/ablate.py --bank BANK [--reptile-bank RBANK] [--users 40] [--k 3,5] \
         [--mode pop99,full] [--build-preset tiny] [--anchors 2,4,8] [--prompt-lengths 10,20,30] \
-        --out ablation.md
+        [--data DIR --seed N] --out ablation.md
+
+The banks must have been built on ``--data`` (default: the shipped ml-latest-small) with ``--seed``
+(default 0): their held-out users are the test users evaluated, and a bank built on other data or
+with another seed is refused (it trained on some of those users). Rebuilds use the same data and seed.
 
 Serving-time ablations reuse one bank (no rebuild):
 
@@ -48,8 +52,12 @@ from pmeta.adapt.inner import adapt
 from pmeta.bank.bank import Bank
 from pmeta.bank.model import PmetaModel
 from pmeta.data import load_sample
+from pmeta.data.movielens import LAYOUTS as FORMATS, read_movielens
+from pmeta.errors import PmetaError
 from pmeta.eval.neural import floor_excluded, support_input
 from pmeta.eval.protocol import evaluate, split_users
+from pmeta.eval.runner import model_for
+from pmeta.progress import Progress
 from pmeta.tasks.ranking import add_prior
 
 
@@ -85,16 +93,17 @@ def variant(model: PmetaModel, **config) -> PmetaModel:
     return PmetaModel(model.config.model_copy(update=config), model.encoder, model.item_texts, model.t, index=model.index)
 
 
-def row(name: str, scorer, dataset, users, ks, modes) -> dict:
-    results = evaluate(scorer, dataset, users, ks=ks, modes=modes, seed=0)
+def row(name: str, scorer, dataset, users, ks, modes, seed: int = 0) -> dict:
+    results = evaluate(scorer, dataset, users, ks=ks, modes=modes, seed=seed)
     cells = {f"{r['mode']} K={r['k']}": f"{r['hr@10']:.3f} / {r['ndcg@10']:.3f}" for r in results}
     latency = next(r["adapt_ms_p50"] for r in results if r["k"] == max(ks))
     print(name, cells, f"{latency:.0f} ms", file=sys.stderr, flush=True)
     return {"variant": name, **cells, "adapt ms p50": f"{latency:.0f}", "_rows": results}
 
 
-def meta_step_probe(bank: Path, meta: str, steps: int = 6) -> dict:
-    """Seconds per outer step and peak RSS (MB) of ``steps`` stack-stage outer steps with ``meta``, in a fresh process."""
+def meta_step_probe(bank: Path, meta: str, steps: int = 6, data: Path | None = None, layout: str = "auto", seed: int = 0) -> dict:
+    """Seconds per outer step and peak RSS (MB) of ``steps`` stack-stage outer steps with ``meta``, in a fresh process
+    (on ``data``'s train users of ``seed``; the shipped sample's by default)."""
     code = f"""
 import json, resource, time, torch
 torch.set_num_threads(1)
@@ -103,8 +112,11 @@ from pmeta.bank.episodes import EpisodeSampler
 from pmeta.bank.meta_train import stack_stage, meta_train
 from pmeta.adapt.strategies import get_strategy
 from pmeta.data import load_sample
+from pmeta.data.movielens import read_movielens
 from pmeta.eval.protocol import split_users
-bank = Bank.open({str(bank)!r}); ds = load_sample(); train, _ = split_users(ds)
+bank = Bank.open({str(bank)!r}); data = {None if data is None else str(data)!r}
+ds = load_sample() if data is None else read_movielens(data, {layout!r})
+train, _ = split_users(ds, seed={seed}, test_fraction=bank.config.test_fraction)
 model = bank.model
 sampler = EpisodeSampler(ds.positives_by_user(), ds.rated_by_user(), train, model.item_texts, bank.config, seed=5, times=ds.positive_times_by_user())
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -123,6 +135,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bank", type=Path, required=True)
     parser.add_argument("--reptile-bank", type=Path)
+    parser.add_argument("--data", type=Path, help="the MovieLens directory the banks were built on (default: the shipped sample)")
+    parser.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="its layout (default: detected)")
+    parser.add_argument("--seed", type=int, default=0, help="the seed the banks were built with: its test users are evaluated")
     parser.add_argument("--users", type=int, default=40)
     parser.add_argument("--k", default="3,5")
     parser.add_argument("--mode", default="pop99,full")
@@ -148,10 +163,18 @@ def main() -> None:
             parser.error(f"--time-prior-bandwidths needs a preset that chooses β (cf_init = 'onboarding'), not {args.build_preset!r} ({preset_init}); try --build-preset small")
     modes = tuple(args.mode.split(","))
     skip = set(filter(None, args.skip.split(",")))
-    dataset = load_sample()
-    train, test = split_users(dataset)
+    try:
+        dataset = load_sample() if args.data is None else read_movielens(args.data, args.format)
+        bank = Bank.open(args.bank)
+        banks = [bank] + ([Bank.open(args.reptile_bank)] if args.reptile_bank is not None else [])
+        for b in banks:  # in-domain only, and only on the users each bank held out (model_for checks them)
+            if b.catalog.item_ids != dataset.catalog.item_ids:
+                parser.error(f"bank {b.version} was built on another catalogue than {dataset.name}: ablations run on the bank's own dataset (pass --data)")
+            model_for(b, dataset, args.seed, Progress(False))
+    except PmetaError as exc:
+        parser.error(str(exc))
+    train, test = split_users(dataset, seed=args.seed, test_fraction=bank.config.test_fraction)
     users = np.asarray(test)[: args.users]
-    bank = Bank.open(args.bank)
     model = bank.model
     rows: list[tuple[str, dict]] = []
     started = time.perf_counter()
@@ -161,33 +184,33 @@ def main() -> None:
     def default(name: str) -> dict:
         """The bank's own settings are one variant of every group: evaluated once, listed in each."""
         if not base:
-            base.update(row(name, Scorer("default", model), dataset, users, ks, modes))
+            base.update(row(name, Scorer("default", model), dataset, users, ks, modes, args.seed))
         return {**base, "variant": name}
 
     if "steps" not in skip:
         for s in (int(x) for x in args.steps.split(",")):
-            r = default(f"steps={s}") if s == default_steps else row(f"steps={s}", Scorer("s", model, steps=s), dataset, users, ks, modes)
+            r = default(f"steps={s}") if s == default_steps else row(f"steps={s}", Scorer("s", model, steps=s), dataset, users, ks, modes, args.seed)
             rows.append(("inner steps", r))
     if "top_k" not in skip:
         count = int(model.t.anchor_keys.shape[0])
         for k in sorted({min(int(x), count) for x in args.top_k.split(",")}):
-            r = default(f"top_k={k}") if k == default_k else row(f"top_k={k}", Scorer("k", variant(model, top_k=k)), dataset, users, ks, modes)
+            r = default(f"top_k={k}") if k == default_k else row(f"top_k={k}", Scorer("k", variant(model, top_k=k)), dataset, users, ks, modes, args.seed)
             rows.append(("top-k fused anchors", r))
     if "fusion" not in skip:
         rows.append(("fusion", default(f"fusion=cat (exact, top {default_k})")))
-        rows.append(("fusion", row(f"fusion=svd (rank {model.config.anchor_rank})", Scorer("v", variant(model, fusion="svd")), dataset, users, ks, modes)))
-        rows.append(("fusion", row("no fusion (nearest anchor)", Scorer("n", variant(model, top_k=1)), dataset, users, ks, modes)))
+        rows.append(("fusion", row(f"fusion=svd (rank {model.config.anchor_rank})", Scorer("v", variant(model, fusion="svd")), dataset, users, ks, modes, args.seed)))
+        rows.append(("fusion", row("no fusion (nearest anchor)", Scorer("n", variant(model, top_k=1)), dataset, users, ks, modes, args.seed)))
         if model.t.anchor_bias is not None:
             plain = PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, anchor_bias=None), index=model.index)
-            rows.append(("fusion", row("no anchor item bias at serving (bank trained with it)", Scorer("nb", plain), dataset, users, ks, modes)))
+            rows.append(("fusion", row("no anchor item bias at serving (bank trained with it)", Scorer("nb", plain), dataset, users, ks, modes, args.seed)))
     if "stacking" not in skip:
         rows.append(("stacking", default("stacked rank-1 adapter (default)")))
-        rows.append(("stacking", row("no stacking (steps on fused anchors)", Scorer("ns", model, stacking=False), dataset, users, ks, modes)))
+        rows.append(("stacking", row("no stacking (steps on fused anchors)", Scorer("ns", model, stacking=False), dataset, users, ks, modes, args.seed)))
     if args.reptile_bank is not None and "meta" not in skip:
-        reptile = Bank.open(args.reptile_bank)
+        reptile = banks[1]
         for name, b, path in (("maml", bank, args.bank), ("reptile", reptile, args.reptile_bank)):
-            r = default("meta=maml") if name == "maml" else row(f"meta={name}", Scorer(name, b.model), dataset, users, ks, modes)
-            probe = meta_step_probe(path, name)
+            r = default("meta=maml") if name == "maml" else row(f"meta={name}", Scorer(name, b.model), dataset, users, ks, modes, args.seed)
+            probe = meta_step_probe(path, name, data=args.data, layout=args.format, seed=args.seed)
             r["outer step s"] = f"{probe['s_per_outer_step']:.2f}"
             r["meta-train peak RSS MB"] = f"{probe['peak_rss_mb']:.0f}"
             rows.append(("MAML vs Reptile", r))
@@ -197,14 +220,14 @@ def main() -> None:
             from pmeta.config import load_config
 
             with tempfile.TemporaryDirectory() as tmp:
-                config = load_config(args.build_preset, overrides={field: value})
+                config = load_config(args.build_preset, overrides={field: value, "seed": args.seed})
                 build_bank(dataset, Path(tmp) / "bank", config)
                 rebuilt = Bank.open(Path(tmp) / "bank")
-                rows.append((f"{field} (rebuilt, preset {args.build_preset})", row(f"{field}={value}", Scorer(field, rebuilt.model), dataset, users, ks, modes)))
+                rows.append((f"{field} (rebuilt, preset {args.build_preset})", row(f"{field}={value}", Scorer(field, rebuilt.model), dataset, users, ks, modes, args.seed)))
     columns = [f"{m} K={k}" for m in modes for k in ks]
     extra = [c for c in ("outer step s", "meta-train peak RSS MB") if any(c in r for _, r in rows)]
     lines = [
-        f"Ablations on ml-latest-small, coldstart-v1, first {len(users)} test users, bank {args.bank} ({bank.config.meta}, {int(model.t.anchor_keys.shape[0])} anchors), "
+        f"Ablations on {dataset.name}, coldstart-v1, seed {args.seed}, first {len(users)} test users, bank {args.bank} ({bank.config.meta}, {int(model.t.anchor_keys.shape[0])} anchors), "
         f"{args.threads} thread(s); cells HR@10 / nDCG@10; {time.perf_counter() - started:.0f} s.",
         "",
         "| ablation | variant | " + " | ".join(columns) + " | adapt ms p50 | " + " | ".join(extra) + (" |" if extra else ""),
