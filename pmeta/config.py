@@ -39,6 +39,8 @@ MAX_BATCH_USERS = 4096
 #: The grid of EASE's λ inside a bank's collaborative init (``BankConfig.ease_lambdas``); the ease
 #: baseline's own grid (pmeta.eval.baselines.EASE_LAMBDAS) reaches further.
 INIT_EASE_LAMBDAS = (50.0, 100.0, 200.0, 500.0, 1000.0)
+#: Served share of the anchors' item bias γ for histories of 1, 2, and 3 or more liked items (stop 60).
+ANCHOR_BIAS_SIZE_SCALE = (0.5, 0.75, 1.0)
 
 
 class BankConfig(BaseModel):
@@ -73,6 +75,7 @@ class BankConfig(BaseModel):
     anchors: int = Field(16, ge=1, le=100_000, description="Number of anchors (k-means clusters of train users).")
     key_space: Literal["collaborative", "text"] = Field("collaborative", description="Retrieval key space of users and anchors: 'collaborative' = the unit mean of the liked items' collaborative history factors (free texts and items no train user liked are projected from their text embedding by a ridge map); 'text' = the unit mean of their sentence embeddings. A bank without a collaborative part uses text keys.")
     anchor_bias_weight: float | None = Field(None, ge=0, description="γ of the anchors' item bias (pmeta.fusion.anchor_bias): each anchor's log ratio of its users' positives to all train users', fused over the retrieved anchors and added to the scores. None = chosen over 0, 0.25, 0.5, 1, 1.5, 2, 3 on validation users (cf_init = 'onboarding' only; the other inits use 0); 0 = off.")
+    anchor_bias_size_scale: tuple[Annotated[float, Field(ge=0, le=10)], ...] = Field(ANCHOR_BIAS_SIZE_SCALE, min_length=1, max_length=16, description="Served multiplier of γ for users with 1, 2, … liked history items (a longer history takes the last, an empty one the first); stored in the bank as head/anchor_bias_scale unless every value is 1 (pmeta.fusion.anchor_bias). γ is chosen on the closed-form scores; on the served model's validation users of ml-100k (6 seeds), ml-1m (2) and ml-latest-small (3), half of it ranked 1-item histories better in uni99 and full ranking and level in pop99, while 3- and 5-item histories wanted all of it (docs/movielens.md, stop 60). (1,) = one γ for every size (banks before stop 60).")
     top_k: int = Field(3, ge=1, description="Anchors fused per user.")
     fusion: Literal["cat", "svd"] = Field("cat", description="cat = exact concatenation; svd = exact sum truncated to anchor_rank.")
     temperature: float = Field(0.05, gt=0, description="Initial fusion temperature τ (learned): weights = softmax(similarity / τ).")

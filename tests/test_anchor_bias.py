@@ -218,3 +218,51 @@ def test_meta_training_stages_score_through_the_anchor_bias(with_anchor_bias, op
     with_bias = float(outer_step(model, stack, strategy, episode, 0))
     plain = float(outer_step(opened_bank.model, stack_stage(opened_bank.model, config), strategy, episode, 0))
     assert with_bias != pytest.approx(plain)
+
+
+def test_size_scale_takes_the_history_sizes_entry_clamped_at_both_ends():
+    scale = torch.tensor([0.5, 0.75, 1.0])
+    torch.testing.assert_close(anchor_bias.size_scale(scale, [0, 1, 2, 3, 9]), torch.tensor([0.5, 0.5, 0.75, 1.0, 1.0]))
+
+
+@pytest.fixture(scope="module")
+def with_size_scale(with_anchor_bias):
+    """``with_anchor_bias`` whose head also carries the default served scale of the bias per history size."""
+    from pmeta.config import ANCHOR_BIAS_SIZE_SCALE
+
+    source = with_anchor_bias
+    head = {**source.t.head, "anchor_bias_scale": torch.tensor(ANCHOR_BIAS_SIZE_SCALE)}
+    return PmetaModel(source.config, source.encoder, source.item_texts, replace(source.t, head=head), index=source.index)
+
+
+def test_serving_scales_the_fused_bias_by_history_size_and_training_does_not(opened_bank, with_anchor_bias, with_size_scale):
+    """Histories of 1, 2 and 3+ liked items get 0.5, 0.75 and 1 times the fused offset that a bank
+    without the scale adds (the same anchors and weights); meta-training's stack stage, which passes
+    no sizes, adds the whole offset; the round trip through the bank's flat tensors keeps the scale."""
+    from pmeta.eval.neural import support_input
+
+    model, plain = with_size_scale, opened_bank.model
+    supports = [[10], [10, 20], [10, 20, 30], [10, 20, 30, 40, 50]]
+    users = [support_input(model, s, None) for s in supports]
+    _, batch, details = model.personalize(users, steps=0)
+    _, unscaled, unscaled_details = with_anchor_bias.personalize(users, steps=0)
+    _, base, _ = plain.personalize(users, steps=0)
+    assert details["anchors"] == unscaled_details["anchors"]
+    for row, factor in enumerate([0.5, 0.75, 1.0, 1.0]):
+        torch.testing.assert_close(_minus(batch.prior, base.prior)[row], factor * _minus(unscaled.prior, base.prior)[row], atol=1e-5, rtol=1e-5)
+    keys = model.user_keys(users)
+    sims, idx = model.retrieve(keys)
+    torch.testing.assert_close(model.anchor_offset(keys, sims, idx), with_anchor_bias.anchor_offset(keys, sims, idx))
+    back = Tensors.from_flat(model.t.to_flat())
+    torch.testing.assert_close(back.head["anchor_bias_scale"], torch.tensor([0.5, 0.75, 1.0]))
+
+
+def test_the_scale_is_stored_only_when_it_is_not_one_throughout():
+    from pmeta import load_config
+    from pmeta.bank.build import anchor_bias_scale_entry
+    from pmeta.errors import InvalidConfig
+
+    torch.testing.assert_close(anchor_bias_scale_entry(load_config("tiny"))["anchor_bias_scale"], torch.tensor([0.5, 0.75, 1.0]))
+    assert anchor_bias_scale_entry(load_config("tiny", overrides={"anchor_bias_size_scale": [1.0, 1.0]})) == {}
+    with pytest.raises(InvalidConfig, match="anchor_bias_size_scale"):
+        load_config("tiny", overrides={"anchor_bias_size_scale": [-0.5]})

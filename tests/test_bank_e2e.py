@@ -287,6 +287,9 @@ def test_onboarding_init_and_time_prior_rank_validation_users_better_than_ease(b
     assert set(bias["validation_ndcg"]) == {f"gamma={w:g}" for w in anchor_bias.WEIGHTS}
     assert bias["validation_ndcg"][f"gamma={bias['weight']:g}"]["mean"] == max(row["mean"] for row in bias["validation_ndcg"].values())
     assert (model.t.anchor_bias is not None) == (bias["weight"] > 0)
+    if bias["weight"] > 0:  # served with less of it for short histories (the default scale, stop 60)
+        assert bias["size_scale"] == list(config.anchor_bias_size_scale) == [0.5, 0.75, 1.0]
+        assert model.t.head["anchor_bias_scale"].tolist() == [0.5, 0.75, 1.0]
     with_prior = -record["validation"]["early_stopping"]["start"]
     ids = {u: i for i, u in enumerate(dataset.ratings.user_ids)}
     users = np.array(sorted(ids[u] for u in record["validation_users"]))

@@ -222,6 +222,15 @@ def history_keys(dataset: Dataset, users) -> list[str]:
     return keys
 
 
+def anchor_bias_scale_entry(config: BankConfig) -> dict[str, torch.Tensor]:
+    """``{"anchor_bias_scale": (S,)}`` for a bank with the anchors' item bias whose
+    ``config.anchor_bias_size_scale`` is not 1 throughout (:func:`pmeta.fusion.anchor_bias.size_scale`), else empty."""
+    scale = tuple(float(v) for v in config.anchor_bias_size_scale)
+    if all(v == 1.0 for v in scale):
+        return {}
+    return {"anchor_bias_scale": torch.tensor(scale, dtype=torch.float32)}
+
+
 def init_ease(dataset: Dataset, config: BankConfig, train_users: np.ndarray) -> EASEBaseline:
     """EASE as the collaborative init takes it: ``config.ease_lambda``, else tuned over ``config.ease_lambdas``
     on EASE's own split of ``train_users``, then refitted on all of them."""
@@ -281,6 +290,9 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     if gamma > 0:
         ratio = anchor_bias.log_ratio([positives[int(u)] for u in train_with_pos], assignment, n_anchors, len(catalog))
         bias_of_anchors = torch.from_numpy(gamma * ratio)
+    bias_scale = anchor_bias_scale_entry(config) if bias_of_anchors is not None else {}
+    if bias_scale:
+        cf_record.setdefault("anchor_bias", {"weight": gamma})["size_scale"] = list(config.anchor_bias_size_scale)
     generator = torch.Generator().manual_seed(config.seed)
     targets = encoder.lora_targets(config.prompt_layer, tuple(config.lora_targets))
     popular = [texts[i] for i in torch.argsort(counts, descending=True)[:8].tolist()]
@@ -290,7 +302,7 @@ def build_model(dataset: Dataset, config: BankConfig, progress: Progress | None 
     log_lr = math.log(config.inner_lr)
     tensors = Tensors(
         item_text=item_text,
-        head={**ranking.init_head(item_text, counts, cf_factors, cf_scale, item_bias=item_bias, text_log_scale=config.text_log_scale, cf_pool_exponent=cf_record.get("pool_exponent", 1.0)), **time_entries},
+        head={**ranking.init_head(item_text, counts, cf_factors, cf_scale, item_bias=item_bias, text_log_scale=config.text_log_scale, cf_pool_exponent=cf_record.get("pool_exponent", 1.0)), **time_entries, **bias_scale},
         global_adapter=global_adapter,
         global_step_sizes={k: torch.tensor(log_lr) for k in global_adapter},
         anchors={k: v.unsqueeze(0).repeat(n_anchors, *([1] * v.dim())) for k, v in global_adapter.items()},

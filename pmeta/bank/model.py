@@ -189,13 +189,19 @@ class PmetaModel:
         """(U,) bool on the bank's device: users whose key is not zero (they have something to retrieve with)."""
         return torch.from_numpy(np.linalg.norm(keys, axis=1) > 0).to(self.t.item_text.device)
 
-    def anchor_offset(self, keys: np.ndarray, sims: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
+    def anchor_offset(self, keys: np.ndarray, sims: torch.Tensor, idx: torch.Tensor, sizes=None) -> torch.Tensor | None:
         """The users' fused anchor item bias (U, N) (:mod:`pmeta.fusion.anchor_bias`) for their
         ``keys`` and retrieved anchors, or None for a bank without one. Users without a key get every
-        anchor weighted by its train users, as the zero-history prior adapter does."""
+        anchor weighted by its train users, as the zero-history prior adapter does. ``sizes`` (U,):
+        the users' numbers of liked history items, which scale the offset when the bank has
+        ``head/anchor_bias_scale`` (serving and validation pass them; meta-training does not)."""
         if self.t.anchor_bias is None:
             return None
-        return anchor_bias.fused(self.t.anchor_bias, idx, fusion_weights(sims, self.temperature()), self.has_key(keys), self.t.anchor_sizes)
+        offset = anchor_bias.fused(self.t.anchor_bias, idx, fusion_weights(sims, self.temperature()), self.has_key(keys), self.t.anchor_sizes)
+        scale = self.t.head.get("anchor_bias_scale")
+        if scale is None or sizes is None:
+            return offset
+        return anchor_bias.size_scale(scale, sizes).to(offset.dtype)[:, None] * offset
 
     # ------------------------------------------------------------------ scores and losses
     def scores(self, batch: ranking.UserBatch, personal: Adapter, head: ranking.HeadParams | None = None) -> torch.Tensor:
@@ -245,7 +251,7 @@ class PmetaModel:
         has_key = self.has_key(keys)
         with torch.no_grad():
             fused, fused_ranks = self.fused_adapter(sims, idx, has_key)
-            batch.prior = ranking.add_prior(batch.prior, self.anchor_offset(keys, sims, idx))
+            batch.prior = ranking.add_prior(batch.prior, self.anchor_offset(keys, sims, idx, [len(u.liked_items) for u in users]))
         t_fuse = device_clock(device)
         init = {k: v.detach().clone().requires_grad_(True) for k, v in expand_users(self.t.stack_init, len(users)).items()}
         targets, target_mask = (t.to(self.t.item_text.device) for t in self.targets_of(users, self.config.max_history_items))
