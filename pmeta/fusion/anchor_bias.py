@@ -23,7 +23,8 @@ items (:func:`size_scale`; s_1 = 0.5, s_2 = 0.75, s_n = 1 from 3 on by default).
 closed-form scores before meta-training, for every support size at once; scored on the model a
 bank serves, on its own validation users, half of γ ranked 1-item histories better — uni99
 nDCG@10 +0.013 (ml-100k, 6 banks, 444 users) and +0.005 (ml-1m, 3 banks, 1,448 users), full
-ranking +0.004 / +0.001, pop99 level (ml-latest-small, 144 users: level) — while 3- and 5-item histories lost pop99 with less of it
+ranking +0.004 / +0.001, pop99 level (ml-latest-small, 144 users: full ranking +0.006, level
+otherwise) — while 3- and 5-item histories lost pop99 with less of it
 (docs/movielens.md, stop 60). One item says little about which cluster a user belongs to, so its
 cluster's statistics deserve less weight. Meta-training (the anchor and stack stages) uses γ
 itself; validation and serving use the scaled offset. A bank without the entry (built before
