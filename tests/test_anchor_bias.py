@@ -220,9 +220,11 @@ def test_meta_training_stages_score_through_the_anchor_bias(with_anchor_bias, op
     assert with_bias != pytest.approx(plain)
 
 
-def test_size_scale_takes_the_history_sizes_entry_clamped_at_both_ends():
+def test_the_share_per_size_takes_the_history_sizes_entry_clamped_at_both_ends():
+    from pmeta.tasks.time_prior import weight_of
+
     scale = torch.tensor([0.5, 0.75, 1.0])
-    torch.testing.assert_close(anchor_bias.size_scale(scale, [0, 1, 2, 3, 9]), torch.tensor([0.5, 0.5, 0.75, 1.0, 1.0]))
+    torch.testing.assert_close(weight_of(scale, [0, 1, 2, 3, 9]), torch.tensor([0.5, 0.5, 0.75, 1.0, 1.0]))
 
 
 @pytest.fixture(scope="module")

@@ -224,7 +224,7 @@ def history_keys(dataset: Dataset, users) -> list[str]:
 
 def anchor_bias_scale_entry(config: BankConfig) -> dict[str, torch.Tensor]:
     """``{"anchor_bias_scale": (S,)}`` for a bank with the anchors' item bias whose
-    ``config.anchor_bias_size_scale`` is not 1 throughout (:func:`pmeta.fusion.anchor_bias.size_scale`), else empty."""
+    ``config.anchor_bias_size_scale`` is not 1 throughout (read per user by :func:`pmeta.tasks.time_prior.weight_of`), else empty."""
     scale = tuple(float(v) for v in config.anchor_bias_size_scale)
     if all(v == 1.0 for v in scale):
         return {}

@@ -201,7 +201,7 @@ class PmetaModel:
         scale = self.t.head.get("anchor_bias_scale")
         if scale is None or sizes is None:
             return offset
-        return anchor_bias.size_scale(scale, sizes).to(offset.dtype)[:, None] * offset
+        return time_prior.weight_of(scale, sizes).to(offset.dtype)[:, None] * offset
 
     # ------------------------------------------------------------------ scores and losses
     def scores(self, batch: ranking.UserBatch, personal: Adapter, head: ranking.HeadParams | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ and stored multiplied into ``anchor_bias`` (A_n, N). Fixed at build time.
 
 **Less of it for short histories** (``BankConfig.anchor_bias_size_scale``, stored as
 ``head/anchor_bias_scale`` (S,)): serving multiplies a user's offset by s_n for a history of n liked
-items (:func:`size_scale`; s_1 = 0.5, s_2 = 0.75, s_n = 1 from 3 on by default). γ is chosen on the
+items (read per user like a per-size time-prior weight, :func:`pmeta.tasks.time_prior.weight_of`; s_1 = 0.5, s_2 = 0.75, s_n = 1 from 3 on by default). γ is chosen on the
 closed-form scores before meta-training, for every support size at once; scored on the model a
 bank serves, on its own validation users, half of γ ranked 1-item histories better — uni99
 nDCG@10 +0.013 (ml-100k, 6 banks, 444 users) and +0.005 (ml-1m, 3 banks, 1,448 users), full
@@ -75,13 +75,6 @@ def ratio_of_shares(per_anchor: np.ndarray, overall: np.ndarray) -> np.ndarray:
 def log_ratio(positives: list[np.ndarray], assignment: np.ndarray, anchors: int, n_items: int) -> np.ndarray:
     """(A_n, N) float32: each anchor's ``log((1 − ν) p_a + ν p + ε) − log(p + ε)`` (:func:`shares`)."""
     return ratio_of_shares(*shares(positives, assignment, anchors, n_items)).astype(np.float32)
-
-
-def size_scale(scale: torch.Tensor, sizes) -> torch.Tensor:
-    """(U,) multipliers of the offset for users with ``sizes`` liked history items: ``scale[n − 1]``,
-    an empty history ``scale[0]``, a history longer than ``len(scale)`` the last value."""
-    index = torch.as_tensor(np.asarray(sizes, dtype=np.int64)).clamp(1, len(scale)) - 1
-    return scale[index.to(scale.device)]
 
 
 def fused(bias: torch.Tensor, indexes: torch.Tensor, weights: torch.Tensor, has_key: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:

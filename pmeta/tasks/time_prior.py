@@ -317,7 +317,8 @@ def head_entries(prior: dict[str, torch.Tensor], weight) -> dict[str, torch.Tens
 def weight_of(weight: torch.Tensor, sizes) -> torch.Tensor:
     """β per user (U,) of ``head/time_weight`` for users with ``sizes`` liked items in their history:
     a bank with one β gives it to everyone; one with β per size S gives a history of n items β_n,
-    an empty one β_1 and a longer one β_S. Raises ValueError when per-size weights get no sizes."""
+    an empty one β_1 and a longer one β_S. Raises ValueError when per-size weights get no sizes.
+    The anchors' item-bias share per size (``head/anchor_bias_scale``) is read the same way."""
     if weight.ndim == 0:
         return weight.reshape(1) if sizes is None else weight.expand(len(sizes))
     if sizes is None:
