@@ -1,6 +1,6 @@
 """Serving variants of the anchors' item bias, and collaborative-side inner steps on top of it, scored on validation users taken from the train users (never the test users).
 
-    python benchmarks/anchor_bias_variants.py [--preset small] [--data DIR] [--fold 0] [--threads 1] [--out variants.md]
+    python benchmarks/anchor_bias_variants.py [--preset small] [--data DIR] [--format auto] [--seed 0] [--fold 0] [--threads 1] [--out variants.md]
 
 It does what a build does before it chooses γ (:func:`pmeta.bank.build.collaborative_init`): the
 onboarding model and the time prior are chosen on EASE's split of the train users, the fit users are
@@ -78,6 +78,8 @@ import torch
 from scipy import sparse
 
 from pmeta import load_config
+from pmeta.config import BankConfig
+from pmeta.errors import InvalidConfig
 from pmeta.bank import build, onboarding
 from pmeta.data import load_sample, read_movielens
 from pmeta.eval.baselines import validation_split
@@ -243,19 +245,31 @@ def learned_step(scores: np.ndarray, supports: list, queries: list, users: np.nd
     return out
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, BankConfig]:
+    """(the arguments, the preset's config with ``--seed`` as its seed: the build whose user split and
+    EASE split are scored); exits with a one-line error on a bad preset."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--data", type=Path, help="a MovieLens directory (default: the shipped sample)")
+    parser.add_argument("--format", default="auto", help="the MovieLens layout of --data (auto, ml-latest, ml-100k, ml-1m)")
+    parser.add_argument("--seed", type=int, default=0, help="the build seed: its test users are left out, its train users split as that build splits them")
     parser.add_argument("--fold", type=int, default=0, choices=range(5), help="which fifth of the train users validates (0: the build's split)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.preset, overrides={"seed": args.seed})
+    except InvalidConfig as error:
+        parser.error(str(error))
+    return args, config
+
+
+def main() -> None:
+    args, config = parse()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    config = load_config(args.preset)
-    dataset = read_movielens(args.data) if args.data else load_sample()
+    dataset = read_movielens(args.data, args.format) if args.data else load_sample()
     positives, rated = dataset.positives_by_user(), dataset.rated_by_user()
     train_users, _, _ = build.user_split(dataset, config)
     train_users = build.with_positives(train_users, positives, config.min_positives)

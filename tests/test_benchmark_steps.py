@@ -34,6 +34,15 @@ def support_loss(c: torch.Tensor, bias: torch.Tensor, factors: torch.Tensor, sup
     return torch.logsumexp(scores.masked_fill(excluded, float("-inf")), 0) - scores[support].mean()
 
 
+def test_variants_read_the_build_of_the_seed_and_layout_asked_for(variants):
+    args, config = variants.parse(["--data", "ml-1m", "--format", "ml-1m", "--seed", "8"])
+    assert (config.seed, args.format, args.data) == (8, "ml-1m", Path("ml-1m"))
+    args, config = variants.parse([])
+    assert (config.seed, args.format, args.data) == (0, "auto", None)
+    with pytest.raises(SystemExit):
+        variants.parse(["--preset", "no-such-preset"])
+
+
 def test_collaborative_steps_are_gradient_steps_on_the_user_vector(variants):
     generator = torch.Generator().manual_seed(0)
     n, r, support, alpha = 40, 5, [3, 17, 21], 0.7
