@@ -78,10 +78,10 @@ import torch
 from scipy import sparse
 
 from pmeta import load_config
-from pmeta.config import BankConfig
-from pmeta.errors import InvalidConfig
 from pmeta.bank import build, onboarding
+from pmeta.config import BankConfig
 from pmeta.data import load_sample, read_movielens
+from pmeta.errors import InvalidConfig
 from pmeta.eval.baselines import validation_split
 from pmeta.eval.protocol import MODES, QUERY_START, QUERY_STOP, draw_candidates, mean_ndcg
 from pmeta.fusion import anchor_bias
