@@ -78,7 +78,7 @@ class Scorer:
             sims, idx = model.retrieve(keys)
             with torch.no_grad():
                 fused, _ = model.fused_adapter(sims, idx, model.has_key(keys))
-                batch.prior = add_prior(batch.prior, model.anchor_offset(keys, sims, idx))
+                batch.prior = add_prior(batch.prior, model.anchor_offset(keys, sims, idx, [len(user.liked_items)]))  # scaled by history size, as personalize does
             init = {k: v.detach().clone().requires_grad_(True) for k, v in fused.items()}
             targets, mask = model.targets_of([user], model.config.max_history_items)
             steps = model.config.inner_steps if self.steps is None else self.steps

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -81,3 +82,39 @@ def test_a_bank_of_another_catalogue_is_refused(ablate, tiny_bank, tmp_path, mon
         ablate.main()
     assert exc.value.code == 2 and "another catalogue" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_no_stacking_serves_the_same_prior_as_the_default_scaled_by_history_size(ablate, opened_bank, monkeypatch):
+    """The "no stacking" row changes where the inner steps go and nothing else: for 1-, 2- and 5-item
+    supports it adds the same time prior and anchors' item bias (scaled by history size, stop 60) as
+    ``personalize``. Before stop 62 it added the whole bias at every size, so its K = 1 cells mixed two changes."""
+    from dataclasses import replace
+
+    import torch
+
+    from pmeta.bank.model import PmetaModel
+    from pmeta.config import ANCHOR_BIAS_SIZE_SCALE
+
+    source = opened_bank.model
+    count, n = source.t.anchor_keys.shape[0], len(source.item_texts)
+    bias = torch.full((count, n), -1.0)
+    for a in range(count):
+        bias[a, a::count] = 2.0
+    head = {**source.t.head, "anchor_bias_scale": torch.tensor(ANCHOR_BIAS_SIZE_SCALE)}
+    model = PmetaModel(source.config, source.encoder, source.item_texts, replace(source.t, anchor_bias=bias, head=head), index=source.index)
+    priors = []
+    final_scores = model.final_scores
+    monkeypatch.setattr(model, "final_scores", lambda batch, personal: priors.append(batch.prior.clone()) or final_scores(batch, personal))
+    for support in ([10], [10, 20], [10, 20, 30, 40, 50]):
+        priors.clear()
+        for stacking in (True, False):
+            ablate.Scorer("s", model, steps=0, stacking=stacking).score(np.array(support), len(support))
+        torch.testing.assert_close(priors[0], priors[1])
+    assert not torch.allclose(model.anchor_offset(*_retrieved(model, [10]), [1]), model.anchor_offset(*_retrieved(model, [10]), [5]))
+
+
+def _retrieved(model, support):
+    from pmeta.eval.neural import support_input
+
+    keys = model.user_keys([support_input(model, support, None)])
+    return (keys, *model.retrieve(keys))
