@@ -154,7 +154,7 @@ def ceiling(dataset, seed: int, lambdas=EASE_LAMBDAS, log=print) -> dict:
         "users": len(cases),
         "warm_positives_per_user": float(np.mean([len(h) for h in histories.values()])),
         "rows": {name: summary(values, seed) for name, values in rows.items()},
-        "chosen_on_test_users": chosen,
+        "chosen": chosen,  # ease's λ and popularity-time's h on validation users; ease-warm's λ and every w on the test users
     }
 
 
@@ -182,7 +182,7 @@ def main(argv=None) -> None:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(json.dumps({"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": args.threads, "data": dataset.name, "seed": args.seed}))
     result = ceiling(dataset, args.seed)
-    print(f"{result['users']} test users, {result['warm_positives_per_user']:.1f} warm positives each; chosen on the test users: {json.dumps(result['chosen_on_test_users'])}")
+    print(f"{result['users']} test users, {result['warm_positives_per_user']:.1f} warm positives each; chosen (EASE's λ and popularity-time's h on validation users, the rest on the test users): {json.dumps(result['chosen'])}")
     print(table(result))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

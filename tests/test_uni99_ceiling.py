@@ -70,7 +70,7 @@ def test_each_oracle_row_is_at_least_its_grid_points(result):
         lo, hi = rows["ease-warm+prior"][mode]["hr@10_ci95"]
         assert lo <= rows["ease-warm+prior"][mode]["hr@10"] <= hi
         assert rows["ease+prior"][mode]["hr@10"] >= rows["ease"][mode]["hr@10"]  # w = 0 is on the grid
-    chosen = result["chosen_on_test_users"]
+    chosen = result["chosen"]
     assert set(chosen["ease-warm"]) == set(MODES) and all(key in ("lambda=50", "lambda=500") for key in chosen["ease-warm"].values())
 
 
