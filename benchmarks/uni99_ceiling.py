@@ -57,14 +57,8 @@ def warm_ease(dataset, train_users: np.ndarray, test_users: np.ndarray, lam: flo
     warm = np.zeros((len(test_users), rows.shape[1]), dtype=rows.dtype)
     for row, history in enumerate(warm_histories(dataset, test_users).values()):
         warm[row, history] = 1.0
-    matrix = np.concatenate([rows, warm])
     ease = EASEBaseline(lam=lam)
-    ease.n_items = matrix.shape[1]
-    ease.kept_items = np.flatnonzero(matrix.sum(axis=0) > 0)
-    ease.kept_position = np.full(ease.n_items, -1, dtype=np.int64)
-    ease.kept_position[ease.kept_items] = np.arange(len(ease.kept_items))
-    kept = matrix[:, ease.kept_items]
-    ease.weights = EASEBaseline.closed_form(kept.T @ kept, lam)
+    ease.fit_matrix(np.concatenate([rows, warm]), lam)
     return ease
 
 

@@ -316,7 +316,11 @@ class EASEBaseline:
         return weights.astype(np.float32)
 
     def _fit_fixed(self, dataset: Dataset, train_users: np.ndarray, lam: float) -> None:
-        positives = positive_matrix(dataset, train_users)
+        self.fit_matrix(positive_matrix(dataset, train_users), lam)
+
+    def fit_matrix(self, positives: np.ndarray, lam: float) -> None:
+        """Fit at ``lam`` on a binary user x item ``positives`` matrix (what :meth:`fit` builds from the
+        train users; benchmarks/uni99_ceiling.py adds the test users' histories to it)."""
         self.n_items = positives.shape[1]
         self.kept_items = np.flatnonzero(positives.sum(axis=0) > 0)
         self.kept_position = np.full(self.n_items, -1, dtype=np.int64)
