@@ -58,7 +58,6 @@ from pmeta.eval.neural import floor_excluded, support_input
 from pmeta.eval.protocol import evaluate, split_users
 from pmeta.eval.runner import model_for
 from pmeta.progress import Progress
-from pmeta.tasks.ranking import add_prior
 
 
 class Scorer:
@@ -76,9 +75,7 @@ class Scorer:
             batch = model.user_batch([user])
             keys = model.user_keys([user])
             sims, idx = model.retrieve(keys)
-            with torch.no_grad():
-                fused, _ = model.fused_adapter(sims, idx, model.has_key(keys))
-                batch.prior = add_prior(batch.prior, model.anchor_offset(keys, sims, idx, [len(user.liked_items)]))  # scaled by history size, as personalize does
+            fused, _ = model.fuse([user], batch, keys, sims, idx, model.has_key(keys))  # personalize's own step
             init = {k: v.detach().clone().requires_grad_(True) for k, v in fused.items()}
             targets, mask = model.targets_of([user], model.config.max_history_items)
             steps = model.config.inner_steps if self.steps is None else self.steps

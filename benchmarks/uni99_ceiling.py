@@ -37,6 +37,7 @@ from pmeta.data.sample import load_sample
 from pmeta.errors import PmetaError
 from pmeta.eval.baselines import EASE_LAMBDAS, EASEBaseline, PopularityBaseline, TimePopularityBaseline, positive_matrix
 from pmeta.eval.protocol import MODES, QUERY_START, QUERY_STOP, draw_candidates, item_rating_counts, make_cases, metrics_from_ranks, rank_positives, split_users
+from pmeta.eval.significance import paired_bootstrap
 
 #: The support size the goal names.
 K = 5
@@ -51,14 +52,19 @@ def warm_histories(dataset, users) -> dict[int, np.ndarray]:
     return {int(u): np.concatenate([positives.get(int(u), empty)[:QUERY_START], positives.get(int(u), empty)[QUERY_STOP:]]) for u in users}
 
 
-def warm_ease(dataset, train_users: np.ndarray, test_users: np.ndarray, lam: float) -> EASEBaseline:
-    """EASE at ``lam`` fitted on the train users' positives and the test users' warm histories."""
+def warm_matrix(dataset, train_users: np.ndarray, test_users: np.ndarray) -> np.ndarray:
+    """The binary positives of the train users, then the test users' warm histories (one row each)."""
     rows = positive_matrix(dataset, train_users)
     warm = np.zeros((len(test_users), rows.shape[1]), dtype=rows.dtype)
     for row, history in enumerate(warm_histories(dataset, test_users).values()):
         warm[row, history] = 1.0
+    return np.concatenate([rows, warm])
+
+
+def warm_ease(matrix: np.ndarray, lam: float) -> EASEBaseline:
+    """EASE at ``lam`` fitted on :func:`warm_matrix`'s rows."""
     ease = EASEBaseline(lam=lam)
-    ease.fit_matrix(np.concatenate([rows, warm]), lam)
+    ease.fit_matrix(matrix, lam)
     return ease
 
 
@@ -79,12 +85,11 @@ def per_user_metrics(scores_by_user: dict[int, np.ndarray], cases, candidates) -
 
 def summary(values: dict[str, dict[str, np.ndarray]], seed: int = 0) -> dict[str, dict[str, float]]:
     """Mean HR@10 and nDCG@10 per mode, with a user-level percentile bootstrap 95% interval of HR@10."""
-    rng = np.random.default_rng(seed)
     out = {}
     for mode, metrics in values.items():
         hits = metrics["hr@10"]
-        means = hits[rng.integers(0, len(hits), size=(2000, len(hits)))].mean(axis=1)
-        out[mode] = {"hr@10": float(hits.mean()), "ndcg@10": float(metrics["ndcg@10"].mean()), "hr@10_ci95": [float(x) for x in np.percentile(means, [2.5, 97.5])]}
+        interval = paired_bootstrap(hits, np.zeros_like(hits), seed=seed)["ci95"]  # the mean's own interval
+        out[mode] = {"hr@10": float(hits.mean()), "ndcg@10": float(metrics["ndcg@10"].mean()), "hr@10_ci95": interval}
     return out
 
 
@@ -130,10 +135,11 @@ def ceiling(dataset, seed: int, lambdas=EASE_LAMBDAS, log=print) -> dict:
     log(f"  cold rows: {time.perf_counter() - started:.0f} s")
 
     histories = warm_histories(dataset, [c.user for c in cases])
+    matrix = warm_matrix(dataset, train_users, test_users)
     warm_by_lambda, warm_blends = {}, {}
     for lam in lambdas:
         started = time.perf_counter()
-        ease = warm_ease(dataset, train_users, test_users, lam)
+        ease = warm_ease(matrix, lam)
         scores = {c.user: ease.score(histories[c.user], K) for c in cases}
         warm_by_lambda[f"lambda={lam:g}"] = per_user_metrics(scores, cases, candidates)
         for key, value in blends(scores, prior_scores, cases, candidates).items():

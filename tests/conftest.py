@@ -128,6 +128,34 @@ def opened_bank(tiny_bank):
     return Bank.open(tiny_bank)
 
 
+@pytest.fixture(scope="module")
+def with_anchor_bias(opened_bank):
+    """The tiny bank's model with an anchor item bias: anchor a favours items a, a + A, a + 2A, ..."""
+    from dataclasses import replace
+
+    from pmeta.bank.model import PmetaModel
+
+    source = opened_bank.model
+    n, count = len(source.item_texts), source.t.anchor_keys.shape[0]
+    bias = torch.full((count, n), -1.0)
+    for a in range(count):
+        bias[a, a::count] = 2.0
+    return PmetaModel(source.config, source.encoder, source.item_texts, replace(source.t, anchor_bias=bias), index=source.index)
+
+
+@pytest.fixture(scope="module")
+def with_size_scale(with_anchor_bias):
+    """``with_anchor_bias`` whose head also carries the default served scale of the bias per history size."""
+    from dataclasses import replace
+
+    from pmeta.bank.model import PmetaModel
+    from pmeta.config import ANCHOR_BIAS_SIZE_SCALE
+
+    source = with_anchor_bias
+    head = {**source.t.head, "anchor_bias_scale": torch.tensor(ANCHOR_BIAS_SIZE_SCALE)}
+    return PmetaModel(source.config, source.encoder, source.item_texts, replace(source.t, head=head), index=source.index)
+
+
 @pytest.fixture(scope="session")
 def with_time_prior():
     """Factory: ``make(model, weight, events, kind="exponential")`` -> a copy of a PmetaModel whose head

@@ -84,24 +84,13 @@ def test_a_bank_of_another_catalogue_is_refused(ablate, tiny_bank, tmp_path, mon
     assert not out.exists()
 
 
-def test_no_stacking_serves_the_same_prior_as_the_default_scaled_by_history_size(ablate, opened_bank, monkeypatch):
+def test_no_stacking_serves_the_same_prior_as_the_default_scaled_by_history_size(ablate, with_size_scale, monkeypatch):
     """The "no stacking" row changes where the inner steps go and nothing else: for 1-, 2- and 5-item
     supports it adds the same time prior and anchors' item bias (scaled by history size, stop 60) as
     ``personalize``. Before stop 62 it added the whole bias at every size, so its K = 1 cells mixed two changes."""
-    from dataclasses import replace
-
     import torch
 
-    from pmeta.bank.model import PmetaModel
-    from pmeta.config import ANCHOR_BIAS_SIZE_SCALE
-
-    source = opened_bank.model
-    count, n = source.t.anchor_keys.shape[0], len(source.item_texts)
-    bias = torch.full((count, n), -1.0)
-    for a in range(count):
-        bias[a, a::count] = 2.0
-    head = {**source.t.head, "anchor_bias_scale": torch.tensor(ANCHOR_BIAS_SIZE_SCALE)}
-    model = PmetaModel(source.config, source.encoder, source.item_texts, replace(source.t, anchor_bias=bias, head=head), index=source.index)
+    model = with_size_scale
     priors = []
     final_scores = model.final_scores
     monkeypatch.setattr(model, "final_scores", lambda batch, personal: priors.append(batch.prior.clone()) or final_scores(batch, personal))

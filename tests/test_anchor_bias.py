@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pmeta.bank.model import PmetaModel, Tensors
+from pmeta.bank.model import Tensors
 from pmeta.eval.protocol import ColdStartCase
 from pmeta.fusion import anchor_bias
 
@@ -94,17 +94,6 @@ def test_choose_takes_the_bias_when_anchors_predict_and_not_when_it_misleads():
 
     gamma, grid = anchor_bias.choose(knows_the_group, cases, key, centroids, -ratio * 100, sizes, 1, 0.05, np.ones(60), weights=(0.0, 1.0), modes=("full",))
     assert grid["gamma=1"]["full"] < grid["gamma=0"]["full"] and gamma == 0.0
-
-
-@pytest.fixture(scope="module")
-def with_anchor_bias(opened_bank):
-    """The tiny bank's model with an anchor item bias: anchor a favours items a, a + A, a + 2A, ..."""
-    source = opened_bank.model
-    n, count = len(source.item_texts), source.t.anchor_keys.shape[0]
-    bias = torch.full((count, n), -1.0)
-    for a in range(count):
-        bias[a, a::count] = 2.0
-    return PmetaModel(source.config, source.encoder, source.item_texts, replace(source.t, anchor_bias=bias), index=source.index)
 
 
 def test_personalize_adds_the_fused_anchor_bias_and_vmap_agrees(opened_bank, with_anchor_bias):
@@ -225,16 +214,6 @@ def test_the_share_per_size_takes_the_history_sizes_entry_clamped_at_both_ends()
 
     scale = torch.tensor([0.5, 0.75, 1.0])
     torch.testing.assert_close(weight_of(scale, [0, 1, 2, 3, 9]), torch.tensor([0.5, 0.5, 0.75, 1.0, 1.0]))
-
-
-@pytest.fixture(scope="module")
-def with_size_scale(with_anchor_bias):
-    """``with_anchor_bias`` whose head also carries the default served scale of the bias per history size."""
-    from pmeta.config import ANCHOR_BIAS_SIZE_SCALE
-
-    source = with_anchor_bias
-    head = {**source.t.head, "anchor_bias_scale": torch.tensor(ANCHOR_BIAS_SIZE_SCALE)}
-    return PmetaModel(source.config, source.encoder, source.item_texts, replace(source.t, head=head), index=source.index)
 
 
 def test_serving_scales_the_fused_bias_by_history_size_and_training_does_not(opened_bank, with_anchor_bias, with_size_scale):

@@ -38,7 +38,7 @@ def test_the_warm_history_is_every_positive_but_the_query(script, dataset):
 
 def test_warm_ease_learns_from_the_test_users_histories_and_never_from_their_queries(script, dataset):
     train_users, test_users = split_users(dataset, 0)
-    warm = script.warm_ease(dataset, train_users, test_users, 50.0)
+    warm = script.warm_ease(script.warm_matrix(dataset, train_users, test_users), 50.0)
     positives = dataset.positives_by_user()
     matrix = np.zeros((len(train_users) + len(test_users), len(dataset.catalog)))
     for row, user in enumerate(train_users):

@@ -231,6 +231,14 @@ class PmetaModel:
         return targets, mask
 
     # ------------------------------------------------------------------ serving path
+    @torch.no_grad()
+    def fuse(self, users: list[UserInput], batch: ranking.UserBatch, keys: np.ndarray, sims: torch.Tensor, idx: torch.Tensor, has_key: torch.Tensor) -> tuple[Adapter, list]:
+        """The retrieved anchors' fused adapter and its ranks (:meth:`fused_adapter`), and their item
+        bias added to ``batch.prior``, scaled by each user's history size (:meth:`anchor_offset`): the
+        step of :meth:`personalize` between retrieval and the inner steps."""
+        batch.prior = ranking.add_prior(batch.prior, self.anchor_offset(keys, sims, idx, [len(u.liked_items) for u in users]))
+        return self.fused_adapter(sims, idx, has_key)
+
     def personalize(self, users: list[UserInput], steps: int | None = None, timings: dict | None = None, adapt_fn=None) -> tuple[Adapter, ranking.UserBatch, dict]:
         """Personal adapters for a batch of users: retrieve, fuse, inner steps on the stacked adapter.
 
@@ -249,9 +257,7 @@ class PmetaModel:
         sims, idx = self.retrieve(keys)
         t_retrieve = device_clock(device)
         has_key = self.has_key(keys)
-        with torch.no_grad():
-            fused, fused_ranks = self.fused_adapter(sims, idx, has_key)
-            batch.prior = ranking.add_prior(batch.prior, self.anchor_offset(keys, sims, idx, [len(u.liked_items) for u in users]))
+        fused, fused_ranks = self.fuse(users, batch, keys, sims, idx, has_key)
         t_fuse = device_clock(device)
         init = {k: v.detach().clone().requires_grad_(True) for k, v in expand_users(self.t.stack_init, len(users)).items()}
         targets, target_mask = (t.to(self.t.item_text.device) for t in self.targets_of(users, self.config.max_history_items))
