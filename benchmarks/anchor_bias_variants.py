@@ -58,6 +58,10 @@ scores, by nDCG@10 per K and candidate mode (the build's criterion is the mean o
   other half, both ways (2-fold cross-fitting by user, seeded): a meta-learned step that could do
   what no single α does.
 
+``--anchors 4,8,16,32,64`` scores only the γ grid, once per anchor count (the fit users clustered
+into that many anchors, everything else as above), and prints the best γ of each count: the
+validation read of the number of anchors (:func:`anchor_count_rows`).
+
 ``--fold F`` (0–4) makes the F-th fifth of EASE's seeded permutation of the train users the
 validation users (fold 0 is the build's own split; EASE's λ is still tuned on fold 0's split), so a
 variant chosen on fold 0 can be checked on users it was not chosen on.
@@ -245,6 +249,31 @@ def learned_step(scores: np.ndarray, supports: list, queries: list, users: np.nd
     return out
 
 
+def anchor_count_rows(counts, inputs_for, queries: np.ndarray, score, top_k: int, tau: float, weights=anchor_bias.WEIGHTS) -> list[tuple[str, dict]]:
+    """One row per anchor count: the γ of ``weights`` with the best mean (ties to the smaller γ, as
+    the build chooses) for offsets retrieved from ``inputs_for(count)``'s anchors, named
+    ``anchors=N gamma=G``. ``score(offsets, weight)`` is main's scorer."""
+    out = []
+    for count in counts:
+        inputs = inputs_for(count)
+        offsets = anchor_bias.offsets(queries, inputs.centroids, inputs.ratio, inputs.sizes, top_k, tau)
+        grid = [(gamma, score(offsets, lambda k, g=gamma: g)) for gamma in weights]
+        gamma, best = max(grid, key=lambda row: (row[1]["mean"], -row[0]))
+        out.append((f"anchors={len(inputs.centroids)} gamma={gamma:g}", best))
+    return out
+
+
+def counts_list(text: str) -> tuple[int, ...]:
+    """``--anchors``: comma-separated positive anchor counts."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of anchor counts: {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"anchor counts must be at least 1: {text!r}")
+    return counts
+
+
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, BankConfig]:
     """(the arguments, the preset's config with ``--seed`` as its seed: the build whose user split and
     EASE split are scored); exits with a one-line error on a bad preset."""
@@ -254,6 +283,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, BankConfig
     parser.add_argument("--format", default="auto", help="the MovieLens layout of --data (auto, ml-latest, ml-100k, ml-1m)")
     parser.add_argument("--seed", type=int, default=0, help="the build seed: its test users are left out, its train users split as that build splits them")
     parser.add_argument("--fold", type=int, default=0, choices=range(5), help="which fifth of the train users validates (0: the build's split)")
+    parser.add_argument("--anchors", type=counts_list, help="score only the γ grid for each of these anchor counts (e.g. 4,8,16,32,64)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -302,6 +332,13 @@ def main() -> None:
 
     def retrieved(per_anchor: np.ndarray, top_k: int = config.top_k, tau: float = config.temperature) -> np.ndarray:
         return anchor_bias.offsets(queries, inputs.centroids, per_anchor, inputs.sizes, top_k, tau)
+
+    if args.anchors:
+        def inputs_for(count: int) -> build.AnchorBiasInputs:
+            return build.anchor_bias_inputs(dataset, config.model_copy(update={"anchors": count}), split.fit_users, base, h, beta, fit_positives, item_text, pseudo)
+
+        report(args, config, dataset, cases, h, beta, started, anchor_count_rows(args.anchors, inputs_for, queries, score, config.top_k, config.temperature), "the anchor count")
+        return
 
     shipped = retrieved(inputs.ratio)
     results = [(f"gamma={g:g}", score(shipped, lambda k, g=g: g)) for g in anchor_bias.WEIGHTS]
@@ -376,8 +413,13 @@ def main() -> None:
             stepped = learned_step(shipped_scores, [row[1] for row in rows], [row[3] for row in rows], users, factors, diagonal, ridge, config.seed)
             results.append((f"{best} cf step learned W={'diagonal' if diagonal else 'full'} ridge={ridge:g}", score(stepped - base_scores, lambda k: 1.0)))
 
+    report(args, config, dataset, cases, h, beta, started, results, "serving variants")
+
+
+def report(args: argparse.Namespace, config: BankConfig, dataset, cases: list, h: float, beta, started: float, results: list[tuple[str, dict]], what: str) -> None:
+    """Print the markdown table of ``results`` (and write it to ``--out``)."""
     head = [
-        f"Anchors' item bias, serving variants on {len(cases)} validation users of EASE's split of the train users (fold {args.fold}) "
+        f"Anchors' item bias, {what} on {len(cases)} validation users of EASE's split of the train users (fold {args.fold}) "
         f"({dataset.name}, preset {args.preset}: {config.anchors} anchors, top {config.top_k}, τ = {config.temperature:g}; "
         f"time prior h = {h:g} days, β = {beta:g}); nDCG@10; {platform.processor() or platform.machine()}, "
         f"{args.threads} thread(s), {time.perf_counter() - started:.0f} s.",

@@ -43,6 +43,41 @@ def test_variants_read_the_build_of_the_seed_and_layout_asked_for(variants):
         variants.parse(["--preset", "no-such-preset"])
 
 
+def test_anchor_count_rows_keep_each_counts_best_gamma_on_the_offsets_its_anchors_serve(variants):
+    from pmeta.fusion import anchor_bias
+
+    rng = np.random.default_rng(0)
+    n_items, r = 30, 4
+    queries = rng.normal(size=(6, r))
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    made = {}
+
+    def inputs_for(count):
+        centroids = rng.normal(size=(count, r))
+        made[count] = argparse.Namespace(centroids=centroids / np.linalg.norm(centroids, axis=1, keepdims=True), ratio=rng.normal(size=(count, n_items)), sizes=rng.integers(1, 9, count).astype(float))
+        return made[count]
+
+    wanted = {2: 1.0, 5: 0.5, 7: 99.0}  # the γ each count's scorer prefers (7: past the grid, so its largest γ)
+    seen = []
+
+    def score(offsets, weight):
+        count = next(c for c, inputs in made.items() if np.array_equal(offsets, anchor_bias.offsets(queries, inputs.centroids, inputs.ratio, inputs.sizes, 2, 0.1)))
+        seen.append(count)
+        return {"mean": -abs(weight(1) - wanted[count]), "cells": {}}
+
+    rows = variants.anchor_count_rows((2, 5, 7), inputs_for, queries, score, 2, 0.1)
+    assert [name for name, _ in rows] == ["anchors=2 gamma=1", "anchors=5 gamma=0.5", f"anchors=7 gamma={max(anchor_bias.WEIGHTS):g}"]
+    assert rows[0][1]["mean"] == 0.0 and seen == [2] * len(anchor_bias.WEIGHTS) + [5] * len(anchor_bias.WEIGHTS) + [7] * len(anchor_bias.WEIGHTS)
+    flat = variants.anchor_count_rows((3,), inputs_for, queries, lambda offsets, weight: {"mean": 0.5, "cells": {}}, 2, 0.1)
+    assert flat[0][0] == "anchors=3 gamma=0"  # a tie goes to the smaller γ, as the build's choice does
+    assert variants.counts_list("4,8,16") == (4, 8, 16)
+    args, _ = variants.parse(["--anchors", "8,32"])
+    assert args.anchors == (8, 32)
+    for bad in ("8,x", "0,16", ""):
+        with pytest.raises(SystemExit):
+            variants.parse(["--anchors", bad])
+
+
 def test_collaborative_steps_are_gradient_steps_on_the_user_vector(variants):
     generator = torch.Generator().manual_seed(0)
     n, r, support, alpha = 40, 5, [3, 17, 21], 0.7
@@ -596,6 +631,40 @@ def test_edlae_is_ease_with_a_dropout_emphasised_diagonal_and_p_zero_is_ease(ben
     for bad in ("1", "-0.1", "x", "", "nan"):
         with pytest.raises(argparse.ArgumentTypeError):
             cv.dropout_list(bad)
+
+
+def test_ease_on_every_rating_counts_the_ratings_below_4_and_is_ease_when_every_rating_is_a_positive(benchmark_script, tmp_path, capsys):
+    """`onboarding_cv.py --rated λ`: EASE fitted on every rating of the fit users (a 3-star rating
+    counts), alone and in place of EASE in the combined matrix; where every rating is a positive its
+    rows are the EASE and exact γ = 0.5 rows, and where some are not they move."""
+    cv = benchmark_script("onboarding_cv")
+    from pmeta.data.movielens import read_movielens
+
+    def table_of(directory):
+        cv.main(["--data", str(directory), "--folds", "2", "--ease-lambda", "5", "--lam", "1", "--rated", "5"])
+        out = capsys.readouterr().out
+        rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ") and not line.startswith("| model")}
+        return {name: np.array([float(v) for cell in cells for v in cell.split("/")]) for name, cells in rows.items()}
+
+    mixed, liked = tmp_path / "mixed", tmp_path / "liked"
+    for directory in (mixed, liked):
+        directory.mkdir()
+        _tiny_ml100k(directory, items=200, users=80, per_user=30)
+    lines = [line.split("\t") for line in (liked / "u.data").read_text().splitlines()]
+    (liked / "u.data").write_text("".join("\t".join([user, item, "4" if stars == "3" else stars, t]) + "\n" for user, item, stars, t in lines))
+
+    dataset = read_movielens(mixed, "ml-100k")
+    users = np.unique(dataset.ratings.user)
+    rated, positive = cv.rated_matrix(dataset, users), cv.positive_matrix(dataset, users)
+    assert rated.sum() == len(dataset.ratings.user) and positive.sum() < rated.sum() and np.all(rated >= positive)
+
+    numbers = table_of(liked)
+    np.testing.assert_array_equal(numbers["EASE on every rating (λ=5), γ=1"], numbers["EASE (λ=5)"])
+    np.testing.assert_array_equal(numbers["onboarding with EASE on every rating (λ=5), γ=0.5"], numbers["onboarding, exact, γ=0.5"])
+    numbers = table_of(mixed)
+    assert np.abs(numbers["EASE on every rating (λ=5), γ=1"] - numbers["EASE (λ=5)"]).max() > 0.005
+    with pytest.raises(SystemExit):
+        cv.main(["--data", str(mixed), "--rated", "x"])
 
 
 def test_seeds_replace_swaps_a_methods_cells_only_between_runs_of_the_same_seed_bank_and_users(benchmark_script, tmp_path):
