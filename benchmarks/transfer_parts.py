@@ -1,7 +1,7 @@
 """What each part of a bank transferred to another catalogue contributes there, on the target's *train* users.
 
     python benchmarks/transfer_parts.py --bank BANK --data TARGET_DIR [--format auto] [--source-data DIR]
-                                        [--seed 0] [--users N] [--method pmeta-no-steps] [--shrink 300,1000,3000] [--threads 1]
+                                        [--seed 0] [--users N] [--method pmeta-no-steps] [--shrink 300,1000,3000] [--target-prior] [--target-bias] [--threads 1]
 
 ``pmeta eval movielens --data TARGET_DIR --bank BANK`` serves a bank built on one MovieLens release on
 another one's catalogue (:mod:`pmeta.eval.transfer`). This script scores that transferred bank with one
@@ -25,6 +25,10 @@ every rating in the file, as the protocol defines), under the protocol's three m
   what ``pmeta eval movielens --transfer-prior target`` serves), in two folds so that no scored user's
   ratings are counted: the train users are halved at random (``--seed``), each half is scored with
   the prior counted on the other half's ratings, and the two halves' metrics are pooled by user;
+* ``prior and anchors' item bias counted on the target`` (``--target-bias``): the same two folds,
+  the anchors' item bias counted on the other half too: each of its users falls into the bank's
+  anchor nearest its key, and each anchor's log ratio of its users' positives, times the bank's γ,
+  replaces the source's (:func:`pmeta.eval.transfer.recounted_anchor_bias`);
 * and, for reference, no bank at all: EASE fitted on the bank's own train users of the source data
   (λ: the bank's choice, or ``--source-ease-lambda``) and read through the same title match
   (:class:`SourceEASE`): how much of the source's item-item structure holds on the target at all.
@@ -56,7 +60,7 @@ from pmeta.errors import PmetaError
 from pmeta.eval import neural  # noqa: F401  (registers the bank methods)
 from pmeta.eval.baselines import BASELINES, EASEBaseline, EvalContext
 from pmeta.eval.protocol import MIN_POSITIVES, evaluate, split_users
-from pmeta.eval.transfer import match_items, transfer_model
+from pmeta.eval.transfer import match_items, recounted_anchor_bias, transfer_model
 from pmeta.tasks import time_prior
 
 MODES = ("uni99", "pop99", "full")
@@ -178,10 +182,17 @@ def variants(bank: Bank, source, shrink: list[float]) -> dict[str, PmetaModel]:
     return rows
 
 
-def target_prior_rows(bank: Bank, target, train: np.ndarray, users: np.ndarray, method: str, seed: int) -> list[dict]:
+def bank_gamma(bank: Bank) -> float:
+    """γ of the bank's anchors' item bias (its build record's choice; 0 when it has none)."""
+    return float(bank.build_record.get("collaborative_init", {}).get("anchor_bias", {}).get("weight") or 0.0) if bank.model.t.anchor_bias is not None else 0.0
+
+
+def target_prior_rows(bank: Bank, target, train: np.ndarray, users: np.ndarray, method: str, seed: int, bias: bool = False) -> list[dict]:
     """``evaluate``'s rows for the bank transferred with its time prior counted on the target's train
     users, in two folds: ``train`` halved at random (``seed``), the scored ``users`` of each half
-    ranked with the prior counted on the other half's ratings; HR@10 and nDCG@10 pooled by user."""
+    ranked with the prior counted on the other half's ratings; HR@10 and nDCG@10 pooled by user.
+    With ``bias`` the anchors' item bias is counted on that other half too
+    (:func:`pmeta.eval.transfer.recounted_anchor_bias`, at the bank's γ)."""
     half = np.zeros(len(train), dtype=bool)
     half[np.random.default_rng(seed).permutation(len(train))[: len(train) // 2]] = True
     totals: dict[tuple, list[float]] = {}
@@ -191,6 +202,10 @@ def target_prior_rows(bank: Bank, target, train: np.ndarray, users: np.ndarray, 
             continue
         events = time_prior.rating_events(target, counted)
         transferred, _ = transfer_model(bank.model, bank.catalog, target.catalog, prior_events=events)
+        if bias:
+            positives = target.positives_by_user()
+            counted_bias = recounted_anchor_bias(transferred, [positives[int(u)] for u in counted if int(u) in positives], bank_gamma(bank))
+            transferred = PmetaModel(transferred.config, transferred.encoder, transferred.item_texts, replace(transferred.t, anchor_bias=counted_bias), index=transferred.index)
         scorer = BASELINES[method].create(EvalContext(target, train, seed=seed, model=transferred))
         for row in evaluate(scorer, target, scored, ks=KS, modes=MODES, seed=seed):
             total = totals.setdefault((row["k"], row["mode"]), [0.0, 0.0, 0])
@@ -223,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shrink", type=number_list, default=[300.0, 1000.0, 3000.0], help="pseudo-rating counts m of the shrunk-prior rows")
     parser.add_argument("--source-ease-lambda", type=float, default=None, help="λ of the source EASE row (default: the bank's EASE λ, else 500)")
     parser.add_argument("--target-prior", action="store_true", help="add the row with the time prior counted on the target's train users (two folds)")
+    parser.add_argument("--target-bias", action="store_true", help="add the row with the time prior and the anchors' item bias counted on the target's train users (two folds)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.users is not None and args.users < 1 or args.threads < 1:
@@ -251,10 +267,14 @@ def main(argv: list[str] | None = None) -> None:
         if time_prior.kind_of(bank.model.t.head) != "exponential":
             raise SystemExit("--target-prior needs a bank with the exact (exponential) time prior")
         scorers["prior counted on the target's train users (two folds)"] = "target prior"
+    if args.target_bias:
+        if time_prior.kind_of(bank.model.t.head) != "exponential" or bank_gamma(bank) == 0.0:
+            raise SystemExit("--target-bias needs a bank with the exact (exponential) time prior and an anchors' item bias")
+        scorers["prior and anchors' item bias counted on the target's train users (two folds)"] = "target bias"
     lines, scored = [], 0
     for name, model in scorers.items():
         if isinstance(model, str):
-            rows = target_prior_rows(bank, target, train, users, args.method, args.seed)
+            rows = target_prior_rows(bank, target, train, users, args.method, args.seed, bias=model == "target bias")
         else:
             if isinstance(model, SourceEASE):
                 scorer = model

@@ -290,6 +290,14 @@ def test_onboarding_init_and_time_prior_rank_validation_users_better_than_ease(b
     if bias["weight"] > 0:  # served with less of it for short histories (the default scale, stop 60)
         assert bias["size_scale"] == list(config.anchor_bias_size_scale) == [0.5, 0.75, 1.0]
         assert model.t.head["anchor_bias_scale"].tolist() == [0.5, 0.75, 1.0]
+        # counted again on the bank's own train users, as a transfer counts it on a target's
+        # (pmeta.eval.transfer.recounted_anchor_bias), the bias is the one the build stored
+        from pmeta.bank.build import with_positives
+        from pmeta.eval.transfer import recounted_anchor_bias
+
+        positives, index_of = dataset.positives_by_user(), {u: i for i, u in enumerate(dataset.ratings.user_ids)}
+        train = with_positives(np.array(sorted(index_of[u] for u in record["train_users"]), dtype=np.int64), positives, config.min_positives)
+        torch.testing.assert_close(recounted_anchor_bias(model, [positives[int(u)] for u in train], bias["weight"]), model.t.anchor_bias)
     with_prior = -record["validation"]["early_stopping"]["start"]
     ids = {u: i for i, u in enumerate(dataset.ratings.user_ids)}
     users = np.array(sorted(ids[u] for u in record["validation_users"]))

@@ -285,6 +285,49 @@ def test_transfer_carries_the_key_rows_and_the_anchor_item_bias(target, opened_b
     torch.testing.assert_close(model.t.item_keys[unseen], model.t.item_text[unseen] @ source.t.key_projection)
 
 
+def test_the_anchor_item_bias_counted_on_target_users_follows_their_nearest_anchors(target, opened_bank):
+    """recounted_anchor_bias: each counted user falls into the anchor nearest the key serving gives
+    them; an anchor's row is γ times the log ratio of its users' positives to every counted user's
+    (checked against a direct count); an anchor nobody falls into, and an item nobody liked, get 0;
+    a user with nothing liked counts nowhere; items outside the catalogue are refused."""
+    from pmeta.bank.model import UserInput
+    from pmeta.errors import InvalidData
+    from pmeta.eval.transfer import recounted_anchor_bias
+    from pmeta.fusion.anchor_bias import EPSILON, MIX
+
+    directory, _ = target
+    dataset = read_movielens(directory)
+    model, _ = transfer_model(opened_bank.model, opened_bank.catalog, dataset.catalog)
+    train, _ = split_users(dataset, 0)
+    positives = dataset.positives_by_user()
+    liked = [positives[int(u)] for u in train if int(u) in positives] + [np.array([], dtype=np.int64)]
+    gamma = 1.5
+    bias = recounted_anchor_bias(model, liked, gamma)
+    n_items, anchors = len(dataset.catalog), model.t.anchor_keys.shape[0]
+    assert bias.shape == (anchors, n_items)
+
+    keys = model.user_keys([UserInput(liked_items=np.unique(items).tolist()) for items in liked[:-1]])
+    nearest = np.argmax(keys @ model.t.anchor_keys.numpy().T, axis=1)  # unit keys: the top-1 of the flat index
+    counts = np.zeros((anchors, n_items))
+    for items, anchor in zip(liked, nearest):
+        counts[anchor, np.unique(items)] += 1
+    overall = counts.sum(0) / counts.sum()
+    for a in range(anchors):
+        if counts[a].sum() == 0:
+            assert torch.all(bias[a] == 0)
+            continue
+        share = counts[a] / counts[a].sum()
+        expected = gamma * (np.log((1 - MIX) * share + MIX * overall + EPSILON) - np.log(overall + EPSILON))
+        np.testing.assert_allclose(bias[a].numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert len(set(nearest.tolist())) > 1  # the users spread over several anchors, so the rows differ
+    assert torch.all(bias[:, counts.sum(0) == 0] == 0)
+    torch.testing.assert_close(recounted_anchor_bias(model, liked, 0.5), bias / 3)
+    with pytest.raises(InvalidData, match="outside the target"):
+        recounted_anchor_bias(model, [np.array([n_items])], gamma)
+    with pytest.raises(InvalidData, match="no retrieval key|none of"):
+        recounted_anchor_bias(model, [np.array([], dtype=np.int64)], gamma)
+
+
 def _catalog(titles: list[str]):
     from pmeta.data.types import Catalog
 

@@ -255,3 +255,41 @@ def test_target_prior_rows_score_each_half_with_the_other_halfs_ratings(parts, o
     assert {(row["k"], row["mode"]) for row in rows} == {(k, m) for k in parts.KS for m in parts.MODES}
     cases = len(with_positives(users, dataset.positives_by_user(), 6))
     assert all(row["users"] == cases for row in rows) and all(0 <= row["ndcg@10"] <= row["hr@10"] <= 1 for row in rows)
+
+
+def test_target_bias_rows_count_the_anchor_bias_on_the_other_half_as_well(parts, tiny_bank, opened_bank, with_anchor_bias, target, with_time_prior, monkeypatch):
+    """--target-bias: each half's scored users are ranked by a bank whose anchors' item bias was
+    counted (at the bank's γ) on the other half's positives, never their own, beside the prior
+    counted there; a bank without a bias is refused before anything is scored."""
+    from pmeta.data import read_movielens
+    from pmeta.eval.protocol import split_users
+
+    dataset = read_movielens(target)
+    train, _ = split_users(dataset, seed=0)
+    positives = dataset.positives_by_user()
+    bank = SimpleNamespace(model=with_time_prior(with_anchor_bias, 1.5, 500), catalog=opened_bank.catalog, build_record={"collaborative_init": {"anchor_bias": {"weight": 1.5}}})
+    assert parts.bank_gamma(bank) == 1.5
+    assert parts.bank_gamma(SimpleNamespace(model=opened_bank.model, build_record=bank.build_record)) == 0.0  # no bias tensor: none
+    counts, served, scored, halves = [], [], [], []
+    real_count, real_evaluate, real_events = parts.recounted_anchor_bias, parts.evaluate, time_prior.rating_events
+
+    def count(model, liked, gamma):
+        counts.append(([np.asarray(items).tolist() for items in liked], gamma))
+        served.append(real_count(model, liked, gamma))
+        return served[-1]
+
+    monkeypatch.setattr(parts, "recounted_anchor_bias", count)
+    monkeypatch.setattr(parts.time_prior, "rating_events", lambda data, users: halves.append(np.asarray(users).tolist()) or real_events(data, users))
+    monkeypatch.setattr(parts, "evaluate", lambda scorer, data, users, **kw: scored.append((scorer.model.t.anchor_bias, set(np.asarray(users).tolist()))) or real_evaluate(scorer, data, users, **kw))
+    users = np.asarray(train)[:10]
+    rows = parts.target_prior_rows(bank, dataset, train, users, "pmeta-no-steps", 0, bias=True)
+    assert len(counts) == len(scored) == len(halves) == 2 and all(gamma == 1.5 for _, gamma in counts)
+    for (liked, _), bias, (used, who), half in zip(counts, served, scored, halves):
+        assert used is bias  # the scored bank serves the recount
+        assert not who & set(half)  # counted on the half the prior was counted on, never on a scored user
+        assert liked == [positives[int(u)].tolist() for u in half if int(u) in positives]
+    assert not torch.equal(served[0], served[1])
+    plain = parts.target_prior_rows(bank, dataset, train, users, "pmeta-no-steps", 0)
+    assert len(counts) == 2 and {(row["k"], row["mode"]) for row in rows} == {(row["k"], row["mode"]) for row in plain}
+    with pytest.raises(SystemExit, match="--target-bias needs a bank with the exact"):
+        parts.main(["--bank", str(tiny_bank), "--data", str(target), "--target-bias"])  # the tiny bank has neither

@@ -251,6 +251,32 @@ def tuned_prior(model: PmetaModel, dataset, train_users: np.ndarray, validation_
     return _with_head(model, {**without, **time_prior.head_entries(prior, beta)}), choice
 
 
+def recounted_anchor_bias(model: PmetaModel, positives: list[np.ndarray], gamma: float) -> torch.Tensor:
+    """The anchors' item bias (A_n, N) of ``model`` (a bank transferred to a catalogue of N items)
+    counted again on users of that catalogue: ``positives[u]`` are user u's liked item indexes (the
+    target's *train* users, never a scored user); each user is assigned to the bank's nearest anchor
+    by the retrieval key serving would give them (:meth:`PmetaModel.user_keys`, top 1 of the bank's
+    index), and each anchor's log ratio of its users' positives to every counted user's
+    (:func:`pmeta.fusion.anchor_bias.log_ratio`) is multiplied by ``gamma``, the bank's γ (the stored
+    bias carries it). An anchor no counted user falls into gets 0; users without a key count
+    nowhere. Raises InvalidData when no user has a key."""
+    from ..bank.model import UserInput
+    from ..fusion import anchor_bias
+
+    liked = [np.unique(np.asarray(items, dtype=np.int64)) for items in positives]
+    n_items = len(model.item_texts)
+    if any(len(items) and (items.min() < 0 or items.max() >= n_items) for items in liked):
+        raise InvalidData(f"positives name items outside the target's {n_items} items")
+    keys = model.user_keys([UserInput(liked_items=items.tolist()) for items in liked])
+    keyed = np.flatnonzero(np.linalg.norm(keys, axis=1) > 0)
+    if len(keyed) == 0:
+        raise InvalidData("none of the target's train users has a retrieval key to count the anchors' item bias with")
+    _, nearest = model.index.search(keys[keyed], 1)
+    anchors = model.t.anchor_keys.shape[0]
+    ratio = anchor_bias.log_ratio([liked[i] for i in keyed], nearest[:, 0], anchors, n_items)
+    return float(gamma) * torch.from_numpy(ratio).to(model.t.item_text.device)
+
+
 def _with_head(model: PmetaModel, head: dict[str, torch.Tensor]) -> PmetaModel:
     """``model`` with the head tensors ``head`` (the model itself untouched)."""
     return PmetaModel(model.config, model.encoder, model.item_texts, replace(model.t, head=head), index=model.index)
