@@ -1,6 +1,6 @@
 """Serving variants of the anchors' item bias, and collaborative-side inner steps on top of it, scored on validation users taken from the train users (never the test users).
 
-    python benchmarks/anchor_bias_variants.py [--preset small] [--data DIR] [--format auto] [--seed 0] [--fold 0] [--threads 1] [--out variants.md]
+    python benchmarks/anchor_bias_variants.py [--preset small] [--data DIR] [--format auto] [--seed 0] [--fold 0] [--anchors 4,8,16,32,64] [--threads 1] [--out variants.md]
 
 It does what a build does before it chooses γ (:func:`pmeta.bank.build.collaborative_init`): the
 onboarding model and the time prior are chosen on EASE's split of the train users, the fit users are
@@ -252,7 +252,8 @@ def learned_step(scores: np.ndarray, supports: list, queries: list, users: np.nd
 def anchor_count_rows(counts, inputs_for, queries: np.ndarray, score, top_k: int, tau: float, weights=anchor_bias.WEIGHTS) -> list[tuple[str, dict]]:
     """One row per anchor count: the γ of ``weights`` with the best mean (ties to the smaller γ, as
     the build chooses) for offsets retrieved from ``inputs_for(count)``'s anchors, named
-    ``anchors=N gamma=G``. ``score(offsets, weight)`` is main's scorer."""
+    ``anchors=N gamma=G`` (N the anchors k-means made: a count above the fit users' is capped, so two
+    such counts get the same name). ``score(offsets, weight)`` is main's scorer."""
     out = []
     for count in counts:
         inputs = inputs_for(count)
@@ -420,7 +421,7 @@ def report(args: argparse.Namespace, config: BankConfig, dataset, cases: list, h
     """Print the markdown table of ``results`` (and write it to ``--out``)."""
     head = [
         f"Anchors' item bias, {what} on {len(cases)} validation users of EASE's split of the train users (fold {args.fold}) "
-        f"({dataset.name}, preset {args.preset}: {config.anchors} anchors, top {config.top_k}, τ = {config.temperature:g}; "
+        f"({dataset.name}, preset {args.preset}: {'the anchors of each row' if args.anchors else f'{config.anchors} anchors'}, top {config.top_k}, τ = {config.temperature:g}; "
         f"time prior h = {h:g} days, β = {beta:g}); nDCG@10; {platform.processor() or platform.machine()}, "
         f"{args.threads} thread(s), {time.perf_counter() - started:.0f} s.",
         "",

@@ -39,11 +39,12 @@ combined matrix with EDLAE in place of EASE at γ = 0.5. p = 0 is EASE. It is th
 docs/movielens.md's "EDLAE: tried, not adopted".
 
 ``--rated λ,...`` adds EASE fitted on *every rating* of the fit users (:func:`rated_matrix`; a 1-star
-rating counts as much as a 5-star one), alone at γ = 1 and in place of EASE in the combined matrix at
-γ = 0.5. Every candidate the protocol ranks against a query positive is an item the user never rated,
-so what a user will rate at all (exposure) is part of the question; the support and the query stay
-positives. Where every rating is a positive the rows are the EASE and exact γ = 0.5 rows. It is the
-check behind docs/movielens.md's "EASE on every rating: tried, not adopted" (stop 63).
+rating counts as much as a 5-star one) over the same items as the other rows (those some fit user
+liked), alone at γ = 1 and in place of EASE in the combined matrix at γ = 0.5. Every candidate the
+protocol ranks against a query positive is an item the user never rated, so what a user will rate
+at all (exposure) is part of the question; the support and the query stay positives. Where every
+rating is a positive the rows at λ = ``--ease-lambda`` are the EASE and exact γ = 0.5 rows. It is
+the check behind docs/movielens.md's "EASE on every rating: tried, not adopted" (stop 63).
 """
 
 from __future__ import annotations
@@ -168,6 +169,14 @@ def number_list(text: str) -> list[float]:
     return values
 
 
+def lambda_list(text: str) -> list[float]:
+    """``--rated``: comma-separated ridge weights λ, each > 0 (:func:`number_list`, above 0)."""
+    values = number_list(text)
+    if min(values) <= 0.0:
+        raise argparse.ArgumentTypeError(f"expected numbers > 0 separated by commas, got {text!r}")
+    return values
+
+
 def dropout_list(text: str) -> list[float]:
     """``--dlae``: comma-separated dropout probabilities, each in [0, 1) (:func:`number_list`, below 1)."""
     values = number_list(text)
@@ -224,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--later-last", type=positive_int, default=200, help="the last start position of a later episode")
     parser.add_argument("--rp3beta", type=number_pairs, default=[], help="comma-separated β:c pairs of RP3beta rows, alone and added with weight c (e.g. 0.7:1,0.5:0.3)")
     parser.add_argument("--pop-penalty", type=number_list, default=[], help="comma-separated weights d of rows with d·log(1 + ratings) subtracted (e.g. 0.1,0.3)")
-    parser.add_argument("--rated", type=number_list, default=[], help="comma-separated λ of EASE rows fitted on every rating of the fit users, not only their positives (e.g. 200,500,1000)")
+    parser.add_argument("--rated", type=lambda_list, default=[], help="comma-separated λ of EASE rows fitted on every rating of the fit users, not only their positives (e.g. 200,500,1000)")
     parser.add_argument("--dlae", type=dropout_list, default=[], help="comma-separated dropout probabilities p of EDLAE rows, alone and in place of EASE in the combined matrix (e.g. 0.5,0.9)")
     args = parser.parse_args(argv)
 

@@ -191,8 +191,9 @@ def target_prior_rows(bank: Bank, target, train: np.ndarray, users: np.ndarray, 
     """``evaluate``'s rows for the bank transferred with its time prior counted on the target's train
     users, in two folds: ``train`` halved at random (``seed``), the scored ``users`` of each half
     ranked with the prior counted on the other half's ratings; HR@10 and nDCG@10 pooled by user.
-    With ``bias`` the anchors' item bias is counted on that other half too
-    (:func:`pmeta.eval.transfer.recounted_anchor_bias`, at the bank's γ)."""
+    With ``bias`` the anchors' item bias is counted on that other half too, on its users with the
+    bank's ``min_positives`` as a build counts it (:func:`pmeta.eval.transfer.recounted_anchor_bias`,
+    at the bank's γ)."""
     half = np.zeros(len(train), dtype=bool)
     half[np.random.default_rng(seed).permutation(len(train))[: len(train) // 2]] = True
     totals: dict[tuple, list[float]] = {}
@@ -202,9 +203,10 @@ def target_prior_rows(bank: Bank, target, train: np.ndarray, users: np.ndarray, 
             continue
         events = time_prior.rating_events(target, counted)
         transferred, _ = transfer_model(bank.model, bank.catalog, target.catalog, prior_events=events)
-        if bias:
+        if bias:  # counted on the users a build counts it on: those with the bank's min_positives
             positives = target.positives_by_user()
-            counted_bias = recounted_anchor_bias(transferred, [positives[int(u)] for u in counted if int(u) in positives], bank_gamma(bank))
+            kept = with_positives(counted, positives, bank.model.config.min_positives)
+            counted_bias = recounted_anchor_bias(transferred, [positives[int(u)] for u in kept], bank_gamma(bank))
             transferred = PmetaModel(transferred.config, transferred.encoder, transferred.item_texts, replace(transferred.t, anchor_bias=counted_bias), index=transferred.index)
         scorer = BASELINES[method].create(EvalContext(target, train, seed=seed, model=transferred))
         for row in evaluate(scorer, target, scored, ks=KS, modes=MODES, seed=seed):

@@ -636,7 +636,8 @@ def test_edlae_is_ease_with_a_dropout_emphasised_diagonal_and_p_zero_is_ease(ben
 def test_ease_on_every_rating_counts_the_ratings_below_4_and_is_ease_when_every_rating_is_a_positive(benchmark_script, tmp_path, capsys):
     """`onboarding_cv.py --rated λ`: EASE fitted on every rating of the fit users (a 3-star rating
     counts), alone and in place of EASE in the combined matrix; where every rating is a positive its
-    rows are the EASE and exact γ = 0.5 rows, and where some are not they move."""
+    rows at λ = --ease-lambda are the EASE and exact γ = 0.5 rows, and where some are not they move;
+    a λ that is not > 0 is refused."""
     cv = benchmark_script("onboarding_cv")
     from pmeta.data.movielens import read_movielens
 
@@ -663,8 +664,9 @@ def test_ease_on_every_rating_counts_the_ratings_below_4_and_is_ease_when_every_
     np.testing.assert_array_equal(numbers["onboarding with EASE on every rating (λ=5), γ=0.5"], numbers["onboarding, exact, γ=0.5"])
     numbers = table_of(mixed)
     assert np.abs(numbers["EASE on every rating (λ=5), γ=1"] - numbers["EASE (λ=5)"]).max() > 0.005
-    with pytest.raises(SystemExit):
-        cv.main(["--data", str(mixed), "--rated", "x"])
+    for bad in ("x", "0", "500,-1"):
+        with pytest.raises(SystemExit):
+            cv.main(["--data", str(mixed), "--rated", bad])
 
 
 def test_seeds_replace_swaps_a_methods_cells_only_between_runs_of_the_same_seed_bank_and_users(benchmark_script, tmp_path):

@@ -322,6 +322,25 @@ def test_the_anchor_item_bias_counted_on_target_users_follows_their_nearest_anch
     assert len(set(nearest.tolist())) > 1  # the users spread over several anchors, so the rows differ
     assert torch.all(bias[:, counts.sum(0) == 0] == 0)
     torch.testing.assert_close(recounted_anchor_bias(model, liked, 0.5), bias / 3)
+    # counted on two anchors' users alone, every other anchor has nobody and gets 0
+    pair = sorted(set(nearest.tolist()))[:2]
+    two = recounted_anchor_bias(model, [items for items, anchor in zip(liked, nearest) if anchor in pair], gamma)
+    empty = torch.from_numpy(~np.isin(np.arange(anchors), pair))
+    assert bool(empty.any())  # the users spread over more than two anchors
+    torch.testing.assert_close(two[empty], torch.zeros_like(two[empty]), rtol=0, atol=1e-6)
+    assert float(two[torch.tensor(pair)].abs().max()) > 0.1
+    # a user whose liked items have no key row has no key and counts nowhere
+    from dataclasses import replace as dc_replace
+
+    from pmeta.bank.model import PmetaModel
+
+    keyless = np.unique(liked[0])
+    item_keys = model.t.item_keys.clone()
+    item_keys[torch.from_numpy(keyless)] = 0.0
+    blind = PmetaModel(model.config, model.encoder, model.item_texts, dc_replace(model.t, item_keys=item_keys), index=model.index)
+    others = liked[1:-1]
+    torch.testing.assert_close(recounted_anchor_bias(blind, [keyless, *others], gamma), recounted_anchor_bias(blind, others, gamma))
+    assert not torch.equal(recounted_anchor_bias(model, [keyless, *others], gamma), recounted_anchor_bias(model, others, gamma))  # with its key it counts
     with pytest.raises(InvalidData, match="outside the target"):
         recounted_anchor_bias(model, [np.array([n_items])], gamma)
     with pytest.raises(InvalidData, match="no retrieval key|none of"):
