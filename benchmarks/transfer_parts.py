@@ -260,18 +260,19 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {error}") from None
     if bank.catalog.item_ids == target.catalog.item_ids:
         raise SystemExit("the target has the bank's own catalogue; this script is for another release")
+    # the rows a bank cannot give are refused before anything is fitted or scored
+    if (args.target_prior or args.target_bias) and time_prior.kind_of(bank.model.t.head) != "exponential":
+        raise SystemExit(f"{'--target-prior' if args.target_prior else '--target-bias'} needs a bank with the exact (exponential) time prior")
+    if args.target_bias and bank_gamma(bank) == 0.0:
+        raise SystemExit("--target-bias needs a bank with an anchors' item bias")
     train, _ = split_users(target, seed=args.seed, test_fraction=bank.config.test_fraction)
     users = np.asarray(train)[: args.users]
     lam = args.source_ease_lambda or float(bank.build_record.get("collaborative_init", {}).get("ease_lambda") or 500.0)
     scorers = dict(variants(bank, source, args.shrink))
     scorers[f"no bank: EASE (λ = {lam:g}) fitted on the bank's train users of the source"] = SourceEASE(EASEBaseline(lam=lam).fit(source, bank_train_users(bank, source)), match_items(bank.catalog, target.catalog))
     if args.target_prior:
-        if time_prior.kind_of(bank.model.t.head) != "exponential":
-            raise SystemExit("--target-prior needs a bank with the exact (exponential) time prior")
         scorers["prior counted on the target's train users (two folds)"] = "target prior"
     if args.target_bias:
-        if time_prior.kind_of(bank.model.t.head) != "exponential" or bank_gamma(bank) == 0.0:
-            raise SystemExit("--target-bias needs a bank with the exact (exponential) time prior and an anchors' item bias")
         scorers["prior and anchors' item bias counted on the target's train users (two folds)"] = "target bias"
     lines, scored = [], 0
     for name, model in scorers.items():

@@ -294,3 +294,9 @@ def test_target_bias_rows_count_the_anchor_bias_on_the_other_half_as_well(parts,
     assert len(counts) == 2 and {(row["k"], row["mode"]) for row in rows} == {(row["k"], row["mode"]) for row in plain}
     with pytest.raises(SystemExit, match="--target-bias needs a bank with the exact"):
         parts.main(["--bank", str(tiny_bank), "--data", str(target), "--target-bias"])  # the tiny bank has neither
+    # a bank with the exact prior but no anchors' bias: refused before anything is fitted or scored
+    with_prior = SimpleNamespace(model=with_time_prior(opened_bank.model, 1.5, 500), catalog=opened_bank.catalog, build_record={}, config=opened_bank.config, record=opened_bank.record, version="v")
+    monkeypatch.setattr(parts.Bank, "open", staticmethod(lambda path: with_prior))
+    monkeypatch.setattr(parts, "variants", lambda *a, **k: pytest.fail("fitted before refusing"))
+    with pytest.raises(SystemExit, match="--target-bias needs a bank with an anchors' item bias"):
+        parts.main(["--bank", str(tiny_bank), "--data", str(target), "--target-bias"])
