@@ -60,7 +60,7 @@ from sklearn.utils.extmath import randomized_svd
 from pmeta.bank import onboarding
 from pmeta.data import load_sample
 from pmeta.data.movielens import LAYOUTS as FORMATS, read_movielens
-from pmeta.eval.baselines import EASEBaseline, ItemKNNBaseline, positive_matrix
+from pmeta.eval.baselines import EASEBaseline, ItemKNNBaseline, indicator_matrix, positive_matrix
 from pmeta.eval.protocol import QUERY_START, QUERY_STOP, draw_candidates, item_rating_counts, make_cases, metrics_from_ranks, rank_positives, split_users
 
 MODES = ("uni99", "pop99", "full")
@@ -149,13 +149,7 @@ def edlae(gram: np.ndarray, lam: float, dropout: float) -> np.ndarray:
 
 def rated_matrix(dataset, users: np.ndarray) -> np.ndarray:
     """Dense 0/1 matrix (len(users), n_items): 1 where the user rated the item at any rating."""
-    rated = dataset.rated_by_user()
-    matrix = np.zeros((len(users), len(dataset.catalog)), dtype=np.float32)
-    for row, user in enumerate(users):
-        items = rated.get(int(user))
-        if items is not None:
-            matrix[row, items] = 1.0
-    return matrix
+    return indicator_matrix(dataset.rated_by_user(), users, len(dataset.catalog))
 
 
 def number_list(text: str) -> list[float]:

@@ -197,6 +197,7 @@ def target_prior_rows(bank: Bank, target, train: np.ndarray, users: np.ndarray, 
     half = np.zeros(len(train), dtype=bool)
     half[np.random.default_rng(seed).permutation(len(train))[: len(train) // 2]] = True
     totals: dict[tuple, list[float]] = {}
+    positives = target.positives_by_user() if bias else None
     for fold in (half, ~half):
         counted, scored = np.asarray(train)[~fold], np.asarray(users)[np.isin(users, np.asarray(train)[fold])]
         if len(scored) == 0:
@@ -204,7 +205,6 @@ def target_prior_rows(bank: Bank, target, train: np.ndarray, users: np.ndarray, 
         events = time_prior.rating_events(target, counted)
         transferred, _ = transfer_model(bank.model, bank.catalog, target.catalog, prior_events=events)
         if bias:  # counted on the users a build counts it on: those with the bank's min_positives
-            positives = target.positives_by_user()
             kept = with_positives(counted, positives, bank.model.config.min_positives)
             counted_bias = recounted_anchor_bias(transferred, [positives[int(u)] for u in kept], bank_gamma(bank))
             transferred = PmetaModel(transferred.config, transferred.encoder, transferred.item_texts, replace(transferred.t, anchor_bias=counted_bias), index=transferred.index)

@@ -111,10 +111,15 @@ def _default_create(cls, context: EvalContext):
 
 def positive_matrix(dataset: Dataset, users: Sequence[int] | np.ndarray, dtype=np.float32) -> np.ndarray:
     """Dense binary matrix ``X`` (len(users) x n_items): ``X[u, i] = 1`` if user ``users[u]`` rated item ``i`` >= 4."""
-    positives = dataset.positives_by_user()
-    matrix = np.zeros((len(users), len(dataset.catalog)), dtype=dtype)
+    return indicator_matrix(dataset.positives_by_user(), users, len(dataset.catalog), dtype)
+
+
+def indicator_matrix(items_by_user: dict[int, np.ndarray], users: Sequence[int] | np.ndarray, n_items: int, dtype=np.float32) -> np.ndarray:
+    """Dense binary matrix (len(users) x n_items): 1 where ``items_by_user[users[u]]`` holds the item
+    (a user absent from it has an empty row)."""
+    matrix = np.zeros((len(users), n_items), dtype=dtype)
     for row, user in enumerate(users):
-        items = positives.get(int(user))
+        items = items_by_user.get(int(user))
         if items is not None:
             matrix[row, items] = 1.0
     return matrix
